@@ -1,0 +1,159 @@
+"""Which backend runs each op.
+
+Backends:
+  "cuda"   CUDA kernels of the C++ extension (CUDA tensors; extension built with CUDA)
+  "triton" Triton kernels (CUDA tensors; CPU tensors too when TRITON_INTERPRET=1)
+  "cpp"    C++ CPU kernels of the extension (CPU tensors)
+  "torch"  plain PyTorch, chunked where memory matters (any device)
+
+Each op module registers the backends it implements, in order of preference per device type
+(`register`). The choice is made once per (op, device type) and cached. `R1K_BACKEND` (read at
+import) or `use_backend(...)` forces one backend for every op that implements it; forcing a
+backend that is implemented but unavailable here raises, naming what is missing.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("cuda", "triton", "cpp", "torch")
+
+# op name -> {"cuda": (preferred backends...), "cpu": (...)}
+_OPS: dict[str, dict[str, tuple[str, ...]]] = {}
+_CACHE: dict[tuple[str, str, str | None], str] = {}
+_WARNED: set[tuple[str, str]] = set()
+
+
+def _env_backend() -> str | None:
+    value = os.environ.get("R1K_BACKEND", "").strip().lower() or None
+    if value is not None and value not in BACKENDS:
+        raise ValueError(f"R1K_BACKEND must be one of {BACKENDS}, got {value!r}")
+    return value
+
+
+_FORCED: str | None = _env_backend()
+
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def register(op: str, *, cuda: tuple[str, ...], cpu: tuple[str, ...]) -> None:
+    """Declare the backends `op` implements, most preferred first, per device type."""
+    for b in cuda + cpu:
+        if b not in BACKENDS:
+            raise ValueError(f"unknown backend {b!r} for op {op!r}")
+    _OPS[op] = {"cuda": tuple(cuda), "cpu": tuple(cpu)}
+    _CACHE.clear()
+
+
+def registered_ops() -> dict[str, dict[str, tuple[str, ...]]]:
+    return dict(_OPS)
+
+
+def extension_error() -> str | None:
+    """Why the C++ extension is not loaded, or None when it is."""
+    from r1kernels import _custom_ops
+
+    return _custom_ops.EXT_ERROR
+
+
+def _has_ext_kernel(op: str, key: str) -> bool:
+    from r1kernels import _custom_ops
+
+    return _custom_ops.has_kernel(op, key)
+
+
+def why_unavailable(op: str, backend: str, device_type: str) -> str | None:
+    """None if `backend` can run `op` on `device_type` tensors here, else the reason."""
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        if not HAS_TRITON:
+            return "triton is not installed (pip install triton)"
+        if device_type == "cuda":
+            return None
+        if device_type == "cpu" and TRITON_INTERPRET:
+            return None
+        return f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {device_type}"
+    if backend == "cpp":
+        if device_type != "cpu":
+            return f"the C++ CPU kernels need CPU tensors, got {device_type}"
+        err = extension_error()
+        if err is not None:
+            return f"the r1kernels C++ extension is not loaded ({err})"
+        if not _has_ext_kernel(op, "CPU"):
+            return f"the C++ extension has no CPU kernel for {op}"
+        return None
+    if backend == "cuda":
+        if device_type != "cuda":
+            return f"the CUDA kernels need CUDA tensors, got {device_type}"
+        err = extension_error()
+        if err is not None:
+            return f"the r1kernels C++ extension is not loaded ({err})"
+        if not _has_ext_kernel(op, "CUDA"):
+            return (f"the extension was built without CUDA kernels for {op} "
+                    "(reinstall with a CUDA torch and nvcc, or R1K_FORCE_CUDA_BUILD=1)")
+        return None
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def available_backends(op: str, device_type: str) -> list[str]:
+    """Backends that implement `op` and can run on `device_type` tensors here."""
+    kind = "cuda" if device_type == "cuda" else "cpu"
+    impl = list(_OPS[op]["cuda"]) + list(_OPS[op]["cpu"])
+    seen = []
+    for b in impl:
+        if b not in seen and why_unavailable(op, b, device_type) is None:
+            seen.append(b)
+    # preferred order for this device type first
+    pref = [b for b in _OPS[op][kind] if b in seen]
+    return pref + [b for b in seen if b not in pref]
+
+
+def select(op: str, device: torch.device | str) -> str:
+    """The backend that runs `op` for tensors on `device`."""
+    device_type = torch.device(device).type
+    key = (op, device_type, _FORCED)
+    hit = _CACHE.get(key)
+    if hit is not None:
+        return hit
+    if op not in _OPS:
+        raise KeyError(f"r1kernels: no op named {op!r} is registered")
+    kind = "cuda" if device_type == "cuda" else "cpu"
+    implemented = set(_OPS[op]["cuda"]) | set(_OPS[op]["cpu"])
+    if _FORCED is not None and _FORCED in implemented:
+        reason = why_unavailable(op, _FORCED, device_type)
+        if reason is not None:
+            raise RuntimeError(f"r1kernels: backend {_FORCED!r} was requested for {op} but {reason}")
+        choice = _FORCED
+    else:
+        if _FORCED is not None and (op, _FORCED) not in _WARNED:
+            _WARNED.add((op, _FORCED))
+            warnings.warn(f"r1kernels: {op} has no {_FORCED!r} backend; using its default", stacklevel=3)
+        choice = next((b for b in _OPS[op][kind] if why_unavailable(op, b, device_type) is None), "torch")
+    _CACHE[key] = choice
+    return choice
+
+
+def set_backend(backend: str | None) -> None:
+    """Force `backend` for every op that implements it (None: automatic choice)."""
+    global _FORCED
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    _FORCED = backend
+
+
+@contextlib.contextmanager
+def use_backend(backend: str | None):
+    """Context manager form of `set_backend`."""
+    global _FORCED
+    previous = _FORCED
+    set_backend(backend)
+    try:
+        yield
+    finally:
+        _FORCED = previous

@@ -1,0 +1,1 @@
+"""One module per op: Triton kernels -> launchers -> autograd -> public function."""

@@ -1,0 +1,101 @@
+"""Build r1kernels and its extension `r1kernels._C` from csrc/.
+
+What gets built (flags are read here, at the top):
+  R1K_SKIP_CUDA_BUILD=1   never build the CUDA kernels, even with a CUDA torch and nvcc.
+  R1K_FORCE_CUDA_BUILD=1  build the CUDA kernels or fail (e.g. on a build machine without a GPU).
+  R1K_CUDA_ARCHS="80;90"  compute capabilities to compile for (default "80;90"; "90a" allowed).
+  R1K_SKIP_EXT=1          build no extension at all (pure Python + Triton install).
+  MAX_JOBS=N              parallel compile jobs (read by torch's ninja builder).
+
+The C++ CPU kernels are always built. The CUDA kernels are built when torch was built with
+CUDA and nvcc is found (CUDA_HOME). Without torch installed first the build stops with the fix.
+Kernels in csrc/**/*.cu include CUDA headers only; their torch bindings live in *_cuda.cpp.
+"""
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+SKIP_CUDA = os.environ.get("R1K_SKIP_CUDA_BUILD", "0") == "1"
+FORCE_CUDA = os.environ.get("R1K_FORCE_CUDA_BUILD", "0") == "1"
+CUDA_ARCHS = os.environ.get("R1K_CUDA_ARCHS", "80;90")
+SKIP_EXT = os.environ.get("R1K_SKIP_EXT", "0") == "1"
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError:  # pragma: no cover - exercised by hand
+    sys.exit(
+        "r1kernels: torch must be installed before building r1kernels, and the build must see it.\n"
+        "  pip install torch            # or the CPU build: pip install torch --index-url .../cpu\n"
+        "  pip install --no-build-isolation .   # or -e . for development"
+    )
+
+
+def _rel(paths):
+    return sorted(os.path.relpath(p, ROOT) for p in paths)
+
+
+def _cuda_wanted():
+    if SKIP_CUDA:
+        return False
+    have_torch_cuda = torch.version.cuda is not None
+    have_nvcc = CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
+    if have_torch_cuda and have_nvcc:
+        return True
+    if FORCE_CUDA:
+        missing = []
+        if not have_torch_cuda:
+            missing.append(f"torch {torch.__version__} has no CUDA (install a CUDA build of torch)")
+        if not have_nvcc:
+            missing.append("nvcc not found (set CUDA_HOME to the CUDA toolkit)")
+        sys.exit("r1kernels: R1K_FORCE_CUDA_BUILD=1 but " + "; ".join(missing))
+    return False
+
+
+def _gencode_flags(archs):
+    flags = []
+    for arch in archs.replace(",", ";").split(";"):
+        arch = arch.strip().replace(".", "")
+        if not arch:
+            continue
+        flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
+    return flags
+
+
+def _extensions():
+    if SKIP_EXT:
+        return []
+    csrc = os.path.join(ROOT, "csrc")
+    common = [os.path.join(csrc, "torch_bindings.cpp")]
+    cpu_sources = glob.glob(os.path.join(csrc, "**", "*_cpu.cpp"), recursive=True)
+    cxx_flags = ["-O3", "-std=c++17"]
+    if _cuda_wanted():
+        cuda_sources = glob.glob(os.path.join(csrc, "**", "*.cu"), recursive=True)
+        cuda_bind = glob.glob(os.path.join(csrc, "**", "*_cuda.cpp"), recursive=True)
+        nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"] + _gencode_flags(CUDA_ARCHS)
+        return [
+            CUDAExtension(
+                "r1kernels._C",
+                _rel(common + cpu_sources + cuda_bind + cuda_sources),
+                include_dirs=[csrc],
+                define_macros=[("R1K_WITH_CUDA", "1")],
+                extra_compile_args={"cxx": cxx_flags + ["-DR1K_WITH_CUDA"], "nvcc": nvcc_flags},
+            )
+        ]
+    return [
+        CppExtension(
+            "r1kernels._C",
+            _rel(common + cpu_sources),
+            include_dirs=[csrc],
+            extra_compile_args={"cxx": cxx_flags},
+        )
+    ]
+
+
+setup(
+    ext_modules=_extensions(),
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
