@@ -15,7 +15,11 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import torch; assert 
   fi
 fi
 nvhdr=$("$venv/bin/python" -c "import nvidia, os; print(os.path.join(os.path.dirname(nvidia.__path__[0]), 'nvidia', 'cu13', 'include'))")
-cuda_home=$(dirname "$(dirname "$(command -v nvcc)")")
+# the toolkit folder that holds bin/nvcc, lib64/libcudart.so and the headers
+if [ -n "${CUDA_HOME:-}" ]; then cuda_home=$CUDA_HOME
+elif [ -x /usr/local/cuda/bin/nvcc ]; then cuda_home=/usr/local/cuda
+else cuda_home=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
+fi
 build=$(mktemp -d)
 git ls-files -z | xargs -0 -I{} cp --parents {} "$build"
 echo "== CUDA extension build (torch $("$venv/bin/python" -c 'import torch; print(torch.__version__)'), CUDA_HOME=$cuda_home)"
