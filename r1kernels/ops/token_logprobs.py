@@ -90,7 +90,7 @@ def _token_logprobs_fwd_kernel(x_ptr, stride_x, labels_ptr, bias_ptr, state_ptr,
         lse = m + tl.log(s)
         ignored = label == ignore_index
         valid = (label >= 0) & (label < vocab)
-        logp = tl.where(valid, t - lse, float("nan"))  # out-of-range label: NaN, never garbage
+        logp = tl.where(valid, (t - m) - tl.log(s), float("nan"))  # t - m is exact  # out-of-range label: NaN, never garbage
         tl.store(out_ptr + row, tl.where(ignored, 0.0, logp))
         tl.store(out_ptr + 2 * n_rows + row, lse)
         if ENTROPY:
@@ -262,7 +262,7 @@ def finalize(state: tuple, labels: torch.Tensor, vocab: int, ignore_index: int, 
     ignored = labels == ignore_index
     valid = (labels >= 0) & (labels < vocab)
     zero = torch.zeros_like(lse)
-    logp = torch.where(valid, t - lse, torch.full_like(lse, float("nan")))
+    logp = torch.where(valid, (t - m) - torch.log(s), torch.full_like(lse, float("nan")))
     logp = torch.where(ignored, zero, logp)
     ent = None
     if entropy:
