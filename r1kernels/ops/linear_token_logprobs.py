@@ -249,7 +249,9 @@ def _prepare(op, hidden, weight, labels, bias, temperature, ignore_index):
     tlp.check_labels(op, labels, hidden.shape[:-1], vocab, ignore_index, hidden.device)
     temperature = tlp.check_temperature(op, temperature)
     h = hidden.reshape(-1, hid)
-    return h, labels.reshape(-1).contiguous(), 1.0 / temperature
+    if bias is not None:
+        bias = bias.contiguous()  # the kernels read bias with unit stride ([V]: a small copy)
+    return h, bias, labels.reshape(-1).contiguous(), 1.0 / temperature
 
 
 # ---- public function and internal entry point -------------------------------------------------
@@ -264,7 +266,7 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     `logp [...]` (and `entropy [...]` when `with_entropy`), differentiable with respect to
     hidden, weight and bias. Matmul products accumulate in fp32. See shared/API.md.
     """
-    h, y, inv_temp = _prepare(OP, hidden, weight, labels, bias, temperature, ignore_index)
+    h, bias, y, inv_temp = _prepare(OP, hidden, weight, labels, bias, temperature, ignore_index)
     backend = dispatch.select(OP, h.device)
     out = LinearTokenLogprobsFunction.apply(h, weight, y, bias, inv_temp, int(ignore_index),
                                             bool(with_entropy), backend)
@@ -295,7 +297,7 @@ def linear_token_logprobs_with_grad(hidden: torch.Tensor, weight: torch.Tensor,
     if len(tuple(need_grads)) != 3:
         raise ValueError(f"{op}: need_grads expected 3 booleans (hidden, weight, bias), got "
                          f"{need_grads!r}")
-    h, y, inv_temp = _prepare(op, hidden, weight, labels, bias, temperature, ignore_index)
+    h, bias, y, inv_temp = _prepare(op, hidden, weight, labels, bias, temperature, ignore_index)
     backend = dispatch.select(OP, h.device)
     with torch.no_grad():
         logp, ent, lse = forward_stats(h, weight, bias, y, inv_temp, int(ignore_index),
