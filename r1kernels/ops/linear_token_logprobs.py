@@ -107,9 +107,9 @@ def forward_stats(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: t
             bv = None if b is None else b[v0:v0 + cols]
             last = v0 + cols >= vocab
             if backend == "triton":
-                tlp.stats_triton(z, yr, bv, state, out, col0=v0, vocab=vocab, inv_temp=inv_temp,
-                                 ignore_index=ignore_index, accum=v0 > 0, final=last,
-                                 entropy=entropy)
+                tlp.stats_tile(z, yr, bv, state, out, col0=v0, vocab=vocab, inv_temp=inv_temp,
+                               ignore_index=ignore_index, accum=v0 > 0, final=last,
+                               entropy=entropy)
             else:
                 if bv is not None:
                     z += bv.float()
@@ -162,10 +162,13 @@ def backward_grads(h, w, b, y, lse, ent, dlogp, dent, inv_temp: float, ignore_in
             hr = h[sl]
             z = _mm_f32(hr, wv.t())
             if backend == "triton":
-                g = z if gdt == torch.float32 else torch.empty(z.shape, dtype=gdt, device=z.device)
-                tlp.grad_triton(z, g, y[sl], bv, lse[sl], None if dent is None else ent[sl],
-                                dlogp[sl], None if dent is None else dent[sl], col0=v0,
-                                inv_temp=inv_temp, ignore_index=ignore_index)
+                # fp32 GEMMs: the gradient overwrites the logits tile (eager only: a custom op
+                # under torch.compile may not alias its inputs)
+                in_place = gdt == torch.float32 and not torch.compiler.is_compiling()
+                g = z if in_place else torch.empty(z.shape, dtype=gdt, device=z.device)
+                tlp.grad_tile(z, g, y[sl], bv, lse[sl], None if dent is None else ent[sl],
+                              dlogp[sl], None if dent is None else dent[sl], col0=v0,
+                              inv_temp=inv_temp, ignore_index=ignore_index)
             else:
                 if bv is not None:
                     z += bv.float()

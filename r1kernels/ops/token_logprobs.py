@@ -181,17 +181,30 @@ def grad_triton(x: torch.Tensor, g: torch.Tensor, labels: torch.Tensor, bias: to
         num_warps=warps)
 
 
-# The Triton launchers as custom ops, so torch.compile sees one opaque node per launch.
+def fwd_triton(logits, labels, inv_temp: float, ignore_index: int, with_entropy: bool):
+    """[3, N] fp32 (logp, entropy (zeros unless with_entropy), lse) of logits [N, V]."""
+    out = torch.zeros(3, logits.shape[0], dtype=torch.float32, device=logits.device)
+    stats_triton(logits, labels, None, out, out, col0=0, vocab=logits.shape[1], inv_temp=inv_temp,
+                 ignore_index=ignore_index, accum=False, final=True, entropy=with_entropy)
+    return out
+
+
+def bwd_triton(logits, labels, lse, ent, dlogp, dent, inv_temp: float, ignore_index: int,
+               inplace: bool) -> torch.Tensor:
+    g = logits if inplace else torch.empty_like(logits)
+    grad_triton(logits, g, labels, None, lse, ent, dlogp, dent, col0=0, inv_temp=inv_temp,
+                ignore_index=ignore_index)
+    return g
+
+
+# The Triton launchers as custom ops, so torch.compile sees one opaque node per launch (eager
+# calls go to the launchers directly: a custom op costs tens of microseconds of Python).
 if HAS_TRITON:
 
     @torch.library.custom_op("r1kernels_triton::token_logprobs_fwd", mutates_args=())
     def _fwd_triton_op(logits: torch.Tensor, labels: torch.Tensor, inv_temp: float,
                        ignore_index: int, with_entropy: bool) -> torch.Tensor:
-        out = torch.zeros(3, logits.shape[0], dtype=torch.float32, device=logits.device)
-        stats_triton(logits, labels, None, out, out, col0=0, vocab=logits.shape[1],
-                     inv_temp=inv_temp, ignore_index=ignore_index, accum=False, final=True,
-                     entropy=with_entropy)
-        return out
+        return fwd_triton(logits, labels, inv_temp, ignore_index, with_entropy)
 
     @_fwd_triton_op.register_fake
     def _(logits, labels, inv_temp, ignore_index, with_entropy):
@@ -201,10 +214,7 @@ if HAS_TRITON:
     def _bwd_triton_op(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
                        ent: torch.Tensor | None, dlogp: torch.Tensor, dent: torch.Tensor | None,
                        inv_temp: float, ignore_index: int) -> torch.Tensor:
-        g = torch.empty_like(logits)
-        grad_triton(logits, g, labels, None, lse, ent, dlogp, dent, col0=0, inv_temp=inv_temp,
-                    ignore_index=ignore_index)
-        return g
+        return bwd_triton(logits, labels, lse, ent, dlogp, dent, inv_temp, ignore_index, False)
 
     @_bwd_triton_op.register_fake
     def _(logits, labels, lse, ent, dlogp, dent, inv_temp, ignore_index):
@@ -221,6 +231,52 @@ if HAS_TRITON:
     @_bwd_inplace_triton_op.register_fake
     def _(logits, labels, lse, ent, dlogp, dent, inv_temp, ignore_index):
         return None
+
+    # tile-level launchers used by the hidden-state op (linear_token_logprobs)
+    @torch.library.custom_op("r1kernels_triton::logprob_tile_stats", mutates_args=("state", "out"))
+    def _tile_stats_op(x: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None,
+                       state: torch.Tensor, out: torch.Tensor, col0: int, vocab: int,
+                       inv_temp: float, ignore_index: int, accum: bool, final: bool,
+                       entropy: bool) -> None:
+        stats_triton(x, labels, bias, state, out, col0=col0, vocab=vocab, inv_temp=inv_temp,
+                     ignore_index=ignore_index, accum=accum, final=final, entropy=entropy)
+
+    @_tile_stats_op.register_fake
+    def _(x, labels, bias, state, out, col0, vocab, inv_temp, ignore_index, accum, final, entropy):
+        return None
+
+    @torch.library.custom_op("r1kernels_triton::logprob_tile_grad", mutates_args=("g",))
+    def _tile_grad_op(x: torch.Tensor, g: torch.Tensor, labels: torch.Tensor,
+                      bias: torch.Tensor | None, lse: torch.Tensor, ent: torch.Tensor | None,
+                      dlogp: torch.Tensor, dent: torch.Tensor | None, col0: int, inv_temp: float,
+                      ignore_index: int) -> None:
+        grad_triton(x, g, labels, bias, lse, ent, dlogp, dent, col0=col0, inv_temp=inv_temp,
+                    ignore_index=ignore_index)
+
+    @_tile_grad_op.register_fake
+    def _(x, g, labels, bias, lse, ent, dlogp, dent, col0, inv_temp, ignore_index):
+        return None
+
+
+def stats_tile(x, labels, bias, state, out, *, col0, vocab, inv_temp, ignore_index, accum, final,
+               entropy) -> None:
+    """stats_triton, through its custom op when torch.compile traces it."""
+    if torch.compiler.is_compiling():
+        _tile_stats_op(x, labels, bias, state, out, col0, vocab, inv_temp, ignore_index, accum,
+                       final, entropy)
+    else:
+        stats_triton(x, labels, bias, state, out, col0=col0, vocab=vocab, inv_temp=inv_temp,
+                     ignore_index=ignore_index, accum=accum, final=final, entropy=entropy)
+
+
+def grad_tile(x, g, labels, bias, lse, ent, dlogp, dent, *, col0, inv_temp, ignore_index) -> None:
+    """grad_triton, through its custom op when torch.compile traces it (g must not alias x
+    then)."""
+    if torch.compiler.is_compiling():
+        _tile_grad_op(x, g, labels, bias, lse, ent, dlogp, dent, col0, inv_temp, ignore_index)
+    else:
+        grad_triton(x, g, labels, bias, lse, ent, dlogp, dent, col0=col0, inv_temp=inv_temp,
+                    ignore_index=ignore_index)
 
 
 # ---- PyTorch path (chunked over rows; the same math on fp32 tiles) ----------------------------
@@ -336,7 +392,10 @@ def bwd_torch(x: torch.Tensor, labels: torch.Tensor, lse, ent, dlogp, dent, inv_
 
 def _fwd(backend: str, x, labels, inv_temp: float, ignore_index: int, with_entropy: bool):
     if backend == "triton":
-        out = _fwd_triton_op(x, labels, inv_temp, ignore_index, with_entropy)
+        if torch.compiler.is_compiling():
+            out = _fwd_triton_op(x, labels, inv_temp, ignore_index, with_entropy)
+        else:
+            out = fwd_triton(x, labels, inv_temp, ignore_index, with_entropy)
         return out[0], (out[1] if with_entropy else None), out[2]
     return fwd_torch(x, labels, inv_temp, ignore_index, with_entropy)
 
@@ -346,6 +405,8 @@ def _bwd(backend: str, x, labels, lse, ent, dlogp, dent, inv_temp: float, ignore
     dlogp = dlogp.float().contiguous()
     dent = None if dent is None else dent.float().contiguous()
     if backend == "triton":
+        if not torch.compiler.is_compiling():
+            return bwd_triton(x, labels, lse, ent, dlogp, dent, inv_temp, ignore_index, inplace)
         if inplace:
             _bwd_inplace_triton_op(x, labels, lse, ent, dlogp, dent, inv_temp, ignore_index)
             return x
