@@ -264,3 +264,18 @@ def test_compile_fullgraph(backend, with_entropy, monkeypatch):
         f(*r, y).backward()
     for x, z in zip(a, r):
         torch.testing.assert_close(x.grad, z.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_gradient_tile(backend, tiles, dtype, monkeypatch):
+    """The CUDA choice, forced on any device: the gradient tile is 16-bit (fed to tensor-core
+    GEMMs) and written in place over the fp32 logits tile, row by row (Triton backend)."""
+    monkeypatch.setattr(lin, "_gemm_dtype", lambda x: x.dtype if x.dtype in (
+        torch.bfloat16, torch.float16) else torch.float32)
+    N, H, V = 13, 16, 400
+    hidden = torch.randn(N, H).to(dtype)
+    weight = (torch.randn(V, H) / 2).to(dtype)
+    labels = torch.randint(0, V, (N,))
+    labels[5] = -100
+    check(backend, hidden, weight, labels, bias=torch.randn(V).to(dtype), temperature=0.8)

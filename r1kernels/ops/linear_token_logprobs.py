@@ -18,8 +18,9 @@ FLOPs: 8 * N * H * V (pass 1: one GEMM, pass 2: three). A single sweep (6 * N * 
 to keep grad_weight in fp32 across row chunks (4 bytes * V * H: 2.3 GiB for Qwen2.5-7B's head)
 or round its running sum to bf16 once per chunk; vocabulary-outer order gives each grad_weight
 tile one fp32 reduction over all rows with bounded memory instead.
-Extra memory: Z tile (<= TILE_ELEMS * 4 bytes) + G tile + [tile, H] fp32 + the gradients (grad_hidden
-accumulated in fp32) + O(N) floats: independent of N apart from the gradients themselves.
+Extra memory: the Z tile (<= TILE_ELEMS * 4 bytes; G is written over it in place) + [tile, H] fp32
++ the gradients (grad_hidden accumulated in fp32) + O(N) floats: independent of N apart from the
+gradients themselves.
 On CUDA, TILE_ELEMS = 2**26: a 256 MiB fp32 tile (N=16384 -> 4096 vocabulary columns per tile).
 
 Internal entry point for the fused GRPO loss (_notes/INTERFACE_logprobs_loss.md):
@@ -162,10 +163,17 @@ def backward_grads(h, w, b, y, lse, ent, dlogp, dent, inv_temp: float, ignore_in
             hr = h[sl]
             z = _mm_f32(hr, wv.t())
             if backend == "triton":
-                # fp32 GEMMs: the gradient overwrites the logits tile (eager only: a custom op
-                # under torch.compile may not alias its inputs)
-                in_place = gdt == torch.float32 and not torch.compiler.is_compiling()
-                g = z if in_place else torch.empty(z.shape, dtype=gdt, device=z.device)
+                # The gradient overwrites the logits tile: row r of G (c values of gdt) goes to
+                # the first c * itemsize bytes of fp32 row r, which the kernel's program for row
+                # r has already read (block k writes only bytes of blocks <= k). So G is z itself
+                # (fp32) or a [n, c] view with row stride 2c (16-bit). Eager only: a custom op
+                # under torch.compile may not alias its inputs.
+                if torch.compiler.is_compiling():
+                    g = torch.empty(z.shape, dtype=gdt, device=z.device)
+                elif gdt == torch.float32:
+                    g = z
+                else:
+                    g = z.view(gdt)[:, :z.shape[1]]
                 tlp.grad_tile(z, g, y[sl], bv, lse[sl], None if dent is None else ent[sl],
                               dlogp[sl], None if dent is None else dent[sl], col0=v0,
                               inv_temp=inv_temp, ignore_index=ignore_index)
