@@ -121,6 +121,7 @@ def test_batched_and_non_contiguous(backend):
     check(backend, logits_t, torch.randint(0, 64, (8,)))
     labels_nc = torch.randint(0, 64, (8, 2))[:, 0]
     check(backend, torch.randn(8, 64), labels_nc)
+    check(backend, torch.randn(8, 64), torch.randint(0, 64, (8,), dtype=torch.int32))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -72,12 +72,22 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a.float(), b.float())
 
 
+_ADDMM_OUT_DTYPE_OK = True  # cleared if this torch build rejects addmm(..., out_dtype, out=self)
+
+
 def _addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc (fp32) += a @ b, accumulated in fp32."""
+    global _ADDMM_OUT_DTYPE_OK
     if a.dtype == torch.float32 and b.dtype == torch.float32:
         acc.addmm_(a, b)
     elif a.is_cuda and a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16):
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        if _ADDMM_OUT_DTYPE_OK:
+            try:  # cuBLAS: C = A @ B + C with 16-bit A, B and fp32 C, no temporary
+                torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+                return
+            except RuntimeError:
+                _ADDMM_OUT_DTYPE_OK = False
+        acc.add_(torch.mm(a, b, out_dtype=torch.float32))
     else:
         acc.addmm_(a.float(), b.float())
 
