@@ -286,6 +286,7 @@ def stats_torch(z: torch.Tensor, loc: torch.Tensor, state: tuple | None, entropy
     """Merge the statistics of the fp32 tile z [n, c] (already / T) into state (m, s, t, w).
 
     loc [n] int64: the label's column inside the tile (outside [0, c) when not in it).
+    z is overwritten: callers pass a tile they own.
     """
     n, c = z.shape
     in_tile = (loc >= 0) & (loc < c)
@@ -302,11 +303,12 @@ def stats_torch(z: torch.Tensor, loc: torch.Tensor, state: tuple | None, entropy
     m_new = torch.maximum(m, m_tile)
     m_ref = torch.where(m_new == float("-inf"), torch.zeros_like(m_new), m_new)
     alpha = torch.exp(m - m_ref)
-    d = z - m_ref.unsqueeze(1)
+    # d = z - m_ref, floored at -1e4 (exp is 0 there either way): no 0 * -inf below
+    d = z.sub_(m_ref.unsqueeze(1)).clamp_(min=-1e4)
     e = torch.exp(d)
     if entropy:
         w = alpha * (w + s * torch.where(s > 0, m - m_ref, torch.zeros_like(s)))
-        w = w + (e * torch.where(e > 0, d, torch.zeros_like(e))).sum(1)
+        w = w + torch.linalg.vecdot(e, d, dim=1)
     s = s * alpha + e.sum(1)
     return m_new, s, t + t_tile, w
 
@@ -329,22 +331,25 @@ def finalize(state: tuple, labels: torch.Tensor, vocab: int, ignore_index: int, 
 def grad_torch(z: torch.Tensor, loc: torch.Tensor, ignored: torch.Tensor, lse: torch.Tensor,
                ent: torch.Tensor | None, dlogp: torch.Tensor, dent: torch.Tensor | None,
                inv_temp: float) -> torch.Tensor:
-    """dL/dlogits of the fp32 tile z [n, c] (already / T): formula in the module docstring."""
+    """dL/dlogits of the fp32 tile z [n, c] (already / T), computed in place in z:
+    g = p * (-(dlogp + dent * H) - dent * log p) + dlogp * onehot, times 1/T, with log p floored
+    at -1e4 (p is 0 there either way: no 0 * -inf)."""
     n, c = z.shape
     zero = torch.zeros_like(lse)
     g_row = torch.where(ignored, zero, dlogp.float())
-    logp_v = z - lse.unsqueeze(1)
+    logp_v = z.sub_(lse.unsqueeze(1)).clamp_(min=-1e4)
     p = torch.exp(logp_v)
-    g = -g_row.unsqueeze(1) * p
     if dent is not None:
         e_row = torch.where(ignored, zero, dent.float())
-        h = p * torch.where(p > 0, logp_v + ent.unsqueeze(1), torch.zeros_like(p))
-        g = g - e_row.unsqueeze(1) * h
+        coef = -(g_row + e_row * ent)
+        g = logp_v.mul_(-e_row.unsqueeze(1)).add_(coef.unsqueeze(1)).mul_(p)
+    else:
+        g = p.mul_(-g_row.unsqueeze(1))
     in_tile = (loc >= 0) & (loc < c)
     onehot = torch.where(in_tile, g_row, zero).unsqueeze(1)
-    g = g.scatter_add(1, loc.clamp(0, max(c - 1, 0)).unsqueeze(1), onehot)
-    g = torch.where(ignored.unsqueeze(1), torch.zeros_like(g), g)
-    return g * inv_temp
+    g = g.scatter_add_(1, loc.clamp(0, max(c - 1, 0)).unsqueeze(1), onehot)
+    g = g.masked_fill_(ignored.unsqueeze(1), 0.0)
+    return g.mul_(inv_temp)
 
 
 def _chunk_rows(n_cols: int) -> int:
