@@ -68,6 +68,12 @@ def _token_logprobs_fwd_kernel(x_ptr, stride_x, labels_ptr, bias_ptr, state_ptr,
         s = zero
         t = zero
         w = zero
+    # the target logit: one masked load (not a reduction per block)
+    in_tile = (loc >= 0) & (loc < n_cols)
+    zt = tl.load(x_row + loc, mask=in_tile, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        zt += tl.load(bias_ptr + loc, mask=in_tile, other=0.0).to(tl.float32)
+    t += tl.where(in_tile, zt * inv_temp, 0.0)
     for start in range(0, n_cols, BLOCK_V):
         c = start + cols
         ok = c < n_cols
@@ -75,7 +81,6 @@ def _token_logprobs_fwd_kernel(x_ptr, stride_x, labels_ptr, bias_ptr, state_ptr,
         if HAS_BIAS:
             z += tl.load(bias_ptr + c, mask=ok, other=0.0).to(tl.float32)
         z = z * inv_temp
-        t += tl.sum(tl.where(c == loc, z, 0.0), axis=0)
         m_new = tl.maximum(m, tl.max(z, axis=0))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: any finite ref
         alpha = tl.exp(m - m_ref)
