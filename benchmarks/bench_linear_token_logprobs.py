@@ -6,7 +6,8 @@ FLOPs counted: 2 * N * H * V forward, 6 * N * H * V forward+backward (the useful
 Targets on an H100, N=16384, H=4096, V=151936, bf16, forward+backward: <= 95 ms with <= 2.5 GiB
 peak extra memory including the gradients (the 6NHV GEMMs alone: 78-82 ms).
 
-Providers: ours (each backend available here), eager (materialized bf16 logits, fp32
+Providers: ours (each backend available here, and on CUDA the opt-in fused tl.dot kernels as
+r1k-triton-fused), eager (materialized bf16 logits, fp32
 log_softmax + gather + entropy), torch.compile of the reference, and when installed
 Liger-Kernel's fused linear cross entropy, TRL's chunked log-prob head (trl.kernels) and
 cut-cross-entropy.
@@ -20,6 +21,7 @@ import torch
 
 import r1kernels
 from r1kernels import dispatch
+from r1kernels.ops import linear_token_logprobs as lin
 from r1kernels.reference import linear_token_logprobs_ref
 from shapes import DEVICE, shape_id, shapes_for
 
@@ -27,7 +29,9 @@ OP = "linear_token_logprobs"
 SHAPES = shapes_for(OP, DEVICE)
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 OURS = [b for b in dispatch.available_backends(OP, DEVICE) if not (b == "triton" and DEVICE == "cpu")]
-PROVIDERS = [f"r1k-{b}" for b in OURS] + ["eager", "compiled-ref", "liger", "trl", "cce"]
+# r1k-triton-fused: the opt-in fused tl.dot kernels (linear_token_logprobs.FUSED_GEMM), CUDA only
+FUSED = ["r1k-triton-fused"] if DEVICE == "cuda" and "triton" in OURS else []
+PROVIDERS = [f"r1k-{b}" for b in OURS] + FUSED + ["eager", "compiled-ref", "liger", "trl", "cce"]
 
 
 def eager_linear_logprobs_entropy(h, w, labels):
@@ -55,11 +59,16 @@ def _trl_chunked():
 def make_fn(provider, labels, mode):
     """callable(h, w) -> (logp or a scalar loss, entropy or None) for one provider."""
     if provider.startswith("r1k-"):
-        backend = provider[4:]
+        backend = provider[4:].replace("-fused", "")
+        fused = provider.endswith("-fused")
 
         def fn(h, w):
-            with dispatch.use_backend(backend):
-                return r1kernels.linear_token_logprobs(h, w, labels, with_entropy=True)
+            lin.FUSED_GEMM = fused
+            try:
+                with dispatch.use_backend(backend):
+                    return r1kernels.linear_token_logprobs(h, w, labels, with_entropy=True)
+            finally:
+                lin.FUSED_GEMM = False
         return fn
     if provider == "eager":
         return lambda h, w: eager_linear_logprobs_entropy(h, w, labels)

@@ -50,6 +50,28 @@ SPECS += [
         ("fp16", "fp16", False, True, 256, 4)]
 ]
 
+# linear_token_logprobs' opt-in fused GEMM kernels (tl.dot on bf16: wgmma), at FUSED_BLOCKS
+_LIN = "r1kernels.ops.linear_token_logprobs"
+_GEMM_ARGS = {"N": "i32", "H": "i32", "stride_hn": "i32", "stride_hk": "i32", "stride_wv": "i32",
+              "stride_wk": "i32", "inv_temp": "fp32"}
+SPECS += [
+    pytest.param(f"{_LIN}:_linear_logprobs_fwd_kernel",
+                 {"h_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "labels_ptr": "*i64",
+                  "part_ptr": "*fp32", "V": "i32", "v_per_split": "i32", **_GEMM_ARGS},
+                 {"HAS_BIAS": bias, "ENTROPY": ent, "IEEE": False, "BM": 128, "BN": 64, "BK": 64},
+                 8, True, id=f"linear_logprobs_fwd-bf16-bias{int(bias)}-ent{int(ent)}")
+    for bias, ent in [(False, True), (True, True), (False, False)]
+] + [
+    pytest.param(f"{_LIN}:_linear_logprobs_grad_kernel",
+                 {"h_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "labels_ptr": "*i64",
+                  "lse_ptr": "*fp32", "ent_ptr": "*fp32", "dlogp_ptr": "*fp32", "dent_ptr": "*fp32",
+                  "g_ptr": "*bf16", "stride_g": "i32", "c": "i32", "col0": "i32",
+                  "ignore_index": "i32", **_GEMM_ARGS},
+                 {"HAS_BIAS": bias, "HAS_DENT": dent, "IEEE": False, "BM": 128, "BN": 64, "BK": 64},
+                 8, True, id=f"linear_logprobs_grad-bf16-bias{int(bias)}-dent{int(dent)}")
+    for bias, dent in [(False, True), (True, False), (False, False)]
+]
+
 
 @pytest.mark.parametrize("fn,signature,constexprs,num_warps,expect_wgmma", SPECS)
 def test_compiles_for_sm90(fn, signature, constexprs, num_warps, expect_wgmma):

@@ -306,3 +306,23 @@ def test_cuda_memory_target():
                                     labels[rows], with_entropy=True)
     torch.testing.assert_close(lp[rows].double(), ref[0], rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(ent[rows].double(), ref[1], rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.skipif("triton" not in [p.values[0] for p in BACKENDS], reason="Triton cannot run here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fused_gemm_kernels(tiles, dtype, with_bias, monkeypatch):
+    """The opt-in fused tl.dot kernels (logits tile + statistics / gradient epilogue), with
+    blocks that do not divide the shapes and several vocabulary splits."""
+    monkeypatch.setattr(lin, "FUSED_GEMM", True)
+    monkeypatch.setattr(lin, "FUSED_BLOCKS", dict(BM=16, BN=32, BK=16, num_warps=4, num_stages=2))
+    monkeypatch.setattr(lin, "_gemm_dtype", lambda x: x.dtype if x.dtype in (
+        torch.bfloat16, torch.float16) else torch.float32)
+    N, H, V = 37, 40, 203
+    hidden = torch.randn(N, H).to(dtype)
+    weight = (torch.randn(V, H) / 3).to(dtype)
+    bias = torch.randn(V).to(dtype) if with_bias else None
+    labels = torch.randint(0, V, (N,))
+    labels[[1, 20]] = -100
+    labels[2] = V - 1
+    check("triton", hidden, weight, labels, bias=bias, temperature=0.75)
