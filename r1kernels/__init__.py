@@ -4,8 +4,9 @@ from r1kernels.ops.group_advantages import group_advantages
 from r1kernels.ops.grpo_loss import GRPOLossOutput, grpo_loss
 from r1kernels.ops.linear_token_logprobs import linear_token_logprobs
 from r1kernels.ops.token_logprobs import token_logprobs
+from r1kernels.nn import GRPOLoss
 
 __version__ = "0.1.0"
 
-__all__ = ["group_advantages", "grpo_loss", "GRPOLossOutput", "linear_token_logprobs",
+__all__ = ["group_advantages", "grpo_loss", "GRPOLoss", "GRPOLossOutput", "linear_token_logprobs",
            "token_logprobs"]

@@ -466,28 +466,32 @@ def grpo_loss_fwd_torch(logps, adv, mask, old, ref, rw, cfg: _Config, write_grad
     return g, part
 
 
-def grpo_loss_finalize_torch(part, nitems, cfg: _Config):
-    B = part.shape[1]
-    lsum, n = part[0], part[1]
-    n_tot = n.sum()
+def row_scale(n: torch.Tensor, nitems, cfg: _Config) -> torch.Tensor:
+    """Per-row gradient scale [B] from the per-row mask sums `n` [B] (fp32): the loss is
+    sum_b scale_b sum_t l m. Known before any log-prob is (the fused GRPOLoss uses it up front)."""
+    B = n.shape[0]
     fb = float(max(B, 1))
     if cfg.loss in (0, 6):
-        scale = 1.0 / (fb * n.clamp(min=1.0))
+        return 1.0 / (fb * n.clamp(min=1.0))
+    if cfg.loss == 1:
+        denom = n.sum().clamp(min=1.0)
+    elif cfg.loss == 2:
+        denom = torch.full_like(n.sum(), max(B * cfg.max_len, 1.0))
+    elif cfg.loss == 4:
+        denom = torch.full_like(n.sum(), fb)
     else:
-        if cfg.loss == 1:
-            denom = n_tot.clamp(min=1.0)
-        elif cfg.loss == 2:
-            denom = torch.full_like(n_tot, max(B * cfg.max_len, 1.0))
-        elif cfg.loss == 4:
-            denom = torch.full_like(n_tot, fb)
-        else:
-            denom = (n_tot if nitems is None else nitems.reshape(()).float()).clamp(min=1.0)
-        scale = (1.0 / denom).expand(B)
-    loss = (lsum * scale).sum()
+        denom = (n.sum() if nitems is None else nitems.reshape(()).float()).clamp(min=1.0)
+    return (1.0 / denom).expand(B).contiguous()
+
+
+def grpo_loss_finalize_torch(part, nitems, cfg: _Config):
+    n_tot = part[1].sum()
+    scale = row_scale(part[1], nitems, cfg)
+    loss = (part[0] * scale).sum()
     m_inv = 1.0 / n_tot.clamp(min=1.0)
     out = torch.stack([loss, part[2].sum() * m_inv, part[3].sum() * m_inv, part[4].sum() * m_inv,
                        part[5].sum() * m_inv])
-    return out, scale.contiguous()
+    return out, scale
 
 
 def grpo_loss_bwd_torch(grad, scale, gout, dtype):
