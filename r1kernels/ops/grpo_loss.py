@@ -545,7 +545,12 @@ if HAS_TRITON:
 def _fwd_finalize(backend, logps, adv, mask, old, ref, rw, nitems, cfg: _Config, write_grad: bool):
     """(g [B, T] fp32 unscaled, out [5], scale [B]) with the chosen backend."""
     if backend == "triton":
-        return _grpo_loss_fwd_op(logps, adv, mask, old, ref, rw, nitems, *cfg, write_grad)
+        if torch.compiler.is_compiling():  # one opaque node for the compiler
+            return _grpo_loss_fwd_op(logps, adv, mask, old, ref, rw, nitems, *cfg, write_grad)
+        # eager: call the launchers directly (the custom-op wrapper costs host time per call)
+        grad, part = grpo_loss_fwd_triton(logps, adv, mask, old, ref, rw, cfg, write_grad)
+        out, scale = grpo_loss_finalize_triton(part, nitems, cfg)
+        return grad, out, scale
     grad, part = grpo_loss_fwd_torch(logps, adv, mask, old, ref, rw, cfg, write_grad)
     out, scale = grpo_loss_finalize_torch(part, nitems, cfg)
     return grad, out, scale
@@ -574,7 +579,8 @@ class GRPOLossFunction(torch.autograd.Function):
         dlp = None
         if ctx.needs_input_grad[0]:
             if ctx.backend == "triton":
-                dlp = _grpo_loss_bwd_op(grad, scale, gloss, ctx.lp_dtype)
+                bwd = _grpo_loss_bwd_op if torch.compiler.is_compiling() else grpo_loss_bwd_triton
+                dlp = bwd(grad, scale, gloss, ctx.lp_dtype)
             else:
                 dlp = grpo_loss_bwd_torch(grad, scale, gloss, ctx.lp_dtype)
         return dlp, None, None, None, None, None, None, None, None, None
