@@ -177,6 +177,21 @@ def test_bf16(backend):
     assert out.loss.item() == pytest.approx(rloss, rel=1e-4, abs=1e-5)
     for ours, ref in zip((h.grad, w.grad), rgrads):
         torch.testing.assert_close(ours.double().cpu(), ref, rtol=2 ** -7, atol=2 ** -7 * ref.abs().max().item())
+    # bf16 logits of the same inputs
+    with torch.no_grad():
+        logits = (d["hidden"] @ d["weight"].T).bfloat16()
+    x = logits.to(DEVICE).requires_grad_(True)
+    with dispatch.use_backend(backend):
+        out = GRPOLoss(**opts).from_logits(x, d["labels"].to(DEVICE), d["mask"].to(DEVICE),
+                                           d["adv"].float().to(DEVICE), **to_dev(kw))
+    out.loss.backward()
+    lr = logits.double().requires_grad_(True)
+    lp = r1kernels.reference.token_logprobs_ref(lr, d["labels"])
+    rl = grpo_loss_ref(lp, d["adv"], d["mask"], **opts, **kw)[0]
+    rl.backward()
+    assert x.grad.dtype == torch.bfloat16
+    assert out.loss.item() == pytest.approx(rl.item(), rel=1e-4, abs=1e-5)
+    torch.testing.assert_close(x.grad.double().cpu(), lr.grad, rtol=2 ** -7, atol=2 ** -7 * lr.grad.abs().max().item())
 
 
 def test_only_weight_grad_and_no_grad():

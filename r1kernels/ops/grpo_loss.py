@@ -36,6 +36,8 @@ same analytic gradient (any device; compiles with torch.compile(fullgraph=True))
 """
 from __future__ import annotations
 
+import functools
+import math
 from typing import NamedTuple
 
 import torch
@@ -592,8 +594,7 @@ class GRPOLossFunction(torch.autograd.Function):
 def _check_number(name, value, *, low=None, allow_none=False, positive=False):
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
-            or value in (float("inf"), float("-inf")):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"grpo_loss: {name} must be a finite number, got {value!r}")
     if positive and value <= 0:
         raise ValueError(f"grpo_loss: {name} must be > 0, got {value!r}")
@@ -601,13 +602,21 @@ def _check_number(name, value, *, low=None, allow_none=False, positive=False):
         raise ValueError(f"grpo_loss: {name} must be >= {low}, got {value!r}")
 
 
-def make_config(*, loss_type, epsilon_low, epsilon_high, delta, beta, importance_sampling_level,
+def make_config(**kw) -> _Config:
+    """Validate the scalar options (ValueError naming the argument) and pack them. Cached: host
+    time matters, the whole loss is tens of microseconds on a GPU."""
+    try:
+        return _make_config_cached(**kw)
+    except TypeError:  # an unhashable argument: validate uncached (raises ValueError)
+        return _make_config(**kw)
+
+
+def _make_config(*, loss_type, epsilon_low, epsilon_high, delta, beta, importance_sampling_level,
                 use_bias_correction_kl, max_completion_length, sapo_temperature_pos,
                 sapo_temperature_neg, T: int, where: str = "grpo_loss") -> _Config:
-    """Validate the scalar options (ValueError naming the argument) and pack them."""
-    if loss_type not in LOSS_TYPES:
+    if not isinstance(loss_type, str) or loss_type not in LOSS_TYPES:
         raise ValueError(f"{where}: loss_type must be one of {tuple(LOSS_TYPES)}, got {loss_type!r}")
-    if importance_sampling_level not in IS_LEVELS:
+    if not isinstance(importance_sampling_level, str) or importance_sampling_level not in IS_LEVELS:
         raise ValueError(f"{where}: importance_sampling_level must be 'token' or 'sequence', got "
                          f"{importance_sampling_level!r}")
     _check_number("epsilon_low", epsilon_low, low=0.0)
@@ -630,6 +639,9 @@ def make_config(*, loss_type, epsilon_low, epsilon_high, delta, beta, importance
                    bias_kl=bool(use_bias_correction_kl), tau_pos=float(sapo_temperature_pos),
                    tau_neg=float(sapo_temperature_neg),
                    max_len=float(T if max_completion_length is None else max_completion_length))
+
+
+_make_config_cached = functools.lru_cache(maxsize=256)(_make_config)
 
 
 def check_inputs(logps, advantages, mask, old_logps, ref_logps, rollout_is_weights,
