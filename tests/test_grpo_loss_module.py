@@ -185,7 +185,7 @@ def test_bf16(backend):
         out = GRPOLoss(**opts).from_logits(x, d["labels"].to(DEVICE), d["mask"].to(DEVICE),
                                            d["adv"].float().to(DEVICE), **to_dev(kw))
     out.loss.backward()
-    lr = logits.double().requires_grad_(True)
+    lr = logits.detach().double().requires_grad_(True)
     lp = r1kernels.reference.token_logprobs_ref(lr, d["labels"])
     rl = grpo_loss_ref(lp, d["adv"], d["mask"], **opts, **kw)[0]
     rl.backward()
