@@ -217,7 +217,13 @@ def test_trl_trainer_subclass_matches_trl_bf16_autocast():
     compare_with_trl("grpo", dict(beta=0.04), bf16=True, rtol=2e-2)
 
 
+def _need_trl():
+    for mod in ("trl", "transformers", "datasets", "tokenizers"):
+        pytest.importorskip(mod, reason=f"{mod} is not installed (pip install trl)")
+
+
 def compare_with_trl(loss_type, extra, bf16, rtol):
+    _need_trl()
     from trl import GRPOTrainer
     from r1kernels.integrations.trl import R1KGRPOTrainer
 
@@ -253,6 +259,7 @@ def compare_with_trl(loss_type, extra, bf16, rtol):
 
 
 def test_trl_trainer_trains_one_step():
+    _need_trl()
     from r1kernels.integrations.trl import R1KGRPOTrainer
 
     trainer = _tiny_trainer(R1KGRPOTrainer, beta=0.04)
