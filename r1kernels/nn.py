@@ -226,7 +226,8 @@ class GRPOLoss(torch.nn.Module):
                 or weight.shape[1] != hidden.shape[-1]:
             raise ValueError(f"{where}: weight must be [V, {hidden.shape[-1]}], got "
                              f"{tuple(getattr(weight, 'shape', ()))}")
-        if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],)):
+        if bias is not None and (not isinstance(bias, torch.Tensor)
+                                 or tuple(bias.shape) != (weight.shape[0],)):
             raise ValueError(f"{where}: bias must be [{weight.shape[0]}], got "
                              f"{tuple(getattr(bias, 'shape', ()))}")
         opts = (B, T, self.temperature, self.ignore_index, self.with_entropy, backend)

@@ -96,7 +96,8 @@ class R1KGRPOTrainer(GRPOTrainer):
         if self.loss_type in ("dapo", "cispo"):
             num_items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
-                num_items = num_items * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+                ga = self.current_gradient_accumulation_steps
+                num_items = num_items * ga / self.args.steps_per_generation
         rw = None
         if self.use_vllm and self.vllm_importance_sampling_correction:
             rw = inputs["importance_sampling_ratio"]

@@ -338,13 +338,15 @@ def _mask_view(mask: torch.Tensor) -> torch.Tensor:
     return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
 
 
-def grpo_loss_fwd_triton(logps, adv, mask, old, ref, rw, cfg: _Config, write_grad: bool = True):
+def grpo_loss_fwd_triton(logps, adv, mask, old, ref, rw, cfg: _Config, write_grad: bool = True,
+                         part: torch.Tensor | None = None):
     """Launcher: [B, T] inputs (any strides; adv may have stride 0) -> (g [B, T] fp32 unscaled
-    gradient, partials [6, B] fp32)."""
+    gradient, partials [6, B] fp32, written into `part` when given)."""
     B, T = logps.shape
     dev = logps.device
     grad = torch.empty((B, T) if write_grad else (0,), device=dev, dtype=torch.float32)
-    part = torch.empty((NUM_PARTIALS, B), device=dev, dtype=torch.float32)
+    if part is None:
+        part = torch.empty((NUM_PARTIALS, B), device=dev, dtype=torch.float32)
     if B == 0:
         return grad, part
     m = _mask_view(mask)
@@ -365,13 +367,16 @@ def grpo_loss_fwd_triton(logps, adv, mask, old, ref, rw, cfg: _Config, write_gra
     return grad, part
 
 
-def grpo_loss_finalize_triton(part, nitems, cfg: _Config):
-    """Launcher: partials [6, B] -> (out [5] = loss and the 4 metrics, scale [B])."""
+def grpo_loss_finalize_triton(part, nitems, cfg: _Config, out=None, scale=None):
+    """Launcher: partials [6, B] -> (out [5] = loss and the 4 metrics, scale [B]); into the
+    given buffers when passed."""
     B = part.shape[1]
-    out = torch.zeros(5, device=part.device, dtype=torch.float32)
-    scale = torch.empty(B, device=part.device, dtype=torch.float32)
+    if out is None:
+        out = torch.empty(5, device=part.device, dtype=torch.float32)
+    if scale is None:
+        scale = torch.empty(B, device=part.device, dtype=torch.float32)
     if B == 0:
-        return out, scale
+        return out.zero_(), scale
     n_t = nitems if nitems is not None else part
     _grpo_loss_finalize_kernel[(1,)](part, n_t, out, scale, B, float(cfg.max_len), LOSS=cfg.loss,
                                      HAS_NITEMS=nitems is not None,
@@ -549,9 +554,14 @@ def _fwd_finalize(backend, logps, adv, mask, old, ref, rw, nitems, cfg: _Config,
     if backend == "triton":
         if torch.compiler.is_compiling():  # one opaque node for the compiler
             return _grpo_loss_fwd_op(logps, adv, mask, old, ref, rw, nitems, *cfg, write_grad)
-        # eager: call the launchers directly (the custom-op wrapper costs host time per call)
-        grad, part = grpo_loss_fwd_triton(logps, adv, mask, old, ref, rw, cfg, write_grad)
-        out, scale = grpo_loss_finalize_triton(part, nitems, cfg)
+        # eager: call the launchers directly (the custom-op wrapper costs host time per call),
+        # with one workspace allocation for the partials, the outputs and the row scale
+        B = logps.shape[0]
+        ws = torch.empty(NUM_PARTIALS * B + 5 + B, device=logps.device, dtype=torch.float32)
+        part = ws[:NUM_PARTIALS * B].view(NUM_PARTIALS, B)
+        grad, part = grpo_loss_fwd_triton(logps, adv, mask, old, ref, rw, cfg, write_grad, part)
+        out, scale = grpo_loss_finalize_triton(part, nitems, cfg, ws[NUM_PARTIALS * B:NUM_PARTIALS * B + 5],
+                                               ws[NUM_PARTIALS * B + 5:])
         return grad, out, scale
     grad, part = grpo_loss_fwd_torch(logps, adv, mask, old, ref, rw, cfg, write_grad)
     out, scale = grpo_loss_finalize_torch(part, nitems, cfg)
