@@ -43,6 +43,21 @@ SPECS += [
                  id=f"grpo_loss_finalize-loss{loss}")
     for loss in range(7)
 ] + [
+    # ints equal to 1 may be specialized to constexprs: B = 1 (one row) and T = 1 must compile
+    pytest.param("r1kernels.ops.grpo_loss:_grpo_loss_finalize_kernel",
+                 {"part_ptr": "*fp32", "nitems_ptr": "*fp32", "out_ptr": "*fp32", "scale_ptr": "*fp32",
+                  "max_len": "fp32"},
+                 {"B": 1, "LOSS": loss, "HAS_NITEMS": False, "BLOCK_B": 16}, 4, False,
+                 id=f"grpo_loss_finalize-loss{loss}-B1")
+    for loss in (0, 2, 3)
+] + [
+    pytest.param("r1kernels.ops.grpo_loss:_grpo_loss_fwd_kernel",
+                 {k: v for k, v in _GRPO_FWD_SIG.items() if k not in ("B", "T", "s_lp1", "s_m1")},
+                 {"B": 1, "T": 1, "s_lp1": 1, "s_m1": 1, "LOSS": 0, "SEQ": seq, "HAS_OLD": True,
+                  "HAS_DELTA": True, "HAS_RW": False, "BETA_NZ": True, "BIAS_KL": False,
+                  "WRITE_GRAD": True, "BLOCK_T": 16}, 4, False, id=f"grpo_loss_fwd-B1-T1-seq{int(seq)}")
+    for seq in (False, True)
+] + [
     pytest.param("r1kernels.ops.grpo_loss:_grpo_loss_bwd_kernel",
                  {"grad_ptr": "*fp32", "scale_ptr": "*fp32", "gout_ptr": "*fp32", "out_ptr": out_ty,
                   "T": "i32"},

@@ -294,7 +294,7 @@ def test_bad_input(bad, match):
         r1kernels.grpo_loss(args["logps"], args["advantages"], args["mask"], **bad)
 
 
-@pytest.mark.parametrize("backend", ["torch"] + (["triton"] if DEVICE == "cuda" else []))
+@pytest.mark.parametrize("backend", BACKENDS)  # triton: its custom ops (interpreted on CPU)
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_torch_compile_fullgraph(backend, level):
     lp, old, ref, adv, mask, rw = make_inputs(4, 16, seed=12)

@@ -280,7 +280,7 @@ def _grpo_loss_finalize_kernel(part_ptr, nitems_ptr, out_ptr, scale_ptr, B, max_
         s_hi += tl.load(part_ptr + 4 * B + b, mask=ok, other=0.0)
         s_rg += tl.load(part_ptr + 5 * B + b, mask=ok, other=0.0)
     n_tot = tl.sum(s_n, axis=0)
-    fb = B.to(tl.float32)
+    fb = B * 1.0  # (B may arrive as a constexpr 1: Triton specializes ints equal to 1)
     if LOSS == 0 or LOSS == 6:  # grpo, sapo: mean over rows of the row means
         loss = tl.sum(s_lr, axis=0) / fb
         inv = 1.0 / fb  # times 1 / max(n_b, 1) per row
