@@ -20,6 +20,36 @@ SPECS = [
     for mode, bg, rows in [(0, 16, 64), (1, 16, 64), (2, 16, 64), (0, 1024, 1), (0, 1, 1024)]
 ]
 
+# token_logprobs / linear_token_logprobs: statistics and gradient kernels, on bf16 logits (token
+# path) and on fp32 logits tiles with a bias (hidden-state path), at the launcher's BLOCK_V/warps.
+_TLP = "r1kernels.ops.token_logprobs"
+SPECS += [
+    pytest.param(f"{_TLP}:_token_logprobs_fwd_kernel",
+                 {"x_ptr": f"*{xt}", "stride_x": "i64", "labels_ptr": "*i64", "bias_ptr": f"*{xt}",
+                  "state_ptr": "*fp32", "out_ptr": "*fp32", "n_rows": "i32", "n_cols": "i32",
+                  "col0": "i32", "vocab": "i32", "inv_temp": "fp32", "ignore_index": "i32"},
+                 {"HAS_BIAS": bias, "ACCUM": accum, "FINAL": final, "ENTROPY": ent,
+                  "BLOCK_V": block}, warps, False,
+                 id=f"token_logprobs_fwd-{xt}-bias{int(bias)}-acc{int(accum)}-fin{int(final)}"
+                    f"-ent{int(ent)}-B{block}")
+    for xt, bias, accum, final, ent, block, warps in [
+        ("bf16", False, False, True, True, 4096, 8), ("bf16", False, False, True, False, 4096, 8),
+        ("fp16", False, False, True, True, 1024, 4), ("fp32", True, True, False, True, 4096, 8),
+        ("fp32", True, True, True, True, 4096, 8), ("fp32", False, False, False, False, 16, 4)]
+] + [
+    pytest.param(f"{_TLP}:_token_logprobs_bwd_kernel",
+                 {"x_ptr": f"*{xt}", "stride_x": "i64", "g_ptr": f"*{gt}", "stride_g": "i64",
+                  "labels_ptr": "*i64", "bias_ptr": f"*{xt}", "lse_ptr": "*fp32", "ent_ptr": "*fp32",
+                  "dlogp_ptr": "*fp32", "dent_ptr": "*fp32", "n_cols": "i32", "col0": "i32",
+                  "inv_temp": "fp32", "ignore_index": "i32"},
+                 {"HAS_BIAS": bias, "HAS_DENT": dent, "BLOCK_V": block}, warps, False,
+                 id=f"token_logprobs_bwd-{xt}-{gt}-bias{int(bias)}-dent{int(dent)}-B{block}")
+    for xt, gt, bias, dent, block, warps in [
+        ("bf16", "bf16", False, True, 4096, 8), ("bf16", "bf16", False, False, 4096, 8),
+        ("fp32", "bf16", True, True, 4096, 8), ("fp32", "fp32", True, False, 4096, 8),
+        ("fp16", "fp16", False, True, 256, 4)]
+]
+
 
 _GRPO_FWD_SIG = {
     "lp_ptr": "*fp32", "old_ptr": "*fp32", "ref_ptr": "*fp32", "adv_ptr": "*fp32", "mask_ptr": "*u8",

@@ -18,8 +18,9 @@ FLOPs: 8 * N * H * V (pass 1: one GEMM, pass 2: three). A single sweep (6 * N * 
 to keep grad_weight in fp32 across row chunks (4 bytes * V * H: 2.3 GiB for Qwen2.5-7B's head)
 or round its running sum to bf16 once per chunk; vocabulary-outer order gives each grad_weight
 tile one fp32 reduction over all rows with bounded memory instead.
-Extra memory: Z tile (<= TILE_ELEMS * 4 bytes) + G tile + [tile, H] fp32 + the gradients (grad_hidden
-accumulated in fp32) + O(N) floats: independent of N apart from the gradients themselves.
+Extra memory: the Z tile (<= TILE_ELEMS * 4 bytes; G is written over it in place) + [tile, H] fp32
++ the gradients (grad_hidden accumulated in fp32) + O(N) floats: independent of N apart from the
+gradients themselves.
 On CUDA, TILE_ELEMS = 2**26: a 256 MiB fp32 tile (N=16384 -> 4096 vocabulary columns per tile).
 
 Internal entry point for the fused GRPO loss (_notes/INTERFACE_logprobs_loss.md):
@@ -71,12 +72,22 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a.float(), b.float())
 
 
+_ADDMM_OUT_DTYPE_OK = True  # cleared if this torch build rejects addmm(..., out_dtype, out=self)
+
+
 def _addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc (fp32) += a @ b, accumulated in fp32."""
+    global _ADDMM_OUT_DTYPE_OK
     if a.dtype == torch.float32 and b.dtype == torch.float32:
         acc.addmm_(a, b)
     elif a.is_cuda and a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16):
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        if _ADDMM_OUT_DTYPE_OK:
+            try:  # cuBLAS: C = A @ B + C with 16-bit A, B and fp32 C, no temporary
+                torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+                return
+            except RuntimeError:
+                _ADDMM_OUT_DTYPE_OK = False
+        acc.add_(torch.mm(a, b, out_dtype=torch.float32))
     else:
         acc.addmm_(a.float(), b.float())
 
@@ -107,9 +118,9 @@ def forward_stats(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: t
             bv = None if b is None else b[v0:v0 + cols]
             last = v0 + cols >= vocab
             if backend == "triton":
-                tlp.stats_triton(z, yr, bv, state, out, col0=v0, vocab=vocab, inv_temp=inv_temp,
-                                 ignore_index=ignore_index, accum=v0 > 0, final=last,
-                                 entropy=entropy)
+                tlp.stats_tile(z, yr, bv, state, out, col0=v0, vocab=vocab, inv_temp=inv_temp,
+                               ignore_index=ignore_index, accum=v0 > 0, final=last,
+                               entropy=entropy)
             else:
                 if bv is not None:
                     z += bv.float()
@@ -162,10 +173,20 @@ def backward_grads(h, w, b, y, lse, ent, dlogp, dent, inv_temp: float, ignore_in
             hr = h[sl]
             z = _mm_f32(hr, wv.t())
             if backend == "triton":
-                g = z if gdt == torch.float32 else torch.empty(z.shape, dtype=gdt, device=z.device)
-                tlp.grad_triton(z, g, y[sl], bv, lse[sl], None if dent is None else ent[sl],
-                                dlogp[sl], None if dent is None else dent[sl], col0=v0,
-                                inv_temp=inv_temp, ignore_index=ignore_index)
+                # The gradient overwrites the logits tile: row r of G (c values of gdt) goes to
+                # the first c * itemsize bytes of fp32 row r, which the kernel's program for row
+                # r has already read (block k writes only bytes of blocks <= k). So G is z itself
+                # (fp32) or a [n, c] view with row stride 2c (16-bit). Eager only: a custom op
+                # under torch.compile may not alias its inputs.
+                if torch.compiler.is_compiling():
+                    g = torch.empty(z.shape, dtype=gdt, device=z.device)
+                elif gdt == torch.float32:
+                    g = z
+                else:
+                    g = z.view(gdt)[:, :z.shape[1]]
+                tlp.grad_tile(z, g, y[sl], bv, lse[sl], None if dent is None else ent[sl],
+                              dlogp[sl], None if dent is None else dent[sl], col0=v0,
+                              inv_temp=inv_temp, ignore_index=ignore_index)
             else:
                 if bv is not None:
                     z += bv.float()
@@ -249,7 +270,9 @@ def _prepare(op, hidden, weight, labels, bias, temperature, ignore_index):
     tlp.check_labels(op, labels, hidden.shape[:-1], vocab, ignore_index, hidden.device)
     temperature = tlp.check_temperature(op, temperature)
     h = hidden.reshape(-1, hid)
-    return h, labels.reshape(-1).contiguous(), 1.0 / temperature
+    if bias is not None:
+        bias = bias.contiguous()  # the kernels read bias with unit stride ([V]: a small copy)
+    return h, bias, labels.reshape(-1).contiguous(), 1.0 / temperature
 
 
 # ---- public function and internal entry point -------------------------------------------------
@@ -264,7 +287,7 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     `logp [...]` (and `entropy [...]` when `with_entropy`), differentiable with respect to
     hidden, weight and bias. Matmul products accumulate in fp32. See shared/API.md.
     """
-    h, y, inv_temp = _prepare(OP, hidden, weight, labels, bias, temperature, ignore_index)
+    h, bias, y, inv_temp = _prepare(OP, hidden, weight, labels, bias, temperature, ignore_index)
     backend = dispatch.select(OP, h.device)
     out = LinearTokenLogprobsFunction.apply(h, weight, y, bias, inv_temp, int(ignore_index),
                                             bool(with_entropy), backend)
@@ -295,7 +318,7 @@ def linear_token_logprobs_with_grad(hidden: torch.Tensor, weight: torch.Tensor,
     if len(tuple(need_grads)) != 3:
         raise ValueError(f"{op}: need_grads expected 3 booleans (hidden, weight, bias), got "
                          f"{need_grads!r}")
-    h, y, inv_temp = _prepare(op, hidden, weight, labels, bias, temperature, ignore_index)
+    h, bias, y, inv_temp = _prepare(op, hidden, weight, labels, bias, temperature, ignore_index)
     backend = dispatch.select(OP, h.device)
     with torch.no_grad():
         logp, ent, lse = forward_stats(h, weight, bias, y, inv_temp, int(ignore_index),
