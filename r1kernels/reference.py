@@ -93,6 +93,12 @@ def grpo_loss_ref(logps, advantages, mask, *, old_logps=None, ref_logps=None, lo
     """The GRPO loss of TRL 1.16 `GRPOTrainer._compute_loss` (gradient accumulation 1).
 
     Returns (loss, metrics) with metrics kl, clip_ratio_low, clip_ratio_high, clip_ratio.
+    Checked against TRL 1.16's source (and its code, in tests/test_grpo_loss.py): loss and
+    gradient agree for every loss type. Metrics: like TRL, the clip flags use coef_1 after the
+    delta clamp; cispo's clip_ratio_high is TRL's `cispo_clip_ratio`. Where TRL differs: with
+    importance_sampling_level="sequence" (and [B] advantages) TRL averages the clip flags per
+    sequence over all rows; here they are fractions of masked tokens (shared/API.md). TRL's
+    use_bias_correction_kl defaults to True; the API's default is False.
     """
     eps_lo = epsilon_low
     eps_hi = epsilon_low if epsilon_high is None else epsilon_high
@@ -128,8 +134,9 @@ def grpo_loss_ref(logps, advantages, mask, *, old_logps=None, ref_logps=None, lo
         if delta is not None:
             coef_1 = torch.clamp(coef_1, max=delta)
         loss_tok = -torch.min(coef_1 * A, coef_2 * A)
-        low = ((coef_1_kl < 1 - eps_lo) & (A < 0)).expand_as(logps)
-        high = ((coef_1_kl > 1 + eps_hi) & (A > 0)).expand_as(logps)
+        # TRL 1.16 computes the clip metrics from coef_1 after the delta clamp
+        low = ((coef_1 < 1 - eps_lo) & (A < 0)).expand_as(logps)
+        high = ((coef_1 > 1 + eps_hi) & (A > 0)).expand_as(logps)
     else:
         raise ValueError(f"loss_type must be one of {GRPO_LOSS_TYPES}, got {loss_type!r}")
     loss_tok = loss_tok.expand_as(logps)
