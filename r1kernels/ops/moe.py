@@ -70,7 +70,8 @@ class MoEPermutation(NamedTuple):
 # Triton kernels
 # ================================================================================================
 
-_TIER_SHIFT = 1 << 42  # packed key = tier * 2^42 + ordered_fp32 * 2^10 + (1023 - index)
+_TIER_SHIFT = 1 << 52  # packed key = tier * 2^52 + ordered_fp32 * 2^20 + (2^20 - 1 - index)
+_IDX_MASK = (1 << 20) - 1
 
 
 @triton.jit
@@ -131,8 +132,8 @@ def _moe_route_fwd_kernel(x_ptr, bias_ptr, replay_ptr, w_ptr, ids_ptr, sel_ptr, 
         if HAS_BIAS:
             c = s + tl.load(bias_ptr + cols, mask=col_ok, other=0.0)[None, :]
         cnan = c != c
-        low = _ordered_key(tl.where(cnan, 0.0, c)) * 1024 + (1023 - cols)[None, :]
-        low = tl.where(cnan, (1023 - cols)[None, :].to(tl.int64), low)
+        low = _ordered_key(tl.where(cnan, 0.0, c)) * 1048576 + (1048575 - cols)[None, :]
+        low = tl.where(cnan, (1048575 - cols)[None, :].to(tl.int64), low)
         tier = tl.where(cnan, 1, 3).to(tl.int64)
         if GROUPED:
             gid = cols // group_size
@@ -150,7 +151,7 @@ def _moe_route_fwd_kernel(x_ptr, bias_ptr, replay_ptr, w_ptr, ids_ptr, sel_ptr, 
                     gsc += tl.sum(tl.where((k2 == b2[:, None]) & (b2[:, None] >= 0), c, 0.0), axis=1)
                 gnan = gsc != gsc
                 gk = tl.where(gnan, 0, _ordered_key(tl.where(gnan, 0.0, gsc)))
-                gk = tl.where(gnan, 1, 2).to(tl.int64) * _TIER_SHIFT + gk * 1024 + (1023 - g)
+                gk = tl.where(gnan, 1, 2).to(tl.int64) * _TIER_SHIFT + gk * 1048576 + (1048575 - g)
                 gkeys = tl.where(gcols[None, :] == g, gk[:, None], gkeys)
             gsel = tl.zeros([ROWS, BLOCK_G], dtype=tl.int32)
             for r in range(0, topk_group):
@@ -168,7 +169,7 @@ def _moe_route_fwd_kernel(x_ptr, bias_ptr, replay_ptr, w_ptr, ids_ptr, sel_ptr, 
             b = tl.max(key, axis=1)
             hit = key == b[:, None]
             v = tl.sum(tl.where(hit, s, 0.0), axis=1)
-            id_r = (1023 - (b & 1023)).to(tl.int32)
+            id_r = (1048575 - (b & 1048575)).to(tl.int32)
             key = tl.where(hit, -1, key)
             wt = tl.where(kcols[None, :] == r, v[:, None], wt)
             it = tl.where(kcols[None, :] == r, id_r[:, None], it)
@@ -265,11 +266,12 @@ def _moe_scatter_rows_kernel(x_ptr, row_ptr, w_ptr, out_ptr, H, K, stride_x,
     kk = tl.arange(0, BLOCK_K)
     kok = kk < K
     r = tl.load(row_ptr + t * K + kk, mask=kok, other=-1).to(tl.int64)
-    x = tl.load(x_ptr + t * stride_x + h, mask=hok, other=0.0).to(tl.float32)
-    v = tl.broadcast_to(x[None, :], (BLOCK_K, BLOCK_H))
-    if HAS_W:
+    x = tl.load(x_ptr + t * stride_x + h, mask=hok, other=0.0)
+    if HAS_W:  # fp32 product; a plain copy keeps every bit (fp64 included)
         w = tl.load(w_ptr + t * K + kk, mask=kok, other=0.0).to(tl.float32)
-        v = v * w[:, None]
+        v = x.to(tl.float32)[None, :] * w[:, None]
+    else:
+        v = tl.broadcast_to(x[None, :], (BLOCK_K, BLOCK_H))
     tl.store(out_ptr + r[:, None] * H + h[None, :], v.to(out_ptr.dtype.element_ty),
              mask=(r >= 0)[:, None] & hok[None, :])
 
@@ -295,7 +297,7 @@ def _moe_zero_pad_kernel(out_ptr, counts_ptr, offsets_ptr, E, R, H, BLOCK_H: tl.
 
 # y[t] = sum_j w[t, j] * src[row(t, j)] in fp32. Bytes: T*k*H*elt read + T*H*elt written.
 @triton.jit
-def _moe_gather_rows_kernel(src_ptr, row_ptr, w_ptr, out_ptr, H, K,
+def _moe_unpermute_kernel(src_ptr, row_ptr, w_ptr, out_ptr, H, K,
                             HAS_W: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -361,17 +363,27 @@ def moe_route_fwd_triton(logits, top_k, score_func, n_group, topk_group, bias, n
     return w, ids, sel, lse
 
 
-def moe_route_bwd_triton(gs, ids, sel, logits, lse, score_func):
-    T, E = logits.shape
-    dx = torch.empty(T, E, dtype=logits.dtype, device=logits.device)
-    if T == 0 or E == 0:
+def moe_route_bwd_triton(gs, ids, sel, logits, lse, num_experts, dtype, score_func):
+    T, E = gs.shape[0], num_experts
+    dx = torch.empty(T, E, dtype=dtype, device=gs.device)
+    if T == 0:
         return dx
-    x = logits if logits.stride(-1) == 1 else logits.contiguous()
+    if logits is None:  # sigmoid: the kernel never reads the logits
+        x, sx = gs, 0
+    else:
+        x = logits if logits.stride(-1) == 1 else logits.contiguous()
+        sx = x.stride(0)
     BLOCK_E, _, _, ROWS = _route_tiles(E, 1, 1)
     _moe_route_bwd_kernel[(triton.cdiv(T, ROWS),)](
-        gs.contiguous(), ids.contiguous(), sel.contiguous(), x, lse, dx, T, E, x.stride(0), ids.shape[1],
+        gs.contiguous(), ids.contiguous(), sel.contiguous(), x, lse, dx, T, E, sx, ids.shape[1],
         SIGMOID=score_func == "sigmoid", BLOCK_E=BLOCK_E, ROWS=ROWS, num_warps=4)
     return dx
+
+
+def moe_permute_triton(hidden, ids, num_experts, align):
+    counts, offsets, row_ids, token_ids = moe_permute_map_triton(ids, num_experts, align)
+    out = moe_scatter_rows_triton(hidden, row_ids, token_ids, counts, offsets, None)
+    return out, counts, offsets, row_ids, token_ids
 
 
 def moe_permute_map_triton(ids, num_experts, align):
@@ -420,7 +432,7 @@ def moe_scatter_rows_triton(x, row_ids, token_ids, counts, offsets, weights):
     return out
 
 
-def moe_gather_rows_triton(src, row_ids, weights):
+def moe_unpermute_triton(src, row_ids, weights):
     T, K = row_ids.shape
     H = src.shape[1]
     out = torch.empty(T, H, dtype=src.dtype, device=src.device)
@@ -430,7 +442,7 @@ def moe_gather_rows_triton(src, row_ids, weights):
         return out.zero_()
     BLOCK_K, BLOCK_H = _rows_tiles(H, K)
     w = weights.contiguous() if weights is not None else row_ids
-    _moe_gather_rows_kernel[(T, triton.cdiv(H, BLOCK_H))](
+    _moe_unpermute_kernel[(T, triton.cdiv(H, BLOCK_H))](
         src.contiguous(), row_ids.contiguous(), w, out, H, K, HAS_W=weights is not None,
         BLOCK_K=BLOCK_K, BLOCK_H=BLOCK_H, num_warps=4)
     return out
@@ -462,7 +474,7 @@ def moe_route_fwd_torch(logits, top_k, score_func, n_group, topk_group, bias, no
                                correction_bias=bias, norm_topk_prob=norm, replay_ids=replay_ids)
         if score_func == "softmax":
             lse = torch.logsumexp(x, dim=-1) if x.shape[1] else x.new_zeros(x.shape[0])
-            s_sel = torch.exp(x.gather(1, ids.long()) - lse[:, None])
+            s_sel = torch.softmax(x, dim=-1).gather(1, ids.long())  # NaN rows as torch.softmax
         else:
             lse = x.new_zeros(x.shape[0])
             s_sel = torch.sigmoid(x.gather(1, ids.long()))
@@ -471,15 +483,21 @@ def moe_route_fwd_torch(logits, top_k, score_func, n_group, topk_group, bias, no
     return w, ids, s_sel, lse
 
 
-def moe_route_bwd_torch(gs, ids, sel, logits, lse, score_func):
-    T, E = logits.shape
+def moe_route_bwd_torch(gs, ids, sel, logits, lse, num_experts, dtype, score_func):
+    T, E = gs.shape[0], num_experts
     idx = ids.long()
     if score_func == "sigmoid":
         g = gs * sel * (1 - sel)
-        return torch.zeros(T, E, dtype=torch.float32, device=gs.device).scatter_add_(1, idx, g).to(logits.dtype)
+        return torch.zeros(T, E, dtype=torch.float32, device=gs.device).scatter_add_(1, idx, g).to(dtype)
     G = torch.zeros(T, E, dtype=torch.float32, device=gs.device).scatter_add_(1, idx, gs)
     s = torch.exp(logits.float() - lse[:, None])
     return (s * (G - (G * s).sum(-1, keepdim=True))).to(logits.dtype)
+
+
+def moe_permute_torch(hidden, ids, num_experts, align):
+    counts, offsets, row_ids, token_ids = moe_permute_map_torch(ids, num_experts, align)
+    out = moe_scatter_rows_torch(hidden, row_ids, token_ids, counts, offsets, None)
+    return out, counts, offsets, row_ids, token_ids
 
 
 def moe_permute_map_torch(ids, num_experts, align):
@@ -509,7 +527,7 @@ def moe_scatter_rows_torch(x, row_ids, token_ids, counts, offsets, weights):
     return out.index_copy_(0, row_ids.reshape(-1).long(), src.reshape(-1, H).to(x.dtype))
 
 
-def moe_gather_rows_torch(src, row_ids, weights):
+def moe_unpermute_torch(src, row_ids, weights):
     rows = src[row_ids.long()].float()  # [T, k, H]
     if weights is not None:
         rows = rows * weights.float().unsqueeze(-1)
@@ -543,22 +561,23 @@ def _route_fake(logits, top_k, score_func, n_group, topk_group, bias, norm, scal
     return f, logits.new_empty(T, top_k, dtype=torch.int32), torch.empty_like(f), logits.new_empty(T, dtype=torch.float32)
 
 
-def _route_bwd_fake(gs, ids, sel, logits, lse, score_func):
-    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+def _route_bwd_fake(gs, ids, sel, logits, lse, num_experts, dtype, score_func):
+    return gs.new_empty(gs.shape[0], num_experts, dtype=dtype)
 
 
-def _map_fake(ids, num_experts, align):
+def _permute_fake(hidden, ids, num_experts, align):
     T, K = ids.shape
+    R = T * K + num_experts * (align - 1)
     i32 = torch.int32
-    return (ids.new_empty(num_experts, dtype=i32), ids.new_empty(num_experts + 1, dtype=i32),
-            ids.new_empty(T, K, dtype=i32), ids.new_empty(T * K + num_experts * (align - 1), dtype=i32))
+    return (hidden.new_empty(R, hidden.shape[1]), ids.new_empty(num_experts, dtype=i32),
+            ids.new_empty(num_experts + 1, dtype=i32), ids.new_empty(T, K, dtype=i32), ids.new_empty(R, dtype=i32))
 
 
 def _scatter_fake(x, row_ids, token_ids, counts, offsets, weights):
     return x.new_empty(token_ids.shape[0], x.shape[1])
 
 
-def _gather_fake(src, row_ids, weights):
+def _unpermute_fake(src, row_ids, weights):
     return src.new_empty(row_ids.shape[0], src.shape[1])
 
 
@@ -583,17 +602,20 @@ def _define_python_ops(ns: str, impl: dict) -> None:
     route.register_fake(_route_fake)
 
     @torch.library.custom_op(f"{ns}::moe_route_backward", mutates_args=())
-    def route_bwd(gs: T_, ids: T_, sel: T_, logits: T_, lse: T_, score_func: str) -> T_:
-        return impl["route_bwd"](gs, ids, sel, logits, lse, score_func)
+    def route_bwd(gs: T_, ids: T_, sel: T_, logits: OT, lse: T_, num_experts: int, dtype: torch.dtype,
+                  score_func: str) -> T_:
+        if score_func == "softmax" and logits is None:
+            raise ValueError("moe_route_backward: softmax needs the logits")
+        return impl["route_bwd"](gs, ids, sel, logits, lse, num_experts, dtype, score_func)
 
     route_bwd.register_fake(_route_bwd_fake)
 
-    @torch.library.custom_op(f"{ns}::moe_permute_map", mutates_args=())
-    def pmap(ids: T_, num_experts: int, align: int) -> tuple[T_, T_, T_, T_]:
+    @torch.library.custom_op(f"{ns}::moe_permute", mutates_args=())
+    def permute(hidden: T_, ids: T_, num_experts: int, align: int) -> tuple[T_, T_, T_, T_, T_]:
         _check_ids("moe_permute: ids", ids, num_experts)
-        return impl["map"](ids, num_experts, align)
+        return impl["permute"](hidden, ids, num_experts, align)
 
-    pmap.register_fake(_map_fake)
+    permute.register_fake(_permute_fake)
 
     @torch.library.custom_op(f"{ns}::moe_scatter_rows", mutates_args=())
     def scatter(x: T_, row_ids: T_, token_ids: T_, counts: T_, offsets: T_, weights: OT) -> T_:
@@ -601,11 +623,11 @@ def _define_python_ops(ns: str, impl: dict) -> None:
 
     scatter.register_fake(_scatter_fake)
 
-    @torch.library.custom_op(f"{ns}::moe_gather_rows", mutates_args=())
-    def gather(src: T_, row_ids: T_, weights: OT) -> T_:
-        return impl["gather"](src, row_ids, weights)
+    @torch.library.custom_op(f"{ns}::moe_unpermute", mutates_args=())
+    def unpermute(src: T_, row_ids: T_, weights: OT) -> T_:
+        return impl["unpermute"](src, row_ids, weights)
 
-    gather.register_fake(_gather_fake)
+    unpermute.register_fake(_unpermute_fake)
 
     @torch.library.custom_op(f"{ns}::moe_rows_dot", mutates_args=())
     def dot(gy: T_, src: T_, row_ids: T_) -> T_:
@@ -615,12 +637,12 @@ def _define_python_ops(ns: str, impl: dict) -> None:
 
 
 _define_python_ops("r1kernels_torch", dict(
-    route=moe_route_fwd_torch, route_bwd=moe_route_bwd_torch, map=moe_permute_map_torch,
-    scatter=moe_scatter_rows_torch, gather=moe_gather_rows_torch, dot=moe_rows_dot_torch))
+    route=moe_route_fwd_torch, route_bwd=moe_route_bwd_torch, permute=moe_permute_torch,
+    scatter=moe_scatter_rows_torch, unpermute=moe_unpermute_torch, dot=moe_rows_dot_torch))
 if HAS_TRITON:
     _define_python_ops("r1kernels_triton", dict(
-        route=moe_route_fwd_triton, route_bwd=moe_route_bwd_triton, map=moe_permute_map_triton,
-        scatter=moe_scatter_rows_triton, gather=moe_gather_rows_triton, dot=moe_rows_dot_triton))
+        route=moe_route_fwd_triton, route_bwd=moe_route_bwd_triton, permute=moe_permute_triton,
+        scatter=moe_scatter_rows_triton, unpermute=moe_unpermute_triton, dot=moe_rows_dot_triton))
 
 
 @torch.library.custom_op("r1kernels_torch::moe_segment_counts", mutates_args=())
@@ -666,43 +688,44 @@ class MoERouteFunction(torch.autograd.Function):
                                                    bias, norm, scale, replay_ids)
         ctx.mark_non_differentiable(ids)
         # softmax needs the logits (an input, kept by reference); sigmoid needs only [T, k]
-        ctx.save_for_backward(logits, ids, sel, lse)
-        ctx.args = (score_func, bool(norm), float(scale), backend)
+        ctx.save_for_backward(logits if score_func == "softmax" else None, ids, sel, lse)
+        ctx.args = (score_func, bool(norm), float(scale), backend, logits.shape[1], logits.dtype)
         return w, ids
 
     @staticmethod
     def backward(ctx, gw, _gids):
         logits, ids, sel, lse = ctx.saved_tensors
-        score_func, norm, scale, backend = ctx.args
+        score_func, norm, scale, backend, E, dtype = ctx.args
         gw = gw.float()
         if norm:
             S = sel.sum(-1, keepdim=True) + 1e-20
             gs = (scale / S) * (gw - (gw * sel).sum(-1, keepdim=True) / S)
         else:
             gs = gw * scale
-        dx = _bwd_ops(backend).moe_route_backward(gs, ids, sel, logits, lse, score_func)
+        dx = _bwd_ops(backend).moe_route_backward(gs, ids, sel, logits, lse, E, dtype, score_func)
         return dx, None, None, None, None, None, None, None, None, None
 
 
 class MoEPermuteFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, row_ids, token_ids, counts, offsets, backend):
-        out = _ops(backend).moe_scatter_rows(hidden, row_ids, token_ids, counts, offsets, None)
+    def forward(ctx, hidden, ids, num_experts, align, backend):
+        out, counts, offsets, row_ids, token_ids = _ops(backend).moe_permute(hidden, ids, num_experts, align)
+        ctx.mark_non_differentiable(counts, offsets, row_ids, token_ids)
         ctx.save_for_backward(row_ids)
         ctx.backend = backend
-        return out
+        return out, counts, offsets, row_ids, token_ids
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, g, *_):
         (row_ids,) = ctx.saved_tensors
-        gh = _ops(ctx.backend).moe_gather_rows(g.contiguous(), row_ids, None)
-        return gh, None, None, None, None, None
+        gh = _ops(ctx.backend).moe_unpermute(g.contiguous(), row_ids, None)
+        return gh, None, None, None, None
 
 
 class MoEUnpermuteFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, expert_out, weights, row_ids, token_ids, counts, offsets, backend):
-        y = _ops(backend).moe_gather_rows(expert_out, row_ids, weights)
+        y = _ops(backend).moe_unpermute(expert_out, row_ids, weights)
         ctx.save_for_backward(expert_out, weights, row_ids, token_ids, counts, offsets)
         ctx.backend = backend
         return y
@@ -813,9 +836,7 @@ def moe_permute(hidden: torch.Tensor, ids: torch.Tensor, num_experts: int, *,
     if ids.numel() + num_experts * (align - 1) >= 2**31:
         raise ValueError(f"{op}: T*k + E*(align-1) must fit in int32, got {ids.numel() + num_experts * (align - 1)}")
     backend = dispatch.select(OP_PERMUTE, hidden.device)
-    ops = _ops(backend)
-    counts, offsets, row_ids, token_ids = ops.moe_permute_map(ids.detach(), num_experts, align)
-    out = MoEPermuteFunction.apply(hidden, row_ids, token_ids, counts, offsets, backend)
+    out, counts, offsets, row_ids, token_ids = MoEPermuteFunction.apply(hidden, ids.detach(), num_experts, align, backend)
     return out, MoEPermutation(counts, offsets, row_ids, token_ids)
 
 
