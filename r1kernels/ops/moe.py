@@ -70,8 +70,8 @@ class MoEPermutation(NamedTuple):
 # Triton kernels
 # ================================================================================================
 
-_TIER_SHIFT = 1 << 52  # packed key = tier * 2^52 + ordered_fp32 * 2^20 + (2^20 - 1 - index)
-_IDX_MASK = (1 << 20) - 1
+# packed key = tier * 2^52 + ordered_fp32 * 2^20 + (2^20 - 1 - index)  (csrc/moe/moe.h)
+_TIER_SHIFT = tl.constexpr(1 << 52) if HAS_TRITON else 1 << 52
 
 
 @triton.jit
