@@ -1,0 +1,1 @@
+"""Integrations with training and modeling libraries (transformers patches, trainers)."""
