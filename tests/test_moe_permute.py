@@ -254,8 +254,7 @@ def test_opcheck():
     torch.library.opcheck(ops.moe_rows_dot.default, (h, out, row_ids))
 
 
-@pytest.mark.parametrize("backend", [b for b in ("cpp", "torch") if b in dispatch.available_backends("moe_permute", DEVICE)]
-                         + (["cuda", "triton"] if DEVICE == "cuda" else []))
+@pytest.mark.parametrize("backend", BACKENDS)  # Triton too: its launchers are custom ops under compile
 def test_torch_compile_fullgraph(backend):
     T, H, E, k = 12, 16, 8, 2
     h = torch.randn(T, H, device=DEVICE, requires_grad=True)
@@ -288,3 +287,31 @@ def test_memory_bounded():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         out, perm = r1kernels.moe_permute(h, ids, E)
     assert all(not t.is_floating_point() for t in saved)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_route_dispatch_combine_compiled(backend):
+    """The whole MoE layer path (route -> permute -> expert -> unpermute) in one fullgraph compile."""
+    T, H, E, k = 16, 32, 64, 4
+    x = torch.randn(T, E, device=DEVICE, requires_grad=True)
+    b = torch.randn(E, device=DEVICE) * 0.1
+    h = torch.randn(T, H, device=DEVICE, requires_grad=True)
+
+    def fn(t, hh):
+        w, ids = r1kernels.moe_route(t, k, score_func="sigmoid", n_group=8, topk_group=4, correction_bias=b)
+        xx, perm = r1kernels.moe_permute(hh, ids, E, align=4)
+        return r1kernels.moe_unpermute(torch.tanh(xx), perm, w)
+
+    with dispatch.use_backend(backend):
+        y = torch.compile(fn, fullgraph=True)(x, h)
+        y.square().sum().backward()
+    xr = x.detach().double().clone().requires_grad_(True)
+    hr = h.detach().double().clone().requires_grad_(True)
+    from r1kernels.reference import moe_route_ref
+    w, ids = moe_route_ref(xr, k, score_func="sigmoid", n_group=8, topk_group=4, correction_bias=b.double().cpu())
+    xx, perm = moe_permute_ref(hr, ids, E, align=4)
+    yr = moe_unpermute_ref(torch.tanh(xx), perm, w)
+    yr.square().sum().backward()
+    torch.testing.assert_close(y.detach().cpu().double(), yr.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.cpu().double(), xr.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(h.grad.cpu().double(), hr.grad, rtol=1e-4, atol=1e-5)

@@ -93,6 +93,7 @@ moe_route_kernel(const T* __restrict__ x, int64_t T_, int E, int64_t stride, int
     for (int j = 0; j < VPT; ++j) v[j] = nan ? NAN : v[j] * inv;
     lse = nan ? NAN : mx + __logf(den);
   }
+  if (lane == 0) lse_out[t] = lse;  // stored now: not kept live through the selection
 
   float my_s = 0.f;  // lane r < top_k: the r-th selected score
   int my_id = 0;
@@ -189,7 +190,6 @@ moe_route_kernel(const T* __restrict__ x, int64_t T_, int E, int64_t stride, int
     ids_out[o] = my_id;
     sel_out[o] = my_s;
   }
-  if (lane == 0) lse_out[t] = lse;
 }
 
 template <typename T>
