@@ -2,13 +2,19 @@
 //
 // Forward: one warp per token, 8 tokens per 256-thread block. Lane l holds the VPT consecutive
 // scores e = l*VPT + j in registers (VPT = 1..16, so E <= 512; 16-byte loads when E == 32*VPT),
-// fp32 math. Ranking by the packed keys of moe.h: each of the top_k rounds is a local max over
-// VPT registers plus a 64-bit warp max (two redux.sync on sm_80+), and lane r keeps the r-th pick
-// (top_k <= 32). Groups (n_group > 1): the biased scores go through shared memory, lane g scans
-// group g for its top-2 (or max), then topk_group warp-max rounds pick the kept groups.
-// Bytes: T*E*elt read, T*(12k + 4) written: at E=256 fp32 1 KB per token, i.e. the DeepSeek-V3
-// shape (T=16384) reads 16.8 MB, ~5 us at 3.35 TB/s. Per token (E=256, k=8, 8 groups keep 4):
-// ~8*8 + 4*1 + 8*8 compare-selects per lane and 2*(4 + 8) redux: compute stays under the reads.
+// fp32 math. Ranking by the packed keys of moe.h.
+//   groups, when each group is a power-of-2 number of whole lanes (DeepSeek-V3: 8 groups of 32 =
+//     4 lanes x 8): lane-local top-2 of 32-bit ordered keys, a segmented xor-shuffle merge, then
+//     topk_group 64-bit warp-max rounds (two redux.sync each on sm_80+); any other grouping goes
+//     through shared memory (lane g scans group g).
+//   top-k (VPT <= 8): each lane sorts its VPT keys once (bitonic network); a round is one warp max
+//     of the lanes' heads, a shuffle for the score, and a predicated shift on the winning lane.
+//     VPT = 16 rescans its registers per round. Lane r keeps the r-th pick (top_k <= 32).
+// Bytes: T*E*elt read, T*(12k + 4) written: the DeepSeek-V3 shape (T=16384, E=256, fp32) reads
+// 16.8 MB, ~5 us at 3.35 TB/s. Issue budget for the 12 us target: ~700 warp instructions per
+// token at 16384 tokens on 132 SMs x 4 schedulers; the estimate for that shape is ~650 (sigmoid
+// and keys ~150, groups ~80, sort ~150, 8 rounds ~250), so the kernel should sit near the
+// memory/issue limit; to be confirmed on a GPU.
 //
 // Backward: one warp per token, lanes stride over E (coalesced), k selected (id, gs) pairs read
 // by every lane: dx_e = s_e (G_e - D) (softmax) or G_e (sigmoid, G already times s(1-s)).
@@ -46,6 +52,123 @@ __device__ __forceinline__ void load_row(const T* __restrict__ row, int E, int l
     const int e = lane * VPT + j;
     v[j] = e < E ? to_float(row[e]) : -INFINITY;
   }
+}
+
+// Bitonic sort of a lane's N (power of 2) keys, descending, carrying the scores along. All
+// indices are compile-time constants after unrolling, so the arrays stay in registers.
+template <int N>
+__device__ __forceinline__ void sort_desc(uint64_t (&k)[N], float (&s)[N]) {
+#pragma unroll
+  for (int size = 2; size <= N; size <<= 1) {
+#pragma unroll
+    for (int stride = size / 2; stride > 0; stride >>= 1) {
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        const int j = i ^ stride;
+        if (j > i) {
+          const bool desc = (i & size) == 0;
+          const bool swap = desc ? k[i] < k[j] : k[i] > k[j];
+          const uint64_t ki = k[i], kj = k[j];
+          const float si = s[i], sj = s[j];
+          k[i] = swap ? kj : ki;
+          k[j] = swap ? ki : kj;
+          s[i] = swap ? sj : si;
+          s[j] = swap ? si : sj;
+        }
+      }
+    }
+  }
+}
+
+// Value of an ordered_bits key (0 stands for NaN).
+__device__ __forceinline__ float ordered_value(uint32_t u) {
+  if (u == 0u) return NAN;
+  return __uint_as_float((u & 0x80000000u) ? (u & 0x7fffffffu) : ~u);
+}
+
+// Group stage when every group is `lpg` whole lanes (lpg a power of 2; DeepSeek-V3: E=256,
+// 8 groups -> 4 lanes of 8 scores): lane-local top-2, a segmented xor-shuffle merge, then
+// topk_group warp-max rounds over the group keys (every lane of a group holds its key).
+// Returns whether this lane's group is kept.
+template <int VPT>
+__device__ __forceinline__ bool group_select_lanes(const float (&c)[VPT], int lane, int lpg, int n_group,
+                                                   bool take2, int topk_group) {
+  uint32_t a = 0u, b = 0u;  // top-2 ordered keys of the lane's scores, a >= b (0 = NaN)
+#pragma unroll
+  for (int j = 0; j < VPT; ++j) {
+    const uint32_t u = c[j] != c[j] ? 0u : ordered_bits(c[j]);
+    b = u > a ? a : (u > b ? u : b);
+    a = u > a ? u : a;
+  }
+  for (int off = 1; off < lpg; off <<= 1) {
+    const uint32_t oa = __shfl_xor_sync(kFullMask, a, off);
+    const uint32_t ob = __shfl_xor_sync(kFullMask, b, off);
+    const uint32_t hi = a > oa ? a : oa, lo = a > oa ? oa : a;
+    b = lo > (b > ob ? b : ob) ? lo : (b > ob ? b : ob);
+    a = hi;
+  }
+  const float score = take2 ? ordered_value(a) + ordered_value(b) : ordered_value(a);
+  const int g = lane / lpg;
+  uint64_t gk = g < n_group ? rank_key(score, g, kTierOutside) : 0ull;  // lanes past E hold no group
+  bool kept = false;
+  for (int r = 0; r < topk_group; ++r) {
+    const uint64_t win = warp_max_u64(gk);
+    if (gk == win) { kept = true; gk = 0ull; }
+  }
+  return kept;
+}
+
+// Group stage for any group size: the biased scores go through this warp's shared memory, lane g
+// scans group g for its top-2 (or max), topk_group warp-max rounds pick the kept groups.
+// Returns the eligibility bits of the lane's VPT elements.
+template <int VPT>
+__device__ __forceinline__ uint32_t group_select_smem(const float (&c)[VPT], float* s_c, unsigned char* s_kept,
+                                                      int E, int n_group, int gs, bool take2, int topk_group,
+                                                      int lane) {
+#pragma unroll
+  for (int j = 0; j < VPT; ++j) {
+    const int e = lane * VPT + j;
+    if (e < E) s_c[e] = c[j];
+  }
+  __syncwarp();
+  uint64_t gk[VPT];  // groups g = lane + 32*i (n_group <= E <= 32*VPT)
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) {
+    const int g = lane + 32 * i;
+    gk[i] = 0ull;
+    if (g < n_group) {
+      uint64_t b1 = 0ull, b2 = 0ull;
+      float v1 = 0.f, v2 = 0.f;
+      for (int e = g * gs; e < (g + 1) * gs; ++e) {
+        const float x = s_c[e];
+        const uint64_t k = rank_key(x, e, kTierEligible);
+        if (k > b1) { b2 = b1; v2 = v1; b1 = k; v1 = x; }
+        else if (k > b2) { b2 = k; v2 = x; }
+      }
+      gk[i] = rank_key(take2 ? v1 + v2 : v1, g, kTierOutside);
+      s_kept[g] = 0;
+    }
+  }
+  __syncwarp();
+  for (int r = 0; r < topk_group; ++r) {
+    uint64_t best = 0ull;
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) best = gk[i] > best ? gk[i] : best;
+    const uint64_t win = warp_max_u64(best);
+    const int g = key_index(win);
+    if (lane == (g & 31)) s_kept[g] = 1;
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) if (gk[i] == win) gk[i] = 0ull;
+  }
+  __syncwarp();
+  uint32_t elig = 0u;
+#pragma unroll
+  for (int j = 0; j < VPT; ++j) {
+    const int e = lane * VPT + j;
+    if (e < E && s_kept[e / gs]) elig |= 1u << j;
+  }
+  __syncwarp();  // s_c / s_kept are reused by the warp's next token only after every lane read them
+  return elig;
 }
 
 template <typename T, int VPT>
@@ -112,75 +235,64 @@ moe_route_kernel(const T* __restrict__ x, int64_t T_, int E, int64_t stride, int
     }
     total = warp_sum(lane < top_k ? my_s : 0.f);
   } else {
+    float c[VPT];  // the biased scores that select
+#pragma unroll
+    for (int j = 0; j < VPT; ++j) {
+      const int e = lane * VPT + j;
+      c[j] = bias != nullptr && e < E ? v[j] + bias[e] : v[j];
+    }
+    // eligibility: bit j set when element j of this lane lies in a kept group
+    uint32_t elig = (1u << VPT) - 1u;
+    if (n_group > 1) {
+      const int gs = E / n_group;
+      const bool take2 = bias != nullptr && gs >= 2;
+      const int lpg = gs / VPT;  // lanes per group when groups are whole lanes
+      if (gs % VPT == 0 && lpg <= 32 && (lpg & (lpg - 1)) == 0) {
+        elig = group_select_lanes<VPT>(c, lane, lpg, n_group, take2, topk_group) ? elig : 0u;
+      } else {
+        elig = group_select_smem<VPT>(c, s_c[wid], s_kept[wid], E, n_group, gs, take2, topk_group, lane);
+      }
+    }
     uint64_t key[VPT];
 #pragma unroll
     for (int j = 0; j < VPT; ++j) {
       const int e = lane * VPT + j;
-      const float c = bias != nullptr && e < E ? v[j] + bias[e] : v[j];
-      key[j] = e < E ? rank_key(c, e, kTierEligible) : 0ull;
-      if (n_group > 1) {
-        if (e < E) s_c[wid][e] = c;
-      }
+      key[j] = e < E ? rank_key(c[j], e, (elig >> j) & 1u ? kTierEligible : kTierOutside) : 0ull;
     }
-    if (n_group > 1) {
-      __syncwarp();
-      const int gs = E / n_group;
-      const bool take2 = bias != nullptr && gs >= 2;
-      // lane holds the keys of groups g = lane + 32*i (n_group <= E <= 32*VPT)
-      uint64_t gk[VPT];
+    if constexpr (VPT <= 8) {
+      // sort the lane's keys once (bitonic network), then each round costs one warp max and a
+      // predicated shift on the winning lane
+      sort_desc<VPT>(key, v);
+      for (int r = 0; r < top_k; ++r) {
+        const uint64_t win = warp_max_u64(key[0]);
+        const int id = key_index(win);
+        const float sv = __shfl_sync(kFullMask, v[0], id / VPT);
+        const bool mine = key[0] == win;
 #pragma unroll
-      for (int i = 0; i < VPT; ++i) {
-        const int g = lane + 32 * i;
-        gk[i] = 0ull;
-        if (g < n_group) {
-          uint64_t b1 = 0ull, b2 = 0ull;
-          float v1 = 0.f, v2 = 0.f;
-          for (int e = g * gs; e < (g + 1) * gs; ++e) {
-            const float c = s_c[wid][e];
-            const uint64_t k = rank_key(c, e, kTierEligible);
-            if (k > b1) { b2 = b1; v2 = v1; b1 = k; v1 = c; }
-            else if (k > b2) { b2 = k; v2 = c; }
-          }
-          const float score = take2 ? v1 + v2 : v1;
-          gk[i] = rank_key(score, g, kTierOutside);
-          s_kept[wid][g] = 0;
+        for (int j = 0; j + 1 < VPT; ++j) {
+          key[j] = mine ? key[j + 1] : key[j];
+          v[j] = mine ? v[j + 1] : v[j];
         }
+        if (mine) key[VPT - 1] = 0ull;
+        if (lane == r) { my_s = sv; my_id = id; }
+        total += sv;
       }
-      __syncwarp();
-      for (int r = 0; r < topk_group; ++r) {
+    } else {
+      for (int r = 0; r < top_k; ++r) {
         uint64_t best = 0ull;
+        float best_s = 0.f;
 #pragma unroll
-        for (int i = 0; i < VPT; ++i) best = gk[i] > best ? gk[i] : best;
-        const uint64_t win = warp_max_u64(best);
-        const int g = key_index(win);
-        if (lane == (g & 31)) s_kept[wid][g] = 1;
-#pragma unroll
-        for (int i = 0; i < VPT; ++i) if (gk[i] == win) gk[i] = 0ull;
-      }
-      __syncwarp();
-      constexpr uint64_t kLowMask = (uint64_t{1} << kTierShift) - 1;
-#pragma unroll
-      for (int j = 0; j < VPT; ++j) {
-        const int e = lane * VPT + j;
-        if (e < E && (key[j] >> kTierShift) == kTierEligible && !s_kept[wid][e / gs]) {
-          key[j] = (key[j] & kLowMask) | (kTierOutside << kTierShift);
+        for (int j = 0; j < VPT; ++j) {
+          if (key[j] > best) { best = key[j]; best_s = v[j]; }
         }
-      }
-    }
-    for (int r = 0; r < top_k; ++r) {
-      uint64_t best = 0ull;
-      float best_s = 0.f;
+        const uint64_t win = warp_max_u64(best);
+        const int id = key_index(win);
+        const float sv = __shfl_sync(kFullMask, best_s, id / VPT);
 #pragma unroll
-      for (int j = 0; j < VPT; ++j) {
-        if (key[j] > best) { best = key[j]; best_s = v[j]; }
+        for (int j = 0; j < VPT; ++j) if (key[j] == win) key[j] = 0ull;
+        if (lane == r) { my_s = sv; my_id = id; }
+        total += sv;
       }
-      const uint64_t win = warp_max_u64(best);
-      const int id = key_index(win);
-      const float s = __shfl_sync(kFullMask, best_s, id / VPT);
-#pragma unroll
-      for (int j = 0; j < VPT; ++j) if (key[j] == win) key[j] = 0ull;
-      if (lane == r) { my_s = s; my_id = id; }
-      total += s;
     }
   }
   if (lane < top_k) {
