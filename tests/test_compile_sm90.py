@@ -44,8 +44,17 @@ SPECS += [
                  dict(SIGMOID=sig, BLOCK_E=be, ROWS=rows), 4, False, id=f"moe_route_bwd-sig{int(sig)}-E{be}")
     for sig, be, rows in [(False, 256, 4), (True, 256, 4), (False, 512, 2)]
 ] + [
-    pytest.param(f"{_MOE}:_moe_count_rank_kernel", {"ids_ptr": "*i32", "rank_ptr": "*i32", "counts_ptr": "*i32",
-                                                     "N": "i32"}, dict(BLOCK=1024), 4, False, id="moe_count_rank"),
+    pytest.param(f"{_MOE}:_moe_route_bwd_kernel",
+                 {"gs_ptr": "*fp32", "ids_ptr": "*i32", "sel_ptr": "*fp32", "x_ptr": "*bf16", "lse_ptr": "*fp32",
+                  "dx_ptr": "*bf16", "T": "i32", "E": "i32", "stride_x": "i32", "top_k": "i32"},
+                 dict(SIGMOID=False, BLOCK_E=128, ROWS=8), 4, False, id="moe_route_bwd-bf16-E128"),
+] + [
+    pytest.param(f"{_MOE}:_moe_chunk_count_kernel", {"ids_ptr": "*i32", "chunk_counts_ptr": "*i32", "N": "i32",
+                                                      "n_chunks": "i32"}, dict(BLOCK=4096), 8, False,
+                 id="moe_chunk_count"),
+    pytest.param(f"{_MOE}:_moe_count_rank_kernel", {"ids_ptr": "*i32", "chunk_counts_ptr": "*i32", "rank_ptr": "*i32",
+                                                     "counts_ptr": "*i32", "N": "i32", "n_chunks": "i32"},
+                 dict(BLOCK=4096, BLOCK_C=32), 8, False, id="moe_count_rank"),
     pytest.param(f"{_MOE}:_moe_offsets_kernel", {"counts_ptr": "*i32", "offsets_ptr": "*i32", "E": "i32",
                                                   "align": "i32"}, dict(BLOCK_E=256), 4, False, id="moe_offsets"),
     pytest.param(f"{_MOE}:_moe_rows_kernel", {"ids_ptr": "*i32", "rank_ptr": "*i32", "offsets_ptr": "*i32",
