@@ -21,7 +21,7 @@ class Config:
     resume: bool = False            # continue from out_dir/checkpoint.pt exactly
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     dtype: str = "float32"          # float32 | bfloat16 (model weights and compute)
-    threads: int = 0                # torch CPU threads; 0 = leave torch's default
+    threads: int = 1                # torch CPU threads (tiny models are fastest on 1); 0 = torch default
     checkpoint_every: int = 50      # GRPO/SFT steps between checkpoints (also saved at the end)
     # ---- model ---------------------------------------------------------------------------------
     model: str = ""                 # local HF causal-LM directory; "" = build the tiny default
@@ -41,17 +41,17 @@ class Config:
     # cold-start SFT (also distillation: point sft_data at a JSONL from a stronger model)
     sft_examples: int = 300         # generated cold-start examples (ignored with sft_data)
     sft_data: str = ""              # JSONL of {prompt, completion} or {prompt, answer[, think]}
-    sft_epochs: int = 8
+    sft_epochs: int = 40
     sft_batch_size: int = 32
     sft_lr: float = 3e-3
     # GRPO
-    grpo_steps: int = 150
+    grpo_steps: int = 100
     prompts_per_step: int = 16      # P prompts per step (per process)
     group_size: int = 8             # G completions per prompt
     max_new_tokens: int = 40
     temperature: float = 1.0
     top_p: float = 1.0
-    lr: float = 1e-3
+    lr: float = 3e-4
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     beta: float = 0.0               # KL coefficient; > 0 computes reference log-probs

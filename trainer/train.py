@@ -115,8 +115,14 @@ class Trainer:
                                  num_heads=cfg.tiny_heads, intermediate_size=cfg.tiny_intermediate,
                                  max_positions=256, seed=cfg.seed)
             self.barrier()
-        self.model, self.tok = load_model(path, device=self.device, dtype=cfg.dtype,
-                                          attn_implementation=cfg.attn_implementation or None)
+        model, tok = load_model(path, device=self.device, dtype=cfg.dtype,
+                                attn_implementation=cfg.attn_implementation or None)
+        self.attach(model, tok)
+
+    def attach(self, model, tok):
+        """Use `model` (already on self.device) as the policy; wrap it for DDP when distributed."""
+        cfg = self.cfg
+        self.model, self.tok = model, tok
         if cfg.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
             self.model.config.use_cache = False
@@ -281,24 +287,15 @@ class Trainer:
         scores = [self.reward_fn(t, examples[i // group_size]) for i, t in enumerate(texts)]
         return roll, prompts, texts, lengths, scores
 
-    def grpo_step(self, opt) -> dict:
+    def update(self, opt, prompts, tokens, lengths, rewards, G):
+        """One GRPO optimizer step on a rollout: group advantages, bucketed micro-batches,
+        policy_loss on hidden states (r1kernels), gradients averaged over processes."""
         cfg = self.cfg
-        step, G, P = self.state["step"], cfg.group_size, cfg.prompts_per_step
-        t0 = time.perf_counter()
-        first = GRPO_SEED_BASE + (step * self.world + self.rank) * P
-        examples = self.task.examples(range(first, first + P))
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(derived_seed(cfg.seed, "grpo-sample", step, self.rank))
-        roll, prompts, texts, lengths, scores = self.rollout_and_score(
-            examples, group_size=G, temperature=cfg.temperature, generator=gen)
-        t_gen = time.perf_counter() - t0
-        rewards = torch.tensor([s[0] for s in scores], dtype=torch.float32, device=self.device)
         adv = r1kernels.group_advantages(rewards, G)
-
         rows = []
-        for i in range(P * G):
+        for i in range(len(lengths)):
             p = prompts[i // G]
-            rows.append((p + roll.tokens[i, :lengths[i]].tolist(), len(p)))
+            rows.append((p + tokens[i, :lengths[i]].tolist(), len(p)))
         n_tok = sum(lengths)
         n_all = self.all_sum([n_tok])[0] / self.world
         micro = list(self.micro_batches(rows))
@@ -327,8 +324,24 @@ class Trainer:
             return loss
 
         loss, gnorm = self.backward_and_step(opt, micro, loss_of)
+        return loss, gnorm, extra
+
+    def grpo_step(self, opt) -> dict:
+        cfg = self.cfg
+        step, G, P = self.state["step"], cfg.group_size, cfg.prompts_per_step
+        t0 = time.perf_counter()
+        first = GRPO_SEED_BASE + (step * self.world + self.rank) * P
+        examples = self.task.examples(range(first, first + P))
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(derived_seed(cfg.seed, "grpo-sample", step, self.rank))
+        roll, prompts, texts, lengths, scores = self.rollout_and_score(
+            examples, group_size=G, temperature=cfg.temperature, generator=gen)
+        t_gen = time.perf_counter() - t0
+        rewards = torch.tensor([s[0] for s in scores], dtype=torch.float32, device=self.device)
+        loss, gnorm, extra = self.update(opt, prompts, roll.tokens, lengths, rewards, G)
         acc = [s[1].get("accuracy", 0.0) for s in scores]
         fmt = [s[1].get("format", 0.0) for s in scores]
+        n_tok = sum(lengths)
         sums = self.all_sum([float(rewards.sum()), sum(acc), sum(fmt), float(n_tok), len(acc),
                              loss, extra["kl"], extra["clip_ratio"]])
         n = sums[4]
