@@ -65,7 +65,10 @@ def _walk(node, depth: int) -> Fraction:
 
 def _numbers_used(expr: str) -> list[int]:
     tree = ast.parse(expr.strip(), mode="eval")
-    return sorted(int(n.value) for n in ast.walk(tree) if isinstance(n, ast.Constant))
+    consts = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)]
+    if any(type(c) is not int for c in consts):
+        raise UnsafeExpression("countdown answers use the given integers only")
+    return sorted(consts)
 
 
 def extract_answer(completion: str) -> str | None:
@@ -86,13 +89,14 @@ def verify(completion: str, ex: Example) -> bool:
     try:
         if ex.numbers:
             target = Fraction(ex.prompt.rsplit(">", 1)[1].rstrip(":").strip())
+            value = safe_eval(ans)  # validates the syntax before the numbers are read
             used = _numbers_used(ans)
             pool = list(ex.numbers)
             for n in used:
                 if n not in pool:
                     return False
                 pool.remove(n)
-            return safe_eval(ans) == target
+            return value == target
         try:
             return safe_eval(ans) == safe_eval(ex.answer)
         except UnsafeExpression:
