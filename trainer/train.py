@@ -476,6 +476,16 @@ class Trainer:
                 f.writelines(json.dumps(r) + "\n" for r in self.state["history"])
         return payload["optimizer"]
 
+    @torch.no_grad()
+    def replicas_in_sync(self) -> bool:
+        """True iff every process holds bit-identical weights (per-tensor checksums agree)."""
+        sums = torch.stack([p.detach().double().sum() for p in self.model.parameters()]
+                           + [p.detach().double().abs().sum() for p in self.model.parameters()])
+        lo, hi = sums.clone(), sums.clone()
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        return bool(torch.equal(lo, hi))
+
     def write_outputs(self):
         cfg = self.cfg
         ev = self.state["evals"]
@@ -493,6 +503,8 @@ class Trainer:
                 summary["eval"][k] = v
         if "rejection_sampling" in self.state:
             summary["rejection_sampling"] = self.state["rejection_sampling"]
+        if self.world > 1:
+            summary["replicas_in_sync"] = self.replicas_in_sync()
         if not self.is_main:
             return summary
         self.model.save_pretrained(os.path.join(cfg.out_dir, "model"), safe_serialization=True)
