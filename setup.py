@@ -71,11 +71,11 @@ def _extensions():
     csrc = os.path.join(ROOT, "csrc")
     common = [os.path.join(csrc, "torch_bindings.cpp")]
     cpu_sources = glob.glob(os.path.join(csrc, "**", "*_cpu.cpp"), recursive=True)
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3"]  # the C++ standard is chosen by torch.utils.cpp_extension (C++20 for torch >= 2.14)
     if _cuda_wanted():
         cuda_sources = glob.glob(os.path.join(csrc, "**", "*.cu"), recursive=True)
         cuda_bind = glob.glob(os.path.join(csrc, "**", "*_cuda.cpp"), recursive=True)
-        nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"] + _gencode_flags(CUDA_ARCHS)
+        nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo"] + _gencode_flags(CUDA_ARCHS)
         return [
             CUDAExtension(
                 "r1kernels._C",

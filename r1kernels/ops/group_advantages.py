@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from r1kernels import _custom_ops, dispatch
+from r1kernels import dispatch
 from r1kernels.ops._triton import HAS_TRITON, next_power_of_2, tl, triton
 from r1kernels.reference import group_advantages_ref
 
@@ -124,7 +124,8 @@ def group_advantages_fwd_triton(rewards: torch.Tensor, group_size: int, scale: s
     return out
 
 
-# The Triton launcher as a custom op, so torch.compile treats it as one opaque node.
+# The Triton launcher as a custom op, so torch.compile treats it as one opaque node. Eager calls
+# skip the custom-op wrapper (tens of microseconds of Python on an op that takes a few).
 if HAS_TRITON:
 
     @torch.library.custom_op("r1kernels_triton::group_advantages", mutates_args=())
@@ -137,29 +138,35 @@ if HAS_TRITON:
         return torch.empty_like(rewards)
 
 
-# ---- autograd: dA/dr recomputed from the reference (rewards are a few thousand floats) --------
+def _forward(rewards: torch.Tensor, group_size: int, scale: str, eps: float, backend: str) -> torch.Tensor:
+    if backend in ("cuda", "cpp"):
+        return torch.ops.r1kernels.group_advantages(rewards, group_size, scale, eps)
+    if backend == "triton":
+        if torch.compiler.is_compiling():
+            return _group_advantages_triton_op(rewards, group_size, scale, eps)
+        return group_advantages_fwd_triton(rewards, group_size, scale, eps)
+    return group_advantages_ref(rewards, group_size, scale=scale, eps=eps)
 
 
-def _setup_context(ctx, inputs, output):
-    rewards, group_size, scale, eps = inputs
-    ctx.save_for_backward(rewards)
-    ctx.args = (group_size, scale, eps)
+class GroupAdvantagesFunction(torch.autograd.Function):
+    """Kernel forward; dA/dr recomputed from the reference in backward (rewards are a few
+    thousand floats, and are rarely differentiable at all: only used when they require grad)."""
 
+    @staticmethod
+    def forward(ctx, rewards, group_size, scale, eps, backend):
+        ctx.save_for_backward(rewards)
+        ctx.args = (group_size, scale, eps)
+        return _forward(rewards, group_size, scale, eps, backend)
 
-def _backward(ctx, grad):
-    (rewards,) = ctx.saved_tensors
-    group_size, scale, eps = ctx.args
-    with torch.enable_grad():
-        r = rewards.detach().requires_grad_(True)
-        out = group_advantages_ref(r, group_size, scale=scale, eps=eps)
-        (g,) = torch.autograd.grad(out, r, grad)
-    return g, None, None, None
-
-
-if _custom_ops.has_op(OP):
-    torch.library.register_autograd(f"r1kernels::{OP}", _backward, setup_context=_setup_context)
-if HAS_TRITON:
-    _group_advantages_triton_op.register_autograd(_backward, setup_context=_setup_context)
+    @staticmethod
+    def backward(ctx, grad):
+        (rewards,) = ctx.saved_tensors
+        group_size, scale, eps = ctx.args
+        with torch.enable_grad():
+            r = rewards.detach().requires_grad_(True)
+            out = group_advantages_ref(r, group_size, scale=scale, eps=eps)
+            (g,) = torch.autograd.grad(out, r, grad)
+        return g, None, None, None, None
 
 
 # ---- public function --------------------------------------------------------------------------
@@ -187,10 +194,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "gr
     shape = rewards.shape
     r = rewards.reshape(-1).to(torch.float32)
     backend = dispatch.select(OP, r.device)
-    if backend in ("cuda", "cpp"):
-        out = torch.ops.r1kernels.group_advantages(r, group_size, scale, float(eps))
-    elif backend == "triton":
-        out = _group_advantages_triton_op(r, group_size, scale, float(eps))
+    if r.requires_grad and torch.is_grad_enabled():
+        out = GroupAdvantagesFunction.apply(r, group_size, scale, float(eps), backend)
     else:
-        out = group_advantages_ref(r, group_size, scale=scale, eps=float(eps))
+        out = _forward(r, group_size, scale, float(eps), backend)
     return out.reshape(shape)

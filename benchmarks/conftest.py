@@ -1,0 +1,161 @@
+"""Benchmark harness: device choice, measured ceilings, and one compact report table.
+
+Run: `pytest benchmarks/ --benchmark-only`. On a GPU the realistic shapes of shapes.py are used,
+on CPU small ones. Each bench_<op>.py measures every provider of one op side by side with the
+`bench` fixture:
+
+    def test_x(benchmark, bench, provider, shape):
+        fn = ...                      # a callable doing one forward (+ backward) call
+        bench(benchmark, fn, op="x", shape=shape, provider=provider, bytes=..., baseline="eager")
+
+The table printed at the end (and written to .benchmarks/r1k-<device>-<date>.json) gives, per
+op/shape/provider: median time, GB/s and TFLOP/s with the fraction of this machine's measured
+copy bandwidth and matmul rate, the peak extra memory (CUDA), and the speedup over the baseline
+provider of the same run.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+
+from shapes import DEVICE, shape_id
+_ROWS: list[dict] = []
+_CEILINGS: dict[str, float] = {}
+
+
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn, iters: int) -> float:
+    sync()
+    if DEVICE == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / iters
+    import time
+
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - t0) / iters
+
+
+def ceilings() -> dict[str, float]:
+    """Copy bandwidth (GB/s, read + write counted) and matmul rate (TFLOP/s) measured here."""
+    if _CEILINGS:
+        return _CEILINGS
+    n = (1 << 30) // 4 if DEVICE == "cuda" else (1 << 26) // 4
+    src = torch.empty(n, dtype=torch.float32, device=DEVICE).uniform_()
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    t = min(_time(lambda: dst.copy_(src), 5) for _ in range(3))
+    _CEILINGS["copy_GBps"] = 2 * src.numel() * 4 / t / 1e9
+    m = 8192 if DEVICE == "cuda" else 1024
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    a = torch.randn(m, m, device=DEVICE, dtype=dtype)
+    b = torch.randn(m, m, device=DEVICE, dtype=dtype)
+    a @ b
+    t = min(_time(lambda: a @ b, 5 if DEVICE == "cuda" else 2) for _ in range(3))
+    _CEILINGS["matmul_TFLOPs"] = 2 * m**3 / t / 1e12
+    _CEILINGS["matmul_dtype"] = str(dtype).replace("torch.", "")
+    del src, dst, a, b
+    return _CEILINGS
+
+
+class Bench:
+    def __call__(self, benchmark, fn, *, op: str, shape: dict, provider: str, bytes: float = 0.0,
+                 flops: float = 0.0, baseline: str | None = None, rounds: int | None = None):
+        """Time `fn` with pytest-benchmark (synchronized), record one row of the report."""
+        ceil = ceilings()
+        fn()  # warm-up (compilation, autotuning, caches)
+        sync()
+        peak = None
+        if DEVICE == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            fn()
+            sync()
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+
+        def timed():
+            fn()
+            sync()
+
+        if rounds is None:
+            rounds = 20 if DEVICE == "cuda" else 5
+        benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=2 if DEVICE == "cuda" else 1)
+        median = benchmark.stats.stats.median
+        row = dict(op=op, shape=shape_id(shape), provider=provider, median_s=median, peak_GiB=peak,
+                   GBps=bytes / median / 1e9 if bytes else None,
+                   TFLOPs=flops / median / 1e12 if flops else None, baseline=baseline)
+        row["frac_copy"] = row["GBps"] / ceil["copy_GBps"] if row["GBps"] else None
+        row["frac_matmul"] = row["TFLOPs"] / ceil["matmul_TFLOPs"] if row["TFLOPs"] else None
+        benchmark.extra_info.update({k: v for k, v in row.items() if v is not None})
+        _ROWS.append(row)
+        return row
+
+
+@pytest.fixture(scope="session")
+def bench():
+    return Bench()
+
+
+@pytest.fixture(scope="session")
+def device():
+    return DEVICE
+
+
+def _fmt_time(s: float) -> str:
+    return f"{s * 1e6:9.1f} us" if s < 1e-3 else f"{s * 1e3:9.3f} ms"
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(__file__)).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _ROWS:
+        return
+    ceil = ceilings()
+    dev = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU"
+    w = terminalreporter.write_line
+    w("")
+    w(f"r1kernels benchmarks on {dev}, {datetime.date.today()}, commit {_commit()}, torch {torch.__version__}")
+    w(f"measured ceilings: copy {ceil['copy_GBps']:.0f} GB/s, {ceil['matmul_dtype']} matmul "
+      f"{ceil['matmul_TFLOPs']:.1f} TFLOP/s")
+    w(f"{'op':24} {'shape':44} {'provider':22} {'median':>12} {'GB/s':>8} {'%copy':>6} "
+      f"{'TFLOP/s':>8} {'%mm':>5} {'peak GiB':>8} {'vs base':>8}")
+    base = {}
+    for r in _ROWS:
+        if r["baseline"] is not None and r["provider"] == r["baseline"]:
+            base[(r["op"], r["shape"])] = r["median_s"]
+    for r in _ROWS:
+        b = base.get((r["op"], r["shape"]))
+        ratio = f"{b / r['median_s']:7.2f}x" if b and r["baseline"] else "       -"
+        fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
+        w(f"{r['op']:24} {r['shape'][:44]:44} {r['provider'][:22]:22} {_fmt_time(r['median_s']):>12} "
+          f"{fmt(r['GBps'], '8.0f'):>8} {fmt(r['frac_copy'] and 100 * r['frac_copy'], '5.0f'):>6} "
+          f"{fmt(r['TFLOPs'], '8.1f'):>8} {fmt(r['frac_matmul'] and 100 * r['frac_matmul'], '4.0f'):>5} "
+          f"{fmt(r['peak_GiB'], '8.2f'):>8} {ratio:>8}")
+    out_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".benchmarks")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"r1k-{DEVICE}-{datetime.date.today()}.json")
+    with open(path, "w") as f:
+        json.dump(dict(device=dev, date=str(datetime.date.today()), commit=_commit(),
+                       torch=torch.__version__, ceilings=ceil, rows=_ROWS), f, indent=1)
+    w(f"written to {path}")

@@ -1,0 +1,65 @@
+"""One registry of benchmark shapes, shared by every bench_<op>.py.
+
+On a GPU the shapes are the realistic ones the targets in BENCHMARKS.md are stated for; on CPU
+they are small, so that `pytest benchmarks/ --benchmark-only` finishes in a few minutes.
+"""
+from __future__ import annotations
+
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# Model sizes users run GRPO on: hidden size H and vocabulary V.
+MODELS = {
+    "qwen2.5": dict(H=4096, V=151936),  # the Qwen2.5 tokenizer; H of the issue's targets
+    "qwen2.5-7b": dict(H=3584, V=151936),
+    "llama3": dict(H=4096, V=128256),
+    "deepseek-v3": dict(H=7168, E=256, top_k=8, n_group=8, topk_group=4),
+    "qwen3-moe": dict(E=128, top_k=8),
+}
+
+SHAPES = {
+    "group_advantages": {
+        "cuda": [dict(P=512, G=16), dict(P=64, G=1024)],
+        "cpu": [dict(P=512, G=16), dict(P=64, G=1024)],
+    },
+    "token_logprobs": {
+        "cuda": [dict(N=16384, V=151936), dict(N=16384, V=128256)],
+        "cpu": [dict(N=256, V=32000)],
+    },
+    "linear_token_logprobs": {
+        "cuda": [dict(N=16384, H=4096, V=151936), dict(N=16384, H=3584, V=151936),
+                 dict(N=16384, H=4096, V=128256)],
+        "cpu": [dict(N=256, H=256, V=8192)],
+    },
+    "grpo_loss": {
+        "cuda": [dict(B=512, T=8192)],
+        "cpu": [dict(B=64, T=1024)],
+    },
+    "grpo_loss_logits": {
+        "cuda": [dict(B=16, T=1025, V=151936)],
+        "cpu": [dict(B=2, T=65, V=8192)],
+    },
+    "grpo_loss_hidden": {
+        "cuda": [dict(B=16, T=1024, H=4096, V=151936)],
+        "cpu": [dict(B=2, T=128, H=256, V=8192)],
+    },
+    "moe_route": {
+        "cuda": [dict(T=16384, E=256, top_k=8, n_group=8, topk_group=4, score_func="sigmoid", bias=True),
+                 dict(T=16384, E=128, top_k=8, n_group=1, topk_group=1, score_func="softmax", bias=False)],
+        "cpu": [dict(T=1024, E=256, top_k=8, n_group=8, topk_group=4, score_func="sigmoid", bias=True),
+                dict(T=1024, E=128, top_k=8, n_group=1, topk_group=1, score_func="softmax", bias=False)],
+    },
+    "moe_permute": {
+        "cuda": [dict(T=16384, H=7168, E=256, top_k=8)],
+        "cpu": [dict(T=512, H=1024, E=64, top_k=8)],
+    },
+}
+
+
+def shapes_for(op: str, device_type: str) -> list[dict]:
+    return SHAPES[op]["cuda" if device_type == "cuda" else "cpu"]
+
+
+def shape_id(shape: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in shape.items())

@@ -1,0 +1,80 @@
+"""Backend selection, the environment report, and the package without its extension."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import r1kernels
+from r1kernels import _custom_ops, dispatch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_py(code: str, **env):
+    full = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=full)
+
+
+def test_extension_is_built():
+    """The README's install builds the C++ extension; a silent fallback would hide a broken build."""
+    if os.environ.get("R1K_SKIP_EXT") == "1":
+        pytest.skip("R1K_SKIP_EXT=1: package installed without its extension")
+    assert _custom_ops.EXT_ERROR is None, _custom_ops.EXT_ERROR
+    assert dispatch.select("group_advantages", "cpu") == "cpp"
+
+
+def test_env_report():
+    res = subprocess.run([sys.executable, "-m", "r1kernels"], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    assert "torch " in res.stdout and "group_advantages" in res.stdout
+    assert "C++ extension:" in res.stdout
+
+
+def test_env_backend_forced():
+    res = run_py("import torch, r1kernels; from r1kernels import dispatch; "
+                 "print(dispatch.select('group_advantages', 'cpu'))", R1K_BACKEND="torch")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "torch"
+
+
+def test_env_backend_invalid():
+    res = run_py("import r1kernels", R1K_BACKEND="tpu")
+    assert res.returncode != 0 and "R1K_BACKEND" in res.stderr
+
+
+def test_env_backend_unavailable_raises():
+    res = run_py("import torch, r1kernels; r1kernels.group_advantages(torch.randn(4), 2)", R1K_BACKEND="cuda")
+    assert res.returncode != 0 and "cuda" in res.stderr and "CUDA tensors" in res.stderr
+
+
+def test_works_without_extension():
+    code = ("import sys; sys.modules['r1kernels._C'] = None\n"  # make `import r1kernels._C` fail
+            "import torch, r1kernels\n"
+            "from r1kernels import dispatch, _custom_ops\n"
+            "assert _custom_ops.EXT_ERROR is not None\n"
+            "print(dispatch.select('group_advantages', 'cpu'))\n"
+            "print(r1kernels.group_advantages(torch.tensor([0., 1., 2., 2.]), 2).tolist())")
+    res = run_py(code)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert lines[0] == "torch"
+    assert lines[1].startswith("[-0.70")
+
+
+def test_use_backend_restores():
+    before = dispatch._FORCED
+    with dispatch.use_backend("torch"):
+        assert dispatch.select("group_advantages", "cpu") == "torch"
+    assert dispatch._FORCED == before
+    with pytest.raises(ValueError):
+        dispatch.set_backend("fpga")
+
+
+def test_available_backends_cpu():
+    av = dispatch.available_backends("group_advantages", "cpu")
+    assert "torch" in av
+    if dispatch.TRITON_INTERPRET and dispatch.HAS_TRITON:
+        assert "triton" in av
+    assert "cuda" not in av
