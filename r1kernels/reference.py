@@ -128,8 +128,9 @@ def grpo_loss_ref(logps, advantages, mask, *, old_logps=None, ref_logps=None, lo
         if delta is not None:
             coef_1 = torch.clamp(coef_1, max=delta)
         loss_tok = -torch.min(coef_1 * A, coef_2 * A)
-        low = ((coef_1_kl < 1 - eps_lo) & (A < 0)).expand_as(logps)
-        high = ((coef_1_kl > 1 + eps_hi) & (A > 0)).expand_as(logps)
+        # TRL 1.16 computes the clip metrics from coef_1 after the delta clamp
+        low = ((coef_1 < 1 - eps_lo) & (A < 0)).expand_as(logps)
+        high = ((coef_1 > 1 + eps_hi) & (A > 0)).expand_as(logps)
     else:
         raise ValueError(f"loss_type must be one of {GRPO_LOSS_TYPES}, got {loss_type!r}")
     loss_tok = loss_tok.expand_as(logps)
