@@ -217,9 +217,10 @@ def test_policy_loss_matches_reference():
     ref_loss, ref_m = reference.grpo_loss_ref(lp, adv, mask, ref_logps=ref_lp, beta=0.1,
                                               num_items_in_batch=20.0, epsilon_high=0.28)
     rh, rw = torch.autograd.grad(ref_loss, (h, w))
-    torch.testing.assert_close(loss.double(), ref_loss)
-    torch.testing.assert_close(gh.double(), rh, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(gw.double(), rw, rtol=1e-5, atol=1e-7)
+    # the fused r1kernels.GRPOLoss computes in fp32 (API.md): fp32-level tolerances vs float64
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gh.double(), rh, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gw.double(), rw, rtol=1e-4, atol=1e-5)
     assert float(m["kl"]) == pytest.approx(float(ref_m["kl"]), rel=1e-5)
     assert float(ref_m["kl"]) > 0
 

@@ -61,7 +61,7 @@ class Config:
     micro_batch_tokens: int = 8192  # update micro-batches: rows of similar length up to this many tokens
     # ---- evaluation ----------------------------------------------------------------------------
     eval_examples: int = 200        # held-out prompts (seeds disjoint from training)
-    eval_every: int = 0             # GRPO steps between evaluations; 0 = only at stage ends
+    eval_every: int = 25            # GRPO steps between held-out evaluations; 0 = only at stage ends
     pass_k: int = 0                 # also report pass@k with k samples per prompt; 0 = off
     # ---- rejection sampling (writes an SFT JSONL of verified completions) ------------------------
     rs_prompts: int = 0             # prompts to sample after GRPO; 0 = skip this stage
