@@ -321,14 +321,14 @@ def test_ctrl_c_then_resume_is_exact(tmp_path, monkeypatch):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_micro_batching_does_not_change_the_update(tmp_path, monkeypatch):
+def test_micro_batching_and_checkpointing_do_not_change_the_update(tmp_path, monkeypatch):
     # a user reward (module:function) that varies within every group, so each step updates
     (tmp_path / "my_rewards.py").write_text("def length(completion, example):\n"
                                             "    return len(completion) / 100\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     over = dict(mode="r1-zero", grpo_steps=2, rewards={"my_rewards:length": 1.0})
     _, _ = _run(tmp_path, "big", micro_batch_tokens=100000, **over)
-    _, _ = _run(tmp_path, "small", micro_batch_tokens=64, **over)
+    _, _ = _run(tmp_path, "small", micro_batch_tokens=64, gradient_checkpointing=True, **over)
     from safetensors.torch import load_file
 
     a = load_file(str(tmp_path / "big" / "model" / "model.safetensors"))
@@ -372,3 +372,36 @@ def test_bench_step_smoke():
     r = bench_step.main(["--tiny", "--dtype", "float32", "--prompts", "2", "--group_size", "2",
                          "--prompt_len", "4", "--new_tokens", "6"])
     assert r["generation_tokens_per_s"] > 0 and r["update_seconds"] > 0
+
+
+def test_moe_model_directory(tmp_path):
+    """A user's local MoE checkpoint (Qwen3-MoE architecture) trains through the same code."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from trainer.model import build_char_tokenizer, load_model
+
+    tok = build_char_tokenizer()
+    cfg = Qwen3MoeConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                         intermediate_size=64, moe_intermediate_size=32, num_experts=4,
+                         num_experts_per_tok=2, max_position_embeddings=128,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                         bos_token_id=tok.bos_token_id)
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.5)
+    path = tmp_path / "moe"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    model, tok = load_model(str(path), device=torch.device("cpu"))
+    prompts = [[tok.bos_token_id, 10, 11, 12], [tok.bos_token_id, 13]]
+    roll = generate(model, prompts, group_size=1, max_new_tokens=8, eos_id=tok.eos_token_id,
+                    pad_id=tok.pad_token_id, temperature=0.0)
+    for i, p in enumerate(prompts):
+        ref = generate_nocache_greedy(model, p, 8, tok.eos_token_id)
+        assert roll.tokens[i, :int(roll.lengths[i])].tolist() == ref
+    _, s = _run(tmp_path, "moe_run", model=str(path), grpo_steps=2)
+    assert s["model_parameters"] == sum(p.numel() for p in model.parameters())

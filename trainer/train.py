@@ -124,7 +124,9 @@ class Trainer:
         cfg = self.cfg
         self.model, self.tok = model, tok
         if cfg.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
+            enable = getattr(self.model, "activation_checkpointing_enable", None) \
+                or self.model.gradient_checkpointing_enable  # renamed in transformers 5.x
+            enable()
             self.model.config.use_cache = False
         self.eos_id = self.tok.eos_token_id
         self.pad_id = self.tok.pad_token_id
