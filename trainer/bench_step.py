@@ -1,4 +1,6 @@
-"""Measure one GRPO step (rollout + update) of a random-weight model: `python -m trainer.bench_step`.
+"""Measure one GRPO step (rollout + update) of a random-weight model.
+
+`python -m trainer.bench_step [--tiny]`.
 
 Default shape: Qwen2.5-0.5B (24 layers, hidden 896, 14 heads / 2 KV heads, MLP 4864,
 vocab 151936, tied embeddings), 16 prompts x 8 completions, prompts of 64 tokens, 256 new tokens

@@ -21,47 +21,47 @@ class Config:
     resume: bool = False            # continue from out_dir/checkpoint.pt exactly
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     dtype: str = "float32"          # float32 | bfloat16 (model weights and compute)
-    threads: int = 1                # torch CPU threads (tiny models are fastest on 1); 0 = torch default
+    threads: int = 1                # torch CPU threads (tiny models: 1 is fastest); 0 = default
     checkpoint_every: int = 50      # GRPO/SFT steps between checkpoints (also saved at the end)
     # ---- model ---------------------------------------------------------------------------------
     model: str = ""                 # local HF causal-LM directory; "" = build the tiny default
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "sdpa"  # transformers attention: sdpa | eager | flash_attention_2
     tiny_hidden: int = 128          # tiny default model shape (Qwen2 architecture)
-    tiny_layers: int = 2
-    tiny_heads: int = 4
-    tiny_intermediate: int = 256
-    gradient_checkpointing: bool = False
+    tiny_layers: int = 2            # tiny default: decoder layers
+    tiny_heads: int = 4             # tiny default: attention heads (KV heads = half)
+    tiny_intermediate: int = 256    # tiny default: MLP width
+    gradient_checkpointing: bool = False  # recompute activations in backward (less memory)
     # ---- task ----------------------------------------------------------------------------------
     task: str = "arithmetic"        # arithmetic | countdown | jsonl
     difficulty: int = 2             # arithmetic: digits per operand; countdown: how many numbers
     data: str = ""                  # task=jsonl: path to {prompt, answer} lines
-    rewards: dict = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1})
+    rewards: dict = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1})  # fn: weight
     # ---- recipe --------------------------------------------------------------------------------
     mode: str = "r1"                # r1: SFT then GRPO; r1-zero: GRPO straight from the base model
     # cold-start SFT (also distillation: point sft_data at a JSONL from a stronger model)
     sft_examples: int = 300         # generated cold-start examples (ignored with sft_data)
     sft_data: str = ""              # JSONL of {prompt, completion} or {prompt, answer[, think]}
-    sft_epochs: int = 40
-    sft_batch_size: int = 32
-    sft_lr: float = 3e-3
+    sft_epochs: int = 40            # passes over the SFT set
+    sft_batch_size: int = 32        # sequences per SFT step (all processes together)
+    sft_lr: float = 3e-3            # AdamW learning rate for SFT
     # GRPO
-    grpo_steps: int = 100
+    grpo_steps: int = 100           # GRPO steps (one rollout + one optimizer step each)
     prompts_per_step: int = 16      # P prompts per step (per process)
     group_size: int = 8             # G completions per prompt
-    max_new_tokens: int = 40
-    temperature: float = 1.0
-    top_p: float = 1.0
-    lr: float = 3e-4
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    max_new_tokens: int = 40        # completion budget per sample
+    temperature: float = 1.0        # rollout sampling temperature
+    top_p: float = 1.0              # rollout nucleus sampling
+    lr: float = 3e-4                # AdamW learning rate for GRPO
+    weight_decay: float = 0.0       # AdamW weight decay (both stages)
+    max_grad_norm: float = 1.0      # gradient clipping (both stages)
     beta: float = 0.0               # KL coefficient; > 0 computes reference log-probs
     loss_type: str = "dapo"         # any r1kernels.grpo_loss loss_type
-    epsilon_low: float = 0.2
-    epsilon_high: float = 0.28
-    micro_batch_tokens: int = 8192  # update micro-batches: rows of similar length up to this many tokens
+    epsilon_low: float = 0.2        # PPO clip range below 1
+    epsilon_high: float = 0.28      # PPO clip range above 1 (DAPO clip-higher)
+    micro_batch_tokens: int = 8192  # update micro-batch: similar-length rows, <= this many tokens
     # ---- evaluation ----------------------------------------------------------------------------
     eval_examples: int = 200        # held-out prompts (seeds disjoint from training)
-    eval_every: int = 25            # GRPO steps between held-out evaluations; 0 = only at stage ends
+    eval_every: int = 25            # GRPO steps between held-out evals; 0 = only at stage ends
     pass_k: int = 0                 # also report pass@k with k samples per prompt; 0 = off
     # ---- rejection sampling (writes an SFT JSONL of verified completions) ------------------------
     rs_prompts: int = 0             # prompts to sample after GRPO; 0 = skip this stage

@@ -92,16 +92,17 @@ def generate(model, prompt_ids: list[list[int]], *, group_size: int, max_new_tok
         done = done | finished_now
         if t == T - 1 or ((t + 1) % sync_every == 0 and bool(done.all())):
             break
-        out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=(next_pos + t)[:, None],
-                    past_key_values=cache, cache_position=cache_pos[Lp + t: Lp + t + 1],
-                    use_cache=True)
+        out = model(input_ids=nxt[:, None], attention_mask=attn,
+                    position_ids=(next_pos + t)[:, None], past_key_values=cache,
+                    cache_position=cache_pos[Lp + t: Lp + t + 1], use_cache=True)
         logits = out.logits[:, -1]
     model.train(was_training)
     return Rollout(list(prompt_ids), tokens, lengths, G)
 
 
 @torch.no_grad()
-def generate_nocache_greedy(model, prompt: list[int], max_new_tokens: int, eos_id: int) -> list[int]:
+def generate_nocache_greedy(model, prompt: list[int], max_new_tokens: int,
+                            eos_id: int) -> list[int]:
     """Reference for tests: recompute the whole sequence each step, no cache, greedy."""
     dev = next(model.parameters()).device
     seq = list(prompt)

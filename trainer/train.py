@@ -196,10 +196,8 @@ class Trainer:
             yield (ids.to(self.device), attn.to(self.device), labels.to(self.device),
                    mask.to(self.device), torch.tensor(g, device=self.device))
 
-    def hidden(self, ids, attn, sync: bool):
-        if self.world > 1 and not sync:
-            with self.body.no_sync():
-                return self.body(ids, attn)[:, :-1]
+    def hidden(self, ids, attn):
+        """Last hidden states at positions 0..L-2 (each predicts the next token)."""
         return self.body(ids, attn)[:, :-1]
 
     def backward_and_step(self, opt, micro, loss_of) -> tuple[float, float]:
@@ -264,7 +262,7 @@ class Trainer:
 
             def loss_of(mb):
                 ids, attn, labels, mask, _ = mb
-                return sft_loss(self.hidden(ids, attn, True), w, b, labels, mask, n_all)
+                return sft_loss(self.hidden(ids, attn), w, b, labels, mask, n_all)
 
             loss, gnorm = self.backward_and_step(opt, micro, loss_of)
             loss = self.all_sum([loss])[0] / self.world
@@ -314,7 +312,7 @@ class Trainer:
                     rw, rb = lm_head_of(self.ref_model)
                     ref = token_logprobs_from_hidden(h_ref, rw, rb, labels)
             loss, metrics = policy_loss(
-                self.hidden(ids, attn, True), w, b, labels, mask, adv[index], ref_logps=ref,
+                self.hidden(ids, attn), w, b, labels, mask, adv[index], ref_logps=ref,
                 num_items_in_batch=n_all, loss_type=cfg.loss_type, epsilon_low=cfg.epsilon_low,
                 epsilon_high=cfg.epsilon_high, beta=cfg.beta,
                 max_completion_length=cfg.max_new_tokens)
