@@ -154,8 +154,10 @@ def test_tokenizer_roundtrip(tiny_model):
     assert tok.decode(ids) == text
 
 
-def test_kv_cache_generation_matches_no_cache(tiny_model):
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_kv_cache_generation_matches_no_cache(tiny_model, attn):
     model, tok = tiny_model
+    model.set_attn_implementation(attn)
     texts = ["1+2=", "123+45=", "9="]  # different lengths: left padding is exercised
     prompts = [[tok.bos_token_id] + tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     roll = generate(model, prompts, group_size=2, max_new_tokens=12, eos_id=tok.eos_token_id,
@@ -170,6 +172,7 @@ def test_kv_cache_generation_matches_no_cache(tiny_model):
             assert (roll.tokens[j, n:] == tok.pad_token_id).all()
         outs.add(tuple(ref))
     assert len(outs) > 1  # the test would be vacuous if every prompt gave the same output
+    model.set_attn_implementation("sdpa")
 
 
 def test_sampling_seeded_and_eos(tiny_model):

@@ -69,15 +69,27 @@ def generate(model, prompt_ids: list[list[int]], *, group_size: int, max_new_tok
     pos = (attn[:, :Lp].cumsum(-1) - 1).clamp(min=0)
     cache_pos = torch.arange(L, device=dev)
 
+    # Attention masks are built here as 4-D additive masks over the whole static cache (which
+    # transformers uses as given): no per-step mask construction or host checks inside the model.
+    dtype = next(model.parameters()).dtype
+    neg = torch.finfo(dtype).min
+    key_ok = attn.bool()                                    # [P, L] real prompt tokens + new slots
+    causal = cache_pos[None, :] <= cache_pos[:Lp, None]     # [Lp, L]
+    allowed = key_ok[:, None, :] & causal[None] & (cache_pos < Lp)[None, None, :]
+    allowed |= (cache_pos[None, :] == cache_pos[:Lp, None])[None]  # pads attend to themselves
+    prefill_mask = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill_(~allowed, neg)
+
     was_training = model.training
     model.eval()
     cache = StaticCache(config=model.config, max_cache_len=L)
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
-                cache_position=cache_pos[:Lp], use_cache=True, logits_to_keep=1)
+    out = model(input_ids=ids, attention_mask=prefill_mask[:, None], position_ids=pos,
+                past_key_values=cache, cache_position=cache_pos[:Lp], use_cache=True,
+                logits_to_keep=1)
     cache = out.past_key_values
     _repeat_cache(cache, G)
     logits = out.logits[:, -1].repeat_interleave(G, 0)
-    attn = attn.repeat_interleave(G, 0)
+    key_ok = key_ok.repeat_interleave(G, 0)
+    step_mask = torch.zeros((P * G, 1, 1, L), dtype=dtype, device=dev)
     next_pos = prompt_len.repeat_interleave(G, 0)           # position id of the first new token
 
     tokens = torch.full((P * G, T), pad_id, dtype=torch.long, device=dev)
@@ -92,7 +104,9 @@ def generate(model, prompt_ids: list[list[int]], *, group_size: int, max_new_tok
         done = done | finished_now
         if t == T - 1 or ((t + 1) % sync_every == 0 and bool(done.all())):
             break
-        out = model(input_ids=nxt[:, None], attention_mask=attn,
+        allowed = key_ok & (cache_pos <= Lp + t)            # [P*G, L]: prompt + new tokens so far
+        step_mask.zero_().masked_fill_(~allowed[:, None, None, :], neg)
+        out = model(input_ids=nxt[:, None], attention_mask=step_mask,
                     position_ids=(next_pos + t)[:, None], past_key_values=cache,
                     cache_position=cache_pos[Lp + t: Lp + t + 1], use_cache=True)
         logits = out.logits[:, -1]
