@@ -34,6 +34,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from r1kernels import dispatch
 from r1kernels.ops import token_logprobs as tlp
@@ -413,6 +414,7 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         return logp
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dlogp, dent=None):
         h, w, y, b, lse, ent = ctx.saved_tensors
         inv_temp, ignore_index, with_entropy, backend = ctx.args
