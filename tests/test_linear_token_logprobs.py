@@ -25,10 +25,11 @@ RTOL = {torch.float32: 2e-5, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}
 
 @pytest.fixture(params=["default", "small"])
 def tiles(request, monkeypatch):
-    """default tiles, or tiny ones: 5 rows x 128 columns per tile (several of each)."""
+    """default tiles, or tiny ones: 5 rows x 128 columns per tile for H <= 24 (several of each;
+    the budget also bounds [columns, H])."""
     if request.param == "small":
-        monkeypatch.setattr(lin, "TILE_ELEMS_CPU", 5 * 128)
-        monkeypatch.setattr(lin, "TILE_ELEMS_CUDA", 5 * 128)
+        monkeypatch.setattr(lin, "TILE_ELEMS_CPU", 24 * 128)
+        monkeypatch.setattr(lin, "TILE_ELEMS_CUDA", 24 * 128)
         monkeypatch.setattr(lin, "MAX_TILE_ROWS", 5)
     return request.param
 
@@ -239,12 +240,21 @@ def test_torch_path_memory_is_bounded(monkeypatch):
         assert ref_peak - grads > n * V * 4  # the reference holds fp32 [N, V] logits
     assert over[2048] <= 16 * tile * 4 + 64 * 2048, over  # a few tiles + O(N) bookkeeping
     assert over[2048] <= over[256] + 64 * 2048, over
+    # few rows, wide hidden: the fp32 copies of weight slices stay within the budget too
+    H = 512
+    weight = (torch.randn(V, H) / 4).to(dtype)
+    hidden = torch.randn(2, H).to(dtype)
+    labels = torch.randint(0, V, (2,))
+    with dispatch.use_backend("torch"):
+        peak, _ = peak_extra_bytes(lambda: fwd_bwd(r1kernels.linear_token_logprobs))
+    grads = 2 * H * (4 + 2 * 2) + V * H * 2 * 2
+    assert peak - grads <= 16 * tile * 4, peak - grads
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("with_entropy", [False, True])
 def test_compile_fullgraph(backend, with_entropy, monkeypatch):
-    monkeypatch.setattr(lin, "TILE_ELEMS_CPU", 4 * 64)
+    monkeypatch.setattr(lin, "TILE_ELEMS_CPU", 16 * 64)  # 4 x 64 tiles at H=16
     monkeypatch.setattr(lin, "MAX_TILE_ROWS", 4)
 
     def f(h, w, b, y):

@@ -275,3 +275,13 @@ def test_opcheck_triton_ops():
                           (x, y2, None, state, outs, 30, 100, 0.5, -100, True, True, False))
     torch.library.opcheck(tlp_mod._tile_grad_op,
                           (x, torch.empty_like(x), y2, b, lse, ent, d, d, 30, 0.5, -100))
+
+
+def test_double_backward_raises():
+    """The backward is not itself differentiable: asking for second derivatives raises rather
+    than silently returning wrong ones."""
+    x = torch.randn(3, 20, device=DEVICE, requires_grad=True)
+    lp = r1kernels.token_logprobs(x, torch.tensor([1, 2, 3], device=DEVICE))
+    (g,) = torch.autograd.grad(lp.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()

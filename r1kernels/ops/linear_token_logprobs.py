@@ -34,6 +34,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from r1kernels import dispatch
 from r1kernels.ops import token_logprobs as tlp
@@ -48,12 +49,14 @@ TILE_ELEMS_CPU = 1 << 21
 MAX_TILE_ROWS = 16384
 
 
-def tile_shape(n_rows: int, vocab: int, device: torch.device) -> tuple[int, int]:
+def tile_shape(n_rows: int, vocab: int, hidden: int, device: torch.device) -> tuple[int, int]:
     """(rows, columns) of a logits tile: rows as many as fit (<= MAX_TILE_ROWS), columns the rest
-    of the budget, a multiple of 128 when the vocabulary is split."""
+    of the budget, a multiple of 128 when the vocabulary is split. The budget also bounds the
+    fp32 copies of the operand slices ([rows, H] and [columns, H]) made where 16-bit GEMMs
+    cannot output fp32 (CPU)."""
     budget = TILE_ELEMS_CUDA if device.type == "cuda" else TILE_ELEMS_CPU
-    rows = max(1, min(n_rows, MAX_TILE_ROWS, budget))
-    cols = max(1, min(vocab, budget // rows))
+    rows = max(1, min(n_rows, MAX_TILE_ROWS, budget // max(hidden, 1)))
+    cols = max(1, min(vocab, budget // max(rows, hidden, 1)))
     if cols < vocab and cols >= 256:
         cols -= cols % 128
     return rows, cols
@@ -275,7 +278,7 @@ def forward_stats(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: t
     if backend == "triton" and FUSED_GEMM and not torch.compiler.is_compiling():
         state = merge_partials(fused_forward_stats(h, w, b, y, inv_temp, entropy))
         return tlp.finalize(state, y.long(), vocab, ignore_index, entropy)
-    rows, cols = tile_shape(n_all, vocab, h.device)
+    rows, cols = tile_shape(n_all, vocab, h.shape[1], h.device)
     f32 = dict(dtype=torch.float32, device=h.device)
     logp = torch.empty(n_all, **f32)
     ent = torch.empty(n_all, **f32) if entropy else None
@@ -333,7 +336,7 @@ def backward_grads(h, w, b, y, lse, ent, dlogp, dent, inv_temp: float, ignore_in
         gb = torch.zeros(vocab, **f32)
     if not (need_h or need_w or need_b):
         return None, None, None
-    rows, cols = tile_shape(n_all, vocab, h.device)
+    rows, cols = tile_shape(n_all, vocab, h.shape[1], h.device)
     gdt = _gemm_dtype(h)
     dlogp = dlogp.float().contiguous()
     dent = None if dent is None else dent.float().contiguous()
@@ -413,6 +416,7 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         return logp
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dlogp, dent=None):
         h, w, y, b, lse, ent = ctx.saved_tensors
         inv_temp, ignore_index, with_entropy, backend = ctx.args

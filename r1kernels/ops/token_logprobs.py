@@ -26,6 +26,7 @@ import math
 from typing import Callable
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from r1kernels import dispatch
 from r1kernels.ops._triton import HAS_TRITON, next_power_of_2, tl, triton
@@ -440,6 +441,7 @@ class TokenLogprobsFunction(torch.autograd.Function):
         return logp
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dlogp, dent=None):
         x, labels, lse, ent = ctx.saved_tensors
         inv_temp, ignore_index, backend, inplace = ctx.args
