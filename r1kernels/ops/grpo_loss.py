@@ -397,80 +397,76 @@ def grpo_loss_bwd_triton(grad, scale, gout, dtype):
 
 
 def grpo_loss_fwd_torch(logps, adv, mask, old, ref, rw, cfg: _Config, write_grad: bool = True):
-    lp = logps.float()
-    A = adv.float()
     m = mask.float()
     on = m != 0
-    zero = torch.zeros_like(lp)
-    lr = zero if old is None else lp - old.float()
+    # masked positions may hold garbage (-inf, NaN): zero the inputs there once, then every
+    # intermediate is finite and a final multiplication by m gives exact zeros
+    lp = torch.where(on, logps.float(), 0.0)
+    A = adv.float()
+    lr = None if old is None else lp - torch.where(on, old.float(), 0.0)
     n = m.sum(-1)
     c1_row = None
     if cfg.seq:
-        c1_row = torch.exp(torch.where(on, lr * m, zero).sum(-1) / n.clamp(min=1.0))
+        c1_row = torch.exp((lr * m).sum(-1) / n.clamp(min=1.0)) if lr is not None else torch.ones_like(n)
         c1 = c1_row.unsqueeze(-1).expand_as(lp)
     else:
-        c1 = torch.exp(lr)
+        c1 = torch.exp(lr) if lr is not None else torch.ones_like(lp)
+    g_dir = g_c1 = None  # None: identically zero
+    low = high = None
     if cfg.loss == 5:
         cl = torch.clamp(c1, max=cfg.eps_hi)
-        pol = -cl * A * lp
         g_dir = -cl * A
-        g_c1 = zero
-        low = torch.zeros_like(on)
+        pol = g_dir * lp
         high = (c1 > cfg.eps_hi) & (A > 0)
     elif cfg.loss == 6:
-        tau = torch.where(A > 0, torch.full_like(A, cfg.tau_pos), torch.full_like(A, cfg.tau_neg))
+        tau = torch.where(A > 0, cfg.tau_pos, cfg.tau_neg)
         s = torch.sigmoid(tau * (c1 - 1.0))
-        pol = -s * 4.0 / tau * A
-        g_dir = zero
-        g_c1 = -4.0 * A * s * (1.0 - s)
-        low = torch.zeros_like(on)
-        high = torch.zeros_like(on)
+        pol = s * (-4.0 * A / tau)
+        g_c1 = (-4.0 * A) * s * (1.0 - s)
     else:
         lo, hi = 1.0 - cfg.eps_lo, 1.0 + cfg.eps_hi
         c2 = torch.clamp(c1, lo, hi)
-        if cfg.delta is not None:
-            c1d = torch.clamp(c1, max=cfg.delta)
-            d1 = (c1 <= cfg.delta).float()
-        else:
-            c1d = c1
-            d1 = torch.ones_like(lp)
+        c1d = c1 if cfg.delta is None else torch.clamp(c1, max=cfg.delta)
         t1, t2 = c1d * A, c2 * A
         pol = -torch.minimum(t1, t2)
         w1 = torch.where(t1 < t2, 1.0, torch.where(t1 == t2, 0.5, 0.0))
+        d1 = 1.0 if cfg.delta is None else (c1 <= cfg.delta).float()
         d2 = ((c1 >= lo) & (c1 <= hi)).float()
-        g_dir = zero
         g_c1 = -A * (w1 * d1 + (1.0 - w1) * d2)
         low = (c1d < lo) & (A < 0)
         high = (c1d > hi) & (A > 0)
     if rw is not None:
-        r = rw.float()
-        pol, g_dir, g_c1 = pol * r, g_dir * r, g_c1 * r
-    kl = zero
+        r = torch.where(on, rw.float(), 0.0)
+        pol = pol * r
+        g_dir = None if g_dir is None else g_dir * r
+        g_c1 = None if g_c1 is None else g_c1 * r
+    kl = None
     if cfg.beta != 0.0:
-        d = ref.float() - lp
+        d = torch.where(on, ref.float(), 0.0) - lp
         ed = torch.exp(d)
-        kl0 = ed - d - 1.0
-        dkl0 = 1.0 - ed
+        kl = ed - d - 1.0
+        dkl = cfg.beta * (1.0 - ed)
         if cfg.bias_kl:
-            kl = kl0 * c1
-            g_dir = g_dir + cfg.beta * dkl0 * c1
-            g_c1 = g_c1 + cfg.beta * kl0
-        else:
-            kl = kl0
-            g_dir = g_dir + cfg.beta * dkl0
+            g_c1 = cfg.beta * kl if g_c1 is None else g_c1 + cfg.beta * kl
+            kl = kl * c1
+            dkl = dkl * c1
+        g_dir = dkl if g_dir is None else g_dir + dkl
         pol = pol + cfg.beta * kl
-    part = torch.stack([
-        torch.where(on, pol * m, zero).sum(-1), n, torch.where(on, kl * m, zero).sum(-1),
-        torch.where(on & low, m, zero).sum(-1), torch.where(on & high, m, zero).sum(-1),
-        torch.where(on & (low | high), m, zero).sum(-1)])
+    zero_rows = torch.zeros_like(n)
+    flag_sum = lambda f: zero_rows if f is None else (f * m).sum(-1)  # noqa: E731
+    region = low if high is None else (high if low is None else low | high)
+    part = torch.stack([(pol * m).sum(-1), n, flag_sum(kl), flag_sum(low), flag_sum(high),
+                        flag_sum(region)])
     if not write_grad:
         return lp.new_empty(0), part
+    g = torch.zeros_like(lp) if g_dir is None else g_dir
     if cfg.seq:
-        s_row = torch.where(on, g_c1 * m, zero).sum(-1) * c1_row / n.clamp(min=1.0)
-        g = torch.where(on, (g_dir + s_row.unsqueeze(-1)) * m, zero)
-    else:
-        g = torch.where(on, (g_dir + g_c1 * c1) * m, zero)
-    return g, part
+        if g_c1 is not None:
+            s_row = (g_c1 * m).sum(-1) * c1_row / n.clamp(min=1.0)
+            g = g + s_row.unsqueeze(-1)
+    elif g_c1 is not None:
+        g = g + g_c1 * c1
+    return g * m, part
 
 
 def row_scale(n: torch.Tensor, nitems, cfg: _Config) -> torch.Tensor:
