@@ -95,6 +95,8 @@ def test_dtypes(backend, dtype):
     out, perm = permute(backend, h.to(DEVICE), ids.to(DEVICE), E, 8)
     ref, _ = moe_permute_ref(h, ids, E, align=8)
     assert out.dtype == dtype and torch.equal(out.cpu(), ref)
+    out16, _ = permute(backend, h.to(DEVICE), ids.to(torch.int16).to(DEVICE), E, 8)  # any integer ids
+    assert torch.equal(out16.cpu(), ref)
     eo = (torch.randn(out.shape[0], H) * 4).to(dtype)
     w = torch.rand(T, k)
     y = unpermute(backend, eo.to(DEVICE), perm, w.to(DEVICE))
