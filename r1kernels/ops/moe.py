@@ -27,7 +27,9 @@ graph safe); rows from offsets[E] on are zero padding too.
 Backends: CUDA kernels (csrc/moe/), the Triton kernels below, C++ CPU kernels and plain torch.
 Each backend's kernels are registered ops (`torch.ops.r1kernels` for cuda/cpp, the
 `r1kernels_triton` / `r1kernels_torch` namespaces below) with one signature per op, so the
-autograd code is shared and torch.compile sees one opaque node per kernel.
+autograd code is shared and torch.compile sees one opaque node per kernel; eager calls go to the
+Python launchers directly, and skip autograd when nothing requires grad. The CUDA and Triton
+routing kernels take E <= 512 and top_k <= 32 (larger routers run the torch path).
 """
 from __future__ import annotations
 
@@ -37,7 +39,6 @@ import torch
 
 from r1kernels import _custom_ops, dispatch
 from r1kernels.ops._triton import HAS_TRITON, next_power_of_2, tl, triton
-from r1kernels.reference import _order_desc
 
 OP_ROUTE = "moe_route"
 OP_PERMUTE = "moe_permute"
