@@ -133,6 +133,14 @@ def test_routing_replay(monkeypatch):
     for ids in replay.routing.values():
         assert ids.shape == (2, 9, 4) and ids.dtype == torch.int32  # the last token is never forwarded
 
+    # generation without a KV cache re-runs the sequence every step: same record
+    nocache = RoutingReplay()
+    with nocache.record():
+        seq2 = model.generate(prompt, max_new_tokens=4, do_sample=False, eos_token_id=None, use_cache=False)
+    assert torch.equal(seq2, seq)
+    for name in names:
+        assert torch.equal(nocache.routing[name], replay.routing[name])
+
     # same weights: a teacher-forced forward routes like generation did (prefill + decode steps)
     fresh = RoutingReplay()
     with fresh.record():

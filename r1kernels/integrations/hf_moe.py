@@ -23,8 +23,8 @@ Routing replay (RL: train on the experts the rollout chose):
     with replay.replay():
         logits = model(out).logits                     # the same experts, fresh weights and grads
 
-Recorded ids are kept per router as [B, S_total, k] (prefill and decode steps concatenated along
-the sequence). In replay, a router call on [B, S] tokens uses the recorded ids for the first
+Recorded ids are kept per router as [B, S_total, k]: decode steps are appended to the prefill;
+a call on at least as many positions as recorded (generation without KV cache) replaces them. In replay, a router call on [B, S] tokens uses the recorded ids for the first
 min(S, S_total) positions of every row and routes the rest (e.g. the last sampled token, which
 generation never forwarded) normally. `replay.select(rows)` keeps a subset of the batch rows
 for micro-batched updates; `replay.routing` / `RoutingReplay(routing)` move the ids around (for
@@ -89,7 +89,11 @@ class RoutingReplay:
         B, S = batch_shape
         ids = ids.detach().to(torch.int32).view(B, S, -1)
         prev = self.routing.get(name)
-        self.routing[name] = ids.clone() if prev is None else torch.cat([prev, ids], dim=1)
+        if prev is None or prev.shape[0] != B or (S > 1 and S >= prev.shape[1]):
+            # a new sequence, or a call that re-runs it from position 0 (generation without KV cache)
+            self.routing[name] = ids.clone()
+        else:  # a decode step (or the next chunk) of the sequence recorded so far
+            self.routing[name] = torch.cat([prev, ids], dim=1)
 
     def _replay_ids(self, name: str, fresh_ids: torch.Tensor, batch_shape) -> torch.Tensor:
         if name not in self.routing:

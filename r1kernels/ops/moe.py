@@ -27,7 +27,9 @@ graph safe); rows from offsets[E] on are zero padding too.
 Backends: CUDA kernels (csrc/moe/), the Triton kernels below, C++ CPU kernels and plain torch.
 Each backend's kernels are registered ops (`torch.ops.r1kernels` for cuda/cpp, the
 `r1kernels_triton` / `r1kernels_torch` namespaces below) with one signature per op, so the
-autograd code is shared and torch.compile sees one opaque node per kernel.
+autograd code is shared and torch.compile sees one opaque node per kernel; eager calls go to the
+Python launchers directly, and skip autograd when nothing requires grad. The CUDA and Triton
+routing kernels take E <= 512 and top_k <= 32 (larger routers run the torch path).
 """
 from __future__ import annotations
 
@@ -37,7 +39,6 @@ import torch
 
 from r1kernels import _custom_ops, dispatch
 from r1kernels.ops._triton import HAS_TRITON, next_power_of_2, tl, triton
-from r1kernels.reference import _order_desc
 
 OP_ROUTE = "moe_route"
 OP_PERMUTE = "moe_permute"
@@ -853,6 +854,8 @@ def moe_route(router_logits: torch.Tensor, top_k: int, *, score_func: str = "sof
             raise ValueError(f"{op}: replay_ids must be [T={T}, top_k={top_k}] on {router_logits.device}, "
                              f"got {tuple(replay_ids.shape)} on {replay_ids.device}")
         rep = replay_ids.detach()
+        if rep.dtype not in (torch.int32, torch.int64):
+            rep = rep.long()
     backend = _select(OP_ROUTE, router_logits.device.type)
     if backend in ("cuda", "triton") and (E > MAX_KERNEL_EXPERTS or top_k > MAX_KERNEL_TOPK):
         backend = "torch"  # beyond the register budget of the one-token-per-warp kernels
@@ -884,6 +887,9 @@ def moe_permute(hidden: torch.Tensor, ids: torch.Tensor, num_experts: int, *,
         raise ValueError(f"{op}: align must be a positive int, got {align!r}")
     if ids.numel() + num_experts * (align - 1) >= 2**31:
         raise ValueError(f"{op}: T*k + E*(align-1) must fit in int32, got {ids.numel() + num_experts * (align - 1)}")
+    ids = ids.detach()
+    if ids.dtype not in (torch.int32, torch.int64):
+        ids = ids.long()
     backend = _select(OP_PERMUTE, hidden.device.type)
     if hidden.requires_grad and torch.is_grad_enabled():
         out, counts, offsets, row_ids, token_ids = MoEPermuteFunction.apply(hidden, ids.detach(), num_experts,
