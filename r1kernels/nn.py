@@ -1,0 +1,252 @@
+"""torch.nn modules: the fused GRPO loss from hidden states (or logits).
+
+`GRPOLoss(...)(hidden, weight, labels, mask, advantages, ...)` equals
+`grpo_loss(linear_token_logprobs(hidden, weight, labels, bias=bias, temperature=T), advantages,
+mask, ...)` in value and gradients, but:
+  - the [B*T, V] logits never exist: the log-prob op walks the vocabulary in tiles;
+  - every normalizer of the loss is known before any log-prob is (it depends only on the mask and
+    num_items_in_batch), so dL/dlogp is computed by the fused loss kernel as soon as a chunk of
+    whole sequences has its log-probs (`grad_fn`), and the log-prob op turns it into the
+    gradients of hidden, weight and bias in the same call: no second vocabulary sweep in backward;
+  - backward only scales the saved gradients by grad_output (in place, no copy: skipped when
+    grad_output is 1). A second backward through the same graph is therefore refused.
+
+`GRPOLoss.from_logits(logits, labels, mask, advantages, ...)` does the same for callers that hold
+the logits; with `inplace=True` (an explicit opt-in) the logits gradient is written into the
+logits buffer, so no second [B*T, V] tensor is allocated: the caller must not read the logits
+afterwards (autograd refuses, via the version counter, if some other node saved them).
+"""
+from __future__ import annotations
+
+import torch
+
+from r1kernels import dispatch
+from r1kernels.ops import grpo_loss as G
+from r1kernels.ops.grpo_loss import GRPOLossOutput
+
+
+def _fused_loss_step(fwd, cfg, B, T, adv, mask, old, ref, rw, scale, parts, ent_acc):
+    """The grad_fn handed to the log-prob ops: loss partials and dL/dlogp for whole sequences."""
+
+    def grad_fn(start, end, logp, ent):
+        if start % T or end % T:
+            raise RuntimeError(f"GRPOLoss: log-prob chunk [{start}, {end}) does not hold whole "
+                               f"sequences of length {T}")
+        b0, b1 = start // T, end // T
+        sl = slice(b0, b1)
+        g, part = fwd(logp.view(b1 - b0, T), adv[sl], mask[sl],
+                      None if old is None else old[sl], None if ref is None else ref[sl],
+                      None if rw is None else rw[sl], cfg, write_grad=True)
+        parts.append((b0, part))
+        if ent is not None:
+            m = mask[sl].float()
+            ent_acc.append(torch.where(m != 0, ent.view(b1 - b0, T).float() * m, 0.0).sum())
+        return (g * scale[sl].unsqueeze(1)).reshape(-1)
+
+    return grad_fn
+
+
+def _finish(fin, parts, nitems, cfg, B, device, ent_acc, n_tot):
+    parts.sort(key=lambda p: p[0])
+    part = torch.cat([p for _, p in parts], dim=1) if parts else \
+        torch.zeros(G.NUM_PARTIALS, B, device=device)
+    out, _ = fin(part, nitems, cfg)
+    ent = torch.stack(ent_acc).sum() / n_tot.clamp(min=1.0) if ent_acc else None
+    return out, ent
+
+
+def _is_one(g: torch.Tensor) -> bool:
+    return bool((g == 1).all())
+
+
+class _FusedLinearGRPOLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, adv, mask, old, ref, rw, nitems, cfg, opts):
+        from r1kernels.ops.linear_token_logprobs import linear_token_logprobs_with_grad
+
+        B, T, temperature, ignore_index, with_entropy, backend = opts
+        H = hidden.shape[-1]
+        fwd, fin, _ = G.forward_impl(backend)
+        n_rows = mask.float().sum(-1) if B * T else torch.zeros(B, device=hidden.device)
+        scale = G.row_scale(n_rows, nitems, cfg)
+        parts, ent_acc = [], []
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                bias is not None and ctx.needs_input_grad[2])
+        gh = gw = gb = None
+        if B * T > 0:
+            grad_fn = _fused_loss_step(fwd, cfg, B, T, adv, mask, old, ref, rw, scale, parts, ent_acc)
+            _, _, gh, gw, gb = linear_token_logprobs_with_grad(
+                hidden.reshape(B * T, H), weight, labels.reshape(B * T), bias,
+                temperature=temperature, ignore_index=ignore_index, with_entropy=with_entropy,
+                grad_fn=grad_fn, chunk_multiple=T, need_grads=need)
+        else:  # nothing to score: zero loss, zero gradients
+            gh = torch.zeros_like(hidden) if need[0] else None
+            gw = torch.zeros_like(weight) if need[1] else None
+            gb = torch.zeros_like(bias) if need[2] else None
+        out, ent = _finish(fin, parts, nitems, cfg, B, hidden.device, ent_acc, n_rows.sum())
+        ctx.grads = (None if gh is None else gh.view(hidden.shape), gw, gb)
+        ent = torch.zeros((), device=hidden.device) if ent is None else ent
+        ctx.mark_non_differentiable(out, ent)
+        return out[0].clone(), out, ent
+
+    @staticmethod
+    def backward(ctx, gloss, _gout, _gent):
+        if ctx.grads is None:
+            raise RuntimeError("GRPOLoss: backward through the same graph twice is not supported "
+                               "(the gradients were computed in the forward pass and are scaled "
+                               "in place); run the forward again")
+        grads, ctx.grads = ctx.grads, None
+        if not _is_one(gloss):
+            grads = tuple(None if x is None else x.mul_(gloss.to(x.dtype)) for x in grads)
+        gh, gw, gb = grads
+        return gh, gw, gb, None, None, None, None, None, None, None, None, None
+
+
+class _FusedLogitsGRPOLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, adv, mask, old, ref, rw, nitems, cfg, opts):
+        from r1kernels.ops.token_logprobs import token_logprobs_with_grad
+
+        B, T, temperature, ignore_index, with_entropy, backend, inplace = opts
+        V = logits.shape[-1]
+        fwd, fin, _ = G.forward_impl(backend)
+        n_rows = mask.float().sum(-1) if B * T else torch.zeros(B, device=logits.device)
+        scale = G.row_scale(n_rows, nitems, cfg)
+        parts, ent_acc = [], []
+        if B * T > 0:
+            grad_fn = _fused_loss_step(fwd, cfg, B, T, adv, mask, old, ref, rw, scale, parts, ent_acc)
+            kw = dict(temperature=temperature, ignore_index=ignore_index,
+                      with_entropy=with_entropy, chunk_multiple=T, inplace=inplace)
+            try:
+                flat = logits.view(B * T, V)
+            except RuntimeError:  # e.g. logits[:, :-1] of [B, T + 1, V]: one call per sequence
+                flat = None
+            if flat is not None:
+                _, _, gl = token_logprobs_with_grad(flat, labels.reshape(B * T), grad_fn=grad_fn, **kw)
+                gl = gl.view(logits.shape)
+            else:
+                grads = []
+                for b in range(B):
+                    off = b * T
+                    step = (lambda o: lambda s, e, lp, en: grad_fn(s + o, e + o, lp, en))(off)
+                    grads.append(token_logprobs_with_grad(logits[b], labels[b], grad_fn=step, **kw)[2])
+                in_place = inplace and all(g.data_ptr() == logits[b].data_ptr()
+                                           for b, g in enumerate(grads))
+                gl = logits if in_place else torch.stack(grads)
+        else:
+            gl = torch.zeros_like(logits)
+        out, ent = _finish(fin, parts, nitems, cfg, B, logits.device, ent_acc, n_rows.sum())
+        ctx.grads = gl if ctx.needs_input_grad[0] else None
+        ctx.used = False
+        ent = torch.zeros((), device=logits.device) if ent is None else ent
+        ctx.mark_non_differentiable(out, ent)
+        return out[0].clone(), out, ent
+
+    @staticmethod
+    def backward(ctx, gloss, _gout, _gent):
+        if ctx.used:
+            raise RuntimeError("GRPOLoss.from_logits: backward through the same graph twice is not "
+                               "supported; run the forward again")
+        ctx.used = True
+        g, ctx.grads = ctx.grads, None
+        if g is not None and not _is_one(gloss):
+            g = g.mul_(gloss.to(g.dtype))
+        return g, None, None, None, None, None, None, None, None, None
+
+
+class GRPOLoss(torch.nn.Module):
+    """GRPO loss fused with the lm_head log-probs (see the module docstring and shared/API.md).
+
+    Extra keyword arguments beyond the API: `with_entropy` (default True: the `entropy` metric,
+    computed in the same vocabulary sweep) and `ignore_index` (label value whose log-prob is 0).
+    """
+
+    def __init__(self, loss_type: str = "dapo", epsilon_low: float = 0.2,
+                 epsilon_high: float | None = None, delta: float | None = None, beta: float = 0.0,
+                 temperature: float = 1.0, importance_sampling_level: str = "token",
+                 use_bias_correction_kl: bool = False, max_completion_length: int | None = None,
+                 sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05, *,
+                 with_entropy: bool = True, ignore_index: int = -100):
+        super().__init__()
+        self.options = dict(loss_type=loss_type, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
+                            delta=delta, beta=beta, importance_sampling_level=importance_sampling_level,
+                            use_bias_correction_kl=use_bias_correction_kl,
+                            max_completion_length=max_completion_length,
+                            sapo_temperature_pos=sapo_temperature_pos,
+                            sapo_temperature_neg=sapo_temperature_neg)
+        G.make_config(**self.options, T=1, where="GRPOLoss")  # validate now
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+                or not temperature > 0 or temperature == float("inf"):
+            raise ValueError(f"GRPOLoss: temperature must be a finite number > 0, got {temperature!r}")
+        self.temperature = float(temperature)
+        self.with_entropy = bool(with_entropy)
+        self.ignore_index = int(ignore_index)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items()) + \
+            f", temperature={self.temperature}"
+
+    def _prepare(self, where, x, labels, mask, advantages, old_logps, ref_logps, rollout_is_weights,
+                 num_items_in_batch):
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.is_floating_point():
+            raise ValueError(f"{where}: expected a floating [B, T, *] tensor, got "
+                             f"{tuple(getattr(x, 'shape', ()))} {getattr(x, 'dtype', type(x).__name__)}")
+        B, T = x.shape[:2]
+        if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != (B, T) \
+                or labels.is_floating_point() or labels.dtype == torch.bool:
+            raise ValueError(f"{where}: labels must be an integer tensor of shape {(B, T)}, got "
+                             f"{tuple(getattr(labels, 'shape', ()))} {getattr(labels, 'dtype', '')}")
+        shape_only = x.new_empty((), dtype=torch.float32).expand(B, T)
+        beta = self.options["beta"]
+        adv, mask, nitems = G.check_inputs(shape_only, advantages, mask, old_logps, ref_logps,
+                                           rollout_is_weights, num_items_in_batch, beta, where=where)
+        cfg = G.make_config(**self.options, T=T, where=where)
+        backend = dispatch.select(G.OP, x.device)
+        backend = backend if backend in ("triton", "torch") else "torch"
+        ref = ref_logps if cfg.beta != 0.0 else None
+        return B, T, adv, mask, nitems, cfg, backend, ref
+
+    def _output(self, loss, out, ent):
+        metrics = G.metrics_dict(out)
+        if self.with_entropy:
+            metrics["entropy"] = ent
+        return GRPOLossOutput(loss, metrics)
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                mask: torch.Tensor, advantages: torch.Tensor, *, bias: torch.Tensor | None = None,
+                old_logps: torch.Tensor | None = None, ref_logps: torch.Tensor | None = None,
+                rollout_is_weights: torch.Tensor | None = None,
+                num_items_in_batch=None) -> GRPOLossOutput:
+        """hidden [B, T, H] (states that predict `labels`), weight [V, H] (lm_head), labels [B, T]."""
+        where = "GRPOLoss"
+        B, T, adv, mask, nitems, cfg, backend, ref = self._prepare(
+            where, hidden, labels, mask, advantages, old_logps, ref_logps, rollout_is_weights,
+            num_items_in_batch)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 \
+                or weight.shape[1] != hidden.shape[-1]:
+            raise ValueError(f"{where}: weight must be [V, {hidden.shape[-1]}], got "
+                             f"{tuple(getattr(weight, 'shape', ()))}")
+        if bias is not None and (not isinstance(bias, torch.Tensor)
+                                 or tuple(bias.shape) != (weight.shape[0],)):
+            raise ValueError(f"{where}: bias must be [{weight.shape[0]}], got "
+                             f"{tuple(getattr(bias, 'shape', ()))}")
+        opts = (B, T, self.temperature, self.ignore_index, self.with_entropy, backend)
+        loss, out, ent = _FusedLinearGRPOLoss.apply(hidden, weight, bias, labels, adv, mask,
+                                                    old_logps, ref, rollout_is_weights, nitems,
+                                                    cfg, opts)
+        return self._output(loss, out, ent)
+
+    def from_logits(self, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                    advantages: torch.Tensor, *, old_logps: torch.Tensor | None = None,
+                    ref_logps: torch.Tensor | None = None,
+                    rollout_is_weights: torch.Tensor | None = None, num_items_in_batch=None,
+                    inplace: bool = False) -> GRPOLossOutput:
+        """The same loss from logits [B, T, V]. `inplace=True`: the logits gradient is written
+        into `logits` (the caller must not use the logits afterwards)."""
+        B, T, adv, mask, nitems, cfg, backend, ref = self._prepare(
+            "GRPOLoss.from_logits", logits, labels, mask, advantages, old_logps, ref_logps,
+            rollout_is_weights, num_items_in_batch)
+        opts = (B, T, self.temperature, self.ignore_index, self.with_entropy, backend, bool(inplace))
+        loss, out, ent = _FusedLogitsGRPOLoss.apply(logits, labels, adv, mask, old_logps, ref,
+                                                    rollout_is_weights, nitems, cfg, opts)
+        return self._output(loss, out, ent)

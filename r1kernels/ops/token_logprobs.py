@@ -1,0 +1,561 @@
+"""Per-token log-probabilities (and entropy) from logits, reading each row once per pass.
+
+With z = logits / T (fp32), for each row:
+    lse     = log sum_v exp(z_v)
+    logp    = z[label] - lse                     (0 where label == ignore_index)
+    entropy = lse - sum_v p_v z_v = log s - w / s (0 where ignored)
+where, relative to the running max m, s = sum_v exp(z_v - m) and w = sum_v exp(z_v - m)(z_v - m):
+both are merged online block by block (and, for the hidden-state op, tile by tile across the
+vocabulary), so no [N, V] fp32 copy of the logits ever exists.
+
+VJP (p = softmax(z), H = entropy, g = dL/dlogp, e = dL/dentropy):
+    dL/dlogits_v = (g * (1[v == label] - p_v) - e * p_v * (log p_v + H)) / T
+(0 on ignored rows). The backward can write it in place into the logits buffer
+(`inplace_backward=True` / `inplace=True`) when the caller no longer needs the logits.
+
+Backends: Triton kernels below (CUDA tensors; CPU tensors under TRITON_INTERPRET=1) and a
+chunked PyTorch path (any device) whose fp32 working copy is bounded by `TORCH_CHUNK_ELEMS`.
+
+Internal entry point for the fused GRPO loss (see _notes/INTERFACE_logprobs_loss.md):
+`token_logprobs_with_grad(...)`. Its `grad_fn` is called exactly once, with (0, N): every
+log-prob is known after one sweep, so whole sequences (`chunk_multiple`) are always together.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from r1kernels import dispatch
+from r1kernels.ops._triton import HAS_TRITON, next_power_of_2, tl, triton
+
+OP = "token_logprobs"
+dispatch.register(OP, cuda=("triton", "torch"), cpu=("torch",))
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# torch path: rows are processed in chunks whose fp32 working copy holds at most this many elements
+TORCH_CHUNK_ELEMS = 1 << 22
+
+
+# ---- Triton kernels ---------------------------------------------------------------------------
+# Forward statistics: one program per row, a loop over the row's columns in BLOCK_V blocks.
+# Bytes: reads the row once (N * V * itemsize), writes 3-4 fp32 per row. On an H100 at ~3 TB/s,
+# N=16384, V=151936 bf16 (4.98 GB) is a 1.7 ms read. One exp per element (block-scalar online
+# max, so the running state is rescaled once per block, not per element).
+# Used with ACCUM/FINAL by the hidden-state op to merge statistics across vocabulary tiles:
+# state = (m, s, t, w) per row, col0 = first vocabulary id of the tile.
+
+
+@triton.jit
+def _token_logprobs_fwd_kernel(x_ptr, stride_x, labels_ptr, bias_ptr, state_ptr, out_ptr,
+                               n_rows, n_cols, col0, vocab, inv_temp, ignore_index,
+                               HAS_BIAS: tl.constexpr, ACCUM: tl.constexpr, FINAL: tl.constexpr,
+                               ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    loc = label - col0  # the label's column inside this tile (may be outside it)
+    x_row = x_ptr + row * stride_x
+    cols = tl.arange(0, BLOCK_V)
+    zero = tl.sum(tl.zeros([BLOCK_V], dtype=tl.float32), axis=0)
+    if ACCUM:
+        m = tl.load(state_ptr + row)
+        s = tl.load(state_ptr + n_rows + row)
+        t = tl.load(state_ptr + 2 * n_rows + row)
+        w = tl.load(state_ptr + 3 * n_rows + row)
+    else:
+        m = zero - float("inf")
+        s = zero
+        t = zero
+        w = zero
+    # the target logit: one masked load (not a reduction per block)
+    in_tile = (loc >= 0) & (loc < n_cols)
+    zt = tl.load(x_row + loc, mask=in_tile, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        zt += tl.load(bias_ptr + loc, mask=in_tile, other=0.0).to(tl.float32)
+    t += tl.where(in_tile, zt * inv_temp, 0.0)
+    for start in range(0, n_cols, BLOCK_V):
+        c = start + cols
+        ok = c < n_cols
+        z = tl.load(x_row + c, mask=ok, other=float("-inf")).to(tl.float32)
+        if HAS_BIAS:
+            z += tl.load(bias_ptr + c, mask=ok, other=0.0).to(tl.float32)
+        z = z * inv_temp
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: any finite ref
+        alpha = tl.exp(m - m_ref)
+        e = tl.exp(z - m_ref)
+        if ENTROPY:
+            # w is relative to m: moving the reference to m_ref adds (m - m_ref) to every term
+            w = alpha * (w + s * tl.where(s > 0.0, m - m_ref, 0.0))
+            w += tl.sum(e * tl.where(e > 0.0, z - m_ref, 0.0), axis=0)
+        s = s * alpha + tl.sum(e, axis=0)
+        m = m_new
+    if FINAL:
+        lse = m + tl.log(s)
+        ignored = label == ignore_index
+        valid = (label >= 0) & (label < vocab)
+        logp = tl.where(valid, (t - m) - tl.log(s), float("nan"))  # t - m is exact  # out-of-range label: NaN, never garbage
+        tl.store(out_ptr + row, tl.where(ignored, 0.0, logp))
+        tl.store(out_ptr + 2 * n_rows + row, lse)
+        if ENTROPY:
+            ent = tl.log(s) - w / s
+            tl.store(out_ptr + n_rows + row, tl.where(ignored, 0.0, ent))
+    else:
+        tl.store(state_ptr + row, m)
+        tl.store(state_ptr + n_rows + row, s)
+        tl.store(state_ptr + 2 * n_rows + row, t)
+        tl.store(state_ptr + 3 * n_rows + row, w)
+
+
+# Backward: dL/dlogits of one row per program (formula in the module docstring).
+# Bytes: reads the row and writes it (2 * N * V * itemsize; 3.4 ms at N=16384, V=151936 bf16 on
+# an H100). g_ptr may equal x_ptr (in-place): each element is read before it is overwritten by
+# the same program. Also used by the hidden-state op on fp32 logits tiles (col0 = tile start).
+
+
+@triton.jit
+def _token_logprobs_bwd_kernel(x_ptr, stride_x, g_ptr, stride_g, labels_ptr, bias_ptr, lse_ptr,
+                               ent_ptr, dlogp_ptr, dent_ptr, n_cols, col0, inv_temp, ignore_index,
+                               HAS_BIAS: tl.constexpr, HAS_DENT: tl.constexpr,
+                               BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    ignored = label == ignore_index
+    loc = label - col0
+    lse = tl.load(lse_ptr + row)
+    dlogp = tl.where(ignored, 0.0, tl.load(dlogp_ptr + row).to(tl.float32))
+    if HAS_DENT:
+        dent = tl.where(ignored, 0.0, tl.load(dent_ptr + row).to(tl.float32))
+        ent = tl.load(ent_ptr + row)
+    x_row = x_ptr + row * stride_x
+    g_row = g_ptr + row * stride_g
+    cols = tl.arange(0, BLOCK_V)
+    for start in range(0, n_cols, BLOCK_V):
+        c = start + cols
+        ok = c < n_cols
+        z = tl.load(x_row + c, mask=ok, other=float("-inf")).to(tl.float32)
+        if HAS_BIAS:
+            z += tl.load(bias_ptr + c, mask=ok, other=0.0).to(tl.float32)
+        logp_v = z * inv_temp - lse
+        p = tl.exp(logp_v)
+        g = tl.where(c == loc, dlogp, 0.0) - dlogp * p
+        if HAS_DENT:
+            g -= dent * p * tl.where(p > 0.0, logp_v + ent, 0.0)
+        g = tl.where(ignored, 0.0, g * inv_temp)
+        tl.store(g_row + c, g.to(g_ptr.dtype.element_ty), mask=ok)
+
+
+def _block_v(n_cols: int) -> tuple[int, int]:
+    block = max(16, min(next_power_of_2(n_cols), 4096))
+    return block, (8 if block >= 4096 else 4)
+
+
+def stats_triton(x: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None,
+                 state: torch.Tensor, out: torch.Tensor, *, col0: int, vocab: int, inv_temp: float,
+                 ignore_index: int, accum: bool, final: bool, entropy: bool) -> None:
+    """Launch the statistics kernel on rows of `x [n, c]` (last dim contiguous).
+
+    state [4, n] fp32 (m, s, t, w) is read when `accum` and written unless `final`; out [3, n]
+    fp32 (logp, entropy, lse) is written when `final`.
+    """
+    n, c = x.shape
+    if n == 0:
+        return
+    block, warps = _block_v(c)
+    _token_logprobs_fwd_kernel[(n,)](
+        x, x.stride(0), labels, bias if bias is not None else x, state, out, n, c, col0, vocab,
+        float(inv_temp), int(ignore_index), HAS_BIAS=bias is not None, ACCUM=accum, FINAL=final,
+        ENTROPY=entropy, BLOCK_V=block, num_warps=warps)
+
+
+def grad_triton(x: torch.Tensor, g: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None,
+                lse: torch.Tensor, ent: torch.Tensor | None, dlogp: torch.Tensor,
+                dent: torch.Tensor | None, *, col0: int, inv_temp: float,
+                ignore_index: int) -> None:
+    """Write dL/dx into g (g may be x itself) for rows of `x [n, c]` (last dim contiguous)."""
+    n, c = x.shape
+    if n == 0:
+        return
+    block, warps = _block_v(c)
+    has_dent = dent is not None
+    _token_logprobs_bwd_kernel[(n,)](
+        x, x.stride(0), g, g.stride(0), labels, bias if bias is not None else x, lse,
+        ent if has_dent else lse, dlogp, dent if has_dent else dlogp, c, col0, float(inv_temp),
+        int(ignore_index), HAS_BIAS=bias is not None, HAS_DENT=has_dent, BLOCK_V=block,
+        num_warps=warps)
+
+
+def fwd_triton(logits, labels, inv_temp: float, ignore_index: int, with_entropy: bool):
+    """[3, N] fp32 (logp, entropy (zeros unless with_entropy), lse) of logits [N, V]."""
+    out = torch.zeros(3, logits.shape[0], dtype=torch.float32, device=logits.device)
+    stats_triton(logits, labels, None, out, out, col0=0, vocab=logits.shape[1], inv_temp=inv_temp,
+                 ignore_index=ignore_index, accum=False, final=True, entropy=with_entropy)
+    return out
+
+
+def bwd_triton(logits, labels, lse, ent, dlogp, dent, inv_temp: float, ignore_index: int,
+               inplace: bool) -> torch.Tensor:
+    g = logits if inplace else torch.empty_like(logits)
+    grad_triton(logits, g, labels, None, lse, ent, dlogp, dent, col0=0, inv_temp=inv_temp,
+                ignore_index=ignore_index)
+    return g
+
+
+# The Triton launchers as custom ops, so torch.compile sees one opaque node per launch (eager
+# calls go to the launchers directly: a custom op costs tens of microseconds of Python).
+if HAS_TRITON:
+
+    @torch.library.custom_op("r1kernels_triton::token_logprobs_fwd", mutates_args=())
+    def _fwd_triton_op(logits: torch.Tensor, labels: torch.Tensor, inv_temp: float,
+                       ignore_index: int, with_entropy: bool) -> torch.Tensor:
+        return fwd_triton(logits, labels, inv_temp, ignore_index, with_entropy)
+
+    @_fwd_triton_op.register_fake
+    def _(logits, labels, inv_temp, ignore_index, with_entropy):
+        return logits.new_empty(3, logits.shape[0], dtype=torch.float32)
+
+    @torch.library.custom_op("r1kernels_triton::token_logprobs_bwd", mutates_args=())
+    def _bwd_triton_op(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
+                       ent: torch.Tensor | None, dlogp: torch.Tensor, dent: torch.Tensor | None,
+                       inv_temp: float, ignore_index: int) -> torch.Tensor:
+        return bwd_triton(logits, labels, lse, ent, dlogp, dent, inv_temp, ignore_index, False)
+
+    @_bwd_triton_op.register_fake
+    def _(logits, labels, lse, ent, dlogp, dent, inv_temp, ignore_index):
+        return torch.empty_like(logits)
+
+    @torch.library.custom_op("r1kernels_triton::token_logprobs_bwd_", mutates_args=("logits",))
+    def _bwd_inplace_triton_op(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
+                               ent: torch.Tensor | None, dlogp: torch.Tensor,
+                               dent: torch.Tensor | None, inv_temp: float,
+                               ignore_index: int) -> None:
+        grad_triton(logits, logits, labels, None, lse, ent, dlogp, dent, col0=0,
+                    inv_temp=inv_temp, ignore_index=ignore_index)
+
+    @_bwd_inplace_triton_op.register_fake
+    def _(logits, labels, lse, ent, dlogp, dent, inv_temp, ignore_index):
+        return None
+
+    # tile-level launchers used by the hidden-state op (linear_token_logprobs)
+    @torch.library.custom_op("r1kernels_triton::logprob_tile_stats", mutates_args=("state", "out"))
+    def _tile_stats_op(x: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None,
+                       state: torch.Tensor, out: torch.Tensor, col0: int, vocab: int,
+                       inv_temp: float, ignore_index: int, accum: bool, final: bool,
+                       entropy: bool) -> None:
+        stats_triton(x, labels, bias, state, out, col0=col0, vocab=vocab, inv_temp=inv_temp,
+                     ignore_index=ignore_index, accum=accum, final=final, entropy=entropy)
+
+    @_tile_stats_op.register_fake
+    def _(x, labels, bias, state, out, col0, vocab, inv_temp, ignore_index, accum, final, entropy):
+        return None
+
+    @torch.library.custom_op("r1kernels_triton::logprob_tile_grad", mutates_args=("g",))
+    def _tile_grad_op(x: torch.Tensor, g: torch.Tensor, labels: torch.Tensor,
+                      bias: torch.Tensor | None, lse: torch.Tensor, ent: torch.Tensor | None,
+                      dlogp: torch.Tensor, dent: torch.Tensor | None, col0: int, inv_temp: float,
+                      ignore_index: int) -> None:
+        grad_triton(x, g, labels, bias, lse, ent, dlogp, dent, col0=col0, inv_temp=inv_temp,
+                    ignore_index=ignore_index)
+
+    @_tile_grad_op.register_fake
+    def _(x, g, labels, bias, lse, ent, dlogp, dent, col0, inv_temp, ignore_index):
+        return None
+
+
+def stats_tile(x, labels, bias, state, out, *, col0, vocab, inv_temp, ignore_index, accum, final,
+               entropy) -> None:
+    """stats_triton, through its custom op when torch.compile traces it."""
+    if torch.compiler.is_compiling():
+        _tile_stats_op(x, labels, bias, state, out, col0, vocab, inv_temp, ignore_index, accum,
+                       final, entropy)
+    else:
+        stats_triton(x, labels, bias, state, out, col0=col0, vocab=vocab, inv_temp=inv_temp,
+                     ignore_index=ignore_index, accum=accum, final=final, entropy=entropy)
+
+
+def grad_tile(x, g, labels, bias, lse, ent, dlogp, dent, *, col0, inv_temp, ignore_index) -> None:
+    """grad_triton, through its custom op when torch.compile traces it (g must not alias x
+    then)."""
+    if torch.compiler.is_compiling():
+        _tile_grad_op(x, g, labels, bias, lse, ent, dlogp, dent, col0, inv_temp, ignore_index)
+    else:
+        grad_triton(x, g, labels, bias, lse, ent, dlogp, dent, col0=col0, inv_temp=inv_temp,
+                    ignore_index=ignore_index)
+
+
+# ---- PyTorch path (chunked over rows; the same math on fp32 tiles) ----------------------------
+
+
+def stats_torch(z: torch.Tensor, loc: torch.Tensor, state: tuple | None, entropy: bool):
+    """Merge the statistics of the fp32 tile z [n, c] (already / T) into state (m, s, t, w).
+
+    loc [n] int64: the label's column inside the tile (outside [0, c) when not in it).
+    z is overwritten: callers pass a tile they own.
+    """
+    n, c = z.shape
+    in_tile = (loc >= 0) & (loc < c)
+    zt = z.gather(1, loc.clamp(0, max(c - 1, 0)).unsqueeze(1)).squeeze(1)
+    t_tile = torch.where(in_tile, zt, torch.zeros_like(zt))
+    m_tile = z.amax(dim=1)
+    if state is None:
+        m = torch.full_like(m_tile, float("-inf"))
+        s = torch.zeros_like(m_tile)
+        t = torch.zeros_like(m_tile)
+        w = torch.zeros_like(m_tile)
+    else:
+        m, s, t, w = state
+    m_new = torch.maximum(m, m_tile)
+    m_ref = torch.where(m_new == float("-inf"), torch.zeros_like(m_new), m_new)
+    alpha = torch.exp(m - m_ref)
+    # d = z - m_ref, floored at -1e4 (exp is 0 there either way): no 0 * -inf below
+    d = z.sub_(m_ref.unsqueeze(1)).clamp_(min=-1e4)
+    e = torch.exp(d)
+    if entropy:
+        w = alpha * (w + s * torch.where(s > 0, m - m_ref, torch.zeros_like(s)))
+        w = w + torch.linalg.vecdot(e, d, dim=1)
+    s = s * alpha + e.sum(1)
+    return m_new, s, t + t_tile, w
+
+
+def finalize(state: tuple, labels: torch.Tensor, vocab: int, ignore_index: int, entropy: bool):
+    """(logp, entropy or None, lse) from the merged statistics."""
+    m, s, t, w = state
+    lse = m + torch.log(s)
+    ignored = labels == ignore_index
+    valid = (labels >= 0) & (labels < vocab)
+    zero = torch.zeros_like(lse)
+    logp = torch.where(valid, (t - m) - torch.log(s), torch.full_like(lse, float("nan")))
+    logp = torch.where(ignored, zero, logp)
+    ent = None
+    if entropy:
+        ent = torch.where(ignored, zero, torch.log(s) - w / s)
+    return logp, ent, lse
+
+
+def grad_torch(z: torch.Tensor, loc: torch.Tensor, ignored: torch.Tensor, lse: torch.Tensor,
+               ent: torch.Tensor | None, dlogp: torch.Tensor, dent: torch.Tensor | None,
+               inv_temp: float) -> torch.Tensor:
+    """dL/dlogits of the fp32 tile z [n, c] (already / T), computed in place in z:
+    g = p * (-(dlogp + dent * H) - dent * log p) + dlogp * onehot, times 1/T, with log p floored
+    at -1e4 (p is 0 there either way: no 0 * -inf)."""
+    n, c = z.shape
+    zero = torch.zeros_like(lse)
+    g_row = torch.where(ignored, zero, dlogp.float())
+    logp_v = z.sub_(lse.unsqueeze(1)).clamp_(min=-1e4)
+    p = torch.exp(logp_v)
+    if dent is not None:
+        e_row = torch.where(ignored, zero, dent.float())
+        coef = -(g_row + e_row * ent)
+        g = logp_v.mul_(-e_row.unsqueeze(1)).add_(coef.unsqueeze(1)).mul_(p)
+    else:
+        g = p.mul_(-g_row.unsqueeze(1))
+    in_tile = (loc >= 0) & (loc < c)
+    onehot = torch.where(in_tile, g_row, zero).unsqueeze(1)
+    g = g.scatter_add_(1, loc.clamp(0, max(c - 1, 0)).unsqueeze(1), onehot)
+    g = g.masked_fill_(ignored.unsqueeze(1), 0.0)
+    return g.mul_(inv_temp)
+
+
+def _chunk_rows(n_cols: int) -> int:
+    return max(1, TORCH_CHUNK_ELEMS // max(n_cols, 1))
+
+
+def fwd_torch(x: torch.Tensor, labels: torch.Tensor, inv_temp: float, ignore_index: int,
+              with_entropy: bool):
+    """(logp, entropy or None, lse) with at most TORCH_CHUNK_ELEMS fp32 logits alive at once."""
+    n, v = x.shape
+    outs = []
+    step = _chunk_rows(v)
+    for r0 in range(0, n, step):
+        z = x[r0:r0 + step].float() * inv_temp
+        y = labels[r0:r0 + step].long()
+        st = stats_torch(z, y, None, with_entropy)
+        outs.append(finalize(st, y, v, ignore_index, with_entropy))
+    if not outs:
+        empty = x.new_zeros(0, dtype=torch.float32)
+        return empty, (empty if with_entropy else None), empty
+    logp = torch.cat([o[0] for o in outs])
+    ent = torch.cat([o[1] for o in outs]) if with_entropy else None
+    lse = torch.cat([o[2] for o in outs])
+    return logp, ent, lse
+
+
+def bwd_torch(x: torch.Tensor, labels: torch.Tensor, lse, ent, dlogp, dent, inv_temp: float,
+              ignore_index: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """dL/dx in x's dtype, written chunk by chunk into `out` (may be x itself, or None: new)."""
+    n, v = x.shape
+    g_all = torch.empty_like(x) if out is None else out
+    step = _chunk_rows(v)
+    for r0 in range(0, n, step):
+        sl = slice(r0, r0 + step)
+        z = x[sl].float() * inv_temp
+        y = labels[sl].long()
+        g = grad_torch(z, y, y == ignore_index, lse[sl], None if ent is None else ent[sl],
+                       dlogp[sl], None if dent is None else dent[sl], inv_temp)
+        g_all[sl].copy_(g)
+    return g_all
+
+
+# ---- dispatch to one backend ------------------------------------------------------------------
+
+
+def _fwd(backend: str, x, labels, inv_temp: float, ignore_index: int, with_entropy: bool):
+    if backend == "triton":
+        if torch.compiler.is_compiling():
+            out = _fwd_triton_op(x, labels, inv_temp, ignore_index, with_entropy)
+        else:
+            out = fwd_triton(x, labels, inv_temp, ignore_index, with_entropy)
+        return out[0], (out[1] if with_entropy else None), out[2]
+    return fwd_torch(x, labels, inv_temp, ignore_index, with_entropy)
+
+
+def _bwd(backend: str, x, labels, lse, ent, dlogp, dent, inv_temp: float, ignore_index: int,
+         inplace: bool) -> torch.Tensor:
+    dlogp = dlogp.float().contiguous()
+    dent = None if dent is None else dent.float().contiguous()
+    if backend == "triton":
+        if not torch.compiler.is_compiling():
+            return bwd_triton(x, labels, lse, ent, dlogp, dent, inv_temp, ignore_index, inplace)
+        if inplace:
+            _bwd_inplace_triton_op(x, labels, lse, ent, dlogp, dent, inv_temp, ignore_index)
+            return x
+        return _bwd_triton_op(x, labels, lse, ent, dlogp, dent, inv_temp, ignore_index)
+    return bwd_torch(x, labels, lse, ent, dlogp, dent, inv_temp, ignore_index,
+                     out=x if inplace else None)
+
+
+class TokenLogprobsFunction(torch.autograd.Function):
+    """logits [N, V] (last dim contiguous), labels [N] -> logp [N] (, entropy [N])."""
+
+    @staticmethod
+    def forward(ctx, x, labels, inv_temp, ignore_index, with_entropy, backend, inplace):
+        logp, ent, lse = _fwd(backend, x, labels, inv_temp, ignore_index, with_entropy)
+        # saves the logits themselves (no copy) and 4-8 bytes per row
+        ctx.save_for_backward(x, labels, lse, ent)
+        ctx.args = (inv_temp, ignore_index, backend, inplace)
+        ctx.with_entropy = with_entropy
+        if with_entropy:
+            return logp, ent
+        return logp
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dlogp, dent=None):
+        x, labels, lse, ent = ctx.saved_tensors
+        inv_temp, ignore_index, backend, inplace = ctx.args
+        if dlogp is None:
+            dlogp = torch.zeros_like(lse)
+        g = _bwd(backend, x, labels, lse, ent if ctx.with_entropy else None, dlogp,
+                 dent if ctx.with_entropy else None, inv_temp, ignore_index, inplace)
+        return g, None, None, None, None, None, None
+
+
+# ---- validation -------------------------------------------------------------------------------
+
+
+def check_temperature(op: str, temperature) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
+            not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"{op}: temperature must be a finite number > 0, got {temperature!r}")
+    return float(temperature)
+
+
+def check_labels(op: str, labels: torch.Tensor, batch_shape, vocab: int, ignore_index,
+                 device) -> None:
+    if not isinstance(labels, torch.Tensor):
+        raise ValueError(f"{op}: labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"{op}: labels must be an integer tensor, got dtype {labels.dtype}")
+    if tuple(labels.shape) != tuple(batch_shape):
+        raise ValueError(f"{op}: labels expected shape {tuple(batch_shape)}, got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"{op}: labels expected on device {device}, got {labels.device}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"{op}: ignore_index must be an int, got {ignore_index!r}")
+    # Data-dependent check (one host sync); under torch.compile the kernels return NaN instead.
+    if labels.numel() and not torch.compiler.is_compiling():
+        bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
+        if bool(bad.any()):
+            first = labels[bad].reshape(-1)[0].item()
+            raise IndexError(f"{op}: labels must be in [0, {vocab}) or ignore_index={ignore_index}, "
+                             f"got {first}")
+
+
+def check_float(op: str, name: str, t, min_dim: int = 1) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{op}: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if t.dim() < min_dim:
+        raise ValueError(f"{op}: {name} must have at least {min_dim} dimension(s), got shape "
+                         f"{tuple(t.shape)}")
+
+
+def _prepare(op: str, logits, labels, temperature, ignore_index):
+    check_float(op, "logits", logits)
+    vocab = logits.shape[-1]
+    if vocab < 1:
+        raise ValueError(f"{op}: logits must have a vocabulary dimension >= 1, got shape "
+                         f"{tuple(logits.shape)}")
+    check_labels(op, labels, logits.shape[:-1], vocab, ignore_index, logits.device)
+    temperature = check_temperature(op, temperature)
+    x = logits.reshape(-1, vocab)
+    if x.stride(-1) != 1:
+        x = x.contiguous()  # kernels read rows with unit stride; copy stays in the logits' dtype
+    return x, labels.reshape(-1).contiguous(), 1.0 / temperature
+
+
+# ---- public function and internal entry point -------------------------------------------------
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0,
+                   ignore_index: int = -100, with_entropy: bool = False,
+                   inplace_backward: bool = False):
+    """logp = log_softmax(logits.float() / temperature)[label], 0 where label == ignore_index.
+
+    `logits [..., V]`, `labels [...]` integer; returns fp32 `logp [...]`, and `entropy [...]` too
+    when `with_entropy`. Differentiable. `inplace_backward=True` writes dL/dlogits into the logits
+    buffer during backward (saves one [N, V] allocation; the logits are garbage afterwards).
+    See shared/API.md.
+    """
+    x, y, inv_temp = _prepare(OP, logits, labels, temperature, ignore_index)
+    backend = dispatch.select(OP, x.device)
+    inplace = bool(inplace_backward) and x.data_ptr() == logits.data_ptr() and x.is_contiguous()
+    out = TokenLogprobsFunction.apply(x, y, inv_temp, int(ignore_index), bool(with_entropy),
+                                      backend, inplace)
+    shape = labels.shape
+    if with_entropy:
+        return out[0].reshape(shape), out[1].reshape(shape)
+    return out.reshape(shape)
+
+
+def token_logprobs_with_grad(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float,
+                             ignore_index: int, with_entropy: bool,
+                             grad_fn: Callable, chunk_multiple: int = 1,
+                             inplace: bool = False):
+    """(logp [N] fp32, entropy [N] fp32 or None, grad_logits [N, V] in logits' dtype).
+
+    grad_fn(start, end, logp_chunk, entropy_chunk) -> dL/dlogp for rows start:end; called once
+    with (0, N) (so chunk_multiple always holds). The entropy is for metrics: no gradient flows
+    through it. `inplace=True` writes grad_logits into `logits` (returned as that same tensor
+    when it is 2-D with contiguous rows).
+    """
+    op = "token_logprobs_with_grad"
+    if logits.dim() != 2:
+        raise ValueError(f"{op}: logits expected 2-D [N, V], got shape {tuple(logits.shape)}")
+    if isinstance(chunk_multiple, bool) or not isinstance(chunk_multiple, int) or chunk_multiple < 1:
+        raise ValueError(f"{op}: chunk_multiple must be a positive int, got {chunk_multiple!r}")
+    x, y, inv_temp = _prepare(op, logits, labels, temperature, ignore_index)
+    backend = dispatch.select(OP, x.device)
+    with torch.no_grad():
+        logp, ent, lse = _fwd(backend, x, y, inv_temp, int(ignore_index), bool(with_entropy))
+        n = x.shape[0]
+        dlogp = grad_fn(0, n, logp, ent)
+        if not isinstance(dlogp, torch.Tensor) or tuple(dlogp.shape) != (n,):
+            raise ValueError(f"{op}: grad_fn must return a tensor of shape ({n},), got "
+                             f"{getattr(dlogp, 'shape', type(dlogp).__name__)}")
+        inplace = bool(inplace) and x.data_ptr() == logits.data_ptr() and x.is_contiguous()
+        grad = _bwd(backend, x, y, lse, None, dlogp, None, inv_temp, int(ignore_index), inplace)
+    return logp, ent, grad

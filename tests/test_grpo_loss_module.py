@@ -1,0 +1,296 @@
+"""GRPOLoss (fused hidden-state path) and GRPOLoss.from_logits against the float64 reference
+grpo_loss_ref(linear_token_logprobs_ref(...)): loss, metrics (entropy included) and gradients of
+hidden, weight, bias / logits."""
+import pytest
+import torch
+
+import r1kernels
+from r1kernels import dispatch
+from r1kernels.nn import GRPOLoss
+from r1kernels.ops import linear_token_logprobs as ltp_mod
+from r1kernels.reference import grpo_loss_ref, linear_token_logprobs_ref
+from conftest import DEVICE, backends_for
+from cpu_memory import peak_extra_bytes
+
+BACKENDS = backends_for("grpo_loss")
+
+
+def make(B, T, H, V, *, seed=0, bias=True, p_mask=0.75):
+    g = torch.Generator().manual_seed(seed)
+    d = dict(
+        hidden=torch.randn(B, T, H, generator=g, dtype=torch.float64),
+        weight=torch.randn(V, H, generator=g, dtype=torch.float64) / H ** 0.5 * 2,
+        bias=torch.randn(V, generator=g, dtype=torch.float64) * 0.1 if bias else None,
+        labels=torch.randint(0, V, (B, T), generator=g),
+        mask=torch.rand(B, T, generator=g) < p_mask,
+        adv=torch.randn(B, generator=g, dtype=torch.float64),
+    )
+    with torch.no_grad():
+        lp = linear_token_logprobs_ref(d["hidden"], d["weight"], d["labels"], bias=d["bias"])
+    d["old"] = lp + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.2
+    d["ref"] = lp + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.2
+    d["rw"] = torch.rand(B, T, generator=g, dtype=torch.float64) + 0.5
+    return d
+
+
+def reference(d, opts, kw, temperature=1.0):
+    h = d["hidden"].clone().requires_grad_(True)
+    w = d["weight"].clone().requires_grad_(True)
+    b = None if d["bias"] is None else d["bias"].clone().requires_grad_(True)
+    lp, ent = linear_token_logprobs_ref(h, w, d["labels"], bias=b, temperature=temperature,
+                                        with_entropy=True)
+    loss, metrics = grpo_loss_ref(lp, d["adv"], d["mask"], **opts, **kw)
+    loss.backward()
+    m = d["mask"].double()
+    metrics["entropy"] = (ent.detach() * m).sum() / m.sum().clamp(min=1)
+    return loss.item(), {k: v.item() for k, v in metrics.items()}, (h.grad, w.grad, None if b is None else b.grad)
+
+
+def kwargs_for(d, *, old=True, beta=0.0, rw=False, dtype=torch.float32):
+    kw = {}
+    if old:
+        kw["old_logps"] = d["old"]
+    if beta:
+        kw["ref_logps"] = d["ref"]
+    if rw:
+        kw["rollout_is_weights"] = d["rw"]
+    return kw
+
+
+def to_dev(kw, dtype=torch.float32):
+    return {k: v.to(DEVICE).to(dtype) for k, v in kw.items()}
+
+
+CASES = [
+    ("dapo", "token", dict(epsilon_high=0.28), dict()),
+    ("grpo", "sequence", dict(beta=0.04, use_bias_correction_kl=True), dict(beta=True, rw=True)),
+    ("bnpo", "token", dict(delta=1.5, beta=0.1), dict(beta=True)),
+    ("dr_grpo", "token", dict(max_completion_length=16), dict()),
+    ("luspo", "sequence", dict(), dict(rw=True)),
+    ("cispo", "token", dict(epsilon_high=1.1, beta=0.02), dict(beta=True)),
+    ("sapo", "token", dict(), dict(old=False)),
+    ("sapo", "sequence", dict(), dict()),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss_type,level,opts,kwsel", CASES,
+                         ids=[f"{c[0]}-{c[1]}-{i}" for i, c in enumerate(CASES)])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fused_matches_reference(backend, loss_type, level, opts, kwsel, temperature):
+    d = make(3, 7, 16, 50, seed=len(loss_type) + (level == "sequence"))
+    d["mask"][1] = False
+    opts = dict(loss_type=loss_type, importance_sampling_level=level, **opts)
+    kw = kwargs_for(d, old=kwsel.get("old", True), beta=kwsel.get("beta", False), rw=kwsel.get("rw", False))
+    rloss, rmetrics, rgrads = reference(d, opts, kw, temperature)
+
+    fn = GRPOLoss(temperature=temperature, **opts)
+    h = d["hidden"].float().to(DEVICE).requires_grad_(True)
+    w = d["weight"].float().to(DEVICE).requires_grad_(True)
+    b = d["bias"].float().to(DEVICE).requires_grad_(True)
+    with dispatch.use_backend(backend):
+        out = fn(h, w, d["labels"].to(DEVICE), d["mask"].to(DEVICE), d["adv"].float().to(DEVICE),
+                 bias=b, **to_dev(kw))
+    assert isinstance(out, r1kernels.GRPOLossOutput)
+    out.loss.backward()
+    assert out.loss.item() == pytest.approx(rloss, rel=1e-5, abs=1e-6)
+    for k, v in rmetrics.items():
+        assert out.metrics[k].item() == pytest.approx(v, rel=1e-5, abs=1e-6), k
+    for ours, ref in zip((h.grad, w.grad, b.grad), rgrads):
+        torch.testing.assert_close(ours.double().cpu(), ref, rtol=1e-4, atol=1e-6)
+
+    # from_logits: the same numbers from materialized logits, with and without the in-place grad
+    for inplace in (False, True):
+        with torch.no_grad():
+            logits = (d["hidden"] @ d["weight"].T + d["bias"]).float().to(DEVICE)
+        x = logits.clone().requires_grad_(True)
+        ptr = x.data_ptr()
+        with dispatch.use_backend(backend):
+            out = fn.from_logits(x, d["labels"].to(DEVICE), d["mask"].to(DEVICE),
+                                 d["adv"].float().to(DEVICE), inplace=inplace, **to_dev(kw))
+        out.loss.backward()
+        assert out.loss.item() == pytest.approx(rloss, rel=1e-5, abs=1e-6)
+        assert out.metrics["entropy"].item() == pytest.approx(rmetrics["entropy"], rel=1e-5)
+        lr = (d["hidden"] @ d["weight"].T + d["bias"]).clone().requires_grad_(True)
+        lp = r1kernels.reference.token_logprobs_ref(lr, d["labels"], temperature=temperature)
+        grpo_loss_ref(lp, d["adv"], d["mask"], **opts, **kw)[0].backward()
+        torch.testing.assert_close(x.grad.double().cpu(), lr.grad, rtol=1e-4, atol=1e-7)
+        if inplace:  # the gradient lives in the logits' storage
+            assert x.grad.data_ptr() == ptr
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_equals_composition_of_public_ops(backend):
+    """GRPOLoss == grpo_loss(linear_token_logprobs(...)) computed unfused by this package."""
+    d = make(4, 9, 32, 70, seed=5)
+    kw = kwargs_for(d, beta=True)
+    opts = dict(loss_type="grpo", beta=0.05, epsilon_high=0.28)
+    t = lambda: [x.float().to(DEVICE).requires_grad_(True) for x in (d["hidden"], d["weight"], d["bias"])]  # noqa: E731
+    h1, w1, b1 = t()
+    h2, w2, b2 = t()
+    with dispatch.use_backend(backend):
+        out = GRPOLoss(**opts)(h1, w1, d["labels"].to(DEVICE), d["mask"].to(DEVICE),
+                               d["adv"].float().to(DEVICE), bias=b1, **to_dev(kw))
+        lp = r1kernels.linear_token_logprobs(h2, w2, d["labels"].to(DEVICE), bias=b2)
+        out2 = r1kernels.grpo_loss(lp, d["adv"].float().to(DEVICE), d["mask"].to(DEVICE), **opts, **to_dev(kw))
+    (out.loss * 2.5).backward()
+    (out2.loss * 2.5).backward()
+    assert out.loss.item() == pytest.approx(out2.loss.item(), rel=1e-5, abs=1e-7)
+    for a, b in ((h1, h2), (w1, w2), (b1, b2)):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fully_masked_and_empty(backend):
+    d = make(3, 5, 8, 20)
+    d["mask"][:] = False
+    fn = GRPOLoss(loss_type="grpo", beta=0.1)
+    for B, T in ((3, 5), (0, 5), (3, 0)):
+        h = d["hidden"][:B, :T].float().to(DEVICE).requires_grad_(True)
+        w = d["weight"].float().to(DEVICE).requires_grad_(True)
+        with dispatch.use_backend(backend):
+            out = fn(h, w, d["labels"][:B, :T].to(DEVICE), d["mask"][:B, :T].to(DEVICE),
+                     d["adv"][:B].float().to(DEVICE), ref_logps=d["ref"][:B, :T].float().to(DEVICE))
+        out.loss.backward()
+        assert out.loss.item() == 0.0
+        assert all(v.item() == 0.0 for v in out.metrics.values())
+        assert (h.grad == 0).all() and (w.grad == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16(backend):
+    """bf16 hidden/weight: compared with the same op run on the bf16-rounded inputs in float64;
+    gradients are rounded to bf16 (rel 2^-8) and the logits GEMM accumulates in fp32."""
+    d = make(2, 6, 32, 40, seed=9, bias=False)
+    hb, wb = d["hidden"].bfloat16(), d["weight"].bfloat16()
+    d["hidden"], d["weight"] = hb.double(), wb.double()
+    opts = dict(loss_type="dapo")
+    kw = kwargs_for(d)
+    rloss, _, rgrads = reference(d, opts, kw)
+    h = hb.to(DEVICE).requires_grad_(True)
+    w = wb.to(DEVICE).requires_grad_(True)
+    with dispatch.use_backend(backend):
+        out = GRPOLoss(**opts)(h, w, d["labels"].to(DEVICE), d["mask"].to(DEVICE),
+                               d["adv"].float().to(DEVICE), **to_dev(kw))
+    out.loss.backward()
+    assert h.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.bfloat16
+    assert out.loss.item() == pytest.approx(rloss, rel=1e-4, abs=1e-5)
+    for ours, ref in zip((h.grad, w.grad), rgrads):
+        torch.testing.assert_close(ours.double().cpu(), ref, rtol=2 ** -7, atol=2 ** -7 * ref.abs().max().item())
+    # bf16 logits of the same inputs
+    with torch.no_grad():
+        logits = (d["hidden"] @ d["weight"].T).bfloat16()
+    x = logits.to(DEVICE).requires_grad_(True)
+    with dispatch.use_backend(backend):
+        out = GRPOLoss(**opts).from_logits(x, d["labels"].to(DEVICE), d["mask"].to(DEVICE),
+                                           d["adv"].float().to(DEVICE), **to_dev(kw))
+    out.loss.backward()
+    lr = logits.detach().double().requires_grad_(True)
+    lp = r1kernels.reference.token_logprobs_ref(lr, d["labels"])
+    rl = grpo_loss_ref(lp, d["adv"], d["mask"], **opts, **kw)[0]
+    rl.backward()
+    assert x.grad.dtype == torch.bfloat16
+    assert out.loss.item() == pytest.approx(rl.item(), rel=1e-4, abs=1e-5)
+    torch.testing.assert_close(x.grad.double().cpu(), lr.grad, rtol=2 ** -7, atol=2 ** -7 * lr.grad.abs().max().item())
+
+
+def test_only_weight_grad_and_no_grad():
+    d = make(2, 4, 8, 16, bias=False)
+    fn = GRPOLoss()
+    h = d["hidden"].float()
+    w = d["weight"].float().requires_grad_(True)
+    out = fn(h, w, d["labels"], d["mask"], d["adv"].float(), old_logps=d["old"].float())
+    out.loss.backward()
+    rloss, _, rgrads = reference(d, dict(loss_type="dapo"), kwargs_for(d))
+    torch.testing.assert_close(w.grad.double(), rgrads[1], rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        out = fn(h, w, d["labels"], d["mask"], d["adv"].float(), old_logps=d["old"].float())
+    assert out.loss.item() == pytest.approx(rloss, rel=1e-5)
+
+
+def test_second_backward_is_refused():
+    d = make(2, 4, 8, 16)
+    h = d["hidden"].float().requires_grad_(True)
+    out = GRPOLoss()(h, d["weight"].float(), d["labels"], d["mask"], d["adv"].float())
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        out.loss.backward()
+
+
+def test_fused_memory_does_not_hold_logits(monkeypatch):
+    """The hidden-state path holds no [N, V] buffer: peak extra memory stays well below the fp32
+    logits (N * V * 4 bytes) and the materializing composition's peak."""
+    monkeypatch.setattr(ltp_mod, "TILE_ELEMS_CPU", 1 << 16)
+    B, T, H, V = 16, 64, 32, 4096
+    d = make(B, T, H, V, bias=False)
+    h = d["hidden"].float().requires_grad_(True)
+    w = d["weight"].float().requires_grad_(True)
+    args = (d["labels"], d["mask"], d["adv"].float())
+    with dispatch.use_backend("torch"):
+        peak, _ = peak_extra_bytes(lambda: GRPOLoss()(h, w, *args, old_logps=d["old"].float()).loss.backward())
+    logits_bytes = B * T * V * 4
+    grads_bytes = (B * T * H + V * H) * 4
+    assert peak <= grads_bytes + 8 * (1 << 16) * 4 + 64 * B * T, (peak, logits_bytes)
+    assert peak < logits_bytes / 4
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(hidden=torch.zeros(2, 3)), "GRPOLoss"),
+    (dict(weight=torch.zeros(5, 7)), "weight"),
+    (dict(bias=torch.zeros(6)), "bias"),
+    (dict(labels=torch.zeros(2, 4, dtype=torch.long)), "labels"),
+    (dict(labels=torch.zeros(2, 3)), "labels"),
+    (dict(mask=torch.ones(2, 4, dtype=torch.bool)), "mask"),
+    (dict(advantages=torch.zeros(3)), "advantages"),
+    (dict(old_logps=torch.zeros(3, 3)), "old_logps"),
+])
+def test_bad_input(bad, match):
+    args = dict(hidden=torch.zeros(2, 3, 8), weight=torch.zeros(5, 8),
+                labels=torch.zeros(2, 3, dtype=torch.long), mask=torch.ones(2, 3, dtype=torch.bool),
+                advantages=torch.zeros(2))
+    kw = {k: bad.pop(k) for k in list(bad) if k in ("bias", "old_logps")}
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        GRPOLoss()(args["hidden"], args["weight"], args["labels"], args["mask"], args["advantages"], **kw)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(loss_type="ppo"), "loss_type"), (dict(epsilon_low=-1.0), "epsilon_low"),
+    (dict(temperature=0.0), "temperature"), (dict(importance_sampling_level="x"), "importance"),
+])
+def test_bad_constructor(kw, match):
+    with pytest.raises(ValueError, match=match):
+        GRPOLoss(**kw)
+
+
+def test_beta_needs_ref():
+    d = make(2, 3, 8, 5)
+    with pytest.raises(ValueError, match="ref_logps"):
+        GRPOLoss(beta=0.1)(d["hidden"].float(), d["weight"].float(), d["labels"], d["mask"], d["adv"].float())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_from_logits_sliced_like_liger(backend, inplace):
+    """logits[:, :-1] of a [B, T + 1, V] buffer (the layout causal LMs return): not viewable as
+    [B*T, V]; handled per sequence, in place into the caller's buffer when asked."""
+    d = make(3, 5, 8, 30, seed=4)
+    with torch.no_grad():
+        full = d["hidden"] @ d["weight"].T + d["bias"]
+        full = torch.cat([full, full[:, :1]], 1).float().to(DEVICE)  # [B, T + 1, V]
+    x = full[:, :-1].requires_grad_(True)  # a leaf view
+    opts = dict(loss_type="grpo", beta=0.04)
+    kw = kwargs_for(d, beta=True)
+    with dispatch.use_backend(backend):
+        out = GRPOLoss(**opts).from_logits(x, d["labels"].to(DEVICE), d["mask"].to(DEVICE),
+                                           d["adv"].float().to(DEVICE), inplace=inplace, **to_dev(kw))
+    out.loss.backward()
+    rloss, _, _ = reference(d, opts, kw)
+    lr = (d["hidden"] @ d["weight"].T + d["bias"]).clone().requires_grad_(True)
+    lp = r1kernels.reference.token_logprobs_ref(lr, d["labels"])
+    grpo_loss_ref(lp, d["adv"], d["mask"], **opts, **kw)[0].backward()
+    assert out.loss.item() == pytest.approx(rloss, rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(x.grad.double().cpu(), lr.grad, rtol=1e-4, atol=1e-7)
+    if inplace:  # written into the caller's buffer (autograd then copies it into the leaf's .grad,
+        # since a gradient with gaps between rows does not meet the leaf gradient layout contract)
+        torch.testing.assert_close(full[:, :-1], x.grad)

@@ -1,0 +1,287 @@
+"""token_logprobs against the float64 reference: values, gradients (incl. entropy), every backend.
+
+Tolerances: the kernels compute in fp32 on the given (possibly 16-bit) logits, so log-probs and
+entropies are compared with the float64 reference run on the same logits at fp32 accuracy.
+Gradients come back in the logits' dtype: one rounding to bf16/fp16 (relative 2**-8 / 2**-11),
+where torch's own bf16/fp16 log_softmax backward rounds at least as often.
+"""
+import pytest
+import torch
+
+import r1kernels
+from r1kernels import dispatch
+from r1kernels.ops import token_logprobs as tlp_mod
+from r1kernels.ops.token_logprobs import token_logprobs_with_grad
+from r1kernels.reference import token_logprobs_ref
+from conftest import DEVICE, backends_for
+from cpu_memory import peak_extra_bytes
+
+OP = "token_logprobs"
+BACKENDS = backends_for(OP)
+GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}
+
+
+def run(backend, logits, labels, **kw):
+    with dispatch.use_backend(backend):
+        return r1kernels.token_logprobs(logits, labels, **kw)
+
+
+def check(backend, logits, labels, *, temperature=1.0, ignore_index=-100, with_entropy=True,
+          atol=2e-5):
+    """Values and gradients (random upstream weights on logp and entropy) vs float64 autograd."""
+    x = logits.detach().to(DEVICE).requires_grad_(True)
+    y = labels.to(DEVICE)
+    out = run(backend, x, y, temperature=temperature, ignore_index=ignore_index,
+              with_entropy=with_entropy)
+    xr = logits.detach().double().requires_grad_(True)
+    ref = token_logprobs_ref(xr, labels, temperature=temperature, ignore_index=ignore_index,
+                             with_entropy=with_entropy)
+    outs = out if with_entropy else (out,)
+    refs = ref if with_entropy else (ref,)
+    for o, r in zip(outs, refs):
+        assert o.dtype == torch.float32 and o.shape == labels.shape
+        torch.testing.assert_close(o.detach().cpu().double(), r, rtol=1e-5, atol=atol)
+    weights = [torch.randn(labels.shape, dtype=torch.float64) for _ in outs]
+    sum(((o.double() * w.to(DEVICE)).sum() for o, w in zip(outs, weights))).backward()
+    sum(((r * w).sum() for r, w in zip(refs, weights))).backward()
+    assert x.grad.dtype == logits.dtype and x.grad.shape == logits.shape
+    scale = max(xr.grad.abs().max().item(), 1e-3)
+    torch.testing.assert_close(x.grad.cpu().double(), xr.grad, rtol=GRAD_RTOL[logits.dtype],
+                               atol=GRAD_RTOL[logits.dtype] * scale)
+    return out, x.grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("V", [1, 7, 1000, 4099])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_matches_reference(backend, V, temperature, with_entropy):
+    logits = torch.randn(13, V) * 3
+    labels = torch.randint(0, V, (13,))
+    labels[[2, 11]] = -100
+    check(backend, logits, labels, temperature=temperature, with_entropy=with_entropy)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_real_vocabulary(backend):
+    V = 151936  # Qwen2.5
+    logits = torch.randn(3, V) * 4
+    labels = torch.tensor([0, V - 1, 77777])
+    check(backend, logits, labels, temperature=0.9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_large_logits(backend, dtype):
+    # +-100 logits: a naive exp overflows; the winning token has p ~ 1 and entropy ~ 0
+    logits = torch.full((6, 300), -100.0)
+    logits[:, 5] = 100.0
+    logits[1, 6] = 100.0  # tie between two tokens: logp = log(1/2), entropy = log 2
+    logits[2] = torch.linspace(-100, 100, 300)
+    logits = logits.to(dtype)
+    labels = torch.tensor([5, 6, 299, 0, 5, -100])
+    out, _ = check(backend, logits, labels)
+    assert torch.isfinite(out[0]).all() and torch.isfinite(out[1]).all()
+    torch.testing.assert_close(out[0][1].cpu(), torch.tensor(-0.6931472), rtol=0, atol=1e-6)
+    torch.testing.assert_close(out[1][1].cpu(), torch.tensor(0.6931472), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_vocabulary(backend):
+    # -inf logits (a masked vocabulary) are probability 0, contribute 0 entropy and 0 gradient
+    logits = torch.randn(4, 50)
+    logits[:, 10:20] = float("-inf")
+    labels = torch.tensor([1, 2, 3, 49])
+    x = logits.to(DEVICE).requires_grad_(True)
+    lp, ent = run(backend, x, labels.to(DEVICE), with_entropy=True)
+    ref_lp, ref_ent = token_logprobs_ref(logits.double(), labels, with_entropy=True)
+    torch.testing.assert_close(lp.cpu().double(), ref_lp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent.cpu().double(), ref_ent, rtol=1e-5, atol=1e-5)
+    (lp.sum() + ent.sum()).backward()
+    assert torch.isfinite(x.grad).all() and (x.grad[:, 10:20] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision(backend, dtype):
+    logits = (torch.randn(9, 777) * 5).to(dtype)
+    labels = torch.randint(0, 777, (9,))
+    check(backend, logits, labels, temperature=0.6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batched_and_non_contiguous(backend):
+    base = torch.randn(3, 10, 2 * 64)
+    logits = base[:, ::2, ::2]  # [3, 5, 64], strided rows and columns
+    assert not logits.is_contiguous()
+    labels = torch.randint(0, 64, (3, 5))
+    labels[0, 1] = -100
+    check(backend, logits, labels)
+    logits_t = torch.randn(64, 8).t()  # [8, 64] column-major
+    check(backend, logits_t, torch.randint(0, 64, (8,)))
+    labels_nc = torch.randint(0, 64, (8, 2))[:, 0]
+    check(backend, torch.randn(8, 64), labels_nc)
+    check(backend, torch.randn(8, 64), torch.randint(0, 64, (8,), dtype=torch.int32))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignore_index_and_fully_masked(backend):
+    logits = torch.randn(5, 40)
+    labels = torch.full((5,), 7)
+    labels[[0, 3]] = 3  # ignore_index=3 is also a valid token id: treated as ignored
+    out, grad = check(backend, logits, labels, ignore_index=3)
+    assert (out[0][[0, 3]] == 0).all() and (out[1][[0, 3]] == 0).all()
+    assert (grad[[0, 3]] == 0).all()
+    out, grad = check(backend, logits, torch.full((5,), -100))
+    assert (out[0] == 0).all() and (out[1] == 0).all() and (grad == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty(backend):
+    for shape in [(0, 11), (2, 0, 11)]:
+        x = torch.randn(shape, device=DEVICE, requires_grad=True)
+        y = torch.zeros(shape[:-1], dtype=torch.long, device=DEVICE)
+        lp, ent = run(backend, x, y, with_entropy=True)
+        assert lp.shape == shape[:-1] and ent.shape == shape[:-1] and lp.dtype == torch.float32
+        (lp.sum() + ent.sum()).backward()
+        assert x.grad.shape == shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_input(backend):
+    x = torch.randn(4, 10, device=DEVICE)
+    y = torch.randint(0, 10, (4,), device=DEVICE)
+    with pytest.raises(IndexError, match="labels"):
+        run(backend, x, torch.tensor([0, 10, 1, 2], device=DEVICE))
+    with pytest.raises(IndexError, match="labels"):
+        run(backend, x, torch.tensor([0, -1, 1, 2], device=DEVICE))
+    with pytest.raises(ValueError, match="labels expected shape"):
+        run(backend, x, y[:3])
+    with pytest.raises(ValueError, match="labels must be an integer"):
+        run(backend, x, y.float())
+    with pytest.raises(ValueError, match="logits must be"):
+        run(backend, x.long(), y)
+    with pytest.raises(ValueError, match="temperature"):
+        run(backend, x, y, temperature=0.0)
+    with pytest.raises(ValueError, match="vocabulary"):
+        run(backend, torch.randn(4, 0, device=DEVICE), y)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_backward(backend):
+    logits = torch.randn(6, 333)
+    labels = torch.randint(0, 333, (6,)).to(DEVICE)
+    w = torch.randn(6, device=DEVICE)
+    leaf = logits.clone().to(DEVICE).requires_grad_(True)
+    buf = leaf * 1.0  # the logits buffer (an lm_head output), dead after the log-probs
+    with dispatch.use_backend(backend):
+        lp, ent = r1kernels.token_logprobs(buf, labels, with_entropy=True, inplace_backward=True)
+    (lp * w + ent).sum().backward()
+    x2 = logits.clone().to(DEVICE).requires_grad_(True)
+    lp2, ent2 = run(backend, x2, labels, with_entropy=True)
+    (lp2 * w + ent2).sum().backward()
+    torch.testing.assert_close(leaf.grad, x2.grad, rtol=0, atol=0)
+    # the gradient was written into the logits buffer itself
+    torch.testing.assert_close(buf.detach(), x2.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_with_grad(backend, inplace):
+    N, V, T = 12, 257, 0.8
+    logits = torch.randn(N, V) * 2
+    labels = torch.randint(0, V, (N,))
+    labels[4] = -100
+    calls = []
+
+    def grad_fn(start, end, logp, ent):  # a loss whose gradient needs the log-probs: sum(logp**2)
+        calls.append((start, end))
+        assert logp.dtype == torch.float32 and ent.dtype == torch.float32
+        return 2 * logp
+
+    x = logits.clone().to(DEVICE)
+    with dispatch.use_backend(backend):
+        logp, ent, grad = token_logprobs_with_grad(
+            x, labels.to(DEVICE), temperature=T, ignore_index=-100, with_entropy=True,
+            grad_fn=grad_fn, chunk_multiple=4, inplace=inplace)
+    assert calls == [(0, N)]
+    xr = logits.double().requires_grad_(True)
+    lr, er = token_logprobs_ref(xr, labels, temperature=T, with_entropy=True)
+    (lr ** 2).sum().backward()
+    torch.testing.assert_close(logp.cpu().double(), lr.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent.cpu().double(), er.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.cpu().double(), xr.grad, rtol=1e-5, atol=1e-6)
+    assert (grad.data_ptr() == x.data_ptr()) == inplace
+
+
+def test_torch_path_memory_is_bounded(monkeypatch):
+    """The chunked torch path never holds a [N, V] fp32 copy: its peak extra memory does not grow
+    with N, while the materializing reference's does (so this test can fail)."""
+    monkeypatch.setattr(tlp_mod, "TORCH_CHUNK_ELEMS", 1 << 16)
+    V = 2048
+    peaks = {}
+    for n in (64, 512):
+        x = torch.randn(n, V, dtype=torch.bfloat16)
+        y = torch.randint(0, V, (n,))
+        with dispatch.use_backend("torch"):
+            peaks[n], _ = peak_extra_bytes(lambda: r1kernels.token_logprobs(x, y, with_entropy=True))
+        ref_peak, _ = peak_extra_bytes(lambda: token_logprobs_ref(x, y, with_entropy=True))
+        assert ref_peak >= n * V * 4  # the reference materializes fp32 logits
+    chunk_bytes = (1 << 16) * 4
+    assert peaks[512] <= 8 * chunk_bytes, peaks
+    assert peaks[512] <= peaks[64] + 64 * 512, peaks  # O(N) bookkeeping only
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_compile_fullgraph(backend, with_entropy):
+
+    def f(x, y):
+        out = r1kernels.token_logprobs(x, y, temperature=0.9, with_entropy=with_entropy)
+        return (out[0] + 0.5 * out[1]).sum() if with_entropy else out.sum()
+
+    x = torch.randn(2, 5, 97, device=DEVICE)
+    y = torch.randint(0, 97, (2, 5), device=DEVICE)
+    y[0, 0] = -100
+    torch._dynamo.reset()
+    with dispatch.use_backend(backend):
+        compiled = torch.compile(f, fullgraph=True, backend="inductor")
+        xa = x.clone().requires_grad_(True)
+        compiled(xa, y).backward()
+        xb = x.clone().requires_grad_(True)
+        f(xb, y).backward()
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not tlp_mod.HAS_TRITON or "triton" not in [p.values[0] for p in BACKENDS],
+                    reason="Triton cannot run here")
+def test_opcheck_triton_ops():
+    x = torch.randn(5, 33, device=DEVICE)
+    y = torch.tensor([0, 32, -100, 7, 1], device=DEVICE)
+    out = tlp_mod._fwd_triton_op(x, y, 1.25, -100, True)
+    lse, ent = out[2].contiguous(), out[1].contiguous()
+    d = torch.randn(5, device=DEVICE)
+    torch.library.opcheck(tlp_mod._fwd_triton_op, (x, y, 1.25, -100, True))
+    torch.library.opcheck(tlp_mod._bwd_triton_op, (x, y, lse, ent, d, d, 1.25, -100))
+    torch.library.opcheck(tlp_mod._bwd_triton_op, (x, y, lse, None, d, None, 1.25, -100))
+    torch.library.opcheck(tlp_mod._bwd_inplace_triton_op, (x.clone(), y, lse, ent, d, d, 1.25, -100))
+    # tile-level ops of the hidden-state path: a tile of columns [col0, col0 + 33) of V = 100
+    b = torch.randn(33, device=DEVICE)
+    state, outs = torch.zeros(4, 5, device=DEVICE), torch.zeros(3, 5, device=DEVICE)
+    y2 = torch.tensor([40, 99, -100, 3, 50], device=DEVICE)
+    torch.library.opcheck(tlp_mod._tile_stats_op,
+                          (x, y2, b, state, outs, 30, 100, 0.5, -100, False, False, True))
+    torch.library.opcheck(tlp_mod._tile_stats_op,
+                          (x, y2, None, state, outs, 30, 100, 0.5, -100, True, True, False))
+    torch.library.opcheck(tlp_mod._tile_grad_op,
+                          (x, torch.empty_like(x), y2, b, lse, ent, d, d, 30, 0.5, -100))
+
+
+def test_double_backward_raises():
+    """The backward is not itself differentiable: asking for second derivatives raises rather
+    than silently returning wrong ones."""
+    x = torch.randn(3, 20, device=DEVICE, requires_grad=True)
+    lp = r1kernels.token_logprobs(x, torch.tensor([1, 2, 3], device=DEVICE))
+    (g,) = torch.autograd.grad(lp.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()

@@ -1,0 +1,410 @@
+"""Tests of the trainer's pieces: verifier safety, rewards, tasks, generation, losses, the
+pipeline (summary schema, Ctrl-C + exact resume, r1-zero, rejection sampling, distillation)."""
+from __future__ import annotations
+
+import builtins
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from r1kernels import reference
+from trainer import rewards as R
+from trainer import tasks as T
+from trainer.config import Config, parse_args
+from trainer.generate import generate, generate_nocache_greedy, sample_next
+from trainer.loss import policy_loss, sft_loss
+
+TINY = dict(tiny_hidden=32, tiny_layers=1, tiny_heads=2, tiny_intermediate=64, sft_examples=32,
+            sft_epochs=1, sft_batch_size=16, grpo_steps=4, prompts_per_step=4, group_size=4,
+            max_new_tokens=24, eval_examples=8, checkpoint_every=0, threads=1)
+
+
+# ---- verifier and rewards ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("expr", [
+    "__import__('os').system('echo hacked')", "open('/etc/passwd').read()", "x + 1",
+    "2**10", "9**9**9", "(lambda: 1)()", "[1, 2]", "1 if 1 else 2", "'a' * 3", "1; 2",
+    "1" * 300, "10**12 * 10**12", "1/0", "()", "", "True + 1", "1 < 2", "a.b",
+])
+def test_safe_eval_rejects(expr):
+    with pytest.raises(R.UnsafeExpression):
+        R.safe_eval(expr)
+
+
+def test_safe_eval_values():
+    assert R.safe_eval("1+2*3") == 7
+    assert R.safe_eval("(25-5)/4") == 5
+    assert R.safe_eval(" -3 + +4 ") == 1
+    assert R.safe_eval("7/2") * 2 == 7  # exact fractions, no float rounding
+
+
+def test_verify_never_calls_eval(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("eval/exec called")
+
+    monkeypatch.setattr(builtins, "eval", boom)
+    monkeypatch.setattr(builtins, "exec", boom)
+    ex = T.Example("2+2=", "4")
+    assert R.verify("<think></think><answer>__import__('os').getcwd()</answer>", ex) is False
+    assert R.verify("<think>x</think><answer>4</answer>", ex) is True
+
+
+def test_verify_arithmetic_and_countdown():
+    ex = T.Example("12+34=", "46")
+    assert R.verify("<think>2+4=6</think><answer>46</answer>", ex)
+    assert R.verify("<think></think><answer> 46.0 </answer>", ex)
+    assert not R.verify("<think></think><answer>45</answer>", ex)
+    assert not R.verify("46", ex)  # no answer tag
+    assert not R.verify("<answer></answer>", ex)
+    cd = T.Example("3 7 25>46:", "25+3*7", "", (3, 7, 25))
+    assert R.verify("<answer>25+3*7</answer>", cd)
+    assert R.verify("<answer>7*3+25</answer>", cd)
+    assert not R.verify("<answer>25+21</answer>", cd)       # 21 is not one of the numbers
+    assert not R.verify("<answer>25+25-4</answer>", cd)     # 25 used twice, 4 not given
+    assert not R.verify("<answer>25+3</answer>", cd)        # wrong value
+    assert not R.verify("<answer>25+'3</answer>", cd)       # not even Python: no SyntaxError
+    assert not R.verify("<answer>25+3.0*7</answer>", cd)    # 3.0 is not one of the numbers
+
+
+def test_format_reward_and_weighted_sum():
+    ex = T.Example("1+1=", "2")
+    good = "<think>1+1=2</think><answer>2</answer>"
+    assert R.format_reward(good, ex) == 1.0
+    assert R.format_reward("<answer>2</answer>", ex) == 0.0
+    assert R.format_reward(good + "junk", ex) == 0.0
+    fn = R.RewardFn({"accuracy": 1.0, "format": 0.1})
+    assert fn(good, ex)[0] == pytest.approx(1.1)
+    assert fn("<think></think><answer>3</answer>", ex)[0] == pytest.approx(0.1)
+    assert fn("2", ex) == (0.0, {"accuracy": 0.0, "format": 0.0})
+
+
+def test_pluggable_reward():
+    fn = R.RewardFn({"trainer.rewards:format_reward": 2.0})
+    assert fn("<think></think><answer>1</answer>", T.Example("p", "1"))[0] == 2.0
+    with pytest.raises(ValueError, match="reward expected"):
+        R.resolve_reward("nope")
+
+
+# ---- tasks ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("difficulty", [1, 2, 3, 5])
+def test_arithmetic_solutions_verify(difficulty):
+    task = T.Arithmetic(difficulty)
+    for seed in range(50):
+        ex = task.example(seed)
+        assert ex == task.example(seed)  # pure function of the seed
+        assert R.verify(T.completion_text(ex), ex), ex
+        assert R.format_reward(T.completion_text(ex), ex) == 1.0
+        a, b = (int(x) for x in ex.prompt[:-1].replace("-", "+").split("+"))
+        assert max(a, b) < 10 ** difficulty
+
+
+def test_addition_trace():
+    assert T._addition_trace(47, 38) == "7+8=15,4+3+1=8"
+    assert T._addition_trace(5, 95) == "5+5=10,0+9+1=10"
+
+
+@pytest.mark.parametrize("difficulty", [2, 3, 4])
+def test_countdown_solutions_verify(difficulty):
+    task = T.Countdown(difficulty)
+    for seed in range(50):
+        ex = task.example(seed)
+        assert len(ex.numbers) == difficulty
+        assert R.verify(T.completion_text(ex), ex), ex
+
+
+def test_jsonl_task(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text("\n".join(json.dumps({"prompt": f"q{i}", "answer": str(i)}) for i in range(20)))
+    task = T.make_task("jsonl", 1, str(p))
+    train = {task.example(s).prompt for s in range(100)}
+    held = {task.example(T.EVAL_SEED_BASE + s).prompt for s in range(100)}
+    assert train and held and not (train & held)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "x"}))
+    with pytest.raises(ValueError, match="lacks"):
+        T.make_task("jsonl", 1, str(bad))
+
+
+# ---- model and generation ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from trainer.model import build_tiny_model, load_model
+
+    path = build_tiny_model(str(tmp_path_factory.mktemp("m")), hidden_size=32, num_layers=2,
+                            num_heads=2, intermediate_size=64, max_positions=128, seed=0)
+    model, tok = load_model(path, device=torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # random init predicts one token everywhere: spread it out
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.5, generator=g)
+    return model, tok
+
+
+def test_tokenizer_roundtrip(tiny_model):
+    _, tok = tiny_model
+    text = "12+34=<think>2+4=6</think><answer>46</answer>"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == 6 + 1 + 5 + 1 + 1 + 2 + 1  # chars, tags are one token each
+    assert tok.decode(ids) == text
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_kv_cache_generation_matches_no_cache(tiny_model, attn):
+    model, tok = tiny_model
+    model.set_attn_implementation(attn)
+    texts = ["1+2=", "123+45=", "9="]  # different lengths: left padding is exercised
+    prompts = [[tok.bos_token_id] + tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    roll = generate(model, prompts, group_size=2, max_new_tokens=12, eos_id=tok.eos_token_id,
+                    pad_id=tok.pad_token_id, temperature=0.0)
+    assert roll.tokens.shape == (6, 12)
+    outs = set()
+    for i, p in enumerate(prompts):
+        ref = generate_nocache_greedy(model, p, 12, tok.eos_token_id)
+        for j in (2 * i, 2 * i + 1):
+            n = int(roll.lengths[j])
+            assert roll.tokens[j, :n].tolist() == ref
+            assert (roll.tokens[j, n:] == tok.pad_token_id).all()
+        outs.add(tuple(ref))
+    assert len(outs) > 1  # the test would be vacuous if every prompt gave the same output
+    model.set_attn_implementation("sdpa")
+
+
+def test_sampling_seeded_and_eos(tiny_model):
+    model, tok = tiny_model
+    prompts = [[tok.bos_token_id, 5, 6], [tok.bos_token_id, 7]]
+    kw = dict(group_size=4, max_new_tokens=10, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+              temperature=1.0, top_p=0.9)
+    a = generate(model, prompts, generator=torch.Generator().manual_seed(1), **kw)
+    b = generate(model, prompts, generator=torch.Generator().manual_seed(1), **kw)
+    assert torch.equal(a.tokens, b.tokens)
+    assert len({tuple(r) for r in a.tokens.tolist()}) > 1  # the group's samples differ
+    # pretend token 7 is eos: everything after the first 7 is padding and lengths stop there
+    c = generate(model, prompts, generator=torch.Generator().manual_seed(1),
+                 **dict(kw, eos_id=int(a.tokens[0, 2])))
+    for row, n in zip(c.tokens.tolist(), c.lengths.tolist()):
+        if n < 10:
+            assert row[n - 1] == int(a.tokens[0, 2]) and all(t == tok.pad_token_id for t in row[n:])
+
+
+def test_top_p():
+    logits = torch.tensor([[0.0, 5.0, 1.0, 4.9]])
+    g = torch.Generator().manual_seed(0)
+    draws = {int(sample_next(logits, 1.0, 0.01, g)) for _ in range(50)}
+    assert draws == {1}
+    draws = {int(sample_next(logits, 1.0, 0.9, g)) for _ in range(200)}
+    assert draws == {1, 3}
+    assert int(sample_next(logits, 0.0, 1.0, None)) == 1
+
+
+# ---- losses -----------------------------------------------------------------------------------
+
+def test_policy_loss_matches_reference():
+    torch.manual_seed(0)
+    B, L, H, V = 4, 7, 16, 11
+    h = torch.randn(B, L, H, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(V, H, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, V, (B, L))
+    mask = torch.rand(B, L) > 0.3
+    adv = torch.randn(B, dtype=torch.float64)
+    ref_lp = -torch.rand(B, L, dtype=torch.float64)
+    loss, m = policy_loss(h, w, None, labels, mask, adv, ref_logps=ref_lp, beta=0.1,
+                          num_items_in_batch=20.0, loss_type="dapo", epsilon_high=0.28)
+    gh, gw = torch.autograd.grad(loss, (h, w))
+    lp = reference.token_logprobs_ref(h @ w.T, labels)
+    ref_loss, ref_m = reference.grpo_loss_ref(lp, adv, mask, ref_logps=ref_lp, beta=0.1,
+                                              num_items_in_batch=20.0, epsilon_high=0.28)
+    rh, rw = torch.autograd.grad(ref_loss, (h, w))
+    # the fused r1kernels.GRPOLoss computes in fp32 (API.md): fp32-level tolerances vs float64
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gh.double(), rh, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gw.double(), rw, rtol=1e-4, atol=1e-5)
+    assert float(m["kl"]) == pytest.approx(float(ref_m["kl"]), rel=1e-5)
+    assert float(ref_m["kl"]) > 0
+
+
+def test_sft_loss_is_masked_nll():
+    torch.manual_seed(0)
+    h, w = torch.randn(2, 5, 8, dtype=torch.float64), torch.randn(13, 8, dtype=torch.float64)
+    labels = torch.randint(0, 13, (2, 5))
+    mask = torch.tensor([[0, 1, 1, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.bool)
+    nll = torch.nn.functional.cross_entropy((h @ w.T)[mask], labels[mask], reduction="sum")
+    torch.testing.assert_close(sft_loss(h, w, None, labels, mask, 6).double(), nll / 6)
+
+
+# ---- configuration ----------------------------------------------------------------------------
+
+def test_config_yaml_and_flags(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("grpo_steps: 7\nlr: 0.01\nrewards: {accuracy: 1.0}\n")
+    cfg = parse_args(["--config", str(y), "--lr", "0.5", "--resume", "true",
+                      "--rewards", "accuracy=1,format=0.5"])
+    assert (cfg.grpo_steps, cfg.lr, cfg.resume) == (7, 0.5, True)
+    assert cfg.rewards == {"accuracy": 1.0, "format": 0.5}
+    assert parse_args([]) == Config()
+    y.write_text("not_a_field: 1\n")
+    with pytest.raises(SystemExit):
+        parse_args(["--config", str(y)])
+
+
+# ---- the pipeline -----------------------------------------------------------------------------
+
+def _run(tmp_path, name, **over):
+    from trainer.train import train
+
+    cfg = Config(**{**TINY, "out_dir": str(tmp_path / name), **over})
+    return cfg, train(cfg)
+
+
+def test_pipeline_summary_schema(tmp_path):
+    cfg, s = _run(tmp_path, "run", pass_k=2, eval_every=2)
+    on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert on_disk["eval"] == s["eval"]
+    for key in ("base", "after_sft", "after_grpo"):
+        assert 0.0 <= on_disk["eval"][key] <= 1.0
+    assert 0.0 <= on_disk["eval"]["after_grpo_pass@2"] <= 1.0
+    assert on_disk["wall_seconds"] > 0
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    grpo = [r for r in rows if r["stage"] == "grpo"]
+    assert [r["step"] for r in grpo] == [1, 2, 3, 4]
+    assert {"reward", "accuracy", "kl", "completion_len", "loss"} <= set(grpo[0])
+    assert any(r["stage"] == "eval" for r in rows)
+    assert any(r["stage"] == "sft" for r in rows)
+    # the trained model directory loads back with from_pretrained (safetensors)
+    from trainer.model import load_model
+
+    files = os.listdir(tmp_path / "run" / "model")
+    assert any(f.endswith(".safetensors") for f in files)
+    load_model(str(tmp_path / "run" / "model"), device=torch.device("cpu"))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert (tmp_path / "run" / "plot.png").stat().st_size > 1000
+
+
+def test_ctrl_c_then_resume_is_exact(tmp_path, monkeypatch):
+    from trainer import train as train_mod
+
+    over = dict(beta=0.05, checkpoint_every=3)
+    _, full = _run(tmp_path, "full", **over)
+    real_step = train_mod.Trainer.grpo_step
+    calls = {"n": 0}
+
+    def step_then_ctrl_c(self, opt):
+        out = real_step(self, opt)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C here
+        return out
+
+    monkeypatch.setattr(train_mod.Trainer, "grpo_step", step_then_ctrl_c)
+    _, interrupted = _run(tmp_path, "cut", **over)
+    assert interrupted is None and (tmp_path / "cut" / "checkpoint.pt").exists()
+    ck = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    assert ck["state"]["step"] == 2
+    monkeypatch.setattr(train_mod.Trainer, "grpo_step", real_step)
+    _, resumed = _run(tmp_path, "cut", resume=True, **over)
+    assert resumed["eval"] == full["eval"]
+    m_full = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    m_cut = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    strip = [{k: v for k, v in json.loads(r).items() if "second" not in k and "per_s" not in k}
+             for r in m_full]
+    assert strip == [{k: v for k, v in json.loads(r).items()
+                      if "second" not in k and "per_s" not in k} for r in m_cut]
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "full" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_micro_batching_and_checkpointing_do_not_change_the_update(tmp_path, monkeypatch):
+    # a user reward (module:function) that varies within every group, so each step updates
+    (tmp_path / "my_rewards.py").write_text("def length(completion, example):\n"
+                                            "    return len(completion) / 100\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    over = dict(mode="r1-zero", grpo_steps=2, rewards={"my_rewards:length": 1.0})
+    _, _ = _run(tmp_path, "big", micro_batch_tokens=100000, **over)
+    _, _ = _run(tmp_path, "small", micro_batch_tokens=64, gradient_checkpointing=True, **over)
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "big" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "small" / "model" / "model.safetensors"))
+    changed = False
+    base = load_file(str(tmp_path / "big" / "base_model" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+        changed |= not torch.equal(a[k], base[k])
+    assert changed
+
+
+def test_r1_zero_rejection_sampling_and_distillation(tmp_path):
+    cfg, s = _run(tmp_path, "zero", mode="r1-zero", grpo_steps=2, rs_prompts=6, rs_samples=4,
+                  task="countdown", difficulty=2)
+    assert s["eval"]["after_sft"] is None and s["eval"]["after_grpo"] is not None
+    rs = s["rejection_sampling"]
+    lines = open(rs["path"]).read().splitlines()
+    assert len(lines) == rs["kept"]
+    task = T.Countdown(2)
+    for line in lines:  # every kept completion is verified correct
+        row = json.loads(line)
+        ex = next(task.example(x) for x in range(1 << 35, (1 << 35) + 6)
+                  if task.example(x).prompt == row["prompt"])
+        assert R.verify(row["completion"], ex)
+    # distillation = SFT on a JSONL of (prompt, completion), e.g. from a stronger model
+    data = tmp_path / "distill.jsonl"
+    rows = [{"prompt": e.prompt, "completion": T.completion_text(e)}
+            for e in T.Countdown(2).examples(range(16))]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    _, s2 = _run(tmp_path, "distill", sft_data=str(data), grpo_steps=1, task="countdown",
+                 difficulty=2)
+    hist = [json.loads(x) for x in (tmp_path / "distill" / "metrics.jsonl").read_text().split("\n")
+            if x]
+    assert sum(r["stage"] == "sft" for r in hist) == 1  # 16 rows, batch 16, 1 epoch
+
+
+def test_bench_step_smoke():
+    from trainer import bench_step
+
+    r = bench_step.main(["--tiny", "--dtype", "float32", "--prompts", "2", "--group_size", "2",
+                         "--prompt_len", "4", "--new_tokens", "6"])
+    assert r["generation_tokens_per_s"] > 0 and r["update_seconds"] > 0
+
+
+def test_moe_model_directory(tmp_path):
+    """A user's local MoE checkpoint (Qwen3-MoE architecture) trains through the same code."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from trainer.model import build_char_tokenizer, load_model
+
+    tok = build_char_tokenizer()
+    cfg = Qwen3MoeConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                         intermediate_size=64, moe_intermediate_size=32, num_experts=4,
+                         num_experts_per_tok=2, max_position_embeddings=128,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                         bos_token_id=tok.bos_token_id)
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.5)
+    path = tmp_path / "moe"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    model, tok = load_model(str(path), device=torch.device("cpu"))
+    prompts = [[tok.bos_token_id, 10, 11, 12], [tok.bos_token_id, 13]]
+    roll = generate(model, prompts, group_size=1, max_new_tokens=8, eos_id=tok.eos_token_id,
+                    pad_id=tok.pad_token_id, temperature=0.0)
+    for i, p in enumerate(prompts):
+        ref = generate_nocache_greedy(model, p, 8, tok.eos_token_id)
+        assert roll.tokens[i, :int(roll.lengths[i])].tolist() == ref
+    _, s = _run(tmp_path, "moe_run", model=str(path), grpo_steps=2)
+    assert s["model_parameters"] == sum(p.numel() for p in model.parameters())

@@ -1,0 +1,30 @@
+"""`r1-train` / `python -m trainer`: parse the configuration and run the pipeline."""
+from __future__ import annotations
+
+import json
+import sys
+
+
+def main(argv=None) -> int:
+    from trainer.config import parse_args
+    from trainer.train import train
+
+    cfg = parse_args(argv)
+    summary = train(cfg)
+    if summary is None:
+        return 130
+    if summary.get("world_size", 1) == 1 or _rank() == 0:
+        print(json.dumps(summary["eval"] | {"wall_seconds": round(summary["wall_seconds"], 1)}))
+        print(f"[r1-train] wrote {cfg.out_dir}/summary.json, metrics.jsonl, plot.png, model/",
+              file=sys.stderr)
+    return 0
+
+
+def _rank() -> int:
+    import os
+
+    return int(os.environ.get("RANK", "0"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Configuration: one dataclass with documented defaults, overridable from YAML and the CLI.
+
+Precedence: defaults < `--config file.yaml` < `--key value` flags. Every field below is a flag
+(`--grpo_steps 100`, `--rewards accuracy=1,format=0.1`, `--gradient_checkpointing true`).
+The defaults are the tuned no-argument run: a tiny Qwen2 on 2-digit addition that finishes in a
+few minutes on 2 CPU cores and gains >= 10 points of held-out accuracy from GRPO over SFT.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Config:
+    # ---- run -----------------------------------------------------------------------------------
+    out_dir: str = "r1-train-out"   # metrics.jsonl, summary.json, plot.png, checkpoint.pt, model/
+    seed: int = 0                   # seeds model init, data order and sampling
+    resume: bool = False            # continue from out_dir/checkpoint.pt exactly
+    device: str = "auto"            # auto | cpu | cuda | cuda:N
+    dtype: str = "float32"          # float32 | bfloat16 (model weights and compute)
+    threads: int = 1                # torch CPU threads (tiny models: 1 is fastest); 0 = default
+    checkpoint_every: int = 50      # GRPO/SFT steps between checkpoints (also saved at the end)
+    # ---- model ---------------------------------------------------------------------------------
+    model: str = ""                 # local HF causal-LM directory; "" = build the tiny default
+    attn_implementation: str = "sdpa"  # transformers attention: sdpa | eager | flash_attention_2
+    tiny_hidden: int = 128          # tiny default model shape (Qwen2 architecture)
+    tiny_layers: int = 2            # tiny default: decoder layers
+    tiny_heads: int = 4             # tiny default: attention heads (KV heads = half)
+    tiny_intermediate: int = 256    # tiny default: MLP width
+    gradient_checkpointing: bool = False  # recompute activations in backward (less memory)
+    # ---- task ----------------------------------------------------------------------------------
+    task: str = "arithmetic"        # arithmetic | countdown | jsonl
+    difficulty: int = 2             # arithmetic: digits per operand; countdown: how many numbers
+    data: str = ""                  # task=jsonl: path to {prompt, answer} lines
+    rewards: dict = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1})  # fn: weight
+    # ---- recipe --------------------------------------------------------------------------------
+    mode: str = "r1"                # r1: SFT then GRPO; r1-zero: GRPO straight from the base model
+    # cold-start SFT (also distillation: point sft_data at a JSONL from a stronger model)
+    sft_examples: int = 300         # generated cold-start examples (ignored with sft_data)
+    sft_data: str = ""              # JSONL of {prompt, completion} or {prompt, answer[, think]}
+    sft_epochs: int = 40            # passes over the SFT set
+    sft_batch_size: int = 32        # sequences per SFT step (all processes together)
+    sft_lr: float = 3e-3            # AdamW learning rate for SFT
+    # GRPO
+    grpo_steps: int = 100           # GRPO steps (one rollout + one optimizer step each)
+    prompts_per_step: int = 16      # P prompts per step (per process)
+    group_size: int = 8             # G completions per prompt
+    max_new_tokens: int = 40        # completion budget per sample
+    temperature: float = 1.0        # rollout sampling temperature
+    top_p: float = 1.0              # rollout nucleus sampling
+    lr: float = 3e-4                # AdamW learning rate for GRPO
+    weight_decay: float = 0.0       # AdamW weight decay (both stages)
+    max_grad_norm: float = 1.0      # gradient clipping (both stages)
+    beta: float = 0.0               # KL coefficient; > 0 computes reference log-probs
+    loss_type: str = "dapo"         # any r1kernels.grpo_loss loss_type
+    epsilon_low: float = 0.2        # PPO clip range below 1
+    epsilon_high: float = 0.28      # PPO clip range above 1 (DAPO clip-higher)
+    micro_batch_tokens: int = 8192  # update micro-batch: similar-length rows, <= this many tokens
+    # ---- evaluation ----------------------------------------------------------------------------
+    eval_examples: int = 200        # held-out prompts (seeds disjoint from training)
+    eval_every: int = 25            # GRPO steps between held-out evals; 0 = only at stage ends
+    pass_k: int = 0                 # also report pass@k with k samples per prompt; 0 = off
+    # ---- rejection sampling (writes an SFT JSONL of verified completions) ------------------------
+    rs_prompts: int = 0             # prompts to sample after GRPO; 0 = skip this stage
+    rs_samples: int = 8             # N samples per prompt
+    rs_out: str = ""                # default: <out_dir>/rejection_sampled.jsonl
+
+
+def _parse_value(kind, text: str):
+    if kind is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+    if kind is dict:
+        text = text.strip()
+        if text.startswith("{"):
+            return json.loads(text)
+        return {k: float(v) for k, v in (kv.split("=", 1) for kv in text.split(",") if kv)}
+    return kind(text)
+
+
+def _field_docs() -> dict[str, str]:
+    """The trailing comments of the dataclass above, used as --help text."""
+    import inspect
+
+    docs = {}
+    for line in inspect.getsource(Config).splitlines():
+        line = line.strip()
+        if ":" in line and "#" in line and not line.startswith("#"):
+            docs[line.split(":", 1)[0].strip()] = line.split("#", 1)[1].strip()
+    return docs
+
+
+def parse_args(argv=None) -> Config:
+    docs = _field_docs()
+    p = argparse.ArgumentParser(
+        prog="r1-train",
+        description="GRPO training, the DeepSeek-R1 recipe (cold-start SFT -> GRPO with rule-based "
+                    "rewards -> evaluation), on r1kernels. With no arguments: a tiny model "
+                    "learns 2-digit addition on CPU in a few minutes.")
+    p.add_argument("--config", help="YAML file of field: value (flags override it)")
+    types = {f.name: (dict if f.name == "rewards" else type(f.default) if f.default is not
+                      dataclasses.MISSING else str) for f in dataclasses.fields(Config)}
+    for f in dataclasses.fields(Config):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        p.add_argument(f"--{f.name}", type=lambda s, k=types[f.name]: _parse_value(k, s),
+                       default=None, help=f"{docs.get(f.name, '')} (default: {default})")
+    args = p.parse_args(argv)
+    values = {}
+    if args.config:
+        import yaml
+
+        with open(args.config, encoding="utf-8") as fh:
+            values.update(yaml.safe_load(fh) or {})
+        unknown = set(values) - set(types)
+        if unknown:
+            raise SystemExit(f"r1-train: unknown keys in {args.config}: {sorted(unknown)}")
+    for name in types:
+        v = getattr(args, name)
+        if v is not None:
+            values[name] = v
+    return Config(**values)

@@ -1,0 +1,57 @@
+"""plot.png: reward, accuracy, KL and completion length over GRPO steps (needs matplotlib)."""
+from __future__ import annotations
+
+import sys
+
+
+def plot_metrics(history: list[dict], path: str, summary: dict | None = None) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("[r1-train] matplotlib not installed: no plot.png (pip install 'r1kernels[plot]')",
+              file=sys.stderr)
+        return False
+    rows = [r for r in history if r.get("stage") == "grpo"]
+    evals = [r for r in history if r.get("stage") == "eval"]
+    if not rows:
+        return False
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(2, 2, figsize=(9, 6), dpi=80)
+    panels = [("reward", "reward (accuracy + 0.1 format)"), ("accuracy", "train accuracy"),
+              ("kl", "KL to reference (k3)"), ("completion_len", "completion length (tokens)")]
+    for ax, (key, title) in zip(axes.flat, panels):
+        ys = [r.get(key, 0.0) for r in rows]
+        ax.plot(steps, ys, color="tab:gray", alpha=0.35, lw=0.8)
+        ax.plot(steps, _smooth(ys), color="tab:blue", lw=1.6)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("GRPO step", fontsize=8)
+        ax.grid(alpha=0.3)
+    if evals:
+        axes[0, 1].plot([r["step"] for r in evals], [r["eval_accuracy"] for r in evals], "o-",
+                        color="tab:red", label="held-out greedy")
+    if summary:
+        ev = summary.get("eval", {})
+        if ev.get("after_grpo") is not None:
+            axes[0, 1].axhline(ev["after_grpo"], color="tab:red", ls="--", lw=1,
+                               label=f"held-out after GRPO {ev['after_grpo']:.2f}")
+        if ev.get("after_sft") is not None:
+            axes[0, 1].axhline(ev["after_sft"], color="tab:orange", ls="--", lw=1,
+                               label=f"held-out after SFT {ev['after_sft']:.2f}")
+        axes[0, 1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def _smooth(ys: list[float], k: int = 10) -> list[float]:
+    out, acc = [], 0.0
+    for i, y in enumerate(ys):
+        acc += y
+        if i >= k:
+            acc -= ys[i - k]
+        out.append(acc / min(i + 1, k))
+    return out
