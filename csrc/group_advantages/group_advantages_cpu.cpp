@@ -1,5 +1,5 @@
 // CPU kernel for group_advantages: one pass per group for count/sum/min/max, one for the
-// squared deviations, one to write. fp32 input, fp64 accumulation (cheap on the CPU).
+// squared deviations, one to write; fp32 throughout, like the GPU kernels.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -25,28 +25,37 @@ namespace {
 struct Moments {
   int64_t n = 0;
   double sum = 0.0;
-  double lo = std::numeric_limits<double>::infinity();
-  double hi = -std::numeric_limits<double>::infinity();
+  float lo = std::numeric_limits<float>::infinity();
+  float hi = -std::numeric_limits<float>::infinity();
 };
 
+// Branch-free loops over the group (vectorizable): NaN rewards contribute nothing.
 Moments moments(const float* r, int64_t n) {
   Moments m;
+  int64_t count = 0;
+  float sum = 0.f, lo = m.lo, hi = m.hi;
   for (int64_t i = 0; i < n; ++i) {
-    const double v = r[i];
-    if (std::isnan(v)) continue;
-    m.n += 1;
-    m.sum += v;
-    m.lo = std::min(m.lo, v);
-    m.hi = std::max(m.hi, v);
+    const float v = r[i];
+    const bool ok = v == v;
+    count += ok;
+    sum += ok ? v : 0.f;
+    lo = std::min(lo, ok ? v : std::numeric_limits<float>::infinity());
+    hi = std::max(hi, ok ? v : -std::numeric_limits<float>::infinity());
   }
+  m.n = count;
+  m.sum = sum;
+  m.lo = lo;
+  m.hi = hi;
   return m;
 }
 
 double sum_sq_dev(const float* r, int64_t n, double mean) {
-  double s = 0.0;
+  const float mu = static_cast<float>(mean);
+  float s = 0.f;
   for (int64_t i = 0; i < n; ++i) {
-    const double v = r[i];
-    if (!std::isnan(v)) s += (v - mean) * (v - mean);
+    const float v = r[i];
+    const float d = v == v ? v - mu : 0.f;
+    s += d * d;
   }
   return s;
 }
@@ -92,7 +101,7 @@ at::Tensor group_advantages_cpu(const at::Tensor& rewards, int64_t group_size,
       }
       for (int64_t i = 0; i < G; ++i) {
         const float v = rg[i];
-        og[i] = (constant || std::isnan(v)) ? 0.0f : static_cast<float>((v - mean) / denom);
+        og[i] = (constant || v != v) ? 0.0f : static_cast<float>((v - mean) / denom);
       }
     }
   });
