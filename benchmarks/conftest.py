@@ -148,7 +148,7 @@ def pytest_terminal_summary(terminalreporter):
         b = base.get((r["op"], r["shape"]))
         ratio = f"{b / r['median_s']:7.2f}x" if b and r["baseline"] else "       -"
         fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
-        w(f"{r["op"]:30} {r['shape'][:44]:44} {r['provider'][:22]:22} {_fmt_time(r['median_s']):>12} "
+        w(f"{r['op']:30} {r['shape'][:44]:44} {r['provider'][:22]:22} {_fmt_time(r['median_s']):>12} "
           f"{fmt(r['GBps'], '8.0f'):>8} {fmt(r['frac_copy'] and 100 * r['frac_copy'], '5.0f'):>6} "
           f"{fmt(r['TFLOPs'], '8.1f'):>8} {fmt(r['frac_matmul'] and 100 * r['frac_matmul'], '4.0f'):>5} "
           f"{fmt(r['peak_GiB'], '8.2f'):>8} {ratio:>8}")
