@@ -20,8 +20,11 @@ def plot_metrics(history: list[dict], path: str, summary: dict | None = None) ->
         return False
     steps = [r["step"] for r in rows]
     fig, axes = plt.subplots(2, 2, figsize=(9, 6), dpi=80)
-    panels = [("reward", "reward (accuracy + 0.1 format)"), ("accuracy", "train accuracy"),
-              ("kl", "KL to reference (k3)"), ("completion_len", "completion length (tokens)")]
+    kl = ("kl", "KL to reference (k3)")
+    if all(r.get("kl", 0.0) == 0.0 for r in rows) and any("entropy" in r for r in rows):
+        kl = ("entropy", "token entropy (beta = 0: no reference, no KL)")
+    panels = [("reward", "reward"), ("accuracy", "accuracy (train samples; held-out greedy)"),
+              kl, ("completion_len", "completion length (tokens)")]
     for ax, (key, title) in zip(axes.flat, panels):
         ys = [r.get(key, 0.0) for r in rows]
         ax.plot(steps, ys, color="tab:gray", alpha=0.35, lw=0.8)
