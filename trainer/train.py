@@ -283,7 +283,8 @@ class Trainer:
                         max_new_tokens=cfg.max_new_tokens, eos_id=self.eos_id, pad_id=self.pad_id,
                         temperature=temperature, top_p=cfg.top_p, generator=generator)
         lengths = roll.lengths.tolist()
-        texts = [self.decode(roll.tokens[i], lengths[i]) for i in range(len(lengths))]
+        tokens = roll.tokens.cpu()  # one device-to-host copy for the whole rollout
+        texts = [self.decode(tokens[i], lengths[i]) for i in range(len(lengths))]
         scores = [self.reward_fn(t, examples[i // group_size]) for i, t in enumerate(texts)]
         return roll, prompts, texts, lengths, scores
 
@@ -292,6 +293,7 @@ class Trainer:
         policy_loss on hidden states (r1kernels), gradients averaged over processes."""
         cfg = self.cfg
         adv = r1kernels.group_advantages(rewards, G)
+        tokens = tokens.cpu()
         rows = []
         for i in range(len(lengths)):
             p = prompts[i // G]
