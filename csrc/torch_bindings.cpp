@@ -11,6 +11,24 @@
 TORCH_LIBRARY(r1kernels, m) {
   // Group-normalized advantages. scale: "group" | "batch" | "none".
   m.def("group_advantages(Tensor rewards, int group_size, str scale, float eps) -> Tensor");
+
+  // MoE routing (csrc/moe/). score_func: "softmax" | "sigmoid". Returns (weights [T, k] fp32,
+  // ids [T, k] int32, selected scores [T, k] fp32, logsumexp [T] fp32) - the last two for backward.
+  m.def("moe_route(Tensor logits, int top_k, str score_func, int n_group, int topk_group, Tensor? bias, "
+        "bool norm, float scale, Tensor? replay_ids) -> (Tensor, Tensor, Tensor, Tensor)");
+  // dL/dlogits [T, E] (dtype) from gs = dL/d(selected scores) [T, k]; logits only for softmax.
+  m.def("moe_route_backward(Tensor gs, Tensor ids, Tensor sel, Tensor? logits, Tensor lse, int num_experts, "
+        "ScalarType dtype, str score_func) -> Tensor");
+  // (permuted [T*k + E*(align-1), H], counts [E], offsets [E + 1], row_ids [T, k],
+  //  token_ids [T*k + E*(align-1)]), the last four int32: map and row copies in one call.
+  m.def("moe_permute(Tensor hidden, Tensor ids, int num_experts, int align) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // out[row_ids[t, j]] = x[t] (* weights[t, j]); rows whose token_ids is -1 are zero.
+  m.def("moe_scatter_rows(Tensor x, Tensor row_ids, Tensor token_ids, Tensor counts, Tensor offsets, "
+        "Tensor? weights) -> Tensor");
+  // y[t] = sum_j weights[t, j] * src[row_ids[t, j]] (weights 1 when absent), fp32 accumulation.
+  m.def("moe_unpermute(Tensor src, Tensor row_ids, Tensor? weights) -> Tensor");
+  // dw[t, j] = <gy[t], src[row_ids[t, j]]>, fp32.
+  m.def("moe_rows_dot(Tensor gy, Tensor src, Tensor row_ids) -> Tensor");
 }
 
 // `import r1kernels._C` loads this shared library; the static initializers above register the

@@ -45,3 +45,42 @@ def register_fake(name: str):
 @register_fake("group_advantages")
 def _group_advantages_fake(rewards, group_size, scale, eps):
     return torch.empty_like(rewards, dtype=torch.float32)
+
+
+# MoE (csrc/moe/): shapes only; see r1kernels/ops/moe.py for the semantics.
+
+
+@register_fake("moe_route")
+def _moe_route_fake(logits, top_k, score_func, n_group, topk_group, bias, norm, scale, replay_ids):
+    T = logits.shape[0]
+    w = logits.new_empty(T, top_k, dtype=torch.float32)
+    return w, logits.new_empty(T, top_k, dtype=torch.int32), torch.empty_like(w), logits.new_empty(T, dtype=torch.float32)
+
+
+@register_fake("moe_route_backward")
+def _moe_route_backward_fake(gs, ids, sel, logits, lse, num_experts, dtype, score_func):
+    return gs.new_empty(gs.shape[0], num_experts, dtype=dtype)
+
+
+@register_fake("moe_permute")
+def _moe_permute_fake(hidden, ids, num_experts, align):
+    T, K = ids.shape
+    R = T * K + num_experts * (align - 1)
+    i32 = torch.int32
+    return (hidden.new_empty(R, hidden.shape[1]), ids.new_empty(num_experts, dtype=i32),
+            ids.new_empty(num_experts + 1, dtype=i32), ids.new_empty(T, K, dtype=i32), ids.new_empty(R, dtype=i32))
+
+
+@register_fake("moe_scatter_rows")
+def _moe_scatter_rows_fake(x, row_ids, token_ids, counts, offsets, weights):
+    return x.new_empty(token_ids.shape[0], x.shape[1])
+
+
+@register_fake("moe_unpermute")
+def _moe_unpermute_fake(src, row_ids, weights):
+    return src.new_empty(row_ids.shape[0], src.shape[1])
+
+
+@register_fake("moe_rows_dot")
+def _moe_rows_dot_fake(gy, src, row_ids):
+    return gy.new_empty(row_ids.shape, dtype=torch.float32)

@@ -116,8 +116,14 @@ def available_backends(op: str, device_type: str) -> list[str]:
 
 def select(op: str, device: torch.device | str) -> str:
     """The backend that runs `op` for tensors on `device`."""
-    device_type = torch.device(device).type
-    key = (op, device_type, _FORCED)
+    return _select(op, torch.device(device).type, _FORCED)
+
+
+@torch.compiler.assume_constant_result
+def _select(op: str, device_type: str, forced: str | None) -> str:
+    # A constant under torch.compile: the availability checks below ask the dispatcher, which
+    # dynamo cannot trace, and the answer cannot change while a graph runs.
+    key = (op, device_type, forced)
     hit = _CACHE.get(key)
     if hit is not None:
         return hit
@@ -125,15 +131,15 @@ def select(op: str, device: torch.device | str) -> str:
         raise KeyError(f"r1kernels: no op named {op!r} is registered")
     kind = "cuda" if device_type == "cuda" else "cpu"
     implemented = set(_OPS[op]["cuda"]) | set(_OPS[op]["cpu"])
-    if _FORCED is not None and _FORCED in implemented:
-        reason = why_unavailable(op, _FORCED, device_type)
+    if forced is not None and forced in implemented:
+        reason = why_unavailable(op, forced, device_type)
         if reason is not None:
-            raise RuntimeError(f"r1kernels: backend {_FORCED!r} was requested for {op} but {reason}")
-        choice = _FORCED
+            raise RuntimeError(f"r1kernels: backend {forced!r} was requested for {op} but {reason}")
+        choice = forced
     else:
-        if _FORCED is not None and (op, _FORCED) not in _WARNED:
-            _WARNED.add((op, _FORCED))
-            warnings.warn(f"r1kernels: {op} has no {_FORCED!r} backend; using its default", stacklevel=3)
+        if forced is not None and (op, forced) not in _WARNED:
+            _WARNED.add((op, forced))
+            warnings.warn(f"r1kernels: {op} has no {forced!r} backend; using its default", stacklevel=4)
         choice = next((b for b in _OPS[op][kind] if why_unavailable(op, b, device_type) is None), "torch")
     _CACHE[key] = choice
     return choice

@@ -115,11 +115,24 @@ class _FusedLogitsGRPOLoss(torch.autograd.Function):
         parts, ent_acc = [], []
         if B * T > 0:
             grad_fn = _fused_loss_step(fwd, cfg, B, T, adv, mask, old, ref, rw, scale, parts, ent_acc)
-            _, _, gl = token_logprobs_with_grad(
-                logits.reshape(B * T, V), labels.reshape(B * T), temperature=temperature,
-                ignore_index=ignore_index, with_entropy=with_entropy, grad_fn=grad_fn,
-                chunk_multiple=T, inplace=inplace)
-            gl = gl.view(logits.shape)
+            kw = dict(temperature=temperature, ignore_index=ignore_index,
+                      with_entropy=with_entropy, chunk_multiple=T, inplace=inplace)
+            try:
+                flat = logits.view(B * T, V)
+            except RuntimeError:  # e.g. logits[:, :-1] of [B, T + 1, V]: one call per sequence
+                flat = None
+            if flat is not None:
+                _, _, gl = token_logprobs_with_grad(flat, labels.reshape(B * T), grad_fn=grad_fn, **kw)
+                gl = gl.view(logits.shape)
+            else:
+                grads = []
+                for b in range(B):
+                    off = b * T
+                    step = (lambda o: lambda s, e, lp, en: grad_fn(s + o, e + o, lp, en))(off)
+                    grads.append(token_logprobs_with_grad(logits[b], labels[b], grad_fn=step, **kw)[2])
+                in_place = inplace and all(g.data_ptr() == logits[b].data_ptr()
+                                           for b, g in enumerate(grads))
+                gl = logits if in_place else torch.stack(grads)
         else:
             gl = torch.zeros_like(logits)
         out, ent = _finish(fin, parts, nitems, cfg, B, logits.device, ent_acc, n_rows.sum())
@@ -213,7 +226,8 @@ class GRPOLoss(torch.nn.Module):
                 or weight.shape[1] != hidden.shape[-1]:
             raise ValueError(f"{where}: weight must be [V, {hidden.shape[-1]}], got "
                              f"{tuple(getattr(weight, 'shape', ()))}")
-        if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],)):
+        if bias is not None and (not isinstance(bias, torch.Tensor)
+                                 or tuple(bias.shape) != (weight.shape[0],)):
             raise ValueError(f"{where}: bias must be [{weight.shape[0]}], got "
                              f"{tuple(getattr(bias, 'shape', ()))}")
         opts = (B, T, self.temperature, self.ignore_index, self.with_entropy, backend)

@@ -93,6 +93,12 @@ def grpo_loss_ref(logps, advantages, mask, *, old_logps=None, ref_logps=None, lo
     """The GRPO loss of TRL 1.16 `GRPOTrainer._compute_loss` (gradient accumulation 1).
 
     Returns (loss, metrics) with metrics kl, clip_ratio_low, clip_ratio_high, clip_ratio.
+    Checked against TRL 1.16's source (and its code, in tests/test_grpo_loss.py): loss and
+    gradient agree for every loss type. Metrics: like TRL, the clip flags use coef_1 after the
+    delta clamp; cispo's clip_ratio_high is TRL's `cispo_clip_ratio`. Where TRL differs: with
+    importance_sampling_level="sequence" (and [B] advantages) TRL averages the clip flags per
+    sequence over all rows; here they are fractions of masked tokens (shared/API.md). TRL's
+    use_bias_correction_kl defaults to True; the API's default is False.
     """
     eps_lo = epsilon_low
     eps_hi = epsilon_low if epsilon_high is None else epsilon_high
@@ -169,3 +175,123 @@ def grpo_loss_ref(logps, advantages, mask, *, old_logps=None, ref_logps=None, lo
         "clip_ratio": (((low | high).to(m.dtype) * m).sum() / msum).detach(),
     }
     return loss, metrics
+
+
+# ---- MoE routing ------------------------------------------------------------------------------
+# Ordering used by every backend: a row is ranked by (tier, value, -index), descending. Tiers put
+# NaN scores last (and, for expert selection, experts outside the chosen groups after every
+# eligible one), so NaN is never picked while a non-NaN score remains; equal values go to the
+# lower index. -0.0 equals +0.0 (torch.sort already treats them as equal).
+
+
+def _order_desc(values: torch.Tensor, tier: torch.Tensor) -> torch.Tensor:
+    """Permutation along the last dim sorting by (tier, value) descending, ties to lower index."""
+    o1 = torch.sort(values, dim=-1, descending=True, stable=True).indices
+    o2 = torch.sort(tier.gather(-1, o1), dim=-1, descending=True, stable=True).indices
+    return o1.gather(-1, o2)
+
+
+def moe_route_ref(router_logits: torch.Tensor, top_k: int, *, score_func: str = "softmax",
+                  n_group: int = 1, topk_group: int = 1, correction_bias=None,
+                  norm_topk_prob: bool = True, routed_scaling_factor: float = 1.0,
+                  replay_ids=None):
+    """(weights [T, k], ids [T, k] int32) of shared/API.md `moe_route`, via sorts and gathers."""
+    x = _upcast(router_logits)
+    T, E = x.shape
+    if score_func == "softmax":
+        s = torch.softmax(x, dim=-1)
+    elif score_func == "sigmoid":
+        s = torch.sigmoid(x)
+    else:
+        raise ValueError(f"score_func must be 'softmax' or 'sigmoid', got {score_func!r}")
+    if replay_ids is not None:
+        ids = replay_ids.long()
+    else:
+        with torch.no_grad():
+            choice = s.detach() + (correction_bias.to(s.dtype) if correction_bias is not None else 0)
+            nan = torch.isnan(choice)
+            val = choice.masked_fill(nan, float("-inf"))
+            eligible = torch.ones_like(nan)
+            if n_group > 1:
+                gs = E // n_group
+                order_in = _order_desc(val.view(T, n_group, gs), (~nan).view(T, n_group, gs).long())
+                take = min(2, gs) if correction_bias is not None else 1
+                gscore = choice.view(T, n_group, gs).gather(-1, order_in[..., :take]).sum(-1)
+                gnan = torch.isnan(gscore)
+                gorder = _order_desc(gscore.masked_fill(gnan, float("-inf")), (~gnan).long())
+                keep = torch.zeros(T, n_group, dtype=torch.bool, device=x.device)
+                keep.scatter_(1, gorder[:, :topk_group], True)
+                eligible = keep.repeat_interleave(gs, dim=1)
+            tier = torch.where(nan, 0, torch.where(eligible, 2, 1))
+            ids = _order_desc(val, tier)[:, :top_k]
+    w = s.gather(1, ids)
+    if norm_topk_prob:
+        w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    w = w * routed_scaling_factor
+    return w, ids.to(torch.int32)
+
+
+def moe_permute_ref(hidden: torch.Tensor, ids: torch.Tensor, num_experts: int, *, align: int = 1):
+    """(permuted [T*k + E*(align-1), H], MoEPermutation) of shared/API.md `moe_permute`.
+
+    Rows are ordered by expert, then token, then slot j; each expert segment starts at
+    offsets[e] (a multiple of align); rows past the last segment are zero padding too.
+    """
+    from r1kernels.ops.moe import MoEPermutation
+
+    T, k = ids.shape
+    E = num_experts
+    flat = ids.reshape(-1).long()
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= E):
+        raise IndexError(f"moe_permute_ref: ids must be in [0, {E})")
+    order = torch.sort(flat, stable=True).indices
+    counts = torch.bincount(flat, minlength=E)
+    padded = (counts + align - 1) // align * align
+    offsets = torch.cat([counts.new_zeros(1), torch.cumsum(padded, 0)])
+    starts = torch.cumsum(counts, 0) - counts
+    sorted_e = flat[order]
+    rows_sorted = offsets[sorted_e] + torch.arange(flat.numel(), device=flat.device) - starts[sorted_e]
+    R = T * k + E * (align - 1)
+    row_ids = torch.empty_like(flat)
+    row_ids[order] = rows_sorted
+    token_ids = torch.full((R,), -1, dtype=torch.long, device=flat.device)
+    token_ids[rows_sorted] = order // max(k, 1)
+    src = hidden.repeat_interleave(k, dim=0)
+    out = torch.zeros(R, hidden.shape[1], dtype=hidden.dtype, device=hidden.device).index_copy(0, row_ids, src)
+    perm = MoEPermutation(counts.int(), offsets.int(), row_ids.view(T, k).int(), token_ids.int())
+    return out, perm
+
+
+def moe_unpermute_ref(expert_out: torch.Tensor, perm, weights: torch.Tensor) -> torch.Tensor:
+    """y[t] = sum_j weights[t, j] * expert_out[row(t, j)], accumulated in fp32 (fp64 for fp64)."""
+    dt = torch.float64 if torch.float64 in (expert_out.dtype, weights.dtype) else torch.float32
+    rows = expert_out[perm.row_ids.long()]  # [T, k, H]
+    y = (weights.to(dt).unsqueeze(-1) * rows.to(dt)).sum(1)
+    return y.to(expert_out.dtype)
+
+
+def moe_expert_counts_ref(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    return torch.bincount(ids.reshape(-1).long(), minlength=num_experts).to(torch.int32)
+
+
+def moe_update_bias_ref(bias: torch.Tensor, counts: torch.Tensor, rate: float) -> torch.Tensor:
+    c = counts.to(torch.float64)
+    return bias + rate * torch.sign(c.mean() - c).to(bias.dtype)
+
+
+def moe_sequence_aux_loss_ref(scores: torch.Tensor, ids: torch.Tensor, seq_len, top_k: int,
+                              alpha: float) -> torch.Tensor:
+    """alpha * sum_i f_i P_i per sequence, averaged over sequences (DeepSeek-V3 eq. 17-20)."""
+    s = _upcast(scores)
+    T, E = s.shape
+    lens = [seq_len] * (T // seq_len) if isinstance(seq_len, int) else [int(n) for n in seq_len]
+    losses = []
+    start = 0
+    for n in lens:
+        seg = s[start:start + n]
+        p = (seg / seg.sum(-1, keepdim=True)).mean(0)
+        cnt = torch.bincount(ids[start:start + n].reshape(-1).long(), minlength=E).to(s.dtype)
+        f = E / (top_k * n) * cnt
+        losses.append(alpha * (f * p).sum())
+        start += n
+    return torch.stack(losses).mean() if losses else s.sum() * 0

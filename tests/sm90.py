@@ -80,3 +80,54 @@ def _compile_here(fn, signature, constexprs, num_warps, num_stages) -> Compiled:
     field = lambda k: int(re.search(rf"{k}:(\d+)", line).group(1))  # noqa: E731
     return Compiled(name=fn.__name__, ptx=kernel.asm["ptx"], regs=field("REG"), stack=field("STACK"),
                     local=field("LOCAL"), shared=field("SHARED") + int(kernel.metadata.shared))
+
+
+_WORKER = r"""
+import ast, importlib, json, sys, traceback
+sys.path.insert(0, "tests")
+import sm90
+specs = ast.literal_eval(open(sys.argv[1]).read())
+for sid, fn, signature, constexprs, num_warps in specs:
+    module, name = fn.split(":")
+    try:
+        k = getattr(importlib.import_module(module), name)
+        c = sm90._compile_here(k, signature, constexprs, num_warps, 3)
+        print(json.dumps({"id": sid, "ok": c.__dict__}), flush=True)
+    except Exception:
+        print(json.dumps({"id": sid, "error": traceback.format_exc()[-3000:]}), flush=True)
+"""
+
+
+def compile_many(specs, workers: int = 2) -> dict:
+    """Compile [(id, "module:kernel", signature, constexprs, num_warps), ...] for sm_90 in
+    `workers` fresh processes (one torch/triton import each, not one per kernel).
+    Returns {id: Compiled or an error string}."""
+    import ast
+    import json
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    slices = [specs[i::workers] for i in range(workers)]
+    procs = []
+    for part in slices:
+        if not part:
+            continue
+        f = tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False)
+        f.write(repr(list(part)))
+        f.close()
+        ast.literal_eval(open(f.name).read())  # the specs must be plain literals
+        p = subprocess.Popen([sys.executable, "-c", _WORKER, f.name], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env, cwd=root)
+        procs.append((p, f.name))
+    results = {}
+    for p, path in procs:
+        out, err = p.communicate()
+        os.unlink(path)
+        for line in out.splitlines():
+            if line.startswith("{"):
+                r = json.loads(line)
+                results[r["id"]] = Compiled(**r["ok"]) if "ok" in r else r["error"]
+        if p.returncode != 0:
+            results.setdefault("__worker__", err[-3000:])
+    return results

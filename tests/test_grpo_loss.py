@@ -294,7 +294,7 @@ def test_bad_input(bad, match):
         r1kernels.grpo_loss(args["logps"], args["advantages"], args["mask"], **bad)
 
 
-@pytest.mark.parametrize("backend", ["torch"] + (["triton"] if DEVICE == "cuda" else []))
+@pytest.mark.parametrize("backend", BACKENDS)  # triton: its custom ops (interpreted on CPU)
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_torch_compile_fullgraph(backend, level):
     lp, old, ref, adv, mask, rw = make_inputs(4, 16, seed=12)
@@ -401,3 +401,27 @@ def test_matches_trl_normalizers(loss_type):
     loss, _, grad = run("torch", lp, adv, mask, old_logps=old, loss_type=loss_type, **ours)
     assert loss == pytest.approx(tl_loss, rel=1e-5)
     torch.testing.assert_close(grad, tl_grad, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.skipif("triton" not in dispatch.available_backends(OP, DEVICE), reason="triton unavailable")
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_opcheck_triton_custom_ops(level):
+    """The custom ops torch.compile sees for the Triton path: schema, fake kernels, no mutation."""
+    from r1kernels.ops import grpo_loss as G
+
+    lp, old, ref, adv, mask, rw = make_inputs(3, 10, seed=13)
+    f = lambda x: x.float().to(DEVICE)  # noqa: E731
+    cfg = G.make_config(loss_type="grpo", epsilon_low=0.2, epsilon_high=None, delta=1.5, beta=0.1,
+                        importance_sampling_level=level, use_bias_correction_kl=True,
+                        max_completion_length=None, sapo_temperature_pos=1.0,
+                        sapo_temperature_neg=1.05, T=10)
+    a = f(adv).unsqueeze(1).expand(3, 10)
+    args = (f(lp), a, mask.to(DEVICE), f(old), f(ref), f(rw), torch.tensor([7.0], device=DEVICE), *cfg, True)
+    torch.library.opcheck(G._grpo_loss_fwd_op, args)
+    g, out, scale = G._grpo_loss_fwd_op(*args)
+    rl, _, rg = reference(lp, adv, mask, old_logps=old, ref_logps=ref, beta=0.1, delta=1.5,
+                          use_bias_correction_kl=True, importance_sampling_level=level,
+                          rollout_is_weights=rw, loss_type="grpo")
+    assert out[0].item() == pytest.approx(rl, rel=1e-5, abs=1e-7)
+    torch.testing.assert_close((g * scale.unsqueeze(1)).double().cpu(), rg, rtol=1e-5, atol=1e-8)
+    torch.library.opcheck(G._grpo_loss_bwd_op, (g, scale, torch.tensor(2.0, device=DEVICE), torch.bfloat16))

@@ -177,6 +177,21 @@ def test_bf16(backend):
     assert out.loss.item() == pytest.approx(rloss, rel=1e-4, abs=1e-5)
     for ours, ref in zip((h.grad, w.grad), rgrads):
         torch.testing.assert_close(ours.double().cpu(), ref, rtol=2 ** -7, atol=2 ** -7 * ref.abs().max().item())
+    # bf16 logits of the same inputs
+    with torch.no_grad():
+        logits = (d["hidden"] @ d["weight"].T).bfloat16()
+    x = logits.to(DEVICE).requires_grad_(True)
+    with dispatch.use_backend(backend):
+        out = GRPOLoss(**opts).from_logits(x, d["labels"].to(DEVICE), d["mask"].to(DEVICE),
+                                           d["adv"].float().to(DEVICE), **to_dev(kw))
+    out.loss.backward()
+    lr = logits.detach().double().requires_grad_(True)
+    lp = r1kernels.reference.token_logprobs_ref(lr, d["labels"])
+    rl = grpo_loss_ref(lp, d["adv"], d["mask"], **opts, **kw)[0]
+    rl.backward()
+    assert x.grad.dtype == torch.bfloat16
+    assert out.loss.item() == pytest.approx(rl.item(), rel=1e-4, abs=1e-5)
+    torch.testing.assert_close(x.grad.double().cpu(), lr.grad, rtol=2 ** -7, atol=2 ** -7 * lr.grad.abs().max().item())
 
 
 def test_only_weight_grad_and_no_grad():
@@ -252,3 +267,30 @@ def test_beta_needs_ref():
     d = make(2, 3, 8, 5)
     with pytest.raises(ValueError, match="ref_logps"):
         GRPOLoss(beta=0.1)(d["hidden"].float(), d["weight"].float(), d["labels"], d["mask"], d["adv"].float())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_from_logits_sliced_like_liger(backend, inplace):
+    """logits[:, :-1] of a [B, T + 1, V] buffer (the layout causal LMs return): not viewable as
+    [B*T, V]; handled per sequence, in place into the caller's buffer when asked."""
+    d = make(3, 5, 8, 30, seed=4)
+    with torch.no_grad():
+        full = d["hidden"] @ d["weight"].T + d["bias"]
+        full = torch.cat([full, full[:, :1]], 1).float().to(DEVICE)  # [B, T + 1, V]
+    x = full[:, :-1].requires_grad_(True)  # a leaf view
+    opts = dict(loss_type="grpo", beta=0.04)
+    kw = kwargs_for(d, beta=True)
+    with dispatch.use_backend(backend):
+        out = GRPOLoss(**opts).from_logits(x, d["labels"].to(DEVICE), d["mask"].to(DEVICE),
+                                           d["adv"].float().to(DEVICE), inplace=inplace, **to_dev(kw))
+    out.loss.backward()
+    rloss, _, _ = reference(d, opts, kw)
+    lr = (d["hidden"] @ d["weight"].T + d["bias"]).clone().requires_grad_(True)
+    lp = r1kernels.reference.token_logprobs_ref(lr, d["labels"])
+    grpo_loss_ref(lp, d["adv"], d["mask"], **opts, **kw)[0].backward()
+    assert out.loss.item() == pytest.approx(rloss, rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(x.grad.double().cpu(), lr.grad, rtol=1e-4, atol=1e-7)
+    if inplace:  # written into the caller's buffer (autograd then copies it into the leaf's .grad,
+        # since a gradient with gaps between rows does not meet the leaf gradient layout contract)
+        torch.testing.assert_close(full[:, :-1], x.grad)

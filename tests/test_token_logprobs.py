@@ -121,6 +121,7 @@ def test_batched_and_non_contiguous(backend):
     check(backend, logits_t, torch.randint(0, 64, (8,)))
     labels_nc = torch.randint(0, 64, (8, 2))[:, 0]
     check(backend, torch.randn(8, 64), labels_nc)
+    check(backend, torch.randn(8, 64), torch.randint(0, 64, (8,), dtype=torch.int32))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -231,22 +232,56 @@ def test_torch_path_memory_is_bounded(monkeypatch):
     assert peaks[512] <= peaks[64] + 64 * 512, peaks  # O(N) bookkeeping only
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("with_entropy", [False, True])
-def test_compile_fullgraph(with_entropy):
-    if DEVICE != "cpu":
-        pytest.skip("compiled on CPU with the torch backend")
+def test_compile_fullgraph(backend, with_entropy):
 
     def f(x, y):
         out = r1kernels.token_logprobs(x, y, temperature=0.9, with_entropy=with_entropy)
         return (out[0] + 0.5 * out[1]).sum() if with_entropy else out.sum()
 
-    x = torch.randn(2, 5, 97)
-    y = torch.randint(0, 97, (2, 5))
+    x = torch.randn(2, 5, 97, device=DEVICE)
+    y = torch.randint(0, 97, (2, 5), device=DEVICE)
     y[0, 0] = -100
-    with dispatch.use_backend("torch"):
+    torch._dynamo.reset()
+    with dispatch.use_backend(backend):
         compiled = torch.compile(f, fullgraph=True, backend="inductor")
         xa = x.clone().requires_grad_(True)
         compiled(xa, y).backward()
         xb = x.clone().requires_grad_(True)
         f(xb, y).backward()
     torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not tlp_mod.HAS_TRITON or "triton" not in [p.values[0] for p in BACKENDS],
+                    reason="Triton cannot run here")
+def test_opcheck_triton_ops():
+    x = torch.randn(5, 33, device=DEVICE)
+    y = torch.tensor([0, 32, -100, 7, 1], device=DEVICE)
+    out = tlp_mod._fwd_triton_op(x, y, 1.25, -100, True)
+    lse, ent = out[2].contiguous(), out[1].contiguous()
+    d = torch.randn(5, device=DEVICE)
+    torch.library.opcheck(tlp_mod._fwd_triton_op, (x, y, 1.25, -100, True))
+    torch.library.opcheck(tlp_mod._bwd_triton_op, (x, y, lse, ent, d, d, 1.25, -100))
+    torch.library.opcheck(tlp_mod._bwd_triton_op, (x, y, lse, None, d, None, 1.25, -100))
+    torch.library.opcheck(tlp_mod._bwd_inplace_triton_op, (x.clone(), y, lse, ent, d, d, 1.25, -100))
+    # tile-level ops of the hidden-state path: a tile of columns [col0, col0 + 33) of V = 100
+    b = torch.randn(33, device=DEVICE)
+    state, outs = torch.zeros(4, 5, device=DEVICE), torch.zeros(3, 5, device=DEVICE)
+    y2 = torch.tensor([40, 99, -100, 3, 50], device=DEVICE)
+    torch.library.opcheck(tlp_mod._tile_stats_op,
+                          (x, y2, b, state, outs, 30, 100, 0.5, -100, False, False, True))
+    torch.library.opcheck(tlp_mod._tile_stats_op,
+                          (x, y2, None, state, outs, 30, 100, 0.5, -100, True, True, False))
+    torch.library.opcheck(tlp_mod._tile_grad_op,
+                          (x, torch.empty_like(x), y2, b, lse, ent, d, d, 30, 0.5, -100))
+
+
+def test_double_backward_raises():
+    """The backward is not itself differentiable: asking for second derivatives raises rather
+    than silently returning wrong ones."""
+    x = torch.randn(3, 20, device=DEVICE, requires_grad=True)
+    lp = r1kernels.token_logprobs(x, torch.tensor([1, 2, 3], device=DEVICE))
+    (g,) = torch.autograd.grad(lp.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()

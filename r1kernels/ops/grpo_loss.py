@@ -36,6 +36,8 @@ same analytic gradient (any device; compiles with torch.compile(fullgraph=True))
 """
 from __future__ import annotations
 
+import functools
+import math
 from typing import NamedTuple
 
 import torch
@@ -278,7 +280,7 @@ def _grpo_loss_finalize_kernel(part_ptr, nitems_ptr, out_ptr, scale_ptr, B, max_
         s_hi += tl.load(part_ptr + 4 * B + b, mask=ok, other=0.0)
         s_rg += tl.load(part_ptr + 5 * B + b, mask=ok, other=0.0)
     n_tot = tl.sum(s_n, axis=0)
-    fb = B.to(tl.float32)
+    fb = B * 1.0  # (B may arrive as a constexpr 1: Triton specializes ints equal to 1)
     if LOSS == 0 or LOSS == 6:  # grpo, sapo: mean over rows of the row means
         loss = tl.sum(s_lr, axis=0) / fb
         inv = 1.0 / fb  # times 1 / max(n_b, 1) per row
@@ -336,13 +338,15 @@ def _mask_view(mask: torch.Tensor) -> torch.Tensor:
     return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
 
 
-def grpo_loss_fwd_triton(logps, adv, mask, old, ref, rw, cfg: _Config, write_grad: bool = True):
+def grpo_loss_fwd_triton(logps, adv, mask, old, ref, rw, cfg: _Config, write_grad: bool = True,
+                         part: torch.Tensor | None = None):
     """Launcher: [B, T] inputs (any strides; adv may have stride 0) -> (g [B, T] fp32 unscaled
-    gradient, partials [6, B] fp32)."""
+    gradient, partials [6, B] fp32, written into `part` when given)."""
     B, T = logps.shape
     dev = logps.device
     grad = torch.empty((B, T) if write_grad else (0,), device=dev, dtype=torch.float32)
-    part = torch.empty((NUM_PARTIALS, B), device=dev, dtype=torch.float32)
+    if part is None:
+        part = torch.empty((NUM_PARTIALS, B), device=dev, dtype=torch.float32)
     if B == 0:
         return grad, part
     m = _mask_view(mask)
@@ -363,13 +367,16 @@ def grpo_loss_fwd_triton(logps, adv, mask, old, ref, rw, cfg: _Config, write_gra
     return grad, part
 
 
-def grpo_loss_finalize_triton(part, nitems, cfg: _Config):
-    """Launcher: partials [6, B] -> (out [5] = loss and the 4 metrics, scale [B])."""
+def grpo_loss_finalize_triton(part, nitems, cfg: _Config, out=None, scale=None):
+    """Launcher: partials [6, B] -> (out [5] = loss and the 4 metrics, scale [B]); into the
+    given buffers when passed."""
     B = part.shape[1]
-    out = torch.zeros(5, device=part.device, dtype=torch.float32)
-    scale = torch.empty(B, device=part.device, dtype=torch.float32)
+    if out is None:
+        out = torch.empty(5, device=part.device, dtype=torch.float32)
+    if scale is None:
+        scale = torch.empty(B, device=part.device, dtype=torch.float32)
     if B == 0:
-        return out, scale
+        return out.zero_(), scale
     n_t = nitems if nitems is not None else part
     _grpo_loss_finalize_kernel[(1,)](part, n_t, out, scale, B, float(cfg.max_len), LOSS=cfg.loss,
                                      HAS_NITEMS=nitems is not None,
@@ -390,80 +397,76 @@ def grpo_loss_bwd_triton(grad, scale, gout, dtype):
 
 
 def grpo_loss_fwd_torch(logps, adv, mask, old, ref, rw, cfg: _Config, write_grad: bool = True):
-    lp = logps.float()
-    A = adv.float()
     m = mask.float()
     on = m != 0
-    zero = torch.zeros_like(lp)
-    lr = zero if old is None else lp - old.float()
+    # masked positions may hold garbage (-inf, NaN): zero the inputs there once, then every
+    # intermediate is finite and a final multiplication by m gives exact zeros
+    lp = torch.where(on, logps.float(), 0.0)
+    A = adv.float()
+    lr = None if old is None else lp - torch.where(on, old.float(), 0.0)
     n = m.sum(-1)
     c1_row = None
     if cfg.seq:
-        c1_row = torch.exp(torch.where(on, lr * m, zero).sum(-1) / n.clamp(min=1.0))
+        c1_row = torch.exp((lr * m).sum(-1) / n.clamp(min=1.0)) if lr is not None else torch.ones_like(n)
         c1 = c1_row.unsqueeze(-1).expand_as(lp)
     else:
-        c1 = torch.exp(lr)
+        c1 = torch.exp(lr) if lr is not None else torch.ones_like(lp)
+    g_dir = g_c1 = None  # None: identically zero
+    low = high = None
     if cfg.loss == 5:
         cl = torch.clamp(c1, max=cfg.eps_hi)
-        pol = -cl * A * lp
         g_dir = -cl * A
-        g_c1 = zero
-        low = torch.zeros_like(on)
+        pol = g_dir * lp
         high = (c1 > cfg.eps_hi) & (A > 0)
     elif cfg.loss == 6:
-        tau = torch.where(A > 0, torch.full_like(A, cfg.tau_pos), torch.full_like(A, cfg.tau_neg))
+        tau = torch.where(A > 0, cfg.tau_pos, cfg.tau_neg)
         s = torch.sigmoid(tau * (c1 - 1.0))
-        pol = -s * 4.0 / tau * A
-        g_dir = zero
-        g_c1 = -4.0 * A * s * (1.0 - s)
-        low = torch.zeros_like(on)
-        high = torch.zeros_like(on)
+        pol = s * (-4.0 * A / tau)
+        g_c1 = (-4.0 * A) * s * (1.0 - s)
     else:
         lo, hi = 1.0 - cfg.eps_lo, 1.0 + cfg.eps_hi
         c2 = torch.clamp(c1, lo, hi)
-        if cfg.delta is not None:
-            c1d = torch.clamp(c1, max=cfg.delta)
-            d1 = (c1 <= cfg.delta).float()
-        else:
-            c1d = c1
-            d1 = torch.ones_like(lp)
+        c1d = c1 if cfg.delta is None else torch.clamp(c1, max=cfg.delta)
         t1, t2 = c1d * A, c2 * A
         pol = -torch.minimum(t1, t2)
         w1 = torch.where(t1 < t2, 1.0, torch.where(t1 == t2, 0.5, 0.0))
+        d1 = 1.0 if cfg.delta is None else (c1 <= cfg.delta).float()
         d2 = ((c1 >= lo) & (c1 <= hi)).float()
-        g_dir = zero
         g_c1 = -A * (w1 * d1 + (1.0 - w1) * d2)
         low = (c1d < lo) & (A < 0)
         high = (c1d > hi) & (A > 0)
     if rw is not None:
-        r = rw.float()
-        pol, g_dir, g_c1 = pol * r, g_dir * r, g_c1 * r
-    kl = zero
+        r = torch.where(on, rw.float(), 0.0)
+        pol = pol * r
+        g_dir = None if g_dir is None else g_dir * r
+        g_c1 = None if g_c1 is None else g_c1 * r
+    kl = None
     if cfg.beta != 0.0:
-        d = ref.float() - lp
+        d = torch.where(on, ref.float(), 0.0) - lp
         ed = torch.exp(d)
-        kl0 = ed - d - 1.0
-        dkl0 = 1.0 - ed
+        kl = ed - d - 1.0
+        dkl = cfg.beta * (1.0 - ed)
         if cfg.bias_kl:
-            kl = kl0 * c1
-            g_dir = g_dir + cfg.beta * dkl0 * c1
-            g_c1 = g_c1 + cfg.beta * kl0
-        else:
-            kl = kl0
-            g_dir = g_dir + cfg.beta * dkl0
+            g_c1 = cfg.beta * kl if g_c1 is None else g_c1 + cfg.beta * kl
+            kl = kl * c1
+            dkl = dkl * c1
+        g_dir = dkl if g_dir is None else g_dir + dkl
         pol = pol + cfg.beta * kl
-    part = torch.stack([
-        torch.where(on, pol * m, zero).sum(-1), n, torch.where(on, kl * m, zero).sum(-1),
-        torch.where(on & low, m, zero).sum(-1), torch.where(on & high, m, zero).sum(-1),
-        torch.where(on & (low | high), m, zero).sum(-1)])
+    zero_rows = torch.zeros_like(n)
+    flag_sum = lambda f: zero_rows if f is None else (f * m).sum(-1)  # noqa: E731
+    region = low if high is None else (high if low is None else low | high)
+    part = torch.stack([(pol * m).sum(-1), n, flag_sum(kl), flag_sum(low), flag_sum(high),
+                        flag_sum(region)])
     if not write_grad:
         return lp.new_empty(0), part
+    g = torch.zeros_like(lp) if g_dir is None else g_dir
     if cfg.seq:
-        s_row = torch.where(on, g_c1 * m, zero).sum(-1) * c1_row / n.clamp(min=1.0)
-        g = torch.where(on, (g_dir + s_row.unsqueeze(-1)) * m, zero)
-    else:
-        g = torch.where(on, (g_dir + g_c1 * c1) * m, zero)
-    return g, part
+        if g_c1 is not None:
+            s_row = (g_c1 * m).sum(-1) * c1_row / n.clamp(min=1.0)
+            g = g + s_row.unsqueeze(-1)
+    elif g_c1 is not None:
+        g = g + g_c1 * c1
+    return g * m, part
 
 
 def row_scale(n: torch.Tensor, nitems, cfg: _Config) -> torch.Tensor:
@@ -545,7 +548,17 @@ if HAS_TRITON:
 def _fwd_finalize(backend, logps, adv, mask, old, ref, rw, nitems, cfg: _Config, write_grad: bool):
     """(g [B, T] fp32 unscaled, out [5], scale [B]) with the chosen backend."""
     if backend == "triton":
-        return _grpo_loss_fwd_op(logps, adv, mask, old, ref, rw, nitems, *cfg, write_grad)
+        if torch.compiler.is_compiling():  # one opaque node for the compiler
+            return _grpo_loss_fwd_op(logps, adv, mask, old, ref, rw, nitems, *cfg, write_grad)
+        # eager: call the launchers directly (the custom-op wrapper costs host time per call),
+        # with one workspace allocation for the partials, the outputs and the row scale
+        B = logps.shape[0]
+        ws = torch.empty(NUM_PARTIALS * B + 5 + B, device=logps.device, dtype=torch.float32)
+        part = ws[:NUM_PARTIALS * B].view(NUM_PARTIALS, B)
+        grad, part = grpo_loss_fwd_triton(logps, adv, mask, old, ref, rw, cfg, write_grad, part)
+        out, scale = grpo_loss_finalize_triton(part, nitems, cfg, ws[NUM_PARTIALS * B:NUM_PARTIALS * B + 5],
+                                               ws[NUM_PARTIALS * B + 5:])
+        return grad, out, scale
     grad, part = grpo_loss_fwd_torch(logps, adv, mask, old, ref, rw, cfg, write_grad)
     out, scale = grpo_loss_finalize_torch(part, nitems, cfg)
     return grad, out, scale
@@ -574,7 +587,8 @@ class GRPOLossFunction(torch.autograd.Function):
         dlp = None
         if ctx.needs_input_grad[0]:
             if ctx.backend == "triton":
-                dlp = _grpo_loss_bwd_op(grad, scale, gloss, ctx.lp_dtype)
+                bwd = _grpo_loss_bwd_op if torch.compiler.is_compiling() else grpo_loss_bwd_triton
+                dlp = bwd(grad, scale, gloss, ctx.lp_dtype)
             else:
                 dlp = grpo_loss_bwd_torch(grad, scale, gloss, ctx.lp_dtype)
         return dlp, None, None, None, None, None, None, None, None, None
@@ -586,8 +600,7 @@ class GRPOLossFunction(torch.autograd.Function):
 def _check_number(name, value, *, low=None, allow_none=False, positive=False):
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
-            or value in (float("inf"), float("-inf")):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"grpo_loss: {name} must be a finite number, got {value!r}")
     if positive and value <= 0:
         raise ValueError(f"grpo_loss: {name} must be > 0, got {value!r}")
@@ -595,13 +608,21 @@ def _check_number(name, value, *, low=None, allow_none=False, positive=False):
         raise ValueError(f"grpo_loss: {name} must be >= {low}, got {value!r}")
 
 
-def make_config(*, loss_type, epsilon_low, epsilon_high, delta, beta, importance_sampling_level,
+def make_config(**kw) -> _Config:
+    """Validate the scalar options (ValueError naming the argument) and pack them. Cached: host
+    time matters, the whole loss is tens of microseconds on a GPU."""
+    try:
+        return _make_config_cached(**kw)
+    except TypeError:  # an unhashable argument: validate uncached (raises ValueError)
+        return _make_config(**kw)
+
+
+def _make_config(*, loss_type, epsilon_low, epsilon_high, delta, beta, importance_sampling_level,
                 use_bias_correction_kl, max_completion_length, sapo_temperature_pos,
                 sapo_temperature_neg, T: int, where: str = "grpo_loss") -> _Config:
-    """Validate the scalar options (ValueError naming the argument) and pack them."""
-    if loss_type not in LOSS_TYPES:
+    if not isinstance(loss_type, str) or loss_type not in LOSS_TYPES:
         raise ValueError(f"{where}: loss_type must be one of {tuple(LOSS_TYPES)}, got {loss_type!r}")
-    if importance_sampling_level not in IS_LEVELS:
+    if not isinstance(importance_sampling_level, str) or importance_sampling_level not in IS_LEVELS:
         raise ValueError(f"{where}: importance_sampling_level must be 'token' or 'sequence', got "
                          f"{importance_sampling_level!r}")
     _check_number("epsilon_low", epsilon_low, low=0.0)
@@ -624,6 +645,9 @@ def make_config(*, loss_type, epsilon_low, epsilon_high, delta, beta, importance
                    bias_kl=bool(use_bias_correction_kl), tau_pos=float(sapo_temperature_pos),
                    tau_neg=float(sapo_temperature_neg),
                    max_len=float(T if max_completion_length is None else max_completion_length))
+
+
+_make_config_cached = functools.lru_cache(maxsize=256)(_make_config)
 
 
 def check_inputs(logps, advantages, mask, old_logps, ref_logps, rollout_is_weights,

@@ -18,9 +18,12 @@ FLOPs: 8 * N * H * V (pass 1: one GEMM, pass 2: three). A single sweep (6 * N * 
 to keep grad_weight in fp32 across row chunks (4 bytes * V * H: 2.3 GiB for Qwen2.5-7B's head)
 or round its running sum to bf16 once per chunk; vocabulary-outer order gives each grad_weight
 tile one fp32 reduction over all rows with bounded memory instead.
-Extra memory: Z tile (<= TILE_ELEMS * 4 bytes) + G tile + [tile, H] fp32 + the gradients (grad_hidden
-accumulated in fp32) + O(N) floats: independent of N apart from the gradients themselves.
+Extra memory: the Z tile (<= TILE_ELEMS * 4 bytes; G is written over it in place) + [tile, H] fp32
++ the gradients (grad_hidden accumulated in fp32) + O(N) floats: independent of N apart from the
+gradients themselves.
 On CUDA, TILE_ELEMS = 2**26: a 256 MiB fp32 tile (N=16384 -> 4096 vocabulary columns per tile).
+Opt-in (FUSED_GEMM = True, Triton backend): tl.dot kernels that compute the logits tile and apply
+the statistics / gradient in their epilogue, so no fp32 logits tile goes through memory (below).
 
 Internal entry point for the fused GRPO loss (_notes/INTERFACE_logprobs_loss.md):
 `linear_token_logprobs_with_grad(...)` = pass 1, grad_fn, pass 2 in one call. grad_fn is called
@@ -31,9 +34,11 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from r1kernels import dispatch
 from r1kernels.ops import token_logprobs as tlp
+from r1kernels.ops._triton import tl, triton
 
 OP = "linear_token_logprobs"
 dispatch.register(OP, cuda=("triton", "torch"), cpu=("torch",))
@@ -44,12 +49,14 @@ TILE_ELEMS_CPU = 1 << 21
 MAX_TILE_ROWS = 16384
 
 
-def tile_shape(n_rows: int, vocab: int, device: torch.device) -> tuple[int, int]:
+def tile_shape(n_rows: int, vocab: int, hidden: int, device: torch.device) -> tuple[int, int]:
     """(rows, columns) of a logits tile: rows as many as fit (<= MAX_TILE_ROWS), columns the rest
-    of the budget, a multiple of 128 when the vocabulary is split."""
+    of the budget, a multiple of 128 when the vocabulary is split. The budget also bounds the
+    fp32 copies of the operand slices ([rows, H] and [columns, H]) made where 16-bit GEMMs
+    cannot output fp32 (CPU)."""
     budget = TILE_ELEMS_CUDA if device.type == "cuda" else TILE_ELEMS_CPU
-    rows = max(1, min(n_rows, MAX_TILE_ROWS, budget))
-    cols = max(1, min(vocab, budget // rows))
+    rows = max(1, min(n_rows, MAX_TILE_ROWS, budget // max(hidden, 1)))
+    cols = max(1, min(vocab, budget // max(rows, hidden, 1)))
     if cols < vocab and cols >= 256:
         cols -= cols % 128
     return rows, cols
@@ -71,14 +78,194 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a.float(), b.float())
 
 
+_ADDMM_OUT_DTYPE_OK = True  # cleared if this torch build rejects addmm(..., out_dtype, out=self)
+
+
 def _addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc (fp32) += a @ b, accumulated in fp32."""
+    global _ADDMM_OUT_DTYPE_OK
     if a.dtype == torch.float32 and b.dtype == torch.float32:
         acc.addmm_(a, b)
     elif a.is_cuda and a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16):
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        if _ADDMM_OUT_DTYPE_OK:
+            try:  # cuBLAS: C = A @ B + C with 16-bit A, B and fp32 C, no temporary
+                torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+                return
+            except RuntimeError:
+                _ADDMM_OUT_DTYPE_OK = False
+        acc.add_(torch.mm(a, b, out_dtype=torch.float32))
     else:
         acc.addmm_(a.float(), b.float())
+
+
+# ---- opt-in fused Triton GEMMs (FUSED_GEMM = True) -------------------------------------------
+# The default CUDA path writes each fp32 logits tile to memory (cuBLAS) and reads it back in the
+# statistics / gradient kernels: 8 bytes per logit and pass, ~40 GB over both passes at N=16384,
+# V=151936. These kernels compute the logits tile with tl.dot (fp32 accumulators, wgmma on sm_90)
+# and apply the statistics / gradient in the epilogue, so pass 1 writes only per-row partial
+# statistics and pass 2 writes only the 16-bit gradient tile (2 bytes per logit). Opt-in until
+# measured against cuBLAS on a GPU (benchmarks/bench_linear_token_logprobs.py, r1k-triton-fused).
+FUSED_GEMM = False
+FUSED_BLOCKS = dict(BM=128, BN=64, BK=64, num_warps=8, num_stages=3)  # no spills on sm_90
+
+
+@triton.jit
+def _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, stride_hn, stride_hk,
+                 stride_wv, stride_wk, inv_temp, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """z = (h[rows] @ w[cols].T + b[cols]) / T as an fp32 [BM, BN] tile (-inf outside cols).
+
+    IEEE: exact fp32 products (fp32 inputs without TF32; also set under the interpreter, where
+    16-bit operands are upcast first: Triton 3.6's interpreter multiplies bf16 bit patterns as
+    integers in tl.dot)."""
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    ks = tl.arange(0, BK)
+    for k0 in range(0, H, BK):
+        k = k0 + ks
+        k_ok = k < H
+        a = tl.load(h_ptr + rows[:, None] * stride_hn + k[None, :] * stride_hk,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_ptr + cols[None, :] * stride_wv + k[:, None] * stride_wk,
+                    mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        if IEEE:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return tl.where(col_ok[None, :], acc * inv_temp, float("-inf"))
+
+
+# Pass 1: program (row block, vocabulary split) -> partial (m, s, t, w) of its rows over its
+# vocabulary range, written to part[split, 4, N]. FLOPs 2 * BM * BN * H per tile; bytes: the
+# operands (mostly from L2) and 16 bytes per row and split.
+@triton.jit
+def _linear_logprobs_fwd_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, part_ptr, N, V, H, stride_hn,
+                                stride_hk, stride_wv, stride_wk, v_per_split, inv_temp,
+                                HAS_BIAS: tl.constexpr, ENTROPY: tl.constexpr,
+                                IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                                BK: tl.constexpr):
+    pid_m = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
+    row_ok = rows < N
+    label = tl.load(labels_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
+    m = tl.full([BM], float("-inf"), dtype=tl.float32)
+    s = tl.zeros([BM], dtype=tl.float32)
+    t = tl.zeros([BM], dtype=tl.float32)
+    w = tl.zeros([BM], dtype=tl.float32)
+    v_begin = split * v_per_split
+    v_end = tl.minimum(V, v_begin + v_per_split)
+    for v0 in range(v_begin, v_end, BN):
+        cols = v0 + tl.arange(0, BN)
+        col_ok = cols < v_end
+        z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, stride_hn,
+                         stride_hk, stride_wv, stride_wk, inv_temp, HAS_BIAS, IEEE, BM, BN, BK)
+        t += tl.sum(tl.where(cols[None, :] == label[:, None], z, 0.0), axis=1)
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_ref)
+        e = tl.exp(z - m_ref[:, None])
+        if ENTROPY:
+            w = alpha * (w + s * tl.where(s > 0.0, m - m_ref, 0.0))
+            w += tl.sum(e * tl.where(e > 0.0, z - m_ref[:, None], 0.0), axis=1)
+        s = s * alpha + tl.sum(e, axis=1)
+        m = m_new
+    base = part_ptr + split.to(tl.int64) * 4 * N + rows
+    tl.store(base, m, mask=row_ok)
+    tl.store(base + N, s, mask=row_ok)
+    tl.store(base + 2 * N, t, mask=row_ok)
+    tl.store(base + 3 * N, w, mask=row_ok)
+
+
+# Pass 2: program (row block, column block of the vocabulary tile [col0, col0 + c)) -> the
+# gradient tile G = dL/dz in g's dtype (formula of ops/token_logprobs.py). Bytes written: c * N
+# * itemsize per vocabulary tile; the GEMMs with G stay on cuBLAS.
+@triton.jit
+def _linear_logprobs_grad_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, ent_ptr, dlogp_ptr,
+                                 dent_ptr, g_ptr, stride_g, N, c, col0, H, stride_hn, stride_hk,
+                                 stride_wv, stride_wk, inv_temp, ignore_index,
+                                 HAS_BIAS: tl.constexpr, HAS_DENT: tl.constexpr,
+                                 IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                                 BK: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    row_ok = rows < N
+    local = tl.program_id(1) * BN + tl.arange(0, BN)
+    col_ok = local < c
+    cols = col0 + local
+    z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, stride_hn, stride_hk,
+                     stride_wv, stride_wk, inv_temp, HAS_BIAS, IEEE, BM, BN, BK)
+    label = tl.load(labels_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
+    ignored = label == ignore_index
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    dlogp = tl.where(ignored, 0.0, tl.load(dlogp_ptr + rows, mask=row_ok, other=0.0))
+    logp_v = z - lse[:, None]
+    p = tl.exp(logp_v)
+    g = tl.where(cols[None, :] == label[:, None], dlogp[:, None], 0.0) - dlogp[:, None] * p
+    if HAS_DENT:
+        dent = tl.where(ignored, 0.0, tl.load(dent_ptr + rows, mask=row_ok, other=0.0))
+        ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
+        g -= dent[:, None] * p * tl.where(p > 0.0, logp_v + ent[:, None], 0.0)
+    g = tl.where(ignored[:, None], 0.0, g * inv_temp)
+    tl.store(g_ptr + rows[:, None] * stride_g + local[None, :], g.to(g_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _ieee(x: torch.Tensor) -> bool:
+    """fp32 inputs: exact fp32 products unless the user allowed TF32 (and always in the
+    interpreter, see _logits_tile)."""
+    if dispatch.TRITON_INTERPRET and not x.is_cuda:
+        return True
+    return x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+
+
+def fused_forward_stats(h, w, b, y, inv_temp: float, entropy: bool):
+    """Partial statistics of pass 1 in one launch: [splits, 4, N] fp32 (m, s, t, w)."""
+    n, hid = h.shape
+    vocab = w.shape[0]
+    cfg = FUSED_BLOCKS
+    row_blocks = triton.cdiv(n, cfg["BM"])
+    # enough programs to fill the GPU: split the vocabulary so that there are >= ~4 per SM
+    splits = max(1, min(triton.cdiv(vocab, cfg["BN"]), triton.cdiv(1024, max(row_blocks, 1))))
+    v_per_split = triton.cdiv(triton.cdiv(vocab, splits), cfg["BN"]) * cfg["BN"]
+    splits = triton.cdiv(vocab, v_per_split)
+    part = torch.empty(splits, 4, n, dtype=torch.float32, device=h.device)
+    if n:
+        _linear_logprobs_fwd_kernel[(row_blocks, splits)](
+            h, w, b if b is not None else h, y, part, n, vocab, hid, h.stride(0), h.stride(1),
+            w.stride(0), w.stride(1), v_per_split, float(inv_temp), HAS_BIAS=b is not None,
+            ENTROPY=entropy, IEEE=_ieee(h), BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return part
+
+
+def merge_partials(part: torch.Tensor) -> tuple:
+    """Merge [splits, 4, N] partial statistics (disjoint vocabulary ranges) into (m, s, t, w)."""
+    m_i, s_i, t_i, w_i = part.unbind(1)
+    m = m_i.amax(0)
+    m_ref = torch.where(m == float("-inf"), torch.zeros_like(m), m)
+    scale = torch.exp(m_i - m_ref)
+    shift = torch.where(s_i > 0, m_i - m_ref, torch.zeros_like(m_i))
+    s = (s_i * scale).sum(0)
+    w = (scale * (w_i + s_i * shift)).sum(0)
+    return m, s, t_i.sum(0), w
+
+
+def fused_grad_tile(h, w, b, y, lse, ent, dlogp, dent, g, col0: int, inv_temp: float,
+                    ignore_index: int) -> None:
+    """G [n, c] = dL/dlogits[:, col0:col0 + c] from h and w, in one launch."""
+    n, hid = h.shape
+    c = g.shape[1]
+    if n == 0 or c == 0:
+        return
+    cfg = FUSED_BLOCKS
+    has_dent = dent is not None
+    _linear_logprobs_grad_kernel[(triton.cdiv(n, cfg["BM"]), triton.cdiv(c, cfg["BN"]))](
+        h, w, b if b is not None else h, y, lse, ent if has_dent else lse, dlogp,
+        dent if has_dent else dlogp, g, g.stride(0), n, c, col0, hid, h.stride(0), h.stride(1),
+        w.stride(0), w.stride(1), float(inv_temp), int(ignore_index), HAS_BIAS=b is not None,
+        HAS_DENT=has_dent, IEEE=_ieee(h), BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 # ---- pass 1: log-probs, entropy, lse ----------------------------------------------------------
@@ -88,7 +275,10 @@ def forward_stats(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: t
                   inv_temp: float, ignore_index: int, entropy: bool, backend: str):
     """(logp [N], entropy [N] or None, lse [N]) fp32; h [N, H], w [V, H], y [N]."""
     n_all, vocab = h.shape[0], w.shape[0]
-    rows, cols = tile_shape(n_all, vocab, h.device)
+    if backend == "triton" and FUSED_GEMM and not torch.compiler.is_compiling():
+        state = merge_partials(fused_forward_stats(h, w, b, y, inv_temp, entropy))
+        return tlp.finalize(state, y.long(), vocab, ignore_index, entropy)
+    rows, cols = tile_shape(n_all, vocab, h.shape[1], h.device)
     f32 = dict(dtype=torch.float32, device=h.device)
     logp = torch.empty(n_all, **f32)
     ent = torch.empty(n_all, **f32) if entropy else None
@@ -107,9 +297,9 @@ def forward_stats(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: t
             bv = None if b is None else b[v0:v0 + cols]
             last = v0 + cols >= vocab
             if backend == "triton":
-                tlp.stats_triton(z, yr, bv, state, out, col0=v0, vocab=vocab, inv_temp=inv_temp,
-                                 ignore_index=ignore_index, accum=v0 > 0, final=last,
-                                 entropy=entropy)
+                tlp.stats_tile(z, yr, bv, state, out, col0=v0, vocab=vocab, inv_temp=inv_temp,
+                               ignore_index=ignore_index, accum=v0 > 0, final=last,
+                               entropy=entropy)
             else:
                 if bv is not None:
                     z += bv.float()
@@ -146,12 +336,13 @@ def backward_grads(h, w, b, y, lse, ent, dlogp, dent, inv_temp: float, ignore_in
         gb = torch.zeros(vocab, **f32)
     if not (need_h or need_w or need_b):
         return None, None, None
-    rows, cols = tile_shape(n_all, vocab, h.device)
+    rows, cols = tile_shape(n_all, vocab, h.shape[1], h.device)
     gdt = _gemm_dtype(h)
     dlogp = dlogp.float().contiguous()
     dent = None if dent is None else dent.float().contiguous()
     yl = y.long()
     ignored = yl == ignore_index
+    fused = backend == "triton" and FUSED_GEMM and not torch.compiler.is_compiling()
     for v0 in range(0, vocab, cols):
         wv = w[v0:v0 + cols]
         c = wv.shape[0]
@@ -160,20 +351,37 @@ def backward_grads(h, w, b, y, lse, ent, dlogp, dent, inv_temp: float, ignore_in
         for r0 in range(0, n_all, rows):
             sl = slice(r0, r0 + rows)
             hr = h[sl]
-            z = _mm_f32(hr, wv.t())
-            if backend == "triton":
-                g = z if gdt == torch.float32 else torch.empty(z.shape, dtype=gdt, device=z.device)
-                tlp.grad_triton(z, g, y[sl], bv, lse[sl], None if dent is None else ent[sl],
-                                dlogp[sl], None if dent is None else dent[sl], col0=v0,
-                                inv_temp=inv_temp, ignore_index=ignore_index)
+            if fused:  # logits tile and gradient in one kernel: only G is written
+                g = torch.empty(hr.shape[0], c, dtype=gdt, device=h.device)
+                fused_grad_tile(hr, w, b, y[sl], lse[sl], None if dent is None else ent[sl],
+                                dlogp[sl], None if dent is None else dent[sl], g, v0, inv_temp,
+                                ignore_index)
+            elif backend == "triton":
+                z = _mm_f32(hr, wv.t())
+                # The gradient overwrites the logits tile: row r of G (c values of gdt) goes to
+                # the first c * itemsize bytes of fp32 row r, which the kernel's program for row
+                # r has already read (block k writes only bytes of blocks <= k). So G is z itself
+                # (fp32) or a [n, c] view with row stride 2c (16-bit). Eager only: a custom op
+                # under torch.compile may not alias its inputs.
+                if torch.compiler.is_compiling():
+                    g = torch.empty(z.shape, dtype=gdt, device=z.device)
+                elif gdt == torch.float32:
+                    g = z
+                else:
+                    g = z.view(gdt)[:, :z.shape[1]]
+                tlp.grad_tile(z, g, y[sl], bv, lse[sl], None if dent is None else ent[sl],
+                              dlogp[sl], None if dent is None else dent[sl], col0=v0,
+                              inv_temp=inv_temp, ignore_index=ignore_index)
+                del z
             else:
+                z = _mm_f32(hr, wv.t())
                 if bv is not None:
                     z += bv.float()
                 z *= inv_temp
                 g = tlp.grad_torch(z, yl[sl] - v0, ignored[sl], lse[sl],
                                    None if dent is None else ent[sl], dlogp[sl],
                                    None if dent is None else dent[sl], inv_temp).to(gdt)
-            del z
+                del z
             if need_h:
                 _addmm_f32_(gh[sl], g, wv)
             if need_w:
@@ -208,6 +416,7 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         return logp
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dlogp, dent=None):
         h, w, y, b, lse, ent = ctx.saved_tensors
         inv_temp, ignore_index, with_entropy, backend = ctx.args
@@ -249,7 +458,9 @@ def _prepare(op, hidden, weight, labels, bias, temperature, ignore_index):
     tlp.check_labels(op, labels, hidden.shape[:-1], vocab, ignore_index, hidden.device)
     temperature = tlp.check_temperature(op, temperature)
     h = hidden.reshape(-1, hid)
-    return h, labels.reshape(-1).contiguous(), 1.0 / temperature
+    if bias is not None:
+        bias = bias.contiguous()  # the kernels read bias with unit stride ([V]: a small copy)
+    return h, bias, labels.reshape(-1).contiguous(), 1.0 / temperature
 
 
 # ---- public function and internal entry point -------------------------------------------------
@@ -264,7 +475,7 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     `logp [...]` (and `entropy [...]` when `with_entropy`), differentiable with respect to
     hidden, weight and bias. Matmul products accumulate in fp32. See shared/API.md.
     """
-    h, y, inv_temp = _prepare(OP, hidden, weight, labels, bias, temperature, ignore_index)
+    h, bias, y, inv_temp = _prepare(OP, hidden, weight, labels, bias, temperature, ignore_index)
     backend = dispatch.select(OP, h.device)
     out = LinearTokenLogprobsFunction.apply(h, weight, y, bias, inv_temp, int(ignore_index),
                                             bool(with_entropy), backend)
@@ -295,7 +506,7 @@ def linear_token_logprobs_with_grad(hidden: torch.Tensor, weight: torch.Tensor,
     if len(tuple(need_grads)) != 3:
         raise ValueError(f"{op}: need_grads expected 3 booleans (hidden, weight, bias), got "
                          f"{need_grads!r}")
-    h, y, inv_temp = _prepare(op, hidden, weight, labels, bias, temperature, ignore_index)
+    h, bias, y, inv_temp = _prepare(op, hidden, weight, labels, bias, temperature, ignore_index)
     backend = dispatch.select(OP, h.device)
     with torch.no_grad():
         logp, ent, lse = forward_stats(h, weight, bias, y, inv_temp, int(ignore_index),

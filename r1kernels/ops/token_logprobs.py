@@ -26,6 +26,7 @@ import math
 from typing import Callable
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from r1kernels import dispatch
 from r1kernels.ops._triton import HAS_TRITON, next_power_of_2, tl, triton
@@ -68,6 +69,12 @@ def _token_logprobs_fwd_kernel(x_ptr, stride_x, labels_ptr, bias_ptr, state_ptr,
         s = zero
         t = zero
         w = zero
+    # the target logit: one masked load (not a reduction per block)
+    in_tile = (loc >= 0) & (loc < n_cols)
+    zt = tl.load(x_row + loc, mask=in_tile, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        zt += tl.load(bias_ptr + loc, mask=in_tile, other=0.0).to(tl.float32)
+    t += tl.where(in_tile, zt * inv_temp, 0.0)
     for start in range(0, n_cols, BLOCK_V):
         c = start + cols
         ok = c < n_cols
@@ -75,7 +82,6 @@ def _token_logprobs_fwd_kernel(x_ptr, stride_x, labels_ptr, bias_ptr, state_ptr,
         if HAS_BIAS:
             z += tl.load(bias_ptr + c, mask=ok, other=0.0).to(tl.float32)
         z = z * inv_temp
-        t += tl.sum(tl.where(c == loc, z, 0.0), axis=0)
         m_new = tl.maximum(m, tl.max(z, axis=0))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: any finite ref
         alpha = tl.exp(m - m_ref)
@@ -181,17 +187,30 @@ def grad_triton(x: torch.Tensor, g: torch.Tensor, labels: torch.Tensor, bias: to
         num_warps=warps)
 
 
-# The Triton launchers as custom ops, so torch.compile sees one opaque node per launch.
+def fwd_triton(logits, labels, inv_temp: float, ignore_index: int, with_entropy: bool):
+    """[3, N] fp32 (logp, entropy (zeros unless with_entropy), lse) of logits [N, V]."""
+    out = torch.zeros(3, logits.shape[0], dtype=torch.float32, device=logits.device)
+    stats_triton(logits, labels, None, out, out, col0=0, vocab=logits.shape[1], inv_temp=inv_temp,
+                 ignore_index=ignore_index, accum=False, final=True, entropy=with_entropy)
+    return out
+
+
+def bwd_triton(logits, labels, lse, ent, dlogp, dent, inv_temp: float, ignore_index: int,
+               inplace: bool) -> torch.Tensor:
+    g = logits if inplace else torch.empty_like(logits)
+    grad_triton(logits, g, labels, None, lse, ent, dlogp, dent, col0=0, inv_temp=inv_temp,
+                ignore_index=ignore_index)
+    return g
+
+
+# The Triton launchers as custom ops, so torch.compile sees one opaque node per launch (eager
+# calls go to the launchers directly: a custom op costs tens of microseconds of Python).
 if HAS_TRITON:
 
     @torch.library.custom_op("r1kernels_triton::token_logprobs_fwd", mutates_args=())
     def _fwd_triton_op(logits: torch.Tensor, labels: torch.Tensor, inv_temp: float,
                        ignore_index: int, with_entropy: bool) -> torch.Tensor:
-        out = torch.zeros(3, logits.shape[0], dtype=torch.float32, device=logits.device)
-        stats_triton(logits, labels, None, out, out, col0=0, vocab=logits.shape[1],
-                     inv_temp=inv_temp, ignore_index=ignore_index, accum=False, final=True,
-                     entropy=with_entropy)
-        return out
+        return fwd_triton(logits, labels, inv_temp, ignore_index, with_entropy)
 
     @_fwd_triton_op.register_fake
     def _(logits, labels, inv_temp, ignore_index, with_entropy):
@@ -201,10 +220,7 @@ if HAS_TRITON:
     def _bwd_triton_op(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
                        ent: torch.Tensor | None, dlogp: torch.Tensor, dent: torch.Tensor | None,
                        inv_temp: float, ignore_index: int) -> torch.Tensor:
-        g = torch.empty_like(logits)
-        grad_triton(logits, g, labels, None, lse, ent, dlogp, dent, col0=0, inv_temp=inv_temp,
-                    ignore_index=ignore_index)
-        return g
+        return bwd_triton(logits, labels, lse, ent, dlogp, dent, inv_temp, ignore_index, False)
 
     @_bwd_triton_op.register_fake
     def _(logits, labels, lse, ent, dlogp, dent, inv_temp, ignore_index):
@@ -222,6 +238,52 @@ if HAS_TRITON:
     def _(logits, labels, lse, ent, dlogp, dent, inv_temp, ignore_index):
         return None
 
+    # tile-level launchers used by the hidden-state op (linear_token_logprobs)
+    @torch.library.custom_op("r1kernels_triton::logprob_tile_stats", mutates_args=("state", "out"))
+    def _tile_stats_op(x: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None,
+                       state: torch.Tensor, out: torch.Tensor, col0: int, vocab: int,
+                       inv_temp: float, ignore_index: int, accum: bool, final: bool,
+                       entropy: bool) -> None:
+        stats_triton(x, labels, bias, state, out, col0=col0, vocab=vocab, inv_temp=inv_temp,
+                     ignore_index=ignore_index, accum=accum, final=final, entropy=entropy)
+
+    @_tile_stats_op.register_fake
+    def _(x, labels, bias, state, out, col0, vocab, inv_temp, ignore_index, accum, final, entropy):
+        return None
+
+    @torch.library.custom_op("r1kernels_triton::logprob_tile_grad", mutates_args=("g",))
+    def _tile_grad_op(x: torch.Tensor, g: torch.Tensor, labels: torch.Tensor,
+                      bias: torch.Tensor | None, lse: torch.Tensor, ent: torch.Tensor | None,
+                      dlogp: torch.Tensor, dent: torch.Tensor | None, col0: int, inv_temp: float,
+                      ignore_index: int) -> None:
+        grad_triton(x, g, labels, bias, lse, ent, dlogp, dent, col0=col0, inv_temp=inv_temp,
+                    ignore_index=ignore_index)
+
+    @_tile_grad_op.register_fake
+    def _(x, g, labels, bias, lse, ent, dlogp, dent, col0, inv_temp, ignore_index):
+        return None
+
+
+def stats_tile(x, labels, bias, state, out, *, col0, vocab, inv_temp, ignore_index, accum, final,
+               entropy) -> None:
+    """stats_triton, through its custom op when torch.compile traces it."""
+    if torch.compiler.is_compiling():
+        _tile_stats_op(x, labels, bias, state, out, col0, vocab, inv_temp, ignore_index, accum,
+                       final, entropy)
+    else:
+        stats_triton(x, labels, bias, state, out, col0=col0, vocab=vocab, inv_temp=inv_temp,
+                     ignore_index=ignore_index, accum=accum, final=final, entropy=entropy)
+
+
+def grad_tile(x, g, labels, bias, lse, ent, dlogp, dent, *, col0, inv_temp, ignore_index) -> None:
+    """grad_triton, through its custom op when torch.compile traces it (g must not alias x
+    then)."""
+    if torch.compiler.is_compiling():
+        _tile_grad_op(x, g, labels, bias, lse, ent, dlogp, dent, col0, inv_temp, ignore_index)
+    else:
+        grad_triton(x, g, labels, bias, lse, ent, dlogp, dent, col0=col0, inv_temp=inv_temp,
+                    ignore_index=ignore_index)
+
 
 # ---- PyTorch path (chunked over rows; the same math on fp32 tiles) ----------------------------
 
@@ -230,6 +292,7 @@ def stats_torch(z: torch.Tensor, loc: torch.Tensor, state: tuple | None, entropy
     """Merge the statistics of the fp32 tile z [n, c] (already / T) into state (m, s, t, w).
 
     loc [n] int64: the label's column inside the tile (outside [0, c) when not in it).
+    z is overwritten: callers pass a tile they own.
     """
     n, c = z.shape
     in_tile = (loc >= 0) & (loc < c)
@@ -246,11 +309,12 @@ def stats_torch(z: torch.Tensor, loc: torch.Tensor, state: tuple | None, entropy
     m_new = torch.maximum(m, m_tile)
     m_ref = torch.where(m_new == float("-inf"), torch.zeros_like(m_new), m_new)
     alpha = torch.exp(m - m_ref)
-    d = z - m_ref.unsqueeze(1)
+    # d = z - m_ref, floored at -1e4 (exp is 0 there either way): no 0 * -inf below
+    d = z.sub_(m_ref.unsqueeze(1)).clamp_(min=-1e4)
     e = torch.exp(d)
     if entropy:
         w = alpha * (w + s * torch.where(s > 0, m - m_ref, torch.zeros_like(s)))
-        w = w + (e * torch.where(e > 0, d, torch.zeros_like(e))).sum(1)
+        w = w + torch.linalg.vecdot(e, d, dim=1)
     s = s * alpha + e.sum(1)
     return m_new, s, t + t_tile, w
 
@@ -273,22 +337,25 @@ def finalize(state: tuple, labels: torch.Tensor, vocab: int, ignore_index: int, 
 def grad_torch(z: torch.Tensor, loc: torch.Tensor, ignored: torch.Tensor, lse: torch.Tensor,
                ent: torch.Tensor | None, dlogp: torch.Tensor, dent: torch.Tensor | None,
                inv_temp: float) -> torch.Tensor:
-    """dL/dlogits of the fp32 tile z [n, c] (already / T): formula in the module docstring."""
+    """dL/dlogits of the fp32 tile z [n, c] (already / T), computed in place in z:
+    g = p * (-(dlogp + dent * H) - dent * log p) + dlogp * onehot, times 1/T, with log p floored
+    at -1e4 (p is 0 there either way: no 0 * -inf)."""
     n, c = z.shape
     zero = torch.zeros_like(lse)
     g_row = torch.where(ignored, zero, dlogp.float())
-    logp_v = z - lse.unsqueeze(1)
+    logp_v = z.sub_(lse.unsqueeze(1)).clamp_(min=-1e4)
     p = torch.exp(logp_v)
-    g = -g_row.unsqueeze(1) * p
     if dent is not None:
         e_row = torch.where(ignored, zero, dent.float())
-        h = p * torch.where(p > 0, logp_v + ent.unsqueeze(1), torch.zeros_like(p))
-        g = g - e_row.unsqueeze(1) * h
+        coef = -(g_row + e_row * ent)
+        g = logp_v.mul_(-e_row.unsqueeze(1)).add_(coef.unsqueeze(1)).mul_(p)
+    else:
+        g = p.mul_(-g_row.unsqueeze(1))
     in_tile = (loc >= 0) & (loc < c)
     onehot = torch.where(in_tile, g_row, zero).unsqueeze(1)
-    g = g.scatter_add(1, loc.clamp(0, max(c - 1, 0)).unsqueeze(1), onehot)
-    g = torch.where(ignored.unsqueeze(1), torch.zeros_like(g), g)
-    return g * inv_temp
+    g = g.scatter_add_(1, loc.clamp(0, max(c - 1, 0)).unsqueeze(1), onehot)
+    g = g.masked_fill_(ignored.unsqueeze(1), 0.0)
+    return g.mul_(inv_temp)
 
 
 def _chunk_rows(n_cols: int) -> int:
@@ -336,7 +403,10 @@ def bwd_torch(x: torch.Tensor, labels: torch.Tensor, lse, ent, dlogp, dent, inv_
 
 def _fwd(backend: str, x, labels, inv_temp: float, ignore_index: int, with_entropy: bool):
     if backend == "triton":
-        out = _fwd_triton_op(x, labels, inv_temp, ignore_index, with_entropy)
+        if torch.compiler.is_compiling():
+            out = _fwd_triton_op(x, labels, inv_temp, ignore_index, with_entropy)
+        else:
+            out = fwd_triton(x, labels, inv_temp, ignore_index, with_entropy)
         return out[0], (out[1] if with_entropy else None), out[2]
     return fwd_torch(x, labels, inv_temp, ignore_index, with_entropy)
 
@@ -346,6 +416,8 @@ def _bwd(backend: str, x, labels, lse, ent, dlogp, dent, inv_temp: float, ignore
     dlogp = dlogp.float().contiguous()
     dent = None if dent is None else dent.float().contiguous()
     if backend == "triton":
+        if not torch.compiler.is_compiling():
+            return bwd_triton(x, labels, lse, ent, dlogp, dent, inv_temp, ignore_index, inplace)
         if inplace:
             _bwd_inplace_triton_op(x, labels, lse, ent, dlogp, dent, inv_temp, ignore_index)
             return x
@@ -369,6 +441,7 @@ class TokenLogprobsFunction(torch.autograd.Function):
         return logp
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dlogp, dent=None):
         x, labels, lse, ent = ctx.saved_tensors
         inv_temp, ignore_index, backend, inplace = ctx.args

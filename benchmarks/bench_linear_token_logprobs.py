@@ -1,0 +1,128 @@
+"""linear_token_logprobs (log-prob + entropy from hidden states and the lm_head): forward and
+forward+backward, every provider, with peak extra memory (CUDA).
+
+FLOPs counted: 2 * N * H * V forward, 6 * N * H * V forward+backward (the useful GEMMs; ours runs
+8 * N * H * V: pass 2 recomputes the logits tile by tile, see ops/linear_token_logprobs.py).
+Targets on an H100, N=16384, H=4096, V=151936, bf16, forward+backward: <= 95 ms with <= 2.5 GiB
+peak extra memory including the gradients (the 6NHV GEMMs alone: 78-82 ms).
+
+Providers: ours (each backend available here, and on CUDA the opt-in fused tl.dot kernels as
+r1k-triton-fused), eager (materialized bf16 logits, fp32
+log_softmax + gather + entropy), torch.compile of the reference, and when installed
+Liger-Kernel's fused linear cross entropy, TRL's chunked log-prob head (trl.kernels) and
+cut-cross-entropy.
+"""
+import contextlib
+import sys
+import types
+
+import pytest
+import torch
+
+import r1kernels
+from r1kernels import dispatch
+from r1kernels.ops import linear_token_logprobs as lin
+from r1kernels.reference import linear_token_logprobs_ref
+from shapes import DEVICE, shape_id, shapes_for
+
+OP = "linear_token_logprobs"
+SHAPES = shapes_for(OP, DEVICE)
+DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+OURS = [b for b in dispatch.available_backends(OP, DEVICE) if not (b == "triton" and DEVICE == "cpu")]
+# r1k-triton-fused: the opt-in fused tl.dot kernels (linear_token_logprobs.FUSED_GEMM), CUDA only
+FUSED = ["r1k-triton-fused"] if DEVICE == "cuda" and "triton" in OURS else []
+PROVIDERS = [f"r1k-{b}" for b in OURS] + FUSED + ["eager", "compiled-ref", "liger", "trl", "cce"]
+
+
+def eager_linear_logprobs_entropy(h, w, labels):
+    logits = h @ w.t()
+    logp_all = torch.log_softmax(logits.float(), dim=-1)
+    logp = logp_all.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return logp, -(logp_all.exp() * logp_all).sum(-1)
+
+
+def _trl_chunked():
+    pytest.importorskip("trl")
+    stub_t = types.ModuleType("trl.trainer")
+    stub_u = types.ModuleType("trl.trainer.utils")
+    stub_u.maybe_gather_lm_head_ctx = lambda *a: contextlib.nullcontext()
+    stub_t.utils = stub_u
+    sys.modules.setdefault("trl.trainer", stub_t)
+    sys.modules.setdefault("trl.trainer.utils", stub_u)
+    try:
+        from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+    except Exception as exc:  # noqa: BLE001 - any import failure means: not available here
+        pytest.skip(f"trl.kernels.chunked_logprob not importable: {exc!r}")
+    return ChunkedLogProbFunction
+
+
+def make_fn(provider, labels, mode):
+    """callable(h, w) -> (logp or a scalar loss, entropy or None) for one provider."""
+    if provider.startswith("r1k-"):
+        backend = provider[4:].replace("-fused", "")
+        fused = provider.endswith("-fused")
+
+        def fn(h, w):
+            lin.FUSED_GEMM = fused
+            try:
+                with dispatch.use_backend(backend):
+                    return r1kernels.linear_token_logprobs(h, w, labels, with_entropy=True)
+            finally:
+                lin.FUSED_GEMM = False
+        return fn
+    if provider == "eager":
+        return lambda h, w: eager_linear_logprobs_entropy(h, w, labels)
+    if provider == "compiled-ref":
+        compiled = torch.compile(linear_token_logprobs_ref)
+        return lambda h, w: compiled(h, w, labels, with_entropy=True)
+    if DEVICE != "cuda":
+        pytest.skip(f"{provider}'s kernels need CUDA")
+    if provider == "liger":
+        pytest.importorskip("liger_kernel")
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+        # Liger computes its gradients in the forward pass for a scalar loss: forward+backward is
+        # timed on -sum(logp) (reduction="sum"), the forward on per-token values
+        reduction = "none" if mode == "fwd" else "sum"
+        return lambda h, w: (-liger_fused_linear_cross_entropy(h, w, labels, reduction=reduction),
+                             None)
+    if provider == "trl":
+        fn = _trl_chunked()
+        # (hidden, weight, bias, labels, temperature, chunk_size, ..., outputs), as in shared/anchors
+        return lambda h, w: tuple(fn.apply(h, w, None, labels, 1.0, 32768, None, 1.0,
+                                           ("entropy",)))[:2]
+    if provider == "cce":
+        pytest.importorskip("cut_cross_entropy")
+        from cut_cross_entropy import linear_cross_entropy
+        return lambda h, w: (-linear_cross_entropy(h, w, labels, reduction="none"), None)
+    raise ValueError(provider)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_linear_token_logprobs(benchmark, bench, provider, mode, shape):
+    N, H, V = shape["N"], shape["H"], shape["V"]
+    hidden = torch.randn(N, H, device=DEVICE, dtype=DTYPE)
+    weight = torch.randn(V, H, device=DEVICE, dtype=DTYPE) / H ** 0.5
+    labels = torch.randint(0, V, (N,), device=DEVICE)
+    w_lp = torch.randn(N, device=DEVICE)
+    w_ent = torch.randn(N, device=DEVICE)
+    f = make_fn(provider, labels, mode)
+    if mode == "fwd":
+        def fn():
+            with torch.no_grad():
+                return f(hidden, weight)
+        flops = 2 * N * H * V
+    else:
+        def fn():
+            h = hidden.detach().requires_grad_(True)
+            w = weight.detach().requires_grad_(True)
+            logp, ent = f(h, w)
+            loss = (logp.float() * w_lp).sum() if logp.dim() else logp.float()
+            if ent is not None:
+                loss = loss + (ent.float() * w_ent).sum()
+            loss.backward()
+            return h.grad, w.grad
+        flops = 6 * N * H * V
+    bench(benchmark, fn, op=f"{OP} {mode}", shape=shape, provider=provider, flops=flops,
+          baseline="eager", rounds=5 if DEVICE == "cuda" else 3)
