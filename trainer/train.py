@@ -116,7 +116,8 @@ class Trainer:
                                  max_positions=256, seed=cfg.seed)
             self.barrier()
         model, tok = load_model(path, device=self.device, dtype=cfg.dtype,
-                                attn_implementation=cfg.attn_implementation or None)
+                                attn_implementation=cfg.attn_implementation or None,
+                                moe_kernels=cfg.moe_kernels)
         self.attach(model, tok)
 
     def attach(self, model, tok):
