@@ -579,6 +579,11 @@ class Trainer:
                 self.state["stage"] += 1
                 self.state["step"] = 0
                 self.save_checkpoint(opt)
+                if self.all_sum([1.0 if self.stop_requested else 0.0])[0] > 0:
+                    if self.is_main:  # Ctrl-C during an evaluation: stop at the stage boundary
+                        print(f"[r1-train] interrupted: checkpoint saved to {self.ckpt_path}; "
+                              f"continue with --resume true", file=sys.stderr, flush=True)
+                    return None
             return self.write_outputs()
         finally:
             if prev is not None:
