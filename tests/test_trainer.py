@@ -378,7 +378,8 @@ def test_bench_step_smoke():
 
 
 def test_moe_model_directory(tmp_path):
-    """A user's local MoE checkpoint (Qwen3-MoE architecture) trains through the same code."""
+    """A user's local MoE checkpoint (Qwen3-MoE) trains through the same code, its router and
+    expert dispatch replaced by r1kernels ops."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     from trainer.model import build_char_tokenizer, load_model
@@ -400,6 +401,11 @@ def test_moe_model_directory(tmp_path):
     model.save_pretrained(path)
     tok.save_pretrained(path)
     model, tok = load_model(str(path), device=torch.device("cpu"))
+    eager, _ = load_model(str(path), device=torch.device("cpu"), moe_kernels=False)
+    router = next(m for m in model.modules() if type(m).__name__ == "Qwen3MoeTopKRouter")
+    assert hasattr(router, "_r1k_name")  # the r1kernels router is in place
+    ids = torch.tensor([[1, 10, 11, 12, 13, 14]])
+    torch.testing.assert_close(model(ids).logits, eager(ids).logits, rtol=1e-4, atol=1e-5)
     prompts = [[tok.bos_token_id, 10, 11, 12], [tok.bos_token_id, 13]]
     roll = generate(model, prompts, group_size=1, max_new_tokens=8, eos_id=tok.eos_token_id,
                     pad_id=tok.pad_token_id, temperature=0.0)

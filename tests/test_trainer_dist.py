@@ -22,7 +22,7 @@ def test_torchrun_two_gloo_processes(tmp_path):
            "--grpo_steps", "3", "--prompts_per_step", "2", "--group_size", "4",
            "--max_new_tokens", "24", "--eval_examples", "8", "--rs_prompts", "4",
            "--rs_samples", "2", "--checkpoint_every", "0"]
-    proc = subprocess.run(cmd, env=env, cwd=repo, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, env=env, cwd=repo, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2

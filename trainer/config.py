@@ -30,6 +30,7 @@ class Config:
     tiny_layers: int = 2            # tiny default: decoder layers
     tiny_heads: int = 4             # tiny default: attention heads (KV heads = half)
     tiny_intermediate: int = 256    # tiny default: MLP width
+    moe_kernels: bool = True        # Qwen3-MoE / DeepSeek-V3: r1kernels router + expert dispatch
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory)
     # ---- task ----------------------------------------------------------------------------------
     task: str = "arithmetic"        # arithmetic | countdown | jsonl
@@ -41,17 +42,17 @@ class Config:
     # cold-start SFT (also distillation: point sft_data at a JSONL from a stronger model)
     sft_examples: int = 300         # generated cold-start examples (ignored with sft_data)
     sft_data: str = ""              # JSONL of {prompt, completion} or {prompt, answer[, think]}
-    sft_epochs: int = 40            # passes over the SFT set
+    sft_epochs: int = 60            # passes over the SFT set
     sft_batch_size: int = 32        # sequences per SFT step (all processes together)
     sft_lr: float = 3e-3            # AdamW learning rate for SFT
     # GRPO
-    grpo_steps: int = 100           # GRPO steps (one rollout + one optimizer step each)
+    grpo_steps: int = 150           # GRPO steps (one rollout + one optimizer step each)
     prompts_per_step: int = 16      # P prompts per step (per process)
     group_size: int = 8             # G completions per prompt
     max_new_tokens: int = 40        # completion budget per sample
     temperature: float = 1.0        # rollout sampling temperature
     top_p: float = 1.0              # rollout nucleus sampling
-    lr: float = 3e-4                # AdamW learning rate for GRPO
+    lr: float = 5e-4                # AdamW learning rate for GRPO
     weight_decay: float = 0.0       # AdamW weight decay (both stages)
     max_grad_norm: float = 1.0      # gradient clipping (both stages)
     beta: float = 0.0               # KL coefficient; > 0 computes reference log-probs
@@ -60,7 +61,7 @@ class Config:
     epsilon_high: float = 0.28      # PPO clip range above 1 (DAPO clip-higher)
     micro_batch_tokens: int = 8192  # update micro-batch: similar-length rows, <= this many tokens
     # ---- evaluation ----------------------------------------------------------------------------
-    eval_examples: int = 200        # held-out prompts (seeds disjoint from training)
+    eval_examples: int = 500        # held-out prompts (seeds disjoint from training)
     eval_every: int = 25            # GRPO steps between held-out evals; 0 = only at stage ends
     pass_k: int = 0                 # also report pass@k with k samples per prompt; 0 = off
     # ---- rejection sampling (writes an SFT JSONL of verified completions) ------------------------

@@ -53,8 +53,9 @@ def build_tiny_model(out_dir: str, *, hidden_size: int, num_layers: int, num_hea
 
 
 def load_model(path: str, *, device: torch.device, dtype: str = "float32",
-               attn_implementation: str | None = None):
-    """Load a local causal LM + tokenizer from `path` (safetensors only)."""
+               attn_implementation: str | None = None, moe_kernels: bool = True):
+    """Load a local causal LM + tokenizer from `path` (safetensors only). MoE models of the
+    families r1kernels supports (Qwen3-MoE, DeepSeek-V3) get the r1kernels router and dispatch."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not os.path.isdir(path):
@@ -67,7 +68,22 @@ def load_model(path: str, *, device: torch.device, dtype: str = "float32",
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device)
+    if moe_kernels:
+        use_r1kernels_moe(model)
     return model, tok
+
+
+def use_r1kernels_moe(model) -> int:
+    """Route MoE layers through r1kernels (moe_route, moe_permute/unpermute) for the model
+    families r1kernels.integrations.hf_moe supports; returns how many modules were patched."""
+    kind = getattr(model.config, "model_type", "")
+    if kind not in ("qwen3_moe", "deepseek_v3"):
+        return 0
+    from r1kernels.integrations import hf_moe
+
+    if kind == "qwen3_moe":
+        return hf_moe.apply_r1kernels_moe_to_qwen3_moe(model)
+    return hf_moe.apply_r1kernels_moe_to_deepseek_v3(model)
 
 
 def decoder_of(model):

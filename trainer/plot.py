@@ -20,8 +20,12 @@ def plot_metrics(history: list[dict], path: str, summary: dict | None = None) ->
         return False
     steps = [r["step"] for r in rows]
     fig, axes = plt.subplots(2, 2, figsize=(9, 6), dpi=80)
-    panels = [("reward", "reward (accuracy + 0.1 format)"), ("accuracy", "train accuracy"),
-              ("kl", "KL to reference (k3)"), ("completion_len", "completion length (tokens)")]
+    kl = ("kl", "KL to reference (k3)")
+    if all(r.get("kl", 0.0) == 0.0 for r in rows) and any("entropy" in r for r in rows):
+        kl = ("entropy", "token entropy (beta = 0: no reference, no KL)")
+    panels = [("reward", "reward (sampled completions)"),
+              ("accuracy", "accuracy: train samples (blue), held-out greedy (red)"),
+              kl, ("completion_len", "completion length (tokens)")]
     for ax, (key, title) in zip(axes.flat, panels):
         ys = [r.get(key, 0.0) for r in rows]
         ax.plot(steps, ys, color="tab:gray", alpha=0.35, lw=0.8)
@@ -29,17 +33,18 @@ def plot_metrics(history: list[dict], path: str, summary: dict | None = None) ->
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("GRPO step", fontsize=8)
         ax.grid(alpha=0.3)
-    if evals:
-        axes[0, 1].plot([r["step"] for r in evals], [r["eval_accuracy"] for r in evals], "o-",
-                        color="tab:red", label="held-out greedy")
-    if summary:
-        ev = summary.get("eval", {})
-        if ev.get("after_grpo") is not None:
-            axes[0, 1].axhline(ev["after_grpo"], color="tab:red", ls="--", lw=1,
-                               label=f"held-out after GRPO {ev['after_grpo']:.2f}")
-        if ev.get("after_sft") is not None:
-            axes[0, 1].axhline(ev["after_sft"], color="tab:orange", ls="--", lw=1,
-                               label=f"held-out after SFT {ev['after_sft']:.2f}")
+    ev = (summary or {}).get("eval", {})
+    held = [(r["step"], r["eval_accuracy"]) for r in evals]
+    if ev.get("after_sft") is not None or ev.get("base") is not None:
+        start = ev["after_sft"] if ev.get("after_sft") is not None else ev["base"]
+        held.insert(0, (0, start))
+        axes[0, 1].axhline(start, color="tab:orange", ls="--", lw=1,
+                           label=f"held-out at GRPO start {start:.2f}")
+    if ev.get("after_grpo") is not None:
+        held.append((steps[-1], ev["after_grpo"]))
+    if held:
+        axes[0, 1].plot([h[0] for h in held], [h[1] for h in held], "o-", color="tab:red",
+                        label="held-out greedy accuracy")
         axes[0, 1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path)

@@ -116,7 +116,8 @@ class Trainer:
                                  max_positions=256, seed=cfg.seed)
             self.barrier()
         model, tok = load_model(path, device=self.device, dtype=cfg.dtype,
-                                attn_implementation=cfg.attn_implementation or None)
+                                attn_implementation=cfg.attn_implementation or None,
+                                moe_kernels=cfg.moe_kernels)
         self.attach(model, tok)
 
     def attach(self, model, tok):
@@ -283,7 +284,8 @@ class Trainer:
                         max_new_tokens=cfg.max_new_tokens, eos_id=self.eos_id, pad_id=self.pad_id,
                         temperature=temperature, top_p=cfg.top_p, generator=generator)
         lengths = roll.lengths.tolist()
-        texts = [self.decode(roll.tokens[i], lengths[i]) for i in range(len(lengths))]
+        tokens = roll.tokens.cpu()  # one device-to-host copy for the whole rollout
+        texts = [self.decode(tokens[i], lengths[i]) for i in range(len(lengths))]
         scores = [self.reward_fn(t, examples[i // group_size]) for i, t in enumerate(texts)]
         return roll, prompts, texts, lengths, scores
 
@@ -292,6 +294,7 @@ class Trainer:
         policy_loss on hidden states (r1kernels), gradients averaged over processes."""
         cfg = self.cfg
         adv = r1kernels.group_advantages(rewards, G)
+        tokens = tokens.cpu()
         rows = []
         for i in range(len(lengths)):
             p = prompts[i // G]
@@ -576,6 +579,11 @@ class Trainer:
                 self.state["stage"] += 1
                 self.state["step"] = 0
                 self.save_checkpoint(opt)
+                if self.all_sum([1.0 if self.stop_requested else 0.0])[0] > 0:
+                    if self.is_main:  # Ctrl-C during an evaluation: stop at the stage boundary
+                        print(f"[r1-train] interrupted: checkpoint saved to {self.ckpt_path}; "
+                              f"continue with --resume true", file=sys.stderr, flush=True)
+                    return None
             return self.write_outputs()
         finally:
             if prev is not None:
