@@ -377,6 +377,44 @@ def test_torch_path_memory_is_bounded(monkeypatch):
     assert peak - grads <= 16 * tile * 4, peak - grads
 
 
+@pytest.mark.parametrize("fp32_acc", [False, True])
+def test_single_sweep_memory_is_bounded(monkeypatch, fp32_acc):
+    """Single sweep (bf16 hidden/weight; chunk_multiple 1: 64 rows per chunk = tile / V, or one
+    sequence of T=128 rows per chunk, 2 tiles): peak extra memory = the gradients (+ the fp32 grad_weight accumulator when it fits
+    SINGLE_SWEEP_FP32_ACC_BYTES) + a few chunk-sized buffers + O(N), independent of N; the
+    materializing reference holds N * V * 4 bytes."""
+    tile = 1 << 18
+    monkeypatch.setattr(lin, "TILE_ELEMS_CPU", tile)
+    monkeypatch.setattr(lin, "SINGLE_SWEEP_FP32_ACC_BYTES", (1 << 30) if fp32_acc else 0)
+    V, H = 4096, 32
+    dtype = torch.bfloat16
+    weight = (torch.randn(V, H) / 4).to(dtype)
+    for cm in (1, 128):
+        over = {}
+        for n in (256, 2048):
+            hidden = torch.randn(n, H).to(dtype)
+            labels = torch.randint(0, V, (n,))
+            calls = []
+
+            def fn():
+                return linear_token_logprobs_with_grad(
+                    hidden, weight, labels, None, temperature=1.0, ignore_index=-100,
+                    with_entropy=True, grad_fn=lambda s, e, lp, en: calls.append(s) or lp * 0 + 1,
+                    chunk_multiple=cm, sweep="one")
+
+            with dispatch.use_backend("torch"):
+                peak, out = peak_extra_bytes(fn)
+            assert len(calls) == n // max(64, cm)
+            assert out[3].dtype == dtype
+            grads = n * H * 2 + V * H * 2 + (V * H * 4 if fp32_acc else 0)  # + logp, entropy
+            over[n] = peak - grads
+        chunk = max(64, cm) * V * 4
+        assert over[2048] <= 2 * chunk + 8 * tile * 4 + 64 * 2048, (cm, over)
+        assert over[2048] <= over[256] + 64 * 2048, (cm, over)
+        assert 2048 * V * 4 > 4 * over[2048]  # far below the [N, V] fp32 logits
+        print(f"cm={cm} fp32_acc={fp32_acc} extra beyond gradients: {over}")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("with_entropy", [False, True])
 def test_compile_fullgraph(backend, with_entropy, monkeypatch):

@@ -483,21 +483,24 @@ def single_sweep(h, w, b, y, inv_temp: float, ignore_index: int, entropy: bool, 
         gb = torch.zeros(vocab, **f32)
     rows = sweep_rows(n_all, vocab, chunk_multiple, h.device)
     budget = TILE_ELEMS_CUDA if h.is_cuda else TILE_ELEMS_CPU
-    cols = max(1, min(vocab, budget // max(rows, hid, 1)))  # GEMM tiles (bounds fp32 copies)
+    # vocabulary tiles of the elementwise torch work and of GEMMs whose operands need fp32
+    # copies (16-bit off CUDA); GEMMs that need none cover the whole vocabulary at once
+    cols = max(1, min(vocab, budget // max(rows, hid, 1)))
     if cols < vocab and cols >= 256:
         cols -= cols % 128
+    gcols = vocab if h.is_cuda or w.dtype == torch.float32 else cols
     gdt = _gemm_dtype(h)
     for r0 in range(0, n_all, rows):
         sl = slice(r0, r0 + rows)
         hr, yr = h[sl], y[sl]
         n = hr.shape[0]
         # full-vocabulary fp32 logits of the chunk
-        if cols >= vocab:
+        if gcols >= vocab:
             z = _mm_f32(hr, w.t())
         else:
             z = torch.empty(n, vocab, **f32)
-            for v0 in range(0, vocab, cols):
-                z[:, v0:v0 + cols] = _mm_f32(hr, w[v0:v0 + cols].t())
+            for v0 in range(0, vocab, gcols):
+                z[:, v0:v0 + gcols] = _mm_f32(hr, w[v0:v0 + gcols].t())
         if backend == "triton":
             state = torch.empty(4, n, **f32)
             out = torch.empty(3, n, **f32)
@@ -541,9 +544,9 @@ def single_sweep(h, w, b, y, inv_temp: float, ignore_index: int, entropy: bool, 
                 g[:, v0:v0 + cols] = tlp.grad_torch(z[:, v0:v0 + cols], yl - v0, ignored, lse,
                                                     None, dlogp, None, inv_temp)
         del z
-        gh_acc = torch.zeros(n, hid, **f32) if need_h and cols < vocab else None
-        for v0 in range(0, vocab, cols):
-            gt, wv = g[:, v0:v0 + cols], w[v0:v0 + cols]
+        gh_acc = torch.zeros(n, hid, **f32) if need_h and gcols < vocab else None
+        for v0 in range(0, vocab, gcols):
+            gt, wv = g[:, v0:v0 + gcols], w[v0:v0 + gcols]
             if need_h:
                 if gh_acc is None:  # one GEMM over the whole vocabulary
                     gh[sl] = _mm_f32(gt, wv)
@@ -551,11 +554,11 @@ def single_sweep(h, w, b, y, inv_temp: float, ignore_index: int, entropy: bool, 
                     _addmm_f32_(gh_acc, gt, wv)
             if need_w:
                 if gw_acc is not None:
-                    _addmm_f32_(gw_acc[v0:v0 + cols], gt.t(), hr)
+                    _addmm_f32_(gw_acc[v0:v0 + gcols], gt.t(), hr)
                 else:
-                    _addmm_lowp_(gw[v0:v0 + cols], gt.t(), hr)
+                    _addmm_lowp_(gw[v0:v0 + gcols], gt.t(), hr)
             if need_b:
-                gb[v0:v0 + cols] += torch.sum(gt, dim=0, dtype=torch.float32)
+                gb[v0:v0 + gcols] += torch.sum(gt, dim=0, dtype=torch.float32)
         if gh_acc is not None:
             gh[sl] = gh_acc
         del g, gt, wv, gh_acc  # views of the chunk buffer: free it before the next chunk
