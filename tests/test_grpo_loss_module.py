@@ -327,6 +327,7 @@ def test_bad_input(bad, match):
 @pytest.mark.parametrize("kw,match", [
     (dict(loss_type="ppo"), "loss_type"), (dict(epsilon_low=-1.0), "epsilon_low"),
     (dict(temperature=0.0), "temperature"), (dict(importance_sampling_level="x"), "importance"),
+    (dict(sweep="both"), "sweep"),
 ])
 def test_bad_constructor(kw, match):
     with pytest.raises(ValueError, match=match):

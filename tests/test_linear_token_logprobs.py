@@ -222,6 +222,41 @@ def test_with_grad(backend, tiles, need, sweep):
         torch.testing.assert_close(g.cpu().double(), r.grad, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_with_grad_sweep_selection(backend, monkeypatch):
+    """auto: one sweep while chunk_multiple rows of fp32 logits fit the limit, two sweeps beyond
+    (calls tell which ran); N not a multiple of chunk_multiple gives a shorter last chunk; a bad
+    `sweep` is a ValueError."""
+    N, H, V = 11, 8, 40
+    monkeypatch.setattr(lin, "TILE_ELEMS_CPU", 5 * V)
+    monkeypatch.setattr(lin, "TILE_ELEMS_CUDA", 5 * V)
+    hidden, weight, labels = torch.randn(N, H), torch.randn(V, H), torch.randint(0, V, (N,))
+    outs = {}
+    for limit, want in ((5 * V, [(0, 5), (5, 10), (10, 11)]), (5 * V - 1, [(0, N)])):
+        monkeypatch.setattr(lin, "SINGLE_SWEEP_MAX_CHUNK_ELEMS_CPU", limit)
+        monkeypatch.setattr(lin, "SINGLE_SWEEP_MAX_CHUNK_ELEMS_CUDA", limit)
+        calls = []
+        with dispatch.use_backend(backend):
+            outs[limit] = linear_token_logprobs_with_grad(
+                hidden.to(DEVICE), weight.to(DEVICE), labels.to(DEVICE), None, temperature=1.0,
+                ignore_index=-100, with_entropy=False, chunk_multiple=5,
+                grad_fn=lambda s, e, lp, en: calls.append((s, e)) or torch.exp(lp))
+        assert calls == want
+    for a, b in zip(*outs.values()):
+        if a is None:
+            assert b is None
+        else:
+            torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6)
+    with pytest.raises(ValueError, match="sweep"):
+        linear_token_logprobs_with_grad(hidden, weight, labels, None, temperature=1.0,
+                                        ignore_index=-100, with_entropy=False,
+                                        grad_fn=lambda s, e, lp, en: lp, sweep="three")
+    with pytest.raises(ValueError, match="grad_fn must return"):
+        linear_token_logprobs_with_grad(hidden, weight, labels, None, temperature=1.0,
+                                        ignore_index=-100, with_entropy=False,
+                                        grad_fn=lambda s, e, lp, en: lp[:1], sweep="one")
+
+
 def _with_grad_case(N, H, V, dtype, *, seed=0, bias=True):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(N, H, generator=g).to(dtype)
@@ -242,7 +277,8 @@ def _seq_grad_fn(c, T, calls):
         calls.append((start, end))
         lp = logp.double().cpu().view(-1, T)
         cs = c[start:end].view(-1, T)[:, 0:1]
-        return (cs * 2 * lp.mean(1, keepdim=True) / T).expand_as(lp).reshape(-1).float().to(logp.device)
+        g = (cs * 2 * lp.mean(1, keepdim=True) / T).expand_as(lp).reshape(-1)
+        return g.float().to(logp.device)
 
     return grad_fn
 
@@ -380,9 +416,9 @@ def test_torch_path_memory_is_bounded(monkeypatch):
 @pytest.mark.parametrize("fp32_acc", [False, True])
 def test_single_sweep_memory_is_bounded(monkeypatch, fp32_acc):
     """Single sweep (bf16 hidden/weight; chunk_multiple 1: 64 rows per chunk = tile / V, or one
-    sequence of T=128 rows per chunk, 2 tiles): peak extra memory = the gradients (+ the fp32 grad_weight accumulator when it fits
-    SINGLE_SWEEP_FP32_ACC_BYTES) + a few chunk-sized buffers + O(N), independent of N; the
-    materializing reference holds N * V * 4 bytes."""
+    sequence of T=128 rows per chunk, 2 tiles): peak extra memory = the gradients (+ the fp32
+    grad_weight accumulator when it fits SINGLE_SWEEP_FP32_ACC_BYTES) + a few chunk-sized
+    buffers + O(N), independent of N; the materializing reference holds N * V * 4 bytes."""
     tile = 1 << 18
     monkeypatch.setattr(lin, "TILE_ELEMS_CPU", tile)
     monkeypatch.setattr(lin, "SINGLE_SWEEP_FP32_ACC_BYTES", (1 << 30) if fp32_acc else 0)

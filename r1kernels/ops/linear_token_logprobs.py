@@ -14,10 +14,11 @@ Design: two sweeps over [rows x vocabulary] tiles of at most `TILE_ELEMS` fp32 l
       grad_hidden[rows] += G @ W_tile              (fp32 accumulator [N, H])
       grad_weight[tile]  = sum_rows G.T @ h_rows   (fp32 accumulator [tile, H], rounded once)
       grad_bias[tile]    = sum_rows G              (fp32)
-FLOPs: 8 * N * H * V (pass 1: one GEMM, pass 2: three). A single sweep (6 * N * H * V) would have
-to keep grad_weight in fp32 across row chunks (4 bytes * V * H: 2.3 GiB for Qwen2.5-7B's head)
-or round its running sum to bf16 once per chunk; vocabulary-outer order gives each grad_weight
-tile one fp32 reduction over all rows with bounded memory instead.
+FLOPs: 8 * N * H * V (pass 1: one GEMM, pass 2: three). The single sweep below (6 * N * H * V,
+only where dL/dlogp is known per chunk of rows) has to keep grad_weight in fp32 across row chunks
+(4 bytes * V * H: 2.3 GiB for a 151936 x 4096 head) or round its running sum to bf16 once per
+chunk; vocabulary-outer order gives each grad_weight tile one fp32 reduction over all rows with
+bounded memory instead.
 Extra memory: the Z tile (<= TILE_ELEMS * 4 bytes; G is written over it in place) + [tile, H] fp32
 + the gradients (grad_hidden accumulated in fp32) + O(N) floats: independent of N apart from the
 gradients themselves.
@@ -30,8 +31,9 @@ Internal entry point for the fused GRPO loss (_notes/INTERFACE_logprobs_loss.md)
 `grad_fn` of the log-probs instead of autograd, so it can run in either order:
   sweep="two": pass 1, grad_fn once with (0, N), pass 2 (above): 8 * N * H * V FLOPs.
   sweep="one" (single sweep, rows outer): per chunk of R rows (whole groups of chunk_multiple
-    rows, i.e. whole sequences), the full-vocabulary fp32 logits Z [R, V] (one GEMM per
-    vocabulary tile, fp32 accumulation), the statistics (logp, entropy, lse) of the chunk,
+    rows, i.e. whole sequences), the full-vocabulary fp32 logits Z [R, V] (fp32 accumulation;
+    one GEMM over the whole vocabulary, or per vocabulary tile where 16-bit operands need fp32
+    copies, i.e. off CUDA), the statistics (logp, entropy, lse) of the chunk,
     grad_fn(start, end, ...) for that chunk, G = dL/dZ written over Z, then
       grad_hidden[rows] = G @ W          (fp32 accumulation, rounded once)
       grad_weight      += G.T @ h_rows   (see precision below)
@@ -40,17 +42,21 @@ Internal entry point for the fused GRPO loss (_notes/INTERFACE_logprobs_loss.md)
     Extra memory: the chunk buffer R * V * 4 bytes with R = TILE_ELEMS // V rounded down to a
     multiple of chunk_multiple (at least chunk_multiple: a sequence longer than the budget gets a
     buffer of chunk_multiple * V * 4 bytes, which depends on T but not on N), an fp32 [R, H]
-    accumulator, the gradients and O(N) floats. On CUDA, TILE_ELEMS = 2**26: 441 rows per chunk
-    at V = 151936 (256 MiB).
+    product, the gradients and O(N) floats. On CUDA, TILE_ELEMS = 2**26: 441 rows per chunk at
+    V = 151936 (256 MiB); GRPOLoss with T = 1024: one sequence per chunk (594 MiB), so at
+    N = 16384, H = 4096 bf16 the extra memory is by arithmetic 594 MiB + grad_weight 1.16 GiB +
+    grad_hidden 128 MiB + O(R * H) (the 2.5 GiB target; tests/test_grpo_loss_module.py checks it
+    on a GPU).
     grad_weight precision: accumulated in an fp32 [V, H] buffer when weight is fp32 or when that
     buffer fits SINGLE_SWEEP_FP32_ACC_BYTES (1 GiB: e.g. V=32000, H=4096 but not Qwen2.5-7B's
     151936 x 3584 head, 2.0 GiB); otherwise in the weight-dtype gradient itself with cuBLAS-style
     addmm (product accumulated in fp32, added to the running sum in fp32, rounded to
     bf16/fp16 once per row chunk). That costs one rounding (unit roundoff u = 2**-8 for bf16,
     2**-11 for fp16) of the running sum per chunk: after K = ceil(N / R) chunks the error of an
-    element is at most K * u * max_k |running sum_k| (random-walk typical: sqrt(K) * u; K = 38
-    at N=16384, V=151936 on CUDA) instead of one rounding, u * |grad|, in the two-sweep order
-    (tests/test_linear_token_logprobs.py checks the bound). GEMMs: cuBLAS (FUSED_GEMM does not apply to this mode).
+    element is at most K * u * max_k |running sum_k| (random-walk typical: sqrt(K) * u; at
+    N=16384, V=151936 on CUDA K = 38 for single-row groups, 16 for sequences of 1024) instead of
+    one rounding, u * |grad|, in the two-sweep order (tests/test_linear_token_logprobs.py checks
+    the bound). GEMMs: cuBLAS (FUSED_GEMM does not apply to this mode).
   sweep="auto" (default): "one" when a chunk of chunk_multiple rows fits
     SINGLE_SWEEP_MAX_CHUNK_ELEMS_* fp32 logits (CUDA: 2**28, 1 GiB, i.e. sequences of up to 1766
     tokens at V = 151936), else "two" (memory bounded by TILE_ELEMS for any sequence length).
@@ -523,8 +529,9 @@ def single_sweep(h, w, b, y, inv_temp: float, ignore_index: int, entropy: bool, 
             ent[sl] = en
         dlogp = grad_fn(r0, r0 + n, logp[sl], None if ent is None else ent[sl])
         if not isinstance(dlogp, torch.Tensor) or tuple(dlogp.shape) != (n,):
+            got = getattr(dlogp, "shape", type(dlogp).__name__)
             raise ValueError(f"{op}: grad_fn must return a tensor of shape ({n},) for rows "
-                             f"[{r0}, {r0 + n}), got {getattr(dlogp, 'shape', type(dlogp).__name__)}")
+                             f"[{r0}, {r0 + n}), got {got}")
         dlogp = dlogp.float().contiguous()
         if not (need_h or need_w or need_b):
             continue
