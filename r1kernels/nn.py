@@ -6,8 +6,10 @@ mask, ...)` in value and gradients, but:
   - the [B*T, V] logits never exist: the log-prob op walks the vocabulary in tiles;
   - every normalizer of the loss is known before any log-prob is (it depends only on the mask and
     num_items_in_batch), so dL/dlogp is computed by the fused loss kernel as soon as a chunk of
-    whole sequences has its log-probs (`grad_fn`), and the log-prob op turns it into the
-    gradients of hidden, weight and bias in the same call: no second vocabulary sweep in backward;
+    whole sequences has its log-probs (`grad_fn`, called per chunk), and the log-prob op turns
+    it into the gradients of hidden, weight and bias in the same call: by default
+    (sweep="auto") the logits of each chunk are computed once for the log-probs and the
+    gradients (one sweep of the vocabulary, 6 * N * H * V FLOPs); nothing is left for backward;
   - backward only scales the saved gradients by grad_output (in place, no copy: skipped when
     grad_output is 1). A second backward through the same graph is therefore refused.
 
@@ -64,7 +66,7 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, adv, mask, old, ref, rw, nitems, cfg, opts):
         from r1kernels.ops.linear_token_logprobs import linear_token_logprobs_with_grad
 
-        B, T, temperature, ignore_index, with_entropy, backend = opts
+        B, T, temperature, ignore_index, with_entropy, backend, sweep = opts
         H = hidden.shape[-1]
         fwd, fin, _ = G.forward_impl(backend)
         n_rows = mask.float().sum(-1) if B * T else torch.zeros(B, device=hidden.device)
@@ -78,7 +80,7 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
             _, _, gh, gw, gb = linear_token_logprobs_with_grad(
                 hidden.reshape(B * T, H), weight, labels.reshape(B * T), bias,
                 temperature=temperature, ignore_index=ignore_index, with_entropy=with_entropy,
-                grad_fn=grad_fn, chunk_multiple=T, need_grads=need)
+                grad_fn=grad_fn, chunk_multiple=T, need_grads=need, sweep=sweep)
         else:  # nothing to score: zero loss, zero gradients
             gh = torch.zeros_like(hidden) if need[0] else None
             gw = torch.zeros_like(weight) if need[1] else None
@@ -158,7 +160,10 @@ class GRPOLoss(torch.nn.Module):
     """GRPO loss fused with the lm_head log-probs (see the module docstring and shared/API.md).
 
     Extra keyword arguments beyond the API: `with_entropy` (default True: the `entropy` metric,
-    computed in the same vocabulary sweep) and `ignore_index` (label value whose log-prob is 0).
+    computed in the same vocabulary sweep), `ignore_index` (label value whose log-prob is 0) and
+    `sweep` ("auto" | "one" | "two", see ops/linear_token_logprobs.py: "auto" computes the
+    logits once, chunk of whole sequences by chunk, whenever one sequence's fp32 logits fit the
+    single-sweep chunk limit, and falls back to two sweeps for longer sequences).
     """
 
     def __init__(self, loss_type: str = "dapo", epsilon_low: float = 0.2,
@@ -166,7 +171,7 @@ class GRPOLoss(torch.nn.Module):
                  temperature: float = 1.0, importance_sampling_level: str = "token",
                  use_bias_correction_kl: bool = False, max_completion_length: int | None = None,
                  sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05, *,
-                 with_entropy: bool = True, ignore_index: int = -100):
+                 with_entropy: bool = True, ignore_index: int = -100, sweep: str = "auto"):
         super().__init__()
         self.options = dict(loss_type=loss_type, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
                             delta=delta, beta=beta, importance_sampling_level=importance_sampling_level,
@@ -181,6 +186,9 @@ class GRPOLoss(torch.nn.Module):
         self.temperature = float(temperature)
         self.with_entropy = bool(with_entropy)
         self.ignore_index = int(ignore_index)
+        if sweep not in ("auto", "one", "two"):
+            raise ValueError(f"GRPOLoss: sweep expected 'auto', 'one' or 'two', got {sweep!r}")
+        self.sweep = sweep
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items()) + \
@@ -230,7 +238,7 @@ class GRPOLoss(torch.nn.Module):
                                  or tuple(bias.shape) != (weight.shape[0],)):
             raise ValueError(f"{where}: bias must be [{weight.shape[0]}], got "
                              f"{tuple(getattr(bias, 'shape', ()))}")
-        opts = (B, T, self.temperature, self.ignore_index, self.with_entropy, backend)
+        opts = (B, T, self.temperature, self.ignore_index, self.with_entropy, backend, self.sweep)
         loss, out, ent = _FusedLinearGRPOLoss.apply(hidden, weight, bias, labels, adv, mask,
                                                     old_logps, ref, rollout_is_weights, nitems,
                                                     cfg, opts)

@@ -175,9 +175,18 @@ def test_bad_input(backend):
         run(backend, h, w, y, temperature=-1.0)
 
 
+def expected_calls(sweep, n, chunk_multiple, vocab):
+    if sweep == "two" or (sweep == "auto" and not lin.single_sweep_fits(vocab, chunk_multiple,
+                                                                        torch.device(DEVICE))):
+        return [(0, n)]
+    rows = lin.sweep_rows(n, vocab, chunk_multiple, torch.device(DEVICE))
+    return [(r, min(r + rows, n)) for r in range(0, n, rows)]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("need", [(True, True, True), (True, False, False), (False, True, True)])
-def test_with_grad(backend, tiles, need):
+@pytest.mark.parametrize("sweep", ["auto", "one", "two"])
+def test_with_grad(backend, tiles, need, sweep):
     N, H, V, T = 10, 12, 70, 1.3
     hidden, weight, bias = torch.randn(N, H), torch.randn(V, H) / 2, torch.randn(V)
     labels = torch.randint(0, V, (N,))
@@ -194,8 +203,11 @@ def test_with_grad(backend, tiles, need):
         logp, ent, gh, gw, gb = linear_token_logprobs_with_grad(
             hidden.to(DEVICE), weight.to(DEVICE), labels.to(DEVICE), bias.to(DEVICE),
             temperature=T, ignore_index=-100, with_entropy=True, grad_fn=grad_fn,
-            chunk_multiple=5, need_grads=need)
-    assert calls == [(0, N)]
+            chunk_multiple=5, need_grads=need, sweep=sweep)
+    want = expected_calls(sweep, N, 5, V)
+    assert calls == want
+    if sweep == "one" and tiles == "small":
+        assert len(calls) == 2  # 5 rows per chunk: the chunked path is what is tested
     refs = [t.double().requires_grad_(True) for t in (hidden, weight, bias)]
     lr, er = linear_token_logprobs_ref(refs[0], refs[1], labels, bias=refs[2], temperature=T,
                                        with_entropy=True)
@@ -208,6 +220,156 @@ def test_with_grad(backend, tiles, need):
             continue
         assert g.dtype == torch.float32
         torch.testing.assert_close(g.cpu().double(), r.grad, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_with_grad_sweep_selection(backend, monkeypatch):
+    """auto: one sweep while chunk_multiple rows of fp32 logits fit the limit, two sweeps beyond
+    (calls tell which ran); N not a multiple of chunk_multiple gives a shorter last chunk; a bad
+    `sweep` is a ValueError."""
+    N, H, V = 11, 8, 40
+    monkeypatch.setattr(lin, "TILE_ELEMS_CPU", 5 * V)
+    monkeypatch.setattr(lin, "TILE_ELEMS_CUDA", 5 * V)
+    hidden, weight, labels = torch.randn(N, H), torch.randn(V, H), torch.randint(0, V, (N,))
+    outs = {}
+    for limit, want in ((5 * V, [(0, 5), (5, 10), (10, 11)]), (5 * V - 1, [(0, N)])):
+        monkeypatch.setattr(lin, "SINGLE_SWEEP_MAX_CHUNK_ELEMS_CPU", limit)
+        monkeypatch.setattr(lin, "SINGLE_SWEEP_MAX_CHUNK_ELEMS_CUDA", limit)
+        calls = []
+        with dispatch.use_backend(backend):
+            outs[limit] = linear_token_logprobs_with_grad(
+                hidden.to(DEVICE), weight.to(DEVICE), labels.to(DEVICE), None, temperature=1.0,
+                ignore_index=-100, with_entropy=False, chunk_multiple=5,
+                grad_fn=lambda s, e, lp, en: calls.append((s, e)) or torch.exp(lp))
+        assert calls == want
+    for a, b in zip(*outs.values()):
+        if a is None:
+            assert b is None
+        else:
+            torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6)
+    with pytest.raises(ValueError, match="sweep"):
+        linear_token_logprobs_with_grad(hidden, weight, labels, None, temperature=1.0,
+                                        ignore_index=-100, with_entropy=False,
+                                        grad_fn=lambda s, e, lp, en: lp, sweep="three")
+    with pytest.raises(ValueError, match="grad_fn must return"):
+        linear_token_logprobs_with_grad(hidden, weight, labels, None, temperature=1.0,
+                                        ignore_index=-100, with_entropy=False,
+                                        grad_fn=lambda s, e, lp, en: lp[:1], sweep="one")
+
+
+def _with_grad_case(N, H, V, dtype, *, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, H, generator=g).to(dtype)
+    weight = (torch.randn(V, H, generator=g) / H ** 0.5 * 3).to(dtype)
+    b = (torch.randn(V, generator=g) * 0.5).to(dtype) if bias else None
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[::7] = -100
+    c = torch.randn(N, generator=g, dtype=torch.float64)
+    return hidden, weight, b, labels, c
+
+
+def _seq_grad_fn(c, T, calls):
+    """dL/dlogp of L = sum_seq c_seq * mean(logp_seq)**2 (a sequence-level loss, like GSPO: each
+    row's gradient needs the whole sequence): refuses chunks that split a sequence."""
+
+    def grad_fn(start, end, logp, ent):
+        assert start % T == 0 and (end % T == 0 or end == c.numel()), (start, end)
+        calls.append((start, end))
+        lp = logp.double().cpu().view(-1, T)
+        cs = c[start:end].view(-1, T)[:, 0:1]
+        g = (cs * 2 * lp.mean(1, keepdim=True) / T).expand_as(lp).reshape(-1)
+        return g.float().to(logp.device)
+
+    return grad_fn
+
+
+def _seq_ref(hidden, weight, bias, labels, c, T, temperature):
+    refs = [t.double().requires_grad_(True) for t in (hidden, weight, bias)]
+    lr, er = linear_token_logprobs_ref(refs[0], refs[1], labels, bias=refs[2],
+                                       temperature=temperature, with_entropy=True)
+    ((lr.view(-1, T).mean(1) ** 2) * c.view(-1, T)[:, 0]).sum().backward()
+    return lr.detach(), er.detach(), refs
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_single_sweep_sequence_chunks(backend, dtype, monkeypatch):
+    """Single sweep with several row chunks of whole sequences (T = 4, 2 sequences per chunk),
+    a sequence-level loss, ignore_index, bias, entropy: matches the float64 reference and the
+    two-sweep mode. fp32 accumulator for grad_weight (it fits the default limit)."""
+    N, H, V, T, temp = 24, 16, 200, 4, 0.8
+    monkeypatch.setattr(lin, "TILE_ELEMS_CPU", 2 * T * V + 5)  # 8 rows of 200 fp32 logits
+    monkeypatch.setattr(lin, "TILE_ELEMS_CUDA", 2 * T * V + 5)
+    hidden, weight, bias, labels, c = _with_grad_case(N, H, V, dtype)
+    lr, er, refs = _seq_ref(hidden, weight, bias, labels, c, T, temp)
+    results = {}
+    for sweep in ("one", "two"):
+        calls = []
+        with dispatch.use_backend(backend):
+            results[sweep] = linear_token_logprobs_with_grad(
+                hidden.to(DEVICE), weight.to(DEVICE), labels.to(DEVICE), bias.to(DEVICE),
+                temperature=temp, ignore_index=-100, with_entropy=True,
+                grad_fn=_seq_grad_fn(c, T, calls), chunk_multiple=T, sweep=sweep)
+        assert calls == ([(0, 8), (8, 16), (16, 24)] if sweep == "one" else [(0, N)])
+        logp, ent, gh, gw, gb = results[sweep]
+        torch.testing.assert_close(logp.cpu().double(), lr, rtol=1e-5, atol=5e-5)
+        torch.testing.assert_close(ent.cpu().double(), er, rtol=1e-5, atol=5e-5)
+        for name, g, r in zip(("hidden", "weight", "bias"), (gh, gw, gb), refs):
+            assert g.dtype == dtype and g.shape == r.shape, name
+            scale = r.grad.abs().max().item()
+            # fp32: fp32 GEMMs; bf16: one rounding of the result (unit roundoff 2**-8)
+            tol = 2e-5 if dtype == torch.float32 else 2 ** -8
+            torch.testing.assert_close(g.cpu().double(), r.grad, rtol=tol, atol=tol * scale,
+                                       msg=lambda m: f"{sweep} {name}: {m}")
+    for a, b in zip(results["one"], results["two"]):  # both modes agree
+        tol = 2e-5 if dtype == torch.float32 or a.dtype == torch.float32 else 2 ** -7
+        torch.testing.assert_close(a.cpu().double(), b.cpu().double(), rtol=tol,
+                                   atol=tol * b.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_sweep_low_precision_weight_accumulation(backend, monkeypatch):
+    """bf16 weight whose fp32 accumulator does not fit SINGLE_SWEEP_FP32_ACC_BYTES (set to 0):
+    grad_weight's running sum is kept in bf16, each row chunk's fp32 product added in fp32 and
+    rounded once. With K chunks the error is bounded by K roundings (unit roundoff u = 2**-8 for
+    bf16) of a running sum, each bounded elementwise by A = |G|.T @ |h| (G, h from the float64
+    reference), plus the fp32 arithmetic: err <= K * u * A + 1e-5 * max(A). The fp32-accumulator
+    path is within one rounding (u * |grad| + the same fp32 term)."""
+    N, H, V, T = 60, 16, 130, 2
+    rows = 4
+    monkeypatch.setattr(lin, "TILE_ELEMS_CPU", rows * V + 3)
+    monkeypatch.setattr(lin, "TILE_ELEMS_CUDA", rows * V + 3)
+    hidden, weight, bias, labels, c = _with_grad_case(N, H, V, torch.bfloat16, seed=3)
+    # the float64 reference, G = dL/dlogits included
+    h64, w64, b64 = hidden.double(), weight.double(), bias.double()
+    z = (h64 @ w64.t() + b64).requires_grad_(True)
+    lp = torch.log_softmax(z, -1).gather(1, labels.clamp(min=0)[:, None])[:, 0]
+    lp = torch.where(labels == -100, torch.zeros_like(lp), lp)
+    ((lp.view(-1, T).mean(1) ** 2) * c.view(-1, T)[:, 0]).sum().backward()
+    G = z.grad
+    gw_ref = G.t() @ h64
+    bound_a = G.abs().t() @ h64.abs()
+    K = -(-N // rows)
+    errs = {}
+    for acc_bytes in (0, 1 << 30):
+        monkeypatch.setattr(lin, "SINGLE_SWEEP_FP32_ACC_BYTES", acc_bytes)
+        calls = []
+        with dispatch.use_backend(backend):
+            _, _, _, gw, _ = linear_token_logprobs_with_grad(
+                hidden.to(DEVICE), weight.to(DEVICE), labels.to(DEVICE), bias.to(DEVICE),
+                temperature=1.0, ignore_index=-100, with_entropy=False,
+                grad_fn=_seq_grad_fn(c, T, calls), chunk_multiple=T, sweep="one")
+        assert len(calls) == K and gw.dtype == torch.bfloat16
+        err = (gw.cpu().double() - gw_ref).abs()
+        errs[acc_bytes] = err.max().item()
+        fp32_term = 1e-5 * bound_a.max().item()
+        if acc_bytes == 0:
+            excess = err - (K * 2 ** -8 * bound_a + fp32_term)
+        else:
+            excess = err - (2 ** -8 * gw_ref.abs() + fp32_term)
+        assert excess.max().item() <= 0, (acc_bytes, excess.max().item(), errs)
+    # the bf16 running sum is actually used: K roundings cost more than one
+    assert errs[0] > errs[1 << 30], errs
 
 
 def test_torch_path_memory_is_bounded(monkeypatch):
@@ -249,6 +411,44 @@ def test_torch_path_memory_is_bounded(monkeypatch):
         peak, _ = peak_extra_bytes(lambda: fwd_bwd(r1kernels.linear_token_logprobs))
     grads = 2 * H * (4 + 2 * 2) + V * H * 2 * 2
     assert peak - grads <= 16 * tile * 4, peak - grads
+
+
+@pytest.mark.parametrize("fp32_acc", [False, True])
+def test_single_sweep_memory_is_bounded(monkeypatch, fp32_acc):
+    """Single sweep (bf16 hidden/weight; chunk_multiple 1: 64 rows per chunk = tile / V, or one
+    sequence of T=128 rows per chunk, 2 tiles): peak extra memory = the gradients (+ the fp32
+    grad_weight accumulator when it fits SINGLE_SWEEP_FP32_ACC_BYTES) + a few chunk-sized
+    buffers + O(N), independent of N; the materializing reference holds N * V * 4 bytes."""
+    tile = 1 << 18
+    monkeypatch.setattr(lin, "TILE_ELEMS_CPU", tile)
+    monkeypatch.setattr(lin, "SINGLE_SWEEP_FP32_ACC_BYTES", (1 << 30) if fp32_acc else 0)
+    V, H = 4096, 32
+    dtype = torch.bfloat16
+    weight = (torch.randn(V, H) / 4).to(dtype)
+    for cm in (1, 128):
+        over = {}
+        for n in (256, 2048):
+            hidden = torch.randn(n, H).to(dtype)
+            labels = torch.randint(0, V, (n,))
+            calls = []
+
+            def fn():
+                return linear_token_logprobs_with_grad(
+                    hidden, weight, labels, None, temperature=1.0, ignore_index=-100,
+                    with_entropy=True, grad_fn=lambda s, e, lp, en: calls.append(s) or lp * 0 + 1,
+                    chunk_multiple=cm, sweep="one")
+
+            with dispatch.use_backend("torch"):
+                peak, out = peak_extra_bytes(fn)
+            assert len(calls) == n // max(64, cm)
+            assert out[3].dtype == dtype
+            grads = n * H * 2 + V * H * 2 + (V * H * 4 if fp32_acc else 0)  # + logp, entropy
+            over[n] = peak - grads
+        chunk = max(64, cm) * V * 4
+        assert over[2048] <= 2 * chunk + 8 * tile * 4 + 64 * 2048, (cm, over)
+        assert over[2048] <= over[256] + 64 * 2048, (cm, over)
+        assert 2048 * V * 4 > 4 * over[2048]  # far below the [N, V] fp32 logits
+        print(f"cm={cm} fp32_acc={fp32_acc} extra beyond gradients: {over}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -14,10 +14,11 @@ Design: two sweeps over [rows x vocabulary] tiles of at most `TILE_ELEMS` fp32 l
       grad_hidden[rows] += G @ W_tile              (fp32 accumulator [N, H])
       grad_weight[tile]  = sum_rows G.T @ h_rows   (fp32 accumulator [tile, H], rounded once)
       grad_bias[tile]    = sum_rows G              (fp32)
-FLOPs: 8 * N * H * V (pass 1: one GEMM, pass 2: three). A single sweep (6 * N * H * V) would have
-to keep grad_weight in fp32 across row chunks (4 bytes * V * H: 2.3 GiB for Qwen2.5-7B's head)
-or round its running sum to bf16 once per chunk; vocabulary-outer order gives each grad_weight
-tile one fp32 reduction over all rows with bounded memory instead.
+FLOPs: 8 * N * H * V (pass 1: one GEMM, pass 2: three). The single sweep below (6 * N * H * V,
+only where dL/dlogp is known per chunk of rows) has to keep grad_weight in fp32 across row chunks
+(4 bytes * V * H: 2.3 GiB for a 151936 x 4096 head) or round its running sum to bf16 once per
+chunk; vocabulary-outer order gives each grad_weight tile one fp32 reduction over all rows with
+bounded memory instead.
 Extra memory: the Z tile (<= TILE_ELEMS * 4 bytes; G is written over it in place) + [tile, H] fp32
 + the gradients (grad_hidden accumulated in fp32) + O(N) floats: independent of N apart from the
 gradients themselves.
@@ -26,8 +27,43 @@ Opt-in (FUSED_GEMM = True, Triton backend): tl.dot kernels that compute the logi
 the statistics / gradient in their epilogue, so no fp32 logits tile goes through memory (below).
 
 Internal entry point for the fused GRPO loss (_notes/INTERFACE_logprobs_loss.md):
-`linear_token_logprobs_with_grad(...)` = pass 1, grad_fn, pass 2 in one call. grad_fn is called
-once with (0, N) (every log-prob is known after pass 1, so `chunk_multiple` always holds).
+`linear_token_logprobs_with_grad(..., sweep="auto" | "one" | "two")`, where dL/dlogp comes from a
+`grad_fn` of the log-probs instead of autograd, so it can run in either order:
+  sweep="two": pass 1, grad_fn once with (0, N), pass 2 (above): 8 * N * H * V FLOPs.
+  sweep="one" (single sweep, rows outer): per chunk of R rows (whole groups of chunk_multiple
+    rows, i.e. whole sequences), the full-vocabulary fp32 logits Z [R, V] (fp32 accumulation;
+    one GEMM over the whole vocabulary, or per vocabulary tile where 16-bit operands need fp32
+    copies, i.e. off CUDA), the statistics (logp, entropy, lse) of the chunk,
+    grad_fn(start, end, ...) for that chunk, G = dL/dZ written over Z, then
+      grad_hidden[rows] = G @ W          (fp32 accumulation, rounded once)
+      grad_weight      += G.T @ h_rows   (see precision below)
+      grad_bias        += sum_rows G     (fp32)
+    FLOPs: 6 * N * H * V (three GEMMs, the logits are computed once).
+    Extra memory: the chunk buffer R * V * 4 bytes with R = TILE_ELEMS // V rounded down to a
+    multiple of chunk_multiple (at least chunk_multiple: a sequence longer than the budget gets a
+    buffer of chunk_multiple * V * 4 bytes, which depends on T but not on N), an fp32 [R, H]
+    product, the gradients and O(N) floats. On CUDA, TILE_ELEMS = 2**26: 441 rows per chunk at
+    V = 151936 (256 MiB); GRPOLoss with T = 1024: one sequence per chunk (594 MiB), so at
+    N = 16384, H = 4096 bf16 the extra memory is by arithmetic 594 MiB + grad_weight 1.16 GiB +
+    grad_hidden 128 MiB + O(R * H) (the 2.5 GiB target; tests/test_grpo_loss_module.py checks it
+    on a GPU).
+    grad_weight precision: accumulated in an fp32 [V, H] buffer when weight is fp32 or when that
+    buffer fits SINGLE_SWEEP_FP32_ACC_BYTES (1 GiB: e.g. V=32000, H=4096 but not Qwen2.5-7B's
+    151936 x 3584 head, 2.0 GiB); otherwise in the weight-dtype gradient itself with cuBLAS-style
+    addmm (product accumulated in fp32, added to the running sum in fp32, rounded to
+    bf16/fp16 once per row chunk). That costs one rounding (unit roundoff u = 2**-8 for bf16,
+    2**-11 for fp16) of the running sum per chunk: after K = ceil(N / R) chunks the error of an
+    element is at most K * u * max_k |running sum_k| (random-walk typical: sqrt(K) * u; at
+    N=16384, V=151936 on CUDA K = 38 for single-row groups, 16 for sequences of 1024) instead of
+    one rounding, u * |grad|, in the two-sweep order (tests/test_linear_token_logprobs.py checks
+    the bound). GEMMs: cuBLAS (FUSED_GEMM does not apply to this mode).
+  sweep="auto" (default): "one" when a chunk of chunk_multiple rows fits
+    SINGLE_SWEEP_MAX_CHUNK_ELEMS_* fp32 logits (CUDA: 2**28, 1 GiB, i.e. sequences of up to 1766
+    tokens at V = 151936), else "two" (memory bounded by TILE_ELEMS for any sequence length).
+grad_fn(start, end, logp_chunk, entropy_chunk) -> dlogp_chunk may thus be called once per chunk
+of rows, in row order, each [start, end) made of whole groups of chunk_multiple rows (the last
+one may be shorter when N is not a multiple of chunk_multiple).
+The public `linear_token_logprobs` (dL/dlogp known only in backward) always uses two sweeps.
 """
 from __future__ import annotations
 
@@ -47,6 +83,11 @@ dispatch.register(OP, cuda=("triton", "torch"), cpu=("torch",))
 TILE_ELEMS_CUDA = 1 << 26
 TILE_ELEMS_CPU = 1 << 21
 MAX_TILE_ROWS = 16384
+# single sweep (linear_token_logprobs_with_grad): fp32 grad_weight accumulator limit, and the
+# largest chunk of whole sequences (fp32 logits elements) for which sweep="auto" picks it
+SINGLE_SWEEP_FP32_ACC_BYTES = 1 << 30
+SINGLE_SWEEP_MAX_CHUNK_ELEMS_CUDA = 1 << 28
+SINGLE_SWEEP_MAX_CHUNK_ELEMS_CPU = 1 << 23
 
 
 def tile_shape(n_rows: int, vocab: int, hidden: int, device: torch.device) -> tuple[int, int]:
@@ -399,6 +440,142 @@ def backward_grads(h, w, b, y, lse, ent, dlogp, dent, inv_temp: float, ignore_in
     return gh, gw, gb
 
 
+# ---- single sweep: logits, grad_fn and gradients per chunk of rows ---------------------------
+
+
+def sweep_rows(n_rows: int, vocab: int, chunk_multiple: int, device: torch.device) -> int:
+    """Rows per single-sweep chunk: as many whole groups of chunk_multiple rows as fit the tile
+    budget as full-vocabulary fp32 rows (<= MAX_TILE_ROWS), at least one group."""
+    budget = TILE_ELEMS_CUDA if device.type == "cuda" else TILE_ELEMS_CPU
+    rows = min(budget // max(vocab, 1), MAX_TILE_ROWS) // chunk_multiple * chunk_multiple
+    return max(chunk_multiple, min(rows, n_rows))
+
+
+def single_sweep_fits(vocab: int, chunk_multiple: int, device: torch.device) -> bool:
+    limit = SINGLE_SWEEP_MAX_CHUNK_ELEMS_CUDA if device.type == "cuda" else \
+        SINGLE_SWEEP_MAX_CHUNK_ELEMS_CPU
+    return chunk_multiple * vocab <= limit
+
+
+def _addmm_lowp_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (16-bit) += a @ b: the product accumulated in fp32, added to acc in fp32, rounded once
+    (cuBLAS GEMM with a 16-bit C and fp32 compute; emulated with fp32 temporaries elsewhere)."""
+    if acc.is_cuda and a.dtype == b.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    else:
+        acc.copy_(acc.float().addmm_(a.float(), b.float()))
+
+
+def single_sweep(h, w, b, y, inv_temp: float, ignore_index: int, entropy: bool, backend: str,
+                 grad_fn: Callable, chunk_multiple: int, need: tuple[bool, bool, bool], op: str):
+    """(logp, entropy or None, grad_hidden, grad_weight, grad_bias) in one sweep (module
+    docstring); grad_fn is called once per chunk of rows."""
+    n_all, hid = h.shape
+    vocab = w.shape[0]
+    need_h, need_w, need_b = need[0], need[1], need[2] and b is not None
+    f32 = dict(dtype=torch.float32, device=h.device)
+    logp = torch.empty(n_all, **f32)
+    ent = torch.empty(n_all, **f32) if entropy else None
+    gh = torch.empty_like(h, memory_format=torch.contiguous_format) if need_h else None
+    gw = gw_acc = gb = None
+    if need_w:
+        if w.dtype == torch.float32:
+            gw = gw_acc = torch.zeros_like(w, memory_format=torch.contiguous_format)
+        elif vocab * hid * 4 <= SINGLE_SWEEP_FP32_ACC_BYTES:
+            gw_acc = torch.zeros(vocab, hid, **f32)
+        else:  # running sum in weight's dtype, rounded once per row chunk
+            gw = torch.zeros_like(w, memory_format=torch.contiguous_format)
+    if need_b:
+        gb = torch.zeros(vocab, **f32)
+    rows = sweep_rows(n_all, vocab, chunk_multiple, h.device)
+    budget = TILE_ELEMS_CUDA if h.is_cuda else TILE_ELEMS_CPU
+    # vocabulary tiles of the elementwise torch work and of GEMMs whose operands need fp32
+    # copies (16-bit off CUDA); GEMMs that need none cover the whole vocabulary at once
+    cols = max(1, min(vocab, budget // max(rows, hid, 1)))
+    if cols < vocab and cols >= 256:
+        cols -= cols % 128
+    gcols = vocab if h.is_cuda or w.dtype == torch.float32 else cols
+    gdt = _gemm_dtype(h)
+    for r0 in range(0, n_all, rows):
+        sl = slice(r0, r0 + rows)
+        hr, yr = h[sl], y[sl]
+        n = hr.shape[0]
+        # full-vocabulary fp32 logits of the chunk
+        if gcols >= vocab:
+            z = _mm_f32(hr, w.t())
+        else:
+            z = torch.empty(n, vocab, **f32)
+            for v0 in range(0, vocab, gcols):
+                z[:, v0:v0 + gcols] = _mm_f32(hr, w[v0:v0 + gcols].t())
+        if backend == "triton":
+            state = torch.empty(4, n, **f32)
+            out = torch.empty(3, n, **f32)
+            tlp.stats_tile(z, yr, b, state, out, col0=0, vocab=vocab, inv_temp=inv_temp,
+                           ignore_index=ignore_index, accum=False, final=True, entropy=entropy)
+            lp, en, lse = out[0], out[1] if entropy else None, out[2]
+        else:  # per vocabulary tile (temporaries stay within the tile budget)
+            yl = yr.long()
+            st = None
+            for v0 in range(0, vocab, cols):
+                zt = z[:, v0:v0 + cols]
+                if b is not None:
+                    zt += b[v0:v0 + cols].float()
+                zt *= inv_temp  # z keeps the scaled logits for the gradient
+                st = tlp.stats_torch(zt.clone(), yl - v0, st, entropy)
+            del zt
+            lp, en, lse = tlp.finalize(st, yl, vocab, ignore_index, entropy)
+        logp[sl] = lp
+        if entropy:
+            ent[sl] = en
+        dlogp = grad_fn(r0, r0 + n, logp[sl], None if ent is None else ent[sl])
+        if not isinstance(dlogp, torch.Tensor) or tuple(dlogp.shape) != (n,):
+            got = getattr(dlogp, "shape", type(dlogp).__name__)
+            raise ValueError(f"{op}: grad_fn must return a tensor of shape ({n},) for rows "
+                             f"[{r0}, {r0 + n}), got {got}")
+        dlogp = dlogp.float().contiguous()
+        if not (need_h or need_w or need_b):
+            continue
+        if backend == "triton":  # G written over Z (see backward_grads)
+            if torch.compiler.is_compiling():
+                g = torch.empty(z.shape, dtype=gdt, device=z.device)
+            elif gdt == torch.float32:
+                g = z
+            else:
+                g = z.view(gdt)[:, :vocab]
+            tlp.grad_tile(z, g, yr, b, lse, None, dlogp, None, col0=0, inv_temp=inv_temp,
+                          ignore_index=ignore_index)
+        else:  # G written over Z tile by tile (a 16-bit G: the aliasing of the Triton path)
+            g = z if gdt == torch.float32 else z.view(gdt)[:, :vocab]
+            ignored = yl == ignore_index
+            for v0 in range(0, vocab, cols):
+                g[:, v0:v0 + cols] = tlp.grad_torch(z[:, v0:v0 + cols], yl - v0, ignored, lse,
+                                                    None, dlogp, None, inv_temp)
+        del z
+        gh_acc = torch.zeros(n, hid, **f32) if need_h and gcols < vocab else None
+        for v0 in range(0, vocab, gcols):
+            gt, wv = g[:, v0:v0 + gcols], w[v0:v0 + gcols]
+            if need_h:
+                if gh_acc is None:  # one GEMM over the whole vocabulary
+                    gh[sl] = _mm_f32(gt, wv)
+                else:
+                    _addmm_f32_(gh_acc, gt, wv)
+            if need_w:
+                if gw_acc is not None:
+                    _addmm_f32_(gw_acc[v0:v0 + gcols], gt.t(), hr)
+                else:
+                    _addmm_lowp_(gw[v0:v0 + gcols], gt.t(), hr)
+            if need_b:
+                gb[v0:v0 + gcols] += torch.sum(gt, dim=0, dtype=torch.float32)
+        if gh_acc is not None:
+            gh[sl] = gh_acc
+        del g, gt, wv, gh_acc  # views of the chunk buffer: free it before the next chunk
+    if need_w and gw is None:
+        gw = gw_acc.to(w.dtype)  # one rounding of the fp32 sum over all rows
+    if need_b and gb.dtype != b.dtype:
+        gb = gb.to(b.dtype)
+    return logp, ent, gh, gw, gb
+
+
 # ---- autograd ---------------------------------------------------------------------------------
 
 
@@ -489,13 +666,17 @@ def linear_token_logprobs_with_grad(hidden: torch.Tensor, weight: torch.Tensor,
                                     labels: torch.Tensor, bias: torch.Tensor | None, *,
                                     temperature: float, ignore_index: int, with_entropy: bool,
                                     grad_fn: Callable, chunk_multiple: int = 1,
-                                    need_grads: tuple[bool, bool, bool] = (True, True, True)):
+                                    need_grads: tuple[bool, bool, bool] = (True, True, True),
+                                    sweep: str = "auto"):
     """Log-probs and the gradients of a loss whose dL/dlogp `grad_fn` gives, in one call.
 
     Returns (logp [N] fp32, entropy [N] fp32 or None, grad_hidden [N, H] in hidden's dtype or
-    None, grad_weight [V, H] in weight's dtype (fp32 accumulation) or None, grad_bias [V] or
-    None). grad_fn(start, end, logp_chunk, entropy_chunk) -> dlogp_chunk is called once with
-    (0, N); the entropy is for metrics only (no gradient through it).
+    None, grad_weight [V, H] in weight's dtype or None, grad_bias [V] or None).
+    grad_fn(start, end, logp_chunk, entropy_chunk) -> dlogp_chunk is called per chunk of whole
+    groups of `chunk_multiple` rows, in row order (sweep="one"), or once with (0, N)
+    (sweep="two"); the entropy is for metrics only (no gradient through it). `sweep`: "one"
+    (6 N H V FLOPs), "two" (8 N H V FLOPs, grad_weight always reduced in fp32) or "auto" (module
+    docstring).
     """
     op = "linear_token_logprobs_with_grad"
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
@@ -506,8 +687,17 @@ def linear_token_logprobs_with_grad(hidden: torch.Tensor, weight: torch.Tensor,
     if len(tuple(need_grads)) != 3:
         raise ValueError(f"{op}: need_grads expected 3 booleans (hidden, weight, bias), got "
                          f"{need_grads!r}")
+    if sweep not in ("auto", "one", "two"):
+        raise ValueError(f"{op}: sweep expected 'auto', 'one' or 'two', got {sweep!r}")
     h, bias, y, inv_temp = _prepare(op, hidden, weight, labels, bias, temperature, ignore_index)
     backend = dispatch.select(OP, h.device)
+    need = tuple(bool(x) for x in need_grads)
+    if sweep == "auto":
+        sweep = "one" if single_sweep_fits(weight.shape[0], chunk_multiple, h.device) else "two"
+    if sweep == "one" and h.shape[0] > 0:
+        with torch.no_grad():
+            return single_sweep(h, weight, bias, y, inv_temp, int(ignore_index),
+                                bool(with_entropy), backend, grad_fn, chunk_multiple, need, op)
     with torch.no_grad():
         logp, ent, lse = forward_stats(h, weight, bias, y, inv_temp, int(ignore_index),
                                        bool(with_entropy), backend)
@@ -517,6 +707,5 @@ def linear_token_logprobs_with_grad(hidden: torch.Tensor, weight: torch.Tensor,
             raise ValueError(f"{op}: grad_fn must return a tensor of shape ({n},), got "
                              f"{getattr(dlogp, 'shape', type(dlogp).__name__)}")
         gh, gw, gb = backward_grads(h, weight, bias, y, lse, None, dlogp, None, inv_temp,
-                                    int(ignore_index), backend,
-                                    tuple(bool(x) for x in need_grads))
+                                    int(ignore_index), backend, need)
     return logp, ent, gh, gw, gb
