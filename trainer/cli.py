@@ -15,8 +15,11 @@ def main(argv=None) -> int:
         return 130
     if summary.get("world_size", 1) == 1 or _rank() == 0:
         print(json.dumps(summary["eval"] | {"wall_seconds": round(summary["wall_seconds"], 1)}))
-        print(f"[r1-train] wrote {cfg.out_dir}/summary.json, metrics.jsonl, plot.png, model/",
-              file=sys.stderr)
+        import os
+
+        files = ["summary.json", "metrics.jsonl"]
+        files += ["plot.png"] if os.path.exists(os.path.join(cfg.out_dir, "plot.png")) else []
+        print(f"[r1-train] wrote {cfg.out_dir}/: {', '.join(files)}, model/", file=sys.stderr)
     return 0
 
 
