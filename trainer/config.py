@@ -46,13 +46,13 @@ class Config:
     sft_batch_size: int = 32        # sequences per SFT step (all processes together)
     sft_lr: float = 3e-3            # AdamW learning rate for SFT
     # GRPO
-    grpo_steps: int = 150           # GRPO steps (one rollout + one optimizer step each)
+    grpo_steps: int = 400           # GRPO steps (one rollout + one optimizer step each)
     prompts_per_step: int = 16      # P prompts per step (per process)
     group_size: int = 8             # G completions per prompt
     max_new_tokens: int = 40        # completion budget per sample
     temperature: float = 1.0        # rollout sampling temperature
     top_p: float = 1.0              # rollout nucleus sampling
-    lr: float = 5e-4                # AdamW learning rate for GRPO
+    lr: float = 3e-4                # AdamW learning rate for GRPO
     weight_decay: float = 0.0       # AdamW weight decay (both stages)
     max_grad_norm: float = 1.0      # gradient clipping (both stages)
     beta: float = 0.0               # KL coefficient; > 0 computes reference log-probs
