@@ -116,7 +116,7 @@ def test_bad_input(bad):
 
 def test_cpp_op_validates():
     if "cpp" not in dispatch.available_backends(OP, "cpu"):
-        pytest.skip("C++ extension not built")
+        pytest.skip("C++ extension not available (not built)")
     with pytest.raises(ValueError, match="multiple of group_size"):
         torch.ops.r1kernels.group_advantages(torch.randn(10), 3, "group", 1e-4)
     with pytest.raises(ValueError, match="scale"):
@@ -125,7 +125,7 @@ def test_cpp_op_validates():
 
 def test_opcheck():
     if "cpp" not in dispatch.available_backends(OP, "cpu") and not torch.cuda.is_available():
-        pytest.skip("C++ extension not built")
+        pytest.skip("C++ extension not available (not built)")
     r = torch.randn(8 * 4, device=DEVICE)
     torch.library.opcheck(torch.ops.r1kernels.group_advantages.default, (r, 4, "group", 1e-4))
     torch.library.opcheck(torch.ops.r1kernels.group_advantages.default, (r, 4, "batch", 1e-4))

@@ -225,7 +225,7 @@ def _has_cpp():
 
 def test_cpp_ops_validate():
     if not _has_cpp():
-        pytest.skip("C++ extension not built")
+        pytest.skip("C++ extension not available (not built)")
     h = torch.randn(4, 8, device=DEVICE)
     with pytest.raises(IndexError, match="ids"):
         torch.ops.r1kernels.moe_permute(h, torch.full((4, 2), 6, device=DEVICE), 6, 1)
@@ -241,7 +241,7 @@ def test_cpp_ops_validate():
 
 def test_opcheck():
     if not _has_cpp():
-        pytest.skip("C++ extension not built")
+        pytest.skip("C++ extension not available (not built)")
     T, H, E, k = 7, 16, 8, 2
     h = torch.randn(T, H, device=DEVICE)
     ids = torch.randint(0, E, (T, k), device=DEVICE)

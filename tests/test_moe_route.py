@@ -304,7 +304,7 @@ def _has_cpp():
 
 def test_cpp_op_validates():
     if not _has_cpp():
-        pytest.skip("C++ extension not built")
+        pytest.skip("C++ extension not available (not built)")
     x = torch.randn(4, 8, device=DEVICE)
     op = torch.ops.r1kernels.moe_route
     with pytest.raises(ValueError, match="top_k"):
@@ -319,7 +319,7 @@ def test_cpp_op_validates():
 
 def test_opcheck():
     if not _has_cpp():
-        pytest.skip("C++ extension not built")
+        pytest.skip("C++ extension not available (not built)")
     x = torch.randn(6, 32, device=DEVICE)
     b = torch.randn(32, device=DEVICE)
     op = torch.ops.r1kernels.moe_route.default
