@@ -22,6 +22,7 @@ DistributedDataParallel (gloo on CPU, nccl on GPU), rank 0 writes files.
 from __future__ import annotations
 
 import copy
+import gc
 import hashlib
 import json
 import math
@@ -617,8 +618,17 @@ def _progress(enabled: bool):
 def train(cfg: Config) -> dict | None:
     """Run the configured pipeline; returns the summary (None if interrupted)."""
     trainer = Trainer(cfg)
+    finished = False
     try:
-        return trainer.run()
+        summary = trainer.run()
+        finished = True
+        return summary
     finally:
         if trainer.world > 1 and dist.is_initialized():
+            if finished:
+                dist.barrier()  # every rank is past its last collective before any tears down
+            # The DDP wrapper's reducer holds the process group: release it while every peer is
+            # still alive (a gloo group destroyed after a peer exited can hang in its destructor).
+            trainer.body = None
+            gc.collect()
             dist.destroy_process_group()
