@@ -394,10 +394,15 @@ def moe_route_bwd_triton(gs, ids, sel, logits, lse, num_experts, dtype, score_fu
     return dx
 
 
-def moe_permute_triton(hidden, ids, num_experts, align):
-    counts, offsets, row_ids, token_ids = moe_permute_map_triton(ids, num_experts, align)
-    out = moe_scatter_rows_triton(hidden, row_ids, token_ids, counts, offsets, None)
-    return out, counts, offsets, row_ids, token_ids
+def _permute_with(permute_map, scatter_rows):
+    """moe_permute of one backend: its row map, then its row scatter."""
+
+    def permute(hidden, ids, num_experts, align):
+        counts, offsets, row_ids, token_ids = permute_map(ids, num_experts, align)
+        out = scatter_rows(hidden, row_ids, token_ids, counts, offsets, None)
+        return out, counts, offsets, row_ids, token_ids
+
+    return permute
 
 
 def moe_permute_map_triton(ids, num_experts, align):
@@ -513,10 +518,6 @@ def moe_route_bwd_torch(gs, ids, sel, logits, lse, num_experts, dtype, score_fun
     return (s * (G - (G * s).sum(-1, keepdim=True))).to(logits.dtype)
 
 
-def moe_permute_torch(hidden, ids, num_experts, align):
-    counts, offsets, row_ids, token_ids = moe_permute_map_torch(ids, num_experts, align)
-    out = moe_scatter_rows_torch(hidden, row_ids, token_ids, counts, offsets, None)
-    return out, counts, offsets, row_ids, token_ids
 
 
 def moe_permute_map_torch(ids, num_experts, align):
@@ -674,12 +675,14 @@ def _define_python_ops(ns: str, fns: dict) -> None:
 
 
 _PY_KERNELS = {"torch": _checked_impls(dict(
-    route=moe_route_fwd_torch, route_bwd=moe_route_bwd_torch, permute=moe_permute_torch,
+    route=moe_route_fwd_torch, route_bwd=moe_route_bwd_torch,
+    permute=_permute_with(moe_permute_map_torch, moe_scatter_rows_torch),
     scatter=moe_scatter_rows_torch, unpermute=moe_unpermute_torch, dot=moe_rows_dot_torch))}
 _define_python_ops("r1kernels_torch", _PY_KERNELS["torch"])
 if HAS_TRITON:
     _PY_KERNELS["triton"] = _checked_impls(dict(
-        route=moe_route_fwd_triton, route_bwd=moe_route_bwd_triton, permute=moe_permute_triton,
+        route=moe_route_fwd_triton, route_bwd=moe_route_bwd_triton,
+        permute=_permute_with(moe_permute_map_triton, moe_scatter_rows_triton),
         scatter=moe_scatter_rows_triton, unpermute=moe_unpermute_triton, dot=moe_rows_dot_triton))
     _define_python_ops("r1kernels_triton", _PY_KERNELS["triton"])
 
