@@ -50,7 +50,7 @@ def _fused_loss_step(fwd, cfg, B, T, adv, mask, old, ref, rw, scale, parts, ent_
 
 def _finish(fin, parts, nitems, cfg, B, device, ent_acc, n_tot):
     parts.sort(key=lambda p: p[0])
-    part = torch.cat([p for _, p in parts], dim=1) if parts else \
+    part = torch.cat([p for _, p in parts], dim=-1) if parts else \
         torch.zeros(G.NUM_PARTIALS, B, device=device)
     out, _ = fin(part, nitems, cfg)
     ent = torch.stack(ent_acc).sum() / n_tot.clamp(min=1.0) if ent_acc else None

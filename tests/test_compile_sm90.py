@@ -78,6 +78,7 @@ SPECS += [
 _GRPO_FWD_SIG = {
     "lp_ptr": "*fp32", "old_ptr": "*fp32", "ref_ptr": "*fp32", "adv_ptr": "*fp32", "mask_ptr": "*u8",
     "rw_ptr": "*fp32", "grad_ptr": "*fp32", "part_ptr": "*fp32", "B": "i32", "T": "i32",
+    "C": "i32", "CHUNK_T": "i32",
     **{f"s_{n}{i}": "i64" for n in ("lp", "old", "ref", "adv", "m", "rw") for i in (0, 1)},
     "eps_lo": "fp32", "eps_hi": "fp32", "delta": "fp32", "beta": "fp32", "tau_pos": "fp32",
     "tau_neg": "fp32",
@@ -92,7 +93,7 @@ SPECS += [
 ] + [
     pytest.param("r1kernels.ops.grpo_loss:_grpo_loss_finalize_kernel",
                  {"part_ptr": "*fp32", "nitems_ptr": "*fp32", "out_ptr": "*fp32", "scale_ptr": "*fp32",
-                  "B": "i32", "max_len": "fp32"},
+                  "B": "i32", "C": "i32", "max_len": "fp32"},
                  {"LOSS": loss, "HAS_NITEMS": True, "BLOCK_B": 1024}, 4, False,
                  id=f"grpo_loss_finalize-loss{loss}")
     for loss in range(7)
@@ -101,20 +102,20 @@ SPECS += [
     pytest.param("r1kernels.ops.grpo_loss:_grpo_loss_finalize_kernel",
                  {"part_ptr": "*fp32", "nitems_ptr": "*fp32", "out_ptr": "*fp32", "scale_ptr": "*fp32",
                   "max_len": "fp32"},
-                 {"B": 1, "LOSS": loss, "HAS_NITEMS": False, "BLOCK_B": 16}, 4, False,
+                 {"B": 1, "C": 1, "LOSS": loss, "HAS_NITEMS": False, "BLOCK_B": 16}, 4, False,
                  id=f"grpo_loss_finalize-loss{loss}-B1")
     for loss in (0, 2, 3)
 ] + [
     pytest.param("r1kernels.ops.grpo_loss:_grpo_loss_fwd_kernel",
-                 {k: v for k, v in _GRPO_FWD_SIG.items() if k not in ("B", "T", "s_lp1", "s_m1")},
-                 {"B": 1, "T": 1, "s_lp1": 1, "s_m1": 1, "LOSS": 0, "SEQ": seq, "HAS_OLD": True,
+                 {k: v for k, v in _GRPO_FWD_SIG.items() if k not in ("B", "T", "C", "CHUNK_T", "s_lp1", "s_m1")},
+                 {"B": 1, "T": 1, "C": 1, "CHUNK_T": 1, "s_lp1": 1, "s_m1": 1, "LOSS": 0, "SEQ": seq, "HAS_OLD": True,
                   "HAS_DELTA": True, "HAS_RW": False, "BETA_NZ": True, "BIAS_KL": False,
                   "WRITE_GRAD": True, "BLOCK_T": 16}, 4, False, id=f"grpo_loss_fwd-B1-T1-seq{int(seq)}")
     for seq in (False, True)
 ] + [
     pytest.param("r1kernels.ops.grpo_loss:_grpo_loss_bwd_kernel",
                  {"grad_ptr": "*fp32", "scale_ptr": "*fp32", "gout_ptr": "*fp32", "out_ptr": out_ty,
-                  "T": "i32"},
+                  "T": "i32", "CHUNK_T": "i32"},
                  {"BLOCK_T": 1024}, 4, False, id=f"grpo_loss_bwd-{out_ty[1:]}")
     for out_ty in ("*fp32", "*bf16")
 ]

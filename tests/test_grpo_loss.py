@@ -143,6 +143,18 @@ def test_shapes(backend, B, T):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_rows_split_into_chunks(backend, loss_type):
+    """Long rows: the Triton path splits each row into several programs (T=3000: 3 chunks of 1024
+    tokens), whose partial sums the finalize kernel must combine per row (grpo, sapo: row means)."""
+    lp, old, ref, adv, mask, rw = make_inputs(3, 3000, seed=11)
+    mask[1, 1500:] = False
+    mask[2] = False
+    check(backend, lp, adv, mask, old_logps=old, ref_logps=ref, beta=0.05, rollout_is_weights=rw,
+          loss_type=loss_type, epsilon_high=0.28 if loss_type != "cispo" else 1.2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_fully_masked_batch(backend, loss_type):
     lp, old, ref, adv, mask, rw = make_inputs(4, 9)
     mask[:] = False

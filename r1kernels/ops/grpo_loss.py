@@ -162,19 +162,24 @@ def _grpo_load_row_block(lp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, rw_ptr, ro
     return lp, old, ref, A, m, rw
 
 
-# Forward: one program per row, loops over T in BLOCK_T tiles. Token level reads each input once
+# Forward: program (row, chunk) loops over its CHUNK_T tokens of the row in BLOCK_T tiles (token
+# level splits each row into C chunks so that B * C programs fill the GPU; sequence level needs the
+# whole row in one program: C = 1) and writes its partial sums to part[6, C, B]. Token level reads each input once
 # (lp 2-4 B, old 4 B, ref 4 B if beta, A 4 B or 0 (per-row advantage, broadcast), mask 1 B,
 # rollout weights 4 B if given) and writes g once (4 B): at B=512, T=8192, 13 B/token in + 4 out
 # = 71 MB, ~21 us at 3.35 TB/s. Sequence level reads the row three times (the 2nd and 3rd from L2).
 @triton.jit
 def _grpo_loss_fwd_kernel(lp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, rw_ptr, grad_ptr, part_ptr,
-                          B, T, s_lp0, s_lp1, s_old0, s_old1, s_ref0, s_ref1, s_adv0, s_adv1,
+                          B, T, C, CHUNK_T, s_lp0, s_lp1, s_old0, s_old1, s_ref0, s_ref1, s_adv0, s_adv1,
                           s_m0, s_m1, s_rw0, s_rw1,
                           eps_lo, eps_hi, delta, beta, tau_pos, tau_neg,
                           LOSS: tl.constexpr, SEQ: tl.constexpr, HAS_OLD: tl.constexpr,
                           HAS_DELTA: tl.constexpr, HAS_RW: tl.constexpr, BETA_NZ: tl.constexpr,
                           BIAS_KL: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_T: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    t_lo = chunk * CHUNK_T
+    t_hi = tl.minimum(T, t_lo + CHUNK_T)
     cols = tl.arange(0, BLOCK_T)
     c1_row = 1.0
     n_row = 0.0
@@ -182,9 +187,9 @@ def _grpo_loss_fwd_kernel(lp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, rw_ptr, g
         # pass 1: the row's mean log-ratio
         acc_lr = tl.zeros([BLOCK_T], dtype=tl.float32)
         acc_n = tl.zeros([BLOCK_T], dtype=tl.float32)
-        for start in range(0, T, BLOCK_T):
+        for start in range(t_lo, t_hi, BLOCK_T):
             t = start + cols
-            ok = t < T
+            ok = t < t_hi
             lp, old, ref, A, m, rw = _grpo_load_row_block(
                 lp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, rw_ptr, row, t, ok, s_lp0, s_lp1,
                 s_old0, s_old1, s_ref0, s_ref1, s_adv0, s_adv1, s_m0, s_m1, s_rw0, s_rw1,
@@ -202,9 +207,9 @@ def _grpo_loss_fwd_kernel(lp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, rw_ptr, g
     a_hi = tl.zeros([BLOCK_T], dtype=tl.float32)
     a_rg = tl.zeros([BLOCK_T], dtype=tl.float32)
     a_s = tl.zeros([BLOCK_T], dtype=tl.float32)
-    for start in range(0, T, BLOCK_T):
+    for start in range(t_lo, t_hi, BLOCK_T):
         t = start + cols
-        ok = t < T
+        ok = t < t_hi
         lp, old, ref, A, m, rw = _grpo_load_row_block(
             lp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, rw_ptr, row, t, ok, s_lp0, s_lp1,
             s_old0, s_old1, s_ref0, s_ref1, s_adv0, s_adv1, s_m0, s_m1, s_rw0, s_rw1,
@@ -233,9 +238,9 @@ def _grpo_loss_fwd_kernel(lp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, rw_ptr, g
         if WRITE_GRAD:
             # pass 3: direct terms + the sequence-ratio term sum_t'(m dl/dc1) c1 m_t / n
             s_row = tl.sum(a_s, axis=0) * c1_row / tl.maximum(n_row, 1.0)
-            for start in range(0, T, BLOCK_T):
+            for start in range(t_lo, t_hi, BLOCK_T):
                 t = start + cols
-                ok = t < T
+                ok = t < t_hi
                 lp, old, ref, A, m, rw = _grpo_load_row_block(
                     lp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, rw_ptr, row, t, ok, s_lp0, s_lp1,
                     s_old0, s_old1, s_ref0, s_ref1, s_adv0, s_adv1, s_m0, s_m1, s_rw0, s_rw1,
@@ -246,18 +251,21 @@ def _grpo_loss_fwd_kernel(lp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, rw_ptr, g
                     LOSS, HAS_DELTA, HAS_RW, BETA_NZ, BIAS_KL)
                 g = tl.where(m != 0.0, (g_dir + s_row) * m, 0.0)
                 tl.store(grad_ptr + row * T + t, g, mask=ok)
-    tl.store(part_ptr + row, tl.sum(a_l, axis=0))
-    tl.store(part_ptr + B + row, tl.sum(a_n, axis=0))
-    tl.store(part_ptr + 2 * B + row, tl.sum(a_kl, axis=0))
-    tl.store(part_ptr + 3 * B + row, tl.sum(a_lo, axis=0))
-    tl.store(part_ptr + 4 * B + row, tl.sum(a_hi, axis=0))
-    tl.store(part_ptr + 5 * B + row, tl.sum(a_rg, axis=0))
+    CB = C * B
+    pp = part_ptr + chunk * B + row
+    tl.store(pp, tl.sum(a_l, axis=0))
+    tl.store(pp + CB, tl.sum(a_n, axis=0))
+    tl.store(pp + 2 * CB, tl.sum(a_kl, axis=0))
+    tl.store(pp + 3 * CB, tl.sum(a_lo, axis=0))
+    tl.store(pp + 4 * CB, tl.sum(a_hi, axis=0))
+    tl.store(pp + 5 * CB, tl.sum(a_rg, axis=0))
 
 
-# Finalize: one program reduces the [6, B] partials (24 B per row) in a fixed order into
-# out = [loss, kl, clip_low, clip_high, clip_ratio] and the per-row gradient scale [B].
+# Finalize: one program reduces the [6, C, B] partials (24 B per row and chunk) in a fixed order
+# (chunks of a row in order, then rows) into out = [loss, kl, clip_low, clip_high, clip_ratio]
+# and the per-row gradient scale [B]: deterministic, no float atomics.
 @triton.jit
-def _grpo_loss_finalize_kernel(part_ptr, nitems_ptr, out_ptr, scale_ptr, B, max_len,
+def _grpo_loss_finalize_kernel(part_ptr, nitems_ptr, out_ptr, scale_ptr, B, C, max_len,
                                LOSS: tl.constexpr, HAS_NITEMS: tl.constexpr, BLOCK_B: tl.constexpr):
     offs = tl.arange(0, BLOCK_B)
     s_l = tl.zeros([BLOCK_B], dtype=tl.float32)
@@ -267,18 +275,23 @@ def _grpo_loss_finalize_kernel(part_ptr, nitems_ptr, out_ptr, scale_ptr, B, max_
     s_lo = tl.zeros([BLOCK_B], dtype=tl.float32)
     s_hi = tl.zeros([BLOCK_B], dtype=tl.float32)
     s_rg = tl.zeros([BLOCK_B], dtype=tl.float32)
+    CB = C * B
     for start in range(0, B, BLOCK_B):
         b = start + offs
         ok = b < B
-        lsum = tl.load(part_ptr + b, mask=ok, other=0.0)
-        n = tl.load(part_ptr + B + b, mask=ok, other=0.0)
+        lsum = tl.zeros([BLOCK_B], dtype=tl.float32)
+        n = tl.zeros([BLOCK_B], dtype=tl.float32)
+        for c in range(0, C):
+            pc = part_ptr + c * B + b
+            lsum += tl.load(pc, mask=ok, other=0.0)
+            n += tl.load(pc + CB, mask=ok, other=0.0)
+            s_kl += tl.load(pc + 2 * CB, mask=ok, other=0.0)
+            s_lo += tl.load(pc + 3 * CB, mask=ok, other=0.0)
+            s_hi += tl.load(pc + 4 * CB, mask=ok, other=0.0)
+            s_rg += tl.load(pc + 5 * CB, mask=ok, other=0.0)
         s_l += lsum
         s_lr += lsum / tl.maximum(n, 1.0)
         s_n += n
-        s_kl += tl.load(part_ptr + 2 * B + b, mask=ok, other=0.0)
-        s_lo += tl.load(part_ptr + 3 * B + b, mask=ok, other=0.0)
-        s_hi += tl.load(part_ptr + 4 * B + b, mask=ok, other=0.0)
-        s_rg += tl.load(part_ptr + 5 * B + b, mask=ok, other=0.0)
     n_tot = tl.sum(s_n, axis=0)
     fb = B * 1.0  # (B may arrive as a constexpr 1: Triton specializes ints equal to 1)
     if LOSS == 0 or LOSS == 6:  # grpo, sapo: mean over rows of the row means
@@ -310,7 +323,9 @@ def _grpo_loss_finalize_kernel(part_ptr, nitems_ptr, out_ptr, scale_ptr, B, max_
         b = start + offs
         ok = b < B
         if LOSS == 0 or LOSS == 6:
-            n = tl.load(part_ptr + B + b, mask=ok, other=1.0)
+            n = tl.zeros([BLOCK_B], dtype=tl.float32)
+            for c in range(0, C):
+                n += tl.load(part_ptr + CB + c * B + b, mask=ok, other=0.0)
             sc = inv / tl.maximum(n, 1.0)
         else:
             sc = tl.zeros([BLOCK_B], dtype=tl.float32) + inv
@@ -318,14 +333,17 @@ def _grpo_loss_finalize_kernel(part_ptr, nitems_ptr, out_ptr, scale_ptr, B, max_
 
 
 # Backward: dlogps[b, t] = g[b, t] * scale[b] * grad_output. Reads 4 B, writes 2-4 B per token.
+# Program (row, chunk) as in the forward.
 @triton.jit
-def _grpo_loss_bwd_kernel(grad_ptr, scale_ptr, gout_ptr, out_ptr, T, BLOCK_T: tl.constexpr):
+def _grpo_loss_bwd_kernel(grad_ptr, scale_ptr, gout_ptr, out_ptr, T, CHUNK_T, BLOCK_T: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
+    t_lo = tl.program_id(1) * CHUNK_T
+    t_hi = tl.minimum(T, t_lo + CHUNK_T)
     cols = tl.arange(0, BLOCK_T)
     s = tl.load(scale_ptr + row) * tl.load(gout_ptr).to(tl.float32)
-    for start in range(0, T, BLOCK_T):
+    for start in range(t_lo, t_hi, BLOCK_T):
         t = start + cols
-        ok = t < T
+        ok = t < t_hi
         g = tl.load(grad_ptr + row * T + t, mask=ok, other=0.0)
         tl.store(out_ptr + row * T + t, (g * s).to(out_ptr.dtype.element_ty), mask=ok)
 
@@ -334,19 +352,37 @@ def _block_t(T: int) -> int:
     return max(16, min(1024, next_power_of_2(T)))
 
 
+def _row_chunks(B: int, T: int, block_t: int, split: bool = True) -> tuple[int, int]:
+    """(C, CHUNK_T): each row split into C chunks of CHUNK_T tokens (a multiple of the tile), so
+    that B * C programs give every SM several to run (a few long rows would otherwise leave most
+    of the GPU idle). `split=False` (sequence level) keeps whole rows."""
+    if not split or T <= block_t:
+        return 1, max(T, 1)
+    tiles = -(-T // block_t)
+    c = min(tiles, max(1, -(-_PROGRAMS_WANTED // max(B, 1))))
+    chunk = -(-tiles // c) * block_t
+    return -(-T // chunk), chunk
+
+
+_PROGRAMS_WANTED = 2048  # ~16 four-warp programs per SM on a 132-SM H100
+
+
 def _mask_view(mask: torch.Tensor) -> torch.Tensor:
     return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
 
 
 def grpo_loss_fwd_triton(logps, adv, mask, old, ref, rw, cfg: _Config, write_grad: bool = True,
-                         part: torch.Tensor | None = None):
+                         part: torch.Tensor | None = None, split: bool = False):
     """Launcher: [B, T] inputs (any strides; adv may have stride 0) -> (g [B, T] fp32 unscaled
-    gradient, partials [6, B] fp32, written into `part` when given)."""
+    gradient, partials [6, C, B] fp32, written into `part` when given). C = 1 unless `split`
+    (token level only): then rows are split into chunks, C of them (`row_chunks`)."""
     B, T = logps.shape
     dev = logps.device
+    block_t = _block_t(T)
+    C, chunk_t = _row_chunks(B, T, block_t, split and not cfg.seq)
     grad = torch.empty((B, T) if write_grad else (0,), device=dev, dtype=torch.float32)
     if part is None:
-        part = torch.empty((NUM_PARTIALS, B), device=dev, dtype=torch.float32)
+        part = torch.empty((NUM_PARTIALS, C, B), device=dev, dtype=torch.float32)
     if B == 0:
         return grad, part
     m = _mask_view(mask)
@@ -354,8 +390,8 @@ def grpo_loss_fwd_triton(logps, adv, mask, old, ref, rw, cfg: _Config, write_gra
     old_t = old if old is not None else dummy
     ref_t = ref if ref is not None else dummy
     rw_t = rw if rw is not None else dummy
-    _grpo_loss_fwd_kernel[(B,)](
-        logps, old_t, ref_t, adv, m, rw_t, grad, part, B, T,
+    _grpo_loss_fwd_kernel[(B, C)](
+        logps, old_t, ref_t, adv, m, rw_t, grad, part, B, T, C, chunk_t,
         logps.stride(0), logps.stride(1), old_t.stride(0), old_t.stride(1),
         ref_t.stride(0), ref_t.stride(1), adv.stride(0), adv.stride(1),
         m.stride(0), m.stride(1), rw_t.stride(0), rw_t.stride(1),
@@ -363,14 +399,15 @@ def grpo_loss_fwd_triton(logps, adv, mask, old, ref, rw, cfg: _Config, write_gra
         float(cfg.beta), float(cfg.tau_pos), float(cfg.tau_neg),
         LOSS=cfg.loss, SEQ=cfg.seq, HAS_OLD=old is not None, HAS_DELTA=cfg.delta is not None,
         HAS_RW=rw is not None, BETA_NZ=cfg.beta != 0.0, BIAS_KL=cfg.bias_kl,
-        WRITE_GRAD=write_grad, BLOCK_T=_block_t(T), num_warps=4)
+        WRITE_GRAD=write_grad, BLOCK_T=block_t, num_warps=4)
     return grad, part
 
 
 def grpo_loss_finalize_triton(part, nitems, cfg: _Config, out=None, scale=None):
-    """Launcher: partials [6, B] -> (out [5] = loss and the 4 metrics, scale [B]); into the
-    given buffers when passed."""
-    B = part.shape[1]
+    """Launcher: partials [6, B] or [6, C, B] -> (out [5] = loss and the 4 metrics, scale [B]);
+    into the given buffers when passed."""
+    B = part.shape[-1]
+    C = part.shape[1] if part.dim() == 3 else 1
     if out is None:
         out = torch.empty(5, device=part.device, dtype=torch.float32)
     if scale is None:
@@ -378,7 +415,7 @@ def grpo_loss_finalize_triton(part, nitems, cfg: _Config, out=None, scale=None):
     if B == 0:
         return out.zero_(), scale
     n_t = nitems if nitems is not None else part
-    _grpo_loss_finalize_kernel[(1,)](part, n_t, out, scale, B, float(cfg.max_len), LOSS=cfg.loss,
+    _grpo_loss_finalize_kernel[(1,)](part, n_t, out, scale, B, C, float(cfg.max_len), LOSS=cfg.loss,
                                      HAS_NITEMS=nitems is not None,
                                      BLOCK_B=max(16, min(1024, next_power_of_2(B))), num_warps=4)
     return out, scale
@@ -389,7 +426,10 @@ def grpo_loss_bwd_triton(grad, scale, gout, dtype):
     out = torch.empty((B, T), device=grad.device, dtype=dtype)
     if B * T == 0:
         return out
-    _grpo_loss_bwd_kernel[(B,)](grad, scale, gout.reshape(1), out, T, BLOCK_T=_block_t(T), num_warps=4)
+    block_t = _block_t(T)
+    C, chunk_t = _row_chunks(B, T, block_t)
+    _grpo_loss_bwd_kernel[(B, C)](grad, scale, gout.reshape(1), out, T, chunk_t, BLOCK_T=block_t,
+                                  num_warps=4)
     return out
 
 
@@ -524,7 +564,7 @@ if HAS_TRITON:
                           tau_pos: float, tau_neg: float, max_len: float,
                           write_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg = _Config(loss, seq, eps_lo, eps_hi, delta, beta, bias_kl, tau_pos, tau_neg, max_len)
-        grad, part = grpo_loss_fwd_triton(logps, adv, mask, old, ref, rw, cfg, write_grad)
+        grad, part = grpo_loss_fwd_triton(logps, adv, mask, old, ref, rw, cfg, write_grad, split=True)
         out, scale = grpo_loss_finalize_triton(part, nitems, cfg)
         return grad, out, scale
 
@@ -552,12 +592,15 @@ def _fwd_finalize(backend, logps, adv, mask, old, ref, rw, nitems, cfg: _Config,
             return _grpo_loss_fwd_op(logps, adv, mask, old, ref, rw, nitems, *cfg, write_grad)
         # eager: call the launchers directly (the custom-op wrapper costs host time per call),
         # with one workspace allocation for the partials, the outputs and the row scale
-        B = logps.shape[0]
-        ws = torch.empty(NUM_PARTIALS * B + 5 + B, device=logps.device, dtype=torch.float32)
-        part = ws[:NUM_PARTIALS * B].view(NUM_PARTIALS, B)
-        grad, part = grpo_loss_fwd_triton(logps, adv, mask, old, ref, rw, cfg, write_grad, part)
-        out, scale = grpo_loss_finalize_triton(part, nitems, cfg, ws[NUM_PARTIALS * B:NUM_PARTIALS * B + 5],
-                                               ws[NUM_PARTIALS * B + 5:])
+        B, T = logps.shape
+        C, _ = _row_chunks(B, T, _block_t(T), not cfg.seq)
+        n_part = NUM_PARTIALS * C * B
+        ws = torch.empty(n_part + 5 + B, device=logps.device, dtype=torch.float32)
+        part = ws[:n_part].view(NUM_PARTIALS, C, B)
+        grad, part = grpo_loss_fwd_triton(logps, adv, mask, old, ref, rw, cfg, write_grad, part,
+                                          split=True)
+        out, scale = grpo_loss_finalize_triton(part, nitems, cfg, ws[n_part:n_part + 5],
+                                               ws[n_part + 5:])
         return grad, out, scale
     grad, part = grpo_loss_fwd_torch(logps, adv, mask, old, ref, rw, cfg, write_grad)
     out, scale = grpo_loss_finalize_torch(part, nitems, cfg)
