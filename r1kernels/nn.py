@@ -104,6 +104,34 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
         return gh, gw, gb, None, None, None, None, None, None, None, None, None
 
 
+def _from_logits_fused_triton(logits, labels, adv, mask, old, ref, rw, cfg, scale, fwd, parts,
+                              ent_acc, temperature, ignore_index, with_entropy, inplace):
+    """Token-level GRPO loss from logits [B, T, V] with one Triton kernel: per row, the
+    statistics, the loss's dL/dlogp and dL/dlogits (see ops/token_logprobs.py). Returns the
+    logits gradient (the logits buffer itself when `inplace`); appends the loss partials."""
+    from r1kernels.ops import token_logprobs as TLP
+
+    B, T, V = logits.shape
+    TLP.check_labels("GRPOLoss.from_logits", labels, (B, T), V, ignore_index, logits.device)
+    x = logits if logits.stride(-1) == 1 else logits.contiguous()
+    g = x if inplace else torch.empty_like(x)
+
+    def flat(t):
+        return None if t is None else t.reshape(-1).contiguous()
+
+    out = TLP.fused_triton(
+        x, flat(labels), g, 1.0 / temperature, int(ignore_index), bool(with_entropy),
+        grpo=(cfg, flat(adv), flat(G._mask_view(mask)), flat(old), flat(ref), flat(rw),
+              scale.float().contiguous()))
+    logp = out[0].view(B, T)
+    _, part = fwd(logp, adv, mask, old, ref, rw, cfg, write_grad=False)
+    parts.append((0, part))
+    if with_entropy:
+        m = mask.float()
+        ent_acc.append(torch.where(m != 0, out[1].view(B, T) * m, 0.0).sum())
+    return logits.view(logits.shape) if g.data_ptr() == logits.data_ptr() else g  # an alias autograd can hand on
+
+
 class _FusedLogitsGRPOLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, adv, mask, old, ref, rw, nitems, cfg, opts):
@@ -115,7 +143,11 @@ class _FusedLogitsGRPOLoss(torch.autograd.Function):
         n_rows = mask.float().sum(-1) if B * T else torch.zeros(B, device=logits.device)
         scale = G.row_scale(n_rows, nitems, cfg)
         parts, ent_acc = [], []
-        if B * T > 0:
+        if B * T > 0 and backend == "triton" and not cfg.seq:
+            gl = _from_logits_fused_triton(logits, labels, adv, mask, old, ref, rw, cfg, scale, fwd,
+                                           parts, ent_acc, temperature, ignore_index, with_entropy,
+                                           inplace)
+        elif B * T > 0:
             grad_fn = _fused_loss_step(fwd, cfg, B, T, adv, mask, old, ref, rw, scale, parts, ent_acc)
             kw = dict(temperature=temperature, ignore_index=ignore_index,
                       with_entropy=with_entropy, chunk_multiple=T, inplace=inplace)

@@ -52,6 +52,24 @@ SPECS += [
         ("fp16", "fp16", False, True, 256, 4)]
 ]
 
+# the fused forward+backward kernel (token_logprobs_fwd_bwd: MODE 0; GRPOLoss.from_logits: MODE 1)
+_FUSED_SIG = {"x_ptr": "*bf16", "s_xb": "i64", "s_xt": "i64", "g_ptr": "*bf16", "s_gb": "i64",
+              "s_gt": "i64", "labels_ptr": "*i64", "out_ptr": "*fp32", "glp_ptr": "*fp32",
+              "gent_ptr": "*fp32", "old_ptr": "*fp32", "ref_ptr": "*fp32", "adv_ptr": "*fp32",
+              "mask_ptr": "*u8", "rw_ptr": "*fp32", "scale_ptr": "*fp32", "N": "i32", "T": "i32",
+              "V": "i32", "inv_temp": "fp32", "ignore_index": "i32", "eps_lo": "fp32",
+              "eps_hi": "fp32", "delta": "fp32", "beta": "fp32", "tau_pos": "fp32", "tau_neg": "fp32"}
+SPECS += [
+    pytest.param(f"{_TLP}:_token_logprobs_fused_kernel", {**_FUSED_SIG, "x_ptr": xt, "g_ptr": xt},
+                 {"MODE": mode, "ENTROPY": True, "HAS_DENT": mode == 0, "LOSS": loss,
+                  "HAS_OLD": True, "HAS_DELTA": loss < 5, "HAS_RW": True, "BETA_NZ": True,
+                  "BIAS_KL": True, "BLOCK_V": block}, warps, False,
+                 id=f"token_logprobs_fused-mode{mode}-loss{loss}-{xt[1:]}-B{block}-w{warps}")
+    for mode, loss, xt, block, warps in [
+        (0, 0, "*bf16", 4096, 16), (1, 3, "*bf16", 4096, 16), (1, 0, "*bf16", 8192, 32),
+        (1, 5, "*fp32", 4096, 16), (1, 6, "*fp16", 2048, 8), (1, 3, "*bf16", 2048, 8)]
+]
+
 # linear_token_logprobs' opt-in fused GEMM kernels (tl.dot on bf16: wgmma), at FUSED_BLOCKS
 _LIN = "r1kernels.ops.linear_token_logprobs"
 _GEMM_ARGS = {"N": "i32", "H": "i32", "stride_hn": "i32", "stride_hk": "i32", "stride_wv": "i32",

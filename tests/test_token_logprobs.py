@@ -285,3 +285,84 @@ def test_double_backward_raises():
     (g,) = torch.autograd.grad(lp.sum(), x, create_graph=True)
     with pytest.raises(RuntimeError):
         g.sum().backward()
+
+
+# ---- token_logprobs_fwd_bwd: forward and backward in one call for a known upstream gradient ----
+
+
+def _fwd_bwd_ref(logits, labels, glp, gent, temperature, ignore_index=-100):
+    xr = logits.detach().double().requires_grad_(True)
+    lr, er = token_logprobs_ref(xr, labels, temperature=temperature, ignore_index=ignore_index,
+                                with_entropy=True)
+    loss = (lr * glp.double()).sum()
+    if gent is not None:
+        loss = loss + (er * gent.double()).sum()
+    loss.backward()
+    return lr.detach(), er.detach(), xr.grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("V", [1, 7, 1000, 4099])
+@pytest.mark.parametrize("with_dent", [False, True])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_fwd_bwd_matches_reference(backend, V, with_dent, inplace):
+    """More rows (11) than the interpreter's programs (4), so each program walks several rows."""
+    N, T = 11, 0.7
+    logits = torch.randn(N, V) * 3
+    labels = torch.randint(0, V, (N,))
+    labels[3] = -100
+    glp, gent = torch.randn(N), (torch.randn(N) if with_dent else None)
+    x = logits.clone().to(DEVICE)
+    with dispatch.use_backend(backend):
+        logp, ent, grad = r1kernels.token_logprobs_fwd_bwd(
+            x, labels.to(DEVICE), glp.to(DEVICE), temperature=T, with_entropy=True,
+            grad_entropy=None if gent is None else gent.to(DEVICE), inplace=inplace)
+    lr, er, gr = _fwd_bwd_ref(logits, labels, glp, gent, T)
+    torch.testing.assert_close(logp.cpu().double(), lr, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent.cpu().double(), er, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.cpu().double(), gr, rtol=1e-5, atol=1e-6)
+    assert logp[3] == 0 and ent[3] == 0 and (grad[3] == 0).all()
+    assert (grad.data_ptr() == x.data_ptr()) == inplace
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fwd_bwd_large_logits_and_batched(backend, dtype):
+    """Logits of +-100 (fp16: +-60), a [B, T, V] batch, low-precision gradients rounded once."""
+    B, T, V = 2, 3, 777
+    big = 60.0 if dtype == torch.float16 else 100.0
+    logits = (torch.randn(B, T, V) * 5).clamp(-big, big)
+    logits[0, 0, :5] = big
+    logits[1, 2, :] = -big
+    logits = logits.to(dtype)
+    labels = torch.randint(0, V, (B, T))
+    labels[0, 0] = 2
+    glp = torch.randn(B, T)
+    with dispatch.use_backend(backend):
+        logp, ent, grad = r1kernels.token_logprobs_fwd_bwd(
+            logits.to(DEVICE), labels.to(DEVICE), glp.to(DEVICE), with_entropy=True)
+    lr, er, gr = _fwd_bwd_ref(logits, labels, glp, None, 1.0)
+    assert logp.shape == (B, T) and grad.shape == (B, T, V) and grad.dtype == dtype
+    torch.testing.assert_close(logp.cpu().double(), lr, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ent.cpu().double(), er, rtol=1e-5, atol=1e-4)
+    tol = GRAD_RTOL[dtype]
+    torch.testing.assert_close(grad.cpu().double(), gr, rtol=tol, atol=tol * gr.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fwd_bwd_empty_and_bad_input(backend):
+    with dispatch.use_backend(backend):
+        logp, ent, grad = r1kernels.token_logprobs_fwd_bwd(
+            torch.randn(0, 5, device=DEVICE), torch.zeros(0, dtype=torch.long, device=DEVICE),
+            torch.zeros(0, device=DEVICE))
+        assert logp.shape == (0,) and ent is None and grad.shape == (0, 5)
+        x = torch.randn(4, 9, device=DEVICE)
+        y = torch.randint(0, 9, (4,), device=DEVICE)
+        with pytest.raises(ValueError, match="grad_logp"):
+            r1kernels.token_logprobs_fwd_bwd(x, y, torch.zeros(3, device=DEVICE))
+        with pytest.raises(ValueError, match="grad_entropy needs with_entropy"):
+            r1kernels.token_logprobs_fwd_bwd(x, y, torch.zeros(4, device=DEVICE),
+                                             grad_entropy=torch.zeros(4, device=DEVICE))
+        with pytest.raises(IndexError, match="labels"):
+            r1kernels.token_logprobs_fwd_bwd(x, torch.full((4,), 9, device=DEVICE),
+                                             torch.zeros(4, device=DEVICE))

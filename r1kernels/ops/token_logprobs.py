@@ -23,6 +23,7 @@ log-prob is known after one sweep, so whole sequences (`chunk_multiple`) are alw
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable
 
 import torch
@@ -30,6 +31,7 @@ from torch.autograd.function import once_differentiable
 
 from r1kernels import dispatch
 from r1kernels.ops._triton import HAS_TRITON, next_power_of_2, tl, triton
+from r1kernels.ops.grpo_loss import _grpo_token_terms
 
 OP = "token_logprobs"
 dispatch.register(OP, cuda=("triton", "torch"), cpu=("torch",))
@@ -145,6 +147,181 @@ def _token_logprobs_bwd_kernel(x_ptr, stride_x, g_ptr, stride_g, labels_ptr, bia
             g -= dent * p * tl.where(p > 0.0, logp_v + ent, 0.0)
         g = tl.where(ignored, 0.0, g * inv_temp)
         tl.store(g_row + c, g.to(g_ptr.dtype.element_ty), mask=ok)
+
+
+# Forward and backward in one kernel, for callers that know dL/dlogp (and dL/dentropy) of a row as
+# soon as its log-prob is known: either given up front (MODE 0: `token_logprobs_fwd_bwd`, e.g. a
+# loss linear in the log-probs) or the GRPO loss's own per-token derivative (MODE 1: the fused
+# `GRPOLoss.from_logits`, token-level importance sampling). Per row:
+#   pass 1: online statistics (max, sum-exp, entropy term, target logit): logp, entropy
+#   dL/dlogp of the row: given, or the GRPO token terms times the row's loss scale
+#   pass 2: re-read the row and write dL/dlogits (in place into the logits when g_ptr == x_ptr).
+# A persistent grid of ~one program per SM walks the rows, so that the rows in flight
+# (132 x 297 KiB at V=151936 bf16 = 38 MiB) stay in the 50 MB L2 between the two passes: HBM
+# sees one read and one write of the logits (3.4 ms at N=16384, V=151936 bf16, 2.9 TB/s) instead
+# of the read, read, write of the separate forward and backward (5.1 ms). Pass-1 loads ask L2 to
+# keep the lines (evict_last), pass-2 loads and the stores let them go (evict_first).
+# Rows are addressed as [B, T] with strides (s_xb, s_xt): a [B, T + 1, V][:, :-1] slice works
+# without a copy.
+
+
+@triton.jit
+def _token_logprobs_fused_kernel(
+        x_ptr, s_xb, s_xt, g_ptr, s_gb, s_gt, labels_ptr, out_ptr,
+        glp_ptr, gent_ptr,
+        old_ptr, ref_ptr, adv_ptr, mask_ptr, rw_ptr, scale_ptr,
+        N, T, V, inv_temp, ignore_index,
+        eps_lo, eps_hi, delta, beta, tau_pos, tau_neg,
+        MODE: tl.constexpr, ENTROPY: tl.constexpr, HAS_DENT: tl.constexpr,
+        LOSS: tl.constexpr, HAS_OLD: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_RW: tl.constexpr,
+        BETA_NZ: tl.constexpr, BIAS_KL: tl.constexpr, BLOCK_V: tl.constexpr):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_V)
+    one = tl.arange(0, 1)
+    for r in range(pid, N, nprog):
+        row = tl.cast(r, tl.int64)
+        b = row // T
+        t_ = row - b * T
+        x_row = x_ptr + b * s_xb + t_ * s_xt
+        g_row = g_ptr + b * s_gb + t_ * s_gt
+        label = tl.load(labels_ptr + row).to(tl.int64)
+        ignored = label == ignore_index
+        zero = tl.sum(tl.zeros([BLOCK_V], dtype=tl.float32), axis=0)
+        m = zero - float("inf")
+        s = zero
+        w = zero
+        for start in range(0, V, BLOCK_V):
+            c = start + cols
+            ok = c < V
+            z = tl.load(x_row + c, mask=ok, other=float("-inf"),
+                        eviction_policy="evict_last").to(tl.float32) * inv_temp
+            m_new = tl.maximum(m, tl.max(z, axis=0))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_ref)
+            e = tl.exp(z - m_ref)
+            if ENTROPY:
+                w = alpha * (w + s * tl.where(s > 0.0, m - m_ref, 0.0))
+                w += tl.sum(e * tl.where(e > 0.0, z - m_ref, 0.0), axis=0)
+            s = s * alpha + tl.sum(e, axis=0)
+            m = m_new
+        valid = (label >= 0) & (label < V)
+        zt = tl.load(x_row + label, mask=valid, other=0.0).to(tl.float32) * inv_temp
+        lse = m + tl.log(s)
+        logp = tl.where(valid, (zt - m) - tl.log(s), float("nan"))
+        logp = tl.where(ignored, 0.0, logp)
+        ent = tl.log(s) - w / s
+        tl.store(out_ptr + row, logp)
+        if ENTROPY:
+            tl.store(out_ptr + N + row, tl.where(ignored, 0.0, ent))
+        dent = zero
+        if MODE == 0:
+            dlp = tl.load(glp_ptr + row).to(tl.float32)
+            if HAS_DENT:
+                dent = tl.load(gent_ptr + row).to(tl.float32)
+        else:
+            # the GRPO loss of this token (r1kernels/ops/grpo_loss.py), on 1-element blocks
+            lp1 = tl.zeros([1], dtype=tl.float32) + logp
+            if HAS_OLD:
+                old1 = tl.load(old_ptr + row + one).to(tl.float32)
+            else:
+                old1 = lp1
+            if BETA_NZ:
+                ref1 = tl.load(ref_ptr + row + one).to(tl.float32)
+            else:
+                ref1 = lp1
+            a1 = tl.load(adv_ptr + row + one).to(tl.float32)
+            m1 = tl.load(mask_ptr + row + one).to(tl.float32)
+            if HAS_RW:
+                rw1 = tl.load(rw_ptr + row + one).to(tl.float32)
+            else:
+                rw1 = lp1
+            c1 = tl.exp(lp1 - old1)
+            pol, g_dir, g_c1, kl, low, high = _grpo_token_terms(
+                lp1, old1, ref1, a1, rw1, c1, eps_lo, eps_hi, delta, beta, tau_pos, tau_neg,
+                LOSS, HAS_DELTA, HAS_RW, BETA_NZ, BIAS_KL)
+            g1 = tl.where(m1 != 0.0, (g_dir + g_c1 * c1) * m1, 0.0)
+            dlp = tl.sum(g1, axis=0) * tl.load(scale_ptr + b)
+        dlp = tl.where(ignored, 0.0, dlp)
+        dent = tl.where(ignored, 0.0, dent)
+        for start in range(0, V, BLOCK_V):
+            c = start + cols
+            ok = c < V
+            z = tl.load(x_row + c, mask=ok, other=float("-inf"),
+                        eviction_policy="evict_first").to(tl.float32)
+            logp_v = z * inv_temp - lse
+            p = tl.exp(logp_v)
+            g = tl.where(c == label, dlp, 0.0) - dlp * p
+            if HAS_DENT:
+                g -= dent * p * tl.where(p > 0.0, logp_v + ent, 0.0)
+            tl.store(g_row + c, (g * inv_temp).to(g_ptr.dtype.element_ty), mask=ok,
+                     eviction_policy="evict_first")
+
+
+# launch configuration of the fused kernel: programs per SM, warps per program, block width.
+# Tuned on an H100 (BENCHMARKS.md); override with R1K_FUSED_LOGITS="programs_per_sm,warps,block".
+FUSED_CONFIG = (1, 16, 4096)
+
+
+def _fused_config() -> tuple[int, int, int]:
+    env = os.environ.get("R1K_FUSED_LOGITS")
+    if env:
+        a, b, c = (int(v) for v in env.split(","))
+        return a, b, c
+    return FUSED_CONFIG
+
+
+def _num_programs(device: torch.device, n_rows: int, per_sm: int) -> int:
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:  # the interpreter: a few programs, each walking several rows
+        sms = 4
+    return max(1, min(n_rows, sms * per_sm))
+
+
+def fused_triton(x3: torch.Tensor, labels: torch.Tensor, g3: torch.Tensor, inv_temp: float,
+                 ignore_index: int, with_entropy: bool, *, grad_logp=None, grad_entropy=None,
+                 grpo=None) -> torch.Tensor:
+    """Launch the fused kernel on logits x3 [B, T, V] (last dim contiguous; any row strides),
+    writing dL/dlogits into g3 (same shape; may be x3 itself). labels [B * T] contiguous.
+    Either grad_logp [B * T] (and optionally grad_entropy [B * T]) or grpo = (cfg, adv, mask,
+    old, ref, rw, scale), the [B * T] per-token inputs contiguous and scale [B]. Returns
+    out [2, B * T] fp32: logp and entropy (zeros unless with_entropy)."""
+    B, T, V = x3.shape
+    n = B * T
+    out = torch.zeros(2, n, dtype=torch.float32, device=x3.device)
+    if n == 0:
+        return out
+    per_sm, warps, block = _fused_config()
+    block = max(16, min(block, next_power_of_2(V)))
+    grid = (_num_programs(x3.device, n, per_sm),)
+    if grpo is None:
+        mode = 0
+        cfg = None
+        glp = grad_logp
+        gent = grad_entropy if grad_entropy is not None else glp
+        old = ref = adv = mask = rw = scale = glp
+    else:
+        mode = 1
+        cfg, adv, mask, old, ref, rw, scale = grpo
+        glp = gent = scale
+        old = old if old is not None else scale
+        ref = ref if ref is not None else scale
+        rw = rw if rw is not None else scale
+    _token_logprobs_fused_kernel[grid](
+        x3, x3.stride(0), x3.stride(1), g3, g3.stride(0), g3.stride(1), labels, out, glp, gent,
+        old, ref, adv, mask, rw, scale, n, T, V, float(inv_temp), int(ignore_index),
+        *((float(cfg.eps_lo), float(cfg.eps_hi),
+           float(cfg.delta if cfg.delta is not None else 0.0), float(cfg.beta),
+           float(cfg.tau_pos), float(cfg.tau_neg)) if cfg is not None else (0.0,) * 6),
+        MODE=mode, ENTROPY=bool(with_entropy), HAS_DENT=mode == 0 and grad_entropy is not None,
+        LOSS=cfg.loss if cfg is not None else 0,
+        HAS_OLD=cfg is not None and grpo[3] is not None,
+        HAS_DELTA=cfg is not None and cfg.delta is not None,
+        HAS_RW=cfg is not None and grpo[5] is not None,
+        BETA_NZ=cfg is not None and cfg.beta != 0.0,
+        BIAS_KL=cfg is not None and cfg.bias_kl, BLOCK_V=block, num_warps=warps)
+    return out
 
 
 def _block_v(n_cols: int) -> tuple[int, int]:
@@ -559,3 +736,51 @@ def token_logprobs_with_grad(logits: torch.Tensor, labels: torch.Tensor, *, temp
         inplace = bool(inplace) and x.data_ptr() == logits.data_ptr() and x.is_contiguous()
         grad = _bwd(backend, x, y, lse, None, dlogp, None, inv_temp, int(ignore_index), inplace)
     return logp, ent, grad
+
+
+def token_logprobs_fwd_bwd(logits: torch.Tensor, labels: torch.Tensor, grad_logp: torch.Tensor, *,
+                           grad_entropy: torch.Tensor | None = None, temperature: float = 1.0,
+                           ignore_index: int = -100, with_entropy: bool = False,
+                           inplace: bool = False):
+    """Forward and backward of `token_logprobs` in one call, for a loss whose upstream gradient
+    is known before the log-probs are (SFT's mean NLL: -1/N per token; any loss linear in logp).
+
+    Returns (logp [...] fp32, entropy [...] fp32 or None, grad_logits) where grad_logits =
+    dL/dlogits for L = sum(grad_logp * logp) + sum(grad_entropy * entropy), in the logits' dtype;
+    written into `logits` itself when `inplace=True` (the logits are then overwritten). On CUDA one
+    kernel reads each row twice (the second time from L2) and writes it once, instead of the
+    read, read, write of `token_logprobs` forward + backward. Not differentiable itself.
+    """
+    op = "token_logprobs_fwd_bwd"
+    x, y, inv_temp = _prepare(op, logits, labels, temperature, ignore_index)
+    n = x.shape[0]
+    for name, g in (("grad_logp", grad_logp), ("grad_entropy", grad_entropy)):
+        if g is None and name == "grad_entropy":
+            continue
+        if not isinstance(g, torch.Tensor) or tuple(g.shape) != tuple(labels.shape) \
+                or not g.is_floating_point():
+            raise ValueError(f"{op}: {name} must be a floating tensor of shape "
+                             f"{tuple(labels.shape)} like labels, got "
+                             f"{tuple(getattr(g, 'shape', ()))} {getattr(g, 'dtype', '')}")
+        if g.device != x.device:
+            raise ValueError(f"{op}: {name} is on {g.device} but logits are on {x.device}")
+    if grad_entropy is not None and not with_entropy:
+        raise ValueError(f"{op}: grad_entropy needs with_entropy=True")
+    glp = grad_logp.reshape(-1).float().contiguous()
+    gent = None if grad_entropy is None else grad_entropy.reshape(-1).float().contiguous()
+    inplace = bool(inplace) and x.data_ptr() == logits.data_ptr() and x.is_contiguous()
+    backend = dispatch.select(OP, x.device)
+    with torch.no_grad():
+        if backend == "triton":
+            g = x if inplace else torch.empty_like(x)
+            out = fused_triton(x.view(1, n, x.shape[1]), y, g.view(1, n, x.shape[1]), inv_temp,
+                               int(ignore_index), bool(with_entropy), grad_logp=glp,
+                               grad_entropy=gent)
+            logp, ent = out[0], (out[1] if with_entropy else None)
+        else:
+            logp, ent, lse = _fwd(backend, x, y, inv_temp, int(ignore_index), bool(with_entropy))
+            g = _bwd(backend, x, y, lse, ent if gent is not None else None, glp, gent, inv_temp,
+                     int(ignore_index), inplace)
+    shape = labels.shape
+    grad = logits if inplace else g.view(logits.shape)
+    return logp.reshape(shape), (ent.reshape(shape) if with_entropy else None), grad
