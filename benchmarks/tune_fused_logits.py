@@ -1,0 +1,103 @@
+"""Launch-configuration sweep and GPU check of the fused logits kernel (ops/token_logprobs.py,
+`_token_logprobs_fused_kernel`): token_logprobs_fwd_bwd on [16384, 151936] bf16 and
+GRPOLoss.from_logits on [16, 1025, 151936] bf16 (in place), for each (programs per SM, warps,
+block) in CONFIGS. Prints one line per configuration; the floor is one read + one write of the
+logits at the measured copy bandwidth.
+
+    python benchmarks/tune_fused_logits.py
+"""
+import os
+import sys
+
+import torch
+import triton.testing
+
+import r1kernels
+from r1kernels import dispatch
+
+CONFIGS = [(1, 16, 4096), (1, 8, 4096), (1, 32, 4096), (1, 16, 8192), (1, 32, 8192), (2, 8, 4096),
+           (2, 16, 4096), (2, 8, 2048), (4, 4, 2048), (1, 8, 2048)]
+
+
+def bench(fn):
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def main():
+    dev = "cuda"
+    torch.manual_seed(0)
+    N, V = 16384, 151936
+    x = (torch.randn(N, V, device=dev) * 2).to(torch.bfloat16)
+    y = torch.randint(0, V, (N,), device=dev)
+    glp, gent = torch.randn(N, device=dev), torch.randn(N, device=dev)
+    src = torch.empty(N * V // 2, dtype=torch.float32, device=dev)
+    dst = torch.empty_like(src)
+    t_copy = bench(lambda: dst.copy_(src))
+    copy_bw = 2 * src.numel() * 4 / t_copy / 1e6  # GB/s
+    floor_ms = 2 * N * V * 2 / copy_bw / 1e6
+    del src, dst
+    print(f"copy {copy_bw:.0f} GB/s; floor (read + write the logits) {floor_ms:.3f} ms", flush=True)
+
+    # correctness on the GPU at the real vocabulary: fused vs autograd (first 1024 rows)
+    n = 1024
+    xs = x[:n].clone().requires_grad_(True)
+    lp, en = r1kernels.token_logprobs(xs, y[:n], with_entropy=True)
+    ((lp * glp[:n]).sum() + (en * gent[:n]).sum()).backward()
+    lp2, en2, g2 = r1kernels.token_logprobs_fwd_bwd(x[:n].clone(), y[:n], glp[:n], grad_entropy=gent[:n],
+                                                    with_entropy=True)
+    xr = x[:n].double().requires_grad_(True)
+    lr, er = r1kernels.reference.token_logprobs_ref(xr, y[:n], with_entropy=True)
+    ((lr * glp[:n].double()).sum() + (er * gent[:n].double()).sum()).backward()
+    for name, a, r in (("logp", lp2, lr), ("entropy", en2, er), ("grad", g2, xr.grad),
+                       ("grad(autograd path)", xs.grad, xr.grad)):
+        err = ((a.double() - r).norm() / r.norm()).item()
+        print(f"check {name}: rel err {err:.2e} max abs {(a.double() - r).abs().max().item():.2e}")
+    del xs, xr, lr, er, g2
+
+    B, T1 = 16, 1025
+    full = (torch.randn(B, T1, V, device=dev) * 2).to(torch.bfloat16)
+    ids = torch.randint(0, V, (B, T1 - 1), device=dev)
+    lp0 = -torch.rand(B, T1 - 1, device=dev) * 3
+    old = lp0 + torch.randn_like(lp0) * 0.1
+    ref = lp0 + torch.randn_like(lp0) * 0.1
+    adv = torch.randn(B, device=dev)
+    mask = torch.rand(B, T1 - 1, device=dev) < 0.9
+    loss_fn = r1kernels.GRPOLoss(loss_type="dapo", beta=0.04, epsilon_high=0.28, with_entropy=False)
+    # GPU check of the fused GRPO path against the unfused torch backend on 2 sequences
+    sub = full[:2, :-1].float().clone()
+    outs = []
+    for be in ("triton", "torch"):
+        xx = sub.clone().requires_grad_(True)
+        with dispatch.use_backend(be):
+            o = loss_fn.from_logits(xx, ids[:2], mask[:2], adv[:2], old_logps=old[:2], ref_logps=ref[:2])
+        o.loss.backward()
+        outs.append((o.loss.item(), xx.grad))
+    print(f"check from_logits: loss {outs[0][0]:.6f} vs torch {outs[1][0]:.6f}; grad max abs diff "
+          f"{(outs[0][1] - outs[1][1]).abs().max().item():.2e} (max {outs[1][1].abs().max().item():.2e})")
+    del sub, outs
+
+    xin = full.detach()[:, :-1]
+    print(f"{'config':>16} {'fwd_bwd ms':>11} {'inplace ms':>11} {'%floor':>7} {'from_logits ms':>15}")
+    for cfg in CONFIGS:
+        os.environ["R1K_FUSED_LOGITS"] = ",".join(map(str, cfg))
+        try:
+            t1 = bench(lambda: r1kernels.token_logprobs_fwd_bwd(x, y, glp, grad_entropy=gent,
+                                                               with_entropy=True))
+            xi = x.clone()
+            t2 = bench(lambda: r1kernels.token_logprobs_fwd_bwd(xi, y, glp, grad_entropy=gent,
+                                                               with_entropy=True, inplace=True))
+            del xi
+            xg = xin.requires_grad_(True)
+
+            def step():
+                out = loss_fn.from_logits(xg, ids, mask, adv, old_logps=old, ref_logps=ref, inplace=True)
+                return torch.autograd.grad(out.loss, xg)
+            t3 = bench(step)
+        except Exception as exc:  # noqa: BLE001 - report and go on with the next configuration
+            print(f"{str(cfg):>16} failed: {exc!r}"[:300])
+            continue
+        print(f"{str(cfg):>16} {t1:11.3f} {t2:11.3f} {100 * floor_ms / t2:6.0f}% {t3:15.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
