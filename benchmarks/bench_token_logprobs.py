@@ -24,7 +24,8 @@ OP = "token_logprobs"
 SHAPES = shapes_for(OP, DEVICE)
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 OURS = [b for b in dispatch.available_backends(OP, DEVICE) if not (b == "triton" and DEVICE == "cpu")]
-PROVIDERS = [f"r1k-{b}" for b in OURS] + ["eager", "compiled-ref", "liger", "trl"]
+PROVIDERS = [f"r1k-{b}" for b in OURS] + ["r1k-fwd_bwd", "r1k-fwd_bwd-inplace", "eager",
+                                           "compiled-ref", "liger", "trl"]
 
 
 def eager_logprobs_entropy(logits, labels):
@@ -92,8 +93,22 @@ def test_token_logprobs(benchmark, bench, provider, mode, shape):
     labels = torch.randint(0, V, (N,), device=DEVICE)
     w_lp = torch.randn(N, device=DEVICE)
     w_ent = torch.randn(N, device=DEVICE)
-    f = make_fn(provider, logits, labels, mode)
     itemsize = logits.element_size()
+    if provider.startswith("r1k-fwd_bwd"):
+        # forward and backward in one call (token_logprobs_fwd_bwd) for the same loss, whose
+        # upstream gradient (w_lp, w_ent) is known up front: one read + one write of the logits
+        if mode == "fwd":
+            pytest.skip("token_logprobs_fwd_bwd is forward+backward")
+        inplace = provider.endswith("inplace")
+        x = logits.clone() if inplace else logits  # in place: later calls run on gradients
+
+        def fn():
+            return r1kernels.token_logprobs_fwd_bwd(x, labels, w_lp, grad_entropy=w_ent,
+                                                    with_entropy=True, inplace=inplace)[2]
+        bench(benchmark, fn, op=f"{OP} {mode}", shape=shape, provider=provider,
+              bytes=2 * N * V * itemsize, baseline="eager")
+        return
+    f = make_fn(provider, logits, labels, mode)
 
     if mode == "fwd":
         def fn():

@@ -76,7 +76,10 @@ def ceilings() -> dict[str, float]:
 class Bench:
     def __call__(self, benchmark, fn, *, op: str, shape: dict, provider: str, bytes: float = 0.0,
                  flops: float = 0.0, baseline: str | None = None, rounds: int | None = None):
-        """Time `fn` with pytest-benchmark (synchronized), record one row of the report."""
+        """Time `fn` with pytest-benchmark (synchronized), record one row of the report.
+        R1K_BENCH_SKIP="prov1,prov2" skips those providers (for short GPU sessions)."""
+        if provider in os.environ.get("R1K_BENCH_SKIP", "").split(","):
+            pytest.skip(f"R1K_BENCH_SKIP names {provider}")
         ceil = ceilings()
         fn()  # warm-up (compilation, autotuning, caches)
         sync()
