@@ -15,8 +15,10 @@ import triton.testing
 import r1kernels
 from r1kernels import dispatch
 
-CONFIGS = [(1, 16, 4096), (1, 8, 4096), (1, 32, 4096), (1, 16, 8192), (1, 32, 8192), (2, 8, 4096),
-           (2, 16, 4096), (2, 8, 2048), (4, 4, 2048), (1, 8, 2048)]
+# (programs per SM (0: two launches, one program per row), warps, block, per-lane statistics)
+CONFIGS = [(2, 16, 4096, 1), (1, 16, 4096, 1), (1, 16, 8192, 1), (2, 8, 4096, 1), (3, 8, 4096, 1),
+           (4, 4, 2048, 1), (2, 16, 8192, 0), (1, 16, 16384, 0), (2, 16, 4096, 0), (0, 8, 4096, 1),
+           (0, 8, 4096, 0), (0, 16, 8192, 1)]
 
 
 def bench(fn):
@@ -77,6 +79,28 @@ def main():
     del sub, outs
 
     xin = full.detach()[:, :-1]
+    # baselines of the same run: token_logprobs forward + backward through autograd (three passes)
+    # and Liger's triton_grpo_loss (in place), same loss configuration
+    xa = x.detach().requires_grad_(True)
+
+    def autograd_step():
+        lp, en = r1kernels.token_logprobs(xa, y, with_entropy=True)
+        return torch.autograd.grad((lp * glp).sum() + (en * gent).sum(), xa)
+    print(f"baseline token_logprobs fwd+bwd (autograd, 3 passes): {bench(autograd_step):.3f} ms")
+    del xa
+    try:
+        from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+        fl = full.detach().clone().requires_grad_(True)
+
+        def liger():
+            loss, _ = triton_grpo_loss(fl, old, ref, ids, adv, mask, temperature=1.0, beta=0.04,
+                                       eps_low=0.2, eps_high=0.28, inplace=True, loss_type="dapo",
+                                       reduce=True)
+            return torch.autograd.grad(loss, fl)
+        print(f"baseline liger triton_grpo_loss (in place): {bench(liger):.3f} ms")
+        del fl
+    except Exception as exc:  # noqa: BLE001
+        print(f"liger not available: {exc!r}"[:200])
     print(f"{'config':>16} {'fwd_bwd ms':>11} {'inplace ms':>11} {'%floor':>7} {'from_logits ms':>15}")
     for cfg in CONFIGS:
         os.environ["R1K_FUSED_LOGITS"] = ",".join(map(str, cfg))

@@ -63,11 +63,15 @@ SPECS += [
     pytest.param(f"{_TLP}:_token_logprobs_fused_kernel", {**_FUSED_SIG, "x_ptr": xt, "g_ptr": xt},
                  {"MODE": mode, "ENTROPY": True, "HAS_DENT": mode == 0, "LOSS": loss,
                   "HAS_OLD": True, "HAS_DELTA": loss < 5, "HAS_RW": True, "BETA_NZ": True,
-                  "BIAS_KL": True, "BLOCK_V": block}, warps, False,
-                 id=f"token_logprobs_fused-mode{mode}-loss{loss}-{xt[1:]}-B{block}-w{warps}")
-    for mode, loss, xt, block, warps in [
-        (0, 0, "*bf16", 4096, 16), (1, 3, "*bf16", 4096, 16), (1, 0, "*bf16", 8192, 32),
-        (1, 5, "*fp32", 4096, 16), (1, 6, "*fp16", 2048, 8), (1, 3, "*bf16", 2048, 8)]
+                  "BIAS_KL": True, "BLOCK_V": block, "LANES": lanes, "PHASE": phase}, warps, False,
+                 id=f"token_logprobs_fused-mode{mode}-loss{loss}-{xt[1:]}-B{block}-w{warps}-l{int(lanes)}"
+                    f"-p{phase}")
+    for phase in (0, 1, 2)
+    for mode, loss, xt, block, warps, lanes in [
+        (0, 0, "*bf16", 4096, 16, True), (1, 3, "*bf16", 4096, 16, True), (1, 0, "*bf16", 8192, 16, True),
+        (1, 5, "*fp32", 4096, 16, True), (1, 6, "*fp16", 2048, 8, True), (1, 3, "*bf16", 2048, 8, True),
+        (0, 0, "*bf16", 4096, 16, False), (1, 3, "*bf16", 4096, 16, False),
+        (0, 0, "*bf16", 16384, 16, False), (1, 3, "*bf16", 4096, 8, True)]
 ]
 
 # linear_token_logprobs' opt-in fused GEMM kernels (tl.dot on bf16: wgmma), at FUSED_BLOCKS

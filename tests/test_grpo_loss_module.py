@@ -365,3 +365,37 @@ def test_from_logits_sliced_like_liger(backend, inplace):
     if inplace:  # written into the caller's buffer (autograd then copies it into the leaf's .grad,
         # since a gradient with gaps between rows does not meet the leaf gradient layout contract)
         torch.testing.assert_close(full[:, :-1], x.grad)
+
+
+@pytest.mark.parametrize("config", [(2, 16, 4096, 1), (1, 8, 256, 0), (0, 8, 1024, 1)],
+                         ids=["persistent-lanes", "persistent-block-stats", "two-launches"])
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "cispo", "sapo"])
+def test_from_logits_fused_kernel_configs(monkeypatch, config, loss_type):
+    """GRPOLoss.from_logits on the Triton backend (one fused kernel computes the loss's dL/dlogp
+    per row) in each launch configuration equals the torch backend, on a sliced [B, T+1, V]."""
+    if "triton" not in dispatch.available_backends("grpo_loss", DEVICE):
+        pytest.skip("Triton backend not available here")
+    from r1kernels.ops import token_logprobs as tlp_mod
+
+    monkeypatch.setattr(tlp_mod, "FUSED_CONFIG", config)
+    monkeypatch.delenv("R1K_FUSED_LOGITS", raising=False)
+    d = make(3, 6, 8, 300, seed=7)
+    d["mask"][2] = False
+    with torch.no_grad():
+        full = d["hidden"] @ d["weight"].T + d["bias"]
+        full = torch.cat([full, full[:, :1]], 1).float().to(DEVICE) * 3
+    opts = dict(loss_type=loss_type, beta=0.04, temperature=0.9,
+                epsilon_high=1.2 if loss_type == "cispo" else 0.28)
+    kw = kwargs_for(d, beta=True, rw=True)
+    res = []
+    for be in ("triton", "torch"):
+        x = full.clone()[:, :-1].requires_grad_(True)
+        with dispatch.use_backend(be):
+            out = GRPOLoss(**opts).from_logits(x, d["labels"].to(DEVICE), d["mask"].to(DEVICE),
+                                               d["adv"].float().to(DEVICE), **to_dev(kw))
+        out.loss.backward()
+        res.append((out.loss.item(), {k: v.item() for k, v in out.metrics.items()}, x.grad))
+    assert res[0][0] == pytest.approx(res[1][0], rel=1e-5, abs=1e-7)
+    for k, v in res[1][1].items():
+        assert res[0][1][k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+    torch.testing.assert_close(res[0][2], res[1][2], rtol=1e-5, atol=1e-8)

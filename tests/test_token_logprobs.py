@@ -366,3 +366,28 @@ def test_fwd_bwd_empty_and_bad_input(backend):
         with pytest.raises(IndexError, match="labels"):
             r1kernels.token_logprobs_fwd_bwd(x, torch.full((4,), 9, device=DEVICE),
                                              torch.zeros(4, device=DEVICE))
+
+
+@pytest.mark.parametrize("config", [(2, 16, 4096, 1), (1, 8, 256, 0), (3, 4, 64, 1), (0, 8, 1024, 1)],
+                         ids=["lanes", "block-stats", "small-blocks", "two-launches"])
+def test_fwd_bwd_launch_configs(monkeypatch, config):
+    """Every pass-1 variant of the fused kernel (per-lane or block statistics) and block width
+    computes the same numbers (Triton backend; on CPU in the interpreter)."""
+    if "triton" not in dispatch.available_backends(OP, DEVICE):
+        pytest.skip("Triton backend not available here")
+    monkeypatch.setattr(tlp_mod, "FUSED_CONFIG", config)
+    monkeypatch.delenv("R1K_FUSED_LOGITS", raising=False)
+    N, V = 9, 1500
+    logits = torch.randn(N, V) * 4
+    logits[1, :] = -30.0
+    labels = torch.randint(0, V, (N,))
+    labels[5] = -100
+    glp, gent = torch.randn(N), torch.randn(N)
+    with dispatch.use_backend("triton"):
+        logp, ent, grad = r1kernels.token_logprobs_fwd_bwd(
+            logits.to(DEVICE), labels.to(DEVICE), glp.to(DEVICE), grad_entropy=gent.to(DEVICE),
+            with_entropy=True, temperature=1.3)
+    lr, er, gr = _fwd_bwd_ref(logits, labels, glp, gent, 1.3)
+    torch.testing.assert_close(logp.cpu().double(), lr, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent.cpu().double(), er, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.cpu().double(), gr, rtol=1e-5, atol=1e-6)

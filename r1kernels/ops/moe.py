@@ -866,6 +866,10 @@ def moe_route(router_logits: torch.Tensor, top_k: int, *, score_func: str = "sof
     backend = _select(OP_ROUTE, router_logits.device.type)
     if backend in ("cuda", "triton") and (E > MAX_KERNEL_EXPERTS or top_k > MAX_KERNEL_TOPK):
         backend = "torch"  # beyond the register budget of the one-token-per-warp kernels
+    if rep is not None and backend in ("cuda", "cpp") and not torch.compiler.is_compiling():
+        # checked here rather than by the C++ op: on one H100 machine (torch 2.11.0+cu130) an
+        # exception thrown by our C++ ops crashed the process instead of raising (BENCHMARKS.md)
+        _check_ids("moe_route: replay_ids", rep, E)
     x = _kernel_dtype(router_logits)
     if not (x.requires_grad and torch.is_grad_enabled()):
         w, ids, _, _ = _call(backend, "moe_route", x, top_k, score_func, n_group, topk_group, bias,
@@ -898,6 +902,8 @@ def moe_permute(hidden: torch.Tensor, ids: torch.Tensor, num_experts: int, *,
     if ids.dtype not in (torch.int32, torch.int64):
         ids = ids.long()
     backend = _select(OP_PERMUTE, hidden.device.type)
+    if backend in ("cuda", "cpp") and not torch.compiler.is_compiling():
+        _check_ids("moe_permute: ids", ids, num_experts)  # see moe_route
     if hidden.requires_grad and torch.is_grad_enabled():
         out, counts, offsets, row_ids, token_ids = MoEPermuteFunction.apply(hidden, ids.detach(), num_experts,
                                                                             align, backend)

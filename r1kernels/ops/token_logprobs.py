@@ -174,7 +174,8 @@ def _token_logprobs_fused_kernel(
         eps_lo, eps_hi, delta, beta, tau_pos, tau_neg,
         MODE: tl.constexpr, ENTROPY: tl.constexpr, HAS_DENT: tl.constexpr,
         LOSS: tl.constexpr, HAS_OLD: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_RW: tl.constexpr,
-        BETA_NZ: tl.constexpr, BIAS_KL: tl.constexpr, BLOCK_V: tl.constexpr):
+        BETA_NZ: tl.constexpr, BIAS_KL: tl.constexpr, BLOCK_V: tl.constexpr,
+        LANES: tl.constexpr, PHASE: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_V)
@@ -188,86 +189,126 @@ def _token_logprobs_fused_kernel(
         label = tl.load(labels_ptr + row).to(tl.int64)
         ignored = label == ignore_index
         zero = tl.sum(tl.zeros([BLOCK_V], dtype=tl.float32), axis=0)
-        m = zero - float("inf")
-        s = zero
-        w = zero
-        for start in range(0, V, BLOCK_V):
-            c = start + cols
-            ok = c < V
-            z = tl.load(x_row + c, mask=ok, other=float("-inf"),
-                        eviction_policy="evict_last").to(tl.float32) * inv_temp
-            m_new = tl.maximum(m, tl.max(z, axis=0))
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m - m_ref)
-            e = tl.exp(z - m_ref)
+        if PHASE != 2:
+            if LANES:
+                # per-lane online statistics, reduced across the block once per row: no block-wide
+                # reduction (and barrier) per iteration, so the warps of a program run (and load)
+                # independently; costs a second exp per element
+                mv = tl.full([BLOCK_V], float("-inf"), tl.float32)
+                sv = tl.zeros([BLOCK_V], dtype=tl.float32)
+                wv = tl.zeros([BLOCK_V], dtype=tl.float32)
+                for start in range(0, V, BLOCK_V):
+                    c = start + cols
+                    ok = c < V
+                    z = tl.load(x_row + c, mask=ok, other=float("-inf"),
+                                eviction_policy="evict_last").to(tl.float32) * inv_temp
+                    m_new = tl.maximum(mv, z)
+                    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+                    alpha = tl.exp(mv - m_ref)
+                    e = tl.exp(z - m_ref)
+                    if ENTROPY:
+                        wv = alpha * (wv + sv * tl.where(sv > 0.0, mv - m_ref, 0.0)) + \
+                            e * tl.where(e > 0.0, z - m_ref, 0.0)
+                    sv = sv * alpha + e
+                    mv = m_new
+                m = tl.max(mv, axis=0)
+                m_ref = tl.where(m == float("-inf"), 0.0, m)
+                f = tl.exp(mv - m_ref)
+                s = tl.sum(sv * f, axis=0)
+                w = zero
+                if ENTROPY:
+                    w = tl.sum(f * (wv + sv * tl.where(sv > 0.0, mv - m_ref, 0.0)), axis=0)
+            else:
+                m = zero - float("inf")
+                s = zero
+                w = zero
+                for start in range(0, V, BLOCK_V):
+                    c = start + cols
+                    ok = c < V
+                    z = tl.load(x_row + c, mask=ok, other=float("-inf"),
+                                eviction_policy="evict_last").to(tl.float32) * inv_temp
+                    m_new = tl.maximum(m, tl.max(z, axis=0))
+                    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+                    alpha = tl.exp(m - m_ref)
+                    e = tl.exp(z - m_ref)
+                    if ENTROPY:
+                        w = alpha * (w + s * tl.where(s > 0.0, m - m_ref, 0.0))
+                        w += tl.sum(e * tl.where(e > 0.0, z - m_ref, 0.0), axis=0)
+                    s = s * alpha + tl.sum(e, axis=0)
+                    m = m_new
+            valid = (label >= 0) & (label < V)
+            zt = tl.load(x_row + label, mask=valid, other=0.0).to(tl.float32) * inv_temp
+            lse = m + tl.log(s)
+            logp = tl.where(valid, (zt - m) - tl.log(s), float("nan"))
+            logp = tl.where(ignored, 0.0, logp)
+            ent = tl.log(s) - w / s
+            tl.store(out_ptr + row, logp)
             if ENTROPY:
-                w = alpha * (w + s * tl.where(s > 0.0, m - m_ref, 0.0))
-                w += tl.sum(e * tl.where(e > 0.0, z - m_ref, 0.0), axis=0)
-            s = s * alpha + tl.sum(e, axis=0)
-            m = m_new
-        valid = (label >= 0) & (label < V)
-        zt = tl.load(x_row + label, mask=valid, other=0.0).to(tl.float32) * inv_temp
-        lse = m + tl.log(s)
-        logp = tl.where(valid, (zt - m) - tl.log(s), float("nan"))
-        logp = tl.where(ignored, 0.0, logp)
-        ent = tl.log(s) - w / s
-        tl.store(out_ptr + row, logp)
-        if ENTROPY:
-            tl.store(out_ptr + N + row, tl.where(ignored, 0.0, ent))
-        dent = zero
-        if MODE == 0:
-            dlp = tl.load(glp_ptr + row).to(tl.float32)
-            if HAS_DENT:
-                dent = tl.load(gent_ptr + row).to(tl.float32)
-        else:
-            # the GRPO loss of this token (r1kernels/ops/grpo_loss.py), on 1-element blocks
-            lp1 = tl.zeros([1], dtype=tl.float32) + logp
-            if HAS_OLD:
-                old1 = tl.load(old_ptr + row + one).to(tl.float32)
+                tl.store(out_ptr + N + row, tl.where(ignored, 0.0, ent))
+            if PHASE == 1:
+                tl.store(out_ptr + 2 * N + row, lse)
+        else:  # statistics from the PHASE 1 launch
+            logp = tl.load(out_ptr + row)
+            ent = tl.load(out_ptr + N + row)
+            lse = tl.load(out_ptr + 2 * N + row)
+        if PHASE != 1:
+            dent = zero
+            if MODE == 0:
+                dlp = tl.load(glp_ptr + row).to(tl.float32)
+                if HAS_DENT:
+                    dent = tl.load(gent_ptr + row).to(tl.float32)
             else:
-                old1 = lp1
-            if BETA_NZ:
-                ref1 = tl.load(ref_ptr + row + one).to(tl.float32)
-            else:
-                ref1 = lp1
-            a1 = tl.load(adv_ptr + row + one).to(tl.float32)
-            m1 = tl.load(mask_ptr + row + one).to(tl.float32)
-            if HAS_RW:
-                rw1 = tl.load(rw_ptr + row + one).to(tl.float32)
-            else:
-                rw1 = lp1
-            c1 = tl.exp(lp1 - old1)
-            pol, g_dir, g_c1, kl, low, high = _grpo_token_terms(
-                lp1, old1, ref1, a1, rw1, c1, eps_lo, eps_hi, delta, beta, tau_pos, tau_neg,
-                LOSS, HAS_DELTA, HAS_RW, BETA_NZ, BIAS_KL)
-            g1 = tl.where(m1 != 0.0, (g_dir + g_c1 * c1) * m1, 0.0)
-            dlp = tl.sum(g1, axis=0) * tl.load(scale_ptr + b)
-        dlp = tl.where(ignored, 0.0, dlp)
-        dent = tl.where(ignored, 0.0, dent)
-        for start in range(0, V, BLOCK_V):
-            c = start + cols
-            ok = c < V
-            z = tl.load(x_row + c, mask=ok, other=float("-inf"),
-                        eviction_policy="evict_first").to(tl.float32)
-            logp_v = z * inv_temp - lse
-            p = tl.exp(logp_v)
-            g = tl.where(c == label, dlp, 0.0) - dlp * p
-            if HAS_DENT:
-                g -= dent * p * tl.where(p > 0.0, logp_v + ent, 0.0)
-            tl.store(g_row + c, (g * inv_temp).to(g_ptr.dtype.element_ty), mask=ok,
-                     eviction_policy="evict_first")
+                # the GRPO loss of this token (r1kernels/ops/grpo_loss.py), on 1-element blocks
+                lp1 = tl.zeros([1], dtype=tl.float32) + logp
+                if HAS_OLD:
+                    old1 = tl.load(old_ptr + row + one).to(tl.float32)
+                else:
+                    old1 = lp1
+                if BETA_NZ:
+                    ref1 = tl.load(ref_ptr + row + one).to(tl.float32)
+                else:
+                    ref1 = lp1
+                a1 = tl.load(adv_ptr + row + one).to(tl.float32)
+                m1 = tl.load(mask_ptr + row + one).to(tl.float32)
+                if HAS_RW:
+                    rw1 = tl.load(rw_ptr + row + one).to(tl.float32)
+                else:
+                    rw1 = lp1
+                c1 = tl.exp(lp1 - old1)
+                pol, g_dir, g_c1, kl, low, high = _grpo_token_terms(
+                    lp1, old1, ref1, a1, rw1, c1, eps_lo, eps_hi, delta, beta, tau_pos, tau_neg,
+                    LOSS, HAS_DELTA, HAS_RW, BETA_NZ, BIAS_KL)
+                g1 = tl.where(m1 != 0.0, (g_dir + g_c1 * c1) * m1, 0.0)
+                dlp = tl.sum(g1, axis=0) * tl.load(scale_ptr + b)
+            dlp = tl.where(ignored, 0.0, dlp)
+            dent = tl.where(ignored, 0.0, dent)
+            for start in range(0, V, BLOCK_V):
+                c = start + cols
+                ok = c < V
+                z = tl.load(x_row + c, mask=ok, other=float("-inf"),
+                            eviction_policy="evict_first").to(tl.float32)
+                logp_v = z * inv_temp - lse
+                p = tl.exp(logp_v)
+                g = tl.where(c == label, dlp, 0.0) - dlp * p
+                if HAS_DENT:
+                    g -= dent * p * tl.where(p > 0.0, logp_v + ent, 0.0)
+                tl.store(g_row + c, (g * inv_temp).to(g_ptr.dtype.element_ty), mask=ok,
+                         eviction_policy="evict_first")
 
 
-# launch configuration of the fused kernel: programs per SM, warps per program, block width.
-# Tuned on an H100 (BENCHMARKS.md); override with R1K_FUSED_LOGITS="programs_per_sm,warps,block".
-FUSED_CONFIG = (1, 16, 4096)
+# launch configuration of the fused kernel: programs per SM, warps per program, block width,
+# per-lane statistics (1) or block statistics (0) in pass 1. programs_per_sm = 0: two launches of
+# one program per row instead (PHASE 1 statistics, PHASE 2 gradient: the row is read twice from
+# HBM, no grid-size limit). Tuned on an H100 (BENCHMARKS.md); override with
+# R1K_FUSED_LOGITS="programs_per_sm,warps,block,lanes".
+FUSED_CONFIG = (2, 16, 4096, 1)
 
 
-def _fused_config() -> tuple[int, int, int]:
+def _fused_config() -> tuple[int, int, int, int]:
     env = os.environ.get("R1K_FUSED_LOGITS")
     if env:
-        a, b, c = (int(v) for v in env.split(","))
-        return a, b, c
+        v = [int(x) for x in env.split(",")]
+        return tuple(v + [0] * (4 - len(v)))[:4]
     return FUSED_CONFIG
 
 
@@ -286,15 +327,16 @@ def fused_triton(x3: torch.Tensor, labels: torch.Tensor, g3: torch.Tensor, inv_t
     writing dL/dlogits into g3 (same shape; may be x3 itself). labels [B * T] contiguous.
     Either grad_logp [B * T] (and optionally grad_entropy [B * T]) or grpo = (cfg, adv, mask,
     old, ref, rw, scale), the [B * T] per-token inputs contiguous and scale [B]. Returns
-    out [2, B * T] fp32: logp and entropy (zeros unless with_entropy)."""
+    out [3, B * T] fp32: logp, entropy (zeros unless with_entropy), and lse in two-launch mode."""
     B, T, V = x3.shape
     n = B * T
-    out = torch.zeros(2, n, dtype=torch.float32, device=x3.device)
+    out = torch.zeros(3, n, dtype=torch.float32, device=x3.device)
     if n == 0:
         return out
-    per_sm, warps, block = _fused_config()
+    per_sm, warps, block, lanes = _fused_config()
     block = max(16, min(block, next_power_of_2(V)))
-    grid = (_num_programs(x3.device, n, per_sm),)
+    phases = (0,) if per_sm > 0 else (1, 2)
+    grid = (_num_programs(x3.device, n, per_sm) if per_sm > 0 else n,)
     if grpo is None:
         mode = 0
         cfg = None
@@ -308,19 +350,21 @@ def fused_triton(x3: torch.Tensor, labels: torch.Tensor, g3: torch.Tensor, inv_t
         old = old if old is not None else scale
         ref = ref if ref is not None else scale
         rw = rw if rw is not None else scale
-    _token_logprobs_fused_kernel[grid](
-        x3, x3.stride(0), x3.stride(1), g3, g3.stride(0), g3.stride(1), labels, out, glp, gent,
-        old, ref, adv, mask, rw, scale, n, T, V, float(inv_temp), int(ignore_index),
-        *((float(cfg.eps_lo), float(cfg.eps_hi),
-           float(cfg.delta if cfg.delta is not None else 0.0), float(cfg.beta),
-           float(cfg.tau_pos), float(cfg.tau_neg)) if cfg is not None else (0.0,) * 6),
-        MODE=mode, ENTROPY=bool(with_entropy), HAS_DENT=mode == 0 and grad_entropy is not None,
-        LOSS=cfg.loss if cfg is not None else 0,
-        HAS_OLD=cfg is not None and grpo[3] is not None,
-        HAS_DELTA=cfg is not None and cfg.delta is not None,
-        HAS_RW=cfg is not None and grpo[5] is not None,
-        BETA_NZ=cfg is not None and cfg.beta != 0.0,
-        BIAS_KL=cfg is not None and cfg.bias_kl, BLOCK_V=block, num_warps=warps)
+    for phase in phases:
+        _token_logprobs_fused_kernel[grid](
+            x3, x3.stride(0), x3.stride(1), g3, g3.stride(0), g3.stride(1), labels, out, glp, gent,
+            old, ref, adv, mask, rw, scale, n, T, V, float(inv_temp), int(ignore_index),
+            *((float(cfg.eps_lo), float(cfg.eps_hi),
+               float(cfg.delta if cfg.delta is not None else 0.0), float(cfg.beta),
+               float(cfg.tau_pos), float(cfg.tau_neg)) if cfg is not None else (0.0,) * 6),
+            MODE=mode, ENTROPY=bool(with_entropy), HAS_DENT=mode == 0 and grad_entropy is not None,
+            LOSS=cfg.loss if cfg is not None else 0,
+            HAS_OLD=cfg is not None and grpo[3] is not None,
+            HAS_DELTA=cfg is not None and cfg.delta is not None,
+            HAS_RW=cfg is not None and grpo[5] is not None,
+            BETA_NZ=cfg is not None and cfg.beta != 0.0,
+            BIAS_KL=cfg is not None and cfg.bias_kl, BLOCK_V=block, LANES=bool(lanes),
+            PHASE=phase, num_warps=warps)
     return out
 
 
