@@ -270,8 +270,8 @@ def test_torch_compile_fullgraph(backend):
     with dispatch.use_backend(backend):
         y = torch.compile(fn, fullgraph=True)(h, w)
         y.sum().backward()
-    hr = h.detach().double().clone().requires_grad_(True)
-    wr = w.detach().double().clone().requires_grad_(True)
+    hr = h.detach().cpu().double().clone().requires_grad_(True)
+    wr = w.detach().cpu().double().clone().requires_grad_(True)
     out, perm = moe_permute_ref(hr, ids.cpu(), E, align=4)
     yr = moe_unpermute_ref(out * 2.0, perm, wr)
     yr.sum().backward()
@@ -307,8 +307,8 @@ def test_route_dispatch_combine_compiled(backend):
     with dispatch.use_backend(backend):
         y = torch.compile(fn, fullgraph=True)(x, h)
         y.square().sum().backward()
-    xr = x.detach().double().clone().requires_grad_(True)
-    hr = h.detach().double().clone().requires_grad_(True)
+    xr = x.detach().cpu().double().clone().requires_grad_(True)
+    hr = h.detach().cpu().double().clone().requires_grad_(True)
     from r1kernels.reference import moe_route_ref
     w, ids = moe_route_ref(xr, k, score_func="sigmoid", n_group=8, topk_group=4, correction_bias=b.double().cpu())
     xx, perm = moe_permute_ref(hr, ids, E, align=4)

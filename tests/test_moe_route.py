@@ -44,7 +44,7 @@ def check(backend, x, k, *, atol=2e-6, **kw):
         ref_kw["correction_bias"] = ref_kw["correction_bias"].double()
     if ref_kw.get("replay_ids") is not None:
         ref_kw["replay_ids"] = ref_kw["replay_ids"].cpu()
-    wr, idr = moe_route_ref(x.double(), k, **{key: (v.cpu() if isinstance(v, torch.Tensor) else v)
+    wr, idr = moe_route_ref(x.cpu().double(), k, **{key: (v.cpu() if isinstance(v, torch.Tensor) else v)
                                               for key, v in ref_kw.items()})
     assert w.dtype == torch.float32 and ids.dtype == torch.int32
     assert w.shape == (x.shape[0], k) and ids.shape == (x.shape[0], k)
@@ -210,7 +210,7 @@ def _grad_check(backend, x, k, **kw):
     with dispatch.use_backend(backend):
         w, ids = r1kernels.moe_route(xk, k, **kwd)
     w.backward(g.float().to(DEVICE))
-    xr = x.detach().double().clone().requires_grad_(True)
+    xr = x.detach().cpu().double().clone().requires_grad_(True)
     kwr = {key: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for key, v in kw.items()}
     wr, idr = moe_route_ref(xr, k, **kwr)
     wr.backward(g)
@@ -345,7 +345,7 @@ def test_torch_compile_fullgraph(backend):
     with dispatch.use_backend(backend):
         loss, ids = torch.compile(fn, fullgraph=True)(x)
         loss.backward()
-    xr = x.detach().double().requires_grad_(True)
+    xr = x.detach().cpu().double().requires_grad_(True)
     wr, idr = moe_route_ref(xr, 4, score_func="sigmoid", n_group=8, topk_group=4, correction_bias=b.double().cpu())
     (wr * wr).sum().backward()
     assert torch.equal(ids.cpu(), idr)
