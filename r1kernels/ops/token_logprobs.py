@@ -156,11 +156,18 @@ def _token_logprobs_bwd_kernel(x_ptr, stride_x, g_ptr, stride_g, labels_ptr, bia
 #   pass 1: online statistics (max, sum-exp, entropy term, target logit): logp, entropy
 #   dL/dlogp of the row: given, or the GRPO token terms times the row's loss scale
 #   pass 2: re-read the row and write dL/dlogits (in place into the logits when g_ptr == x_ptr).
-# A persistent grid of ~one program per SM walks the rows, so that the rows in flight
-# (132 x 297 KiB at V=151936 bf16 = 38 MiB) stay in the 50 MB L2 between the two passes: HBM
-# sees one read and one write of the logits (3.4 ms at N=16384, V=151936 bf16, 2.9 TB/s) instead
-# of the read, read, write of the separate forward and backward (5.1 ms). Pass-1 loads ask L2 to
-# keep the lines (evict_last), pass-2 loads and the stores let them go (evict_first).
+# Two launch modes (FUSED_CONFIG below):
+#  - persistent (the design for the 2-pass floor): ~one or two programs per SM walk the rows so
+#    that the rows in flight (132 x 297 KiB at V=151936 bf16 = 38 MiB) could stay in the 50 MB L2
+#    between the passes: HBM would see one read and one write (3.3 ms at N=16384, V=151936 bf16,
+#    3.0 TB/s) instead of read, read, write (4.9 ms). Pass-1 loads ask L2 to keep the lines
+#    (evict_last), pass-2 loads and the stores let them go (evict_first). Measured on an H100
+#    (BENCHMARKS.md): 6.1-8.0 ms over 9 configurations, i.e. the re-reads did not come from L2
+#    at a useful rate and one program per SM has too few loads in flight.
+#  - two launches (the default since that measurement): PHASE 1 = statistics, PHASE 2 =
+#    dL/dlogp and dL/dlogits, one program per row each: 5.76 ms, the same as token_logprobs
+#    forward + backward through autograd (5.72 ms), with the GRPO loss computed in-kernel and
+#    strided [B, T] rows (no per-sequence launches, no copies).
 # Rows are addressed as [B, T] with strides (s_xb, s_xt): a [B, T + 1, V][:, :-1] slice works
 # without a copy.
 
@@ -301,7 +308,7 @@ def _token_logprobs_fused_kernel(
 # one program per row instead (PHASE 1 statistics, PHASE 2 gradient: the row is read twice from
 # HBM, no grid-size limit). Tuned on an H100 (BENCHMARKS.md); override with
 # R1K_FUSED_LOGITS="programs_per_sm,warps,block,lanes".
-FUSED_CONFIG = (2, 16, 4096, 1)
+FUSED_CONFIG = (0, 8, 4096, 0)
 
 
 def _fused_config() -> tuple[int, int, int, int]:
@@ -791,9 +798,9 @@ def token_logprobs_fwd_bwd(logits: torch.Tensor, labels: torch.Tensor, grad_logp
 
     Returns (logp [...] fp32, entropy [...] fp32 or None, grad_logits) where grad_logits =
     dL/dlogits for L = sum(grad_logp * logp) + sum(grad_entropy * entropy), in the logits' dtype;
-    written into `logits` itself when `inplace=True` (the logits are then overwritten). On CUDA one
-    kernel reads each row twice (the second time from L2) and writes it once, instead of the
-    read, read, write of `token_logprobs` forward + backward. Not differentiable itself.
+    written into `logits` itself when `inplace=True` (the logits are then overwritten). On CUDA
+    the fused kernel of this module (statistics, then dL/dlogits; launch modes in FUSED_CONFIG).
+    Not differentiable itself.
     """
     op = "token_logprobs_fwd_bwd"
     x, y, inv_temp = _prepare(op, logits, labels, temperature, ignore_index)
