@@ -31,7 +31,8 @@ DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 OURS = [b for b in dispatch.available_backends(OP, DEVICE) if not (b == "triton" and DEVICE == "cpu")]
 # r1k-triton-fused: the opt-in fused tl.dot kernels (linear_token_logprobs.FUSED_GEMM), CUDA only
 FUSED = ["r1k-triton-fused"] if DEVICE == "cuda" and "triton" in OURS else []
-PROVIDERS = [f"r1k-{b}" for b in OURS] + FUSED + ["eager", "compiled-ref", "liger", "trl", "cce"]
+PROVIDERS = [f"r1k-{b}" for b in OURS] + FUSED + ["r1k-fwd_bwd", "eager", "compiled-ref", "liger",
+                                                  "trl", "cce"]
 
 
 def eager_linear_logprobs_entropy(h, w, labels):
@@ -107,6 +108,18 @@ def test_linear_token_logprobs(benchmark, bench, provider, mode, shape):
     labels = torch.randint(0, V, (N,), device=DEVICE)
     w_lp = torch.randn(N, device=DEVICE)
     w_ent = torch.randn(N, device=DEVICE)
+    if provider == "r1k-fwd_bwd":
+        # the same loss with its upstream gradient (w_lp, w_ent) known up front: one sweep,
+        # 6 N H V FLOPs (linear_token_logprobs_fwd_bwd)
+        if mode == "fwd":
+            pytest.skip("linear_token_logprobs_fwd_bwd is forward+backward")
+
+        def fn():
+            return r1kernels.linear_token_logprobs_fwd_bwd(hidden, weight, labels, w_lp,
+                                                           grad_entropy=w_ent, with_entropy=True)[2:4]
+        bench(benchmark, fn, op=f"{OP} {mode}", shape=shape, provider=provider,
+              flops=6 * N * H * V, baseline="eager", rounds=5 if DEVICE == "cuda" else 3)
+        return
     f = make_fn(provider, labels, mode)
     if mode == "fwd":
         def fn():

@@ -536,3 +536,59 @@ def test_fused_gemm_kernels(tiles, dtype, with_bias, monkeypatch):
     labels[[1, 20]] = -100
     labels[2] = V - 1
     check("triton", hidden, weight, labels, bias=bias, temperature=0.75)
+
+
+# ---- linear_token_logprobs_fwd_bwd: one sweep when the upstream gradient is known up front -----
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sweep", ["one", "two"])
+@pytest.mark.parametrize("with_dent", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fwd_bwd_matches_reference(backend, sweep, with_dent, with_bias, monkeypatch):
+    """Values and all gradients vs float64 autograd of sum(g_lp logp) + sum(g_ent entropy), in
+    the single-sweep order and (forced by a tiny chunk limit) the two-sweep order."""
+    if sweep == "two":
+        monkeypatch.setattr(lin, "SINGLE_SWEEP_MAX_CHUNK_ELEMS_CPU", 1)
+        monkeypatch.setattr(lin, "SINGLE_SWEEP_MAX_CHUNK_ELEMS_CUDA", 1)
+    B, T, H, V = 2, 5, 24, 333
+    h = torch.randn(B, T, H)
+    w = torch.randn(V, H) / 4
+    b = torch.randn(V) if with_bias else None
+    y = torch.randint(0, V, (B, T))
+    y[1, 2] = -100
+    glp, gent = torch.randn(B, T), (torch.randn(B, T) if with_dent else None)
+    dev = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    with dispatch.use_backend(backend):
+        lp, en, gh, gw, gb = r1kernels.linear_token_logprobs_fwd_bwd(
+            dev(h), dev(w), dev(y), dev(glp), grad_entropy=dev(gent), bias=dev(b),
+            with_entropy=True, temperature=0.8)
+    hr, wr = h.double().requires_grad_(True), w.double().requires_grad_(True)
+    br = b.double().requires_grad_(True) if with_bias else None
+    lr, er = linear_token_logprobs_ref(hr, wr, y, bias=br, with_entropy=True, temperature=0.8)
+    loss = (lr * glp.double()).sum() + ((er * gent.double()).sum() if with_dent else 0)
+    loss.backward()
+    assert lp.shape == (B, T) and gh.shape == (B, T, H) and gw.shape == (V, H)
+    torch.testing.assert_close(lp.cpu().double(), lr.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(en.cpu().double(), er.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gh.cpu().double(), hr.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gw.cpu().double(), wr.grad, rtol=1e-4, atol=1e-5)
+    if with_bias:
+        torch.testing.assert_close(gb.cpu().double(), br.grad, rtol=1e-4, atol=1e-5)
+    else:
+        assert gb is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fwd_bwd_bad_input(backend):
+    h, w = torch.randn(4, 8, device=DEVICE), torch.randn(11, 8, device=DEVICE)
+    y = torch.randint(0, 11, (4,), device=DEVICE)
+    with dispatch.use_backend(backend):
+        with pytest.raises(ValueError, match="grad_logp"):
+            r1kernels.linear_token_logprobs_fwd_bwd(h, w, y, torch.zeros(5, device=DEVICE))
+        with pytest.raises(ValueError, match="grad_entropy needs with_entropy"):
+            r1kernels.linear_token_logprobs_fwd_bwd(h, w, y, torch.zeros(4, device=DEVICE),
+                                                    grad_entropy=torch.zeros(4, device=DEVICE))
+        with pytest.raises(IndexError, match="labels"):
+            r1kernels.linear_token_logprobs_fwd_bwd(h, w, torch.full((4,), 11, device=DEVICE),
+                                                    torch.zeros(4, device=DEVICE))

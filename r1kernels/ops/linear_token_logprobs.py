@@ -528,11 +528,19 @@ def single_sweep(h, w, b, y, inv_temp: float, ignore_index: int, entropy: bool, 
         if entropy:
             ent[sl] = en
         dlogp = grad_fn(r0, r0 + n, logp[sl], None if ent is None else ent[sl])
-        if not isinstance(dlogp, torch.Tensor) or tuple(dlogp.shape) != (n,):
-            got = getattr(dlogp, "shape", type(dlogp).__name__)
-            raise ValueError(f"{op}: grad_fn must return a tensor of shape ({n},) for rows "
-                             f"[{r0}, {r0 + n}), got {got}")
+        dent = None
+        if isinstance(dlogp, tuple):  # (dL/dlogp, dL/dentropy)
+            dlogp, dent = dlogp
+            if dent is not None and not entropy:
+                raise ValueError(f"{op}: a dL/dentropy from grad_fn needs with_entropy=True")
+        for name, t in (("dL/dlogp", dlogp), ("dL/dentropy", dent)):
+            if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != (n,)):
+                got = getattr(t, "shape", type(t).__name__)
+                raise ValueError(f"{op}: grad_fn must return {name} of shape ({n},) for rows "
+                                 f"[{r0}, {r0 + n}), got {got}")
         dlogp = dlogp.float().contiguous()
+        dent = None if dent is None else dent.float().contiguous()
+        en_g = en if dent is not None else None
         if not (need_h or need_w or need_b):
             continue
         if backend == "triton":  # G written over Z (see backward_grads)
@@ -542,14 +550,14 @@ def single_sweep(h, w, b, y, inv_temp: float, ignore_index: int, entropy: bool, 
                 g = z
             else:
                 g = z.view(gdt)[:, :vocab]
-            tlp.grad_tile(z, g, yr, b, lse, None, dlogp, None, col0=0, inv_temp=inv_temp,
+            tlp.grad_tile(z, g, yr, b, lse, en_g, dlogp, dent, col0=0, inv_temp=inv_temp,
                           ignore_index=ignore_index)
         else:  # G written over Z tile by tile (a 16-bit G: the aliasing of the Triton path)
             g = z if gdt == torch.float32 else z.view(gdt)[:, :vocab]
             ignored = yl == ignore_index
             for v0 in range(0, vocab, cols):
                 g[:, v0:v0 + cols] = tlp.grad_torch(z[:, v0:v0 + cols], yl - v0, ignored, lse,
-                                                    None, dlogp, None, inv_temp)
+                                                    en_g, dlogp, dent, inv_temp)
         del z
         gh_acc = torch.zeros(n, hid, **f32) if need_h and gcols < vocab else None
         for v0 in range(0, vocab, gcols):
@@ -672,9 +680,10 @@ def linear_token_logprobs_with_grad(hidden: torch.Tensor, weight: torch.Tensor,
 
     Returns (logp [N] fp32, entropy [N] fp32 or None, grad_hidden [N, H] in hidden's dtype or
     None, grad_weight [V, H] in weight's dtype or None, grad_bias [V] or None).
-    grad_fn(start, end, logp_chunk, entropy_chunk) -> dlogp_chunk is called per chunk of whole
-    groups of `chunk_multiple` rows, in row order (sweep="one"), or once with (0, N)
-    (sweep="two"); the entropy is for metrics only (no gradient through it). `sweep`: "one"
+    grad_fn(start, end, logp_chunk, entropy_chunk) -> dlogp_chunk, or (dlogp_chunk,
+    dentropy_chunk) for a loss of the entropy too (with_entropy=True), is called per chunk of
+    whole groups of `chunk_multiple` rows, in row order (sweep="one"), or once with (0, N)
+    (sweep="two"). `sweep`: "one"
     (6 N H V FLOPs), "two" (8 N H V FLOPs, grad_weight always reduced in fp32) or "auto" (module
     docstring).
     """
@@ -703,9 +712,62 @@ def linear_token_logprobs_with_grad(hidden: torch.Tensor, weight: torch.Tensor,
                                        bool(with_entropy), backend)
         n = h.shape[0]
         dlogp = grad_fn(0, n, logp, ent)
-        if not isinstance(dlogp, torch.Tensor) or tuple(dlogp.shape) != (n,):
-            raise ValueError(f"{op}: grad_fn must return a tensor of shape ({n},), got "
-                             f"{getattr(dlogp, 'shape', type(dlogp).__name__)}")
-        gh, gw, gb = backward_grads(h, weight, bias, y, lse, None, dlogp, None, inv_temp,
-                                    int(ignore_index), backend, need)
+        dent = None
+        if isinstance(dlogp, tuple):  # (dL/dlogp, dL/dentropy)
+            dlogp, dent = dlogp
+            if dent is not None and not with_entropy:
+                raise ValueError(f"{op}: a dL/dentropy from grad_fn needs with_entropy=True")
+        for name, t in (("dL/dlogp", dlogp), ("dL/dentropy", dent)):
+            if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != (n,)):
+                raise ValueError(f"{op}: grad_fn must return {name} of shape ({n},), got "
+                                 f"{getattr(t, 'shape', type(t).__name__)}")
+        dlogp = dlogp.float().contiguous()
+        dent = None if dent is None else dent.float().contiguous()
+        gh, gw, gb = backward_grads(h, weight, bias, y, lse, ent if dent is not None else None,
+                                    dlogp, dent, inv_temp, int(ignore_index), backend, need)
     return logp, ent, gh, gw, gb
+
+
+def linear_token_logprobs_fwd_bwd(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                                  grad_logp: torch.Tensor, *, grad_entropy: torch.Tensor | None = None,
+                                  bias: torch.Tensor | None = None, temperature: float = 1.0,
+                                  ignore_index: int = -100, with_entropy: bool = False):
+    """Forward and backward of `linear_token_logprobs` in one sweep of the vocabulary, for a loss
+    whose upstream gradient is known up front: L = sum(grad_logp * logp) + sum(grad_entropy *
+    entropy) (SFT's mean NLL: grad_logp = -1/N; any loss linear in the log-probs).
+
+    Returns (logp [...] fp32, entropy [...] or None, grad_hidden [..., H], grad_weight [V, H],
+    grad_bias [V] or None), gradients in the inputs' dtypes. The logits are computed once
+    (6 N H V FLOPs instead of the 8 N H V of forward + backward through autograd); grad_weight's
+    running sum follows the single-sweep precision rule of the module docstring. Not
+    differentiable itself.
+    """
+    op = "linear_token_logprobs_fwd_bwd"
+    for name, g in (("grad_logp", grad_logp), ("grad_entropy", grad_entropy)):
+        if g is None and name == "grad_entropy":
+            continue
+        if not isinstance(g, torch.Tensor) or not isinstance(labels, torch.Tensor) \
+                or tuple(g.shape) != tuple(labels.shape) or not g.is_floating_point():
+            raise ValueError(f"{op}: {name} must be a floating tensor of shape "
+                             f"{tuple(getattr(labels, 'shape', ()))} like labels, got "
+                             f"{tuple(getattr(g, 'shape', ()))} {getattr(g, 'dtype', '')}")
+    if grad_entropy is not None and not with_entropy:
+        raise ValueError(f"{op}: grad_entropy needs with_entropy=True")
+    glp = grad_logp.reshape(-1)
+    gent = None if grad_entropy is None else grad_entropy.reshape(-1)
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() < 1:
+        raise ValueError(f"{op}: hidden must be a tensor [..., H], got {type(hidden).__name__}")
+    if glp.device != hidden.device or (gent is not None and gent.device != hidden.device):
+        raise ValueError(f"{op}: grad_logp / grad_entropy must be on {hidden.device}")
+
+    def grad_fn(start, end, logp, ent):
+        return glp[start:end], (None if gent is None else gent[start:end])
+
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    need = (True, True, bias is not None)
+    logp, ent, gh, gw, gb = linear_token_logprobs_with_grad(
+        h2, weight, labels.reshape(-1), bias, temperature=temperature, ignore_index=ignore_index,
+        with_entropy=with_entropy, grad_fn=grad_fn, need_grads=need)
+    shape = labels.shape
+    return (logp.reshape(shape), None if ent is None else ent.reshape(shape),
+            gh.reshape(hidden.shape), gw, gb)
