@@ -101,14 +101,15 @@ class Bench:
         if DEVICE == "cuda":
             # device time between CUDA events, L2 flushed before each call, median of the calls
             # (triton.testing.do_bench); pytest-benchmark keeps a few host-timed rounds for its
-            # own record. Calls under 100 us are also timed as CUDA-graph replays ("graph"), which
-            # removes the host's launch overhead and shows the kernels' own time.
+            # own record. Calls under 1 ms are also timed as CUDA-graph replays ("graph"), which
+            # removes the host's launch overhead and shows the kernels' own time (an eager
+            # grpo_loss call measured 433 us on an H100, 51 us of it kernels).
             import triton.testing
 
             benchmark.pedantic(timed, rounds=min(rounds, 3), iterations=1, warmup_rounds=0)
             median = triton.testing.do_bench(fn, warmup=25, rep=max(100, 1000 * rounds // 20),
                                              return_mode="median") / 1e3
-            if median < 100e-6:
+            if median < 1e-3:
                 try:
                     graph = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median") / 1e3
                 except Exception:  # noqa: BLE001 - some callables cannot be captured (host syncs)
