@@ -51,6 +51,33 @@ TORCH_CHUNK_ELEMS = 1 << 22
 
 
 @triton.jit
+def _online_stats_update(m, s, w, z, ENTROPY: tl.constexpr):
+    """Merge one block of scaled logits z into the row state (max m, sum-exp s, entropy sum w;
+    s and w relative to m): one exp per element, the state rescaled once per block."""
+    m_new = tl.maximum(m, tl.max(z, axis=0))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: any finite ref
+    alpha = tl.exp(m - m_ref)
+    e = tl.exp(z - m_ref)
+    if ENTROPY:
+        # w is relative to m: moving the reference to m_ref adds (m - m_ref) to every term
+        w = alpha * (w + s * tl.where(s > 0.0, m - m_ref, 0.0))
+        w += tl.sum(e * tl.where(e > 0.0, z - m_ref, 0.0), axis=0)
+    s = s * alpha + tl.sum(e, axis=0)
+    return m_new, s, w
+
+
+@triton.jit
+def _logits_grad(z, is_label, lse, ent, dlogp, dent, inv_temp, HAS_DENT: tl.constexpr):
+    """dL/dlogits of a block of raw logits z (formula in the module docstring)."""
+    logp_v = z * inv_temp - lse
+    p = tl.exp(logp_v)
+    g = tl.where(is_label, dlogp, 0.0) - dlogp * p
+    if HAS_DENT:
+        g -= dent * p * tl.where(p > 0.0, logp_v + ent, 0.0)
+    return g * inv_temp
+
+
+@triton.jit
 def _token_logprobs_fwd_kernel(x_ptr, stride_x, labels_ptr, bias_ptr, state_ptr, out_ptr,
                                n_rows, n_cols, col0, vocab, inv_temp, ignore_index,
                                HAS_BIAS: tl.constexpr, ACCUM: tl.constexpr, FINAL: tl.constexpr,
@@ -83,17 +110,7 @@ def _token_logprobs_fwd_kernel(x_ptr, stride_x, labels_ptr, bias_ptr, state_ptr,
         z = tl.load(x_row + c, mask=ok, other=float("-inf")).to(tl.float32)
         if HAS_BIAS:
             z += tl.load(bias_ptr + c, mask=ok, other=0.0).to(tl.float32)
-        z = z * inv_temp
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: any finite ref
-        alpha = tl.exp(m - m_ref)
-        e = tl.exp(z - m_ref)
-        if ENTROPY:
-            # w is relative to m: moving the reference to m_ref adds (m - m_ref) to every term
-            w = alpha * (w + s * tl.where(s > 0.0, m - m_ref, 0.0))
-            w += tl.sum(e * tl.where(e > 0.0, z - m_ref, 0.0), axis=0)
-        s = s * alpha + tl.sum(e, axis=0)
-        m = m_new
+        m, s, w = _online_stats_update(m, s, w, z * inv_temp, ENTROPY)
     if FINAL:
         lse = m + tl.log(s)
         ignored = label == ignore_index
@@ -128,6 +145,8 @@ def _token_logprobs_bwd_kernel(x_ptr, stride_x, g_ptr, stride_g, labels_ptr, bia
     loc = label - col0
     lse = tl.load(lse_ptr + row)
     dlogp = tl.where(ignored, 0.0, tl.load(dlogp_ptr + row).to(tl.float32))
+    dent = dlogp
+    ent = lse
     if HAS_DENT:
         dent = tl.where(ignored, 0.0, tl.load(dent_ptr + row).to(tl.float32))
         ent = tl.load(ent_ptr + row)
@@ -140,12 +159,8 @@ def _token_logprobs_bwd_kernel(x_ptr, stride_x, g_ptr, stride_g, labels_ptr, bia
         z = tl.load(x_row + c, mask=ok, other=float("-inf")).to(tl.float32)
         if HAS_BIAS:
             z += tl.load(bias_ptr + c, mask=ok, other=0.0).to(tl.float32)
-        logp_v = z * inv_temp - lse
-        p = tl.exp(logp_v)
-        g = tl.where(c == loc, dlogp, 0.0) - dlogp * p
-        if HAS_DENT:
-            g -= dent * p * tl.where(p > 0.0, logp_v + ent, 0.0)
-        g = tl.where(ignored, 0.0, g * inv_temp)
+        g = _logits_grad(z, c == loc, lse, ent, dlogp, dent, inv_temp, HAS_DENT)
+        g = tl.where(ignored, 0.0, g)
         tl.store(g_row + c, g.to(g_ptr.dtype.element_ty), mask=ok)
 
 
@@ -234,15 +249,7 @@ def _token_logprobs_fused_kernel(
                     ok = c < V
                     z = tl.load(x_row + c, mask=ok, other=float("-inf"),
                                 eviction_policy="evict_last").to(tl.float32) * inv_temp
-                    m_new = tl.maximum(m, tl.max(z, axis=0))
-                    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-                    alpha = tl.exp(m - m_ref)
-                    e = tl.exp(z - m_ref)
-                    if ENTROPY:
-                        w = alpha * (w + s * tl.where(s > 0.0, m - m_ref, 0.0))
-                        w += tl.sum(e * tl.where(e > 0.0, z - m_ref, 0.0), axis=0)
-                    s = s * alpha + tl.sum(e, axis=0)
-                    m = m_new
+                    m, s, w = _online_stats_update(m, s, w, z, ENTROPY)
             valid = (label >= 0) & (label < V)
             zt = tl.load(x_row + label, mask=valid, other=0.0).to(tl.float32) * inv_temp
             lse = m + tl.log(s)
@@ -294,12 +301,8 @@ def _token_logprobs_fused_kernel(
                 ok = c < V
                 z = tl.load(x_row + c, mask=ok, other=float("-inf"),
                             eviction_policy="evict_first").to(tl.float32)
-                logp_v = z * inv_temp - lse
-                p = tl.exp(logp_v)
-                g = tl.where(c == label, dlp, 0.0) - dlp * p
-                if HAS_DENT:
-                    g -= dent * p * tl.where(p > 0.0, logp_v + ent, 0.0)
-                tl.store(g_row + c, (g * inv_temp).to(g_ptr.dtype.element_ty), mask=ok,
+                g = _logits_grad(z, c == label, lse, ent, dlp, dent, inv_temp, HAS_DENT)
+                tl.store(g_row + c, g.to(g_ptr.dtype.element_ty), mask=ok,
                          eviction_policy="evict_first")
 
 
