@@ -468,6 +468,21 @@ def _addmm_lowp_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.copy_(acc.float().addmm_(a.float(), b.float()))
 
 
+def _upstream_grads(out, start: int, end: int, entropy: bool, op: str):
+    """grad_fn's result for rows [start, end): dL/dlogp or (dL/dlogp, dL/dentropy), checked,
+    as contiguous fp32 (dL/dentropy None when not given)."""
+    dlogp, dent = out if isinstance(out, tuple) else (out, None)
+    if dent is not None and not entropy:
+        raise ValueError(f"{op}: a dL/dentropy from grad_fn needs with_entropy=True")
+    n = end - start
+    for name, t in (("dL/dlogp", dlogp), ("dL/dentropy", dent)):
+        if (t is not None or name == "dL/dlogp") and \
+                (not isinstance(t, torch.Tensor) or tuple(t.shape) != (n,)):
+            raise ValueError(f"{op}: grad_fn must return {name} of shape ({n},) for rows "
+                             f"[{start}, {end}), got {getattr(t, 'shape', type(t).__name__)}")
+    return dlogp.float().contiguous(), (None if dent is None else dent.float().contiguous())
+
+
 def single_sweep(h, w, b, y, inv_temp: float, ignore_index: int, entropy: bool, backend: str,
                  grad_fn: Callable, chunk_multiple: int, need: tuple[bool, bool, bool], op: str):
     """(logp, entropy or None, grad_hidden, grad_weight, grad_bias) in one sweep (module
@@ -530,18 +545,7 @@ def single_sweep(h, w, b, y, inv_temp: float, ignore_index: int, entropy: bool, 
         if entropy:
             ent[sl] = en
         dlogp = grad_fn(r0, r0 + n, logp[sl], None if ent is None else ent[sl])
-        dent = None
-        if isinstance(dlogp, tuple):  # (dL/dlogp, dL/dentropy)
-            dlogp, dent = dlogp
-            if dent is not None and not entropy:
-                raise ValueError(f"{op}: a dL/dentropy from grad_fn needs with_entropy=True")
-        for name, t in (("dL/dlogp", dlogp), ("dL/dentropy", dent)):
-            if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != (n,)):
-                got = getattr(t, "shape", type(t).__name__)
-                raise ValueError(f"{op}: grad_fn must return {name} of shape ({n},) for rows "
-                                 f"[{r0}, {r0 + n}), got {got}")
-        dlogp = dlogp.float().contiguous()
-        dent = None if dent is None else dent.float().contiguous()
+        dlogp, dent = _upstream_grads(dlogp, r0, r0 + n, entropy, op)
         en_g = en if dent is not None else None
         if not (need_h or need_w or need_b):
             continue
@@ -714,17 +718,7 @@ def linear_token_logprobs_with_grad(hidden: torch.Tensor, weight: torch.Tensor,
                                        bool(with_entropy), backend)
         n = h.shape[0]
         dlogp = grad_fn(0, n, logp, ent)
-        dent = None
-        if isinstance(dlogp, tuple):  # (dL/dlogp, dL/dentropy)
-            dlogp, dent = dlogp
-            if dent is not None and not with_entropy:
-                raise ValueError(f"{op}: a dL/dentropy from grad_fn needs with_entropy=True")
-        for name, t in (("dL/dlogp", dlogp), ("dL/dentropy", dent)):
-            if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != (n,)):
-                raise ValueError(f"{op}: grad_fn must return {name} of shape ({n},), got "
-                                 f"{getattr(t, 'shape', type(t).__name__)}")
-        dlogp = dlogp.float().contiguous()
-        dent = None if dent is None else dent.float().contiguous()
+        dlogp, dent = _upstream_grads(dlogp, 0, n, with_entropy, op)
         gh, gw, gb = backward_grads(h, weight, bias, y, lse, ent if dent is not None else None,
                                     dlogp, dent, inv_temp, int(ignore_index), backend, need)
     return logp, ent, gh, gw, gb
@@ -745,22 +739,10 @@ def linear_token_logprobs_fwd_bwd(hidden: torch.Tensor, weight: torch.Tensor, la
     differentiable itself.
     """
     op = "linear_token_logprobs_fwd_bwd"
-    for name, g in (("grad_logp", grad_logp), ("grad_entropy", grad_entropy)):
-        if g is None and name == "grad_entropy":
-            continue
-        if not isinstance(g, torch.Tensor) or not isinstance(labels, torch.Tensor) \
-                or tuple(g.shape) != tuple(labels.shape) or not g.is_floating_point():
-            raise ValueError(f"{op}: {name} must be a floating tensor of shape "
-                             f"{tuple(getattr(labels, 'shape', ()))} like labels, got "
-                             f"{tuple(getattr(g, 'shape', ()))} {getattr(g, 'dtype', '')}")
-    if grad_entropy is not None and not with_entropy:
-        raise ValueError(f"{op}: grad_entropy needs with_entropy=True")
-    glp = grad_logp.reshape(-1)
-    gent = None if grad_entropy is None else grad_entropy.reshape(-1)
     if not isinstance(hidden, torch.Tensor) or hidden.dim() < 1:
         raise ValueError(f"{op}: hidden must be a tensor [..., H], got {type(hidden).__name__}")
-    if glp.device != hidden.device or (gent is not None and gent.device != hidden.device):
-        raise ValueError(f"{op}: grad_logp / grad_entropy must be on {hidden.device}")
+    glp, gent = tlp.check_upstream_grads(op, labels, grad_logp, grad_entropy, with_entropy,
+                                         hidden.device)
 
     def grad_fn(start, end, logp, ent):
         return glp[start:end], (None if gent is None else gent[start:end])

@@ -714,6 +714,25 @@ def check_labels(op: str, labels: torch.Tensor, batch_shape, vocab: int, ignore_
                              f"got {first}")
 
 
+def check_upstream_grads(op: str, labels, grad_logp, grad_entropy, with_entropy: bool, device):
+    """The upstream gradients of the *_fwd_bwd functions: floating, shaped like labels, on
+    `device`; returned flat, contiguous fp32 (grad_entropy None when not given)."""
+    for name, g in (("grad_logp", grad_logp), ("grad_entropy", grad_entropy)):
+        if g is None and name == "grad_entropy":
+            continue
+        if not isinstance(g, torch.Tensor) or not isinstance(labels, torch.Tensor) \
+                or tuple(g.shape) != tuple(labels.shape) or not g.is_floating_point():
+            raise ValueError(f"{op}: {name} must be a floating tensor of shape "
+                             f"{tuple(getattr(labels, 'shape', ()))} like labels, got "
+                             f"{tuple(getattr(g, 'shape', ()))} {getattr(g, 'dtype', '')}")
+        if g.device != device:
+            raise ValueError(f"{op}: {name} is on {g.device} but the inputs are on {device}")
+    if grad_entropy is not None and not with_entropy:
+        raise ValueError(f"{op}: grad_entropy needs with_entropy=True")
+    return (grad_logp.reshape(-1).float().contiguous(),
+            None if grad_entropy is None else grad_entropy.reshape(-1).float().contiguous())
+
+
 def check_float(op: str, name: str, t, min_dim: int = 1) -> None:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -808,20 +827,7 @@ def token_logprobs_fwd_bwd(logits: torch.Tensor, labels: torch.Tensor, grad_logp
     op = "token_logprobs_fwd_bwd"
     x, y, inv_temp = _prepare(op, logits, labels, temperature, ignore_index)
     n = x.shape[0]
-    for name, g in (("grad_logp", grad_logp), ("grad_entropy", grad_entropy)):
-        if g is None and name == "grad_entropy":
-            continue
-        if not isinstance(g, torch.Tensor) or tuple(g.shape) != tuple(labels.shape) \
-                or not g.is_floating_point():
-            raise ValueError(f"{op}: {name} must be a floating tensor of shape "
-                             f"{tuple(labels.shape)} like labels, got "
-                             f"{tuple(getattr(g, 'shape', ()))} {getattr(g, 'dtype', '')}")
-        if g.device != x.device:
-            raise ValueError(f"{op}: {name} is on {g.device} but logits are on {x.device}")
-    if grad_entropy is not None and not with_entropy:
-        raise ValueError(f"{op}: grad_entropy needs with_entropy=True")
-    glp = grad_logp.reshape(-1).float().contiguous()
-    gent = None if grad_entropy is None else grad_entropy.reshape(-1).float().contiguous()
+    glp, gent = check_upstream_grads(op, labels, grad_logp, grad_entropy, with_entropy, x.device)
     inplace = bool(inplace) and x.data_ptr() == logits.data_ptr() and x.is_contiguous()
     backend = dispatch.select(OP, x.device)
     with torch.no_grad():
