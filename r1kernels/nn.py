@@ -68,7 +68,7 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
 
         B, T, temperature, ignore_index, with_entropy, backend, sweep = opts
         H = hidden.shape[-1]
-        fwd, fin, _ = G.forward_impl(backend)
+        fwd, fin = G.forward_impl(backend)
         n_rows = mask.float().sum(-1) if B * T else torch.zeros(B, device=hidden.device)
         scale = G.row_scale(n_rows, nitems, cfg)
         parts, ent_acc = [], []
@@ -139,7 +139,7 @@ class _FusedLogitsGRPOLoss(torch.autograd.Function):
 
         B, T, temperature, ignore_index, with_entropy, backend, inplace = opts
         V = logits.shape[-1]
-        fwd, fin, _ = G.forward_impl(backend)
+        fwd, fin = G.forward_impl(backend)
         n_rows = mask.float().sum(-1) if B * T else torch.zeros(B, device=logits.device)
         scale = G.row_scale(n_rows, nitems, cfg)
         parts, ent_acc = [], []

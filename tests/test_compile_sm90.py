@@ -103,15 +103,18 @@ _GRPO_FWD_SIG = {
     "C": "i32", "CHUNK_T": "i32",
     **{f"s_{n}{i}": "i64" for n in ("lp", "old", "ref", "adv", "m", "rw") for i in (0, 1)},
     "eps_lo": "fp32", "eps_hi": "fp32", "delta": "fp32", "beta": "fp32", "tau_pos": "fp32",
-    "tau_neg": "fp32",
+    "tau_neg": "fp32", "ticket_ptr": "*i32", "nitems_ptr": "*fp32", "out_ptr": "*fp32",
+    "scale_ptr": "*fp32", "max_len": "fp32",
 }
 SPECS += [
     pytest.param("r1kernels.ops.grpo_loss:_grpo_loss_fwd_kernel",
                  {**_GRPO_FWD_SIG, "lp_ptr": lp_ty},
                  {"LOSS": loss, "SEQ": seq, "HAS_OLD": True, "HAS_DELTA": loss < 5, "HAS_RW": True,
-                  "BETA_NZ": True, "BIAS_KL": True, "WRITE_GRAD": True, "BLOCK_T": 1024}, 4, False,
-                 id=f"grpo_loss_fwd-loss{loss}-seq{int(seq)}-{lp_ty[1:]}")
+                  "BETA_NZ": True, "BIAS_KL": True, "WRITE_GRAD": True, "BLOCK_T": 1024,
+                  "FINALIZE": final, "HAS_NITEMS": loss in (3, 5), "BLOCK_B": 1024}, 4, False,
+                 id=f"grpo_loss_fwd-loss{loss}-seq{int(seq)}-{lp_ty[1:]}-final{int(final)}")
     for loss in range(7) for seq in (False, True) for lp_ty in ("*fp32", "*bf16")
+    for final in (False, True)
 ] + [
     pytest.param("r1kernels.ops.grpo_loss:_grpo_loss_finalize_kernel",
                  {"part_ptr": "*fp32", "nitems_ptr": "*fp32", "out_ptr": "*fp32", "scale_ptr": "*fp32",
@@ -132,14 +135,9 @@ SPECS += [
                  {k: v for k, v in _GRPO_FWD_SIG.items() if k not in ("B", "T", "C", "CHUNK_T", "s_lp1", "s_m1")},
                  {"B": 1, "T": 1, "C": 1, "CHUNK_T": 1, "s_lp1": 1, "s_m1": 1, "LOSS": 0, "SEQ": seq, "HAS_OLD": True,
                   "HAS_DELTA": True, "HAS_RW": False, "BETA_NZ": True, "BIAS_KL": False,
-                  "WRITE_GRAD": True, "BLOCK_T": 16}, 4, False, id=f"grpo_loss_fwd-B1-T1-seq{int(seq)}")
+                  "WRITE_GRAD": True, "BLOCK_T": 16, "FINALIZE": True, "HAS_NITEMS": False,
+                  "BLOCK_B": 16}, 4, False, id=f"grpo_loss_fwd-B1-T1-seq{int(seq)}")
     for seq in (False, True)
-] + [
-    pytest.param("r1kernels.ops.grpo_loss:_grpo_loss_bwd_kernel",
-                 {"grad_ptr": "*fp32", "scale_ptr": "*fp32", "gout_ptr": "*fp32", "out_ptr": out_ty,
-                  "T": "i32", "CHUNK_T": "i32"},
-                 {"BLOCK_T": 1024}, 4, False, id=f"grpo_loss_bwd-{out_ty[1:]}")
-    for out_ty in ("*fp32", "*bf16")
 ]
 
 # MoE (r1kernels/ops/moe.py): the tiles `_route_tiles` / `_rows_tiles` pick for real router and

@@ -18,9 +18,12 @@ and the loss is sum_{b,t} scale_b l m with a per-row scale (1 / (B max(n_b, 1)) 
 
 Everything is linear in that scale, so the forward kernel computes, in one pass over each row,
 the unscaled per-token gradient g = dl/dlp m (written once, fp32) and per-row partial sums
-(sum l m, n_b, sum kl m and the clip counts). A one-program kernel reduces the partials in a fixed
-order (deterministic, no float atomics) into the loss, the metrics and the per-row scale. The
-backward pass is one elementwise kernel: dlogps = g * scale_b * grad_output.
+(sum l m, n_b, sum kl m and the clip counts). The last of its programs to finish (a ticket
+counter) reduces the partials in a fixed order (deterministic, no float atomics) into the loss,
+the metrics and the per-row scale: one launch for the whole forward. The backward pass is an
+elementwise product, dlogps = g * scale_b * grad_output (torch ops). At B=512, T=8192 the kernels
+take tens of microseconds on an H100; an eager call's cost is mostly host time (Python, autograd,
+launches), which is why the forward is one launch and the backward has no Triton launch.
 
 Derivatives (autograd of the torch formula, ties included):
     d(-min(t1, t2))/dc1 = -A (w1 [c1 <= delta] + (1 - w1) [1-eps_lo <= c1 <= 1+eps_hi]),
@@ -173,9 +176,11 @@ def _grpo_loss_fwd_kernel(lp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, rw_ptr, g
                           B, T, C, CHUNK_T, s_lp0, s_lp1, s_old0, s_old1, s_ref0, s_ref1, s_adv0, s_adv1,
                           s_m0, s_m1, s_rw0, s_rw1,
                           eps_lo, eps_hi, delta, beta, tau_pos, tau_neg,
+                          ticket_ptr, nitems_ptr, out_ptr, scale_ptr, max_len,
                           LOSS: tl.constexpr, SEQ: tl.constexpr, HAS_OLD: tl.constexpr,
                           HAS_DELTA: tl.constexpr, HAS_RW: tl.constexpr, BETA_NZ: tl.constexpr,
-                          BIAS_KL: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_T: tl.constexpr):
+                          BIAS_KL: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_T: tl.constexpr,
+                          FINALIZE: tl.constexpr, HAS_NITEMS: tl.constexpr, BLOCK_B: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     t_lo = chunk * CHUNK_T
@@ -259,14 +264,26 @@ def _grpo_loss_fwd_kernel(lp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, rw_ptr, g
     tl.store(pp + 3 * CB, tl.sum(a_lo, axis=0))
     tl.store(pp + 4 * CB, tl.sum(a_hi, axis=0))
     tl.store(pp + 5 * CB, tl.sum(a_rg, axis=0))
+    if FINALIZE:
+        # the last program to finish reduces every program's partials (the finalize below, same
+        # fixed order: deterministic). The ticket counter is zero on entry (a fresh workspace per
+        # call). All of this program's stores happen before its ticket (barrier, then a release
+        # at GPU scope); the last one's acquire makes the other programs' partials visible to
+        # it, and it reads them from L2 (.cg).
+        tl.debug_barrier()
+        ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
+        if ticket == CB - 1:
+            _grpo_finalize(part_ptr, nitems_ptr, out_ptr, scale_ptr, B, C, max_len, LOSS,
+                           HAS_NITEMS, BLOCK_B, ".cg")
 
 
 # Finalize: one program reduces the [6, C, B] partials (24 B per row and chunk) in a fixed order
 # (chunks of a row in order, then rows) into out = [loss, kl, clip_low, clip_high, clip_ratio]
-# and the per-row gradient scale [B]: deterministic, no float atomics.
+# and the per-row gradient scale [B]: deterministic, no float atomics. Run by the last program of
+# the forward kernel (FINALIZE) or as a kernel of its own (GRPOLoss combines chunks' partials).
 @triton.jit
-def _grpo_loss_finalize_kernel(part_ptr, nitems_ptr, out_ptr, scale_ptr, B, C, max_len,
-                               LOSS: tl.constexpr, HAS_NITEMS: tl.constexpr, BLOCK_B: tl.constexpr):
+def _grpo_finalize(part_ptr, nitems_ptr, out_ptr, scale_ptr, B, C, max_len, LOSS: tl.constexpr,
+                   HAS_NITEMS: tl.constexpr, BLOCK_B: tl.constexpr, CACHE: tl.constexpr):
     offs = tl.arange(0, BLOCK_B)
     s_l = tl.zeros([BLOCK_B], dtype=tl.float32)
     s_lr = tl.zeros([BLOCK_B], dtype=tl.float32)  # sum_b l_b / max(n_b, 1)
@@ -283,12 +300,12 @@ def _grpo_loss_finalize_kernel(part_ptr, nitems_ptr, out_ptr, scale_ptr, B, C, m
         n = tl.zeros([BLOCK_B], dtype=tl.float32)
         for c in range(0, C):
             pc = part_ptr + c * B + b
-            lsum += tl.load(pc, mask=ok, other=0.0)
-            n += tl.load(pc + CB, mask=ok, other=0.0)
-            s_kl += tl.load(pc + 2 * CB, mask=ok, other=0.0)
-            s_lo += tl.load(pc + 3 * CB, mask=ok, other=0.0)
-            s_hi += tl.load(pc + 4 * CB, mask=ok, other=0.0)
-            s_rg += tl.load(pc + 5 * CB, mask=ok, other=0.0)
+            lsum += tl.load(pc, mask=ok, other=0.0, cache_modifier=CACHE)
+            n += tl.load(pc + CB, mask=ok, other=0.0, cache_modifier=CACHE)
+            s_kl += tl.load(pc + 2 * CB, mask=ok, other=0.0, cache_modifier=CACHE)
+            s_lo += tl.load(pc + 3 * CB, mask=ok, other=0.0, cache_modifier=CACHE)
+            s_hi += tl.load(pc + 4 * CB, mask=ok, other=0.0, cache_modifier=CACHE)
+            s_rg += tl.load(pc + 5 * CB, mask=ok, other=0.0, cache_modifier=CACHE)
         s_l += lsum
         s_lr += lsum / tl.maximum(n, 1.0)
         s_n += n
@@ -325,27 +342,18 @@ def _grpo_loss_finalize_kernel(part_ptr, nitems_ptr, out_ptr, scale_ptr, B, C, m
         if LOSS == 0 or LOSS == 6:
             n = tl.zeros([BLOCK_B], dtype=tl.float32)
             for c in range(0, C):
-                n += tl.load(part_ptr + CB + c * B + b, mask=ok, other=0.0)
+                n += tl.load(part_ptr + CB + c * B + b, mask=ok, other=0.0, cache_modifier=CACHE)
             sc = inv / tl.maximum(n, 1.0)
         else:
             sc = tl.zeros([BLOCK_B], dtype=tl.float32) + inv
         tl.store(scale_ptr + b, sc, mask=ok)
 
 
-# Backward: dlogps[b, t] = g[b, t] * scale[b] * grad_output. Reads 4 B, writes 2-4 B per token.
-# Program (row, chunk) as in the forward.
 @triton.jit
-def _grpo_loss_bwd_kernel(grad_ptr, scale_ptr, gout_ptr, out_ptr, T, CHUNK_T, BLOCK_T: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    t_lo = tl.program_id(1) * CHUNK_T
-    t_hi = tl.minimum(T, t_lo + CHUNK_T)
-    cols = tl.arange(0, BLOCK_T)
-    s = tl.load(scale_ptr + row) * tl.load(gout_ptr).to(tl.float32)
-    for start in range(t_lo, t_hi, BLOCK_T):
-        t = start + cols
-        ok = t < t_hi
-        g = tl.load(grad_ptr + row * T + t, mask=ok, other=0.0)
-        tl.store(out_ptr + row * T + t, (g * s).to(out_ptr.dtype.element_ty), mask=ok)
+def _grpo_loss_finalize_kernel(part_ptr, nitems_ptr, out_ptr, scale_ptr, B, C, max_len,
+                               LOSS: tl.constexpr, HAS_NITEMS: tl.constexpr, BLOCK_B: tl.constexpr):
+    _grpo_finalize(part_ptr, nitems_ptr, out_ptr, scale_ptr, B, C, max_len, LOSS, HAS_NITEMS,
+                   BLOCK_B, "")
 
 
 def _block_t(T: int) -> int:
@@ -371,25 +379,23 @@ def _mask_view(mask: torch.Tensor) -> torch.Tensor:
     return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
 
 
-def grpo_loss_fwd_triton(logps, adv, mask, old, ref, rw, cfg: _Config, write_grad: bool = True,
-                         part: torch.Tensor | None = None, split: bool = False):
-    """Launcher: [B, T] inputs (any strides; adv may have stride 0) -> (g [B, T] fp32 unscaled
-    gradient, partials [6, C, B] fp32, written into `part` when given). C = 1 unless `split`
-    (token level only): then rows are split into chunks, C of them (`row_chunks`)."""
+def _launch_fwd(logps, adv, mask, old, ref, rw, cfg: _Config, write_grad: bool, grad, part,
+                C: int, chunk_t: int, final=None):
+    """One launch of the forward kernel; final = (ticket, nitems, out, scale) also reduces the
+    partials in the same launch (the last program to finish does it)."""
     B, T = logps.shape
-    dev = logps.device
-    block_t = _block_t(T)
-    C, chunk_t = _row_chunks(B, T, block_t, split and not cfg.seq)
-    grad = torch.empty((B, T) if write_grad else (0,), device=dev, dtype=torch.float32)
-    if part is None:
-        part = torch.empty((NUM_PARTIALS, C, B), device=dev, dtype=torch.float32)
-    if B == 0:
-        return grad, part
     m = _mask_view(mask)
     dummy = logps
     old_t = old if old is not None else dummy
     ref_t = ref if ref is not None else dummy
     rw_t = rw if rw is not None else dummy
+    if final is None:
+        ticket = nitems = out = scale = part
+        has_nitems = False
+    else:
+        ticket, nitems, out, scale = final
+        has_nitems = nitems is not None
+        nitems = nitems if has_nitems else part
     _grpo_loss_fwd_kernel[(B, C)](
         logps, old_t, ref_t, adv, m, rw_t, grad, part, B, T, C, chunk_t,
         logps.stride(0), logps.stride(1), old_t.stride(0), old_t.stride(1),
@@ -397,10 +403,49 @@ def grpo_loss_fwd_triton(logps, adv, mask, old, ref, rw, cfg: _Config, write_gra
         m.stride(0), m.stride(1), rw_t.stride(0), rw_t.stride(1),
         float(cfg.eps_lo), float(cfg.eps_hi), float(cfg.delta if cfg.delta is not None else 0.0),
         float(cfg.beta), float(cfg.tau_pos), float(cfg.tau_neg),
+        ticket, nitems, out, scale, float(cfg.max_len),
         LOSS=cfg.loss, SEQ=cfg.seq, HAS_OLD=old is not None, HAS_DELTA=cfg.delta is not None,
         HAS_RW=rw is not None, BETA_NZ=cfg.beta != 0.0, BIAS_KL=cfg.bias_kl,
-        WRITE_GRAD=write_grad, BLOCK_T=block_t, num_warps=4)
+        WRITE_GRAD=write_grad, BLOCK_T=_block_t(T), FINALIZE=final is not None,
+        HAS_NITEMS=has_nitems, BLOCK_B=_block_b(B), num_warps=4)
+
+
+def _block_b(B: int) -> int:
+    return max(16, min(1024, next_power_of_2(B)))
+
+
+def grpo_loss_fwd_triton(logps, adv, mask, old, ref, rw, cfg: _Config, write_grad: bool = True,
+                         part: torch.Tensor | None = None, split: bool = False):
+    """Launcher: [B, T] inputs (any strides; adv may have stride 0) -> (g [B, T] fp32 unscaled
+    gradient, partials [6, C, B] fp32, written into `part` when given). C = 1 unless `split`
+    (token level only): then rows are split into chunks, C of them (`row_chunks`)."""
+    B, T = logps.shape
+    dev = logps.device
+    C, chunk_t = _row_chunks(B, T, _block_t(T), split and not cfg.seq)
+    grad = torch.empty((B, T) if write_grad else (0,), device=dev, dtype=torch.float32)
+    if part is None:
+        part = torch.empty((NUM_PARTIALS, C, B), device=dev, dtype=torch.float32)
+    if B > 0:
+        _launch_fwd(logps, adv, mask, old, ref, rw, cfg, write_grad, grad, part, C, chunk_t)
     return grad, part
+
+
+def grpo_loss_triton(logps, adv, mask, old, ref, rw, nitems, cfg: _Config, write_grad: bool):
+    """The whole forward in one launch: (g [B, T] fp32 unscaled, out [5], scale [B]). The
+    partials, the outputs and the ticket counter share one zero-initialized workspace (two
+    allocations and a fill in all: host time is most of this op's cost on a GPU)."""
+    B, T = logps.shape
+    dev = logps.device
+    C, chunk_t = _row_chunks(B, T, _block_t(T), not cfg.seq)
+    n_part = NUM_PARTIALS * C * B
+    ws = torch.zeros(n_part + 5 + B + 1, device=dev, dtype=torch.float32)
+    grad = torch.empty((B, T) if write_grad else (0,), device=dev, dtype=torch.float32)
+    out, scale = ws[n_part:n_part + 5], ws[n_part + 5:n_part + 5 + B]
+    if B > 0:
+        _launch_fwd(logps, adv, mask, old, ref, rw, cfg, write_grad, grad,
+                    ws[:n_part].view(NUM_PARTIALS, C, B), C, chunk_t,
+                    final=(ws[-1:].view(torch.int32), nitems, out, scale))
+    return grad, out, scale
 
 
 def grpo_loss_finalize_triton(part, nitems, cfg: _Config, out=None, scale=None):
@@ -416,21 +461,9 @@ def grpo_loss_finalize_triton(part, nitems, cfg: _Config, out=None, scale=None):
         return out.zero_(), scale
     n_t = nitems if nitems is not None else part
     _grpo_loss_finalize_kernel[(1,)](part, n_t, out, scale, B, C, float(cfg.max_len), LOSS=cfg.loss,
-                                     HAS_NITEMS=nitems is not None,
-                                     BLOCK_B=max(16, min(1024, next_power_of_2(B))), num_warps=4)
+                                     HAS_NITEMS=nitems is not None, BLOCK_B=_block_b(B),
+                                     num_warps=4)
     return out, scale
-
-
-def grpo_loss_bwd_triton(grad, scale, gout, dtype):
-    B, T = grad.shape
-    out = torch.empty((B, T), device=grad.device, dtype=dtype)
-    if B * T == 0:
-        return out
-    block_t = _block_t(T)
-    C, chunk_t = _row_chunks(B, T, block_t)
-    _grpo_loss_bwd_kernel[(B, C)](grad, scale, gout.reshape(1), out, T, chunk_t, BLOCK_T=block_t,
-                                  num_warps=4)
-    return out
 
 
 # ---- torch path: the same analytic forward/gradient, vectorized -------------------------------
@@ -537,23 +570,28 @@ def grpo_loss_finalize_torch(part, nitems, cfg: _Config):
     return out, scale
 
 
-def grpo_loss_bwd_torch(grad, scale, gout, dtype):
-    return (grad * (scale * gout.float()).unsqueeze(-1)).to(dtype)
+def grpo_loss_bwd(grad, scale, gout, dtype):
+    """dlogps = g * scale_b * grad_output in the log-probs' dtype: two elementwise torch ops for
+    every backend (an ATen launch costs less host time than a Triton launch)."""
+    s = (scale * gout.float()).unsqueeze(-1)
+    if dtype == torch.float32 or torch.compiler.is_compiling():
+        return (grad * s).to(dtype)
+    return torch.mul(grad, s, out=torch.empty(grad.shape, dtype=dtype, device=grad.device))
 
 
 _IMPLS = {
-    "triton": (grpo_loss_fwd_triton, grpo_loss_finalize_triton, grpo_loss_bwd_triton),
-    "torch": (grpo_loss_fwd_torch, grpo_loss_finalize_torch, grpo_loss_bwd_torch),
+    "triton": (grpo_loss_fwd_triton, grpo_loss_finalize_triton),
+    "torch": (grpo_loss_fwd_torch, grpo_loss_finalize_torch),
 }
 
 
 def forward_impl(backend: str):
-    """(fwd, finalize, bwd) of a backend; used by GRPOLoss (r1kernels.nn) chunk by chunk."""
+    """(fwd, finalize) of a backend; used by GRPOLoss (r1kernels.nn) chunk by chunk."""
     return _IMPLS[backend if backend in _IMPLS else "torch"]
 
 
-# The Triton launchers as custom ops, so torch.compile sees one opaque node for the forward
-# (main kernel + finalize) and one for the backward.
+# The Triton launcher as a custom op, so torch.compile sees one opaque node for the forward (the
+# backward is two torch ops, traced as they are).
 if HAS_TRITON:
 
     @torch.library.custom_op("r1kernels_triton::grpo_loss_fwd", mutates_args=())
@@ -564,9 +602,8 @@ if HAS_TRITON:
                           tau_pos: float, tau_neg: float, max_len: float,
                           write_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg = _Config(loss, seq, eps_lo, eps_hi, delta, beta, bias_kl, tau_pos, tau_neg, max_len)
-        grad, part = grpo_loss_fwd_triton(logps, adv, mask, old, ref, rw, cfg, write_grad, split=True)
-        out, scale = grpo_loss_finalize_triton(part, nitems, cfg)
-        return grad, out, scale
+        grad, out, scale = grpo_loss_triton(logps, adv, mask, old, ref, rw, nitems, cfg, write_grad)
+        return grad, out.clone(), scale.clone()  # custom-op outputs may not alias each other
 
     @_grpo_loss_fwd_op.register_fake
     def _(logps, adv, mask, old, ref, rw, nitems, loss, seq, eps_lo, eps_hi, delta, beta, bias_kl,
@@ -575,33 +612,14 @@ if HAS_TRITON:
         grad = logps.new_empty((B, T) if write_grad else (0,), dtype=torch.float32)
         return grad, logps.new_empty(5, dtype=torch.float32), logps.new_empty(B, dtype=torch.float32)
 
-    @torch.library.custom_op("r1kernels_triton::grpo_loss_bwd", mutates_args=())
-    def _grpo_loss_bwd_op(grad: torch.Tensor, scale: torch.Tensor, gout: torch.Tensor,
-                          dtype: torch.dtype) -> torch.Tensor:
-        return grpo_loss_bwd_triton(grad, scale, gout, dtype)
-
-    @_grpo_loss_bwd_op.register_fake
-    def _(grad, scale, gout, dtype):
-        return grad.new_empty(grad.shape, dtype=dtype)
-
 
 def _fwd_finalize(backend, logps, adv, mask, old, ref, rw, nitems, cfg: _Config, write_grad: bool):
     """(g [B, T] fp32 unscaled, out [5], scale [B]) with the chosen backend."""
     if backend == "triton":
         if torch.compiler.is_compiling():  # one opaque node for the compiler
             return _grpo_loss_fwd_op(logps, adv, mask, old, ref, rw, nitems, *cfg, write_grad)
-        # eager: call the launchers directly (the custom-op wrapper costs host time per call),
-        # with one workspace allocation for the partials, the outputs and the row scale
-        B, T = logps.shape
-        C, _ = _row_chunks(B, T, _block_t(T), not cfg.seq)
-        n_part = NUM_PARTIALS * C * B
-        ws = torch.empty(n_part + 5 + B, device=logps.device, dtype=torch.float32)
-        part = ws[:n_part].view(NUM_PARTIALS, C, B)
-        grad, part = grpo_loss_fwd_triton(logps, adv, mask, old, ref, rw, cfg, write_grad, part,
-                                          split=True)
-        out, scale = grpo_loss_finalize_triton(part, nitems, cfg, ws[n_part:n_part + 5],
-                                               ws[n_part + 5:])
-        return grad, out, scale
+        # eager: the launcher directly (the custom-op wrapper costs host time per call)
+        return grpo_loss_triton(logps, adv, mask, old, ref, rw, nitems, cfg, write_grad)
     grad, part = grpo_loss_fwd_torch(logps, adv, mask, old, ref, rw, cfg, write_grad)
     out, scale = grpo_loss_finalize_torch(part, nitems, cfg)
     return grad, out, scale
@@ -618,7 +636,6 @@ class GRPOLossFunction(torch.autograd.Function):
     def forward(ctx, logps, adv, mask, old, ref, rw, nitems, cfg, backend, write_grad):
         grad, out, scale = _fwd_finalize(backend, logps, adv, mask, old, ref, rw, nitems, cfg,
                                          write_grad)
-        ctx.backend = backend
         ctx.lp_dtype = logps.dtype
         ctx.save_for_backward(grad, scale)
         ctx.mark_non_differentiable(out)
@@ -629,11 +646,7 @@ class GRPOLossFunction(torch.autograd.Function):
         grad, scale = ctx.saved_tensors
         dlp = None
         if ctx.needs_input_grad[0]:
-            if ctx.backend == "triton":
-                bwd = _grpo_loss_bwd_op if torch.compiler.is_compiling() else grpo_loss_bwd_triton
-                dlp = bwd(grad, scale, gloss, ctx.lp_dtype)
-            else:
-                dlp = grpo_loss_bwd_torch(grad, scale, gloss, ctx.lp_dtype)
+            dlp = grpo_loss_bwd(grad, scale, gloss, ctx.lp_dtype)
         return dlp, None, None, None, None, None, None, None, None, None
 
 
