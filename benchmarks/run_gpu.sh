@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # One GPU session: build the extension, check every op on the GPU, time every target.
 #
-#   bash benchmarks/run_gpu.sh [steps]     steps: any of build tests bench step (default: all)
+#   bash benchmarks/run_gpu.sh [steps]     steps: any of build tests bench step tune
+#                                          (default: build tests bench step)
+#   tune: benchmarks/tune_fused_logits.py, the launch configurations of the fused logits kernels
+#   (the segmented kernel's cooperative launch is checked there: it runs only on a GPU)
 #
 # Logs go to $OUT (default .gpu-out/). Optional wheels for the baselines (trl, liger-kernel,
 # cut-cross-entropy and what they need) are installed from .whl/ when that folder exists.
@@ -37,6 +40,9 @@ if has tests; then
   timeout "${TEST_TIMEOUT:-300}" $PY -m pytest tests -q -p no:cacheprovider -n "${TEST_WORKERS:-8}" \
     ${TEST_K:+-k "$TEST_K"} >"$OUT/tests.log" 2>&1
   echo "tests: exit $?"; grep -E "passed|failed|FAILED|Error" "$OUT/tests.log" | tail -40
+fi
+if has tune; then
+  timeout "${TUNE_TIMEOUT:-300}" $PY benchmarks/tune_fused_logits.py 2>&1 | tee "$OUT/tune.log" | tail -30
 fi
 if has step; then
   timeout "${STEP_TIMEOUT:-180}" $PY -m trainer.bench_step --out "$OUT/bench_step.json" 2>&1 | tail -5

@@ -1,8 +1,10 @@
-"""Launch-configuration sweep and GPU check of the fused logits kernel (ops/token_logprobs.py,
-`_token_logprobs_fused_kernel`): token_logprobs_fwd_bwd on [16384, 151936] bf16 and
-GRPOLoss.from_logits on [16, 1025, 151936] bf16 (in place), for each (programs per SM, warps,
-block) in CONFIGS. Prints one line per configuration; the floor is one read + one write of the
-logits at the measured copy bandwidth.
+"""Launch-configuration sweep and GPU check of the fused logits kernels (ops/token_logprobs.py,
+`_token_logprobs_fused_kernel` and the segmented `_token_logprobs_seg_kernel`):
+token_logprobs_fwd_bwd on [16384, 151936] bf16 and GRPOLoss.from_logits on [16, 1025, 151936]
+bf16 (in place), for each configuration in CONFIGS. Every configuration is first checked on the
+GPU (the segmented kernel's cooperative launch runs only there): token_logprobs_fwd_bwd on 1024
+rows against float64, from_logits on 2 sequences against the torch backend. Prints one line per
+configuration; the floor is one read + one write of the logits at the measured copy bandwidth.
 
     python benchmarks/tune_fused_logits.py
 """
@@ -14,11 +16,18 @@ import triton.testing
 
 import r1kernels
 from r1kernels import dispatch
+from r1kernels.ops import token_logprobs as tlp_mod
 
-# (programs per SM (0: two launches, one program per row), warps, block, per-lane statistics)
-CONFIGS = [(2, 16, 4096, 1), (1, 16, 4096, 1), (1, 16, 8192, 1), (2, 8, 4096, 1), (3, 8, 4096, 1),
-           (4, 4, 2048, 1), (2, 16, 8192, 0), (1, 16, 16384, 0), (2, 16, 4096, 0), (0, 8, 4096, 1),
-           (0, 8, 4096, 0), (0, 16, 8192, 1)]
+# (programs per SM (0: two launches, one program per row; -1: segmented kernel), warps, block
+# (segment width for -1), per-lane statistics (register cap per thread for -1, 0: none))
+CONFIGS = [(0, 8, 4096, 0), (2, 16, 4096, 1),
+           (-1, 4, 4096, 128), (-1, 8, 8192, 128), (-1, 4, 4096, 0), (-1, 8, 8192, 0),
+           (-1, 16, 16384, 0), (-1, 2, 2048, 0), (-1, 8, 4096, 0), (-1, 4, 2048, 0)]
+
+
+def _rel(a, r):
+    r = r.double()
+    return ((a.double() - r).norm() / r.norm().clamp(min=1e-30)).item()
 
 
 def bench(fn):
@@ -40,21 +49,18 @@ def main():
     del src, dst
     print(f"copy {copy_bw:.0f} GB/s; floor (read + write the logits) {floor_ms:.3f} ms", flush=True)
 
-    # correctness on the GPU at the real vocabulary: fused vs autograd (first 1024 rows)
+    # float64 reference on the first 1024 rows, and the autograd path checked against it
     n = 1024
-    xs = x[:n].clone().requires_grad_(True)
-    lp, en = r1kernels.token_logprobs(xs, y[:n], with_entropy=True)
-    ((lp * glp[:n]).sum() + (en * gent[:n]).sum()).backward()
-    lp2, en2, g2 = r1kernels.token_logprobs_fwd_bwd(x[:n].clone(), y[:n], glp[:n], grad_entropy=gent[:n],
-                                                    with_entropy=True)
     xr = x[:n].double().requires_grad_(True)
     lr, er = r1kernels.reference.token_logprobs_ref(xr, y[:n], with_entropy=True)
     ((lr * glp[:n].double()).sum() + (er * gent[:n].double()).sum()).backward()
-    for name, a, r in (("logp", lp2, lr), ("entropy", en2, er), ("grad", g2, xr.grad),
-                       ("grad(autograd path)", xs.grad, xr.grad)):
-        err = ((a.double() - r).norm() / r.norm()).item()
-        print(f"check {name}: rel err {err:.2e} max abs {(a.double() - r).abs().max().item():.2e}")
-    del xs, xr, lr, er, g2
+    ref_tok = (lr.detach(), er.detach(), xr.grad)
+    del xr
+    xs = x[:n].clone().requires_grad_(True)
+    lp, en = r1kernels.token_logprobs(xs, y[:n], with_entropy=True)
+    ((lp * glp[:n]).sum() + (en * gent[:n]).sum()).backward()
+    print(f"check autograd path: grad rel err {_rel(xs.grad, ref_tok[2]):.2e}")
+    del xs
 
     B, T1 = 16, 1025
     full = (torch.randn(B, T1, V, device=dev) * 2).to(torch.bfloat16)
@@ -65,18 +71,27 @@ def main():
     adv = torch.randn(B, device=dev)
     mask = torch.rand(B, T1 - 1, device=dev) < 0.9
     loss_fn = r1kernels.GRPOLoss(loss_type="dapo", beta=0.04, epsilon_high=0.28, with_entropy=False)
-    # GPU check of the fused GRPO path against the unfused torch backend on 2 sequences
+    # reference for the fused GRPO path: the unfused torch backend on 2 sequences
     sub = full[:2, :-1].float().clone()
-    outs = []
-    for be in ("triton", "torch"):
+
+    def from_logits_small(be):
         xx = sub.clone().requires_grad_(True)
         with dispatch.use_backend(be):
             o = loss_fn.from_logits(xx, ids[:2], mask[:2], adv[:2], old_logps=old[:2], ref_logps=ref[:2])
         o.loss.backward()
-        outs.append((o.loss.item(), xx.grad))
-    print(f"check from_logits: loss {outs[0][0]:.6f} vs torch {outs[1][0]:.6f}; grad max abs diff "
-          f"{(outs[0][1] - outs[1][1]).abs().max().item():.2e} (max {outs[1][1].abs().max().item():.2e})")
-    del sub, outs
+        return o.loss.item(), xx.grad
+    ref_fl = from_logits_small("torch")
+
+    def check(cfg):
+        """GPU check of one configuration: (rel err of logp, entropy, grad vs float64; loss and
+        gradient of from_logits vs the torch backend)."""
+        lp2, en2, g2 = r1kernels.token_logprobs_fwd_bwd(x[:n].clone(), y[:n], glp[:n],
+                                                        grad_entropy=gent[:n], with_entropy=True)
+        errs = [_rel(a, r) for a, r in zip((lp2, en2, g2), ref_tok)]
+        loss, g = from_logits_small("triton")
+        errs.append(abs(loss - ref_fl[0]) / max(abs(ref_fl[0]), 1e-12))
+        errs.append(_rel(g, ref_fl[1]))
+        return errs
 
     xin = full.detach()[:, :-1]
     # baselines of the same run: token_logprobs forward + backward through autograd (three passes)
@@ -101,10 +116,18 @@ def main():
         del fl
     except Exception as exc:  # noqa: BLE001
         print(f"liger not available: {exc!r}"[:200])
-    print(f"{'config':>16} {'fwd_bwd ms':>11} {'inplace ms':>11} {'%floor':>7} {'from_logits ms':>15}")
+    print(f"{'config':>18} {'fwd_bwd ms':>11} {'inplace ms':>11} {'%floor':>7} {'from_logits ms':>15}"
+          f"  launch        errors (logp, entropy, grad, from_logits loss, grad)")
     for cfg in CONFIGS:
         os.environ["R1K_FUSED_LOGITS"] = ",".join(map(str, cfg))
         try:
+            tlp_mod.SEG_LAST_LAUNCH = "-"
+            errs = check(cfg)
+            launch = tlp_mod.SEG_LAST_LAUNCH
+            bad = [e for e in errs if not e < 2e-2]  # bf16 logits: ~1e-3; NaN fails
+            if bad:
+                print(f"{str(cfg):>18} WRONG: errors {['%.1e' % e for e in errs]}", flush=True)
+                continue
             t1 = bench(lambda: r1kernels.token_logprobs_fwd_bwd(x, y, glp, grad_entropy=gent,
                                                                with_entropy=True))
             xi = x.clone()
@@ -118,9 +141,10 @@ def main():
                 return torch.autograd.grad(out.loss, xg)
             t3 = bench(step)
         except Exception as exc:  # noqa: BLE001 - report and go on with the next configuration
-            print(f"{str(cfg):>16} failed: {exc!r}"[:300])
+            print(f"{str(cfg):>18} failed: {exc!r}"[:300])
             continue
-        print(f"{str(cfg):>16} {t1:11.3f} {t2:11.3f} {100 * floor_ms / t2:6.0f}% {t3:15.3f}", flush=True)
+        print(f"{str(cfg):>18} {t1:11.3f} {t2:11.3f} {100 * floor_ms / t2:6.0f}% {t3:15.3f}  "
+              f"{launch:<12}  {' '.join('%.1e' % e for e in errs)}", flush=True)
 
 
 if __name__ == "__main__":

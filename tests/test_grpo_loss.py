@@ -133,7 +133,7 @@ def test_ties_on_policy(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("B,T", [(1, 1), (3, 1), (1, 1025), (7, 2049), (2, 13)])
+@pytest.mark.parametrize("B,T", [(1, 1), (3, 1), (1, 1025), (7, 2049), (2, 13), (300, 3)])
 def test_shapes(backend, B, T):
     lp, old, ref, adv, mask, rw = make_inputs(B, T, seed=B * 31 + T)
     for level in ("token", "sequence"):

@@ -367,12 +367,17 @@ def test_from_logits_sliced_like_liger(backend, inplace):
         torch.testing.assert_close(full[:, :-1], x.grad)
 
 
-@pytest.mark.parametrize("config", [(2, 16, 4096, 1), (1, 8, 256, 0), (0, 8, 1024, 1)],
-                         ids=["persistent-lanes", "persistent-block-stats", "two-launches"])
+@pytest.mark.parametrize("config", [(2, 16, 4096, 1), (1, 8, 256, 0), (0, 8, 1024, 1),
+                                    (-1, 4, 64, 128), (-1, 4, 4096, 0)],
+                         ids=["persistent-lanes", "persistent-block-stats", "two-launches",
+                              "segments-5", "segment-whole-row"])
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo", "cispo", "sapo"])
-def test_from_logits_fused_kernel_configs(monkeypatch, config, loss_type):
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
+def test_from_logits_fused_kernel_configs(monkeypatch, config, loss_type, inplace):
     """GRPOLoss.from_logits on the Triton backend (one fused kernel computes the loss's dL/dlogp
-    per row) in each launch configuration equals the torch backend, on a sliced [B, T+1, V]."""
+    per row) in each launch configuration equals the torch backend, on a sliced [B, T+1, V], also
+    with the gradient written over the logits (where the segmented kernel must not read a label
+    logit that another segment's program has already overwritten)."""
     if "triton" not in dispatch.available_backends("grpo_loss", DEVICE):
         pytest.skip("Triton backend not available here")
     from r1kernels.ops import token_logprobs as tlp_mod
@@ -392,7 +397,8 @@ def test_from_logits_fused_kernel_configs(monkeypatch, config, loss_type):
         x = full.clone()[:, :-1].requires_grad_(True)
         with dispatch.use_backend(be):
             out = GRPOLoss(**opts).from_logits(x, d["labels"].to(DEVICE), d["mask"].to(DEVICE),
-                                               d["adv"].float().to(DEVICE), **to_dev(kw))
+                                               d["adv"].float().to(DEVICE), inplace=inplace,
+                                               **to_dev(kw))
         out.loss.backward()
         res.append((out.loss.item(), {k: v.item() for k, v in out.metrics.items()}, x.grad))
     assert res[0][0] == pytest.approx(res[1][0], rel=1e-5, abs=1e-7)

@@ -372,11 +372,29 @@ def test_fwd_bwd_empty_and_bad_input(backend):
                                              torch.zeros(4, device=DEVICE))
 
 
-@pytest.mark.parametrize("config", [(2, 16, 4096, 1), (1, 8, 256, 0), (3, 4, 64, 1), (0, 8, 1024, 1)],
-                         ids=["lanes", "block-stats", "small-blocks", "two-launches"])
-def test_fwd_bwd_launch_configs(monkeypatch, config):
-    """Every pass-1 variant of the fused kernel (per-lane or block statistics) and block width
-    computes the same numbers (Triton backend; on CPU in the interpreter)."""
+def test_segments_of_a_row():
+    """The segmented kernel's split: power-of-two widths of at least 64 columns, never more than
+    SEG_MAX_SEGMENTS per row (the width grows instead), the partials padded to a power of two."""
+    assert tlp_mod.segments(151936, 4096) == (4096, 38, 64)
+    assert tlp_mod.segments(151936, 8192) == (8192, 19, 32)
+    assert tlp_mod.segments(262144, 1024) == (4096, 64, 64)
+    assert tlp_mod.segments(1000, 16) == (64, 16, 16)
+    assert tlp_mod.segments(7, 4096) == (64, 1, 2)
+    for V in (1, 63, 64, 65, 4097, 151936, 262145):
+        seg, S, S_PAD = tlp_mod.segments(V, 64)
+        assert (S - 1) * seg < V <= S * seg and S <= tlp_mod.SEG_MAX_SEGMENTS and S <= S_PAD
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
+@pytest.mark.parametrize("config", [(2, 16, 4096, 1), (1, 8, 256, 0), (3, 4, 64, 1), (0, 8, 1024, 1),
+                                    (-1, 4, 64, 128), (-1, 2, 128, 0), (-1, 8, 4096, 0)],
+                         ids=["lanes", "block-stats", "small-blocks", "two-launches",
+                              "segments-24", "segments-12", "segment-whole-row"])
+def test_fwd_bwd_launch_configs(monkeypatch, config, inplace):
+    """Every pass-1 variant of the fused kernel (per-lane or block statistics), block width and
+    the segmented kernel (rows split over programs: 24 segments of 64 columns, 12 of 128, one
+    segment for the whole row) compute the same numbers, also
+    with the gradient written over the logits (Triton backend; on CPU in the interpreter)."""
     if "triton" not in dispatch.available_backends(OP, DEVICE):
         pytest.skip("Triton backend not available here")
     monkeypatch.setattr(tlp_mod, "FUSED_CONFIG", config)
@@ -387,10 +405,12 @@ def test_fwd_bwd_launch_configs(monkeypatch, config):
     labels = torch.randint(0, V, (N,))
     labels[5] = -100
     glp, gent = torch.randn(N), torch.randn(N)
+    x = logits.clone().to(DEVICE)  # a copy: in place overwrites it
     with dispatch.use_backend("triton"):
         logp, ent, grad = r1kernels.token_logprobs_fwd_bwd(
-            logits.to(DEVICE), labels.to(DEVICE), glp.to(DEVICE), grad_entropy=gent.to(DEVICE),
-            with_entropy=True, temperature=1.3)
+            x, labels.to(DEVICE), glp.to(DEVICE), grad_entropy=gent.to(DEVICE),
+            with_entropy=True, temperature=1.3, inplace=inplace)
+    assert (grad.data_ptr() == x.data_ptr()) == inplace
     lr, er, gr = _fwd_bwd_ref(logits, labels, glp, gent, 1.3)
     torch.testing.assert_close(logp.cpu().double(), lr, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ent.cpu().double(), er, rtol=1e-5, atol=1e-5)

@@ -407,11 +407,13 @@ def _launch_fwd(logps, adv, mask, old, ref, rw, cfg: _Config, write_grad: bool, 
         LOSS=cfg.loss, SEQ=cfg.seq, HAS_OLD=old is not None, HAS_DELTA=cfg.delta is not None,
         HAS_RW=rw is not None, BETA_NZ=cfg.beta != 0.0, BIAS_KL=cfg.bias_kl,
         WRITE_GRAD=write_grad, BLOCK_T=_block_t(T), FINALIZE=final is not None,
-        HAS_NITEMS=has_nitems, BLOCK_B=_block_b(B), num_warps=4)
+        HAS_NITEMS=has_nitems, BLOCK_B=_block_b(B, 256), num_warps=4)
 
 
-def _block_b(B: int) -> int:
-    return max(16, min(1024, next_power_of_2(B)))
+def _block_b(B: int, most: int = 1024) -> int:
+    """Rows per step of the finalize loop (256 at most inside the forward kernel: its registers
+    count for every program of the launch)."""
+    return max(16, min(most, next_power_of_2(B)))
 
 
 def grpo_loss_fwd_triton(logps, adv, mask, old, ref, rw, cfg: _Config, write_grad: bool = True,

@@ -164,6 +164,49 @@ def _token_logprobs_bwd_kernel(x_ptr, stride_x, g_ptr, stride_g, labels_ptr, bia
         tl.store(g_row + c, g.to(g_ptr.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def _row_result(m, s, w, zt, valid, ignored):
+    """(lse, logp, entropy) of a row from its merged statistics and its label's scaled logit zt;
+    logp is NaN for a label out of range (`valid` false: the launchers reject those first) and 0
+    on ignored rows."""
+    lse = m + tl.log(s)
+    logp = tl.where(valid, (zt - m) - tl.log(s), float("nan"))
+    logp = tl.where(ignored, 0.0, logp)
+    ent = tl.log(s) - w / s
+    return lse, logp, ent
+
+
+@triton.jit
+def _grpo_token_dlogp(logp, row, b, old_ptr, ref_ptr, adv_ptr, mask_ptr, rw_ptr, scale_ptr,
+                      eps_lo, eps_hi, delta, beta, tau_pos, tau_neg, LOSS: tl.constexpr,
+                      HAS_OLD: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_RW: tl.constexpr,
+                      BETA_NZ: tl.constexpr, BIAS_KL: tl.constexpr):
+    """dL/dlogp of token `row` (sequence b) under the GRPO loss (r1kernels/ops/grpo_loss.py,
+    token-level ratio), scaled by the row's loss scale; computed on 1-element blocks."""
+    one = tl.arange(0, 1)
+    lp1 = tl.zeros([1], dtype=tl.float32) + logp
+    if HAS_OLD:
+        old1 = tl.load(old_ptr + row + one).to(tl.float32)
+    else:
+        old1 = lp1
+    if BETA_NZ:
+        ref1 = tl.load(ref_ptr + row + one).to(tl.float32)
+    else:
+        ref1 = lp1
+    a1 = tl.load(adv_ptr + row + one).to(tl.float32)
+    m1 = tl.load(mask_ptr + row + one).to(tl.float32)
+    if HAS_RW:
+        rw1 = tl.load(rw_ptr + row + one).to(tl.float32)
+    else:
+        rw1 = lp1
+    c1 = tl.exp(lp1 - old1)
+    pol, g_dir, g_c1, kl, low, high = _grpo_token_terms(
+        lp1, old1, ref1, a1, rw1, c1, eps_lo, eps_hi, delta, beta, tau_pos, tau_neg,
+        LOSS, HAS_DELTA, HAS_RW, BETA_NZ, BIAS_KL)
+    g1 = tl.where(m1 != 0.0, (g_dir + g_c1 * c1) * m1, 0.0)
+    return tl.sum(g1, axis=0) * tl.load(scale_ptr + b)
+
+
 # Forward and backward in one kernel, for callers that know dL/dlogp (and dL/dentropy) of a row as
 # soon as its log-prob is known: either given up front (MODE 0: `token_logprobs_fwd_bwd`, e.g. a
 # loss linear in the log-probs) or the GRPO loss's own per-token derivative (MODE 1: the fused
@@ -201,7 +244,6 @@ def _token_logprobs_fused_kernel(
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_V)
-    one = tl.arange(0, 1)
     for r in range(pid, N, nprog):
         row = tl.cast(r, tl.int64)
         b = row // T
@@ -252,10 +294,7 @@ def _token_logprobs_fused_kernel(
                     m, s, w = _online_stats_update(m, s, w, z, ENTROPY)
             valid = (label >= 0) & (label < V)
             zt = tl.load(x_row + label, mask=valid, other=0.0).to(tl.float32) * inv_temp
-            lse = m + tl.log(s)
-            logp = tl.where(valid, (zt - m) - tl.log(s), float("nan"))
-            logp = tl.where(ignored, 0.0, logp)
-            ent = tl.log(s) - w / s
+            lse, logp, ent = _row_result(m, s, w, zt, valid, ignored)
             tl.store(out_ptr + row, logp)
             if ENTROPY:
                 tl.store(out_ptr + N + row, tl.where(ignored, 0.0, ent))
@@ -272,28 +311,9 @@ def _token_logprobs_fused_kernel(
                 if HAS_DENT:
                     dent = tl.load(gent_ptr + row).to(tl.float32)
             else:
-                # the GRPO loss of this token (r1kernels/ops/grpo_loss.py), on 1-element blocks
-                lp1 = tl.zeros([1], dtype=tl.float32) + logp
-                if HAS_OLD:
-                    old1 = tl.load(old_ptr + row + one).to(tl.float32)
-                else:
-                    old1 = lp1
-                if BETA_NZ:
-                    ref1 = tl.load(ref_ptr + row + one).to(tl.float32)
-                else:
-                    ref1 = lp1
-                a1 = tl.load(adv_ptr + row + one).to(tl.float32)
-                m1 = tl.load(mask_ptr + row + one).to(tl.float32)
-                if HAS_RW:
-                    rw1 = tl.load(rw_ptr + row + one).to(tl.float32)
-                else:
-                    rw1 = lp1
-                c1 = tl.exp(lp1 - old1)
-                pol, g_dir, g_c1, kl, low, high = _grpo_token_terms(
-                    lp1, old1, ref1, a1, rw1, c1, eps_lo, eps_hi, delta, beta, tau_pos, tau_neg,
-                    LOSS, HAS_DELTA, HAS_RW, BETA_NZ, BIAS_KL)
-                g1 = tl.where(m1 != 0.0, (g_dir + g_c1 * c1) * m1, 0.0)
-                dlp = tl.sum(g1, axis=0) * tl.load(scale_ptr + b)
+                dlp = _grpo_token_dlogp(logp, row, b, old_ptr, ref_ptr, adv_ptr, mask_ptr, rw_ptr,
+                                        scale_ptr, eps_lo, eps_hi, delta, beta, tau_pos, tau_neg,
+                                        LOSS, HAS_OLD, HAS_DELTA, HAS_RW, BETA_NZ, BIAS_KL)
             dlp = tl.where(ignored, 0.0, dlp)
             dent = tl.where(ignored, 0.0, dent)
             for start in range(0, V, BLOCK_V):
@@ -306,12 +326,150 @@ def _token_logprobs_fused_kernel(
                          eviction_policy="evict_first")
 
 
+# Segmented variant (the row held on chip between its statistics and its gradient): each row is
+# split into S segments of SEG columns, one program per segment. A program loads its segment once
+# into registers, writes the segment's partial statistics (max, sum-exp, entropy sum) to `part`,
+# and, once all S partials of the row are in (a per-row arrival counter), merges them, computes
+# dL/dlogp (given, or the GRPO token terms) and writes the gradient of its segment from the
+# registers: the logits are read once and the gradient written once, 2 * N * V * itemsize bytes
+# (the two-pass floor, 3.3 ms at N=16384, V=151936 bf16 on an H100) instead of 3 passes.
+# PHASE 0 is that single launch: a persistent grid of whole rows' worth of programs (programs
+# pid = slot * S + seg walk rows slot, slot + n_slots, ... together) launched as a cooperative
+# grid, so every program is resident and waiting on the counter cannot deadlock (the driver
+# rejects a grid too large to be co-resident). PHASE 1 (partials only) + PHASE 2 (merge and
+# gradient, the segment loaded again) are the same code as two ordinary launches: what the
+# interpreter runs (it executes programs one after another, so a wait would never end) and
+# the fallback where a cooperative launch is refused.
+
+
+@triton.jit
+def _seg_stats(x, c, label, m, s, w, zt, inv_temp, ENTROPY: tl.constexpr):
+    """Merge a held block x (raw logits, columns c) into the segment's statistics; zt gathers the
+    label's scaled logit when the label is among the columns."""
+    z = x.to(tl.float32) * inv_temp
+    m, s, w = _online_stats_update(m, s, w, z, ENTROPY)
+    return m, s, w, zt + tl.sum(tl.where(c == label, z, 0.0), axis=0)
+
+
+@triton.jit
+def _seg_grad(x, c, g_row, label, lse, ent, dlp, dent, inv_temp, V, HAS_DENT: tl.constexpr):
+    """Write dL/dlogits of a held block x (raw logits, columns c)."""
+    if x.dtype == tl.bfloat16:
+        # bf16 -> fp32 by hand: the compiler cannot merge it with the statistics' conversion, so
+        # it keeps the held block as packed bf16 instead of an fp32 copy (half the registers)
+        xf = (x.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    else:
+        xf = x.to(tl.float32)
+    g = _logits_grad(xf, c == label, lse, ent, dlp, dent, inv_temp, HAS_DENT)
+    tl.store(g_row + c, g.to(g_row.dtype.element_ty), mask=c < V)
+
+
+@triton.jit
+def _token_logprobs_seg_kernel(
+        x_ptr, s_xb, s_xt, g_ptr, s_gb, s_gt, labels_ptr, out_ptr, part_ptr, cnt_ptr,
+        glp_ptr, gent_ptr,
+        old_ptr, ref_ptr, adv_ptr, mask_ptr, rw_ptr, scale_ptr,
+        N, T, V, S, inv_temp, ignore_index,
+        eps_lo, eps_hi, delta, beta, tau_pos, tau_neg,
+        MODE: tl.constexpr, ENTROPY: tl.constexpr, HAS_DENT: tl.constexpr,
+        LOSS: tl.constexpr, HAS_OLD: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_RW: tl.constexpr,
+        BETA_NZ: tl.constexpr, BIAS_KL: tl.constexpr, SEG: tl.constexpr, S_PAD: tl.constexpr,
+        PHASE: tl.constexpr):
+    # the segment is held as four quarters, all loaded before any is used (four loads in flight
+    # per thread and row), so that the fp32 temporaries of the statistics and of the gradient
+    # exist for one quarter at a time: registers go to the held logits (in their own dtype)
+    Q: tl.constexpr = SEG // 4
+    pid = tl.program_id(0)
+    seg = pid % S
+    slot = pid // S
+    n_slots = tl.num_programs(0) // S
+    ca = seg * SEG + tl.arange(0, Q)
+    cb = ca + Q
+    cc = cb + Q
+    cd = cc + Q
+    k = tl.arange(0, S_PAD)
+    k_ok = k < S
+    zero = tl.sum(tl.zeros([S_PAD], dtype=tl.float32), axis=0)
+    for r in range(slot, N, n_slots):
+        row = tl.cast(r, tl.int64)
+        b = row // T
+        t_ = row - b * T
+        x_row = x_ptr + b * s_xb + t_ * s_xt
+        label = tl.load(labels_ptr + row).to(tl.int64)
+        ignored = label == ignore_index
+        valid = (label >= 0) & (label < V)
+        xa = tl.load(x_row + ca, mask=ca < V, other=float("-inf"))
+        xb = tl.load(x_row + cb, mask=cb < V, other=float("-inf"))
+        xc = tl.load(x_row + cc, mask=cc < V, other=float("-inf"))
+        xd = tl.load(x_row + cd, mask=cd < V, other=float("-inf"))
+        p_row = part_ptr + row * (4 * S_PAD)
+        if PHASE != 2:
+            m_s, s_s, w_s, zt_s = _seg_stats(xa, ca, label, zero - float("inf"), zero, zero, zero,
+                                             inv_temp, ENTROPY)
+            m_s, s_s, w_s, zt_s = _seg_stats(xb, cb, label, m_s, s_s, w_s, zt_s, inv_temp, ENTROPY)
+            m_s, s_s, w_s, zt_s = _seg_stats(xc, cc, label, m_s, s_s, w_s, zt_s, inv_temp, ENTROPY)
+            m_s, s_s, w_s, zt_s = _seg_stats(xd, cd, label, m_s, s_s, w_s, zt_s, inv_temp, ENTROPY)
+            # the segment holding the label keeps its logit with the partials: with the gradient
+            # written in place, the label's column may be overwritten before the others read it
+            tl.store(p_row + 3 * S_PAD, zt_s, mask=valid & (label // SEG == seg))
+            tl.store(p_row + seg, m_s)
+            tl.store(p_row + S_PAD + seg, s_s)
+            if ENTROPY:
+                tl.store(p_row + 2 * S_PAD + seg, w_s)
+            if PHASE == 0:
+                # this program's partials are stored (barrier), then announced (release)
+                tl.debug_barrier()
+                tl.atomic_add(cnt_ptr + row, 1, sem="release", scope="gpu")
+        if PHASE != 1:
+            if PHASE == 0:
+                arrived = tl.atomic_add(cnt_ptr + row, 0, sem="acquire", scope="gpu")
+                while arrived < S:
+                    arrived = tl.atomic_add(cnt_ptr + row, 0, sem="acquire", scope="gpu")
+            # merge the S partials (read from L2: other programs wrote them)
+            pm = tl.load(p_row + k, mask=k_ok, other=float("-inf"), cache_modifier=".cg")
+            ps = tl.load(p_row + S_PAD + k, mask=k_ok, other=0.0, cache_modifier=".cg")
+            m = tl.max(pm, axis=0)
+            m_ref = tl.where(m == float("-inf"), 0.0, m)
+            f = tl.exp(pm - m_ref)
+            s = tl.sum(ps * f, axis=0)
+            w = zero
+            if ENTROPY:
+                pw = tl.load(p_row + 2 * S_PAD + k, mask=k_ok, other=0.0, cache_modifier=".cg")
+                w = tl.sum(f * (pw + ps * tl.where(ps > 0.0, pm - m_ref, 0.0)), axis=0)
+            zt = tl.load(p_row + 3 * S_PAD, mask=valid, other=0.0, cache_modifier=".cg")
+            lse, logp, ent = _row_result(m, s, w, zt, valid, ignored)
+            if seg == 0:
+                tl.store(out_ptr + row, logp)
+                if ENTROPY:
+                    tl.store(out_ptr + N + row, tl.where(ignored, 0.0, ent))
+            dent = zero
+            if MODE == 0:
+                dlp = tl.load(glp_ptr + row).to(tl.float32)
+                if HAS_DENT:
+                    dent = tl.load(gent_ptr + row).to(tl.float32)
+            else:
+                dlp = _grpo_token_dlogp(logp, row, b, old_ptr, ref_ptr, adv_ptr, mask_ptr, rw_ptr,
+                                        scale_ptr, eps_lo, eps_hi, delta, beta, tau_pos, tau_neg,
+                                        LOSS, HAS_OLD, HAS_DELTA, HAS_RW, BETA_NZ, BIAS_KL)
+            dlp = tl.where(ignored, 0.0, dlp)
+            dent = tl.where(ignored, 0.0, dent)
+            g_row = g_ptr + b * s_gb + t_ * s_gt
+            _seg_grad(xa, ca, g_row, label, lse, ent, dlp, dent, inv_temp, V, HAS_DENT)
+            _seg_grad(xb, cb, g_row, label, lse, ent, dlp, dent, inv_temp, V, HAS_DENT)
+            _seg_grad(xc, cc, g_row, label, lse, ent, dlp, dent, inv_temp, V, HAS_DENT)
+            _seg_grad(xd, cd, g_row, label, lse, ent, dlp, dent, inv_temp, V, HAS_DENT)
+
+
 # launch configuration of the fused kernel: programs per SM, warps per program, block width,
 # per-lane statistics (1) or block statistics (0) in pass 1. programs_per_sm = 0: two launches of
 # one program per row instead (PHASE 1 statistics, PHASE 2 gradient: the row is read twice from
-# HBM, no grid-size limit). Tuned on an H100 (BENCHMARKS.md); override with
-# R1K_FUSED_LOGITS="programs_per_sm,warps,block,lanes".
+# HBM, no grid-size limit). programs_per_sm = -1: the segmented kernel (segments of `block`
+# columns, `warps` per program, the 4th field a register cap per thread, 0 for none), one
+# cooperative launch on CUDA; (-1, 4, 4096, 128) holds 32 logits per thread in <= 128 registers
+# (no spills on sm_90), 4 programs per SM. Tuned on an H100 (BENCHMARKS.md; the segmented kernel
+# is not measured yet); override with R1K_FUSED_LOGITS="programs_per_sm,warps,block,lanes".
 FUSED_CONFIG = (0, 8, 4096, 0)
+SEG_MAX_SEGMENTS = 64  # the segmented kernel merges at most this many partials per row
 
 
 def _fused_config() -> tuple[int, int, int, int]:
@@ -330,6 +488,51 @@ def _num_programs(device: torch.device, n_rows: int, per_sm: int) -> int:
     return max(1, min(n_rows, sms * per_sm))
 
 
+def _resident_programs(kernel, device: torch.device) -> int:
+    """How many programs of a compiled kernel fit on the GPU at once: the driver's occupancy
+    query (cuOccupancyMaxActiveBlocksPerMultiprocessor) times the SM count, or, where libcuda
+    cannot be asked, the same arithmetic by hand (registers per warp in units of 256, shared
+    memory, threads and blocks per SM)."""
+    kernel._init_handles()  # loads the module: fills n_regs and the function handle
+    props = torch.cuda.get_device_properties(device)
+    warps = kernel.metadata.num_warps
+    shared = kernel.metadata.shared
+    try:
+        import ctypes
+
+        cuda = ctypes.CDLL("libcuda.so.1")
+        blocks = ctypes.c_int(0)
+        err = cuda.cuOccupancyMaxActiveBlocksPerMultiprocessor(
+            ctypes.byref(blocks), ctypes.c_void_p(kernel.function), ctypes.c_int(32 * warps),
+            ctypes.c_size_t(shared))
+        if err == 0:
+            return blocks.value * props.multi_processor_count
+    except (OSError, AttributeError):
+        pass
+    regs_sm = getattr(props, "regs_per_multiprocessor", 65536)
+    threads_sm = getattr(props, "max_threads_per_multi_processor", 2048)
+    smem_sm = getattr(props, "shared_memory_per_multiprocessor", 233472)
+    per_warp = -(-max(kernel.n_regs, 1) * 32 // 256) * 256
+    by_regs = (regs_sm // per_warp) // warps
+    by_threads = threads_sm // (32 * warps)
+    by_smem = smem_sm // (shared + 1024) if shared else 32
+    return max(0, min(by_regs, by_threads, by_smem, 32)) * props.multi_processor_count
+
+
+_SEG_GRID: dict = {}  # (device, kernel specialization) -> resident programs
+SEG_LAST_LAUNCH = ""  # how the segmented kernel last ran ("cooperative" / "two launches")
+
+
+def segments(V: int, seg: int) -> tuple[int, int, int]:
+    """(SEG, S, S_PAD) of the segmented kernel: segments of SEG columns (a power of two, at least
+    V / SEG_MAX_SEGMENTS), S of them per row, S_PAD the next power of two."""
+    seg = max(64, min(next_power_of_2(seg), next_power_of_2(V)))
+    while -(-V // seg) > SEG_MAX_SEGMENTS:
+        seg *= 2
+    S = -(-V // seg)
+    return seg, S, max(2, next_power_of_2(S))
+
+
 def fused_triton(x3: torch.Tensor, labels: torch.Tensor, g3: torch.Tensor, inv_temp: float,
                  ignore_index: int, with_entropy: bool, *, grad_logp=None, grad_entropy=None,
                  grpo=None) -> torch.Tensor:
@@ -344,9 +547,6 @@ def fused_triton(x3: torch.Tensor, labels: torch.Tensor, g3: torch.Tensor, inv_t
     if n == 0:
         return out
     per_sm, warps, block, lanes = _fused_config()
-    block = max(16, min(block, next_power_of_2(V)))
-    phases = (0,) if per_sm > 0 else (1, 2)
-    grid = (_num_programs(x3.device, n, per_sm) if per_sm > 0 else n,)
     if grpo is None:
         mode = 0
         cfg = None
@@ -360,22 +560,66 @@ def fused_triton(x3: torch.Tensor, labels: torch.Tensor, g3: torch.Tensor, inv_t
         old = old if old is not None else scale
         ref = ref if ref is not None else scale
         rw = rw if rw is not None else scale
+    tail = (old, ref, adv, mask, rw, scale)
+    floats = ((float(cfg.eps_lo), float(cfg.eps_hi),
+               float(cfg.delta if cfg.delta is not None else 0.0), float(cfg.beta),
+               float(cfg.tau_pos), float(cfg.tau_neg)) if cfg is not None else (0.0,) * 6)
+    consts = dict(MODE=mode, ENTROPY=bool(with_entropy),
+                  HAS_DENT=mode == 0 and grad_entropy is not None,
+                  LOSS=cfg.loss if cfg is not None else 0,
+                  HAS_OLD=cfg is not None and grpo[3] is not None,
+                  HAS_DELTA=cfg is not None and cfg.delta is not None,
+                  HAS_RW=cfg is not None and grpo[5] is not None,
+                  BETA_NZ=cfg is not None and cfg.beta != 0.0,
+                  BIAS_KL=cfg is not None and cfg.bias_kl)
+    head = (x3, x3.stride(0), x3.stride(1), g3, g3.stride(0), g3.stride(1), labels, out)
+    if per_sm < 0:
+        _segmented(head, (glp, gent) + tail, n, T, V, float(inv_temp), int(ignore_index), floats,
+                   consts, block, warps, lanes)
+        return out
+    block = max(16, min(block, next_power_of_2(V)))
+    phases = (0,) if per_sm > 0 else (1, 2)
+    grid = (_num_programs(x3.device, n, per_sm) if per_sm > 0 else n,)
     for phase in phases:
         _token_logprobs_fused_kernel[grid](
-            x3, x3.stride(0), x3.stride(1), g3, g3.stride(0), g3.stride(1), labels, out, glp, gent,
-            old, ref, adv, mask, rw, scale, n, T, V, float(inv_temp), int(ignore_index),
-            *((float(cfg.eps_lo), float(cfg.eps_hi),
-               float(cfg.delta if cfg.delta is not None else 0.0), float(cfg.beta),
-               float(cfg.tau_pos), float(cfg.tau_neg)) if cfg is not None else (0.0,) * 6),
-            MODE=mode, ENTROPY=bool(with_entropy), HAS_DENT=mode == 0 and grad_entropy is not None,
-            LOSS=cfg.loss if cfg is not None else 0,
-            HAS_OLD=cfg is not None and grpo[3] is not None,
-            HAS_DELTA=cfg is not None and cfg.delta is not None,
-            HAS_RW=cfg is not None and grpo[5] is not None,
-            BETA_NZ=cfg is not None and cfg.beta != 0.0,
-            BIAS_KL=cfg is not None and cfg.bias_kl, BLOCK_V=block, LANES=bool(lanes),
-            PHASE=phase, num_warps=warps)
+            *head, glp, gent, *tail, n, T, V, float(inv_temp), int(ignore_index), *floats,
+            **consts, BLOCK_V=block, LANES=bool(lanes), PHASE=phase, num_warps=warps)
     return out
+
+
+def _segmented(head, rest, n, T, V, inv_temp, ignore_index, floats, consts, seg, warps, maxnreg):
+    """The segmented kernel: one cooperative launch on CUDA (PHASE 0), else (interpreter, or a
+    cooperative launch refused) PHASE 1 + PHASE 2 over a grid of n * S programs."""
+    global SEG_LAST_LAUNCH
+    seg, S, S_PAD = segments(V, seg)
+    dev = head[0].device
+    part = torch.empty(n * 4 * S_PAD, dtype=torch.float32, device=dev)
+    args = head + (part,)
+    kw = dict(consts, SEG=seg, S_PAD=S_PAD, num_warps=warps)
+    if dev.type == "cuda":
+        cnt = torch.zeros(n, dtype=torch.int32, device=dev)
+        call = args + (cnt,) + rest + (n, T, V, S, inv_temp, ignore_index) + floats
+        # the register cap applies to bf16 logits (held packed; other dtypes spill under it)
+        kw0 = dict(kw, maxnreg=maxnreg) if maxnreg > 0 and head[0].dtype == torch.bfloat16 else kw
+        key = (dev.index, S, tuple(sorted(kw0.items())), head[0].dtype, head[3].dtype)
+        resident = _SEG_GRID.get(key)
+        if resident is None:
+            kernel = _token_logprobs_seg_kernel.warmup(*call, grid=(1,), PHASE=0,
+                                                       launch_cooperative_grid=True, **kw0)
+            resident = _SEG_GRID[key] = _resident_programs(kernel, dev)
+        slots = min(n, resident // S)
+        if slots > 0:
+            try:
+                _token_logprobs_seg_kernel[(slots * S,)](*call, PHASE=0,
+                                                         launch_cooperative_grid=True, **kw0)
+                SEG_LAST_LAUNCH = "cooperative"
+                return
+            except RuntimeError:  # the driver refused the cooperative grid: two launches now,
+                _SEG_GRID[key] = (slots - 1) * S  # a smaller grid next time
+    call = args + (part,) + rest + (n, T, V, S, inv_temp, ignore_index) + floats
+    for phase in (1, 2):
+        _token_logprobs_seg_kernel[(n * S,)](*call, PHASE=phase, **kw)
+    SEG_LAST_LAUNCH = "two launches"
 
 
 def _block_v(n_cols: int) -> tuple[int, int]:
