@@ -377,7 +377,7 @@ def test_segments_of_a_row():
     SEG_MAX_SEGMENTS per row (the width grows instead), the partials padded to a power of two."""
     assert tlp_mod.segments(151936, 4096) == (4096, 38, 64)
     assert tlp_mod.segments(151936, 8192) == (8192, 19, 32)
-    assert tlp_mod.segments(262144, 1024) == (4096, 64, 64)
+    assert tlp_mod.segments(262144, 1024) == (2048, 128, 128)
     assert tlp_mod.segments(1000, 16) == (64, 16, 16)
     assert tlp_mod.segments(7, 4096) == (64, 1, 2)
     for V in (1, 63, 64, 65, 4097, 151936, 262145):
@@ -411,6 +411,10 @@ def test_fwd_bwd_launch_configs(monkeypatch, config, inplace):
             x, labels.to(DEVICE), glp.to(DEVICE), grad_entropy=gent.to(DEVICE),
             with_entropy=True, temperature=1.3, inplace=inplace)
     assert (grad.data_ptr() == x.data_ptr()) == inplace
+    if config[0] < 0:  # how the segmented kernel ran: on CPU, one launch when a row is one segment
+        S = tlp_mod.segments(V, config[2])[1]
+        expect = "cooperative" if DEVICE == "cuda" else ("one launch" if S == 1 else "two launches")
+        assert tlp_mod.SEG_LAST_LAUNCH == expect
     lr, er, gr = _fwd_bwd_ref(logits, labels, glp, gent, 1.3)
     torch.testing.assert_close(logp.cpu().double(), lr, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ent.cpu().double(), er, rtol=1e-5, atol=1e-5)

@@ -177,34 +177,58 @@ def _row_result(m, s, w, zt, valid, ignored):
 
 
 @triton.jit
-def _grpo_token_dlogp(logp, row, b, old_ptr, ref_ptr, adv_ptr, mask_ptr, rw_ptr, scale_ptr,
-                      eps_lo, eps_hi, delta, beta, tau_pos, tau_neg, LOSS: tl.constexpr,
-                      HAS_OLD: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_RW: tl.constexpr,
-                      BETA_NZ: tl.constexpr, BIAS_KL: tl.constexpr):
-    """dL/dlogp of token `row` (sequence b) under the GRPO loss (r1kernels/ops/grpo_loss.py,
-    token-level ratio), scaled by the row's loss scale; computed on 1-element blocks."""
+def _grpo_token_inputs(row, b, old_ptr, ref_ptr, adv_ptr, mask_ptr, rw_ptr, scale_ptr,
+                       HAS_OLD: tl.constexpr, HAS_RW: tl.constexpr, BETA_NZ: tl.constexpr):
+    """The GRPO loss's per-token inputs of token `row` (sequence b), as 1-element fp32 blocks:
+    (old logp, ref logp, advantage, mask, rollout weight, the row's loss scale); inputs that are
+    not given are zeros (the derivative below does not read them)."""
     one = tl.arange(0, 1)
-    lp1 = tl.zeros([1], dtype=tl.float32) + logp
+    z1 = tl.zeros([1], dtype=tl.float32)
+    old1 = z1
+    ref1 = z1
+    rw1 = z1
     if HAS_OLD:
         old1 = tl.load(old_ptr + row + one).to(tl.float32)
-    else:
-        old1 = lp1
     if BETA_NZ:
         ref1 = tl.load(ref_ptr + row + one).to(tl.float32)
-    else:
-        ref1 = lp1
     a1 = tl.load(adv_ptr + row + one).to(tl.float32)
     m1 = tl.load(mask_ptr + row + one).to(tl.float32)
     if HAS_RW:
         rw1 = tl.load(rw_ptr + row + one).to(tl.float32)
-    else:
+    return old1, ref1, a1, m1, rw1, tl.load(scale_ptr + b)
+
+
+@triton.jit
+def _grpo_token_grad(logp, old1, ref1, a1, m1, rw1, sc, eps_lo, eps_hi, delta, beta, tau_pos,
+                     tau_neg, LOSS: tl.constexpr, HAS_OLD: tl.constexpr, HAS_DELTA: tl.constexpr,
+                     HAS_RW: tl.constexpr, BETA_NZ: tl.constexpr, BIAS_KL: tl.constexpr):
+    """dL/dlogp of one token under the GRPO loss (r1kernels/ops/grpo_loss.py, token-level
+    ratio), scaled by the row's loss scale sc, from `_grpo_token_inputs`."""
+    lp1 = tl.zeros([1], dtype=tl.float32) + logp
+    if not HAS_OLD:
+        old1 = lp1  # on-policy: old = sg(logp)
+    if not BETA_NZ:
+        ref1 = lp1
+    if not HAS_RW:
         rw1 = lp1
     c1 = tl.exp(lp1 - old1)
     pol, g_dir, g_c1, kl, low, high = _grpo_token_terms(
         lp1, old1, ref1, a1, rw1, c1, eps_lo, eps_hi, delta, beta, tau_pos, tau_neg,
         LOSS, HAS_DELTA, HAS_RW, BETA_NZ, BIAS_KL)
     g1 = tl.where(m1 != 0.0, (g_dir + g_c1 * c1) * m1, 0.0)
-    return tl.sum(g1, axis=0) * tl.load(scale_ptr + b)
+    return tl.sum(g1, axis=0) * sc
+
+
+@triton.jit
+def _grpo_token_dlogp(logp, row, b, old_ptr, ref_ptr, adv_ptr, mask_ptr, rw_ptr, scale_ptr,
+                      eps_lo, eps_hi, delta, beta, tau_pos, tau_neg, LOSS: tl.constexpr,
+                      HAS_OLD: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_RW: tl.constexpr,
+                      BETA_NZ: tl.constexpr, BIAS_KL: tl.constexpr):
+    """`_grpo_token_grad` of token `row` with its inputs loaded here."""
+    old1, ref1, a1, m1, rw1, sc = _grpo_token_inputs(row, b, old_ptr, ref_ptr, adv_ptr, mask_ptr,
+                                                     rw_ptr, scale_ptr, HAS_OLD, HAS_RW, BETA_NZ)
+    return _grpo_token_grad(logp, old1, ref1, a1, m1, rw1, sc, eps_lo, eps_hi, delta, beta,
+                            tau_pos, tau_neg, LOSS, HAS_OLD, HAS_DELTA, HAS_RW, BETA_NZ, BIAS_KL)
 
 
 # Forward and backward in one kernel, for callers that know dL/dlogp (and dL/dentropy) of a row as
@@ -336,10 +360,15 @@ def _token_logprobs_fused_kernel(
 # PHASE 0 is that single launch: a persistent grid of whole rows' worth of programs (programs
 # pid = slot * S + seg walk rows slot, slot + n_slots, ... together) launched as a cooperative
 # grid, so every program is resident and waiting on the counter cannot deadlock (the driver
-# rejects a grid too large to be co-resident). PHASE 1 (partials only) + PHASE 2 (merge and
-# gradient, the segment loaded again) are the same code as two ordinary launches: what the
-# interpreter runs (it executes programs one after another, so a wait would never end) and
+# rejects a grid too large to be co-resident). While a row waits for its other segments, each
+# program already has the next row's segment in flight (prefetched into a second set of
+# registers), so waiting does not idle the memory system. PHASE 1 (partials only) + PHASE 2
+# (merge and gradient, the segment loaded again) are the same code as two ordinary launches:
+# what the interpreter runs (it executes programs one after another, so a wait on another
+# program would never end; rows of one segment run PHASE 0 there, which waits on nobody) and
 # the fallback where a cooperative launch is refused.
+# Registers bound the design: ~12-16K logits per SM in flight (BENCHMARKS.md has no GPU figure
+# for it yet; benchmarks/tune_fused_logits.py checks and times it).
 
 
 @triton.jit
@@ -365,6 +394,41 @@ def _seg_grad(x, c, g_row, label, lse, ent, dlp, dent, inv_temp, V, HAS_DENT: tl
 
 
 @triton.jit
+def _seg_row(r, N, T, x_ptr, s_xb, s_xt, labels_ptr, glp_ptr, gent_ptr, old_ptr, ref_ptr, adv_ptr,
+             mask_ptr, rw_ptr, scale_ptr, c0, V, Q: tl.constexpr, MODE: tl.constexpr,
+             HAS_DENT: tl.constexpr, HAS_OLD: tl.constexpr, HAS_RW: tl.constexpr,
+             BETA_NZ: tl.constexpr):
+    """Issue the loads of row r for the segment starting at column c0: its four quarters (raw
+    logits, -inf past the vocabulary), its label and its upstream inputs (MODE 0: dL/dlogp and
+    dL/dentropy; MODE 1: the GRPO token inputs). Past the last row (r >= N, a prefetch at the end
+    of the grid) the segment loads are masked off."""
+    row = tl.cast(tl.minimum(r, N - 1), tl.int64)
+    b = row // T
+    x_row = x_ptr + b * s_xb + (row - b * T) * s_xt
+    lim = tl.where(r < N, V, 0)
+    ca = c0 + tl.arange(0, Q)
+    xa = tl.load(x_row + ca, mask=ca < lim, other=float("-inf"))
+    xb = tl.load(x_row + ca + Q, mask=ca + Q < lim, other=float("-inf"))
+    xc = tl.load(x_row + ca + 2 * Q, mask=ca + 2 * Q < lim, other=float("-inf"))
+    xd = tl.load(x_row + ca + 3 * Q, mask=ca + 3 * Q < lim, other=float("-inf"))
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    if MODE == 0:
+        z1 = tl.zeros([1], dtype=tl.float32)
+        i0 = z1 + tl.load(glp_ptr + row).to(tl.float32)
+        i1 = z1
+        if HAS_DENT:
+            i1 = z1 + tl.load(gent_ptr + row).to(tl.float32)
+        i2 = z1
+        i3 = z1
+        i4 = z1
+        i5 = tl.sum(z1, axis=0)
+    else:
+        i0, i1, i2, i3, i4, i5 = _grpo_token_inputs(row, b, old_ptr, ref_ptr, adv_ptr, mask_ptr,
+                                                    rw_ptr, scale_ptr, HAS_OLD, HAS_RW, BETA_NZ)
+    return xa, xb, xc, xd, label, i0, i1, i2, i3, i4, i5
+
+
+@triton.jit
 def _token_logprobs_seg_kernel(
         x_ptr, s_xb, s_xt, g_ptr, s_gb, s_gt, labels_ptr, out_ptr, part_ptr, cnt_ptr,
         glp_ptr, gent_ptr,
@@ -375,33 +439,33 @@ def _token_logprobs_seg_kernel(
         LOSS: tl.constexpr, HAS_OLD: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_RW: tl.constexpr,
         BETA_NZ: tl.constexpr, BIAS_KL: tl.constexpr, SEG: tl.constexpr, S_PAD: tl.constexpr,
         PHASE: tl.constexpr):
-    # the segment is held as four quarters, all loaded before any is used (four loads in flight
-    # per thread and row), so that the fp32 temporaries of the statistics and of the gradient
-    # exist for one quarter at a time: registers go to the held logits (in their own dtype)
+    # The segment is held as four quarters, all loaded before any is used, so that the fp32
+    # temporaries of the statistics and of the gradient exist for one quarter at a time:
+    # registers go to the held logits (in their own dtype). In PHASE 0 the next row's segment
+    # and inputs are loaded (prefetched) while this row waits for its other segments, so the
+    # wait does not leave the program without loads in flight.
     Q: tl.constexpr = SEG // 4
     pid = tl.program_id(0)
     seg = pid % S
     slot = pid // S
     n_slots = tl.num_programs(0) // S
-    ca = seg * SEG + tl.arange(0, Q)
+    c0 = seg * SEG
+    ca = c0 + tl.arange(0, Q)
     cb = ca + Q
     cc = cb + Q
     cd = cc + Q
     k = tl.arange(0, S_PAD)
     k_ok = k < S
     zero = tl.sum(tl.zeros([S_PAD], dtype=tl.float32), axis=0)
+    xa, xb, xc, xd, label, i0, i1, i2, i3, i4, i5 = _seg_row(
+        slot, N, T, x_ptr, s_xb, s_xt, labels_ptr, glp_ptr, gent_ptr, old_ptr, ref_ptr, adv_ptr,
+        mask_ptr, rw_ptr, scale_ptr, c0, V, Q, MODE, HAS_DENT, HAS_OLD, HAS_RW, BETA_NZ)
     for r in range(slot, N, n_slots):
         row = tl.cast(r, tl.int64)
         b = row // T
         t_ = row - b * T
-        x_row = x_ptr + b * s_xb + t_ * s_xt
-        label = tl.load(labels_ptr + row).to(tl.int64)
         ignored = label == ignore_index
         valid = (label >= 0) & (label < V)
-        xa = tl.load(x_row + ca, mask=ca < V, other=float("-inf"))
-        xb = tl.load(x_row + cb, mask=cb < V, other=float("-inf"))
-        xc = tl.load(x_row + cc, mask=cc < V, other=float("-inf"))
-        xd = tl.load(x_row + cd, mask=cd < V, other=float("-inf"))
         p_row = part_ptr + row * (4 * S_PAD)
         if PHASE != 2:
             m_s, s_s, w_s, zt_s = _seg_stats(xa, ca, label, zero - float("inf"), zero, zero, zero,
@@ -420,6 +484,11 @@ def _token_logprobs_seg_kernel(
                 # this program's partials are stored (barrier), then announced (release)
                 tl.debug_barrier()
                 tl.atomic_add(cnt_ptr + row, 1, sem="release", scope="gpu")
+        if PHASE == 0:
+            na, nb, nc, nd, n_label, n0, n1, n2, n3, n4, n5 = _seg_row(
+                r + n_slots, N, T, x_ptr, s_xb, s_xt, labels_ptr, glp_ptr, gent_ptr, old_ptr,
+                ref_ptr, adv_ptr, mask_ptr, rw_ptr, scale_ptr, c0, V, Q, MODE, HAS_DENT, HAS_OLD,
+                HAS_RW, BETA_NZ)
         if PHASE != 1:
             if PHASE == 0:
                 arrived = tl.atomic_add(cnt_ptr + row, 0, sem="acquire", scope="gpu")
@@ -442,15 +511,14 @@ def _token_logprobs_seg_kernel(
                 tl.store(out_ptr + row, logp)
                 if ENTROPY:
                     tl.store(out_ptr + N + row, tl.where(ignored, 0.0, ent))
-            dent = zero
             if MODE == 0:
-                dlp = tl.load(glp_ptr + row).to(tl.float32)
-                if HAS_DENT:
-                    dent = tl.load(gent_ptr + row).to(tl.float32)
+                dlp = tl.sum(i0, axis=0)
+                dent = tl.sum(i1, axis=0)
             else:
-                dlp = _grpo_token_dlogp(logp, row, b, old_ptr, ref_ptr, adv_ptr, mask_ptr, rw_ptr,
-                                        scale_ptr, eps_lo, eps_hi, delta, beta, tau_pos, tau_neg,
-                                        LOSS, HAS_OLD, HAS_DELTA, HAS_RW, BETA_NZ, BIAS_KL)
+                dlp = _grpo_token_grad(logp, i0, i1, i2, i3, i4, i5, eps_lo, eps_hi, delta, beta,
+                                       tau_pos, tau_neg, LOSS, HAS_OLD, HAS_DELTA, HAS_RW, BETA_NZ,
+                                       BIAS_KL)
+                dent = zero
             dlp = tl.where(ignored, 0.0, dlp)
             dent = tl.where(ignored, 0.0, dent)
             g_row = g_ptr + b * s_gb + t_ * s_gt
@@ -458,6 +526,9 @@ def _token_logprobs_seg_kernel(
             _seg_grad(xb, cb, g_row, label, lse, ent, dlp, dent, inv_temp, V, HAS_DENT)
             _seg_grad(xc, cc, g_row, label, lse, ent, dlp, dent, inv_temp, V, HAS_DENT)
             _seg_grad(xd, cd, g_row, label, lse, ent, dlp, dent, inv_temp, V, HAS_DENT)
+        if PHASE == 0:
+            xa, xb, xc, xd, label = na, nb, nc, nd, n_label
+            i0, i1, i2, i3, i4, i5 = n0, n1, n2, n3, n4, n5
 
 
 # launch configuration of the fused kernel: programs per SM, warps per program, block width,
@@ -465,11 +536,12 @@ def _token_logprobs_seg_kernel(
 # one program per row instead (PHASE 1 statistics, PHASE 2 gradient: the row is read twice from
 # HBM, no grid-size limit). programs_per_sm = -1: the segmented kernel (segments of `block`
 # columns, `warps` per program, the 4th field a register cap per thread, 0 for none), one
-# cooperative launch on CUDA; (-1, 4, 4096, 128) holds 32 logits per thread in <= 128 registers
-# (no spills on sm_90), 4 programs per SM. Tuned on an H100 (BENCHMARKS.md; the segmented kernel
-# is not measured yet); override with R1K_FUSED_LOGITS="programs_per_sm,warps,block,lanes".
+# cooperative launch on CUDA; e.g. (-1, 4, 4096, 0): 32 logits per thread, twice (this row's and
+# the prefetched next row's), 168 registers on sm_90 without spills, 3 programs per SM. Tuned on
+# an H100 (BENCHMARKS.md; the segmented kernel is not measured yet); override with
+# R1K_FUSED_LOGITS="programs_per_sm,warps,block,lanes".
 FUSED_CONFIG = (0, 8, 4096, 0)
-SEG_MAX_SEGMENTS = 64  # the segmented kernel merges at most this many partials per row
+SEG_MAX_SEGMENTS = 128  # the segmented kernel merges at most this many partials per row
 
 
 def _fused_config() -> tuple[int, int, int, int]:
@@ -616,6 +688,13 @@ def _segmented(head, rest, n, T, V, inv_temp, ignore_index, floats, consts, seg,
                 return
             except RuntimeError:  # the driver refused the cooperative grid: two launches now,
                 _SEG_GRID[key] = (slots - 1) * S  # a smaller grid next time
+    elif S == 1:  # (interpreter) a one-segment row waits on no other program: PHASE 0 as is,
+        # a few programs walking the rows with the prefetch of the next row
+        cnt = torch.zeros(n, dtype=torch.int32, device=dev)
+        call = args + (cnt,) + rest + (n, T, V, S, inv_temp, ignore_index) + floats
+        _token_logprobs_seg_kernel[(min(n, 3),)](*call, PHASE=0, **kw)
+        SEG_LAST_LAUNCH = "one launch"
+        return
     call = args + (part,) + rest + (n, T, V, S, inv_temp, ignore_index) + floats
     for phase in (1, 2):
         _token_logprobs_seg_kernel[(n * S,)](*call, PHASE=phase, **kw)
