@@ -24,6 +24,7 @@ import torch
 
 from r1kernels import dispatch
 from r1kernels.ops import grpo_loss as G
+from r1kernels.ops import token_logprobs as TLP
 from r1kernels.ops.grpo_loss import GRPOLossOutput
 
 
@@ -46,6 +47,44 @@ def _fused_loss_step(fwd, cfg, B, T, adv, mask, old, ref, rw, scale, parts, ent_
         return (g * scale[sl].unsqueeze(1)).reshape(-1)
 
     return grad_fn
+
+
+def _fused_loss_chunk(fwd, cfg, T, adv, mask, old, ref, rw, scale, parts, ent_acc, temperature,
+                      ignore_index, with_entropy):
+    """The chunk_kernel handed to the hidden-state single sweep when the segmented logits kernel
+    is configured (ops/token_logprobs.py): per chunk of whole sequences, the statistics, the GRPO
+    loss's dL/dlogp and G = dL/dZ in one kernel over the fp32 logits; then the loss partials."""
+    def flat(t):
+        return None if t is None else t.reshape(-1).contiguous()
+
+    adv_f, mask_f, old_f, ref_f, rw_f = (flat(adv), flat(G._mask_view(mask)), flat(old), flat(ref),
+                                         flat(rw))
+    sc = scale.float().contiguous()
+    inv_temp = 1.0 / float(temperature)
+
+    def chunk_kernel(z, g, y, start, end):
+        if start % T or end % T:
+            raise RuntimeError(f"GRPOLoss: log-prob chunk [{start}, {end}) does not hold whole "
+                               f"sequences of length {T}")
+        b0, b1 = start // T, end // T
+        nb, V = b1 - b0, z.shape[1]
+        sl, bl = slice(start, end), slice(b0, b1)
+        out = TLP.fused_triton(
+            z.view(nb, T, V), y, g.view(nb, T, V), inv_temp, int(ignore_index), bool(with_entropy),
+            grpo=(cfg, adv_f[sl], mask_f[sl], None if old_f is None else old_f[sl],
+                  None if ref_f is None else ref_f[sl], None if rw_f is None else rw_f[sl],
+                  sc[bl]))
+        logp = out[0].view(nb, T)
+        _, part = fwd(logp, adv[bl], mask[bl], None if old is None else old[bl],
+                      None if ref is None else ref[bl], None if rw is None else rw[bl], cfg,
+                      write_grad=False)
+        parts.append((b0, part))
+        if with_entropy:
+            m = mask[bl].float()
+            ent_acc.append(torch.where(m != 0, out[1].view(nb, T) * m, 0.0).sum())
+        return out[0], (out[1] if with_entropy else None)
+
+    return chunk_kernel
 
 
 def _finish(fin, parts, nitems, cfg, B, device, ent_acc, n_tot):
@@ -77,10 +116,15 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
         gh = gw = gb = None
         if B * T > 0:
             grad_fn = _fused_loss_step(fwd, cfg, B, T, adv, mask, old, ref, rw, scale, parts, ent_acc)
+            chunk_kernel = None
+            if backend == "triton" and not cfg.seq and bias is None and TLP.segmented_configured():
+                chunk_kernel = _fused_loss_chunk(fwd, cfg, T, adv, mask, old, ref, rw, scale, parts,
+                                                 ent_acc, temperature, ignore_index, with_entropy)
             _, _, gh, gw, gb = linear_token_logprobs_with_grad(
                 hidden.reshape(B * T, H), weight, labels.reshape(B * T), bias,
                 temperature=temperature, ignore_index=ignore_index, with_entropy=with_entropy,
-                grad_fn=grad_fn, chunk_multiple=T, need_grads=need, sweep=sweep)
+                grad_fn=grad_fn, chunk_multiple=T, need_grads=need, sweep=sweep,
+                chunk_kernel=chunk_kernel)
         else:  # nothing to score: zero loss, zero gradients
             gh = torch.zeros_like(hidden) if need[0] else None
             gw = torch.zeros_like(weight) if need[1] else None
@@ -109,8 +153,6 @@ def _from_logits_fused_triton(logits, labels, adv, mask, old, ref, rw, cfg, scal
     """Token-level GRPO loss from logits [B, T, V] with one Triton kernel: per row, the
     statistics, the loss's dL/dlogp and dL/dlogits (see ops/token_logprobs.py). Returns the
     logits gradient (the logits buffer itself when `inplace`); appends the loss partials."""
-    from r1kernels.ops import token_logprobs as TLP
-
     B, T, V = logits.shape
     TLP.check_labels("GRPOLoss.from_logits", labels, (B, T), V, ignore_index, logits.device)
     x = logits if logits.stride(-1) == 1 else logits.contiguous()

@@ -405,3 +405,40 @@ def test_from_logits_fused_kernel_configs(monkeypatch, config, loss_type, inplac
     for k, v in res[1][1].items():
         assert res[0][1][k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
     torch.testing.assert_close(res[0][2], res[1][2], rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("config", [(-1, 4, 64, 0), (-1, 4, 4096, 0)], ids=["segments", "one-segment"])
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_hidden_with_segmented_chunk_kernel(monkeypatch, config, loss_type):
+    """With the segmented logits kernel configured, GRPOLoss's single sweep hands each chunk of
+    fp32 logits (one sequence per chunk here) to it: statistics, the loss's dL/dlogp and G in one
+    kernel. Same loss, metrics and gradients as the float64 reference."""
+    if "triton" not in dispatch.available_backends("grpo_loss", DEVICE):
+        pytest.skip("Triton backend not available here")
+    from r1kernels.ops import token_logprobs as tlp_mod
+
+    monkeypatch.setattr(tlp_mod, "FUSED_CONFIG", config)
+    monkeypatch.delenv("R1K_FUSED_LOGITS", raising=False)
+    monkeypatch.setattr(ltp_mod, "TILE_ELEMS_CPU", 7 * 300)  # one sequence per chunk
+    monkeypatch.setattr(ltp_mod, "TILE_ELEMS_CUDA", 7 * 300)
+    d = make(3, 7, 16, 300, seed=3, bias=False)
+    d["mask"][1] = False
+    d["labels"][0, 2] = -100
+    opts = dict(loss_type=loss_type, beta=0.04, epsilon_high=0.28)
+    kw = kwargs_for(d, beta=True, rw=True)
+    rloss, rmetrics, rgrads = reference(d, dict(opts), kw, temperature=0.8)
+    h = d["hidden"].float().to(DEVICE).requires_grad_(True)
+    w = d["weight"].float().to(DEVICE).requires_grad_(True)
+    tlp_mod.SEG_LAST_LAUNCH = ""
+    with dispatch.use_backend("triton"):
+        out = GRPOLoss(temperature=0.8, **opts)(h, w, d["labels"].to(DEVICE), d["mask"].to(DEVICE),
+                                                d["adv"].float().to(DEVICE), **to_dev(kw))
+    S = tlp_mod.segments(300, config[2])[1]
+    assert tlp_mod.SEG_LAST_LAUNCH == ("cooperative" if DEVICE == "cuda" else
+                                       "one launch" if S == 1 else "two launches")
+    out.loss.backward()
+    assert out.loss.item() == pytest.approx(rloss, rel=1e-5, abs=1e-6)
+    for k, v in rmetrics.items():
+        assert out.metrics[k].item() == pytest.approx(v, rel=1e-5, abs=1e-6), k
+    for ours, ref in zip((h.grad, w.grad), rgrads):
+        torch.testing.assert_close(ours.double().cpu(), ref, rtol=1e-4, atol=1e-6)

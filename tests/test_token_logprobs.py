@@ -372,6 +372,34 @@ def test_fwd_bwd_empty_and_bad_input(backend):
                                              torch.zeros(4, device=DEVICE))
 
 
+@pytest.mark.parametrize("config", [(-1, 4, 64, 0), (-1, 4, 4096, 0)], ids=["segments", "one-segment"])
+def test_segmented_bf16_gradient_over_fp32_logits(monkeypatch, config):
+    """The hidden-state sweep's layout: the fp32 logits chunk z and its gradient written over it
+    as bf16 (row r of G in the first half of z's row r), which overwrites other segments'
+    columns: PHASE 0 reads every segment of a row first (one segment: the interpreter's single
+    launch); the two-launch form writes into a separate buffer, then copies."""
+    if "triton" not in dispatch.available_backends(OP, DEVICE):
+        pytest.skip("Triton backend not available here")
+    monkeypatch.setattr(tlp_mod, "FUSED_CONFIG", config)
+    monkeypatch.delenv("R1K_FUSED_LOGITS", raising=False)
+    N, V = 6, 300
+    g0 = torch.Generator().manual_seed(4)
+    z0 = torch.randn(N, V, generator=g0) * 3
+    labels = torch.randint(0, V, (N,), generator=g0)
+    labels[2] = -100
+    glp, gent = torch.randn(N, generator=g0), torch.randn(N, generator=g0)
+    z = z0.clone().to(DEVICE)
+    g = z.view(torch.bfloat16)[:, :V]
+    out = tlp_mod.fused_triton(z.view(1, N, V), labels.to(DEVICE), g.view(1, N, V), 1 / 0.9, -100,
+                               True, grad_logp=glp.to(DEVICE), grad_entropy=gent.to(DEVICE))
+    lr, er, gr = _fwd_bwd_ref(z0, labels, glp, gent, 0.9)
+    torch.testing.assert_close(out[0].cpu().double(), lr, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[1].cpu().double(), er, rtol=1e-5, atol=1e-5)
+    # bf16 gradient: one rounding of each element, relative 2**-8 to nearest (the GPU), 2**-7 if
+    # truncated (the interpreter's conversion)
+    torch.testing.assert_close(g.cpu().double(), gr, rtol=2 ** -7, atol=1e-6)
+
+
 def test_segments_of_a_row():
     """The segmented kernel's split: power-of-two widths of at least 64 columns, never more than
     SEG_MAX_SEGMENTS per row (the width grows instead), the partials padded to a power of two."""

@@ -483,10 +483,64 @@ def _upstream_grads(out, start: int, end: int, entropy: bool, op: str):
     return dlogp.float().contiguous(), (None if dent is None else dent.float().contiguous())
 
 
+def _chunk_grad(z, yr, b, *, lp_out, ent_out, r0: int, inv_temp: float, ignore_index: int,
+                entropy: bool, backend: str, grad_fn: Callable, cols: int, gdt, op: str,
+                need_any: bool):
+    """One single-sweep chunk's statistics (into lp_out / ent_out), grad_fn, and G = dL/dZ
+    written over the chunk's fp32 logits z (None when no gradient is needed)."""
+    n, vocab = z.shape
+    f32 = dict(dtype=torch.float32, device=z.device)
+    if backend == "triton":
+        state = torch.empty(4, n, **f32)
+        out = torch.empty(3, n, **f32)
+        tlp.stats_tile(z, yr, b, state, out, col0=0, vocab=vocab, inv_temp=inv_temp,
+                       ignore_index=ignore_index, accum=False, final=True, entropy=entropy)
+        lp, en, lse = out[0], out[1] if entropy else None, out[2]
+    else:  # per vocabulary tile (temporaries stay within the tile budget)
+        yl = yr.long()
+        st = None
+        for v0 in range(0, vocab, cols):
+            zt = z[:, v0:v0 + cols]
+            if b is not None:
+                zt += b[v0:v0 + cols].float()
+            zt *= inv_temp  # z keeps the scaled logits for the gradient
+            st = tlp.stats_torch(zt.clone(), yl - v0, st, entropy)
+        del zt
+        lp, en, lse = tlp.finalize(st, yl, vocab, ignore_index, entropy)
+    lp_out.copy_(lp)
+    if entropy:
+        ent_out.copy_(en)
+    dlogp = grad_fn(r0, r0 + n, lp_out, ent_out)
+    dlogp, dent = _upstream_grads(dlogp, r0, r0 + n, entropy, op)
+    en_g = en if dent is not None else None
+    if not need_any:
+        return None
+    if backend == "triton":  # G written over Z (see backward_grads)
+        if torch.compiler.is_compiling():
+            g = torch.empty(z.shape, dtype=gdt, device=z.device)
+        elif gdt == torch.float32:
+            g = z
+        else:
+            g = z.view(gdt)[:, :vocab]
+        tlp.grad_tile(z, g, yr, b, lse, en_g, dlogp, dent, col0=0, inv_temp=inv_temp,
+                      ignore_index=ignore_index)
+    else:  # G written over Z tile by tile (a 16-bit G: the aliasing of the Triton path)
+        g = z if gdt == torch.float32 else z.view(gdt)[:, :vocab]
+        ignored = yl == ignore_index
+        for v0 in range(0, vocab, cols):
+            g[:, v0:v0 + cols] = tlp.grad_torch(z[:, v0:v0 + cols], yl - v0, ignored, lse,
+                                                en_g, dlogp, dent, inv_temp)
+    return g
+
+
 def single_sweep(h, w, b, y, inv_temp: float, ignore_index: int, entropy: bool, backend: str,
-                 grad_fn: Callable, chunk_multiple: int, need: tuple[bool, bool, bool], op: str):
+                 grad_fn: Callable, chunk_multiple: int, need: tuple[bool, bool, bool], op: str,
+                 chunk_kernel: Callable | None = None):
     """(logp, entropy or None, grad_hidden, grad_weight, grad_bias) in one sweep (module
-    docstring); grad_fn is called once per chunk of rows."""
+    docstring); grad_fn is called once per chunk of rows, unless chunk_kernel (Triton backend, no
+    bias) replaces the statistics, grad_fn and the gradient kernels of each chunk:
+    chunk_kernel(z, g, labels, start, end) -> (logp, entropy or None) writes G into g (which may
+    alias the logits z, in a 16-bit dtype) with one kernel that reads z once."""
     n_all, hid = h.shape
     vocab = w.shape[0]
     need_h, need_w, need_b = need[0], need[1], need[2] and b is not None
@@ -524,47 +578,22 @@ def single_sweep(h, w, b, y, inv_temp: float, ignore_index: int, entropy: bool, 
             z = torch.empty(n, vocab, **f32)
             for v0 in range(0, vocab, gcols):
                 z[:, v0:v0 + gcols] = _mm_f32(hr, w[v0:v0 + gcols].t())
-        if backend == "triton":
-            state = torch.empty(4, n, **f32)
-            out = torch.empty(3, n, **f32)
-            tlp.stats_tile(z, yr, b, state, out, col0=0, vocab=vocab, inv_temp=inv_temp,
-                           ignore_index=ignore_index, accum=False, final=True, entropy=entropy)
-            lp, en, lse = out[0], out[1] if entropy else None, out[2]
-        else:  # per vocabulary tile (temporaries stay within the tile budget)
-            yl = yr.long()
-            st = None
-            for v0 in range(0, vocab, cols):
-                zt = z[:, v0:v0 + cols]
-                if b is not None:
-                    zt += b[v0:v0 + cols].float()
-                zt *= inv_temp  # z keeps the scaled logits for the gradient
-                st = tlp.stats_torch(zt.clone(), yl - v0, st, entropy)
-            del zt
-            lp, en, lse = tlp.finalize(st, yl, vocab, ignore_index, entropy)
-        logp[sl] = lp
-        if entropy:
-            ent[sl] = en
-        dlogp = grad_fn(r0, r0 + n, logp[sl], None if ent is None else ent[sl])
-        dlogp, dent = _upstream_grads(dlogp, r0, r0 + n, entropy, op)
-        en_g = en if dent is not None else None
-        if not (need_h or need_w or need_b):
-            continue
-        if backend == "triton":  # G written over Z (see backward_grads)
-            if torch.compiler.is_compiling():
-                g = torch.empty(z.shape, dtype=gdt, device=z.device)
-            elif gdt == torch.float32:
-                g = z
-            else:
-                g = z.view(gdt)[:, :vocab]
-            tlp.grad_tile(z, g, yr, b, lse, en_g, dlogp, dent, col0=0, inv_temp=inv_temp,
-                          ignore_index=ignore_index)
-        else:  # G written over Z tile by tile (a 16-bit G: the aliasing of the Triton path)
+        if chunk_kernel is not None and backend == "triton" and b is None and \
+                not torch.compiler.is_compiling():
+            # statistics, dL/dlogp and G in one kernel over the chunk, G written over Z
             g = z if gdt == torch.float32 else z.view(gdt)[:, :vocab]
-            ignored = yl == ignore_index
-            for v0 in range(0, vocab, cols):
-                g[:, v0:v0 + cols] = tlp.grad_torch(z[:, v0:v0 + cols], yl - v0, ignored, lse,
-                                                    en_g, dlogp, dent, inv_temp)
+            lp, en = chunk_kernel(z, g, yr, r0, r0 + n)
+            logp[sl] = lp
+            if entropy:
+                ent[sl] = en
+        else:
+            g = _chunk_grad(z, yr, b, lp_out=logp[sl], ent_out=None if ent is None else ent[sl],
+                            r0=r0, inv_temp=inv_temp, ignore_index=ignore_index, entropy=entropy,
+                            backend=backend, grad_fn=grad_fn, cols=cols, gdt=gdt, op=op,
+                            need_any=need_h or need_w or need_b)
         del z
+        if g is None:
+            continue
         gh_acc = torch.zeros(n, hid, **f32) if need_h and gcols < vocab else None
         for v0 in range(0, vocab, gcols):
             gt, wv = g[:, v0:v0 + gcols], w[v0:v0 + gcols]
@@ -681,7 +710,7 @@ def linear_token_logprobs_with_grad(hidden: torch.Tensor, weight: torch.Tensor,
                                     temperature: float, ignore_index: int, with_entropy: bool,
                                     grad_fn: Callable, chunk_multiple: int = 1,
                                     need_grads: tuple[bool, bool, bool] = (True, True, True),
-                                    sweep: str = "auto"):
+                                    sweep: str = "auto", chunk_kernel: Callable | None = None):
     """Log-probs and the gradients of a loss whose dL/dlogp `grad_fn` gives, in one call.
 
     Returns (logp [N] fp32, entropy [N] fp32 or None, grad_hidden [N, H] in hidden's dtype or
@@ -691,7 +720,7 @@ def linear_token_logprobs_with_grad(hidden: torch.Tensor, weight: torch.Tensor,
     whole groups of `chunk_multiple` rows, in row order (sweep="one"), or once with (0, N)
     (sweep="two"). `sweep`: "one"
     (6 N H V FLOPs), "two" (8 N H V FLOPs, grad_weight always reduced in fp32) or "auto" (module
-    docstring).
+    docstring). `chunk_kernel`: see `single_sweep` (used there when it applies, else grad_fn).
     """
     op = "linear_token_logprobs_with_grad"
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
@@ -712,7 +741,8 @@ def linear_token_logprobs_with_grad(hidden: torch.Tensor, weight: torch.Tensor,
     if sweep == "one" and h.shape[0] > 0:
         with torch.no_grad():
             return single_sweep(h, weight, bias, y, inv_temp, int(ignore_index),
-                                bool(with_entropy), backend, grad_fn, chunk_multiple, need, op)
+                                bool(with_entropy), backend, grad_fn, chunk_multiple, need, op,
+                                chunk_kernel)
     with torch.no_grad():
         logp, ent, lse = forward_stats(h, weight, bias, y, inv_temp, int(ignore_index),
                                        bool(with_entropy), backend)
@@ -747,11 +777,21 @@ def linear_token_logprobs_fwd_bwd(hidden: torch.Tensor, weight: torch.Tensor, la
     def grad_fn(start, end, logp, ent):
         return glp[start:end], (None if gent is None else gent[start:end])
 
+    chunk_kernel = None
+    if tlp.segmented_configured():  # statistics and G of each chunk in one kernel
+        inv_temp = 1.0 / float(temperature)
+
+        def chunk_kernel(z, g, y, start, end):
+            out = tlp.fused_triton(z.unsqueeze(0), y, g.unsqueeze(0), inv_temp, int(ignore_index),
+                                   bool(with_entropy), grad_logp=glp[start:end],
+                                   grad_entropy=None if gent is None else gent[start:end])
+            return out[0], (out[1] if with_entropy else None)
+
     h2 = hidden.reshape(-1, hidden.shape[-1])
     need = (True, True, bias is not None)
     logp, ent, gh, gw, gb = linear_token_logprobs_with_grad(
         h2, weight, labels.reshape(-1), bias, temperature=temperature, ignore_index=ignore_index,
-        with_entropy=with_entropy, grad_fn=grad_fn, need_grads=need)
+        with_entropy=with_entropy, grad_fn=grad_fn, need_grads=need, chunk_kernel=chunk_kernel)
     shape = labels.shape
     return (logp.reshape(shape), None if ent is None else ent.reshape(shape),
             gh.reshape(hidden.shape), gw, gb)

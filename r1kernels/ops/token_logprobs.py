@@ -552,6 +552,12 @@ def _fused_config() -> tuple[int, int, int, int]:
     return FUSED_CONFIG
 
 
+def segmented_configured() -> bool:
+    """Whether the fused logits kernel is the segmented one (programs_per_sm = -1): then the
+    single sweep of the hidden-state ops uses it for each chunk of logits too."""
+    return _fused_config()[0] < 0
+
+
 def _num_programs(device: torch.device, n_rows: int, per_sm: int) -> int:
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -696,8 +702,18 @@ def _segmented(head, rest, n, T, V, inv_temp, ignore_index, floats, consts, seg,
         SEG_LAST_LAUNCH = "one launch"
         return
     call = args + (part,) + rest + (n, T, V, S, inv_temp, ignore_index) + floats
+    # A gradient written over the logits in a narrower dtype (the hidden-state sweep: bf16 G
+    # over fp32 Z) lands in other segments' columns: safe in PHASE 0 (every segment of a row is
+    # read before any is written), not when PHASE 2 loads its segment again: a separate buffer.
+    x, g = head[0], head[3]
+    g_tmp = None
+    if g.dtype != x.dtype and g.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+        g_tmp = torch.empty(g.shape, dtype=g.dtype, device=dev)
+        call = call[:3] + (g_tmp, g_tmp.stride(0), g_tmp.stride(1)) + call[6:]
     for phase in (1, 2):
         _token_logprobs_seg_kernel[(n * S,)](*call, PHASE=phase, **kw)
+    if g_tmp is not None:
+        g.copy_(g_tmp)
     SEG_LAST_LAUNCH = "two launches"
 
 
