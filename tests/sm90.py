@@ -74,7 +74,7 @@ def _compile_here(fn, signature, constexprs, num_warps, num_stages) -> Compiled:
     for k in constexprs:
         sig[k] = "constexpr"
     src = ASTSource(fn=fn, signature=sig, constexprs=dict(constexprs), attrs=attrs)
-    # num_warps: an int, or the launch options as a dict ({"num_warps": 4, "maxnreg": 96})
+    # num_warps: an int, or the launch options as a dict ({"num_warps": 4, "maxnreg": 128})
     options = dict(num_warps) if isinstance(num_warps, dict) else {"num_warps": num_warps}
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                             options={"num_stages": num_stages, **options})

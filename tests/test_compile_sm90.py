@@ -74,9 +74,9 @@ SPECS += [
         (0, 0, "*bf16", 16384, 16, False), (1, 3, "*bf16", 4096, 8, True)]
 ]
 
-# the segmented kernel (FUSED_CONFIG programs_per_sm = -1): the row's segment stays in registers
-# between the statistics and the gradient in PHASE 0, so it must not spill at the segment widths
-# and register caps (bf16, PHASE 0 only: as the launcher applies them) the tuning sweep uses
+# the segmented kernel (FUSED_CONFIG programs_per_sm = -1): the row's segment (and the next
+# row's, prefetched) stays in registers between the statistics and the gradient in PHASE 0, so it
+# must not spill at the segment widths, warps and pass-1 variants the tuning sweep uses
 _SEG_SIG = {**{k: v for k, v in _FUSED_SIG.items() if k not in ("glp_ptr",)},
             "part_ptr": "*fp32", "cnt_ptr": "*i32", "glp_ptr": "*fp32", "S": "i32",
             "s_xb": "i64:16", "s_xt": "i64:16", "s_gb": "i64:16", "s_gt": "i64:16", "V": "i32:16"}
@@ -84,17 +84,18 @@ SPECS += [
     pytest.param(f"{_TLP}:_token_logprobs_seg_kernel", {**_SEG_SIG, "x_ptr": xt, "g_ptr": xt},
                  {"MODE": mode, "ENTROPY": True, "HAS_DENT": mode == 0, "LOSS": loss,
                   "HAS_OLD": True, "HAS_DELTA": loss < 5, "HAS_RW": True, "BETA_NZ": True,
-                  "BIAS_KL": True, "SEG": seg, "S_PAD": s_pad, "PHASE": phase},
-                 {"num_warps": warps, **({"maxnreg": maxnreg} if maxnreg and phase == 0 else {})},
-                 False,
-                 id=f"token_logprobs_seg-mode{mode}-loss{loss}-{xt[1:]}-S{seg}-w{warps}-r{maxnreg}"
+                  "BIAS_KL": True, "SEG": seg, "S_PAD": s_pad, "TWO_PASS": two, "PHASE": phase},
+                 warps, False,
+                 id=f"token_logprobs_seg-mode{mode}-loss{loss}-{xt[1:]}-S{seg}-w{warps}-t{int(two)}"
                     f"-p{phase}")
     for phase in (0, 1, 2)
-    for mode, loss, xt, seg, s_pad, warps, maxnreg in [
-        (0, 0, "*bf16", 4096, 64, 4, 0), (1, 3, "*bf16", 4096, 64, 4, 0),
-        (1, 0, "*bf16", 2048, 128, 2, 0), (0, 0, "*bf16", 4096, 64, 8, 128),
-        (1, 3, "*bf16", 4096, 64, 8, 128), (1, 6, "*fp16", 4096, 64, 4, 0),
-        (1, 5, "*fp32", 4096, 64, 4, 0), (1, 3, "*bf16", 8192, 32, 8, 0)]
+    for mode, loss, xt, seg, s_pad, warps, two in [
+        (0, 0, "*bf16", 4096, 64, 4, False), (1, 3, "*bf16", 4096, 64, 4, False),
+        (0, 0, "*bf16", 4096, 64, 4, True), (1, 3, "*bf16", 4096, 64, 4, True),
+        (1, 0, "*bf16", 2048, 128, 2, False), (0, 0, "*bf16", 4096, 64, 8, True),
+        (1, 3, "*bf16", 4096, 64, 8, False), (1, 6, "*fp16", 4096, 64, 4, False),
+        (1, 5, "*fp32", 4096, 64, 4, False), (1, 3, "*bf16", 8192, 32, 8, True),
+        (0, 0, "*fp32", 2048, 128, 4, False)]
 ]
 
 # linear_token_logprobs' opt-in fused GEMM kernels (tl.dot on bf16: wgmma), at FUSED_BLOCKS

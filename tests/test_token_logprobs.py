@@ -415,13 +415,13 @@ def test_segments_of_a_row():
 
 @pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
 @pytest.mark.parametrize("config", [(2, 16, 4096, 1), (1, 8, 256, 0), (3, 4, 64, 1), (0, 8, 1024, 1),
-                                    (-1, 4, 64, 128), (-1, 2, 128, 0), (-1, 8, 4096, 0)],
+                                    (-1, 4, 64, 1), (-1, 2, 128, 0), (-1, 8, 4096, 1)],
                          ids=["lanes", "block-stats", "small-blocks", "two-launches",
                               "segments-24", "segments-12", "segment-whole-row"])
 def test_fwd_bwd_launch_configs(monkeypatch, config, inplace):
     """Every pass-1 variant of the fused kernel (per-lane or block statistics), block width and
     the segmented kernel (rows split over programs: 24 segments of 64 columns, 12 of 128, one
-    segment for the whole row) compute the same numbers, also
+    segment for the whole row; two-pass or online statistics) compute the same numbers, also
     with the gradient written over the logits (Triton backend; on CPU in the interpreter)."""
     if "triton" not in dispatch.available_backends(OP, DEVICE):
         pytest.skip("Triton backend not available here")

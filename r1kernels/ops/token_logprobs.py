@@ -372,12 +372,55 @@ def _token_logprobs_fused_kernel(
 
 
 @triton.jit
-def _seg_stats(x, c, label, m, s, w, zt, inv_temp, ENTROPY: tl.constexpr):
-    """Merge a held block x (raw logits, columns c) into the segment's statistics; zt gathers the
-    label's scaled logit when the label is among the columns."""
+def _seg_stats_block(x, c, label, m, s, w, zt, inv_temp, ENTROPY: tl.constexpr):
+    """Merge a held block x (raw logits, columns c) into the segment's statistics online; zt
+    gathers the label's scaled logit when the label is among the columns."""
     z = x.to(tl.float32) * inv_temp
     m, s, w = _online_stats_update(m, s, w, z, ENTROPY)
     return m, s, w, zt + tl.sum(tl.where(c == label, z, 0.0), axis=0)
+
+
+@triton.jit
+def _add3(a0, a1, a2, b0, b1, b2):
+    return a0 + b0, a1 + b1, a2 + b2
+
+
+@triton.jit
+def _seg_stats(xa, xb, xc, xd, ca, cb, cc, cd, label, inv_temp, ENTROPY: tl.constexpr,
+               TWO_PASS: tl.constexpr):
+    """Statistics of a held segment (four blocks of raw logits and their columns): max m,
+    sum-exp s and entropy sum w relative to m, and the label's scaled logit zt (0 when the label
+    is elsewhere). TWO_PASS: the blocks are in registers, so two passes over all four, with two
+    block-wide reductions (max, then the sums as one), each costing barriers; else an online
+    update per block (a reduction per statistic and block, but fp32 temporaries for one block
+    at a time: fewer registers)."""
+    if not TWO_PASS:
+        zero = tl.sum(tl.zeros_like(xa).to(tl.float32), axis=0)
+        m, s, w, zt = _seg_stats_block(xa, ca, label, zero - float("inf"), zero, zero, zero,
+                                       inv_temp, ENTROPY)
+        m, s, w, zt = _seg_stats_block(xb, cb, label, m, s, w, zt, inv_temp, ENTROPY)
+        m, s, w, zt = _seg_stats_block(xc, cc, label, m, s, w, zt, inv_temp, ENTROPY)
+        return _seg_stats_block(xd, cd, label, m, s, w, zt, inv_temp, ENTROPY)
+    za = xa.to(tl.float32) * inv_temp
+    zb = xb.to(tl.float32) * inv_temp
+    zc = xc.to(tl.float32) * inv_temp
+    zd = xd.to(tl.float32) * inv_temp
+    m = tl.max(tl.maximum(tl.maximum(za, zb), tl.maximum(zc, zd)), axis=0)
+    m_ref = tl.where(m == float("-inf"), 0.0, m)  # all -inf: any finite reference
+    ea = tl.exp(za - m_ref)
+    eb = tl.exp(zb - m_ref)
+    ec = tl.exp(zc - m_ref)
+    ed = tl.exp(zd - m_ref)
+    sv = ea + eb + ec + ed
+    ztv = tl.where(ca == label, za, 0.0) + tl.where(cb == label, zb, 0.0) + \
+        tl.where(cc == label, zc, 0.0) + tl.where(cd == label, zd, 0.0)
+    if ENTROPY:
+        wv = ea * tl.where(ea > 0.0, za - m_ref, 0.0) + eb * tl.where(eb > 0.0, zb - m_ref, 0.0) + \
+            ec * tl.where(ec > 0.0, zc - m_ref, 0.0) + ed * tl.where(ed > 0.0, zd - m_ref, 0.0)
+    else:
+        wv = sv * 0.0
+    s, w, zt = tl.reduce((sv, wv, ztv), 0, _add3)  # one reduction (one set of barriers)
+    return m, s, w, zt
 
 
 @triton.jit
@@ -438,7 +481,7 @@ def _token_logprobs_seg_kernel(
         MODE: tl.constexpr, ENTROPY: tl.constexpr, HAS_DENT: tl.constexpr,
         LOSS: tl.constexpr, HAS_OLD: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_RW: tl.constexpr,
         BETA_NZ: tl.constexpr, BIAS_KL: tl.constexpr, SEG: tl.constexpr, S_PAD: tl.constexpr,
-        PHASE: tl.constexpr):
+        TWO_PASS: tl.constexpr, PHASE: tl.constexpr):
     # The segment is held as four quarters, all loaded before any is used, so that the fp32
     # temporaries of the statistics and of the gradient exist for one quarter at a time:
     # registers go to the held logits (in their own dtype). In PHASE 0 the next row's segment
@@ -468,11 +511,8 @@ def _token_logprobs_seg_kernel(
         valid = (label >= 0) & (label < V)
         p_row = part_ptr + row * (4 * S_PAD)
         if PHASE != 2:
-            m_s, s_s, w_s, zt_s = _seg_stats(xa, ca, label, zero - float("inf"), zero, zero, zero,
-                                             inv_temp, ENTROPY)
-            m_s, s_s, w_s, zt_s = _seg_stats(xb, cb, label, m_s, s_s, w_s, zt_s, inv_temp, ENTROPY)
-            m_s, s_s, w_s, zt_s = _seg_stats(xc, cc, label, m_s, s_s, w_s, zt_s, inv_temp, ENTROPY)
-            m_s, s_s, w_s, zt_s = _seg_stats(xd, cd, label, m_s, s_s, w_s, zt_s, inv_temp, ENTROPY)
+            m_s, s_s, w_s, zt_s = _seg_stats(xa, xb, xc, xd, ca, cb, cc, cd, label, inv_temp,
+                                             ENTROPY, TWO_PASS)
             # the segment holding the label keeps its logit with the partials: with the gradient
             # written in place, the label's column may be overwritten before the others read it
             tl.store(p_row + 3 * S_PAD, zt_s, mask=valid & (label // SEG == seg))
@@ -535,9 +575,10 @@ def _token_logprobs_seg_kernel(
 # per-lane statistics (1) or block statistics (0) in pass 1. programs_per_sm = 0: two launches of
 # one program per row instead (PHASE 1 statistics, PHASE 2 gradient: the row is read twice from
 # HBM, no grid-size limit). programs_per_sm = -1: the segmented kernel (segments of `block`
-# columns, `warps` per program, the 4th field a register cap per thread, 0 for none), one
-# cooperative launch on CUDA; e.g. (-1, 4, 4096, 0): 32 logits per thread, twice (this row's and
-# the prefetched next row's), 168 registers on sm_90 without spills, 3 programs per SM. Tuned on
+# columns, `warps` per program, the 4th field its pass-1 variant: 1 = two passes over the held
+# segment with two reductions, 0 = online per quarter with fewer registers), one cooperative
+# launch on CUDA; e.g. (-1, 4, 4096, 0): 32 logits per thread, twice (this row's and the
+# prefetched next row's), 168 registers on sm_90 without spills, 3 programs per SM. Tuned on
 # an H100 (BENCHMARKS.md; the segmented kernel is not measured yet); override with
 # R1K_FUSED_LOGITS="programs_per_sm,warps,block,lanes".
 FUSED_CONFIG = (0, 8, 4096, 0)
@@ -665,7 +706,7 @@ def fused_triton(x3: torch.Tensor, labels: torch.Tensor, g3: torch.Tensor, inv_t
     return out
 
 
-def _segmented(head, rest, n, T, V, inv_temp, ignore_index, floats, consts, seg, warps, maxnreg):
+def _segmented(head, rest, n, T, V, inv_temp, ignore_index, floats, consts, seg, warps, two_pass):
     """The segmented kernel: one cooperative launch on CUDA (PHASE 0), else (interpreter, or a
     cooperative launch refused) PHASE 1 + PHASE 2 over a grid of n * S programs."""
     global SEG_LAST_LAUNCH
@@ -673,23 +714,21 @@ def _segmented(head, rest, n, T, V, inv_temp, ignore_index, floats, consts, seg,
     dev = head[0].device
     part = torch.empty(n * 4 * S_PAD, dtype=torch.float32, device=dev)
     args = head + (part,)
-    kw = dict(consts, SEG=seg, S_PAD=S_PAD, num_warps=warps)
+    kw = dict(consts, SEG=seg, S_PAD=S_PAD, TWO_PASS=bool(two_pass), num_warps=warps)
     if dev.type == "cuda":
         cnt = torch.zeros(n, dtype=torch.int32, device=dev)
         call = args + (cnt,) + rest + (n, T, V, S, inv_temp, ignore_index) + floats
-        # the register cap applies to bf16 logits (held packed; other dtypes spill under it)
-        kw0 = dict(kw, maxnreg=maxnreg) if maxnreg > 0 and head[0].dtype == torch.bfloat16 else kw
-        key = (dev.index, S, tuple(sorted(kw0.items())), head[0].dtype, head[3].dtype)
+        key = (dev.index, S, tuple(sorted(kw.items())), head[0].dtype, head[3].dtype)
         resident = _SEG_GRID.get(key)
         if resident is None:
             kernel = _token_logprobs_seg_kernel.warmup(*call, grid=(1,), PHASE=0,
-                                                       launch_cooperative_grid=True, **kw0)
+                                                       launch_cooperative_grid=True, **kw)
             resident = _SEG_GRID[key] = _resident_programs(kernel, dev)
         slots = min(n, resident // S)
         if slots > 0:
             try:
                 _token_logprobs_seg_kernel[(slots * S,)](*call, PHASE=0,
-                                                         launch_cooperative_grid=True, **kw0)
+                                                         launch_cooperative_grid=True, **kw)
                 SEG_LAST_LAUNCH = "cooperative"
                 return
             except RuntimeError:  # the driver refused the cooperative grid: two launches now,
