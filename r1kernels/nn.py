@@ -49,39 +49,50 @@ def _fused_loss_step(fwd, cfg, B, T, adv, mask, old, ref, rw, scale, parts, ent_
     return grad_fn
 
 
-def _fused_loss_chunk(fwd, cfg, T, adv, mask, old, ref, rw, scale, parts, ent_acc, temperature,
-                      ignore_index, with_entropy):
+class _GRPORows:
+    """The GRPO loss's per-token inputs flattened once (contiguous [B * T]), for the fused logits
+    kernel (ops/token_logprobs.py, MODE 1) over any run of whole sequences."""
+
+    def __init__(self, cfg, T, adv, mask, old, ref, rw, scale, fwd, parts, ent_acc):
+        def flat(t):
+            return None if t is None else t.reshape(-1).contiguous()
+
+        self.cfg, self.T, self.fwd, self.parts, self.ent_acc = cfg, T, fwd, parts, ent_acc
+        self.seq = (adv, mask, old, ref, rw)
+        self.flat = tuple(flat(t) for t in (adv, G._mask_view(mask), old, ref, rw))
+        self.scale = scale.float().contiguous()
+
+    def __call__(self, x3, labels, g3, inv_temp, ignore_index, with_entropy, b0: int = 0):
+        """Sequences b0 .. b0 + x3.shape[0] (logits x3 [nb, T, V], labels [nb * T] contiguous):
+        dL/dlogits into g3, the loss partials appended; returns the kernel's out [3, nb * T]."""
+        nb, T = x3.shape[0], self.T
+        rows, seqs = slice(b0 * T, (b0 + nb) * T), slice(b0, b0 + nb)
+        out = TLP.fused_triton(
+            x3, labels, g3, inv_temp, int(ignore_index), bool(with_entropy),
+            grpo=(self.cfg, *(None if t is None else t[rows] for t in self.flat), self.scale[seqs]))
+        adv, mask, old, ref, rw = (None if t is None else t[seqs] for t in self.seq)
+        _, part = self.fwd(out[0].view(nb, T), adv, mask, old, ref, rw, self.cfg, write_grad=False)
+        self.parts.append((b0, part))
+        if with_entropy:
+            m = mask.float()
+            self.ent_acc.append(torch.where(m != 0, out[1].view(nb, T) * m, 0.0).sum())
+        return out
+
+
+def _fused_loss_chunk(grpo_rows: _GRPORows, temperature, ignore_index, with_entropy):
     """The chunk_kernel handed to the hidden-state single sweep when the segmented logits kernel
     is configured (ops/token_logprobs.py): per chunk of whole sequences, the statistics, the GRPO
     loss's dL/dlogp and G = dL/dZ in one kernel over the fp32 logits; then the loss partials."""
-    def flat(t):
-        return None if t is None else t.reshape(-1).contiguous()
-
-    adv_f, mask_f, old_f, ref_f, rw_f = (flat(adv), flat(G._mask_view(mask)), flat(old), flat(ref),
-                                         flat(rw))
-    sc = scale.float().contiguous()
+    T = grpo_rows.T
     inv_temp = 1.0 / float(temperature)
 
     def chunk_kernel(z, g, y, start, end):
         if start % T or end % T:
             raise RuntimeError(f"GRPOLoss: log-prob chunk [{start}, {end}) does not hold whole "
                                f"sequences of length {T}")
-        b0, b1 = start // T, end // T
-        nb, V = b1 - b0, z.shape[1]
-        sl, bl = slice(start, end), slice(b0, b1)
-        out = TLP.fused_triton(
-            z.view(nb, T, V), y, g.view(nb, T, V), inv_temp, int(ignore_index), bool(with_entropy),
-            grpo=(cfg, adv_f[sl], mask_f[sl], None if old_f is None else old_f[sl],
-                  None if ref_f is None else ref_f[sl], None if rw_f is None else rw_f[sl],
-                  sc[bl]))
-        logp = out[0].view(nb, T)
-        _, part = fwd(logp, adv[bl], mask[bl], None if old is None else old[bl],
-                      None if ref is None else ref[bl], None if rw is None else rw[bl], cfg,
-                      write_grad=False)
-        parts.append((b0, part))
-        if with_entropy:
-            m = mask[bl].float()
-            ent_acc.append(torch.where(m != 0, out[1].view(nb, T) * m, 0.0).sum())
+        nb, V = (end - start) // T, z.shape[1]
+        out = grpo_rows(z.view(nb, T, V), y, g.view(nb, T, V), inv_temp, ignore_index,
+                        with_entropy, b0=start // T)
         return out[0], (out[1] if with_entropy else None)
 
     return chunk_kernel
@@ -118,8 +129,8 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
             grad_fn = _fused_loss_step(fwd, cfg, B, T, adv, mask, old, ref, rw, scale, parts, ent_acc)
             chunk_kernel = None
             if backend == "triton" and not cfg.seq and bias is None and TLP.segmented_configured():
-                chunk_kernel = _fused_loss_chunk(fwd, cfg, T, adv, mask, old, ref, rw, scale, parts,
-                                                 ent_acc, temperature, ignore_index, with_entropy)
+                rows = _GRPORows(cfg, T, adv, mask, old, ref, rw, scale, fwd, parts, ent_acc)
+                chunk_kernel = _fused_loss_chunk(rows, temperature, ignore_index, with_entropy)
             _, _, gh, gw, gb = linear_token_logprobs_with_grad(
                 hidden.reshape(B * T, H), weight, labels.reshape(B * T), bias,
                 temperature=temperature, ignore_index=ignore_index, with_entropy=with_entropy,
@@ -157,20 +168,8 @@ def _from_logits_fused_triton(logits, labels, adv, mask, old, ref, rw, cfg, scal
     TLP.check_labels("GRPOLoss.from_logits", labels, (B, T), V, ignore_index, logits.device)
     x = logits if logits.stride(-1) == 1 else logits.contiguous()
     g = x if inplace else torch.empty_like(x)
-
-    def flat(t):
-        return None if t is None else t.reshape(-1).contiguous()
-
-    out = TLP.fused_triton(
-        x, flat(labels), g, 1.0 / temperature, int(ignore_index), bool(with_entropy),
-        grpo=(cfg, flat(adv), flat(G._mask_view(mask)), flat(old), flat(ref), flat(rw),
-              scale.float().contiguous()))
-    logp = out[0].view(B, T)
-    _, part = fwd(logp, adv, mask, old, ref, rw, cfg, write_grad=False)
-    parts.append((0, part))
-    if with_entropy:
-        m = mask.float()
-        ent_acc.append(torch.where(m != 0, out[1].view(B, T) * m, 0.0).sum())
+    rows = _GRPORows(cfg, T, adv, mask, old, ref, rw, scale, fwd, parts, ent_acc)
+    rows(x, labels.reshape(-1).contiguous(), g, 1.0 / temperature, ignore_index, with_entropy)
     return logits.view(logits.shape) if g.data_ptr() == logits.data_ptr() else g  # an alias autograd can hand on
 
 
