@@ -400,6 +400,36 @@ def test_segmented_bf16_gradient_over_fp32_logits(monkeypatch, config):
     torch.testing.assert_close(g.cpu().double(), gr, rtol=2 ** -7, atol=1e-6)
 
 
+@pytest.mark.parametrize("config", [(-1, 4, 64, 0), (-1, 4, 64, 1), (-1, 4, 4096, 1)],
+                         ids=["online", "two-pass", "one-segment"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_segmented_16bit_logits(monkeypatch, config, dtype):
+    """The segmented kernel on 16-bit logits (bf16 is widened by hand in the gradient pass), in
+    place: against float64 on the rounded logits; the gradient is rounded once to the logits'
+    dtype (relative 2**-8 for bf16, 2**-11 for fp16; twice that if the conversion truncates)."""
+    if "triton" not in dispatch.available_backends(OP, DEVICE):
+        pytest.skip("Triton backend not available here")
+    monkeypatch.setattr(tlp_mod, "FUSED_CONFIG", config)
+    monkeypatch.delenv("R1K_FUSED_LOGITS", raising=False)
+    N, V = 7, 700
+    g0 = torch.Generator().manual_seed(6)
+    logits = (torch.randn(N, V, generator=g0) * 4).to(dtype)
+    logits[3] = -30.0  # a flat row
+    labels = torch.randint(0, V, (N,), generator=g0)
+    labels[1] = -100
+    glp, gent = torch.randn(N, generator=g0), torch.randn(N, generator=g0)
+    x = logits.clone().to(DEVICE)
+    with dispatch.use_backend("triton"):
+        logp, ent, grad = r1kernels.token_logprobs_fwd_bwd(
+            x, labels.to(DEVICE), glp.to(DEVICE), grad_entropy=gent.to(DEVICE), with_entropy=True,
+            inplace=True)
+    lr, er, gr = _fwd_bwd_ref(logits.double(), labels, glp, gent, 1.0)
+    torch.testing.assert_close(logp.cpu().double(), lr, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent.cpu().double(), er, rtol=1e-5, atol=1e-5)
+    rtol = 2 ** -7 if dtype == torch.bfloat16 else 2 ** -10
+    torch.testing.assert_close(grad.cpu().double(), gr, rtol=rtol, atol=1e-6)
+
+
 def test_segments_of_a_row():
     """The segmented kernel's split: power-of-two widths of at least 64 columns, never more than
     SEG_MAX_SEGMENTS per row (the width grows instead), the partials padded to a power of two."""
