@@ -41,6 +41,10 @@ Internal entry point for the fused GRPO loss (_notes/INTERFACE_logprobs_loss.md)
       grad_weight      += G.T @ h_rows   (see precision below)
       grad_bias        += sum_rows G     (fp32)
     FLOPs: 6 * N * H * V (three GEMMs, the logits are computed once).
+    With the segmented logits kernel configured (ops/token_logprobs.py, FUSED_CONFIG -1), the
+    callers that know dL/dlogp in-kernel (GRPOLoss, linear_token_logprobs_fwd_bwd) pass a
+    `chunk_kernel` that does the statistics, dL/dlogp and G of a chunk in one kernel: the fp32
+    logits are read once instead of twice (the Triton backend, without a bias).
     Extra memory: the chunk buffer R * V * 4 bytes with R = TILE_ELEMS // V rounded down to a
     multiple of chunk_multiple (at least chunk_multiple: a sequence longer than the budget gets a
     buffer of chunk_multiple * V * 4 bytes, which depends on T but not on N), an fp32 [R, H]
