@@ -442,3 +442,37 @@ def test_hidden_with_segmented_chunk_kernel(monkeypatch, config, loss_type):
         assert out.metrics[k].item() == pytest.approx(v, rel=1e-5, abs=1e-6), k
     for ours, ref in zip((h.grad, w.grad), rgrads):
         torch.testing.assert_close(ours.double().cpu(), ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("config", [(0, 8, 1024, 1), (2, 16, 4096, 1), (-1, 4, 64, 0), (-1, 4, 4096, 1)],
+                         ids=["two-launches", "persistent", "segments", "one-segment"])
+def test_from_logits_masked_rows_not_read(monkeypatch, config):
+    """Tokens outside the loss mask contribute nothing, so the fused kernels neither read their
+    logits nor let them reach the result: NaN logits there give the same loss and metrics as
+    zeros would, and an exactly zero gradient row (padding is often a large part of a batch)."""
+    if "triton" not in dispatch.available_backends("grpo_loss", DEVICE):
+        pytest.skip("Triton backend not available here")
+    from r1kernels.ops import token_logprobs as tlp_mod
+
+    monkeypatch.setattr(tlp_mod, "FUSED_CONFIG", config)
+    monkeypatch.delenv("R1K_FUSED_LOGITS", raising=False)
+    d = make(3, 6, 8, 300, seed=9)
+    d["mask"][0, 4:] = False
+    d["mask"][2] = False
+    with torch.no_grad():
+        logits = (d["hidden"] @ d["weight"].T + d["bias"]).float() * 2
+    poisoned = logits.clone()
+    poisoned[~d["mask"]] = float("nan")
+    opts = dict(loss_type="grpo", beta=0.04, epsilon_high=0.28)
+    kw = to_dev(kwargs_for(d, beta=True))
+    res = []
+    for x0 in (poisoned, torch.where(d["mask"].unsqueeze(-1), logits, 0.0)):
+        x = x0.clone().to(DEVICE).requires_grad_(True)
+        with dispatch.use_backend("triton"):
+            out = GRPOLoss(**opts).from_logits(x, d["labels"].to(DEVICE), d["mask"].to(DEVICE),
+                                               d["adv"].float().to(DEVICE), **kw)
+        out.loss.backward()
+        res.append((out.loss.item(), {k: v.item() for k, v in out.metrics.items()}, x.grad.cpu()))
+    assert res[0][0] == res[1][0] and res[0][1] == res[1][1]
+    assert torch.equal(res[0][2], res[1][2])
+    assert (res[0][2][~d["mask"]] == 0).all() and res[0][2].isfinite().all()

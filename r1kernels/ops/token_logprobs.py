@@ -277,6 +277,12 @@ def _token_logprobs_fused_kernel(
         label = tl.load(labels_ptr + row).to(tl.int64)
         ignored = label == ignore_index
         zero = tl.sum(tl.zeros([BLOCK_V], dtype=tl.float32), axis=0)
+        # a token outside the GRPO mask (MODE 1) contributes nothing: its row is not read, its
+        # gradient is written as zeros (padding is often a large part of a GRPO batch)
+        live = True
+        if MODE == 1:
+            live = tl.load(mask_ptr + row) != 0
+        v_read = tl.where(live, V, 0)
         if PHASE != 2:
             if LANES:
                 # per-lane online statistics, reduced across the block once per row: no block-wide
@@ -285,7 +291,7 @@ def _token_logprobs_fused_kernel(
                 mv = tl.full([BLOCK_V], float("-inf"), tl.float32)
                 sv = tl.zeros([BLOCK_V], dtype=tl.float32)
                 wv = tl.zeros([BLOCK_V], dtype=tl.float32)
-                for start in range(0, V, BLOCK_V):
+                for start in range(0, v_read, BLOCK_V):
                     c = start + cols
                     ok = c < V
                     z = tl.load(x_row + c, mask=ok, other=float("-inf"),
@@ -310,15 +316,18 @@ def _token_logprobs_fused_kernel(
                 m = zero - float("inf")
                 s = zero
                 w = zero
-                for start in range(0, V, BLOCK_V):
+                for start in range(0, v_read, BLOCK_V):
                     c = start + cols
                     ok = c < V
                     z = tl.load(x_row + c, mask=ok, other=float("-inf"),
                                 eviction_policy="evict_last").to(tl.float32) * inv_temp
                     m, s, w = _online_stats_update(m, s, w, z, ENTROPY)
             valid = (label >= 0) & (label < V)
-            zt = tl.load(x_row + label, mask=valid, other=0.0).to(tl.float32) * inv_temp
+            zt = tl.load(x_row + label, mask=valid & live, other=0.0).to(tl.float32) * inv_temp
             lse, logp, ent = _row_result(m, s, w, zt, valid, ignored)
+            lse = tl.where(live, lse, 0.0)
+            logp = tl.where(live, logp, 0.0)
+            ent = tl.where(live, ent, 0.0)
             tl.store(out_ptr + row, logp)
             if ENTROPY:
                 tl.store(out_ptr + N + row, tl.where(ignored, 0.0, ent))
@@ -343,7 +352,8 @@ def _token_logprobs_fused_kernel(
             for start in range(0, V, BLOCK_V):
                 c = start + cols
                 ok = c < V
-                z = tl.load(x_row + c, mask=ok, other=float("-inf"),
+                # not live: nothing read (z = -inf, p = 0, dlp = 0): zeros written
+                z = tl.load(x_row + c, mask=ok & live, other=float("-inf"),
                             eviction_policy="evict_first").to(tl.float32)
                 g = _logits_grad(z, c == label, lse, ent, dlp, dent, inv_temp, HAS_DENT)
                 tl.store(g_row + c, g.to(g_ptr.dtype.element_ty), mask=ok,
@@ -443,12 +453,16 @@ def _seg_row(r, N, T, x_ptr, s_xb, s_xt, labels_ptr, glp_ptr, gent_ptr, old_ptr,
              BETA_NZ: tl.constexpr):
     """Issue the loads of row r for the segment starting at column c0: its four quarters (raw
     logits, -inf past the vocabulary), its label and its upstream inputs (MODE 0: dL/dlogp and
-    dL/dentropy; MODE 1: the GRPO token inputs). Past the last row (r >= N, a prefetch at the end
-    of the grid) the segment loads are masked off."""
+    dL/dentropy; MODE 1: the GRPO token inputs) and whether the row is live. Past the last row
+    (r >= N, a prefetch at the end of the grid) and, in MODE 1, for a token outside the loss mask
+    (it contributes nothing: zeros are written) the segment loads are masked off (nothing read)."""
     row = tl.cast(tl.minimum(r, N - 1), tl.int64)
     b = row // T
     x_row = x_ptr + b * s_xb + (row - b * T) * s_xt
-    lim = tl.where(r < N, V, 0)
+    live = r < N
+    if MODE == 1:
+        live = live & (tl.load(mask_ptr + row) != 0)
+    lim = tl.where(live, V, 0)
     ca = c0 + tl.arange(0, Q)
     xa = tl.load(x_row + ca, mask=ca < lim, other=float("-inf"))
     xb = tl.load(x_row + ca + Q, mask=ca + Q < lim, other=float("-inf"))
@@ -468,7 +482,7 @@ def _seg_row(r, N, T, x_ptr, s_xb, s_xt, labels_ptr, glp_ptr, gent_ptr, old_ptr,
     else:
         i0, i1, i2, i3, i4, i5 = _grpo_token_inputs(row, b, old_ptr, ref_ptr, adv_ptr, mask_ptr,
                                                     rw_ptr, scale_ptr, HAS_OLD, HAS_RW, BETA_NZ)
-    return xa, xb, xc, xd, label, i0, i1, i2, i3, i4, i5
+    return xa, xb, xc, xd, label, live, i0, i1, i2, i3, i4, i5
 
 
 @triton.jit
@@ -500,7 +514,7 @@ def _token_logprobs_seg_kernel(
     k = tl.arange(0, S_PAD)
     k_ok = k < S
     zero = tl.sum(tl.zeros([S_PAD], dtype=tl.float32), axis=0)
-    xa, xb, xc, xd, label, i0, i1, i2, i3, i4, i5 = _seg_row(
+    xa, xb, xc, xd, label, live, i0, i1, i2, i3, i4, i5 = _seg_row(
         slot, N, T, x_ptr, s_xb, s_xt, labels_ptr, glp_ptr, gent_ptr, old_ptr, ref_ptr, adv_ptr,
         mask_ptr, rw_ptr, scale_ptr, c0, V, Q, MODE, HAS_DENT, HAS_OLD, HAS_RW, BETA_NZ)
     for r in range(slot, N, n_slots):
@@ -521,19 +535,21 @@ def _token_logprobs_seg_kernel(
             if ENTROPY:
                 tl.store(p_row + 2 * S_PAD + seg, w_s)
             if PHASE == 0:
-                # this program's partials are stored (barrier), then announced (release)
-                tl.debug_barrier()
-                tl.atomic_add(cnt_ptr + row, 1, sem="release", scope="gpu")
+                if live:  # (every segment of a row agrees: dead rows skip the exchange)
+                    # this program's partials are stored (barrier), then announced (release)
+                    tl.debug_barrier()
+                    tl.atomic_add(cnt_ptr + row, 1, sem="release", scope="gpu")
         if PHASE == 0:
-            na, nb, nc, nd, n_label, n0, n1, n2, n3, n4, n5 = _seg_row(
+            na, nb, nc, nd, n_label, n_live, n0, n1, n2, n3, n4, n5 = _seg_row(
                 r + n_slots, N, T, x_ptr, s_xb, s_xt, labels_ptr, glp_ptr, gent_ptr, old_ptr,
                 ref_ptr, adv_ptr, mask_ptr, rw_ptr, scale_ptr, c0, V, Q, MODE, HAS_DENT, HAS_OLD,
                 HAS_RW, BETA_NZ)
         if PHASE != 1:
             if PHASE == 0:
-                arrived = tl.atomic_add(cnt_ptr + row, 0, sem="acquire", scope="gpu")
-                while arrived < S:
+                if live:
                     arrived = tl.atomic_add(cnt_ptr + row, 0, sem="acquire", scope="gpu")
+                    while arrived < S:
+                        arrived = tl.atomic_add(cnt_ptr + row, 0, sem="acquire", scope="gpu")
             # merge the S partials (read from L2: other programs wrote them)
             pm = tl.load(p_row + k, mask=k_ok, other=float("-inf"), cache_modifier=".cg")
             ps = tl.load(p_row + S_PAD + k, mask=k_ok, other=0.0, cache_modifier=".cg")
@@ -547,6 +563,9 @@ def _token_logprobs_seg_kernel(
                 w = tl.sum(f * (pw + ps * tl.where(ps > 0.0, pm - m_ref, 0.0)), axis=0)
             zt = tl.load(p_row + 3 * S_PAD, mask=valid, other=0.0, cache_modifier=".cg")
             lse, logp, ent = _row_result(m, s, w, zt, valid, ignored)
+            lse = tl.where(live, lse, 0.0)  # a dead row: zeros out, zeros written below
+            logp = tl.where(live, logp, 0.0)
+            ent = tl.where(live, ent, 0.0)
             if seg == 0:
                 tl.store(out_ptr + row, logp)
                 if ENTROPY:
@@ -567,7 +586,7 @@ def _token_logprobs_seg_kernel(
             _seg_grad(xc, cc, g_row, label, lse, ent, dlp, dent, inv_temp, V, HAS_DENT)
             _seg_grad(xd, cd, g_row, label, lse, ent, dlp, dent, inv_temp, V, HAS_DENT)
         if PHASE == 0:
-            xa, xb, xc, xd, label = na, nb, nc, nd, n_label
+            xa, xb, xc, xd, label, live = na, nb, nc, nd, n_label, n_live
             i0, i1, i2, i3, i4, i5 = n0, n1, n2, n3, n4, n5
 
 
