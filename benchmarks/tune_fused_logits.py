@@ -19,8 +19,10 @@ from r1kernels import dispatch
 from r1kernels.ops import token_logprobs as tlp_mod
 
 # (programs per SM (0: two launches, one program per row; -1: segmented kernel), warps, block
-# (segment width for -1), per-lane statistics (for -1: two-pass statistics))
-CONFIGS = [(0, 8, 4096, 0), (0, 16, 4096, 0),
+# (segment width for -1), per-lane statistics (for -1: two-pass statistics)[, warps and block of
+# the two-launch mode's statistics launch])
+CONFIGS = [(0, 8, 4096, 0), (0, 16, 4096, 0), (0, 16, 4096, 0, 1, 2048), (0, 8, 4096, 0, 1, 2048),
+           (0, 16, 4096, 0, 2, 2048),
            (-1, 4, 4096, 0), (-1, 4, 4096, 1), (-1, 8, 4096, 0), (-1, 8, 4096, 1),
            (-1, 2, 2048, 0), (-1, 8, 8192, 1), (-1, 16, 8192, 0), (-1, 4, 2048, 0),
            (-1, 8, 2048, 1)]

@@ -69,6 +69,7 @@ SPECS += [
     for phase in (0, 1, 2)
     for mode, loss, xt, block, warps, lanes in [
         (0, 0, "*bf16", 4096, 16, True), (1, 0, "*bf16", 8192, 16, True),
+        (0, 0, "*bf16", 2048, 1, False), (1, 3, "*bf16", 2048, 1, False),
         (1, 5, "*fp32", 4096, 16, True), (1, 6, "*fp16", 2048, 8, True), (1, 3, "*bf16", 2048, 8, True),
         (0, 0, "*bf16", 4096, 16, False), (1, 3, "*bf16", 4096, 16, False),
         (0, 0, "*bf16", 16384, 16, False), (1, 3, "*bf16", 4096, 8, True)]

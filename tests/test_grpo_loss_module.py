@@ -368,9 +368,9 @@ def test_from_logits_sliced_like_liger(backend, inplace):
 
 
 @pytest.mark.parametrize("config", [(2, 16, 4096, 1), (1, 8, 256, 0), (0, 8, 1024, 1),
-                                    (-1, 4, 64, 1), (-1, 4, 4096, 0)],
+                                    (0, 16, 4096, 0, 1, 64), (-1, 4, 64, 1), (-1, 4, 4096, 0)],
                          ids=["persistent-lanes", "persistent-block-stats", "two-launches",
-                              "segments-5", "segment-whole-row"])
+                              "two-launches-1-warp-stats", "segments-5", "segment-whole-row"])
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo", "cispo", "sapo"])
 @pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
 def test_from_logits_fused_kernel_configs(monkeypatch, config, loss_type, inplace):

@@ -599,17 +599,20 @@ def _token_logprobs_seg_kernel(
 # launch on CUDA; e.g. (-1, 4, 4096, 0): 32 logits per thread, twice (this row's and the
 # prefetched next row's), 168 registers on sm_90 without spills, 3 programs per SM. Tuned on
 # an H100 (BENCHMARKS.md; the segmented kernel is not measured yet); override with
-# R1K_FUSED_LOGITS="programs_per_sm,warps,block,lanes".
+# R1K_FUSED_LOGITS="programs_per_sm,warps,block,lanes[,stats_warps,stats_block]" (the last two:
+# the two-launch mode's statistics launch, e.g. one warp per row, whose block reductions need
+# no barrier).
 FUSED_CONFIG = (0, 8, 4096, 0)
 SEG_MAX_SEGMENTS = 128  # the segmented kernel merges at most this many partials per row
 
 
-def _fused_config() -> tuple[int, int, int, int]:
+def _fused_config() -> tuple[int, int, int, int, int, int]:
+    """(programs_per_sm, warps, block, lanes, stats_warps, stats_block): FUSED_CONFIG or
+    R1K_FUSED_LOGITS, missing trailing values 0. The last two apply to the two-launch mode's
+    statistics launch (0: the same as the gradient launch)."""
     env = os.environ.get("R1K_FUSED_LOGITS")
-    if env:
-        v = [int(x) for x in env.split(",")]
-        return tuple(v + [0] * (4 - len(v)))[:4]
-    return FUSED_CONFIG
+    v = [int(x) for x in env.split(",")] if env else list(FUSED_CONFIG)
+    return tuple(v + [0] * (6 - len(v)))[:6]
 
 
 def segmented_configured() -> bool:
@@ -684,7 +687,7 @@ def fused_triton(x3: torch.Tensor, labels: torch.Tensor, g3: torch.Tensor, inv_t
     out = torch.zeros(3, n, dtype=torch.float32, device=x3.device)
     if n == 0:
         return out
-    per_sm, warps, block, lanes = _fused_config()
+    per_sm, warps, block, lanes, stats_warps, stats_block = _fused_config()
     if grpo is None:
         mode = 0
         cfg = None
@@ -715,13 +718,14 @@ def fused_triton(x3: torch.Tensor, labels: torch.Tensor, g3: torch.Tensor, inv_t
         _segmented(head, (glp, gent) + tail, n, T, V, float(inv_temp), int(ignore_index), floats,
                    consts, block, warps, lanes)
         return out
-    block = max(16, min(block, next_power_of_2(V)))
-    phases = (0,) if per_sm > 0 else (1, 2)
+    launches = [(0, warps, block)] if per_sm > 0 else \
+        [(1, stats_warps or warps, stats_block or block), (2, warps, block)]
     grid = (_num_programs(x3.device, n, per_sm) if per_sm > 0 else n,)
-    for phase in phases:
+    for phase, w, blk in launches:
         _token_logprobs_fused_kernel[grid](
             *head, glp, gent, *tail, n, T, V, float(inv_temp), int(ignore_index), *floats,
-            **consts, BLOCK_V=block, LANES=bool(lanes), PHASE=phase, num_warps=warps)
+            **consts, BLOCK_V=max(16, min(blk, next_power_of_2(V))), LANES=bool(lanes),
+            PHASE=phase, num_warps=w)
     return out
 
 
