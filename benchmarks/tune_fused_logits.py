@@ -7,6 +7,8 @@ rows against float64, from_logits on 2 sequences against the torch backend. Prin
 configuration; the floor is one read + one write of the logits at the measured copy bandwidth.
 
     python benchmarks/tune_fused_logits.py
+    TUNE_DRY_RUN=1 TRITON_INTERPRET=1 python benchmarks/tune_fused_logits.py   # CPU, tiny shapes:
+        runs every step once (the script itself is checked; the timings mean nothing)
 """
 import os
 import sys
@@ -33,14 +35,22 @@ def _rel(a, r):
     return ((a.double() - r).norm() / r.norm().clamp(min=1e-30)).item()
 
 
+DRY = os.environ.get("TUNE_DRY_RUN") == "1"
+
+
 def bench(fn):
+    if DRY:
+        import time
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
 def main():
-    dev = "cuda"
+    dev = "cpu" if DRY else "cuda"
     torch.manual_seed(0)
-    N, V = 16384, 151936
+    N, V = (24, 5000) if DRY else (16384, 151936)
     x = (torch.randn(N, V, device=dev) * 2).to(torch.bfloat16)
     y = torch.randint(0, V, (N,), device=dev)
     glp, gent = torch.randn(N, device=dev), torch.randn(N, device=dev)
@@ -53,7 +63,7 @@ def main():
     print(f"copy {copy_bw:.0f} GB/s; floor (read + write the logits) {floor_ms:.3f} ms", flush=True)
 
     # float64 reference on the first 1024 rows, and the autograd path checked against it
-    n = 1024
+    n = 16 if DRY else 1024
     xr = x[:n].double().requires_grad_(True)
     lr, er = r1kernels.reference.token_logprobs_ref(xr, y[:n], with_entropy=True)
     ((lr * glp[:n].double()).sum() + (er * gent[:n].double()).sum()).backward()
@@ -65,7 +75,7 @@ def main():
     print(f"check autograd path: grad rel err {_rel(xs.grad, ref_tok[2]):.2e}")
     del xs
 
-    B, T1 = 16, 1025
+    B, T1 = (2, 9) if DRY else (16, 1025)
     full = (torch.randn(B, T1, V, device=dev) * 2).to(torch.bfloat16)
     ids = torch.randint(0, V, (B, T1 - 1), device=dev)
     lp0 = -torch.rand(B, T1 - 1, device=dev) * 3
@@ -105,6 +115,18 @@ def main():
         lp, en = r1kernels.token_logprobs(xa, y, with_entropy=True)
         return torch.autograd.grad((lp * glp).sum() + (en * gent).sum(), xa)
     print(f"baseline token_logprobs fwd+bwd (autograd, 3 passes): {bench(autograd_step):.3f} ms")
+    for launch in ("1,2048", "2,2048", "4,4096"):  # the statistics kernel's launch (warps, block)
+        os.environ["R1K_STATS_LAUNCH"] = launch
+        xs = x[:n].clone().requires_grad_(True)
+        lp, en = r1kernels.token_logprobs(xs, y[:n], with_entropy=True)
+        ((lp * glp[:n]).sum() + (en * gent[:n]).sum()).backward()
+        err = _rel(xs.grad, ref_tok[2])
+        t = bench(autograd_step)
+        t_fwd = bench(lambda: r1kernels.token_logprobs(x, y, with_entropy=True))
+        print(f"  R1K_STATS_LAUNCH={launch}: fwd+bwd {t:.3f} ms, fwd {t_fwd:.3f} ms, "
+              f"grad rel err {err:.1e}")
+        del xs
+    os.environ.pop("R1K_STATS_LAUNCH", None)
     del xa
     try:
         from liger_kernel.transformers.grpo_loss import triton_grpo_loss

@@ -36,6 +36,7 @@ SPECS += [
                     f"-ent{int(ent)}-B{block}")
     for xt, bias, accum, final, ent, block, warps in [
         ("bf16", False, False, True, True, 4096, 8), ("bf16", False, False, True, False, 4096, 8),
+        ("bf16", False, False, True, True, 2048, 1), ("bf16", False, False, True, False, 2048, 2),
         ("fp16", False, False, True, True, 1024, 4), ("fp32", True, True, False, True, 4096, 8),
         ("fp32", True, True, True, True, 4096, 8), ("fp32", False, False, False, False, 16, 4)]
 ] + [

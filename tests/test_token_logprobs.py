@@ -430,6 +430,27 @@ def test_segmented_16bit_logits(monkeypatch, config, dtype):
     torch.testing.assert_close(grad.cpu().double(), gr, rtol=rtol, atol=1e-6)
 
 
+@pytest.mark.parametrize("launch", ["1,64", "2,128"])
+def test_stats_launch_override(monkeypatch, launch):
+    """R1K_STATS_LAUNCH (warps, block of the statistics kernel) changes the launch, not the
+    numbers: forward and backward through autograd against float64."""
+    if "triton" not in dispatch.available_backends(OP, DEVICE):
+        pytest.skip("Triton backend not available here")
+    monkeypatch.setenv("R1K_STATS_LAUNCH", launch)
+    g0 = torch.Generator().manual_seed(8)
+    logits = torch.randn(5, 999, generator=g0) * 3
+    labels = torch.randint(0, 999, (5,), generator=g0)
+    x = logits.clone().to(DEVICE).requires_grad_(True)
+    with dispatch.use_backend("triton"):
+        lp, en = r1kernels.token_logprobs(x, labels.to(DEVICE), with_entropy=True)
+    glp, gent = torch.randn(5, generator=g0), torch.randn(5, generator=g0)
+    ((lp * glp.to(DEVICE)).sum() + (en * gent.to(DEVICE)).sum()).backward()
+    lr, er, gr = _fwd_bwd_ref(logits, labels, glp, gent, 1.0)
+    torch.testing.assert_close(lp.detach().cpu().double(), lr, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(en.detach().cpu().double(), er, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.cpu().double(), gr, rtol=1e-5, atol=1e-6)
+
+
 def test_segments_of_a_row():
     """The segmented kernel's split: power-of-two widths of at least 64 columns, never more than
     SEG_MAX_SEGMENTS per row (the width grows instead), the partials padded to a power of two."""

@@ -779,7 +779,14 @@ def _segmented(head, rest, n, T, V, inv_temp, ignore_index, floats, consts, seg,
     SEG_LAST_LAUNCH = "two launches"
 
 
-def _block_v(n_cols: int) -> tuple[int, int]:
+def _block_v(n_cols: int, stats: bool = False) -> tuple[int, int]:
+    """(block, warps) of the statistics (stats=True) and gradient kernels; R1K_STATS_LAUNCH=
+    "warps,block" overrides the statistics kernel's (e.g. "1,2048": one warp per row, no
+    barrier in its block reductions; to be measured against the default on a GPU)."""
+    env = os.environ.get("R1K_STATS_LAUNCH") if stats else None
+    if env:
+        warps, block = (int(v) for v in env.split(","))
+        return max(16, min(next_power_of_2(n_cols), block)), warps
     block = max(16, min(next_power_of_2(n_cols), 4096))
     return block, (8 if block >= 4096 else 4)
 
@@ -795,7 +802,7 @@ def stats_triton(x: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | Non
     n, c = x.shape
     if n == 0:
         return
-    block, warps = _block_v(c)
+    block, warps = _block_v(c, stats=True)
     _token_logprobs_fwd_kernel[(n,)](
         x, x.stride(0), labels, bias if bias is not None else x, state, out, n, c, col0, vocab,
         float(inv_temp), int(ignore_index), HAS_BIAS=bias is not None, ACCUM=accum, FINAL=final,
