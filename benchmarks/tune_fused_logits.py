@@ -143,6 +143,7 @@ def main():
         print(f"liger not available: {exc!r}"[:200])
     print(f"{'config':>18} {'fwd_bwd ms':>11} {'inplace ms':>11} {'%floor':>7} {'from_logits ms':>15}"
           f"  launch        errors (logp, entropy, grad, from_logits loss, grad)")
+    failures = 0
     for cfg in CONFIGS:
         os.environ["R1K_FUSED_LOGITS"] = ",".join(map(str, cfg))
         try:
@@ -152,6 +153,7 @@ def main():
             bad = [e for e in errs if not e < 2e-2]  # bf16 logits: ~1e-3; NaN fails
             if bad:
                 print(f"{str(cfg):>18} WRONG: errors {['%.1e' % e for e in errs]}", flush=True)
+                failures += 1
                 continue
             t1 = bench(lambda: r1kernels.token_logprobs_fwd_bwd(x, y, glp, grad_entropy=gent,
                                                                with_entropy=True))
@@ -167,9 +169,12 @@ def main():
             t3 = bench(step)
         except Exception as exc:  # noqa: BLE001 - report and go on with the next configuration
             print(f"{str(cfg):>18} failed: {exc!r}"[:300])
+            failures += 1
             continue
         print(f"{str(cfg):>18} {t1:11.3f} {t2:11.3f} {100 * floor_ms / t2:6.0f}% {t3:15.3f}  "
               f"{launch:<12}  {' '.join('%.1e' % e for e in errs)}", flush=True)
+    print(f"{failures} configuration(s) wrong or failed" if failures else "all configurations checked")
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
