@@ -451,6 +451,23 @@ def test_stats_launch_override(monkeypatch, launch):
     torch.testing.assert_close(x.grad.cpu().double(), gr, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name,value", [("R1K_FUSED_LOGITS", "fast"), ("R1K_FUSED_LOGITS", "0,0,4096"),
+                                        ("R1K_FUSED_LOGITS", "1"), ("R1K_STATS_LAUNCH", "1"),
+                                        ("R1K_STATS_LAUNCH", "0,2048"), ("R1K_STATS_LAUNCH", "1,x")])
+def test_bad_launch_env(monkeypatch, name, value):
+    """A malformed launch override is a ValueError naming the variable, not a crash."""
+    if "triton" not in dispatch.available_backends(OP, DEVICE):
+        pytest.skip("Triton backend not available here")
+    monkeypatch.setenv(name, value)
+    x = torch.randn(3, 50, device=DEVICE)
+    y = torch.randint(0, 50, (3,), device=DEVICE)
+    with dispatch.use_backend("triton"), pytest.raises(ValueError, match=name):
+        if name == "R1K_FUSED_LOGITS":
+            r1kernels.token_logprobs_fwd_bwd(x, y, torch.ones(3, device=DEVICE))
+        else:
+            r1kernels.token_logprobs(x, y)
+
+
 def test_segments_of_a_row():
     """The segmented kernel's split: power-of-two widths of at least 64 columns, never more than
     SEG_MAX_SEGMENTS per row (the width grows instead), the partials padded to a power of two."""

@@ -611,8 +611,19 @@ def _fused_config() -> tuple[int, int, int, int, int, int]:
     R1K_FUSED_LOGITS, missing trailing values 0. The last two apply to the two-launch mode's
     statistics launch (0: the same as the gradient launch)."""
     env = os.environ.get("R1K_FUSED_LOGITS")
-    v = [int(x) for x in env.split(",")] if env else list(FUSED_CONFIG)
+    v = _env_ints("R1K_FUSED_LOGITS", env, 2, 6) if env else list(FUSED_CONFIG)
     return tuple(v + [0] * (6 - len(v)))[:6]
+
+
+def _env_ints(name: str, value: str, least: int, most: int) -> list:
+    try:
+        v = [int(x) for x in value.split(",")]
+    except ValueError:
+        v = []
+    if not least <= len(v) <= most or (len(v) > 1 and v[1] < 1):
+        raise ValueError(f"{name} must be {least} to {most} comma-separated integers (warps >= 1), "
+                         f"got {value!r}")
+    return v
 
 
 def segmented_configured() -> bool:
@@ -785,8 +796,11 @@ def _block_v(n_cols: int, stats: bool = False) -> tuple[int, int]:
     barrier in its block reductions; to be measured against the default on a GPU)."""
     env = os.environ.get("R1K_STATS_LAUNCH") if stats else None
     if env:
-        warps, block = (int(v) for v in env.split(","))
-        return max(16, min(next_power_of_2(n_cols), block)), warps
+        warps, block = _env_ints("R1K_STATS_LAUNCH", env, 2, 2)
+        if warps < 1 or block < 16:
+            raise ValueError(f"R1K_STATS_LAUNCH must be 'warps,block' with warps >= 1 and "
+                             f"block >= 16, got {env!r}")
+        return max(16, min(next_power_of_2(n_cols), next_power_of_2(block))), warps
     block = max(16, min(next_power_of_2(n_cols), 4096))
     return block, (8 if block >= 4096 else 4)
 
