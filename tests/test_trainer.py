@@ -237,6 +237,29 @@ def test_sft_loss_is_masked_nll():
     torch.testing.assert_close(sft_loss(h, w, None, labels, mask, 6).double(), nll / 6)
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_sft_loss_gradients_fused(with_bias):
+    """With gradients, sft_loss makes them in its forward pass (linear_token_logprobs_fwd_bwd):
+    the same loss and gradients as autograd through the materialized logits, scaled by the
+    upstream gradient."""
+    torch.manual_seed(1)
+    h = torch.randn(2, 5, 8, dtype=torch.float64)
+    w = torch.randn(13, 8, dtype=torch.float64)
+    b = torch.randn(13, dtype=torch.float64) if with_bias else None
+    labels = torch.randint(0, 13, (2, 5))
+    mask = torch.tensor([[0, 1, 1, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.bool)
+    leaves = [t.float().requires_grad_(True) for t in (h, w) + ((b,) if with_bias else ())]
+    loss = sft_loss(leaves[0], leaves[1], leaves[2] if with_bias else None, labels, mask, 6)
+    (loss * 3).backward()
+    refs = [t.clone().requires_grad_(True) for t in (h, w) + ((b,) if with_bias else ())]
+    logits = refs[0] @ refs[1].T + (refs[2] if with_bias else 0)
+    ref = torch.nn.functional.cross_entropy(logits[mask], labels[mask], reduction="sum") / 6
+    (ref * 3).backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    for ours, r in zip(leaves, refs):
+        torch.testing.assert_close(ours.grad.double(), r.grad, rtol=1e-4, atol=1e-6)
+
+
 # ---- configuration ----------------------------------------------------------------------------
 
 def test_config_yaml_and_flags(tmp_path):

@@ -46,7 +46,37 @@ def policy_loss(hidden, weight, bias, labels, mask, advantages, *, ref_logps=Non
                                    num_items_in_batch=num_items_in_batch, **kwargs)
 
 
+class _FusedNLL(torch.autograd.Function):
+    """-sum(mask * logp) / n from hidden states with the gradients made in the forward pass: the
+    upstream gradient of every log-prob (-mask / n) is known up front, so
+    `linear_token_logprobs_fwd_bwd` computes the logits once (6 N H V FLOPs instead of the 8 of
+    forward + backward through autograd); backward only scales the saved gradients."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, mask, num_items):
+        g_lp = mask.to(torch.float32) * (-1.0 / max(float(num_items), 1.0))
+        logp, _, gh, gw, gb = r1kernels.linear_token_logprobs_fwd_bwd(hidden, weight, labels, g_lp,
+                                                                      bias=bias)
+        ctx.grads = (gh, gw, gb)
+        return (logp * g_lp).sum()
+
+    @staticmethod
+    def backward(ctx, g):
+        if ctx.grads is None:
+            raise RuntimeError("sft_loss: backward through the same graph twice is not supported "
+                               "(the gradients were made in the forward pass)")
+        gh, gw, gb = ctx.grads
+        ctx.grads = None
+        scale = lambda t: None if t is None else t * g.to(t.dtype)  # noqa: E731
+        return scale(gh), scale(gw), scale(gb), None, None, None
+
+
 def sft_loss(hidden, weight, bias, labels, mask, num_items: float) -> torch.Tensor:
-    """Sum of masked token NLL divided by `num_items` (the token count of the whole batch)."""
+    """Sum of masked token NLL divided by `num_items` (the token count of the whole batch); with
+    gradients, one fused vocabulary sweep (`_FusedNLL`) when this r1kernels has it."""
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if needs_grad and hasattr(r1kernels, "linear_token_logprobs_fwd_bwd"):
+        return _FusedNLL.apply(hidden, weight, bias, labels, mask, num_items)
     logps = token_logprobs_from_hidden(hidden, weight, bias, labels)
     return -(logps * mask).sum() / max(float(num_items), 1.0)
