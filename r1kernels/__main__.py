@@ -40,6 +40,15 @@ def report() -> str:
                                       else f"not loaded - {_custom_ops.EXT_ERROR}"))
     lines.append(f"TRITON_INTERPRET: {'on' if dispatch.TRITON_INTERPRET else 'off'}; "
                  f"R1K_BACKEND: {dispatch._FORCED or 'auto'}")
+    try:
+        from r1kernels.ops import token_logprobs as tlp
+
+        cfg = tlp._fused_config()
+        kind = ("segmented" if cfg[0] < 0 else "two launches" if cfg[0] == 0 else "persistent")
+        lines.append(f"fused logits kernel: {kind} {cfg} (R1K_FUSED_LOGITS); statistics launch: "
+                     f"{tlp._block_v(1 << 20, stats=True)[::-1]} (warps, block; R1K_STATS_LAUNCH)")
+    except Exception as exc:  # noqa: BLE001 - a report, not a check
+        lines.append(f"fused logits kernel: {exc}")
     lines.append("")
     lines.append(f"{'op':26} {'on CPU tensors':16} {'on CUDA tensors':16} available (cpu | cuda)")
     for op in sorted(dispatch.registered_ops()):
