@@ -468,6 +468,29 @@ def test_bad_launch_env(monkeypatch, name, value):
             r1kernels.token_logprobs(x, y)
 
 
+@pytest.mark.parametrize("V", [1, 7, 65])
+@pytest.mark.parametrize("config", [(-1, 4, 64, 0), (-1, 2, 64, 1)], ids=["online", "two-pass"])
+def test_segmented_tiny_vocabularies(monkeypatch, config, V):
+    """Vocabularies smaller than one segment (or one column past it): masked columns only."""
+    if "triton" not in dispatch.available_backends(OP, DEVICE):
+        pytest.skip("Triton backend not available here")
+    monkeypatch.setattr(tlp_mod, "FUSED_CONFIG", config)
+    monkeypatch.delenv("R1K_FUSED_LOGITS", raising=False)
+    g0 = torch.Generator().manual_seed(V)
+    logits = torch.randn(5, V, generator=g0) * 3
+    labels = torch.randint(0, V, (5,), generator=g0)
+    labels[4] = -100
+    glp, gent = torch.randn(5, generator=g0), torch.randn(5, generator=g0)
+    with dispatch.use_backend("triton"):
+        logp, ent, grad = r1kernels.token_logprobs_fwd_bwd(
+            logits.clone().to(DEVICE), labels.to(DEVICE), glp.to(DEVICE),
+            grad_entropy=gent.to(DEVICE), with_entropy=True)
+    lr, er, gr = _fwd_bwd_ref(logits, labels, glp, gent, 1.0)
+    torch.testing.assert_close(logp.cpu().double(), lr, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent.cpu().double(), er, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.cpu().double(), gr, rtol=1e-5, atol=1e-6)
+
+
 def test_segments_of_a_row():
     """The segmented kernel's split: power-of-two widths of at least 64 columns, never more than
     SEG_MAX_SEGMENTS per row (the width grows instead), the partials padded to a power of two."""
