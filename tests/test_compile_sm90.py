@@ -70,10 +70,19 @@ SPECS += [
     for phase in (0, 1, 2)
     for mode, loss, xt, block, warps, lanes in [
         (0, 0, "*bf16", 4096, 16, True), (1, 0, "*bf16", 8192, 16, True),
-        (0, 0, "*bf16", 2048, 1, False), (1, 3, "*bf16", 2048, 1, False),
         (1, 5, "*fp32", 4096, 16, True), (1, 6, "*fp16", 2048, 8, True), (1, 3, "*bf16", 2048, 8, True),
         (0, 0, "*bf16", 4096, 16, False), (1, 3, "*bf16", 4096, 16, False),
         (0, 0, "*bf16", 16384, 16, False), (1, 3, "*bf16", 4096, 8, True)]
+]
+
+# the two-launch mode's statistics launch with its own (small) warps and block: PHASE 1 only
+SPECS += [
+    pytest.param(f"{_TLP}:_token_logprobs_fused_kernel", {**_FUSED_SIG, "x_ptr": "*bf16", "g_ptr": "*bf16"},
+                 {"MODE": mode, "ENTROPY": True, "HAS_DENT": mode == 0, "LOSS": 3, "HAS_OLD": True,
+                  "HAS_DELTA": True, "HAS_RW": True, "BETA_NZ": True, "BIAS_KL": True,
+                  "BLOCK_V": block, "LANES": False, "PHASE": 1}, warps, False,
+                 id=f"token_logprobs_fused-stats-mode{mode}-B{block}-w{warps}")
+    for mode in (0, 1) for block, warps in ((2048, 1), (2048, 2))
 ]
 
 # the segmented kernel (FUSED_CONFIG programs_per_sm = -1): the row's segment (and the next

@@ -491,6 +491,39 @@ def test_segmented_tiny_vocabularies(monkeypatch, config, V):
     torch.testing.assert_close(grad.cpu().double(), gr, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_upstream_rows_not_read(backend):
+    """Rows whose upstream gradients are exactly zero (masked tokens) get exactly zero gradient
+    rows; the Triton kernels do not read them (poisoned with inf here, which would otherwise make
+    NaN: 0 * inf). Both the autograd backward and token_logprobs_fwd_bwd."""
+    g0 = torch.Generator().manual_seed(12)
+    N, V = 6, 777
+    logits = torch.randn(N, V, generator=g0) * 3
+    labels = torch.randint(0, V, (N,), generator=g0)
+    glp, gent = torch.randn(N, generator=g0), torch.randn(N, generator=g0)
+    dead = torch.tensor([False, True, False, False, True, False])
+    glp[dead] = 0.0
+    gent[dead] = 0.0
+    lr, er, gr = _fwd_bwd_ref(logits, labels, glp, gent, 1.0)
+    poisoned = logits.clone()
+    with dispatch.use_backend(backend):
+        # backward through autograd: the forward must read every row (finite logits there)
+        x = poisoned.clone().to(DEVICE).requires_grad_(True)
+        lp, en = r1kernels.token_logprobs(x, labels.to(DEVICE), with_entropy=True)
+        ((lp * glp.to(DEVICE)).sum() + (en * gent.to(DEVICE)).sum()).backward()
+        torch.testing.assert_close(x.grad.cpu().double(), gr, rtol=1e-5, atol=1e-6)
+        assert (x.grad.cpu()[dead] == 0).all()
+    if backend != "triton":
+        return
+    poisoned[dead, ::7] = float("inf")  # fused: statistics of every row, dead rows not re-read
+    with dispatch.use_backend(backend):
+        _, _, g = r1kernels.token_logprobs_fwd_bwd(poisoned.clone().to(DEVICE), labels.to(DEVICE),
+                                                   glp.to(DEVICE), grad_entropy=gent.to(DEVICE),
+                                                   with_entropy=True)
+    assert (g.cpu()[dead] == 0).all()
+    torch.testing.assert_close(g.cpu().double()[~dead], gr[~dead], rtol=1e-5, atol=1e-6)
+
+
 def test_segments_of_a_row():
     """The segmented kernel's split: power-of-two widths of at least 64 columns, never more than
     SEG_MAX_SEGMENTS per row (the width grows instead), the partials padded to a power of two."""

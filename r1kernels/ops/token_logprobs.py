@@ -153,14 +153,19 @@ def _token_logprobs_bwd_kernel(x_ptr, stride_x, g_ptr, stride_g, labels_ptr, bia
     x_row = x_ptr + row * stride_x
     g_row = g_ptr + row * stride_g
     cols = tl.arange(0, BLOCK_V)
+    # a row whose upstream gradients are both zero (a masked token, an ignored label) has an
+    # exactly zero gradient: it is written without reading the row (no traffic, and no NaN from
+    # whatever the logits of a masked position hold)
+    dead = (dlogp == 0.0) & (dent == 0.0)
     for start in range(0, n_cols, BLOCK_V):
         c = start + cols
         ok = c < n_cols
-        z = tl.load(x_row + c, mask=ok, other=float("-inf")).to(tl.float32)
+        rd = ok & (dead == 0)
+        z = tl.load(x_row + c, mask=rd, other=float("-inf")).to(tl.float32)
         if HAS_BIAS:
-            z += tl.load(bias_ptr + c, mask=ok, other=0.0).to(tl.float32)
+            z += tl.load(bias_ptr + c, mask=rd, other=0.0).to(tl.float32)
         g = _logits_grad(z, c == loc, lse, ent, dlogp, dent, inv_temp, HAS_DENT)
-        g = tl.where(ignored, 0.0, g)
+        g = tl.where(ignored | dead, 0.0, g)
         tl.store(g_row + c, g.to(g_ptr.dtype.element_ty), mask=ok)
 
 
@@ -349,13 +354,20 @@ def _token_logprobs_fused_kernel(
                                         LOSS, HAS_OLD, HAS_DELTA, HAS_RW, BETA_NZ, BIAS_KL)
             dlp = tl.where(ignored, 0.0, dlp)
             dent = tl.where(ignored, 0.0, dent)
+            # zero upstream gradients (a masked token, an ignored label, a GRPO group whose
+            # rewards are all equal: advantage 0) give an exactly zero row: written, not read
+            dead = (dlp == 0.0) & (dent == 0.0)
+            nz = dead == 0  # (a float comparison's scalar would not combine with a mask in the
+            if MODE == 1:   # interpreter; this form does, and compiles the same)
+                nz = nz & live
             for start in range(0, V, BLOCK_V):
                 c = start + cols
                 ok = c < V
-                # not live: nothing read (z = -inf, p = 0, dlp = 0): zeros written
-                z = tl.load(x_row + c, mask=ok & live, other=float("-inf"),
+                # not read: exact zeros written (whatever the row's statistics were)
+                z = tl.load(x_row + c, mask=ok & nz, other=float("-inf"),
                             eviction_policy="evict_first").to(tl.float32)
                 g = _logits_grad(z, c == label, lse, ent, dlp, dent, inv_temp, HAS_DENT)
+                g = tl.where(nz, g, 0.0)
                 tl.store(g_row + c, g.to(g_ptr.dtype.element_ty), mask=ok,
                          eviction_policy="evict_first")
 
