@@ -11,7 +11,9 @@ vocabulary), so no [N, V] fp32 copy of the logits ever exists.
 VJP (p = softmax(z), H = entropy, g = dL/dlogp, e = dL/dentropy):
     dL/dlogits_v = (g * (1[v == label] - p_v) - e * p_v * (log p_v + H)) / T
 (0 on ignored rows). The backward can write it in place into the logits buffer
-(`inplace_backward=True` / `inplace=True`) when the caller no longer needs the logits.
+(`inplace_backward=True` / `inplace=True`) when the caller no longer needs the logits. A row
+whose g and e are both zero (a masked token) gets exact zeros without its logits being read by
+the Triton kernels: no traffic, and no NaN from whatever a masked position holds.
 
 Backends: Triton kernels below (CUDA tensors; CPU tensors under TRITON_INTERPRET=1) and a
 chunked PyTorch path (any device) whose fp32 working copy is bounded by `TORCH_CHUNK_ELEMS`.
