@@ -524,6 +524,30 @@ def test_zero_upstream_rows_not_read(backend):
     torch.testing.assert_close(g.cpu().double()[~dead], gr[~dead], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignored_rows_not_read(backend):
+    """Rows labelled ignore_index (prompt or padding tokens) give zero log-prob, entropy and
+    gradient; the Triton kernels do not read them, so even NaN logits there change nothing."""
+    g0 = torch.Generator().manual_seed(14)
+    N, V = 6, 500
+    logits = torch.randn(N, V, generator=g0) * 3
+    labels = torch.randint(0, V, (N,), generator=g0)
+    ign = torch.tensor([True, False, False, True, False, False])
+    labels[ign] = -100
+    glp, gent = torch.randn(N, generator=g0), torch.randn(N, generator=g0)
+    lr, er, gr = _fwd_bwd_ref(logits, labels, glp, gent, 1.0)
+    if backend == "triton":
+        logits[ign] = float("nan")
+    x = logits.clone().to(DEVICE).requires_grad_(True)
+    with dispatch.use_backend(backend):
+        lp, en = r1kernels.token_logprobs(x, labels.to(DEVICE), with_entropy=True)
+    ((lp * glp.to(DEVICE)).sum() + (en * gent.to(DEVICE)).sum()).backward()
+    torch.testing.assert_close(lp.detach().cpu().double(), lr, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(en.detach().cpu().double(), er, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.cpu().double(), gr, rtol=1e-5, atol=1e-6)
+    assert (x.grad.cpu()[ign] == 0).all()
+
+
 def test_segments_of_a_row():
     """The segmented kernel's split: power-of-two widths of at least 64 columns, never more than
     SEG_MAX_SEGMENTS per row (the width grows instead), the partials padded to a power of two."""

@@ -100,13 +100,17 @@ def _token_logprobs_fwd_kernel(x_ptr, stride_x, labels_ptr, bias_ptr, state_ptr,
         s = zero
         t = zero
         w = zero
+    # an ignored row (label == ignore_index: a prompt or padding token) has zero outputs: its
+    # logits are not read (no traffic, and nothing a padded position holds can leak)
+    ignored = label == ignore_index
+    n_read = tl.where(ignored, 0, n_cols)
     # the target logit: one masked load (not a reduction per block)
-    in_tile = (loc >= 0) & (loc < n_cols)
+    in_tile = (loc >= 0) & (loc < n_read)
     zt = tl.load(x_row + loc, mask=in_tile, other=0.0).to(tl.float32)
     if HAS_BIAS:
         zt += tl.load(bias_ptr + loc, mask=in_tile, other=0.0).to(tl.float32)
     t += tl.where(in_tile, zt * inv_temp, 0.0)
-    for start in range(0, n_cols, BLOCK_V):
+    for start in range(0, n_read, BLOCK_V):
         c = start + cols
         ok = c < n_cols
         z = tl.load(x_row + c, mask=ok, other=float("-inf")).to(tl.float32)
@@ -115,11 +119,10 @@ def _token_logprobs_fwd_kernel(x_ptr, stride_x, labels_ptr, bias_ptr, state_ptr,
         m, s, w = _online_stats_update(m, s, w, z * inv_temp, ENTROPY)
     if FINAL:
         lse = m + tl.log(s)
-        ignored = label == ignore_index
         valid = (label >= 0) & (label < vocab)
         logp = tl.where(valid, (t - m) - tl.log(s), float("nan"))  # t - m is exact  # out-of-range label: NaN, never garbage
         tl.store(out_ptr + row, tl.where(ignored, 0.0, logp))
-        tl.store(out_ptr + 2 * n_rows + row, lse)
+        tl.store(out_ptr + 2 * n_rows + row, tl.where(ignored, 0.0, lse))
         if ENTROPY:
             ent = tl.log(s) - w / s
             tl.store(out_ptr + n_rows + row, tl.where(ignored, 0.0, ent))
