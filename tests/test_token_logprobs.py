@@ -548,6 +548,27 @@ def test_ignored_rows_not_read(backend):
     assert (x.grad.cpu()[ign] == 0).all()
 
 
+@pytest.mark.parametrize("regs,warps,shared,per_sm", [(168, 4, 1040, 3), (255, 8, 0, 1), (64, 2, 0, 16),
+                                                      (32, 1, 100000, 2)])
+def test_resident_programs_arithmetic(monkeypatch, regs, warps, shared, per_sm):
+    """The cooperative grid's size where the driver's occupancy query is not available: registers
+    per warp in units of 256, threads, shared memory and blocks per SM (an H100's limits)."""
+    import types
+
+    props = types.SimpleNamespace(multi_processor_count=132, regs_per_multiprocessor=65536,
+                                  max_threads_per_multi_processor=2048,
+                                  shared_memory_per_multiprocessor=233472)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: props)
+    kernel = types.SimpleNamespace(_init_handles=lambda: None, n_regs=regs, function=0,
+                                   metadata=types.SimpleNamespace(num_warps=warps, shared=shared))
+    import ctypes
+
+    def no_libcuda(*a, **k):
+        raise OSError("no libcuda here")
+    monkeypatch.setattr(ctypes, "CDLL", no_libcuda)
+    assert tlp_mod._resident_programs(kernel, torch.device("cpu")) == per_sm * 132
+
+
 def test_segments_of_a_row():
     """The segmented kernel's split: power-of-two widths of at least 64 columns, never more than
     SEG_MAX_SEGMENTS per row (the width grows instead), the partials padded to a power of two."""
