@@ -69,6 +69,20 @@ def _online_stats_update(m, s, w, z, ENTROPY: tl.constexpr):
 
 
 @triton.jit
+def _merge_partials(mv, sv, wv, ENTROPY: tl.constexpr):
+    """Merge a vector of partial statistics (max, sum-exp and entropy sum relative to their own
+    max; -inf / 0 / 0 for empty parts) into the row's (m, s, w), s and w relative to m."""
+    m = tl.max(mv, axis=0)
+    m_ref = tl.where(m == float("-inf"), 0.0, m)
+    f = tl.exp(mv - m_ref)
+    s = tl.sum(sv * f, axis=0)
+    w = s * 0.0
+    if ENTROPY:
+        w = tl.sum(f * (wv + sv * tl.where(sv > 0.0, mv - m_ref, 0.0)), axis=0)
+    return m, s, w
+
+
+@triton.jit
 def _logits_grad(z, is_label, lse, ent, dlogp, dent, inv_temp, HAS_DENT: tl.constexpr):
     """dL/dlogits of a block of raw logits z (formula in the module docstring)."""
     logp_v = z * inv_temp - lse
@@ -315,13 +329,7 @@ def _token_logprobs_fused_kernel(
                             e * tl.where(e > 0.0, z - m_ref, 0.0)
                     sv = sv * alpha + e
                     mv = m_new
-                m = tl.max(mv, axis=0)
-                m_ref = tl.where(m == float("-inf"), 0.0, m)
-                f = tl.exp(mv - m_ref)
-                s = tl.sum(sv * f, axis=0)
-                w = zero
-                if ENTROPY:
-                    w = tl.sum(f * (wv + sv * tl.where(sv > 0.0, mv - m_ref, 0.0)), axis=0)
+                m, s, w = _merge_partials(mv, sv, wv, ENTROPY)
             else:
                 m = zero - float("inf")
                 s = zero
@@ -570,14 +578,10 @@ def _token_logprobs_seg_kernel(
             # merge the S partials (read from L2: other programs wrote them)
             pm = tl.load(p_row + k, mask=k_ok, other=float("-inf"), cache_modifier=".cg")
             ps = tl.load(p_row + S_PAD + k, mask=k_ok, other=0.0, cache_modifier=".cg")
-            m = tl.max(pm, axis=0)
-            m_ref = tl.where(m == float("-inf"), 0.0, m)
-            f = tl.exp(pm - m_ref)
-            s = tl.sum(ps * f, axis=0)
-            w = zero
+            pw = ps
             if ENTROPY:
                 pw = tl.load(p_row + 2 * S_PAD + k, mask=k_ok, other=0.0, cache_modifier=".cg")
-                w = tl.sum(f * (pw + ps * tl.where(ps > 0.0, pm - m_ref, 0.0)), axis=0)
+            m, s, w = _merge_partials(pm, ps, pw, ENTROPY)
             zt = tl.load(p_row + 3 * S_PAD, mask=valid, other=0.0, cache_modifier=".cg")
             lse, logp, ent = _row_result(m, s, w, zt, valid, ignored)
             lse = tl.where(live, lse, 0.0)  # a dead row: zeros out, zeros written below
