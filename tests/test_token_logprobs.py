@@ -294,6 +294,14 @@ def test_double_backward_raises():
 # ---- token_logprobs_fwd_bwd: forward and backward in one call for a known upstream gradient ----
 
 
+def _use_fused_config(monkeypatch, config):
+    """Run the Triton fused logits kernels in launch configuration `config` (skip without them)."""
+    if "triton" not in dispatch.available_backends(OP, DEVICE):
+        pytest.skip("Triton backend not available here")
+    monkeypatch.setattr(tlp_mod, "FUSED_CONFIG", config)
+    monkeypatch.delenv("R1K_FUSED_LOGITS", raising=False)
+
+
 def _fwd_bwd_ref(logits, labels, glp, gent, temperature, ignore_index=-100):
     xr = logits.detach().double().requires_grad_(True)
     lr, er = token_logprobs_ref(xr, labels, temperature=temperature, ignore_index=ignore_index,
@@ -378,10 +386,7 @@ def test_segmented_bf16_gradient_over_fp32_logits(monkeypatch, config):
     as bf16 (row r of G in the first half of z's row r), which overwrites other segments'
     columns: PHASE 0 reads every segment of a row first (one segment: the interpreter's single
     launch); the two-launch form writes into a separate buffer, then copies."""
-    if "triton" not in dispatch.available_backends(OP, DEVICE):
-        pytest.skip("Triton backend not available here")
-    monkeypatch.setattr(tlp_mod, "FUSED_CONFIG", config)
-    monkeypatch.delenv("R1K_FUSED_LOGITS", raising=False)
+    _use_fused_config(monkeypatch, config)
     N, V = 6, 300
     g0 = torch.Generator().manual_seed(4)
     z0 = torch.randn(N, V, generator=g0) * 3
@@ -407,10 +412,7 @@ def test_segmented_16bit_logits(monkeypatch, config, dtype):
     """The segmented kernel on 16-bit logits (bf16 is widened by hand in the gradient pass), in
     place: against float64 on the rounded logits; the gradient is rounded once to the logits'
     dtype (relative 2**-8 for bf16, 2**-11 for fp16; twice that if the conversion truncates)."""
-    if "triton" not in dispatch.available_backends(OP, DEVICE):
-        pytest.skip("Triton backend not available here")
-    monkeypatch.setattr(tlp_mod, "FUSED_CONFIG", config)
-    monkeypatch.delenv("R1K_FUSED_LOGITS", raising=False)
+    _use_fused_config(monkeypatch, config)
     N, V = 7, 700
     g0 = torch.Generator().manual_seed(6)
     logits = (torch.randn(N, V, generator=g0) * 4).to(dtype)
@@ -472,10 +474,7 @@ def test_bad_launch_env(monkeypatch, name, value):
 @pytest.mark.parametrize("config", [(-1, 4, 64, 0), (-1, 2, 64, 1)], ids=["online", "two-pass"])
 def test_segmented_tiny_vocabularies(monkeypatch, config, V):
     """Vocabularies smaller than one segment (or one column past it): masked columns only."""
-    if "triton" not in dispatch.available_backends(OP, DEVICE):
-        pytest.skip("Triton backend not available here")
-    monkeypatch.setattr(tlp_mod, "FUSED_CONFIG", config)
-    monkeypatch.delenv("R1K_FUSED_LOGITS", raising=False)
+    _use_fused_config(monkeypatch, config)
     g0 = torch.Generator().manual_seed(V)
     logits = torch.randn(5, V, generator=g0) * 3
     labels = torch.randint(0, V, (5,), generator=g0)
@@ -594,10 +593,7 @@ def test_fwd_bwd_launch_configs(monkeypatch, config, inplace):
     the segmented kernel (rows split over programs: 24 segments of 64 columns, 12 of 128, one
     segment for the whole row; two-pass or online statistics) compute the same numbers, also
     with the gradient written over the logits (Triton backend; on CPU in the interpreter)."""
-    if "triton" not in dispatch.available_backends(OP, DEVICE):
-        pytest.skip("Triton backend not available here")
-    monkeypatch.setattr(tlp_mod, "FUSED_CONFIG", config)
-    monkeypatch.delenv("R1K_FUSED_LOGITS", raising=False)
+    _use_fused_config(monkeypatch, config)
     N, V = 9, 1500
     logits = torch.randn(N, V) * 4
     logits[1, :] = -30.0
