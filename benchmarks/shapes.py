@@ -55,7 +55,8 @@ SHAPES = {
         "cpu": [dict(B=2, T=65, V=8192)],
     },
     "grpo_loss_hidden": {
-        "cuda": [dict(B=16, T=1024, H=4096, V=151936)],
+        # the target shape, and long completions (one sweep since token-level chunks)
+        "cuda": [dict(B=16, T=1024, H=4096, V=151936), dict(B=4, T=4096, H=4096, V=151936)],
         "cpu": [dict(B=2, T=128, H=256, V=8192)],
     },
     "moe_route": {

@@ -6,10 +6,16 @@ mask, ...)` in value and gradients, but:
   - the [B*T, V] logits never exist: the log-prob op walks the vocabulary in tiles;
   - every normalizer of the loss is known before any log-prob is (it depends only on the mask and
     num_items_in_batch), so dL/dlogp is computed by the fused loss kernel as soon as a chunk of
-    whole sequences has its log-probs (`grad_fn`, called per chunk), and the log-prob op turns
-    it into the gradients of hidden, weight and bias in the same call: by default
-    (sweep="auto") the logits of each chunk are computed once for the log-probs and the
-    gradients (one sweep of the vocabulary, 6 * N * H * V FLOPs); nothing is left for backward;
+    rows has its log-probs (`grad_fn`, called per chunk), and the log-prob op turns it into the
+    gradients of hidden, weight and bias in the same call: by default (sweep="auto") the
+    logits of each chunk are computed once for the log-probs and the gradients (one sweep of
+    the vocabulary, 6 * N * H * V FLOPs); nothing is left for backward;
+  - with token-level importance sampling a token's dL/dlogp needs only that token and its
+    sequence's loss scale, so chunks are any run of rows, sized by memory (1024 rows at
+    V = 151936 on CUDA) whatever the sequence length; the loss partials are reduced once from
+    the whole batch's log-probs after the sweep. Sequence-level importance sampling (GSPO)
+    needs whole sequences per chunk (sweep="auto" takes two sweeps when one sequence's fp32
+    logits exceed the single-sweep chunk limit);
   - backward only scales the saved gradients by grad_output (in place, no copy: skipped when
     grad_output is 1). A second backward through the same graph is therefore refused.
 
@@ -29,7 +35,9 @@ from r1kernels.ops.grpo_loss import GRPOLossOutput
 
 
 def _fused_loss_step(fwd, cfg, B, T, adv, mask, old, ref, rw, scale, parts, ent_acc):
-    """The grad_fn handed to the log-prob ops: loss partials and dL/dlogp for whole sequences."""
+    """The grad_fn handed to the log-prob ops for sequence-level importance sampling (GSPO: a
+    token's derivative depends on its whole sequence): loss partials and dL/dlogp for chunks of
+    whole sequences."""
 
     def grad_fn(start, end, logp, ent):
         if start % T or end % T:
@@ -42,60 +50,77 @@ def _fused_loss_step(fwd, cfg, B, T, adv, mask, old, ref, rw, scale, parts, ent_
                       None if rw is None else rw[sl], cfg, write_grad=True)
         parts.append((b0, part))
         if ent is not None:
-            m = mask[sl].float()
-            ent_acc.append(torch.where(m != 0, ent.view(b1 - b0, T).float() * m, 0.0).sum())
+            ent_acc.append(_entropy_sum(ent.view(b1 - b0, T), mask[sl]))
         return (g * scale[sl].unsqueeze(1)).reshape(-1)
 
     return grad_fn
 
 
-class _GRPORows:
-    """The GRPO loss's per-token inputs flattened once (contiguous [B * T]), for the fused logits
-    kernel (ops/token_logprobs.py, MODE 1) over any run of whole sequences."""
+def _entropy_sum(ent, mask):
+    m = mask.float()
+    return torch.where(m != 0, ent.float() * m, 0.0).sum()
 
-    def __init__(self, cfg, T, adv, mask, old, ref, rw, scale, fwd, parts, ent_acc):
+
+class _TokenRows:
+    """Token-level importance sampling: a token's dL/dlogp depends on that token's inputs and its
+    sequence's loss scale only (G.row_scale: every normalizer is known from the mask up front),
+    so the log-prob ops may hand over any run of token rows [start, end), across sequence
+    boundaries: their chunks are sized by memory, not by the sequence length. The per-token
+    inputs are flattened once ([B * T], contiguous); the loss partials and the entropy metric
+    are reduced once, from the whole batch's log-probs, by `finish`."""
+
+    def __init__(self, cfg, T, adv, mask, old, ref, rw, scale, fwd):
         def flat(t):
             return None if t is None else t.reshape(-1).contiguous()
 
-        self.cfg, self.T, self.fwd, self.parts, self.ent_acc = cfg, T, fwd, parts, ent_acc
+        self.cfg, self.T, self.fwd = cfg, T, fwd
         self.seq = (adv, mask, old, ref, rw)
         self.flat = tuple(flat(t) for t in (adv, G._mask_view(mask), old, ref, rw))
-        self.scale = scale.float().contiguous()
+        self.scale_tok = scale.float().repeat_interleave(T)  # [B * T]: the token's loss scale
 
-    def __call__(self, x3, labels, g3, inv_temp, ignore_index, with_entropy, b0: int = 0):
-        """Sequences b0 .. b0 + x3.shape[0] (logits x3 [nb, T, V], labels [nb * T] contiguous):
-        dL/dlogits into g3, the loss partials appended; returns the kernel's out [3, nb * T]."""
-        nb, T = x3.shape[0], self.T
-        rows, seqs = slice(b0 * T, (b0 + nb) * T), slice(b0, b0 + nb)
-        out = TLP.fused_triton(
+    def grad_fn(self, start, end, logp, ent):
+        """dL/dlogp of token rows [start, end) (the grad_fn of the log-prob ops)."""
+        adv, mask, old, ref, rw = (None if t is None else t[start:end].view(1, -1)
+                                   for t in self.flat)
+        g, _ = self.fwd(logp.view(1, -1), adv, mask, old, ref, rw, self.cfg, write_grad=True)
+        return g.view(-1) * self.scale_tok[start:end]
+
+    def kernel(self, x3, labels, g3, inv_temp, ignore_index, with_entropy, start: int = 0):
+        """Token rows start .. start + nb * Tx (logits x3 [nb, Tx, V]: whole sequences, Tx = T,
+        from `start` = b0 * T; or Tx = 1, any run of rows; labels [nb * Tx] contiguous): the
+        statistics, dL/dlogp and dL/dlogits (into g3) in the fused logits kernel; returns its
+        out [3, nb * Tx] (logp, entropy, ...)."""
+        nb, tx = x3.shape[0], x3.shape[1]
+        rows = slice(start, start + nb * tx)
+        scale = self.scale_tok[start:start + nb * tx:tx].contiguous()  # per x3 sequence
+        return TLP.fused_triton(
             x3, labels, g3, inv_temp, int(ignore_index), bool(with_entropy),
-            grpo=(self.cfg, *(None if t is None else t[rows] for t in self.flat), self.scale[seqs]))
-        adv, mask, old, ref, rw = (None if t is None else t[seqs] for t in self.seq)
-        _, part = self.fwd(out[0].view(nb, T), adv, mask, old, ref, rw, self.cfg, write_grad=False)
-        self.parts.append((b0, part))
-        if with_entropy:
-            m = mask.float()
-            self.ent_acc.append(torch.where(m != 0, out[1].view(nb, T) * m, 0.0).sum())
-        return out
+            grpo=(self.cfg, *(None if t is None else t[rows] for t in self.flat), scale))
 
+    def chunk_kernel(self, temperature, ignore_index, with_entropy):
+        """The chunk_kernel of the hidden-state single sweep (ops/linear_token_logprobs.py), for
+        when the segmented logits kernel is configured: per chunk of rows, the statistics, the
+        loss's dL/dlogp and G = dL/dZ in one kernel over the fp32 logits."""
+        inv_temp = 1.0 / float(temperature)
 
-def _fused_loss_chunk(grpo_rows: _GRPORows, temperature, ignore_index, with_entropy):
-    """The chunk_kernel handed to the hidden-state single sweep when the segmented logits kernel
-    is configured (ops/token_logprobs.py): per chunk of whole sequences, the statistics, the GRPO
-    loss's dL/dlogp and G = dL/dZ in one kernel over the fp32 logits; then the loss partials."""
-    T = grpo_rows.T
-    inv_temp = 1.0 / float(temperature)
+        def chunk_kernel(z, g, y, start, end):
+            n, V = end - start, z.shape[1]
+            out = self.kernel(z.view(n, 1, V), y, g.view(n, 1, V), inv_temp, ignore_index,
+                              with_entropy, start)
+            return out[0], (out[1] if with_entropy else None)
 
-    def chunk_kernel(z, g, y, start, end):
-        if start % T or end % T:
-            raise RuntimeError(f"GRPOLoss: log-prob chunk [{start}, {end}) does not hold whole "
-                               f"sequences of length {T}")
-        nb, V = (end - start) // T, z.shape[1]
-        out = grpo_rows(z.view(nb, T, V), y, g.view(nb, T, V), inv_temp, ignore_index,
-                        with_entropy, b0=start // T)
-        return out[0], (out[1] if with_entropy else None)
+        return chunk_kernel
 
-    return chunk_kernel
+    def finish(self, logp, ent, parts, ent_acc):
+        """The loss partials (and the entropy sum) of the whole batch from its log-probs [B * T]
+        (and entropies): one reduction after the sweep."""
+        adv, mask, old, ref, rw = self.seq
+        B = mask.shape[0]
+        _, part = self.fwd(logp.view(B, self.T), adv, mask, old, ref, rw, self.cfg,
+                           write_grad=False)
+        parts.append((0, part))
+        if ent is not None:
+            ent_acc.append(_entropy_sum(ent.view(B, self.T), mask))
 
 
 def _finish(fin, parts, nitems, cfg, B, device, ent_acc, n_tot):
@@ -126,16 +151,22 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
                 bias is not None and ctx.needs_input_grad[2])
         gh = gw = gb = None
         if B * T > 0:
-            grad_fn = _fused_loss_step(fwd, cfg, B, T, adv, mask, old, ref, rw, scale, parts, ent_acc)
-            chunk_kernel = None
-            if backend == "triton" and not cfg.seq and bias is None and TLP.segmented_configured():
-                rows = _GRPORows(cfg, T, adv, mask, old, ref, rw, scale, fwd, parts, ent_acc)
-                chunk_kernel = _fused_loss_chunk(rows, temperature, ignore_index, with_entropy)
-            _, _, gh, gw, gb = linear_token_logprobs_with_grad(
-                hidden.reshape(B * T, H), weight, labels.reshape(B * T), bias,
-                temperature=temperature, ignore_index=ignore_index, with_entropy=with_entropy,
-                grad_fn=grad_fn, chunk_multiple=T, need_grads=need, sweep=sweep,
-                chunk_kernel=chunk_kernel)
+            h2, y2 = hidden.reshape(B * T, H), labels.reshape(B * T)
+            kw = dict(temperature=temperature, ignore_index=ignore_index,
+                      with_entropy=with_entropy, need_grads=need, sweep=sweep)
+            if cfg.seq:  # chunks of whole sequences
+                grad_fn = _fused_loss_step(fwd, cfg, B, T, adv, mask, old, ref, rw, scale, parts,
+                                           ent_acc)
+                _, _, gh, gw, gb = linear_token_logprobs_with_grad(
+                    h2, weight, y2, bias, grad_fn=grad_fn, chunk_multiple=T, **kw)
+            else:  # chunks of any rows: sized by memory, whatever the sequence length
+                rows = _TokenRows(cfg, T, adv, mask, old, ref, rw, scale, fwd)
+                chunk_kernel = None
+                if backend == "triton" and bias is None and TLP.segmented_configured():
+                    chunk_kernel = rows.chunk_kernel(temperature, ignore_index, with_entropy)
+                logp, ent, gh, gw, gb = linear_token_logprobs_with_grad(
+                    h2, weight, y2, bias, grad_fn=rows.grad_fn, chunk_kernel=chunk_kernel, **kw)
+                rows.finish(logp, ent, parts, ent_acc)
         else:  # nothing to score: zero loss, zero gradients
             gh = torch.zeros_like(hidden) if need[0] else None
             gw = torch.zeros_like(weight) if need[1] else None
@@ -168,8 +199,10 @@ def _from_logits_fused_triton(logits, labels, adv, mask, old, ref, rw, cfg, scal
     TLP.check_labels("GRPOLoss.from_logits", labels, (B, T), V, ignore_index, logits.device)
     x = logits if logits.stride(-1) == 1 else logits.contiguous()
     g = x if inplace else torch.empty_like(x)
-    rows = _GRPORows(cfg, T, adv, mask, old, ref, rw, scale, fwd, parts, ent_acc)
-    rows(x, labels.reshape(-1).contiguous(), g, 1.0 / temperature, ignore_index, with_entropy)
+    rows = _TokenRows(cfg, T, adv, mask, old, ref, rw, scale, fwd)
+    out = rows.kernel(x, labels.reshape(-1).contiguous(), g, 1.0 / temperature, ignore_index,
+                      with_entropy)
+    rows.finish(out[0], out[1] if with_entropy else None, parts, ent_acc)
     return logits.view(logits.shape) if g.data_ptr() == logits.data_ptr() else g  # an alias autograd can hand on
 
 
@@ -235,8 +268,9 @@ class GRPOLoss(torch.nn.Module):
     Extra keyword arguments beyond the API: `with_entropy` (default True: the `entropy` metric,
     computed in the same vocabulary sweep), `ignore_index` (label value whose log-prob is 0) and
     `sweep` ("auto" | "one" | "two", see ops/linear_token_logprobs.py: "auto" computes the
-    logits once, chunk of whole sequences by chunk, whenever one sequence's fp32 logits fit the
-    single-sweep chunk limit, and falls back to two sweeps for longer sequences).
+    logits once, chunk of rows by chunk, for token-level importance sampling at any sequence
+    length; for sequence-level importance sampling whenever one sequence's fp32 logits fit the
+    single-sweep chunk limit, and two sweeps for longer sequences).
     """
 
     def __init__(self, loss_type: str = "dapo", epsilon_low: float = 0.2,

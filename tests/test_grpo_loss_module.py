@@ -218,15 +218,20 @@ def test_second_backward_is_refused():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("loss_type,level,opts,kwsel", [CASES[1], CASES[7], CASES[0]],
-                         ids=["grpo-sequence", "sapo-sequence", "dapo-token"])
-def test_single_sweep_chunks_of_sequences(backend, loss_type, level, opts, kwsel, monkeypatch):
-    """Tile budget shrunk so that the single sweep calls the loss once per 2 sequences (GSPO's
-    sequence-level ratio needs whole sequences): loss, metrics and gradients match the float64
-    reference and the two-sweep mode, and the chunking is what ran."""
+@pytest.mark.parametrize("loss_type,level,opts,kwsel,chunks", [
+    CASES[1] + ([(0, 6), (6, 12), (12, 15)],), CASES[7] + ([(0, 6), (6, 12), (12, 15)],),
+    CASES[0] + ([(0, 7), (7, 14), (14, 15)],), CASES[2] + ([(0, 7), (7, 14), (14, 15)],),
+    CASES[5] + ([(0, 7), (7, 14), (14, 15)],), CASES[6] + ([(0, 7), (7, 14), (14, 15)],)],
+    ids=["grpo-sequence", "sapo-sequence", "dapo-token", "bnpo-token", "cispo-token", "sapo-token"])
+def test_single_sweep_chunks(backend, loss_type, level, opts, kwsel, chunks, monkeypatch):
+    """Chunk budget shrunk to 7 rows of logits (sequences of T=3): with sequence-level importance
+    sampling (GSPO) a token's derivative needs its whole sequence, so the single sweep calls the
+    loss once per 2 whole sequences (6 rows); token-level losses take any run of rows, so their
+    chunks (7 rows) cross sequence boundaries. Loss, metrics and gradients match the float64
+    reference and the two-sweep mode either way, and the chunking is what ran."""
     B, T, H, V = 5, 3, 12, 50
-    monkeypatch.setattr(ltp_mod, "TILE_ELEMS_CPU", 2 * T * V)
-    monkeypatch.setattr(ltp_mod, "TILE_ELEMS_CUDA", 2 * T * V)
+    monkeypatch.setattr(ltp_mod, "TILE_ELEMS_CPU", 7 * V)
+    monkeypatch.setattr(ltp_mod, "SINGLE_SWEEP_CHUNK_ELEMS_CUDA", 7 * V)
     calls = []
     real = ltp_mod.single_sweep
 
@@ -253,7 +258,7 @@ def test_single_sweep_chunks_of_sequences(backend, loss_type, level, opts, kwsel
                 h, w, d["labels"].to(DEVICE), d["mask"].to(DEVICE), d["adv"].float().to(DEVICE),
                 bias=b, **to_dev(kw))
         out.loss.backward()
-        assert calls == ([(0, 6), (6, 12), (12, 15)] if sweep == "one" else [])
+        assert calls == (chunks if sweep == "one" else [])
         assert out.loss.item() == pytest.approx(rloss, rel=1e-5, abs=1e-6)
         for k, v in rmetrics.items():
             assert out.metrics[k].item() == pytest.approx(v, rel=1e-4, abs=1e-6), k
@@ -302,6 +307,59 @@ def test_fused_memory_does_not_hold_logits(monkeypatch):
     grads_bytes = (B * T * H + V * H) * 4
     assert peak <= grads_bytes + 8 * (1 << 16) * 4 + 64 * B * T, (peak, logits_bytes)
     assert peak < logits_bytes / 4
+
+
+def test_token_level_memory_does_not_grow_with_sequence_length(monkeypatch):
+    """Token-level losses are chunked by rows, not by sequences: for the same N = B * T tokens,
+    sequences 16 times longer use no more memory (a chunk of whole sequences would hold at
+    least T * V * 4 bytes of fp32 logits, which grows with T)."""
+    monkeypatch.setattr(ltp_mod, "TILE_ELEMS_CPU", 32 * 2048)  # 32 rows of logits per chunk
+    monkeypatch.setattr(ltp_mod, "SINGLE_SWEEP_MAX_CHUNK_ELEMS_CPU", 1 << 30)  # one sweep
+    N, H, V = 512, 16, 2048
+    peaks = {}
+    for T in (16, 256):
+        d = make(N // T, T, H, V, bias=False, seed=T)
+        h = d["hidden"].float().requires_grad_(True)
+        w = d["weight"].float().requires_grad_(True)
+        args = (d["labels"], d["mask"], d["adv"].float())
+        with dispatch.use_backend("torch"):
+            peaks[T], _ = peak_extra_bytes(
+                lambda: GRPOLoss()(h, w, *args, old_logps=d["old"].float()).loss.backward())
+    chunk_bytes = 32 * V * 4
+    assert peaks[256] <= peaks[16] + chunk_bytes // 4, peaks
+    assert peaks[256] < (N * H + V * H) * 4 + 256 * V * 4, peaks  # no sequence-sized chunk
+
+
+@pytest.mark.parametrize("level,sweep_ran", [("token", "one"), ("sequence", "two")])
+def test_auto_sweep_long_sequences(monkeypatch, level, sweep_ran):
+    """sweep="auto" with sequences longer than the single-sweep chunk limit: token-level losses
+    still run one sweep (chunks of rows), sequence-level ones need whole sequences per chunk
+    and fall back to two sweeps. Both match the float64 reference."""
+    B, T, H, V = 2, 9, 8, 40
+    monkeypatch.setattr(ltp_mod, "TILE_ELEMS_CPU", 4 * V)
+    monkeypatch.setattr(ltp_mod, "SINGLE_SWEEP_CHUNK_ELEMS_CUDA", 4 * V)
+    monkeypatch.setattr(ltp_mod, "SINGLE_SWEEP_MAX_CHUNK_ELEMS_CPU", 5 * V)  # < T * V
+    monkeypatch.setattr(ltp_mod, "SINGLE_SWEEP_MAX_CHUNK_ELEMS_CUDA", 5 * V)
+    ran = []
+    for name in ("single_sweep", "forward_stats"):
+        real = getattr(ltp_mod, name)
+        monkeypatch.setattr(ltp_mod, name, (lambda f, n: lambda *a, **k: ran.append(n) or f(*a, **k))(
+            real, "one" if name == "single_sweep" else "two"))
+    d = make(B, T, H, V, seed=5)
+    opts = dict(loss_type="grpo", importance_sampling_level=level, beta=0.04)
+    kw = kwargs_for(d, beta=True)
+    rloss, rmetrics, rgrads = reference(d, opts, kw)
+    h = d["hidden"].float().to(DEVICE).requires_grad_(True)
+    w = d["weight"].float().to(DEVICE).requires_grad_(True)
+    b = d["bias"].float().to(DEVICE).requires_grad_(True)
+    out = GRPOLoss(**opts)(h, w, d["labels"].to(DEVICE), d["mask"].to(DEVICE),
+                           d["adv"].float().to(DEVICE), bias=b, **to_dev(kw))
+    out.loss.backward()
+    assert ran == [sweep_ran]
+    assert out.loss.item() == pytest.approx(rloss, rel=1e-5, abs=1e-6)
+    assert out.metrics["entropy"].item() == pytest.approx(rmetrics["entropy"], rel=1e-5)
+    for ours, ref in zip((h.grad, w.grad, b.grad), rgrads):
+        torch.testing.assert_close(ours.double().cpu(), ref, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("bad,match", [

@@ -45,14 +45,19 @@ Internal entry point for the fused GRPO loss (_notes/INTERFACE_logprobs_loss.md)
     callers that know dL/dlogp in-kernel (GRPOLoss, linear_token_logprobs_fwd_bwd) pass a
     `chunk_kernel` that does the statistics, dL/dlogp and G of a chunk in one kernel: the fp32
     logits are read once instead of twice (the Triton backend, without a bias).
-    Extra memory: the chunk buffer R * V * 4 bytes with R = TILE_ELEMS // V rounded down to a
-    multiple of chunk_multiple (at least chunk_multiple: a sequence longer than the budget gets a
-    buffer of chunk_multiple * V * 4 bytes, which depends on T but not on N), an fp32 [R, H]
-    product, the gradients and O(N) floats. On CUDA, TILE_ELEMS = 2**26: 441 rows per chunk at
-    V = 151936 (256 MiB); GRPOLoss with T = 1024: one sequence per chunk (594 MiB), so at
-    N = 16384, H = 4096 bf16 the extra memory is by arithmetic 594 MiB + grad_weight 1.16 GiB +
-    grad_hidden 128 MiB + O(R * H) (the 2.5 GiB target; tests/test_grpo_loss_module.py checks it
-    on a GPU).
+    Extra memory: the chunk buffer R * V * 4 bytes with R = SINGLE_SWEEP_CHUNK_ELEMS_CUDA // V
+    on CUDA (TILE_ELEMS_CPU // V on the CPU), rounded down to whole 128-row GEMM tiles when
+    chunk_multiple is 1, else to a multiple of chunk_multiple (at least chunk_multiple: a
+    sequence longer than the budget gets a buffer of chunk_multiple * V * 4 bytes, which depends
+    on T but not on N), an fp32 [R, H] product, the gradients and O(N) floats. The chunk is
+    larger than a two-sweep tile because each chunk re-reads the weight in two GEMMs (the
+    weight's bytes per chunk against 4 * R * H * V FLOPs: compute-bound from R ~ 512 on an H100)
+    and rounds grad_weight's running sum once (read and written whole: 2.3 GB per chunk for a
+    151936 x 4096 bf16 head). On CUDA, 640 MiB: R = 1024 at V = 151936 (GRPOLoss with
+    token-level importance sampling and linear_token_logprobs_fwd_bwd chunk rows, not
+    sequences, so any sequence length gets R), so at N = 16384, H = 4096 bf16 the extra memory is
+    by arithmetic 594 MiB + grad_weight 1.16 GiB + grad_hidden 128 MiB + O(R * H) (the 2.5 GiB
+    target; tests/test_grpo_loss_module.py checks it on a GPU).
     grad_weight precision: accumulated in an fp32 [V, H] buffer when weight is fp32 or when that
     buffer fits SINGLE_SWEEP_FP32_ACC_BYTES (1 GiB: e.g. V=32000, H=4096 but not Qwen2.5-7B's
     151936 x 3584 head, 2.0 GiB); otherwise in the weight-dtype gradient itself with cuBLAS-style
@@ -60,12 +65,13 @@ Internal entry point for the fused GRPO loss (_notes/INTERFACE_logprobs_loss.md)
     bf16/fp16 once per row chunk). That costs one rounding (unit roundoff u = 2**-8 for bf16,
     2**-11 for fp16) of the running sum per chunk: after K = ceil(N / R) chunks the error of an
     element is at most K * u * max_k |running sum_k| (random-walk typical: sqrt(K) * u; at
-    N=16384, V=151936 on CUDA K = 38 for single-row groups, 16 for sequences of 1024) instead of
+    N=16384, V=151936 on CUDA K = 16) instead of
     one rounding, u * |grad|, in the two-sweep order (tests/test_linear_token_logprobs.py checks
     the bound). GEMMs: cuBLAS (FUSED_GEMM does not apply to this mode).
   sweep="auto" (default): "one" when a chunk of chunk_multiple rows fits
-    SINGLE_SWEEP_MAX_CHUNK_ELEMS_* fp32 logits (CUDA: 2**28, 1 GiB, i.e. sequences of up to 1766
-    tokens at V = 151936), else "two" (memory bounded by TILE_ELEMS for any sequence length).
+    SINGLE_SWEEP_MAX_CHUNK_ELEMS_* fp32 logits (CUDA: 2**28, 1 GiB, i.e. groups of up to 1766
+    rows at V = 151936; always for chunk_multiple = 1), else "two" (memory bounded by
+    TILE_ELEMS for any sequence length).
 grad_fn(start, end, logp_chunk, entropy_chunk) -> dlogp_chunk may thus be called once per chunk
 of rows, in row order, each [start, end) made of whole groups of chunk_multiple rows (the last
 one may be shorter when N is not a multiple of chunk_multiple).
@@ -92,6 +98,10 @@ MAX_TILE_ROWS = 16384
 # single sweep (linear_token_logprobs_with_grad): fp32 grad_weight accumulator limit, and the
 # largest chunk of whole sequences (fp32 logits elements) for which sweep="auto" picks it
 SINGLE_SWEEP_FP32_ACC_BYTES = 1 << 30
+# fp32 logits elements of one single-sweep chunk on CUDA (640 MiB: 1024 rows at V = 151936;
+# on the CPU the tile budget, TILE_ELEMS_CPU): each chunk re-reads the weight in two GEMMs and
+# rounds grad_weight's running sum once, so chunks are larger than the two-sweep tiles
+SINGLE_SWEEP_CHUNK_ELEMS_CUDA = 5 << 25
 SINGLE_SWEEP_MAX_CHUNK_ELEMS_CUDA = 1 << 28
 SINGLE_SWEEP_MAX_CHUNK_ELEMS_CPU = 1 << 23
 
@@ -450,10 +460,14 @@ def backward_grads(h, w, b, y, lse, ent, dlogp, dent, inv_temp: float, ignore_in
 
 
 def sweep_rows(n_rows: int, vocab: int, chunk_multiple: int, device: torch.device) -> int:
-    """Rows per single-sweep chunk: as many whole groups of chunk_multiple rows as fit the tile
-    budget as full-vocabulary fp32 rows (<= MAX_TILE_ROWS), at least one group."""
-    budget = TILE_ELEMS_CUDA if device.type == "cuda" else TILE_ELEMS_CPU
-    rows = min(budget // max(vocab, 1), MAX_TILE_ROWS) // chunk_multiple * chunk_multiple
+    """Rows per single-sweep chunk: as many whole groups of chunk_multiple rows as fit the chunk
+    budget as full-vocabulary fp32 rows (<= MAX_TILE_ROWS; a multiple of 128 rows, whole GEMM
+    tiles, when chunk_multiple is 1 and there are 256 or more), at least one group."""
+    budget = SINGLE_SWEEP_CHUNK_ELEMS_CUDA if device.type == "cuda" else TILE_ELEMS_CPU
+    rows = min(budget // max(vocab, 1), MAX_TILE_ROWS)
+    if chunk_multiple == 1 and rows >= 256:
+        rows -= rows % 128
+    rows = rows // chunk_multiple * chunk_multiple
     return max(chunk_multiple, min(rows, n_rows))
 
 
