@@ -469,16 +469,37 @@ def test_from_logits_fused_kernel_configs(monkeypatch, config, loss_type, inplac
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
 def test_hidden_with_segmented_chunk_kernel(monkeypatch, config, loss_type):
     """With the segmented logits kernel configured, GRPOLoss's single sweep hands each chunk of
-    fp32 logits (one sequence per chunk here) to it: statistics, the loss's dL/dlogp and G in one
-    kernel. Same loss, metrics and gradients as the float64 reference."""
+    fp32 logits (5 rows per chunk here, across sequences of 7) to it: statistics, the loss's
+    dL/dlogp and G in one kernel. Same loss, metrics and gradients as the float64 reference."""
+    S = _segmented_config(monkeypatch, config, 300)
+    _check_hidden_chunk_kernel(monkeypatch, loss_type, "cooperative" if DEVICE == "cuda" else
+                               "one launch" if S == 1 else "two launches")
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_hidden_with_segmented_chunk_kernel_single_launch(monkeypatch, single_launch, loss_type):
+    """The same through the segmented kernel's single launch, rows of 5 segments (in the
+    interpreter: its programs as concurrent threads, see tests/conftest.py)."""
+    _segmented_config(monkeypatch, (-1, 4, 64, 0), 300)
+    _check_hidden_chunk_kernel(monkeypatch, loss_type, "one launch")
+
+
+def _segmented_config(monkeypatch, config, V):
+    """Configure the segmented kernel (skip without Triton); returns the segments per row."""
     if "triton" not in dispatch.available_backends("grpo_loss", DEVICE):
         pytest.skip("Triton backend not available here")
     from r1kernels.ops import token_logprobs as tlp_mod
 
     monkeypatch.setattr(tlp_mod, "FUSED_CONFIG", config)
     monkeypatch.delenv("R1K_FUSED_LOGITS", raising=False)
-    monkeypatch.setattr(ltp_mod, "TILE_ELEMS_CPU", 7 * 300)  # one sequence per chunk
-    monkeypatch.setattr(ltp_mod, "TILE_ELEMS_CUDA", 7 * 300)
+    return tlp_mod.segments(V, config[2])[1]
+
+
+def _check_hidden_chunk_kernel(monkeypatch, loss_type, launch):
+    from r1kernels.ops import token_logprobs as tlp_mod
+
+    monkeypatch.setattr(ltp_mod, "TILE_ELEMS_CPU", 5 * 300)  # chunks of 5 rows
+    monkeypatch.setattr(ltp_mod, "SINGLE_SWEEP_CHUNK_ELEMS_CUDA", 5 * 300)
     d = make(3, 7, 16, 300, seed=3, bias=False)
     d["mask"][1] = False
     d["labels"][0, 2] = -100
@@ -491,9 +512,7 @@ def test_hidden_with_segmented_chunk_kernel(monkeypatch, config, loss_type):
     with dispatch.use_backend("triton"):
         out = GRPOLoss(temperature=0.8, **opts)(h, w, d["labels"].to(DEVICE), d["mask"].to(DEVICE),
                                                 d["adv"].float().to(DEVICE), **to_dev(kw))
-    S = tlp_mod.segments(300, config[2])[1]
-    assert tlp_mod.SEG_LAST_LAUNCH == ("cooperative" if DEVICE == "cuda" else
-                                       "one launch" if S == 1 else "two launches")
+    assert tlp_mod.SEG_LAST_LAUNCH == launch
     out.loss.backward()
     assert out.loss.item() == pytest.approx(rloss, rel=1e-5, abs=1e-6)
     for k, v in rmetrics.items():
@@ -508,12 +527,21 @@ def test_from_logits_masked_rows_not_read(monkeypatch, config):
     """Tokens outside the loss mask contribute nothing, so the fused kernels neither read their
     logits nor let them reach the result: NaN logits there give the same loss and metrics as
     zeros would, and an exactly zero gradient row (padding is often a large part of a batch)."""
-    if "triton" not in dispatch.available_backends("grpo_loss", DEVICE):
-        pytest.skip("Triton backend not available here")
+    _segmented_config(monkeypatch, config, 300)
+    _check_masked_rows_not_read()
+
+
+def test_from_logits_masked_rows_not_read_single_launch(monkeypatch, single_launch):
+    """The same through the segmented kernel's single launch (masked rows skip the exchange of
+    their segments' statistics; in the interpreter its programs run as concurrent threads)."""
+    _segmented_config(monkeypatch, (-1, 4, 64, 0), 300)
+    _check_masked_rows_not_read()
     from r1kernels.ops import token_logprobs as tlp_mod
 
-    monkeypatch.setattr(tlp_mod, "FUSED_CONFIG", config)
-    monkeypatch.delenv("R1K_FUSED_LOGITS", raising=False)
+    assert tlp_mod.SEG_LAST_LAUNCH == "one launch"
+
+
+def _check_masked_rows_not_read():
     d = make(3, 6, 8, 300, seed=9)
     d["mask"][0, 4:] = False
     d["mask"][2] = False
@@ -534,3 +562,7 @@ def test_from_logits_masked_rows_not_read(monkeypatch, config):
     assert res[0][0] == res[1][0] and res[0][1] == res[1][1]
     assert torch.equal(res[0][2], res[1][2])
     assert (res[0][2][~d["mask"]] == 0).all() and res[0][2].isfinite().all()
+    rloss, rmetrics, _ = reference(d, dict(opts), kwargs_for(d, beta=True), temperature=0.5)
+    assert res[0][0] == pytest.approx(rloss, rel=1e-5, abs=1e-6)  # logits = 2 * (h W^T + b)
+    for k, v in rmetrics.items():
+        assert res[0][1][k] == pytest.approx(v, rel=1e-4, abs=1e-6), k

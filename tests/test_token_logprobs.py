@@ -380,6 +380,64 @@ def test_fwd_bwd_empty_and_bad_input(backend):
                                              torch.zeros(4, device=DEVICE))
 
 
+@pytest.mark.parametrize("config,dtype,inplace", [
+    ((-1, 4, 64, 0), torch.float32, False), ((-1, 4, 64, 0), torch.bfloat16, True),
+    ((-1, 4, 64, 1), torch.float32, True), ((-1, 4, 64, 1), torch.bfloat16, False),
+    ((-1, 2, 256, 0), torch.float32, True)],
+    ids=["online-11-fp32-out", "online-11-bf16-inplace", "two-pass-11-fp32-inplace",
+         "two-pass-11-bf16-out", "online-3-fp32-inplace"])
+def test_segmented_single_launch(monkeypatch, single_launch, config, dtype, inplace):
+    """The single launch with rows of several segments (2 row slots of 11 or 3 programs walking
+    9 rows, so every program prefetches and the last slot ends early): the same numbers as
+    float64, with ignored labels and zero upstream gradients (rows that skip the exchange), a
+    flat row, in place or not. Before these tests it ran only on a GPU."""
+    _use_fused_config(monkeypatch, config)
+    N, V = 9, 700
+    g0 = torch.Generator().manual_seed(11)
+    logits = (torch.randn(N, V, generator=g0) * 4).to(dtype)
+    logits[1, :] = -30.0
+    labels = torch.randint(0, V, (N,), generator=g0)
+    labels[5] = -100
+    glp, gent = torch.randn(N, generator=g0), torch.randn(N, generator=g0)
+    glp[7], gent[7] = 0.0, 0.0  # a dead row: nothing to exchange, zeros written
+    x = logits.clone().to(DEVICE)
+    tlp_mod.SEG_LAST_LAUNCH = ""
+    with dispatch.use_backend("triton"):
+        logp, ent, grad = r1kernels.token_logprobs_fwd_bwd(
+            x, labels.to(DEVICE), glp.to(DEVICE), grad_entropy=gent.to(DEVICE),
+            with_entropy=True, temperature=1.3, inplace=inplace)
+    assert tlp_mod.SEG_LAST_LAUNCH == "one launch"
+    assert (grad.data_ptr() == x.data_ptr()) == inplace
+    lr, er, gr = _fwd_bwd_ref(logits.double(), labels, glp, gent, 1.3)
+    torch.testing.assert_close(logp.cpu().double(), lr, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent.cpu().double(), er, rtol=1e-5, atol=1e-5)
+    rtol = 1e-5 if dtype == torch.float32 else 2 ** -7
+    torch.testing.assert_close(grad.cpu().double(), gr, rtol=rtol, atol=1e-6)
+    assert (grad[7] == 0).all()
+
+
+def test_segmented_single_launch_bf16_gradient_over_fp32_logits(monkeypatch, single_launch):
+    """The hidden-state sweep's layout in the single launch: bf16 G written over the fp32 logits
+    z (row r of G in the first half of z's row r, i.e. over other segments' columns): safe
+    because every segment of a row is read before the exchange, and written after it."""
+    _use_fused_config(monkeypatch, (-1, 4, 64, 0))
+    N, V = 6, 300
+    g0 = torch.Generator().manual_seed(4)
+    z0 = torch.randn(N, V, generator=g0) * 3
+    labels = torch.randint(0, V, (N,), generator=g0)
+    labels[2] = -100
+    glp, gent = torch.randn(N, generator=g0), torch.randn(N, generator=g0)
+    z = z0.clone().to(DEVICE)
+    g = z.view(torch.bfloat16)[:, :V]
+    out = tlp_mod.fused_triton(z.view(N, 1, V), labels.to(DEVICE), g.view(N, 1, V), 1 / 0.9, -100,
+                               True, grad_logp=glp.to(DEVICE), grad_entropy=gent.to(DEVICE))
+    assert tlp_mod.SEG_LAST_LAUNCH == "one launch"
+    lr, er, gr = _fwd_bwd_ref(z0, labels, glp, gent, 0.9)
+    torch.testing.assert_close(out[0].cpu().double(), lr, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[1].cpu().double(), er, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g.cpu().double(), gr, rtol=2 ** -7, atol=1e-6)
+
+
 @pytest.mark.parametrize("config", [(-1, 4, 64, 0), (-1, 4, 4096, 0)], ids=["segments", "one-segment"])
 def test_segmented_bf16_gradient_over_fp32_logits(monkeypatch, config):
     """The hidden-state sweep's layout: the fp32 logits chunk z and its gradient written over it

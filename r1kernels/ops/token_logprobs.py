@@ -401,7 +401,9 @@ def _token_logprobs_fused_kernel(
 # (merge and gradient, the segment loaded again) are the same code as two ordinary launches:
 # what the interpreter runs (it executes programs one after another, so a wait on another
 # program would never end; rows of one segment run PHASE 0 there, which waits on nobody) and
-# the fallback where a cooperative launch is refused.
+# the fallback where a cooperative launch is refused. The tests also run PHASE 0 with rows of
+# several segments on a CPU, with the interpreter's programs as concurrent threads
+# (SEG_INTERPRETER_SLOTS, tests/concurrent_interpreter.py).
 # Registers bound the design: ~12-16K logits per SM in flight (BENCHMARKS.md has no GPU figure
 # for it yet; benchmarks/tune_fused_logits.py checks and times it).
 
@@ -694,6 +696,10 @@ def _resident_programs(kernel, device: torch.device) -> int:
 
 _SEG_GRID: dict = {}  # (device, kernel specialization) -> resident programs
 SEG_LAST_LAUNCH = ""  # how the segmented kernel last ran ("cooperative" / "two launches")
+# Tests only (tests/concurrent_interpreter.py runs a launch's programs as concurrent threads):
+# > 0 runs the single launch (PHASE 0) in the interpreter with this many row slots, also for rows
+# of several segments, whose programs wait on each other.
+SEG_INTERPRETER_SLOTS = 0
 
 
 def segments(V: int, seg: int) -> tuple[int, int, int]:
@@ -788,11 +794,12 @@ def _segmented(head, rest, n, T, V, inv_temp, ignore_index, floats, consts, seg,
                 return
             except RuntimeError:  # the driver refused the cooperative grid: two launches now,
                 _SEG_GRID[key] = (slots - 1) * S  # a smaller grid next time
-    elif S == 1:  # (interpreter) a one-segment row waits on no other program: PHASE 0 as is,
-        # a few programs walking the rows with the prefetch of the next row
+    elif S == 1 or SEG_INTERPRETER_SLOTS:  # (interpreter) a one-segment row waits on no other
+        # program: PHASE 0 as is, a few programs walking the rows with the prefetch of the next
+        # row; rows of several segments only where the tests run programs concurrently
         cnt = torch.zeros(n, dtype=torch.int32, device=dev)
         call = args + (cnt,) + rest + (n, T, V, S, inv_temp, ignore_index) + floats
-        _token_logprobs_seg_kernel[(min(n, 3),)](*call, PHASE=0, **kw)
+        _token_logprobs_seg_kernel[(min(n, SEG_INTERPRETER_SLOTS or 3) * S,)](*call, PHASE=0, **kw)
         SEG_LAST_LAUNCH = "one launch"
         return
     call = args + (part,) + rest + (n, T, V, S, inv_temp, ignore_index) + floats
