@@ -166,6 +166,29 @@ def test_deterministic(backend):
         assert torch.equal(again[2], first[2])
 
 
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_last_program_finalizes_under_concurrency(level):
+    """The Triton forward's last program (by ticket) reduces every program's partials: with the
+    interpreter's programs run as concurrent threads (tests/concurrent_interpreter.py), in
+    whatever order they finish, the result is bit-identical to the programs run one after
+    another, and matches the reference."""
+    if DEVICE != "cpu" or "triton" not in dispatch.available_backends("grpo_loss", DEVICE):
+        pytest.skip("the interpreter's concurrent programs (CPU, Triton)")
+    from concurrent_interpreter import concurrent_programs
+
+    lp, old, ref, adv, mask, rw = make_inputs(5, 2100, seed=29)  # 3 programs per row (token)
+    kw = dict(old_logps=old, ref_logps=ref, beta=0.05, loss_type="grpo", rollout_is_weights=rw,
+              importance_sampling_level=level)
+    one_by_one = run("triton", lp, adv, mask, **kw)
+    for _ in range(2):
+        with concurrent_programs(timeout=120):
+            res = run("triton", lp, adv, mask, **kw)
+        assert res[0] == one_by_one[0] and res[1] == one_by_one[1]
+        assert torch.equal(res[2], one_by_one[2])
+    ref_loss = run("torch", lp, adv, mask, **kw)[0]
+    assert res[0] == pytest.approx(ref_loss, rel=1e-5)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_fully_masked_batch(backend, loss_type):
