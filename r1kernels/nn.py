@@ -16,6 +16,10 @@ mask, ...)` in value and gradients, but:
     the whole batch's log-probs after the sweep. Sequence-level importance sampling (GSPO)
     needs whole sequences per chunk (sweep="auto" takes two sweeps when one sequence's fp32
     logits exceed the single-sweep chunk limit);
+  - token-level: only the live rows (inside the mask, label not ignore_index) go through the
+    lm_head GEMMs, gathered first (their gradient rows scattered back, zeros elsewhere): a
+    masked token reaches neither the loss nor a gradient, and padding is often a large part of
+    a GRPO batch (costs one host sync, the live-row count; none under torch.compile);
   - backward only scales the saved gradients by grad_output (in place, no copy: skipped when
     grad_output is 1). A second backward through the same graph is therefore refused.
 
@@ -69,14 +73,20 @@ class _TokenRows:
     inputs are flattened once ([B * T], contiguous); the loss partials and the entropy metric
     are reduced once, from the whole batch's log-probs, by `finish`."""
 
-    def __init__(self, cfg, T, adv, mask, old, ref, rw, scale, fwd):
-        def flat(t):
-            return None if t is None else t.reshape(-1).contiguous()
+    def __init__(self, cfg, T, adv, mask, old, ref, rw, scale, fwd, rows=None):
+        """rows: the indices of the token rows the log-prob ops will see (the live ones; None:
+        all B * T), so that their row r is token rows[r]."""
 
-        self.cfg, self.T, self.fwd = cfg, T, fwd
+        def flat(t):
+            if t is None:
+                return None
+            t = t.reshape(-1)
+            return t.contiguous() if rows is None else t.index_select(0, rows)
+
+        self.cfg, self.T, self.fwd, self.rows = cfg, T, fwd, rows
         self.seq = (adv, mask, old, ref, rw)
         self.flat = tuple(flat(t) for t in (adv, G._mask_view(mask), old, ref, rw))
-        self.scale_tok = scale.float().repeat_interleave(T)  # [B * T]: the token's loss scale
+        self.scale_tok = flat(scale.float().repeat_interleave(T))  # the token's loss scale
 
     def grad_fn(self, start, end, logp, ent):
         """dL/dlogp of token rows [start, end) (the grad_fn of the log-prob ops)."""
@@ -112,15 +122,34 @@ class _TokenRows:
         return chunk_kernel
 
     def finish(self, logp, ent, parts, ent_acc):
-        """The loss partials (and the entropy sum) of the whole batch from its log-probs [B * T]
-        (and entropies): one reduction after the sweep."""
+        """The loss partials (and the entropy sum) of the whole batch from its log-probs (and
+        entropies) of the token rows seen: one reduction after the sweep."""
         adv, mask, old, ref, rw = self.seq
         B = mask.shape[0]
+        if self.rows is not None:  # the rows not seen: outside the mask, or ignored labels
+            logp = logp.new_zeros(B * self.T).index_copy_(0, self.rows, logp)
+            ent = None if ent is None else ent.new_zeros(B * self.T).index_copy_(0, self.rows, ent)
         _, part = self.fwd(logp.view(B, self.T), adv, mask, old, ref, rw, self.cfg,
                            write_grad=False)
         parts.append((0, part))
         if ent is not None:
             ent_acc.append(_entropy_sum(ent.view(B, self.T), mask))
+
+
+def _live_rows(labels, mask, vocab: int, ignore_index: int):
+    """The token rows that reach the loss's gradient and value through their log-probs: inside
+    the mask, label not ignore_index; as indices into the B * T rows, or None when that is all
+    of them. Only these go through the lm_head GEMMs (a masked token's logits would cost the
+    same three GEMMs and give a zero gradient row; padding is often a large part of a GRPO
+    batch). Every label is checked first, as the log-prob op would (IndexError). One host sync:
+    the number of live rows; none under torch.compile (every row is kept)."""
+    B, T = labels.shape
+    TLP.check_labels("GRPOLoss", labels, (B, T), vocab, ignore_index, labels.device)
+    if torch.compiler.is_compiling():
+        return None
+    live = (G._mask_view(mask) != 0) & (labels != ignore_index)
+    rows = live.reshape(-1).nonzero().squeeze(1)
+    return None if rows.numel() == B * T else rows
 
 
 def _finish(fin, parts, nitems, cfg, B, device, ent_acc, n_tot):
@@ -160,13 +189,21 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
                 _, _, gh, gw, gb = linear_token_logprobs_with_grad(
                     h2, weight, y2, bias, grad_fn=grad_fn, chunk_multiple=T, **kw)
             else:  # chunks of any rows: sized by memory, whatever the sequence length
-                rows = _TokenRows(cfg, T, adv, mask, old, ref, rw, scale, fwd)
+                live = _live_rows(labels, mask, weight.shape[0], ignore_index)
+                rows = _TokenRows(cfg, T, adv, mask, old, ref, rw, scale, fwd, live)
                 chunk_kernel = None
                 if backend == "triton" and bias is None and TLP.segmented_configured():
                     chunk_kernel = rows.chunk_kernel(temperature, ignore_index, with_entropy)
+                if live is not None:
+                    h2, y2 = h2.index_select(0, live), y2.index_select(0, live)
                 logp, ent, gh, gw, gb = linear_token_logprobs_with_grad(
                     h2, weight, y2, bias, grad_fn=rows.grad_fn, chunk_kernel=chunk_kernel, **kw)
                 rows.finish(logp, ent, parts, ent_acc)
+                if live is not None:
+                    gh = None if gh is None else \
+                        gh.new_zeros(B * T, H).index_copy_(0, live, gh)
+                    gw = torch.zeros_like(weight) if gw is None and need[1] else gw
+                    gb = torch.zeros_like(bias) if gb is None and need[2] else gb
         else:  # nothing to score: zero loss, zero gradients
             gh = torch.zeros_like(hidden) if need[0] else None
             gw = torch.zeros_like(weight) if need[1] else None

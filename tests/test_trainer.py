@@ -241,14 +241,16 @@ def test_sft_loss_is_masked_nll():
 def test_sft_loss_gradients_fused(with_bias):
     """With gradients, sft_loss makes them in its forward pass (linear_token_logprobs_fwd_bwd):
     the same loss and gradients as autograd through the materialized logits, scaled by the
-    upstream gradient."""
+    upstream gradient. Only tokens in the mask go through the lm_head: NaN hidden states
+    elsewhere (ours only) change nothing, and their gradient is exactly zero."""
     torch.manual_seed(1)
     h = torch.randn(2, 5, 8, dtype=torch.float64)
     w = torch.randn(13, 8, dtype=torch.float64)
     b = torch.randn(13, dtype=torch.float64) if with_bias else None
     labels = torch.randint(0, 13, (2, 5))
     mask = torch.tensor([[0, 1, 1, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.bool)
-    leaves = [t.float().requires_grad_(True) for t in (h, w) + ((b,) if with_bias else ())]
+    leaves = [t.float().requires_grad_(True) for t in (h.masked_fill(~mask.unsqueeze(-1), float("nan")), w)
+              + ((b,) if with_bias else ())]
     loss = sft_loss(leaves[0], leaves[1], leaves[2] if with_bias else None, labels, mask, 6)
     (loss * 3).backward()
     refs = [t.clone().requires_grad_(True) for t in (h, w) + ((b,) if with_bias else ())]

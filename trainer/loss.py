@@ -54,9 +54,16 @@ class _FusedNLL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, mask, num_items):
-        g_lp = mask.to(torch.float32) * (-1.0 / max(float(num_items), 1.0))
-        logp, _, gh, gw, gb = r1kernels.linear_token_logprobs_fwd_bwd(hidden, weight, labels, g_lp,
-                                                                      bias=bias)
+        # only the tokens in the mask go through the lm_head (prompt and padding tokens have a
+        # zero upstream gradient and no part in the loss)
+        H = hidden.shape[-1]
+        rows = mask.reshape(-1).nonzero().squeeze(1)
+        g_lp = torch.full((rows.numel(),), -1.0 / max(float(num_items), 1.0), device=hidden.device)
+        h2 = hidden.reshape(-1, H)
+        logp, _, gh, gw, gb = r1kernels.linear_token_logprobs_fwd_bwd(
+            h2.index_select(0, rows), weight, labels.reshape(-1).index_select(0, rows), g_lp,
+            bias=bias)
+        gh = gh.new_zeros(h2.shape).index_copy_(0, rows, gh).view(hidden.shape)
         ctx.grads = (gh, gw, gb)
         return (logp * g_lp).sum()
 
