@@ -144,6 +144,42 @@ def test_ignore_index_and_fully_masked(backend, tiles):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fn", ["autograd", "fwd_bwd"])
+def test_ignored_rows_skip_the_gemms(backend, fn):
+    """Rows labelled ignore_index (log-prob and entropy 0 by definition, zero gradient) do not go
+    through the GEMMs: NaN hidden states there change nothing (outputs 0, their gradient rows
+    exactly 0, every other value and gradient as with clean hidden states, against float64)."""
+    g0 = torch.Generator().manual_seed(21)
+    hidden, weight, bias = torch.randn(3, 5, 8, generator=g0), torch.randn(30, 8, generator=g0), \
+        torch.randn(30, generator=g0)
+    labels = torch.randint(0, 30, (3, 5), generator=g0)
+    labels[0, :2] = -100
+    labels[2, 4] = -100
+    ign = labels == -100
+    glp, gent = torch.randn(3, 5, generator=g0), torch.randn(3, 5, generator=g0)
+    refs = [t.double().requires_grad_(True) for t in (hidden, weight, bias)]
+    lr, er = linear_token_logprobs_ref(*refs[:2], labels, bias=refs[2], with_entropy=True)
+    ((lr * glp.double()).sum() + (er * gent.double()).sum()).backward()
+    ours = [t.to(DEVICE).requires_grad_(True) for t in
+            (hidden.masked_fill(ign.unsqueeze(-1), float("nan")), weight, bias)]
+    with dispatch.use_backend(backend):
+        if fn == "autograd":
+            lp, en = r1kernels.linear_token_logprobs(*ours[:2], labels.to(DEVICE), bias=ours[2],
+                                                     with_entropy=True)
+            ((lp * glp.to(DEVICE)).sum() + (en * gent.to(DEVICE)).sum()).backward()
+            grads = [t.grad for t in ours]
+        else:
+            lp, en, *grads = r1kernels.linear_token_logprobs_fwd_bwd(
+                *ours[:2], labels.to(DEVICE), glp.to(DEVICE), grad_entropy=gent.to(DEVICE),
+                bias=ours[2], with_entropy=True)
+    torch.testing.assert_close(lp.detach().cpu().double(), lr.detach(), rtol=1e-5, atol=5e-5)
+    torch.testing.assert_close(en.detach().cpu().double(), er.detach(), rtol=1e-5, atol=5e-5)
+    for g, r in zip(grads, refs):
+        torch.testing.assert_close(g.cpu().double(), r.grad, rtol=1e-4, atol=1e-5)
+    assert (grads[0][ign] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_empty(backend):
     h = torch.randn(0, 8, device=DEVICE, requires_grad=True)
     w = torch.randn(10, 8, device=DEVICE, requires_grad=True)
