@@ -143,13 +143,10 @@ def _live_rows(labels, mask, vocab: int, ignore_index: int):
     same three GEMMs and give a zero gradient row; padding is often a large part of a GRPO
     batch). Every label is checked first, as the log-prob op would (IndexError). One host sync:
     the number of live rows; none under torch.compile (every row is kept)."""
-    B, T = labels.shape
-    TLP.check_labels("GRPOLoss", labels, (B, T), vocab, ignore_index, labels.device)
-    if torch.compiler.is_compiling():
-        return None
-    live = (G._mask_view(mask) != 0) & (labels != ignore_index)
-    rows = live.reshape(-1).nonzero().squeeze(1)
-    return None if rows.numel() == B * T else rows
+    from r1kernels.ops.linear_token_logprobs import rows_where
+
+    TLP.check_labels("GRPOLoss", labels, tuple(labels.shape), vocab, ignore_index, labels.device)
+    return rows_where((G._mask_view(mask) != 0) & (labels != ignore_index))
 
 
 def _finish(fin, parts, nitems, cfg, B, device, ent_acc, n_tot):
@@ -199,11 +196,8 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
                 logp, ent, gh, gw, gb = linear_token_logprobs_with_grad(
                     h2, weight, y2, bias, grad_fn=rows.grad_fn, chunk_kernel=chunk_kernel, **kw)
                 rows.finish(logp, ent, parts, ent_acc)
-                if live is not None:
-                    gh = None if gh is None else \
-                        gh.new_zeros(B * T, H).index_copy_(0, live, gh)
-                    gw = torch.zeros_like(weight) if gw is None and need[1] else gw
-                    gb = torch.zeros_like(bias) if gb is None and need[2] else gb
+                if live is not None and gh is not None:
+                    gh = gh.new_zeros(B * T, H).index_copy_(0, live, gh)
         else:  # nothing to score: zero loss, zero gradients
             gh = torch.zeros_like(hidden) if need[0] else None
             gw = torch.zeros_like(weight) if need[1] else None

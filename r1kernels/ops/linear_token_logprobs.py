@@ -736,12 +736,17 @@ def labelled_rows(y: torch.Tensor, ignore_index: int):
     """Indices of the rows whose label is not ignore_index (None when that is every row): only
     those go through the GEMMs. A row labelled ignore_index (HF's -100 for prompt and padding
     tokens, often most of an SFT batch) has log-prob and entropy 0 by definition and a zero
-    gradient, so computing its logits would cost the full 6-8 H V FLOPs per row for nothing.
-    One host sync (the count); none under torch.compile (every row is kept)."""
-    if torch.compiler.is_compiling() or y.numel() == 0:
+    gradient, so computing its logits would cost the full 6-8 H V FLOPs per row for nothing."""
+    return rows_where(y != ignore_index)
+
+
+def rows_where(keep: torch.Tensor):
+    """Indices of the True entries of `keep` (flattened), or None when that is all of them. One
+    host sync (the count); none under torch.compile (None: every row is kept)."""
+    if torch.compiler.is_compiling() or keep.numel() == 0:
         return None
-    rows = (y != ignore_index).nonzero().squeeze(1)
-    return None if rows.numel() == y.numel() else rows
+    rows = keep.reshape(-1).nonzero().squeeze(1)
+    return None if rows.numel() == keep.numel() else rows
 
 
 def linear_token_logprobs_with_grad(hidden: torch.Tensor, weight: torch.Tensor,
