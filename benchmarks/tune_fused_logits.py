@@ -22,12 +22,14 @@ from r1kernels.ops import token_logprobs as tlp_mod
 
 # (programs per SM (0: two launches, one program per row; -1: segmented kernel), warps, block
 # (segment width for -1), per-lane statistics (for -1: two-pass statistics)[, warps and block of
-# the two-launch mode's statistics launch])
+# the two-launch mode's statistics launch; for -1: the single launch's lag])
 CONFIGS = [(0, 8, 4096, 0), (0, 16, 4096, 0), (0, 16, 4096, 0, 1, 2048), (0, 8, 4096, 0, 1, 2048),
            (0, 16, 4096, 0, 2, 2048),
            (-1, 4, 4096, 0), (-1, 4, 4096, 1), (-1, 8, 4096, 0), (-1, 8, 4096, 1),
            (-1, 2, 2048, 0), (-1, 8, 8192, 1), (-1, 16, 8192, 0), (-1, 4, 2048, 0),
-           (-1, 8, 2048, 1)]
+           (-1, 8, 2048, 1),
+           # the single launch with lag 1 (a row finished one iteration after it is published)
+           (-1, 4, 4096, 0, 1), (-1, 2, 2048, 0, 1), (-1, 8, 8192, 0, 1), (-1, 4, 2048, 0, 1)]
 
 
 def _rel(a, r):

@@ -95,11 +95,12 @@ SPECS += [
     pytest.param(f"{_TLP}:_token_logprobs_seg_kernel", {**_SEG_SIG, "x_ptr": xt, "g_ptr": xt},
                  {"MODE": mode, "ENTROPY": True, "HAS_DENT": mode == 0, "LOSS": loss,
                   "HAS_OLD": True, "HAS_DELTA": loss < 5, "HAS_RW": True, "BETA_NZ": True,
-                  "BIAS_KL": True, "SEG": seg, "S_PAD": s_pad, "TWO_PASS": two, "PHASE": phase},
+                  "BIAS_KL": True, "SEG": seg, "S_PAD": s_pad, "TWO_PASS": two, "PHASE": phase,
+                  "LAG": lag},
                  warps, False,
                  id=f"token_logprobs_seg-mode{mode}-loss{loss}-{xt[1:]}-S{seg}-w{warps}-t{int(two)}"
-                    f"-p{phase}")
-    for phase in (0, 1, 2)
+                    f"-p{phase}" + ("-lag" if lag else ""))
+    for phase, lag in ((0, 0), (1, 0), (2, 0), (0, 1))
     for mode, loss, xt, seg, s_pad, warps, two in [
         (0, 0, "*bf16", 4096, 64, 4, False), (1, 3, "*bf16", 4096, 64, 4, False),
         (0, 0, "*bf16", 4096, 64, 4, True), (1, 3, "*bf16", 4096, 64, 4, True),

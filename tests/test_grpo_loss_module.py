@@ -516,11 +516,12 @@ def test_hidden_with_segmented_chunk_kernel(monkeypatch, config, loss_type):
                                "one launch" if S == 1 else "two launches")
 
 
-@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
-def test_hidden_with_segmented_chunk_kernel_single_launch(monkeypatch, single_launch, loss_type):
-    """The same through the segmented kernel's single launch, rows of 5 segments (in the
-    interpreter: its programs as concurrent threads, see tests/conftest.py)."""
-    _segmented_config(monkeypatch, (-1, 4, 64, 0), 300)
+@pytest.mark.parametrize("loss_type,lag", [("dapo", 0), ("grpo", 0), ("grpo", 1)])
+def test_hidden_with_segmented_chunk_kernel_single_launch(monkeypatch, single_launch, loss_type,
+                                                          lag):
+    """The same through the segmented kernel's single launch, rows of 5 segments, lag 0 or 1 (in
+    the interpreter: its programs as concurrent threads, see tests/conftest.py)."""
+    _segmented_config(monkeypatch, (-1, 4, 64, 0, lag), 300)
     _check_hidden_chunk_kernel(monkeypatch, loss_type, "one launch")
 
 
@@ -571,10 +572,11 @@ def test_from_logits_masked_rows_not_read(monkeypatch, config):
     _check_masked_rows_not_read()
 
 
-def test_from_logits_masked_rows_not_read_single_launch(monkeypatch, single_launch):
+@pytest.mark.parametrize("lag", [0, 1])
+def test_from_logits_masked_rows_not_read_single_launch(monkeypatch, single_launch, lag):
     """The same through the segmented kernel's single launch (masked rows skip the exchange of
     their segments' statistics; in the interpreter its programs run as concurrent threads)."""
-    _segmented_config(monkeypatch, (-1, 4, 64, 0), 300)
+    _segmented_config(monkeypatch, (-1, 4, 64, 0, lag), 300)
     _check_masked_rows_not_read()
     from r1kernels.ops import token_logprobs as tlp_mod
 

@@ -383,12 +383,15 @@ def test_fwd_bwd_empty_and_bad_input(backend):
 @pytest.mark.parametrize("config,dtype,inplace", [
     ((-1, 4, 64, 0), torch.float32, False), ((-1, 4, 64, 0), torch.bfloat16, True),
     ((-1, 4, 64, 1), torch.float32, True), ((-1, 4, 64, 1), torch.bfloat16, False),
-    ((-1, 2, 256, 0), torch.float32, True)],
+    ((-1, 2, 256, 0), torch.float32, True), ((-1, 4, 64, 0, 1), torch.float32, True),
+    ((-1, 4, 64, 1, 1), torch.bfloat16, False), ((-1, 2, 256, 0, 1), torch.bfloat16, True)],
     ids=["online-11-fp32-out", "online-11-bf16-inplace", "two-pass-11-fp32-inplace",
-         "two-pass-11-bf16-out", "online-3-fp32-inplace"])
+         "two-pass-11-bf16-out", "online-3-fp32-inplace", "lag-online-11-fp32-inplace",
+         "lag-two-pass-11-bf16-out", "lag-online-3-bf16-inplace"])
 def test_segmented_single_launch(monkeypatch, single_launch, config, dtype, inplace):
     """The single launch with rows of several segments (2 row slots of 11 or 3 programs walking
-    9 rows, so every program prefetches and the last slot ends early): the same numbers as
+    9 rows, so every program prefetches and the last slot ends early; lag 0 or 1, the 5th
+    value: rows finished in the iteration they are published in, or the next): the same numbers as
     float64, with ignored labels and zero upstream gradients (rows that skip the exchange), a
     flat row, in place or not. Before these tests it ran only on a GPU."""
     _use_fused_config(monkeypatch, config)
@@ -416,11 +419,12 @@ def test_segmented_single_launch(monkeypatch, single_launch, config, dtype, inpl
     assert (grad[7] == 0).all()
 
 
-def test_segmented_single_launch_bf16_gradient_over_fp32_logits(monkeypatch, single_launch):
+@pytest.mark.parametrize("lag", [0, 1])
+def test_segmented_single_launch_bf16_gradient_over_fp32_logits(monkeypatch, single_launch, lag):
     """The hidden-state sweep's layout in the single launch: bf16 G written over the fp32 logits
     z (row r of G in the first half of z's row r, i.e. over other segments' columns): safe
     because every segment of a row is read before the exchange, and written after it."""
-    _use_fused_config(monkeypatch, (-1, 4, 64, 0))
+    _use_fused_config(monkeypatch, (-1, 4, 64, 0, lag))
     N, V = 6, 300
     g0 = torch.Generator().manual_seed(4)
     z0 = torch.randn(N, V, generator=g0) * 3
@@ -642,10 +646,10 @@ def test_segments_of_a_row():
 @pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
 @pytest.mark.parametrize("config", [(2, 16, 4096, 1), (1, 8, 256, 0), (3, 4, 64, 1), (0, 8, 1024, 1),
                                     (0, 8, 1024, 0, 1, 128), (-1, 4, 64, 1), (-1, 2, 128, 0),
-                                    (-1, 8, 4096, 1)],
+                                    (-1, 8, 4096, 1), (-1, 8, 4096, 0, 1), (-1, 4, 64, 0, 1)],
                          ids=["lanes", "block-stats", "small-blocks", "two-launches",
                               "two-launches-1-warp-stats", "segments-24", "segments-12",
-                              "segment-whole-row"])
+                              "segment-whole-row", "segment-whole-row-lag", "segments-24-lag"])
 def test_fwd_bwd_launch_configs(monkeypatch, config, inplace):
     """Every pass-1 variant of the fused kernel (per-lane or block statistics), block width and
     the segmented kernel (rows split over programs: 24 segments of 64 columns, 12 of 128, one

@@ -513,6 +513,81 @@ def _seg_row(r, N, T, x_ptr, s_xb, s_xt, labels_ptr, glp_ptr, gent_ptr, old_ptr,
 
 
 @triton.jit
+def _seg_publish(row, seg, p_row, cnt_ptr, xa, xb, xc, xd, ca, cb, cc, cd, label, live, inv_temp,
+                 V, ENTROPY: tl.constexpr, TWO_PASS: tl.constexpr, SEG: tl.constexpr,
+                 S_PAD: tl.constexpr, PHASE: tl.constexpr):
+    """The statistics of this program's held segment of `row`, stored as the segment's partials;
+    in the single launch (PHASE 0) announced on the row's arrival counter (release)."""
+    valid = (label >= 0) & (label < V)
+    m_s, s_s, w_s, zt_s = _seg_stats(xa, xb, xc, xd, ca, cb, cc, cd, label, inv_temp, ENTROPY,
+                                     TWO_PASS)
+    # the segment holding the label keeps its logit with the partials: with the gradient
+    # written in place, the label's column may be overwritten before the others read it
+    tl.store(p_row + 3 * S_PAD, zt_s, mask=valid & (label // SEG == seg))
+    tl.store(p_row + seg, m_s)
+    tl.store(p_row + S_PAD + seg, s_s)
+    if ENTROPY:
+        tl.store(p_row + 2 * S_PAD + seg, w_s)
+    if PHASE == 0:
+        if live:  # (every segment of a row agrees: dead rows skip the exchange)
+            # this program's partials are stored (barrier), then announced (release)
+            tl.debug_barrier()
+            tl.atomic_add(cnt_ptr + row, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _seg_finish(row, seg, p_row, cnt_ptr, out_ptr, g_ptr, s_gb, s_gt, xa, xb, xc, xd, ca, cb, cc,
+                cd, k, k_ok, label, live, i0, i1, i2, i3, i4, i5, N, T, V, S, inv_temp,
+                ignore_index, eps_lo, eps_hi, delta, beta, tau_pos, tau_neg, MODE: tl.constexpr,
+                ENTROPY: tl.constexpr, HAS_DENT: tl.constexpr, LOSS: tl.constexpr,
+                HAS_OLD: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_RW: tl.constexpr,
+                BETA_NZ: tl.constexpr, BIAS_KL: tl.constexpr, S_PAD: tl.constexpr,
+                PHASE: tl.constexpr):
+    """Once every segment of `row` has published (PHASE 0: wait on its counter, acquire):
+    merge the S partials, the row's results (segment 0 writes them), dL/dlogp (given, or the
+    GRPO token terms) and the gradient of the held segment."""
+    b = row // T
+    t_ = row - b * T
+    ignored = label == ignore_index
+    valid = (label >= 0) & (label < V)
+    if PHASE == 0:
+        if live:
+            arrived = tl.atomic_add(cnt_ptr + row, 0, sem="acquire", scope="gpu")
+            while arrived < S:
+                arrived = tl.atomic_add(cnt_ptr + row, 0, sem="acquire", scope="gpu")
+    # merge the S partials (read from L2: other programs wrote them)
+    pm = tl.load(p_row + k, mask=k_ok, other=float("-inf"), cache_modifier=".cg")
+    ps = tl.load(p_row + S_PAD + k, mask=k_ok, other=0.0, cache_modifier=".cg")
+    pw = ps
+    if ENTROPY:
+        pw = tl.load(p_row + 2 * S_PAD + k, mask=k_ok, other=0.0, cache_modifier=".cg")
+    m, s, w = _merge_partials(pm, ps, pw, ENTROPY)
+    zt = tl.load(p_row + 3 * S_PAD, mask=valid, other=0.0, cache_modifier=".cg")
+    lse, logp, ent = _row_result(m, s, w, zt, valid, ignored)
+    lse = tl.where(live, lse, 0.0)  # a dead row: zeros out, zeros written below
+    logp = tl.where(live, logp, 0.0)
+    ent = tl.where(live, ent, 0.0)
+    if seg == 0:
+        tl.store(out_ptr + row, logp)
+        if ENTROPY:
+            tl.store(out_ptr + N + row, tl.where(ignored, 0.0, ent))
+    if MODE == 0:
+        dlp = tl.sum(i0, axis=0)
+        dent = tl.sum(i1, axis=0)
+    else:
+        dlp = _grpo_token_grad(logp, i0, i1, i2, i3, i4, i5, eps_lo, eps_hi, delta, beta, tau_pos,
+                               tau_neg, LOSS, HAS_OLD, HAS_DELTA, HAS_RW, BETA_NZ, BIAS_KL)
+        dent = tl.sum(tl.zeros_like(i1), axis=0)
+    dlp = tl.where(ignored, 0.0, dlp)
+    dent = tl.where(ignored, 0.0, dent)
+    g_row = g_ptr + b * s_gb + t_ * s_gt
+    _seg_grad(xa, ca, g_row, label, lse, ent, dlp, dent, inv_temp, V, HAS_DENT)
+    _seg_grad(xb, cb, g_row, label, lse, ent, dlp, dent, inv_temp, V, HAS_DENT)
+    _seg_grad(xc, cc, g_row, label, lse, ent, dlp, dent, inv_temp, V, HAS_DENT)
+    _seg_grad(xd, cd, g_row, label, lse, ent, dlp, dent, inv_temp, V, HAS_DENT)
+
+
+@triton.jit
 def _token_logprobs_seg_kernel(
         x_ptr, s_xb, s_xt, g_ptr, s_gb, s_gt, labels_ptr, out_ptr, part_ptr, cnt_ptr,
         glp_ptr, gent_ptr,
@@ -522,12 +597,15 @@ def _token_logprobs_seg_kernel(
         MODE: tl.constexpr, ENTROPY: tl.constexpr, HAS_DENT: tl.constexpr,
         LOSS: tl.constexpr, HAS_OLD: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_RW: tl.constexpr,
         BETA_NZ: tl.constexpr, BIAS_KL: tl.constexpr, SEG: tl.constexpr, S_PAD: tl.constexpr,
-        TWO_PASS: tl.constexpr, PHASE: tl.constexpr):
+        TWO_PASS: tl.constexpr, PHASE: tl.constexpr, LAG: tl.constexpr = 0):
     # The segment is held as four quarters, all loaded before any is used, so that the fp32
     # temporaries of the statistics and of the gradient exist for one quarter at a time:
     # registers go to the held logits (in their own dtype). In PHASE 0 the next row's segment
     # and inputs are loaded (prefetched) while this row waits for its other segments, so the
-    # wait does not leave the program without loads in flight.
+    # wait does not leave the program without loads in flight. LAG = 1 (PHASE 0 only) goes one
+    # step further: a row is finished (waited on, merged, its gradient written) one iteration
+    # after it was published, so its exchange has the whole iteration to complete; it holds
+    # three rows' segments (finishing, publishing, prefetched) instead of two.
     Q: tl.constexpr = SEG // 4
     pid = tl.program_id(0)
     seg = pid % S
@@ -540,75 +618,52 @@ def _token_logprobs_seg_kernel(
     cd = cc + Q
     k = tl.arange(0, S_PAD)
     k_ok = k < S
-    zero = tl.sum(tl.zeros([S_PAD], dtype=tl.float32), axis=0)
     xa, xb, xc, xd, label, live, i0, i1, i2, i3, i4, i5 = _seg_row(
         slot, N, T, x_ptr, s_xb, s_xt, labels_ptr, glp_ptr, gent_ptr, old_ptr, ref_ptr, adv_ptr,
         mask_ptr, rw_ptr, scale_ptr, c0, V, Q, MODE, HAS_DENT, HAS_OLD, HAS_RW, BETA_NZ)
-    for r in range(slot, N, n_slots):
-        row = tl.cast(r, tl.int64)
-        b = row // T
-        t_ = row - b * T
-        ignored = label == ignore_index
-        valid = (label >= 0) & (label < V)
-        p_row = part_ptr + row * (4 * S_PAD)
-        if PHASE != 2:
-            m_s, s_s, w_s, zt_s = _seg_stats(xa, xb, xc, xd, ca, cb, cc, cd, label, inv_temp,
-                                             ENTROPY, TWO_PASS)
-            # the segment holding the label keeps its logit with the partials: with the gradient
-            # written in place, the label's column may be overwritten before the others read it
-            tl.store(p_row + 3 * S_PAD, zt_s, mask=valid & (label // SEG == seg))
-            tl.store(p_row + seg, m_s)
-            tl.store(p_row + S_PAD + seg, s_s)
-            if ENTROPY:
-                tl.store(p_row + 2 * S_PAD + seg, w_s)
+    if LAG == 0:
+        for r in range(slot, N, n_slots):
+            row = tl.cast(r, tl.int64)
+            p_row = part_ptr + row * (4 * S_PAD)
+            if PHASE != 2:
+                _seg_publish(row, seg, p_row, cnt_ptr, xa, xb, xc, xd, ca, cb, cc, cd, label,
+                             live, inv_temp, V, ENTROPY, TWO_PASS, SEG, S_PAD, PHASE)
             if PHASE == 0:
-                if live:  # (every segment of a row agrees: dead rows skip the exchange)
-                    # this program's partials are stored (barrier), then announced (release)
-                    tl.debug_barrier()
-                    tl.atomic_add(cnt_ptr + row, 1, sem="release", scope="gpu")
-        if PHASE == 0:
+                na, nb, nc, nd, n_label, n_live, n0, n1, n2, n3, n4, n5 = _seg_row(
+                    r + n_slots, N, T, x_ptr, s_xb, s_xt, labels_ptr, glp_ptr, gent_ptr, old_ptr,
+                    ref_ptr, adv_ptr, mask_ptr, rw_ptr, scale_ptr, c0, V, Q, MODE, HAS_DENT,
+                    HAS_OLD, HAS_RW, BETA_NZ)
+            if PHASE != 1:
+                _seg_finish(row, seg, p_row, cnt_ptr, out_ptr, g_ptr, s_gb, s_gt, xa, xb, xc, xd,
+                            ca, cb, cc, cd, k, k_ok, label, live, i0, i1, i2, i3, i4, i5, N, T, V,
+                            S, inv_temp, ignore_index, eps_lo, eps_hi, delta, beta, tau_pos,
+                            tau_neg, MODE, ENTROPY, HAS_DENT, LOSS, HAS_OLD, HAS_DELTA, HAS_RW,
+                            BETA_NZ, BIAS_KL, S_PAD, PHASE)
+            if PHASE == 0:
+                xa, xb, xc, xd, label, live = na, nb, nc, nd, n_label, n_live
+                i0, i1, i2, i3, i4, i5 = n0, n1, n2, n3, n4, n5
+    else:  # PHASE 0, one row in flight between publishing and finishing
+        pa, pb, pc, pd, p_label, p_live = xa, xb, xc, xd, label, live
+        p0, p1, p2, p3, p4, p5 = i0, i1, i2, i3, i4, i5
+        for r in range(slot, N + n_slots, n_slots):  # one more step: finishes the last row
+            if r < N:
+                row = tl.cast(r, tl.int64)
+                _seg_publish(row, seg, part_ptr + row * (4 * S_PAD), cnt_ptr, xa, xb, xc, xd, ca,
+                             cb, cc, cd, label, live, inv_temp, V, ENTROPY, TWO_PASS, SEG, S_PAD,
+                             PHASE)
             na, nb, nc, nd, n_label, n_live, n0, n1, n2, n3, n4, n5 = _seg_row(
                 r + n_slots, N, T, x_ptr, s_xb, s_xt, labels_ptr, glp_ptr, gent_ptr, old_ptr,
-                ref_ptr, adv_ptr, mask_ptr, rw_ptr, scale_ptr, c0, V, Q, MODE, HAS_DENT, HAS_OLD,
-                HAS_RW, BETA_NZ)
-        if PHASE != 1:
-            if PHASE == 0:
-                if live:
-                    arrived = tl.atomic_add(cnt_ptr + row, 0, sem="acquire", scope="gpu")
-                    while arrived < S:
-                        arrived = tl.atomic_add(cnt_ptr + row, 0, sem="acquire", scope="gpu")
-            # merge the S partials (read from L2: other programs wrote them)
-            pm = tl.load(p_row + k, mask=k_ok, other=float("-inf"), cache_modifier=".cg")
-            ps = tl.load(p_row + S_PAD + k, mask=k_ok, other=0.0, cache_modifier=".cg")
-            pw = ps
-            if ENTROPY:
-                pw = tl.load(p_row + 2 * S_PAD + k, mask=k_ok, other=0.0, cache_modifier=".cg")
-            m, s, w = _merge_partials(pm, ps, pw, ENTROPY)
-            zt = tl.load(p_row + 3 * S_PAD, mask=valid, other=0.0, cache_modifier=".cg")
-            lse, logp, ent = _row_result(m, s, w, zt, valid, ignored)
-            lse = tl.where(live, lse, 0.0)  # a dead row: zeros out, zeros written below
-            logp = tl.where(live, logp, 0.0)
-            ent = tl.where(live, ent, 0.0)
-            if seg == 0:
-                tl.store(out_ptr + row, logp)
-                if ENTROPY:
-                    tl.store(out_ptr + N + row, tl.where(ignored, 0.0, ent))
-            if MODE == 0:
-                dlp = tl.sum(i0, axis=0)
-                dent = tl.sum(i1, axis=0)
-            else:
-                dlp = _grpo_token_grad(logp, i0, i1, i2, i3, i4, i5, eps_lo, eps_hi, delta, beta,
-                                       tau_pos, tau_neg, LOSS, HAS_OLD, HAS_DELTA, HAS_RW, BETA_NZ,
-                                       BIAS_KL)
-                dent = zero
-            dlp = tl.where(ignored, 0.0, dlp)
-            dent = tl.where(ignored, 0.0, dent)
-            g_row = g_ptr + b * s_gb + t_ * s_gt
-            _seg_grad(xa, ca, g_row, label, lse, ent, dlp, dent, inv_temp, V, HAS_DENT)
-            _seg_grad(xb, cb, g_row, label, lse, ent, dlp, dent, inv_temp, V, HAS_DENT)
-            _seg_grad(xc, cc, g_row, label, lse, ent, dlp, dent, inv_temp, V, HAS_DENT)
-            _seg_grad(xd, cd, g_row, label, lse, ent, dlp, dent, inv_temp, V, HAS_DENT)
-        if PHASE == 0:
+                ref_ptr, adv_ptr, mask_ptr, rw_ptr, scale_ptr, c0, V, Q, MODE, HAS_DENT,
+                HAS_OLD, HAS_RW, BETA_NZ)
+            if r > slot:
+                prow = tl.cast(r - n_slots, tl.int64)
+                _seg_finish(prow, seg, part_ptr + prow * (4 * S_PAD), cnt_ptr, out_ptr, g_ptr,
+                            s_gb, s_gt, pa, pb, pc, pd, ca, cb, cc, cd, k, k_ok, p_label, p_live,
+                            p0, p1, p2, p3, p4, p5, N, T, V, S, inv_temp, ignore_index, eps_lo,
+                            eps_hi, delta, beta, tau_pos, tau_neg, MODE, ENTROPY, HAS_DENT, LOSS,
+                            HAS_OLD, HAS_DELTA, HAS_RW, BETA_NZ, BIAS_KL, S_PAD, PHASE)
+            pa, pb, pc, pd, p_label, p_live = xa, xb, xc, xd, label, live
+            p0, p1, p2, p3, p4, p5 = i0, i1, i2, i3, i4, i5
             xa, xb, xc, xd, label, live = na, nb, nc, nd, n_label, n_live
             i0, i1, i2, i3, i4, i5 = n0, n1, n2, n3, n4, n5
 
@@ -618,13 +673,14 @@ def _token_logprobs_seg_kernel(
 # one program per row instead (PHASE 1 statistics, PHASE 2 gradient: the row is read twice from
 # HBM, no grid-size limit). programs_per_sm = -1: the segmented kernel (segments of `block`
 # columns, `warps` per program, the 4th field its pass-1 variant: 1 = two passes over the held
-# segment with two reductions, 0 = online per quarter with fewer registers), one cooperative
-# launch on CUDA; e.g. (-1, 4, 4096, 0): 32 logits per thread, twice (this row's and the
-# prefetched next row's), 168 registers on sm_90 without spills, 3 programs per SM. Tuned on
-# an H100 (BENCHMARKS.md; the segmented kernel is not measured yet); override with
-# R1K_FUSED_LOGITS="programs_per_sm,warps,block,lanes[,stats_warps,stats_block]" (the last two:
-# the two-launch mode's statistics launch, e.g. one warp per row, whose block reductions need
-# no barrier).
+# segment with two reductions, 0 = online per quarter with fewer registers, and a 5th field,
+# the single launch's lag: 1 = a row finished one iteration after it is published, three rows'
+# segments held), one cooperative launch on CUDA; e.g. (-1, 4, 4096, 0): 32 logits per thread,
+# twice (this row's and the prefetched next row's), 168 registers on sm_90 without spills, 3
+# programs per SM. Tuned on an H100 (BENCHMARKS.md; the segmented kernel is not measured yet);
+# override with R1K_FUSED_LOGITS="programs_per_sm,warps,block,lanes[,stats_warps,stats_block]"
+# (the last two: the two-launch mode's statistics launch, e.g. one warp per row, whose block
+# reductions need no barrier; for -1 the 5th is the lag).
 FUSED_CONFIG = (0, 8, 4096, 0)
 SEG_MAX_SEGMENTS = 128  # the segmented kernel merges at most this many partials per row
 
@@ -752,9 +808,9 @@ def fused_triton(x3: torch.Tensor, labels: torch.Tensor, g3: torch.Tensor, inv_t
                   BETA_NZ=cfg is not None and cfg.beta != 0.0,
                   BIAS_KL=cfg is not None and cfg.bias_kl)
     head = (x3, x3.stride(0), x3.stride(1), g3, g3.stride(0), g3.stride(1), labels, out)
-    if per_sm < 0:
+    if per_sm < 0:  # (the 5th value: the single launch's lag, 0 or 1)
         _segmented(head, (glp, gent) + tail, n, T, V, float(inv_temp), int(ignore_index), floats,
-                   consts, block, warps, lanes)
+                   consts, block, warps, lanes, lag=stats_warps)
         return out
     launches = [(0, warps, block)] if per_sm > 0 else \
         [(1, stats_warps or warps, stats_block or block), (2, warps, block)]
@@ -767,29 +823,32 @@ def fused_triton(x3: torch.Tensor, labels: torch.Tensor, g3: torch.Tensor, inv_t
     return out
 
 
-def _segmented(head, rest, n, T, V, inv_temp, ignore_index, floats, consts, seg, warps, two_pass):
-    """The segmented kernel: one cooperative launch on CUDA (PHASE 0), else (interpreter, or a
-    cooperative launch refused) PHASE 1 + PHASE 2 over a grid of n * S programs."""
+def _segmented(head, rest, n, T, V, inv_temp, ignore_index, floats, consts, seg, warps, two_pass,
+               lag=0):
+    """The segmented kernel: one cooperative launch on CUDA (PHASE 0, with the given lag), else
+    (interpreter, or a cooperative launch refused) PHASE 1 + PHASE 2 over a grid of n * S
+    programs."""
     global SEG_LAST_LAUNCH
     seg, S, S_PAD = segments(V, seg)
     dev = head[0].device
     part = torch.empty(n * 4 * S_PAD, dtype=torch.float32, device=dev)
     args = head + (part,)
     kw = dict(consts, SEG=seg, S_PAD=S_PAD, TWO_PASS=bool(two_pass), num_warps=warps)
+    kw0 = dict(kw, LAG=1 if lag else 0)  # the single launch's options
     if dev.type == "cuda":
         cnt = torch.zeros(n, dtype=torch.int32, device=dev)
         call = args + (cnt,) + rest + (n, T, V, S, inv_temp, ignore_index) + floats
-        key = (dev.index, S, tuple(sorted(kw.items())), head[0].dtype, head[3].dtype)
+        key = (dev.index, S, tuple(sorted(kw0.items())), head[0].dtype, head[3].dtype)
         resident = _SEG_GRID.get(key)
         if resident is None:
             kernel = _token_logprobs_seg_kernel.warmup(*call, grid=(1,), PHASE=0,
-                                                       launch_cooperative_grid=True, **kw)
+                                                       launch_cooperative_grid=True, **kw0)
             resident = _SEG_GRID[key] = _resident_programs(kernel, dev)
         slots = min(n, resident // S)
         if slots > 0:
             try:
                 _token_logprobs_seg_kernel[(slots * S,)](*call, PHASE=0,
-                                                         launch_cooperative_grid=True, **kw)
+                                                         launch_cooperative_grid=True, **kw0)
                 SEG_LAST_LAUNCH = "cooperative"
                 return
             except RuntimeError:  # the driver refused the cooperative grid: two launches now,
@@ -799,7 +858,7 @@ def _segmented(head, rest, n, T, V, inv_temp, ignore_index, floats, consts, seg,
         # row; rows of several segments only where the tests run programs concurrently
         cnt = torch.zeros(n, dtype=torch.int32, device=dev)
         call = args + (cnt,) + rest + (n, T, V, S, inv_temp, ignore_index) + floats
-        _token_logprobs_seg_kernel[(min(n, SEG_INTERPRETER_SLOTS or 3) * S,)](*call, PHASE=0, **kw)
+        _token_logprobs_seg_kernel[(min(n, SEG_INTERPRETER_SLOTS or 3) * S,)](*call, PHASE=0, **kw0)
         SEG_LAST_LAUNCH = "one launch"
         return
     call = args + (part,) + rest + (n, T, V, S, inv_temp, ignore_index) + floats
