@@ -12,7 +12,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The "-seg" providers (CUDA only) run our fused logits paths with the segmented kernel
 # (ops/token_logprobs.py, FUSED_CONFIG programs_per_sm = -1) instead of the default two-launch
 # kernel; this launch configuration, or R1K_BENCH_SEG="-1,warps,segment,two_pass".
-SEGMENTED_CONFIG = "-1,4,4096,0"
+SEGMENTED_CONFIG = "-1,4,4096,0,0,168"  # 168 registers: 3 programs per SM (GRPO variant too)
 SEG_PROVIDERS = DEVICE == "cuda"
 
 

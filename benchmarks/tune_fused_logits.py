@@ -22,14 +22,17 @@ from r1kernels.ops import token_logprobs as tlp_mod
 
 # (programs per SM (0: two launches, one program per row; -1: segmented kernel), warps, block
 # (segment width for -1), per-lane statistics (for -1: two-pass statistics)[, warps and block of
-# the two-launch mode's statistics launch; for -1: the single launch's lag])
+# the two-launch mode's statistics launch; for -1: the single launch's lag and register cap])
 CONFIGS = [(0, 8, 4096, 0), (0, 16, 4096, 0), (0, 16, 4096, 0, 1, 2048), (0, 8, 4096, 0, 1, 2048),
            (0, 16, 4096, 0, 2, 2048),
            (-1, 4, 4096, 0), (-1, 4, 4096, 1), (-1, 8, 4096, 0), (-1, 8, 4096, 1),
            (-1, 2, 2048, 0), (-1, 8, 8192, 1), (-1, 16, 8192, 0), (-1, 4, 2048, 0),
            (-1, 8, 2048, 1),
            # the single launch with lag 1 (a row finished one iteration after it is published)
-           (-1, 4, 4096, 0, 1), (-1, 2, 2048, 0, 1), (-1, 8, 8192, 0, 1), (-1, 4, 2048, 0, 1)]
+           (-1, 4, 4096, 0, 1), (-1, 2, 2048, 0, 1), (-1, 8, 8192, 0, 1), (-1, 4, 2048, 0, 1),
+           # a register cap (sm_90 compiles: the GRPO variant 228 -> 150 registers at 168, no
+           # spills, 3 programs per SM instead of 2; lag 1 at 168: 8-136 B of stack)
+           (-1, 4, 4096, 0, 0, 168), (-1, 4, 4096, 0, 1, 168), (-1, 4, 4096, 0, 0, 128)]
 
 
 def _rel(a, r):

@@ -110,6 +110,18 @@ SPECS += [
         (0, 0, "*fp32", 2048, 128, 4, False)]
 ]
 
+# the segmented kernel under a register cap of 168 (3 programs of 4 warps per SM): the GRPO
+# variant (228 registers uncapped) must fit it without spilling
+SPECS += [
+    pytest.param(f"{_TLP}:_token_logprobs_seg_kernel", {**_SEG_SIG, "x_ptr": xt, "g_ptr": xt},
+                 {"MODE": mode, "ENTROPY": True, "HAS_DENT": mode == 0, "LOSS": loss,
+                  "HAS_OLD": True, "HAS_DELTA": loss < 5, "HAS_RW": True, "BETA_NZ": True,
+                  "BIAS_KL": True, "SEG": 4096, "S_PAD": 64, "TWO_PASS": False, "PHASE": 0,
+                  "LAG": 0}, {"num_warps": 4, "maxnreg": 168}, False,
+                 id=f"token_logprobs_seg-mode{mode}-loss{loss}-{xt[1:]}-S4096-w4-p0-maxnreg168")
+    for mode, loss, xt in [(0, 0, "*bf16"), (1, 3, "*bf16"), (1, 0, "*bf16")]
+]
+
 # linear_token_logprobs' opt-in fused GEMM kernels (tl.dot on bf16: wgmma), at FUSED_BLOCKS
 _LIN = "r1kernels.ops.linear_token_logprobs"
 _GEMM_ARGS = {"N": "i32", "H": "i32", "stride_hn": "i32", "stride_hk": "i32", "stride_wv": "i32",
@@ -258,6 +270,8 @@ def test_compiles_for_sm90(compiled, request, fn, signature, constexprs, num_war
     assert not isinstance(c, str), f"compiling {fn} for sm_90 failed:\n{c}"
     print(c)
     assert c.local == 0 and c.stack == 0, f"register spills: {c}"
+    if isinstance(num_warps, dict) and "maxnreg" in num_warps:
+        assert c.regs <= num_warps["maxnreg"], f"register cap not applied: {c}"
     assert c.shared <= 227 * 1024, f"too much shared memory for an H100 SM: {c}"
     if expect_wgmma:
         assert "wgmma" in c.ptx, f"{c.name} does not use wgmma on sm_90"

@@ -646,10 +646,11 @@ def test_segments_of_a_row():
 @pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
 @pytest.mark.parametrize("config", [(2, 16, 4096, 1), (1, 8, 256, 0), (3, 4, 64, 1), (0, 8, 1024, 1),
                                     (0, 8, 1024, 0, 1, 128), (-1, 4, 64, 1), (-1, 2, 128, 0),
-                                    (-1, 8, 4096, 1), (-1, 8, 4096, 0, 1), (-1, 4, 64, 0, 1)],
+                                    (-1, 8, 4096, 1), (-1, 8, 4096, 0, 1), (-1, 4, 64, 0, 1, 168)],
                          ids=["lanes", "block-stats", "small-blocks", "two-launches",
                               "two-launches-1-warp-stats", "segments-24", "segments-12",
-                              "segment-whole-row", "segment-whole-row-lag", "segments-24-lag"])
+                              "segment-whole-row", "segment-whole-row-lag",
+                              "segments-24-lag-maxnreg"])
 def test_fwd_bwd_launch_configs(monkeypatch, config, inplace):
     """Every pass-1 variant of the fused kernel (per-lane or block statistics), block width and
     the segmented kernel (rows split over programs: 24 segments of 64 columns, 12 of 128, one

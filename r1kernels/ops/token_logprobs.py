@@ -673,14 +673,16 @@ def _token_logprobs_seg_kernel(
 # one program per row instead (PHASE 1 statistics, PHASE 2 gradient: the row is read twice from
 # HBM, no grid-size limit). programs_per_sm = -1: the segmented kernel (segments of `block`
 # columns, `warps` per program, the 4th field its pass-1 variant: 1 = two passes over the held
-# segment with two reductions, 0 = online per quarter with fewer registers, and a 5th field,
-# the single launch's lag: 1 = a row finished one iteration after it is published, three rows'
-# segments held), one cooperative launch on CUDA; e.g. (-1, 4, 4096, 0): 32 logits per thread,
-# twice (this row's and the prefetched next row's), 168 registers on sm_90 without spills, 3
-# programs per SM. Tuned on an H100 (BENCHMARKS.md; the segmented kernel is not measured yet);
+# segment with two reductions, 0 = online per quarter with fewer registers; a 5th field, the
+# single launch's lag: 1 = a row finished one iteration after it is published, three rows'
+# segments held; a 6th, a register cap per thread (maxnreg, 0 = the compiler's choice)), one
+# cooperative launch on CUDA; e.g. (-1, 4, 4096, 0): 32 logits per thread, twice (this row's
+# and the prefetched next row's), 162 registers on sm_90 without spills, 3 programs per SM (the
+# GRPO variant takes 228, 2 per SM, or 150 without spills under a cap of 168: 3 per SM). Tuned
+# on an H100 (BENCHMARKS.md; the segmented kernel is not measured yet);
 # override with R1K_FUSED_LOGITS="programs_per_sm,warps,block,lanes[,stats_warps,stats_block]"
 # (the last two: the two-launch mode's statistics launch, e.g. one warp per row, whose block
-# reductions need no barrier; for -1 the 5th is the lag).
+# reductions need no barrier; for -1 the lag and the register cap).
 FUSED_CONFIG = (0, 8, 4096, 0)
 SEG_MAX_SEGMENTS = 128  # the segmented kernel merges at most this many partials per row
 
@@ -808,9 +810,9 @@ def fused_triton(x3: torch.Tensor, labels: torch.Tensor, g3: torch.Tensor, inv_t
                   BETA_NZ=cfg is not None and cfg.beta != 0.0,
                   BIAS_KL=cfg is not None and cfg.bias_kl)
     head = (x3, x3.stride(0), x3.stride(1), g3, g3.stride(0), g3.stride(1), labels, out)
-    if per_sm < 0:  # (the 5th value: the single launch's lag, 0 or 1)
+    if per_sm < 0:  # (5th value: the single launch's lag, 0 or 1; 6th: its register cap)
         _segmented(head, (glp, gent) + tail, n, T, V, float(inv_temp), int(ignore_index), floats,
-                   consts, block, warps, lanes, lag=stats_warps)
+                   consts, block, warps, lanes, lag=stats_warps, maxnreg=stats_block)
         return out
     launches = [(0, warps, block)] if per_sm > 0 else \
         [(1, stats_warps or warps, stats_block or block), (2, warps, block)]
@@ -824,10 +826,10 @@ def fused_triton(x3: torch.Tensor, labels: torch.Tensor, g3: torch.Tensor, inv_t
 
 
 def _segmented(head, rest, n, T, V, inv_temp, ignore_index, floats, consts, seg, warps, two_pass,
-               lag=0):
-    """The segmented kernel: one cooperative launch on CUDA (PHASE 0, with the given lag), else
-    (interpreter, or a cooperative launch refused) PHASE 1 + PHASE 2 over a grid of n * S
-    programs."""
+               lag=0, maxnreg=0):
+    """The segmented kernel: one cooperative launch on CUDA (PHASE 0, with the given lag and,
+    when > 0, a cap on registers per thread: more programs resident per SM), else (interpreter,
+    or a cooperative launch refused) PHASE 1 + PHASE 2 over a grid of n * S programs."""
     global SEG_LAST_LAUNCH
     seg, S, S_PAD = segments(V, seg)
     dev = head[0].device
@@ -835,6 +837,8 @@ def _segmented(head, rest, n, T, V, inv_temp, ignore_index, floats, consts, seg,
     args = head + (part,)
     kw = dict(consts, SEG=seg, S_PAD=S_PAD, TWO_PASS=bool(two_pass), num_warps=warps)
     kw0 = dict(kw, LAG=1 if lag else 0)  # the single launch's options
+    if maxnreg > 0 and dev.type == "cuda":
+        kw0["maxnreg"] = int(maxnreg)
     if dev.type == "cuda":
         cnt = torch.zeros(n, dtype=torch.int32, device=dev)
         call = args + (cnt,) + rest + (n, T, V, S, inv_temp, ignore_index) + floats
