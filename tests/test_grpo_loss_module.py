@@ -267,7 +267,7 @@ def test_single_sweep_chunks(backend, loss_type, level, opts, kwsel, chunks, mon
     two-sweep mode either way, and the chunking is what ran."""
     B, T, H, V = 5, 3, 12, 50
     monkeypatch.setattr(ltp_mod, "TILE_ELEMS_CPU", 7 * V)
-    monkeypatch.setattr(ltp_mod, "SINGLE_SWEEP_CHUNK_ELEMS_CUDA", 7 * V)
+    monkeypatch.setattr(ltp_mod, "TILE_ELEMS_CUDA", 7 * V)
     calls = []
     real = ltp_mod.single_sweep
 
@@ -377,7 +377,7 @@ def test_auto_sweep_long_sequences(monkeypatch, level, sweep_ran):
     and fall back to two sweeps. Both match the float64 reference."""
     B, T, H, V = 2, 9, 8, 40
     monkeypatch.setattr(ltp_mod, "TILE_ELEMS_CPU", 4 * V)
-    monkeypatch.setattr(ltp_mod, "SINGLE_SWEEP_CHUNK_ELEMS_CUDA", 4 * V)
+    monkeypatch.setattr(ltp_mod, "TILE_ELEMS_CUDA", 4 * V)
     monkeypatch.setattr(ltp_mod, "SINGLE_SWEEP_MAX_CHUNK_ELEMS_CPU", 5 * V)  # < T * V
     monkeypatch.setattr(ltp_mod, "SINGLE_SWEEP_MAX_CHUNK_ELEMS_CUDA", 5 * V)
     ran = []
@@ -540,7 +540,7 @@ def _check_hidden_chunk_kernel(monkeypatch, loss_type, launch):
     from r1kernels.ops import token_logprobs as tlp_mod
 
     monkeypatch.setattr(ltp_mod, "TILE_ELEMS_CPU", 5 * 300)  # chunks of 5 rows
-    monkeypatch.setattr(ltp_mod, "SINGLE_SWEEP_CHUNK_ELEMS_CUDA", 5 * 300)
+    monkeypatch.setattr(ltp_mod, "TILE_ELEMS_CUDA", 5 * 300)
     d = make(3, 7, 16, 300, seed=3, bias=False)
     d["mask"][1] = False
     d["labels"][0, 2] = -100

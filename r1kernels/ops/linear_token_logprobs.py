@@ -22,7 +22,8 @@ bounded memory instead.
 Extra memory: the Z tile (<= TILE_ELEMS * 4 bytes; G is written over it in place) + [tile, H] fp32
 + the gradients (grad_hidden accumulated in fp32) + O(N) floats: independent of N apart from the
 gradients themselves.
-On CUDA, TILE_ELEMS = 2**26: a 256 MiB fp32 tile (N=16384 -> 4096 vocabulary columns per tile).
+On CUDA, TILE_ELEMS = 5 * 2**25: a 640 MiB fp32 tile (N=16384 -> 10240 vocabulary columns per
+tile; the H100 runs in BENCHMARKS.md used 2**26, 4096 columns).
 Opt-in (FUSED_GEMM = True, Triton backend): tl.dot kernels that compute the logits tile and apply
 the statistics / gradient in their epilogue, so no fp32 logits tile goes through memory (below).
 Measured on an H100 at N=16384, H=4096, V=151936 (BENCHMARKS.md): forward 103.6 ms against
@@ -45,19 +46,18 @@ Internal entry point for the fused GRPO loss (_notes/INTERFACE_logprobs_loss.md)
     callers that know dL/dlogp in-kernel (GRPOLoss, linear_token_logprobs_fwd_bwd) pass a
     `chunk_kernel` that does the statistics, dL/dlogp and G of a chunk in one kernel: the fp32
     logits are read once instead of twice (the Triton backend, without a bias).
-    Extra memory: the chunk buffer R * V * 4 bytes with R = SINGLE_SWEEP_CHUNK_ELEMS_CUDA // V
-    on CUDA (TILE_ELEMS_CPU // V on the CPU), rounded down to whole 128-row GEMM tiles when
-    chunk_multiple is 1, else to a multiple of chunk_multiple (at least chunk_multiple: a
-    sequence longer than the budget gets a buffer of chunk_multiple * V * 4 bytes, which depends
-    on T but not on N), an fp32 [R, H] product, the gradients and O(N) floats. The chunk is
-    larger than a two-sweep tile because each chunk re-reads the weight in two GEMMs (the
-    weight's bytes per chunk against 4 * R * H * V FLOPs: compute-bound from R ~ 512 on an H100)
-    and rounds grad_weight's running sum once (read and written whole: 2.3 GB per chunk for a
-    151936 x 4096 bf16 head). On CUDA, 640 MiB: R = 1024 at V = 151936 (GRPOLoss with
-    token-level importance sampling and linear_token_logprobs_fwd_bwd chunk rows, not
-    sequences, so any sequence length gets R), so at N = 16384, H = 4096 bf16 the extra memory is
-    by arithmetic 594 MiB + grad_weight 1.16 GiB + grad_hidden 128 MiB + O(R * H) (the 2.5 GiB
-    target; tests/test_grpo_loss_module.py checks it on a GPU).
+    Extra memory: the chunk buffer R * V * 4 bytes with R = TILE_ELEMS // V, rounded down to
+    whole 128-row GEMM tiles when chunk_multiple is 1, else to a multiple of chunk_multiple (at
+    least chunk_multiple: a sequence longer than the budget gets a buffer of
+    chunk_multiple * V * 4 bytes, which depends on T but not on N), an fp32 [R, H] product, the
+    gradients and O(N) floats. Each chunk reads the whole weight in two GEMMs (its bytes against
+    4 * R * H * V FLOPs: compute-bound from R ~ 512 on an H100) and rounds grad_weight's running
+    sum once (read and written whole: 2.3 GB per chunk for a 151936 x 4096 bf16 head), so R
+    should be large. On CUDA, 640 MiB: R = 1024 at V = 151936 (GRPOLoss with token-level
+    importance sampling and linear_token_logprobs_fwd_bwd chunk rows, not sequences, so any
+    sequence length gets R), so at N = 16384, H = 4096 bf16 the extra memory is by arithmetic
+    594 MiB + grad_weight 1.16 GiB + grad_hidden 128 MiB + O(R * H) (the 2.5 GiB target;
+    tests/test_grpo_loss_module.py checks it on a GPU).
     grad_weight precision: accumulated in an fp32 [V, H] buffer when weight is fp32 or when that
     buffer fits SINGLE_SWEEP_FP32_ACC_BYTES (1 GiB: e.g. V=32000, H=4096 but not Qwen2.5-7B's
     151936 x 3584 head, 2.0 GiB); otherwise in the weight-dtype gradient itself with cuBLAS-style
@@ -96,17 +96,17 @@ from r1kernels.ops._triton import tl, triton
 OP = "linear_token_logprobs"
 dispatch.register(OP, cuda=("triton", "torch"), cpu=("torch",))
 
-# fp32 logits elements per tile (module attributes, read at call time; tests shrink them)
-TILE_ELEMS_CUDA = 1 << 26
+# fp32 logits elements per tile, and per single-sweep chunk (module attributes, read at call
+# time; tests shrink them). CUDA: 640 MiB, i.e. 1024 rows of V = 151936 per single-sweep chunk
+# (each chunk reads the whole weight in two GEMMs and rounds grad_weight's running sum once:
+# larger chunks do both fewer times) and 10240 columns per two-sweep tile at N = 16384 (each
+# vocabulary tile reads and writes the fp32 grad_hidden accumulator once)
+TILE_ELEMS_CUDA = 5 << 25
 TILE_ELEMS_CPU = 1 << 21
 MAX_TILE_ROWS = 16384
 # single sweep (linear_token_logprobs_with_grad): fp32 grad_weight accumulator limit, and the
 # largest chunk of whole sequences (fp32 logits elements) for which sweep="auto" picks it
 SINGLE_SWEEP_FP32_ACC_BYTES = 1 << 30
-# fp32 logits elements of one single-sweep chunk on CUDA (640 MiB: 1024 rows at V = 151936;
-# on the CPU the tile budget, TILE_ELEMS_CPU): each chunk re-reads the weight in two GEMMs and
-# rounds grad_weight's running sum once, so chunks are larger than the two-sweep tiles
-SINGLE_SWEEP_CHUNK_ELEMS_CUDA = 5 << 25
 SINGLE_SWEEP_MAX_CHUNK_ELEMS_CUDA = 1 << 28
 SINGLE_SWEEP_MAX_CHUNK_ELEMS_CPU = 1 << 23
 
@@ -468,7 +468,7 @@ def sweep_rows(n_rows: int, vocab: int, chunk_multiple: int, device: torch.devic
     """Rows per single-sweep chunk: as many whole groups of chunk_multiple rows as fit the chunk
     budget as full-vocabulary fp32 rows (<= MAX_TILE_ROWS; a multiple of 128 rows, whole GEMM
     tiles, when chunk_multiple is 1 and there are 256 or more), at least one group."""
-    budget = SINGLE_SWEEP_CHUNK_ELEMS_CUDA if device.type == "cuda" else TILE_ELEMS_CPU
+    budget = TILE_ELEMS_CUDA if device.type == "cuda" else TILE_ELEMS_CPU
     rows = min(budget // max(vocab, 1), MAX_TILE_ROWS)
     if chunk_multiple == 1 and rows >= 256:
         rows -= rows % 128
