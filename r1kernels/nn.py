@@ -14,12 +14,13 @@ mask, ...)` in value and gradients, but:
     sequence's loss scale, so chunks are any run of rows, sized by memory (1024 rows at
     V = 151936 on CUDA) whatever the sequence length; the loss partials are reduced once from
     the whole batch's log-probs after the sweep. Sequence-level importance sampling (GSPO)
-    needs whole sequences per chunk (sweep="auto" takes two sweeps when one sequence's fp32
-    logits exceed the single-sweep chunk limit);
-  - token-level: only the live rows (inside the mask, label not ignore_index) go through the
-    lm_head GEMMs, gathered first (their gradient rows scattered back, zeros elsewhere): a
-    masked token reaches neither the loss nor a gradient, and padding is often a large part of
-    a GRPO batch (costs one host sync, the live-row count; none under torch.compile);
+    needs whole sequences per chunk (sweep="auto" takes two sweeps when one sequence's live
+    rows of fp32 logits exceed the single-sweep chunk limit);
+  - only the live rows (inside the mask, label not ignore_index) go through the lm_head GEMMs,
+    gathered first (their gradient rows scattered back, zeros elsewhere): a masked token
+    reaches neither the loss nor a gradient, and padding is often a large part of a GRPO batch
+    (costs one host sync, the live-row count; none under torch.compile). Sequence level: each
+    chunk holds the live rows of whole sequences, put back in place for the loss;
   - backward only scales the saved gradients by grad_output (in place, no copy: skipped when
     grad_output is 1). A second backward through the same graph is therefore refused.
 
@@ -38,16 +39,28 @@ from r1kernels.ops import token_logprobs as TLP
 from r1kernels.ops.grpo_loss import GRPOLossOutput
 
 
-def _fused_loss_step(fwd, cfg, B, T, adv, mask, old, ref, rw, scale, parts, ent_acc):
+def _fused_loss_step(fwd, cfg, B, T, adv, mask, old, ref, rw, scale, parts, ent_acc, live=None,
+                     chunks=None):
     """The grad_fn handed to the log-prob ops for sequence-level importance sampling (GSPO: a
     token's derivative depends on its whole sequence): loss partials and dL/dlogp for chunks of
-    whole sequences."""
+    whole sequences. Without `live` the log-prob rows are the B * T tokens; with it, only the
+    live tokens (`live`: their indices), and `chunks` maps each chunk's rows (start, end) to its
+    sequences (b0, b1): the chunk's log-probs are put back in place (zeros elsewhere) for the
+    loss, and the derivative is taken at the live tokens."""
+    n_live = None if live is None else live.numel()
 
     def grad_fn(start, end, logp, ent):
-        if start % T or end % T:
-            raise RuntimeError(f"GRPOLoss: log-prob chunk [{start}, {end}) does not hold whole "
-                               f"sequences of length {T}")
-        b0, b1 = start // T, end // T
+        if live is None:
+            if start % T or end % T:
+                raise RuntimeError(f"GRPOLoss: log-prob chunk [{start}, {end}) does not hold "
+                                   f"whole sequences of length {T}")
+            b0, b1, pos = start // T, end // T, None
+        else:
+            b0, b1 = (0, B) if (start, end) == (0, n_live) else chunks[(start, end)]
+            pos = live[start:end] - b0 * T  # the chunk's rows within its sequences
+            nt = (b1 - b0) * T
+            logp = logp.new_zeros(nt).index_copy_(0, pos, logp.float())
+            ent = None if ent is None else ent.new_zeros(nt).index_copy_(0, pos, ent.float())
         sl = slice(b0, b1)
         g, part = fwd(logp.view(b1 - b0, T), adv[sl], mask[sl],
                       None if old is None else old[sl], None if ref is None else ref[sl],
@@ -55,9 +68,30 @@ def _fused_loss_step(fwd, cfg, B, T, adv, mask, old, ref, rw, scale, parts, ent_
         parts.append((b0, part))
         if ent is not None:
             ent_acc.append(_entropy_sum(ent.view(b1 - b0, T), mask[sl]))
-        return (g * scale[sl].unsqueeze(1)).reshape(-1)
+        g = (g * scale[sl].unsqueeze(1)).reshape(-1)
+        return g if pos is None else g[pos]
 
     return grad_fn
+
+
+def _sequence_chunks(live, B: int, T: int, budget: int):
+    """Chunks of whole sequences over the live rows (indices `live` into B * T, ascending): as
+    many consecutive sequences as fit `budget` rows (at least one), as (row boundaries
+    [0, ..., N'], {(start, end): (b0, b1)}). Sequences without live rows join a neighbour."""
+    counts = torch.bincount(live // T, minlength=B).tolist()
+    bounds, seqs, chunks = [0], [0], {}
+    acc = 0
+    for b, c in enumerate(counts):
+        if acc > 0 and acc + c > budget:
+            bounds.append(bounds[-1] + acc)
+            seqs.append(b)
+            acc = 0
+        acc += c
+    bounds.append(bounds[-1] + acc)
+    seqs.append(B)
+    for i in range(len(bounds) - 1):
+        chunks[(bounds[i], bounds[i + 1])] = (seqs[i], seqs[i + 1])
+    return bounds, chunks
 
 
 def _entropy_sum(ent, mask):
@@ -180,13 +214,25 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
             h2, y2 = hidden.reshape(B * T, H), labels.reshape(B * T)
             kw = dict(temperature=temperature, ignore_index=ignore_index,
                       with_entropy=with_entropy, need_grads=need, sweep=sweep)
-            if cfg.seq:  # chunks of whole sequences
+            live = _live_rows(labels, mask, weight.shape[0], ignore_index)
+            if cfg.seq and live is None:  # every token live: chunks of whole sequences
                 grad_fn = _fused_loss_step(fwd, cfg, B, T, adv, mask, old, ref, rw, scale, parts,
                                            ent_acc)
                 _, _, gh, gw, gb = linear_token_logprobs_with_grad(
                     h2, weight, y2, bias, grad_fn=grad_fn, chunk_multiple=T, **kw)
+            elif cfg.seq:  # chunks of whole sequences' live rows
+                from r1kernels.ops.linear_token_logprobs import sweep_rows
+
+                bounds, chunks = None, {}  # (no live row: one call of the loss, on zeros)
+                if live.numel():
+                    budget = sweep_rows(live.numel(), weight.shape[0], 1, hidden.device)
+                    bounds, chunks = _sequence_chunks(live, B, T, budget)
+                grad_fn = _fused_loss_step(fwd, cfg, B, T, adv, mask, old, ref, rw, scale, parts,
+                                           ent_acc, live, chunks)
+                _, _, gh, gw, gb = linear_token_logprobs_with_grad(
+                    h2.index_select(0, live), weight, y2.index_select(0, live), bias,
+                    grad_fn=grad_fn, chunk_bounds=bounds, **kw)
             else:  # chunks of any rows: sized by memory, whatever the sequence length
-                live = _live_rows(labels, mask, weight.shape[0], ignore_index)
                 rows = _TokenRows(cfg, T, adv, mask, old, ref, rw, scale, fwd, live)
                 chunk_kernel = None
                 if backend == "triton" and bias is None and TLP.segmented_configured():
@@ -196,8 +242,8 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
                 logp, ent, gh, gw, gb = linear_token_logprobs_with_grad(
                     h2, weight, y2, bias, grad_fn=rows.grad_fn, chunk_kernel=chunk_kernel, **kw)
                 rows.finish(logp, ent, parts, ent_acc)
-                if live is not None and gh is not None:
-                    gh = gh.new_zeros(B * T, H).index_copy_(0, live, gh)
+            if live is not None and gh is not None:
+                gh = gh.new_zeros(B * T, H).index_copy_(0, live, gh)
         else:  # nothing to score: zero loss, zero gradients
             gh = torch.zeros_like(hidden) if need[0] else None
             gw = torch.zeros_like(weight) if need[1] else None

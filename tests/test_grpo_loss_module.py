@@ -141,10 +141,11 @@ def test_equals_composition_of_public_ops(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fully_masked_and_empty(backend):
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_fully_masked_and_empty(backend, level):
     d = make(3, 5, 8, 20)
     d["mask"][:] = False
-    fn = GRPOLoss(loss_type="grpo", beta=0.1)
+    fn = GRPOLoss(loss_type="grpo", beta=0.1, importance_sampling_level=level)
     for B, T in ((3, 5), (0, 5), (3, 0)):
         h = d["hidden"][:B, :T].float().to(DEVICE).requires_grad_(True)
         w = d["weight"].float().to(DEVICE).requires_grad_(True)
@@ -160,17 +161,17 @@ def test_fully_masked_and_empty(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_masked_rows_skip_the_lm_head(backend, level):
-    """Token-level losses send only the live rows (in the mask, label not ignore_index) through
-    the lm_head GEMMs: NaN hidden states elsewhere leave loss, metrics and gradients as they are
-    with clean ones, and those rows' hidden gradient is exactly zero (sequence level keeps whole
-    sequences, so there masked rows are computed and only finite inputs are compared)."""
+    """Only the live rows (in the mask, label not ignore_index) go through the lm_head GEMMs, at
+    both importance-sampling levels (sequence level: chunks of whole sequences' live rows): NaN
+    hidden states elsewhere leave loss, metrics and gradients as they are with clean ones, and
+    those rows' hidden gradient is exactly zero."""
     d = make(3, 6, 8, 40, seed=12)
     d["labels"][0, 1] = -100
     dead = ~d["mask"] | (d["labels"] == -100)
     opts = dict(loss_type="grpo", beta=0.04, importance_sampling_level=level)
     kw = to_dev(kwargs_for(d, beta=True))
     res = []
-    for poison in ((True, False) if level == "token" else (False,)):
+    for poison in (True, False):
         hid = d["hidden"].float().clone()
         if poison:
             hid[dead] = float("nan")
@@ -254,16 +255,15 @@ def test_second_backward_is_refused():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("loss_type,level,opts,kwsel,chunks", [
-    CASES[1] + ([(0, 6), (6, 12), (12, 15)],), CASES[7] + ([(0, 6), (6, 12), (12, 15)],),
-    CASES[0] + (None,), CASES[2] + (None,), CASES[5] + (None,), CASES[6] + (None,)],
+@pytest.mark.parametrize("loss_type,level,opts,kwsel", [
+    CASES[1], CASES[7], CASES[0], CASES[2], CASES[5], CASES[6]],
     ids=["grpo-sequence", "sapo-sequence", "dapo-token", "bnpo-token", "cispo-token", "sapo-token"])
-def test_single_sweep_chunks(backend, loss_type, level, opts, kwsel, chunks, monkeypatch):
-    """Chunk budget shrunk to 7 rows of logits (sequences of T=3): with sequence-level importance
-    sampling (GSPO) a token's derivative needs its whole sequence, so the single sweep calls the
-    loss once per 2 whole sequences (6 rows); token-level losses take any run of rows, so their
-    chunks (7 rows) cross sequence boundaries, and only the live rows (in the mask, label not
-    ignored) are swept. Loss, metrics and gradients match the float64 reference and the
+def test_single_sweep_chunks(backend, loss_type, level, opts, kwsel, monkeypatch):
+    """Chunk budget shrunk to 7 rows of logits (sequences of T=3); only the live rows (in the
+    mask, label not ignored) are swept. With sequence-level importance sampling (GSPO) a token's
+    derivative needs its whole sequence, so each chunk holds the live rows of whole sequences,
+    as many as fit 7 rows; token-level losses take any run of rows, so their chunks (7 rows)
+    cross sequence boundaries. Loss, metrics and gradients match the float64 reference and the
     two-sweep mode either way, and the chunking is what ran."""
     B, T, H, V = 5, 3, 12, 50
     monkeypatch.setattr(ltp_mod, "TILE_ELEMS_CPU", 7 * V)
@@ -280,10 +280,10 @@ def test_single_sweep_chunks(backend, loss_type, level, opts, kwsel, chunks, mon
     monkeypatch.setattr(ltp_mod, "single_sweep", spy)
     d = make(B, T, H, V, seed=4)
     d["labels"][1, 2] = -100
-    if chunks is None:  # token level: chunks of 7 of the live rows
-        n_live = int((d["mask"] & (d["labels"] != -100)).sum())
-        assert 7 < n_live < B * T
-        chunks = [(r, min(r + 7, n_live)) for r in range(0, n_live, 7)]
+    counts = (d["mask"] & (d["labels"] != -100)).sum(1).tolist()  # live rows per sequence
+    n_live = sum(counts)
+    assert 7 < n_live < B * T
+    seq_ends = set(torch.tensor(counts).cumsum(0).tolist())
     kw = kwargs_for(d, **kwsel)
     opts = dict(loss_type=loss_type, importance_sampling_level=level, **opts)
     rloss, rmetrics, rgrads = reference(d, opts, kw, temperature=0.9)
@@ -298,7 +298,15 @@ def test_single_sweep_chunks(backend, loss_type, level, opts, kwsel, chunks, mon
                 h, w, d["labels"].to(DEVICE), d["mask"].to(DEVICE), d["adv"].float().to(DEVICE),
                 bias=b, **to_dev(kw))
         out.loss.backward()
-        assert calls == (chunks if sweep == "one" else [])
+        if sweep == "two":
+            assert calls == []
+        elif level == "token":  # runs of 7 live rows
+            assert calls == [(r, min(r + 7, n_live)) for r in range(0, n_live, 7)]
+        else:  # whole sequences, as many as fit 7 rows (a longer one alone), in order
+            assert [c[0] for c in calls] == [0] + [c[1] for c in calls[:-1]]
+            assert calls[-1][1] == n_live and all(e in seq_ends for _, e in calls)
+            assert all(e - s <= 7 or e - s <= max(counts) for s, e in calls)
+            assert len(calls) > 1
         assert out.loss.item() == pytest.approx(rloss, rel=1e-5, abs=1e-6)
         for k, v in rmetrics.items():
             assert out.metrics[k].item() == pytest.approx(v, rel=1e-4, abs=1e-6), k

@@ -293,6 +293,38 @@ def test_with_grad_sweep_selection(backend, monkeypatch):
                                         grad_fn=lambda s, e, lp, en: lp[:1], sweep="one")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_with_grad_chunk_bounds(backend, monkeypatch):
+    """chunk_bounds: the single sweep's chunks as given (e.g. whole sequences of different
+    lengths), the same results as uniform chunks; auto takes two sweeps when the largest chunk
+    exceeds the limit; bounds that do not rise strictly from 0 to N are a ValueError."""
+    N, H, V = 11, 8, 40
+    hidden, weight, labels = torch.randn(N, H), torch.randn(V, H), torch.randint(0, V, (N,))
+    args = (hidden.to(DEVICE), weight.to(DEVICE), labels.to(DEVICE), None)
+    kw = dict(temperature=1.0, ignore_index=-100, with_entropy=False)
+    outs = []
+    for limit, bounds, want in ((4 * V, [0, 4, 6, 11], [(0, 11)]),
+                                (5 * V, [0, 4, 6, 11], [(0, 4), (4, 6), (6, 11)]),
+                                (5 * V, None, [(0, 11)])):
+        monkeypatch.setattr(lin, "SINGLE_SWEEP_MAX_CHUNK_ELEMS_CPU", limit)
+        monkeypatch.setattr(lin, "SINGLE_SWEEP_MAX_CHUNK_ELEMS_CUDA", limit)
+        calls = []
+        with dispatch.use_backend(backend):
+            outs.append(linear_token_logprobs_with_grad(
+                *args, **kw, chunk_bounds=bounds, chunk_multiple=11,
+                grad_fn=lambda s, e, lp, en: calls.append((s, e)) or torch.exp(lp)))
+        assert calls == want
+    for o in outs[1:]:
+        for a, b in zip(outs[0], o):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6)
+    for bad in ([0, 11, 11], [1, 11], [0, 5], [0]):
+        with pytest.raises(ValueError, match="chunk_bounds"):
+            linear_token_logprobs_with_grad(*args, **kw, chunk_bounds=bad,
+                                            grad_fn=lambda s, e, lp, en: lp)
+
+
 def _with_grad_case(N, H, V, dtype, *, seed=0, bias=True):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(N, H, generator=g).to(dtype)

@@ -558,12 +558,13 @@ def _chunk_grad(z, yr, b, *, lp_out, ent_out, r0: int, inv_temp: float, ignore_i
 
 def single_sweep(h, w, b, y, inv_temp: float, ignore_index: int, entropy: bool, backend: str,
                  grad_fn: Callable, chunk_multiple: int, need: tuple[bool, bool, bool], op: str,
-                 chunk_kernel: Callable | None = None):
+                 chunk_kernel: Callable | None = None, chunk_bounds: list[int] | None = None):
     """(logp, entropy or None, grad_hidden, grad_weight, grad_bias) in one sweep (module
-    docstring); grad_fn is called once per chunk of rows, unless chunk_kernel (Triton backend, no
-    bias) replaces the statistics, grad_fn and the gradient kernels of each chunk:
-    chunk_kernel(z, g, labels, start, end) -> (logp, entropy or None) writes G into g (which may
-    alias the logits z, in a 16-bit dtype) with one kernel that reads z once."""
+    docstring); grad_fn is called once per chunk of rows (chunk_bounds: the chunks' row
+    boundaries [0, ..., N], instead of groups of chunk_multiple rows), unless chunk_kernel
+    (Triton backend, no bias) replaces the statistics, grad_fn and the gradient kernels of each
+    chunk: chunk_kernel(z, g, labels, start, end) -> (logp, entropy or None) writes G into g
+    (which may alias the logits z, in a 16-bit dtype) with one kernel that reads z once."""
     n_all, hid = h.shape
     vocab = w.shape[0]
     need_h, need_w, need_b = need[0], need[1], need[2] and b is not None
@@ -581,7 +582,11 @@ def single_sweep(h, w, b, y, inv_temp: float, ignore_index: int, entropy: bool, 
             gw = torch.zeros_like(w, memory_format=torch.contiguous_format)
     if need_b:
         gb = torch.zeros(vocab, **f32)
-    rows = sweep_rows(n_all, vocab, chunk_multiple, h.device)
+    if chunk_bounds is None:
+        rows = sweep_rows(n_all, vocab, chunk_multiple, h.device)
+        chunk_bounds = list(range(0, n_all, rows)) + [n_all]
+    else:
+        rows = max(e - s for s, e in zip(chunk_bounds, chunk_bounds[1:]))
     budget = TILE_ELEMS_CUDA if h.is_cuda else TILE_ELEMS_CPU
     # vocabulary tiles of the elementwise torch work and of GEMMs whose operands need fp32
     # copies (16-bit off CUDA); GEMMs that need none cover the whole vocabulary at once
@@ -590,8 +595,8 @@ def single_sweep(h, w, b, y, inv_temp: float, ignore_index: int, entropy: bool, 
         cols -= cols % 128
     gcols = vocab if h.is_cuda or w.dtype == torch.float32 else cols
     gdt = _gemm_dtype(h)
-    for r0 in range(0, n_all, rows):
-        sl = slice(r0, r0 + rows)
+    for r0, r1 in zip(chunk_bounds, chunk_bounds[1:]):
+        sl = slice(r0, r1)
         hr, yr = h[sl], y[sl]
         n = hr.shape[0]
         # full-vocabulary fp32 logits of the chunk
@@ -754,7 +759,8 @@ def linear_token_logprobs_with_grad(hidden: torch.Tensor, weight: torch.Tensor,
                                     temperature: float, ignore_index: int, with_entropy: bool,
                                     grad_fn: Callable, chunk_multiple: int = 1,
                                     need_grads: tuple[bool, bool, bool] = (True, True, True),
-                                    sweep: str = "auto", chunk_kernel: Callable | None = None):
+                                    sweep: str = "auto", chunk_kernel: Callable | None = None,
+                                    chunk_bounds: list[int] | None = None):
     """Log-probs and the gradients of a loss whose dL/dlogp `grad_fn` gives, in one call.
 
     Returns (logp [N] fp32, entropy [N] fp32 or None, grad_hidden [N, H] in hidden's dtype or
@@ -762,9 +768,11 @@ def linear_token_logprobs_with_grad(hidden: torch.Tensor, weight: torch.Tensor,
     grad_fn(start, end, logp_chunk, entropy_chunk) -> dlogp_chunk, or (dlogp_chunk,
     dentropy_chunk) for a loss of the entropy too (with_entropy=True), is called per chunk of
     whole groups of `chunk_multiple` rows, in row order (sweep="one"), or once with (0, N)
-    (sweep="two"). `sweep`: "one"
+    (sweep="two"). `chunk_bounds` (instead of chunk_multiple): the single sweep's chunks as row
+    boundaries [0, ..., N], e.g. whole sequences of different lengths. `sweep`: "one"
     (6 N H V FLOPs), "two" (8 N H V FLOPs, grad_weight always reduced in fp32) or "auto" (module
-    docstring). `chunk_kernel`: see `single_sweep` (used there when it applies, else grad_fn).
+    docstring; with chunk_bounds: "one" when the largest chunk fits the limit).
+    `chunk_kernel`: see `single_sweep` (used there when it applies, else grad_fn).
     """
     op = "linear_token_logprobs_with_grad"
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
@@ -780,13 +788,21 @@ def linear_token_logprobs_with_grad(hidden: torch.Tensor, weight: torch.Tensor,
     h, bias, y, inv_temp = _prepare(op, hidden, weight, labels, bias, temperature, ignore_index)
     backend = dispatch.select(OP, h.device)
     need = tuple(bool(x) for x in need_grads)
+    if chunk_bounds is not None:
+        chunk_bounds = [int(b) for b in chunk_bounds]
+        if len(chunk_bounds) < 2 or chunk_bounds[0] != 0 or chunk_bounds[-1] != h.shape[0] or \
+                any(e <= s for s, e in zip(chunk_bounds, chunk_bounds[1:])):
+            raise ValueError(f"{op}: chunk_bounds must rise strictly from 0 to N={h.shape[0]}, "
+                             f"got {chunk_bounds}")
     if sweep == "auto":
-        sweep = "one" if single_sweep_fits(weight.shape[0], chunk_multiple, h.device) else "two"
+        largest = chunk_multiple if chunk_bounds is None else \
+            max(e - s for s, e in zip(chunk_bounds, chunk_bounds[1:]))
+        sweep = "one" if single_sweep_fits(weight.shape[0], largest, h.device) else "two"
     if sweep == "one" and h.shape[0] > 0:
         with torch.no_grad():
             return single_sweep(h, weight, bias, y, inv_temp, int(ignore_index),
                                 bool(with_entropy), backend, grad_fn, chunk_multiple, need, op,
-                                chunk_kernel)
+                                chunk_kernel, chunk_bounds)
     with torch.no_grad():
         logp, ent, lse = forward_stats(h, weight, bias, y, inv_temp, int(ignore_index),
                                        bool(with_entropy), backend)
