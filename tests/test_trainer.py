@@ -15,7 +15,7 @@ from trainer import rewards as R
 from trainer import tasks as T
 from trainer.config import Config, parse_args
 from trainer.generate import generate, generate_nocache_greedy, sample_next
-from trainer.loss import policy_loss, sft_loss
+from trainer.loss import policy_loss, sft_loss, token_logprobs_from_hidden
 
 TINY = dict(tiny_hidden=32, tiny_layers=1, tiny_heads=2, tiny_intermediate=64, sft_examples=32,
             sft_epochs=1, sft_batch_size=16, grpo_steps=4, prompts_per_step=4, group_size=4,
@@ -226,6 +226,29 @@ def test_policy_loss_matches_reference():
     torch.testing.assert_close(gw.double(), rw, rtol=1e-4, atol=1e-5)
     assert float(m["kl"]) == pytest.approx(float(ref_m["kl"]), rel=1e-5)
     assert float(ref_m["kl"]) > 0
+
+
+def test_reference_logps_of_completion_tokens_only():
+    """The trainer computes the reference model's log-probs with the tokens outside the mask
+    labelled -100 (they skip the lm_head; their log-prob is 0): the policy loss, its metrics and
+    gradients are those of the reference log-probs of every token."""
+    torch.manual_seed(2)
+    B, L, H, V = 3, 6, 8, 13
+    h = torch.randn(B, L, H)
+    w = torch.randn(V, H)
+    h_ref, w_ref = h + 0.1 * torch.randn(B, L, H), w + 0.1 * torch.randn(V, H)
+    labels = torch.randint(0, V, (B, L))
+    mask = torch.rand(B, L) > 0.4
+    adv = torch.randn(B)
+    outs = []
+    for lab in (labels, labels.masked_fill(~mask, -100)):
+        ref = token_logprobs_from_hidden(h_ref, w_ref, None, lab)
+        hh, ww = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        loss, m = policy_loss(hh, ww, None, labels, mask, adv, ref_logps=ref, beta=0.1)
+        outs.append((loss.item(), float(m["kl"]), *torch.autograd.grad(loss, (hh, ww))))
+    assert outs[0][0] == pytest.approx(outs[1][0], rel=1e-6) and outs[0][1] == pytest.approx(outs[1][1], rel=1e-6)
+    for a, b in zip(outs[0][2:], outs[1][2:]):
+        torch.testing.assert_close(a, b)
 
 
 def test_sft_loss_is_masked_nll():

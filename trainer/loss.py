@@ -85,5 +85,6 @@ def sft_loss(hidden, weight, bias, labels, mask, num_items: float) -> torch.Tens
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     if needs_grad and hasattr(r1kernels, "linear_token_logprobs_fwd_bwd"):
         return _FusedNLL.apply(hidden, weight, bias, labels, mask, num_items)
-    logps = token_logprobs_from_hidden(hidden, weight, bias, labels)
+    # tokens outside the mask labelled -100: log-prob 0, and they skip the lm_head
+    logps = token_logprobs_from_hidden(hidden, weight, bias, labels.masked_fill(~mask.bool(), -100))
     return -(logps * mask).sum() / max(float(num_items), 1.0)

@@ -314,7 +314,9 @@ class Trainer:
                     h_ref = decoder_of(self.ref_model)(input_ids=ids, attention_mask=attn,
                                                        use_cache=False).last_hidden_state[:, :-1]
                     rw, rb = lm_head_of(self.ref_model)
-                    ref = token_logprobs_from_hidden(h_ref, rw, rb, labels)
+                    # only the completion tokens' log-probs are used: the others are labelled
+                    # -100, so they skip the lm_head (r1kernels.linear_token_logprobs)
+                    ref = token_logprobs_from_hidden(h_ref, rw, rb, labels.masked_fill(~mask, -100))
             loss, metrics = policy_loss(
                 self.hidden(ids, attn), w, b, labels, mask, adv[index], ref_logps=ref,
                 num_items_in_batch=n_all, loss_type=cfg.loss_type, epsilon_low=cfg.epsilon_low,
