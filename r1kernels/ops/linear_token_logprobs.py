@@ -34,7 +34,8 @@ Internal entry point for the fused GRPO loss (_notes/INTERFACE_logprobs_loss.md)
 `grad_fn` of the log-probs instead of autograd, so it can run in either order:
   sweep="two": pass 1, grad_fn once with (0, N), pass 2 (above): 8 * N * H * V FLOPs.
   sweep="one" (single sweep, rows outer): per chunk of R rows (whole groups of chunk_multiple
-    rows, i.e. whole sequences), the full-vocabulary fp32 logits Z [R, V] (fp32 accumulation;
+    rows, e.g. whole sequences, or the given chunk_bounds), the full-vocabulary fp32 logits
+    Z [R, V] (fp32 accumulation;
     one GEMM over the whole vocabulary, or per vocabulary tile where 16-bit operands need fp32
     copies, i.e. off CUDA), the statistics (logp, entropy, lse) of the chunk,
     grad_fn(start, end, ...) for that chunk, G = dL/dZ written over Z, then
