@@ -170,7 +170,7 @@ class _TokenRows:
             ent_acc.append(_entropy_sum(ent.view(B, self.T), mask))
 
 
-def _live_rows(labels, mask, vocab: int, ignore_index: int):
+def _live_rows(labels, mask, vocab: int, ignore_index: int, device):
     """The token rows that reach the loss's gradient and value through their log-probs: inside
     the mask, label not ignore_index; as indices into the B * T rows, or None when that is all
     of them. Only these go through the lm_head GEMMs (a masked token's logits would cost the
@@ -179,7 +179,7 @@ def _live_rows(labels, mask, vocab: int, ignore_index: int):
     the number of live rows; none under torch.compile (every row is kept)."""
     from r1kernels.ops.linear_token_logprobs import rows_where
 
-    TLP.check_labels("GRPOLoss", labels, tuple(labels.shape), vocab, ignore_index, labels.device)
+    TLP.check_labels("GRPOLoss", labels, tuple(labels.shape), vocab, ignore_index, device)
     return rows_where((G._mask_view(mask) != 0) & (labels != ignore_index))
 
 
@@ -214,7 +214,7 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
             h2, y2 = hidden.reshape(B * T, H), labels.reshape(B * T)
             kw = dict(temperature=temperature, ignore_index=ignore_index,
                       with_entropy=with_entropy, need_grads=need, sweep=sweep)
-            live = _live_rows(labels, mask, weight.shape[0], ignore_index)
+            live = _live_rows(labels, mask, weight.shape[0], ignore_index, hidden.device)
             if cfg.seq and live is None:  # every token live: chunks of whole sequences
                 grad_fn = _fused_loss_step(fwd, cfg, B, T, adv, mask, old, ref, rw, scale, parts,
                                            ent_acc)

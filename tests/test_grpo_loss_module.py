@@ -430,6 +430,20 @@ def test_bad_input(bad, match):
         GRPOLoss()(args["hidden"], args["weight"], args["labels"], args["mask"], args["advantages"], **kw)
 
 
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_labels_out_of_range(level):
+    """A label outside [0, V) is an IndexError naming labels, also inside masked positions
+    (which skip the lm_head), and at every importance-sampling level."""
+    h, w = torch.zeros(2, 3, 8, device=DEVICE), torch.zeros(5, 8, device=DEVICE)
+    mask = torch.ones(2, 3, dtype=torch.bool, device=DEVICE)
+    mask[1, 2] = False
+    for bad in (5, -3):
+        labels = torch.zeros(2, 3, dtype=torch.long, device=DEVICE)
+        labels[1, 2] = bad
+        with pytest.raises(IndexError, match="labels"):
+            GRPOLoss(importance_sampling_level=level)(h, w, labels, mask, torch.zeros(2, device=DEVICE))
+
+
 @pytest.mark.parametrize("kw,match", [
     (dict(loss_type="ppo"), "loss_type"), (dict(epsilon_low=-1.0), "epsilon_low"),
     (dict(temperature=0.0), "temperature"), (dict(importance_sampling_level="x"), "importance"),
