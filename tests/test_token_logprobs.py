@@ -423,23 +423,11 @@ def test_segmented_single_launch(monkeypatch, single_launch, config, dtype, inpl
 def test_segmented_single_launch_bf16_gradient_over_fp32_logits(monkeypatch, single_launch, lag):
     """The hidden-state sweep's layout in the single launch: bf16 G written over the fp32 logits
     z (row r of G in the first half of z's row r, i.e. over other segments' columns): safe
-    because every segment of a row is read before the exchange, and written after it."""
+    because every segment of a row is read before the exchange, and written after it. Rows as
+    [N, 1, V], as the sweep hands over chunks of rows."""
     _use_fused_config(monkeypatch, (-1, 4, 64, 0, lag))
-    N, V = 6, 300
-    g0 = torch.Generator().manual_seed(4)
-    z0 = torch.randn(N, V, generator=g0) * 3
-    labels = torch.randint(0, V, (N,), generator=g0)
-    labels[2] = -100
-    glp, gent = torch.randn(N, generator=g0), torch.randn(N, generator=g0)
-    z = z0.clone().to(DEVICE)
-    g = z.view(torch.bfloat16)[:, :V]
-    out = tlp_mod.fused_triton(z.view(N, 1, V), labels.to(DEVICE), g.view(N, 1, V), 1 / 0.9, -100,
-                               True, grad_logp=glp.to(DEVICE), grad_entropy=gent.to(DEVICE))
+    _check_bf16_gradient_over_fp32_logits(rows_as_sequences=True)
     assert tlp_mod.SEG_LAST_LAUNCH == "one launch"
-    lr, er, gr = _fwd_bwd_ref(z0, labels, glp, gent, 0.9)
-    torch.testing.assert_close(out[0].cpu().double(), lr, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out[1].cpu().double(), er, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(g.cpu().double(), gr, rtol=2 ** -7, atol=1e-6)
 
 
 @pytest.mark.parametrize("config", [(-1, 4, 64, 0), (-1, 4, 4096, 0)], ids=["segments", "one-segment"])
@@ -449,6 +437,12 @@ def test_segmented_bf16_gradient_over_fp32_logits(monkeypatch, config):
     columns: PHASE 0 reads every segment of a row first (one segment: the interpreter's single
     launch); the two-launch form writes into a separate buffer, then copies."""
     _use_fused_config(monkeypatch, config)
+    _check_bf16_gradient_over_fp32_logits(rows_as_sequences=False)
+
+
+def _check_bf16_gradient_over_fp32_logits(rows_as_sequences: bool):
+    """fused_triton on fp32 logits z [6, 300] with G written over z as bf16, against float64;
+    rows viewed as [N, 1, V] (one row per sequence) or [1, N, V]."""
     N, V = 6, 300
     g0 = torch.Generator().manual_seed(4)
     z0 = torch.randn(N, V, generator=g0) * 3
@@ -457,7 +451,8 @@ def test_segmented_bf16_gradient_over_fp32_logits(monkeypatch, config):
     glp, gent = torch.randn(N, generator=g0), torch.randn(N, generator=g0)
     z = z0.clone().to(DEVICE)
     g = z.view(torch.bfloat16)[:, :V]
-    out = tlp_mod.fused_triton(z.view(1, N, V), labels.to(DEVICE), g.view(1, N, V), 1 / 0.9, -100,
+    shape = (N, 1, V) if rows_as_sequences else (1, N, V)
+    out = tlp_mod.fused_triton(z.view(shape), labels.to(DEVICE), g.view(shape), 1 / 0.9, -100,
                                True, grad_logp=glp.to(DEVICE), grad_entropy=gent.to(DEVICE))
     lr, er, gr = _fwd_bwd_ref(z0, labels, glp, gent, 0.9)
     torch.testing.assert_close(out[0].cpu().double(), lr, rtol=1e-5, atol=1e-5)
