@@ -65,6 +65,16 @@ def _gencode_flags(archs):
     return flags
 
 
+def _openmp_flags():
+    """(compile, link) flags for the CPU kernels' threads and SIMD loops. On Linux, OpenMP: the
+    extension's libgomp.so.1 is the one torch's wheel already loaded (same soname), so
+    at::parallel_for runs on torch's intra-op threads (torch.set_num_threads applies); without
+    it at::parallel_for in an extension runs serially. Elsewhere the kernels run on one thread."""
+    if sys.platform.startswith("linux"):
+        return ["-fopenmp"], ["-fopenmp"]
+    return [], []
+
+
 def _extensions():
     if SKIP_EXT:
         return []
@@ -72,6 +82,8 @@ def _extensions():
     common = [os.path.join(csrc, "torch_bindings.cpp")]
     cpu_sources = glob.glob(os.path.join(csrc, "**", "*_cpu.cpp"), recursive=True)
     cxx_flags = ["-O3"]  # the C++ standard is chosen by torch.utils.cpp_extension (C++20 for torch >= 2.14)
+    omp_compile, omp_link = _openmp_flags()
+    cxx_flags += omp_compile
     if _cuda_wanted():
         cuda_sources = glob.glob(os.path.join(csrc, "**", "*.cu"), recursive=True)
         cuda_bind = glob.glob(os.path.join(csrc, "**", "*_cuda.cpp"), recursive=True)
@@ -83,6 +95,7 @@ def _extensions():
                 include_dirs=[csrc],
                 define_macros=[("R1K_WITH_CUDA", "1")],
                 extra_compile_args={"cxx": cxx_flags + ["-DR1K_WITH_CUDA"], "nvcc": nvcc_flags},
+                extra_link_args=omp_link,
             )
         ]
     return [
@@ -91,6 +104,7 @@ def _extensions():
             _rel(common + cpu_sources),
             include_dirs=[csrc],
             extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=omp_link,
         )
     ]
 

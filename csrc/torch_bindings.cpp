@@ -12,6 +12,26 @@ TORCH_LIBRARY(r1kernels, m) {
   // Group-normalized advantages. scale: "group" | "batch" | "none".
   m.def("group_advantages(Tensor rewards, int group_size, str scale, float eps) -> Tensor");
 
+  // Log-softmax statistics and dL/dlogits over an [n, c] tile of logits (vocabulary columns
+  // col0 .. col0 + c), csrc/token_logprobs/; the CPU twins of the Triton kernels of
+  // r1kernels/ops/token_logprobs.py. state [4, n] = (max, sum-exp, label logit, entropy sum),
+  // read when accum, written unless final; out [3, n] = (logp, entropy, lse) written when final.
+  m.def("logprob_tile_stats(Tensor x, Tensor labels, Tensor? bias, Tensor(a!) state, Tensor(b!) out, "
+        "int col0, int vocab, float inv_temp, int ignore_index, bool accum, bool final, bool entropy) -> ()");
+  // g = dL/dx for upstream gradients dlogp (and dent, with the entropy ent); g may be x itself.
+  m.def("logprob_tile_grad(Tensor x, Tensor(a!) g, Tensor labels, Tensor? bias, Tensor lse, Tensor? ent, "
+        "Tensor dlogp, Tensor? dent, int col0, float inv_temp, int ignore_index) -> ()");
+
+  // GRPO loss on per-token log-probs [B, T] (csrc/grpo_loss/; the CPU twin of the Triton kernels
+  // of r1kernels/ops/grpo_loss.py): (grad [B, T] fp32 unscaled dl/dlogp * mask, or [0] without
+  // write_grad; partials [6, B] = sum l m, n, sum kl m, low, high, clipped).
+  m.def("grpo_loss_partials(Tensor logps, Tensor adv, Tensor mask, Tensor? old, Tensor? ref, Tensor? rw, "
+        "int loss, bool seq, float eps_lo, float eps_hi, float? delta, float beta, bool bias_kl, "
+        "float tau_pos, float tau_neg, bool write_grad) -> (Tensor, Tensor)");
+  // partials [6, B] or [6, C, B] -> (out [5] = loss, kl, clip_ratio_low, clip_ratio_high,
+  // clip_ratio; the per-row gradient scale [B]).
+  m.def("grpo_loss_finalize(Tensor part, Tensor? nitems, int loss, float max_len) -> (Tensor, Tensor)");
+
   // MoE routing (csrc/moe/). score_func: "softmax" | "sigmoid". Returns (weights [T, k] fp32,
   // ids [T, k] int32, selected scores [T, k] fp32, logsumexp [T] fp32) - the last two for backward.
   m.def("moe_route(Tensor logits, int top_k, str score_func, int n_group, int topk_group, Tensor? bias, "

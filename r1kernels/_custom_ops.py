@@ -47,6 +47,34 @@ def _group_advantages_fake(rewards, group_size, scale, eps):
     return torch.empty_like(rewards, dtype=torch.float32)
 
 
+# token_logprobs tiles (csrc/token_logprobs/): they only write into their arguments.
+
+
+@register_fake("logprob_tile_stats")
+def _logprob_tile_stats_fake(x, labels, bias, state, out, col0, vocab, inv_temp, ignore_index,
+                             accum, final, entropy):
+    return None
+
+
+@register_fake("logprob_tile_grad")
+def _logprob_tile_grad_fake(x, g, labels, bias, lse, ent, dlogp, dent, col0, inv_temp,
+                            ignore_index):
+    return None
+
+
+@register_fake("grpo_loss_partials")
+def _grpo_loss_partials_fake(logps, adv, mask, old, ref, rw, loss, seq, eps_lo, eps_hi, delta,
+                             beta, bias_kl, tau_pos, tau_neg, write_grad):
+    B, T = logps.shape
+    grad = logps.new_empty((B, T) if write_grad else (0,), dtype=torch.float32)
+    return grad, logps.new_empty(6, B, dtype=torch.float32)
+
+
+@register_fake("grpo_loss_finalize")
+def _grpo_loss_finalize_fake(part, nitems, loss, max_len):
+    return part.new_empty(5, dtype=torch.float32), part.new_empty(part.shape[-1], dtype=torch.float32)
+
+
 # MoE (csrc/moe/): shapes only; see r1kernels/ops/moe.py for the semantics.
 
 

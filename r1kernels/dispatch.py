@@ -24,6 +24,8 @@ BACKENDS = ("cuda", "triton", "cpp", "torch")
 
 # op name -> {"cuda": (preferred backends...), "cpu": (...)}
 _OPS: dict[str, dict[str, tuple[str, ...]]] = {}
+# op name -> the extension ops its "cpp"/"cuda" backends call (default: the op's own name)
+_EXT_OPS: dict[str, tuple[str, ...]] = {}
 _CACHE: dict[tuple[str, str, str | None], str] = {}
 _WARNED: set[tuple[str, str]] = set()
 
@@ -41,12 +43,16 @@ TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
-def register(op: str, *, cuda: tuple[str, ...], cpu: tuple[str, ...]) -> None:
-    """Declare the backends `op` implements, most preferred first, per device type."""
+def register(op: str, *, cuda: tuple[str, ...], cpu: tuple[str, ...],
+             ext_ops: tuple[str, ...] | None = None) -> None:
+    """Declare the backends `op` implements, most preferred first, per device type; `ext_ops`
+    names the extension ops (torch.ops.r1kernels.*) its "cpp"/"cuda" backends call, when they
+    are not the one named `op`."""
     for b in cuda + cpu:
         if b not in BACKENDS:
             raise ValueError(f"unknown backend {b!r} for op {op!r}")
     _OPS[op] = {"cuda": tuple(cuda), "cpu": tuple(cpu)}
+    _EXT_OPS[op] = tuple(ext_ops) if ext_ops else (op,)
     _CACHE.clear()
 
 
@@ -64,7 +70,7 @@ def extension_error() -> str | None:
 def _has_ext_kernel(op: str, key: str) -> bool:
     from r1kernels import _custom_ops
 
-    return _custom_ops.has_kernel(op, key)
+    return all(_custom_ops.has_kernel(name, key) for name in _EXT_OPS.get(op, (op,)))
 
 
 def why_unavailable(op: str, backend: str, device_type: str) -> str | None:

@@ -394,7 +394,6 @@ class GRPOLoss(torch.nn.Module):
                                            rollout_is_weights, num_items_in_batch, beta, where=where)
         cfg = G.make_config(**self.options, T=T, where=where)
         backend = dispatch.select(G.OP, x.device)
-        backend = backend if backend in ("triton", "torch") else "torch"
         ref = ref_logps if cfg.beta != 0.0 else None
         return B, T, adv, mask, nitems, cfg, backend, ref
 

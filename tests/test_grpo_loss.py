@@ -475,3 +475,58 @@ def test_opcheck_triton_custom_ops(level):
     dlp = G.grpo_loss_bwd(g, scale, torch.tensor(2.0, device=DEVICE), torch.bfloat16)
     assert dlp.dtype == torch.bfloat16
     torch.testing.assert_close(dlp.double().cpu(), 2 * rg, rtol=1e-2, atol=1e-6)
+
+
+# ---- the C++ CPU kernels (csrc/grpo_loss/grpo_loss_cpu.cpp) ------------------------------------
+
+CPP = pytest.mark.skipif("cpp" not in dispatch.available_backends(OP, "cpu"),
+                         reason="the C++ extension's CPU kernels are not built here")
+
+
+@CPP
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_cpp_threads_bit_identical(level):
+    """Rows are split over threads and the partials reduced in a fixed order: one thread and two
+    give the same bits."""
+    lp, old, ref, adv, mask, rw = make_inputs(9, 3001, seed=31)
+    kw = dict(old_logps=old, ref_logps=ref, beta=0.05, loss_type="grpo", rollout_is_weights=rw,
+              importance_sampling_level=level, delta=1.4)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run("cpp", lp, adv, mask, **kw)
+        torch.set_num_threads(2)
+        two = run("cpp", lp, adv, mask, **kw)
+    finally:
+        torch.set_num_threads(threads)
+    assert one[0] == two[0] and one[1] == two[1]
+    assert torch.equal(one[2], two[2])
+
+
+@CPP
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_opcheck_cpp_ops(level):
+    """The extension ops the C++ path calls: schema, fake kernels (torch.compile), values."""
+    from r1kernels.ops import grpo_loss as G
+
+    lp, old, ref, adv, mask, rw = make_inputs(4, 11, seed=17)
+    cfg = G.make_config(loss_type="dapo", epsilon_low=0.2, epsilon_high=0.28, delta=1.5, beta=0.1,
+                        importance_sampling_level=level, use_bias_correction_kl=True,
+                        max_completion_length=None, sapo_temperature_pos=1.0,
+                        sapo_temperature_neg=1.05, T=11)
+    a = adv.float().unsqueeze(1).expand(4, 11)
+    args = (lp.float(), a, mask, old.float(), ref.float(), rw.float(), cfg.loss, cfg.seq,
+            cfg.eps_lo, cfg.eps_hi, cfg.delta, cfg.beta, cfg.bias_kl, cfg.tau_pos, cfg.tau_neg, True)
+    torch.library.opcheck(torch.ops.r1kernels.grpo_loss_partials.default, args)
+    g, part = torch.ops.r1kernels.grpo_loss_partials(*args)
+    nitems = torch.tensor([13.0])
+    torch.library.opcheck(torch.ops.r1kernels.grpo_loss_finalize.default,
+                          (part, nitems, cfg.loss, cfg.max_len))
+    out, scale = torch.ops.r1kernels.grpo_loss_finalize(part, nitems, cfg.loss, cfg.max_len)
+    rl, rm, rg = reference(lp, adv, mask, old_logps=old, ref_logps=ref, beta=0.1, delta=1.5,
+                           epsilon_high=0.28, use_bias_correction_kl=True,
+                           importance_sampling_level=level, rollout_is_weights=rw,
+                           loss_type="dapo", num_items_in_batch=13)
+    assert out[0].item() == pytest.approx(rl, rel=1e-5, abs=1e-7)
+    assert out[1].item() == pytest.approx(rm["kl"], rel=1e-5, abs=1e-7)
+    torch.testing.assert_close((g * scale.unsqueeze(1)).double(), rg, rtol=1e-5, atol=1e-8)

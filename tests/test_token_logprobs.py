@@ -672,3 +672,89 @@ def test_fwd_bwd_launch_configs(monkeypatch, config, inplace):
     torch.testing.assert_close(logp.cpu().double(), lr, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ent.cpu().double(), er, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad.cpu().double(), gr, rtol=1e-5, atol=1e-6)
+
+
+# ---- the C++ CPU kernels (csrc/token_logprobs/token_logprobs_cpu.cpp) --------------------------
+
+CPP = pytest.mark.skipif("cpp" not in dispatch.available_backends(OP, "cpu"),
+                         reason="the C++ extension's CPU kernels are not built here")
+
+
+@CPP
+def test_cpp_exp_elementwise_accuracy():
+    """The C++ kernels' polynomial exp, element by element: dL/dlogits = -p_v (dlogp = 1, the
+    label aside) over logits spread across exp's whole fp32 range, relative to float64, where the
+    other tests' absolute tolerance would hide an error in the small probabilities; exact zeros
+    below the kernel's underflow point (p < e^-87.3)."""
+    V = 4099
+    x = torch.linspace(-95.0, 5.0, V, dtype=torch.float32).unsqueeze(0).requires_grad_(True)
+    y = torch.tensor([V // 3])
+    with dispatch.use_backend("cpp"):
+        lp, ent = r1kernels.token_logprobs(x, y, with_entropy=True)
+    (lp + 0.0 * ent).sum().backward()
+    xd = x.detach().double()
+    p = torch.softmax(xd, -1)[0]
+    lse = torch.logsumexp(xd, -1)[0]
+    g = x.grad[0].double()
+    off = torch.arange(V) != V // 3
+    normal = off & (xd[0] - lse > -87.0)
+    # 4e-6: what fp32 itself allows here (z - lse rounded to fp32 at |z - lse| ~ 90: 2.7e-6, the
+    # same for torch.exp); an error in the polynomial's coefficients shows at ~1e-5
+    torch.testing.assert_close(g[normal], -p[normal], rtol=4e-6, atol=0.0)
+    assert (g[off & (xd[0] - lse < -87.6)] == 0).all()
+    torch.testing.assert_close(lp.double()[0], xd[0, V // 3] - lse, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ent.double()[0], -(p * torch.log_softmax(xd, -1)[0]).sum(),
+                               rtol=1e-5, atol=1e-6)
+
+
+@CPP
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_threads_bit_identical(dtype):
+    """Rows are split over threads, never a row's sum: one thread and two give the same bits."""
+    x = (torch.randn(37, 5003) * 3).to(dtype).requires_grad_(True)
+    y = torch.randint(0, 5003, (37,))
+    y[5] = -100
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            x.grad = None
+            with dispatch.use_backend("cpp"):
+                lp, ent = r1kernels.token_logprobs(x, y, with_entropy=True, temperature=0.7)
+            (lp * torch.linspace(-1, 1, 37) + ent).sum().backward()
+            results.append((lp, ent, x.grad.clone()))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@CPP
+def test_opcheck_cpp_tile_ops():
+    """The extension ops of the C++ path: schema, mutation annotations, fake kernels."""
+    n, c = 5, 300
+    x = torch.randn(n, c) * 2
+    y = torch.tensor([3, -100, 299, 0, 150])
+    bias = torch.randn(c)
+    state, out = torch.zeros(4, n), torch.zeros(3, n)
+    torch.library.opcheck(torch.ops.r1kernels.logprob_tile_stats.default,
+                          (x, y, bias, state, out, 0, c, 0.5, -100, False, True, True))
+    torch.ops.r1kernels.logprob_tile_stats(x, y, bias, state, out, 0, c, 0.5, -100, False, True, True)
+    lse, ent = out[2].clone(), out[1].clone()
+    dlogp, dent = torch.randn(n), torch.randn(n)
+    g = torch.empty(n, c, dtype=torch.bfloat16)
+    torch.library.opcheck(torch.ops.r1kernels.logprob_tile_grad.default,
+                          (x, g, y, bias, lse, ent, dlogp, dent, 0, 0.5, -100))
+    xr = ((x.double() + bias.double()) * 0.5).requires_grad_(True)
+    lp = torch.log_softmax(xr, -1)
+    keep = y != -100
+    yl = y.clamp(min=0)
+    logp = lp.gather(1, yl[:, None]).squeeze(1)
+    ent_r = -(lp.exp() * lp).sum(-1)
+    torch.testing.assert_close(out[0][keep].double(), logp[keep], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[1][keep].double(), ent_r[keep], rtol=1e-5, atol=1e-5)
+    assert out[0][1] == 0 and out[1][1] == 0 and out[2][1] == 0
+    ((logp * dlogp.double() + ent_r * dent.double()) * keep).sum().backward()
+    torch.ops.r1kernels.logprob_tile_grad(x, g, y, bias, lse, ent, dlogp, dent, 0, 0.5, -100)
+    torch.testing.assert_close(g.double(), xr.grad * 0.5, rtol=2 ** -8, atol=1e-3)

@@ -34,8 +34,10 @@ Derivatives (autograd of the torch formula, ties included):
     sequence level: dc1/dlp_t = c1 m_t / max(n_b, 1), so the row needs sum_t m_t dl_t/dc1 (S_b)
                     before its gradient can be written: a second pass over the row (L2-resident).
 
-Backends: Triton (CUDA, or CPU under TRITON_INTERPRET=1) and a vectorized torch path with the
-same analytic gradient (any device; compiles with torch.compile(fullgraph=True)).
+Backends: Triton (CUDA, or CPU under TRITON_INTERPRET=1); C++ CPU kernels with the same
+contract and formulas (csrc/grpo_loss/grpo_loss_cpu.cpp; the default on CPU); and a vectorized
+torch path with the same analytic gradient (any device; compiles with
+torch.compile(fullgraph=True)).
 """
 from __future__ import annotations
 
@@ -53,7 +55,8 @@ LOSS_TYPES = {"grpo": 0, "bnpo": 1, "dr_grpo": 2, "dapo": 3, "luspo": 4, "cispo"
 IS_LEVELS = {"token": 0, "sequence": 1}
 METRIC_NAMES = ("kl", "clip_ratio_low", "clip_ratio_high", "clip_ratio")
 NUM_PARTIALS = 6  # per row: sum l m, n, sum kl m, low, high, region
-dispatch.register(OP, cuda=("triton", "torch"), cpu=("torch",))
+dispatch.register(OP, cuda=("triton", "torch"), cpu=("cpp", "torch"),
+                  ext_ops=("grpo_loss_partials", "grpo_loss_finalize"))
 
 
 class GRPOLossOutput(NamedTuple):
@@ -581,8 +584,21 @@ def grpo_loss_bwd(grad, scale, gout, dtype):
     return torch.mul(grad, s, out=torch.empty(grad.shape, dtype=dtype, device=grad.device))
 
 
+def grpo_loss_fwd_cpp(logps, adv, mask, old, ref, rw, cfg: _Config, write_grad: bool = True):
+    """(g [B, T] fp32 unscaled, partials [6, B]) by the C++ CPU kernel."""
+    return torch.ops.r1kernels.grpo_loss_partials(
+        logps, adv, _mask_view(mask), old, ref if cfg.beta != 0.0 else None, rw, cfg.loss, cfg.seq,
+        cfg.eps_lo, cfg.eps_hi, cfg.delta, cfg.beta, cfg.bias_kl, cfg.tau_pos, cfg.tau_neg,
+        bool(write_grad))
+
+
+def grpo_loss_finalize_cpp(part, nitems, cfg: _Config):
+    return torch.ops.r1kernels.grpo_loss_finalize(part, nitems, cfg.loss, cfg.max_len)
+
+
 _IMPLS = {
     "triton": (grpo_loss_fwd_triton, grpo_loss_finalize_triton),
+    "cpp": (grpo_loss_fwd_cpp, grpo_loss_finalize_cpp),
     "torch": (grpo_loss_fwd_torch, grpo_loss_finalize_torch),
 }
 
@@ -622,8 +638,9 @@ def _fwd_finalize(backend, logps, adv, mask, old, ref, rw, nitems, cfg: _Config,
             return _grpo_loss_fwd_op(logps, adv, mask, old, ref, rw, nitems, *cfg, write_grad)
         # eager: the launcher directly (the custom-op wrapper costs host time per call)
         return grpo_loss_triton(logps, adv, mask, old, ref, rw, nitems, cfg, write_grad)
-    grad, part = grpo_loss_fwd_torch(logps, adv, mask, old, ref, rw, cfg, write_grad)
-    out, scale = grpo_loss_finalize_torch(part, nitems, cfg)
+    fwd, fin = _IMPLS[backend]
+    grad, part = fwd(logps, adv, mask, old, ref, rw, cfg, write_grad)
+    out, scale = fin(part, nitems, cfg)
     return grad, out, scale
 
 
@@ -787,8 +804,6 @@ def grpo_loss(logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                       sapo_temperature_pos=sapo_temperature_pos,
                       sapo_temperature_neg=sapo_temperature_neg, T=logps.shape[1])
     backend = dispatch.select(OP, logps.device)
-    if backend not in _IMPLS:  # pragma: no cover - registration lists only triton and torch
-        backend = "torch"
     ref = ref_logps if cfg.beta != 0.0 else None
     write_grad = torch.is_grad_enabled() and logps.requires_grad
     loss, out = GRPOLossFunction.apply(logps, adv, mask, old_logps, ref, rollout_is_weights,

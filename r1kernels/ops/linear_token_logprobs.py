@@ -95,7 +95,7 @@ from r1kernels.ops import token_logprobs as tlp
 from r1kernels.ops._triton import tl, triton
 
 OP = "linear_token_logprobs"
-dispatch.register(OP, cuda=("triton", "torch"), cpu=("torch",))
+dispatch.register(OP, cuda=("triton", "torch"), cpu=("cpp", "torch"), ext_ops=tlp.CPP_OPS)
 
 # fp32 logits elements per tile, and per single-sweep chunk (module attributes, read at call
 # time; tests shrink them). CUDA: 640 MiB, i.e. 1024 rows of V = 151936 per single-sweep chunk
@@ -349,7 +349,7 @@ def forward_stats(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: t
     for r0 in range(0, n_all, rows):
         hr, yr = h[r0:r0 + rows], y[r0:r0 + rows]
         n = hr.shape[0]
-        if backend == "triton":
+        if backend in tlp.TILE_BACKENDS:
             state = torch.empty(4, n, **f32)
             out = torch.empty(3, n, **f32)
         else:
@@ -359,17 +359,17 @@ def forward_stats(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: t
             z = _mm_f32(hr, w[v0:v0 + cols].t())
             bv = None if b is None else b[v0:v0 + cols]
             last = v0 + cols >= vocab
-            if backend == "triton":
-                tlp.stats_tile(z, yr, bv, state, out, col0=v0, vocab=vocab, inv_temp=inv_temp,
-                               ignore_index=ignore_index, accum=v0 > 0, final=last,
-                               entropy=entropy)
+            if backend in tlp.TILE_BACKENDS:
+                tlp.stats_tile(backend, z, yr, bv, state, out, col0=v0, vocab=vocab,
+                               inv_temp=inv_temp, ignore_index=ignore_index, accum=v0 > 0,
+                               final=last, entropy=entropy)
             else:
                 if bv is not None:
                     z += bv.float()
                 z *= inv_temp
                 st = tlp.stats_torch(z, yl - v0, st, entropy)
             del z
-        if backend == "triton":
+        if backend in tlp.TILE_BACKENDS:
             lp, en, ls = out[0], out[1], out[2]
         else:
             lp, en, ls = tlp.finalize(st, yl, vocab, ignore_index, entropy)
@@ -419,7 +419,7 @@ def backward_grads(h, w, b, y, lse, ent, dlogp, dent, inv_temp: float, ignore_in
                 fused_grad_tile(hr, w, b, y[sl], lse[sl], None if dent is None else ent[sl],
                                 dlogp[sl], None if dent is None else dent[sl], g, v0, inv_temp,
                                 ignore_index)
-            elif backend == "triton":
+            elif backend in tlp.TILE_BACKENDS:
                 z = _mm_f32(hr, wv.t())
                 # The gradient overwrites the logits tile: row r of G (c values of gdt) goes to
                 # the first c * itemsize bytes of fp32 row r, which the kernel's program for row
@@ -432,9 +432,10 @@ def backward_grads(h, w, b, y, lse, ent, dlogp, dent, inv_temp: float, ignore_in
                     g = z
                 else:
                     g = z.view(gdt)[:, :z.shape[1]]
-                tlp.grad_tile(z, g, y[sl], bv, lse[sl], None if dent is None else ent[sl],
-                              dlogp[sl], None if dent is None else dent[sl], col0=v0,
-                              inv_temp=inv_temp, ignore_index=ignore_index)
+                tlp.grad_tile(backend, z, g, y[sl], bv, lse[sl],
+                              None if dent is None else ent[sl], dlogp[sl],
+                              None if dent is None else dent[sl], col0=v0, inv_temp=inv_temp,
+                              ignore_index=ignore_index)
                 del z
             else:
                 z = _mm_f32(hr, wv.t())
@@ -514,10 +515,10 @@ def _chunk_grad(z, yr, b, *, lp_out, ent_out, r0: int, inv_temp: float, ignore_i
     written over the chunk's fp32 logits z (None when no gradient is needed)."""
     n, vocab = z.shape
     f32 = dict(dtype=torch.float32, device=z.device)
-    if backend == "triton":
+    if backend in tlp.TILE_BACKENDS:
         state = torch.empty(4, n, **f32)
         out = torch.empty(3, n, **f32)
-        tlp.stats_tile(z, yr, b, state, out, col0=0, vocab=vocab, inv_temp=inv_temp,
+        tlp.stats_tile(backend, z, yr, b, state, out, col0=0, vocab=vocab, inv_temp=inv_temp,
                        ignore_index=ignore_index, accum=False, final=True, entropy=entropy)
         lp, en, lse = out[0], out[1] if entropy else None, out[2]
     else:  # per vocabulary tile (temporaries stay within the tile budget)
@@ -539,14 +540,14 @@ def _chunk_grad(z, yr, b, *, lp_out, ent_out, r0: int, inv_temp: float, ignore_i
     en_g = en if dent is not None else None
     if not need_any:
         return None
-    if backend == "triton":  # G written over Z (see backward_grads)
+    if backend in tlp.TILE_BACKENDS:  # G written over Z (see backward_grads)
         if torch.compiler.is_compiling():
             g = torch.empty(z.shape, dtype=gdt, device=z.device)
         elif gdt == torch.float32:
             g = z
         else:
             g = z.view(gdt)[:, :vocab]
-        tlp.grad_tile(z, g, yr, b, lse, en_g, dlogp, dent, col0=0, inv_temp=inv_temp,
+        tlp.grad_tile(backend, z, g, yr, b, lse, en_g, dlogp, dent, col0=0, inv_temp=inv_temp,
                       ignore_index=ignore_index)
     else:  # G written over Z tile by tile (a 16-bit G: the aliasing of the Triton path)
         g = z if gdt == torch.float32 else z.view(gdt)[:, :vocab]

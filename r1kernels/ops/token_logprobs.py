@@ -15,8 +15,10 @@ VJP (p = softmax(z), H = entropy, g = dL/dlogp, e = dL/dentropy):
 whose g and e are both zero (a masked token) gets exact zeros without its logits being read by
 the Triton kernels: no traffic, and no NaN from whatever a masked position holds.
 
-Backends: Triton kernels below (CUDA tensors; CPU tensors under TRITON_INTERPRET=1) and a
-chunked PyTorch path (any device) whose fp32 working copy is bounded by `TORCH_CHUNK_ELEMS`.
+Backends: Triton kernels below (CUDA tensors; CPU tensors under TRITON_INTERPRET=1); C++ CPU
+kernels with the same per-row contract (csrc/token_logprobs/token_logprobs_cpu.cpp, launched by
+`stats_cpp` / `grad_cpp`; the default on CPU); and a chunked PyTorch path (any device) whose fp32
+working copy is bounded by `TORCH_CHUNK_ELEMS`.
 
 Internal entry point for the fused GRPO loss (see _notes/INTERFACE_logprobs_loss.md):
 `token_logprobs_with_grad(...)`. Its `grad_fn` is called exactly once, with (0, N): every
@@ -36,7 +38,11 @@ from r1kernels.ops._triton import HAS_TRITON, next_power_of_2, tl, triton
 from r1kernels.ops.grpo_loss import _grpo_token_terms
 
 OP = "token_logprobs"
-dispatch.register(OP, cuda=("triton", "torch"), cpu=("torch",))
+# the C++ kernels of the "cpp" backend (also used by linear_token_logprobs on CPU)
+CPP_OPS = ("logprob_tile_stats", "logprob_tile_grad")
+dispatch.register(OP, cuda=("triton", "torch"), cpu=("cpp", "torch"), ext_ops=CPP_OPS)
+# backends whose kernels take [n, c] tiles of logits row by row (stats_tile, grad_tile)
+TILE_BACKENDS = ("triton", "cpp")
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # torch path: rows are processed in chunks whose fp32 working copy holds at most this many elements
@@ -931,20 +937,53 @@ def grad_triton(x: torch.Tensor, g: torch.Tensor, labels: torch.Tensor, bias: to
         num_warps=warps)
 
 
-def fwd_triton(logits, labels, inv_temp: float, ignore_index: int, with_entropy: bool):
-    """[3, N] fp32 (logp, entropy (zeros unless with_entropy), lse) of logits [N, V]."""
+def stats_cpp(x: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None,
+              state: torch.Tensor, out: torch.Tensor, *, col0: int, vocab: int, inv_temp: float,
+              ignore_index: int, accum: bool, final: bool, entropy: bool) -> None:
+    """stats_triton's contract on CPU tensors, by the C++ kernel."""
+    torch.ops.r1kernels.logprob_tile_stats(x, labels, bias, state, out, int(col0), int(vocab),
+                                           float(inv_temp), int(ignore_index), bool(accum),
+                                           bool(final), bool(entropy))
+
+
+def grad_cpp(x: torch.Tensor, g: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None,
+             lse: torch.Tensor, ent: torch.Tensor | None, dlogp: torch.Tensor,
+             dent: torch.Tensor | None, *, col0: int, inv_temp: float, ignore_index: int) -> None:
+    """grad_triton's contract on CPU tensors, by the C++ kernel (g may be x itself, or a 16-bit
+    view over fp32 x's rows)."""
+    has_dent = dent is not None
+    torch.ops.r1kernels.logprob_tile_grad(x, g, labels, bias, lse, ent if has_dent else None, dlogp,
+                                          dent, int(col0), float(inv_temp), int(ignore_index))
+
+
+def fwd_rows(backend: str, logits, labels, inv_temp: float, ignore_index: int,
+             with_entropy: bool):
+    """[3, N] fp32 (logp, entropy (zeros unless with_entropy), lse) of logits [N, V] by the
+    Triton or C++ statistics kernel."""
     out = torch.zeros(3, logits.shape[0], dtype=torch.float32, device=logits.device)
-    stats_triton(logits, labels, None, out, out, col0=0, vocab=logits.shape[1], inv_temp=inv_temp,
-                 ignore_index=ignore_index, accum=False, final=True, entropy=with_entropy)
+    stats = stats_cpp if backend == "cpp" else stats_triton
+    stats(logits, labels, None, out, out, col0=0, vocab=logits.shape[1], inv_temp=inv_temp,
+          ignore_index=ignore_index, accum=False, final=True, entropy=with_entropy)
     return out
+
+
+def bwd_rows(backend: str, logits, labels, lse, ent, dlogp, dent, inv_temp: float,
+             ignore_index: int, inplace: bool) -> torch.Tensor:
+    g = logits if inplace else torch.empty_like(logits)
+    grad = grad_cpp if backend == "cpp" else grad_triton
+    grad(logits, g, labels, None, lse, ent, dlogp, dent, col0=0, inv_temp=inv_temp,
+         ignore_index=ignore_index)
+    return g
+
+
+def fwd_triton(logits, labels, inv_temp: float, ignore_index: int, with_entropy: bool):
+    return fwd_rows("triton", logits, labels, inv_temp, ignore_index, with_entropy)
 
 
 def bwd_triton(logits, labels, lse, ent, dlogp, dent, inv_temp: float, ignore_index: int,
                inplace: bool) -> torch.Tensor:
-    g = logits if inplace else torch.empty_like(logits)
-    grad_triton(logits, g, labels, None, lse, ent, dlogp, dent, col0=0, inv_temp=inv_temp,
-                ignore_index=ignore_index)
-    return g
+    return bwd_rows("triton", logits, labels, lse, ent, dlogp, dent, inv_temp, ignore_index,
+                    inplace)
 
 
 # The Triton launchers as custom ops, so torch.compile sees one opaque node per launch (eager
@@ -1008,10 +1047,14 @@ if HAS_TRITON:
         return None
 
 
-def stats_tile(x, labels, bias, state, out, *, col0, vocab, inv_temp, ignore_index, accum, final,
-               entropy) -> None:
-    """stats_triton, through its custom op when torch.compile traces it."""
-    if torch.compiler.is_compiling():
+def stats_tile(backend, x, labels, bias, state, out, *, col0, vocab, inv_temp, ignore_index, accum,
+               final, entropy) -> None:
+    """stats_cpp or stats_triton (backend "cpp" / "triton"), the latter through its custom op
+    when torch.compile traces it."""
+    if backend == "cpp":
+        stats_cpp(x, labels, bias, state, out, col0=col0, vocab=vocab, inv_temp=inv_temp,
+                  ignore_index=ignore_index, accum=accum, final=final, entropy=entropy)
+    elif torch.compiler.is_compiling():
         _tile_stats_op(x, labels, bias, state, out, col0, vocab, inv_temp, ignore_index, accum,
                        final, entropy)
     else:
@@ -1019,10 +1062,14 @@ def stats_tile(x, labels, bias, state, out, *, col0, vocab, inv_temp, ignore_ind
                      ignore_index=ignore_index, accum=accum, final=final, entropy=entropy)
 
 
-def grad_tile(x, g, labels, bias, lse, ent, dlogp, dent, *, col0, inv_temp, ignore_index) -> None:
-    """grad_triton, through its custom op when torch.compile traces it (g must not alias x
-    then)."""
-    if torch.compiler.is_compiling():
+def grad_tile(backend, x, g, labels, bias, lse, ent, dlogp, dent, *, col0, inv_temp,
+              ignore_index) -> None:
+    """grad_cpp or grad_triton (backend "cpp" / "triton"), the latter through its custom op when
+    torch.compile traces it (g must not alias x then)."""
+    if backend == "cpp":
+        grad_cpp(x, g, labels, bias, lse, ent, dlogp, dent, col0=col0, inv_temp=inv_temp,
+                 ignore_index=ignore_index)
+    elif torch.compiler.is_compiling():
         _tile_grad_op(x, g, labels, bias, lse, ent, dlogp, dent, col0, inv_temp, ignore_index)
     else:
         grad_triton(x, g, labels, bias, lse, ent, dlogp, dent, col0=col0, inv_temp=inv_temp,
@@ -1152,6 +1199,9 @@ def _fwd(backend: str, x, labels, inv_temp: float, ignore_index: int, with_entro
         else:
             out = fwd_triton(x, labels, inv_temp, ignore_index, with_entropy)
         return out[0], (out[1] if with_entropy else None), out[2]
+    if backend == "cpp":
+        out = fwd_rows(backend, x, labels, inv_temp, ignore_index, with_entropy)
+        return out[0], (out[1] if with_entropy else None), out[2]
     return fwd_torch(x, labels, inv_temp, ignore_index, with_entropy)
 
 
@@ -1166,6 +1216,8 @@ def _bwd(backend: str, x, labels, lse, ent, dlogp, dent, inv_temp: float, ignore
             _bwd_inplace_triton_op(x, labels, lse, ent, dlogp, dent, inv_temp, ignore_index)
             return x
         return _bwd_triton_op(x, labels, lse, ent, dlogp, dent, inv_temp, ignore_index)
+    if backend == "cpp":
+        return bwd_rows(backend, x, labels, lse, ent, dlogp, dent, inv_temp, ignore_index, inplace)
     return bwd_torch(x, labels, lse, ent, dlogp, dent, inv_temp, ignore_index,
                      out=x if inplace else None)
 
