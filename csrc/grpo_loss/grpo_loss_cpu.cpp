@@ -3,7 +3,8 @@
 // a reduction of the partials into the loss, the metrics and the per-row gradient scale. The
 // contract and the formulas are those of the Triton kernels in r1kernels/ops/grpo_loss.py
 // (_grpo_token_terms, _grpo_loss_fwd_kernel, _grpo_finalize); see the module docstring there.
-// Rows run in parallel (at::parallel_for); row sums accumulate in double, in a fixed order.
+// Rows run in parallel (at::parallel_for); a row is processed in blocks of kBlock tokens, by SIMD
+// passes (common/cpu_simd.h) over fp32 buffers; block sums accumulate in double, in a fixed order.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -11,8 +12,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
+#include <memory>
 #include <optional>
 #include <tuple>
+
+#include "common/cpu_simd.h"
 
 namespace r1k {
 namespace {
@@ -45,127 +50,229 @@ View<T> view_of(const std::optional<at::Tensor>& x) {
   return v;
 }
 
-struct Terms {
-  float pol, g_dir, g_c1, kl;
-  bool low, high;
+constexpr int64_t kBlock = 512;  // tokens per block: the per-token buffers below stay in L1
+
+// One block of a row's tokens, fp32: the inputs (zero at masked positions, whatever those hold:
+// then every term below is finite and the mask multiplies it away) and the per-token terms.
+struct Block {
+  float lp[kBlock], old[kBlock], ref[kBlock], adv[kBlock], m[kBlock], rw[kBlock];
+  float c1[kBlock], pol[kBlock], g_dir[kBlock], g_c1[kBlock], kl[kBlock], low[kBlock],
+      high[kBlock];
 };
 
-// Per-token loss, dl/dlp = g_dir + g_c1 * dc1/dlp, k3 kl and the clip flags (as _grpo_token_terms)
-inline Terms token_terms(float lp, float ref, float A, float rw, float c1, const Options& o) {
-  Terms r{0.f, 0.f, 0.f, 0.f, false, false};
+// Per-token loss, dl/dlp = g_dir + g_c1 * dc1/dlp, k3 kl and the clip flags (1.0 / 0.0), as
+// _grpo_token_terms of the Triton kernel, in SIMD passes over a block: c1 is filled already.
+R1K_SIMD_CLONES void block_terms(Block& k, int64_t n, const Options& o) {
   if (o.loss == kCispo) {  // -sg(min(c1, eps_hi)) A lp
-    const float cl = std::min(c1, o.eps_hi);
-    r.pol = -cl * A * lp;
-    r.g_dir = -cl * A;
-    r.high = c1 > o.eps_hi && A > 0.f;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const float cl = k.c1[i] < o.eps_hi ? k.c1[i] : o.eps_hi;
+      k.g_dir[i] = -cl * k.adv[i];
+      k.pol[i] = k.g_dir[i] * k.lp[i];
+      k.g_c1[i] = 0.f;
+      k.low[i] = 0.f;
+      k.high[i] = (k.c1[i] > o.eps_hi && k.adv[i] > 0.f) ? 1.f : 0.f;
+    }
   } else if (o.loss == kSapo) {  // soft gate
-    const float tau = A > 0.f ? o.tau_pos : o.tau_neg;
-    const float s = 1.f / (1.f + std::exp(-(tau * (c1 - 1.f))));
-    r.pol = -s * 4.f / tau * A;
-    r.g_c1 = -4.f * A * s * (1.f - s);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const float tau = k.adv[i] > 0.f ? o.tau_pos : o.tau_neg;
+      const float s = 1.f / (1.f + exp_simd(-(tau * (k.c1[i] - 1.f))));
+      k.pol[i] = -s * 4.f / tau * k.adv[i];
+      k.g_dir[i] = 0.f;
+      k.g_c1[i] = -4.f * k.adv[i] * s * (1.f - s);
+      k.low[i] = 0.f;
+      k.high[i] = 0.f;
+    }
   } else {  // clipped surrogate; the clip metrics use coef_1 after the delta clamp (as TRL)
     const float lo = 1.f - o.eps_lo, hi = 1.f + o.eps_hi;
-    const float c2 = std::min(std::max(c1, lo), hi);
-    const float c1d = o.has_delta ? std::min(c1, o.delta) : c1;
-    const float d1 = o.has_delta ? (c1 <= o.delta ? 1.f : 0.f) : 1.f;
-    const float t1 = c1d * A, t2 = c2 * A;
-    r.pol = -std::min(t1, t2);
-    const float w1 = t1 < t2 ? 1.f : (t1 == t2 ? 0.5f : 0.f);  // torch.minimum splits ties
-    const float d2 = (c1 >= lo && c1 <= hi) ? 1.f : 0.f;
-    r.g_c1 = -A * (w1 * d1 + (1.f - w1) * d2);
-    r.low = c1d < lo && A < 0.f;
-    r.high = c1d > hi && A > 0.f;
+    const float delta = o.has_delta ? o.delta : std::numeric_limits<float>::infinity();
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const float c1 = k.c1[i], A = k.adv[i];
+      const float c2 = c1 < lo ? lo : (c1 > hi ? hi : c1);
+      const float c1d = c1 < delta ? c1 : delta;
+      const float d1 = c1 <= delta ? 1.f : 0.f;
+      const float t1 = c1d * A, t2 = c2 * A;
+      k.pol[i] = -(t1 < t2 ? t1 : t2);
+      const float w1 = t1 < t2 ? 1.f : (t1 == t2 ? 0.5f : 0.f);  // torch.minimum splits ties
+      const float d2 = (c1 >= lo && c1 <= hi) ? 1.f : 0.f;
+      k.g_dir[i] = 0.f;
+      k.g_c1[i] = -A * (w1 * d1 + (1.f - w1) * d2);
+      k.low[i] = (c1d < lo && A < 0.f) ? 1.f : 0.f;
+      k.high[i] = (c1d > hi && A > 0.f) ? 1.f : 0.f;
+    }
   }
   if (o.has_rw) {
-    r.pol *= rw;
-    r.g_dir *= rw;
-    r.g_c1 *= rw;
-  }
-  if (o.has_ref) {  // beta != 0
-    const float d = ref - lp;
-    const float ed = std::exp(d);
-    const float kl0 = ed - d - 1.f;
-    const float dkl0 = 1.f - ed;
-    if (o.bias_kl) {
-      r.kl = kl0 * c1;
-      r.g_dir += o.beta * dkl0 * c1;
-      r.g_c1 += o.beta * kl0;
-    } else {
-      r.kl = kl0;
-      r.g_dir += o.beta * dkl0;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      k.pol[i] *= k.rw[i];
+      k.g_dir[i] *= k.rw[i];
+      k.g_c1[i] *= k.rw[i];
     }
-    r.pol += o.beta * r.kl;
   }
-  return r;
+  if (o.has_ref) {  // beta != 0: k3 kl, with bias correction kl * c1
+    const float beta = o.beta;
+    if (o.bias_kl) {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) {
+        const float d = k.ref[i] - k.lp[i];
+        const float ed = exp_simd(d);
+        const float kl0 = ed - d - 1.f;
+        const float c1 = k.c1[i];
+        k.kl[i] = kl0 * c1;
+        k.g_dir[i] += beta * (1.f - ed) * c1;
+        k.g_c1[i] += beta * kl0;
+        k.pol[i] += beta * kl0 * c1;
+      }
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) {
+        const float d = k.ref[i] - k.lp[i];
+        const float ed = exp_simd(d);
+        const float kl0 = ed - d - 1.f;
+        k.kl[i] = kl0;
+        k.g_dir[i] += beta * (1.f - ed);
+        k.pol[i] += beta * kl0;
+      }
+    }
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) k.kl[i] = 0.f;
+  }
 }
 
-template <typename L, typename M>
-void grpo_rows(const View<L>& lp_v, const View<float>& adv_v, const View<M>& mask_v,
+R1K_SIMD_CLONES void block_exp_ratio(Block& k, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) k.c1[i] = exp_simd(k.lp[i] - k.old[i]);
+}
+
+// the block's sums: l m, n, kl m, low m, high m, (low or high) m, g_c1 m
+R1K_SIMD_CLONES void block_sums(const Block& k, int64_t n, double* acc) {
+  float s_l = 0.f, s_n = 0.f, s_kl = 0.f, s_lo = 0.f, s_hi = 0.f, s_rg = 0.f, s_s = 0.f;
+#pragma omp simd reduction(+ : s_l, s_n, s_kl, s_lo, s_hi, s_rg, s_s)
+  for (int64_t i = 0; i < n; ++i) {
+    const float m = k.m[i];
+    s_l += k.pol[i] * m;
+    s_n += m;
+    s_kl += k.kl[i] * m;
+    s_lo += k.low[i] * m;
+    s_hi += k.high[i] * m;
+    s_rg += (k.low[i] > k.high[i] ? k.low[i] : k.high[i]) * m;
+    s_s += k.g_c1[i] * m;
+  }
+  acc[0] += s_l;
+  acc[1] += s_n;
+  acc[2] += s_kl;
+  acc[3] += s_lo;
+  acc[4] += s_hi;
+  acc[5] += s_rg;
+  acc[6] += s_s;
+}
+
+// token level: g = (g_dir + g_c1 c1) m; sequence level: g = g_dir m (+ the ratio term later)
+R1K_SIMD_CLONES void block_grad(const Block& k, int64_t n, bool seq, float* g) {
+  if (seq) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) g[i] = k.g_dir[i] * k.m[i];
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) g[i] = (k.g_dir[i] + k.g_c1[i] * k.c1[i]) * k.m[i];
+  }
+}
+
+// dst[i] = src[i * stride] where m[i] != 0, else 0 (the load is unconditional, so the loop is a
+// SIMD loop: masked positions are read, never used)
+R1K_SIMD_CLONES void load_masked(const float* src, int64_t stride, const float* m, int64_t n,
+                                 float* dst) {
+  if (stride == 1) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = src[i];
+      dst[i] = m[i] != 0.f ? v : 0.f;
+    }
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = src[i * stride];
+      dst[i] = m[i] != 0.f ? v : 0.f;
+    }
+  }
+}
+
+R1K_SIMD_CLONES void load_mask(const uint8_t* src, int64_t stride, int64_t n, float* dst) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i * stride]);
+}
+
+R1K_SIMD_CLONES void load_mask(const float* src, int64_t stride, int64_t n, float* dst) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = src[i * stride];
+}
+
+template <typename M>
+void load_block(Block& k, int64_t b, int64_t t0, int64_t n, const View<float>& lp_v,
+                const View<float>& adv_v, const View<M>& mask_v, const View<float>& old_v,
+                const View<float>& ref_v, const View<float>& rw_v, const Options& o) {
+  auto at = [&](const auto& v) { return v.p + b * v.s0 + t0 * v.s1; };
+  load_mask(at(mask_v), mask_v.s1, n, k.m);
+  load_masked(at(lp_v), lp_v.s1, k.m, n, k.lp);
+  if (o.has_old) {
+    load_masked(at(old_v), old_v.s1, k.m, n, k.old);
+  } else {
+    std::copy(k.lp, k.lp + n, k.old);
+  }
+  load_masked(at(adv_v), adv_v.s1, k.m, n, k.adv);
+  if (o.has_ref) load_masked(at(ref_v), ref_v.s1, k.m, n, k.ref);
+  if (o.has_rw) load_masked(at(rw_v), rw_v.s1, k.m, n, k.rw);
+}
+
+template <typename M>
+void grpo_rows(const View<float>& lp_v, const View<float>& adv_v, const View<M>& mask_v,
                const View<float>& old_v, const View<float>& ref_v, const View<float>& rw_v,
                float* grad, float* part, int64_t B, int64_t T, const Options& o) {
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(T, 1));
   at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+    auto k = std::make_unique<Block>();
     for (int64_t b = begin; b < end; ++b) {
-      // masked positions may hold anything (-inf, NaN): their inputs read as 0
-      auto load = [&](int64_t t, float& lp, float& old, float& m) {
-        m = static_cast<float>(mask_v.at(b, t));
-        const bool on = m != 0.f;
-        lp = on ? static_cast<float>(lp_v.at(b, t)) : 0.f;
-        old = o.has_old ? (on ? old_v.at(b, t) : 0.f) : lp;
-      };
-      double n = 0.0;
       float c1_row = 1.f;
       if (o.seq) {  // pass 1: the row's mean log-ratio
-        double lr = 0.0;
-        for (int64_t t = 0; t < T; ++t) {
-          float lp, old, m;
-          load(t, lp, old, m);
-          lr += static_cast<double>((lp - old) * m);
-          n += m;
+        double lr = 0.0, n = 0.0;
+        for (int64_t t0 = 0; t0 < T; t0 += kBlock) {
+          const int64_t len = std::min(kBlock, T - t0);
+          load_block(*k, b, t0, len, lp_v, adv_v, mask_v, old_v, ref_v, rw_v, o);
+          for (int64_t i = 0; i < len; ++i) {
+            lr += static_cast<double>((k->lp[i] - k->old[i]) * k->m[i]);
+            n += k->m[i];
+          }
         }
         c1_row = std::exp(static_cast<float>(lr / std::max(n, 1.0)));
-        n = 0.0;
       }
       // pass 2: loss, metrics, (token level) gradient
-      double a_l = 0.0, a_kl = 0.0, a_lo = 0.0, a_hi = 0.0, a_rg = 0.0, a_s = 0.0;
+      double acc[7] = {0, 0, 0, 0, 0, 0, 0};
       float* g_row = grad != nullptr ? grad + b * T : nullptr;
-      for (int64_t t = 0; t < T; ++t) {
-        float lp, old, m;
-        load(t, lp, old, m);
-        const bool on = m != 0.f;
-        const float A = on ? adv_v.at(b, t) : 0.f;
-        const float ref = o.has_ref && on ? ref_v.at(b, t) : 0.f;
-        const float rw = o.has_rw && on ? rw_v.at(b, t) : 0.f;
-        const float c1 = o.seq ? c1_row : std::exp(lp - old);
-        const Terms r = token_terms(lp, ref, A, rw, c1, o);
-        n += m;
-        if (on) {
-          a_l += static_cast<double>(r.pol * m);
-          a_kl += static_cast<double>(r.kl * m);
-          a_lo += r.low ? m : 0.f;
-          a_hi += r.high ? m : 0.f;
-          a_rg += (r.low || r.high) ? m : 0.f;
-          a_s += static_cast<double>(r.g_c1 * m);
+      for (int64_t t0 = 0; t0 < T; t0 += kBlock) {
+        const int64_t len = std::min(kBlock, T - t0);
+        load_block(*k, b, t0, len, lp_v, adv_v, mask_v, old_v, ref_v, rw_v, o);
+        if (o.seq) {
+          std::fill(k->c1, k->c1 + len, c1_row);
+        } else {
+          block_exp_ratio(*k, len);
         }
-        if (g_row != nullptr) {
-          // sequence level: the direct term now, the ratio term added below
-          g_row[t] = on ? (o.seq ? r.g_dir : r.g_dir + r.g_c1 * c1) * m : 0.f;
-        }
+        block_terms(*k, len, o);
+        block_sums(*k, len, acc);
+        if (g_row != nullptr) block_grad(*k, len, o.seq, g_row + t0);
       }
+      const double n = acc[1];
       if (o.seq && g_row != nullptr) {
         // dc1/dlp_t = c1 m_t / max(n, 1): every masked-in token gets sum_t' m dl/dc1 * that
-        const float s_row = static_cast<float>(a_s) * c1_row / static_cast<float>(std::max(n, 1.0));
+        const float s_row = static_cast<float>(acc[6]) * c1_row / static_cast<float>(std::max(n, 1.0));
         for (int64_t t = 0; t < T; ++t) {
           const float m = static_cast<float>(mask_v.at(b, t));
           if (m != 0.f) g_row[t] += s_row * m;
         }
       }
-      part[b] = static_cast<float>(a_l);
-      part[B + b] = static_cast<float>(n);
-      part[2 * B + b] = static_cast<float>(a_kl);
-      part[3 * B + b] = static_cast<float>(a_lo);
-      part[4 * B + b] = static_cast<float>(a_hi);
-      part[5 * B + b] = static_cast<float>(a_rg);
+      for (int j = 0; j < kPartials; ++j) part[j * B + b] = static_cast<float>(acc[j]);
     }
   });
 }
@@ -203,9 +310,9 @@ std::tuple<at::Tensor, at::Tensor> grpo_loss_partials_cpu(
   at::Tensor grad = write_grad ? at::empty({B, T}, fopt) : at::empty({0}, fopt);
   at::Tensor part = at::empty({kPartials, B}, fopt);
   if (B == 0) return {grad, part};
-  // float32 views of the data inputs (no copy when they already are; a broadcast [B] advantage
-  // keeps its stride 0)
-  const at::Tensor adv_f = f32(adv);
+  // float32 views of the inputs (no copy when they already are; a broadcast [B] advantage keeps
+  // its stride 0)
+  const at::Tensor lp_f = f32(logps), adv_f = f32(adv);
   const std::optional<at::Tensor> old_f = old.has_value() ? std::optional(f32(*old)) : std::nullopt;
   const std::optional<at::Tensor> ref_f = o.has_ref ? std::optional(f32(*ref)) : std::nullopt;
   const std::optional<at::Tensor> rw_f = rw.has_value() ? std::optional(f32(*rw)) : std::nullopt;
@@ -216,14 +323,12 @@ std::tuple<at::Tensor, at::Tensor> grpo_loss_partials_cpu(
                     ref_v = view_of<float>(ref_f), rw_v = view_of<float>(rw_f);
   float* gp = write_grad ? grad.data_ptr<float>() : nullptr;
   float* pp = part.data_ptr<float>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logps.scalar_type(), "grpo_loss_partials_cpu", [&] {
-    const View<scalar_t> lp_v = view_of<scalar_t>(logps);
-    if (m.scalar_type() == at::kByte) {
-      grpo_rows(lp_v, adv_v, view_of<uint8_t>(m), old_v, ref_v, rw_v, gp, pp, B, T, o);
-    } else {
-      grpo_rows(lp_v, adv_v, view_of<float>(m), old_v, ref_v, rw_v, gp, pp, B, T, o);
-    }
-  });
+  const View<float> lp_v = view_of<float>(lp_f);
+  if (m.scalar_type() == at::kByte) {
+    grpo_rows(lp_v, adv_v, view_of<uint8_t>(m), old_v, ref_v, rw_v, gp, pp, B, T, o);
+  } else {
+    grpo_rows(lp_v, adv_v, view_of<float>(m), old_v, ref_v, rw_v, gp, pp, B, T, o);
+  }
   return {grad, part};
 }
 

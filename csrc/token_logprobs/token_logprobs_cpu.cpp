@@ -4,9 +4,9 @@
 // _token_logprobs_bwd_kernel; the Python launchers stats_cpp / grad_cpp there).
 //
 // Rows run in parallel (at::parallel_for). A row is processed in blocks of kBlock columns copied
-// to an fp32 buffer ((x + bias) / T); the loops over a block are SIMD loops compiled for AVX-512,
-// AVX2 and the baseline ISA (x86-64-v4, -v3 and the default: chosen by CPU features when the
-// library loads; GCC >= 12 on x86-64 Linux, elsewhere the baseline only) around a polynomial exp. One exp per element in each kernel, like the GPU kernels. The gradient may be written over
+// to an fp32 buffer ((x + bias) / T); the loops over a block are SIMD loops (common/cpu_simd.h:
+// AVX-512, AVX2 or baseline clones, a polynomial exp). One exp per element in each kernel, like
+// the GPU kernels. The gradient may be written over
 // the logits (g aliasing x, also a 16-bit g over fp32 x): a block is read whole before any of it
 // is written, and a block's writes only touch bytes of columns already read.
 #include <torch/library.h>
@@ -20,43 +20,13 @@
 #include <limits>
 #include <optional>
 
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
-#define R1K_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define R1K_SIMD_CLONES
-#endif
-
-#if defined(__GNUC__) || defined(__clang__)
-#define R1K_INLINE inline __attribute__((always_inline))
-#else
-#define R1K_INLINE inline
-#endif
+#include "common/cpu_simd.h"
 
 namespace r1k {
 namespace {
 
 constexpr int64_t kBlock = 2048;  // columns per block: an 8 KiB fp32 buffer, in L1
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-// exp(x) for SIMD loops: x = n ln2 + r with |r| <= ln2 / 2, e^r from Cephes' degree-6 polynomial
-// (relative error ~1e-7), 2^n from its exponent bits. Exactly 0 below -87.3 (e^-87.3 is at the
-// bottom of the normal floats; -inf included); NaN stays NaN.
-R1K_INLINE float exp_simd(float x) {
-  const float xc = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
-  const float shift = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
-  const float n = (xc * 1.44269504088896341f + shift) - shift;
-  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float er = p * r * r + r + 1.0f;
-  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
-  const float scale = __builtin_bit_cast(float, bits);
-  return x < -87.3f ? 0.0f : er * scale;
-}
 
 R1K_SIMD_CLONES float block_max(const float* z, int64_t n) {
   float m = kNegInf;

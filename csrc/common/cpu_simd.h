@@ -1,0 +1,49 @@
+// Shared by the CPU kernels: SIMD function clones and a vectorizable exp.
+//
+// R1K_SIMD_CLONES compiles a function for x86-64-v4 (AVX-512), x86-64-v3 (AVX2, FMA) and the
+// baseline, the copy chosen by CPU features when the library loads (GCC >= 12 on x86-64 Linux;
+// elsewhere the baseline only). Loops inside such functions vectorize with `#pragma omp simd`
+// (the extension is built with OpenMP on Linux) around exp_simd, which, unlike std::exp, the
+// compiler can vectorize.
+#pragma once
+
+#include <cstdint>
+#include <limits>
+
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+#define R1K_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define R1K_SIMD_CLONES
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#define R1K_INLINE inline __attribute__((always_inline))
+#else
+#define R1K_INLINE inline
+#endif
+
+namespace r1k {
+
+// exp(x) for SIMD loops: x = n ln2 + r with |r| <= ln2 / 2, e^r from Cephes' degree-6 polynomial
+// (relative error ~1e-7), 2^n from its exponent bits. Exactly 0 below -87.3 (e^-87.3 is at the
+// bottom of the normal floats; -inf included); inf above fp32's overflow point; NaN stays NaN.
+R1K_INLINE float exp_simd(float x) {
+  const float xc = x < -87.3f ? -87.3f : (x > 88.7228f ? 88.7228f : x);
+  const float shift = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+  float n = (xc * 1.44269504088896341f + shift) - shift;
+  n = n > 127.f ? 127.f : n;  // 2^128 is not a float: the top 0.35 of the range takes r up to ln2
+  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float er = p * r * r + r + 1.0f;
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  const float scale = __builtin_bit_cast(float, bits);
+  const float y = x < -87.3f ? 0.0f : er * scale;
+  return x > 88.72283f ? std::numeric_limits<float>::infinity() : y;
+}
+
+}  // namespace r1k
