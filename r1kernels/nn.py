@@ -310,14 +310,21 @@ class _FusedLogitsGRPOLoss(torch.autograd.Function):
                 _, _, gl = token_logprobs_with_grad(flat, labels.reshape(B * T), grad_fn=grad_fn, **kw)
                 gl = gl.view(logits.shape)
             else:
+                # one call per sequence; without inplace each writes its slice of one gradient
+                # buffer (no stack of per-sequence gradients: one [B, T, V] write less)
+                gl = None if inplace else torch.empty(logits.shape, dtype=logits.dtype,
+                                                      device=logits.device)
                 grads = []
                 for b in range(B):
                     off = b * T
                     step = (lambda o: lambda s, e, lp, en: grad_fn(s + o, e + o, lp, en))(off)
-                    grads.append(token_logprobs_with_grad(logits[b], labels[b], grad_fn=step, **kw)[2])
-                in_place = inplace and all(g.data_ptr() == logits[b].data_ptr()
-                                           for b, g in enumerate(grads))
-                gl = logits if in_place else torch.stack(grads)
+                    grads.append(token_logprobs_with_grad(
+                        logits[b], labels[b], grad_fn=step, out=None if gl is None else gl[b],
+                        **kw)[2])
+                if gl is None:
+                    in_place = all(g.data_ptr() == logits[b].data_ptr()
+                                   for b, g in enumerate(grads))
+                    gl = logits if in_place else torch.stack(grads)
         else:
             gl = torch.zeros_like(logits)
         out, ent = _finish(fin, parts, nitems, cfg, B, logits.device, ent_acc, n_rows.sum())

@@ -758,3 +758,26 @@ def test_opcheck_cpp_tile_ops():
     ((logp * dlogp.double() + ent_r * dent.double()) * keep).sum().backward()
     torch.ops.r1kernels.logprob_tile_grad(x, g, y, bias, lse, ent, dlogp, dent, 0, 0.5, -100)
     torch.testing.assert_close(g.double(), xr.grad * 0.5, rtol=2 ** -8, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_with_grad_into_out(backend):
+    """token_logprobs_with_grad writes the logits gradient into a given buffer (a slice of a
+    batch's gradient), equal to the one it returns otherwise; a mismatched buffer is a
+    ValueError naming `out`."""
+    x = (torch.randn(2, 7, 50) * 2).to(DEVICE)
+    y = torch.randint(0, 50, (2, 7), device=DEVICE)
+    step = lambda s, e, lp, en: torch.linspace(-1, 1, e - s, device=DEVICE)  # noqa: E731
+    kw = dict(temperature=0.8, ignore_index=-100, with_entropy=False, grad_fn=step)
+    buf = torch.full((2, 7, 50), float("nan"), device=DEVICE)
+    with dispatch.use_backend(backend):
+        ref = token_logprobs_with_grad(x[1], y[1], **kw)[2]
+        got = token_logprobs_with_grad(x[1], y[1], out=buf[1], **kw)[2]
+        assert got.data_ptr() == buf[1].data_ptr()
+        torch.testing.assert_close(buf[1], ref, rtol=0, atol=0)
+        assert torch.isnan(buf[0]).all()  # the other slice untouched
+        for bad in (torch.empty(7, 49, device=DEVICE),  # shape
+                    torch.empty(7, 50, device=DEVICE, dtype=torch.float16),  # dtype
+                    torch.empty(50, 7, device=DEVICE).t()):  # columns not contiguous
+            with pytest.raises(ValueError, match="out"):
+                token_logprobs_with_grad(x[1], y[1], out=bad, **kw)

@@ -968,8 +968,8 @@ def fwd_rows(backend: str, logits, labels, inv_temp: float, ignore_index: int,
 
 
 def bwd_rows(backend: str, logits, labels, lse, ent, dlogp, dent, inv_temp: float,
-             ignore_index: int, inplace: bool) -> torch.Tensor:
-    g = logits if inplace else torch.empty_like(logits)
+             ignore_index: int, inplace: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+    g = logits if inplace else (torch.empty_like(logits) if out is None else out)
     grad = grad_cpp if backend == "cpp" else grad_triton
     grad(logits, g, labels, None, lse, ent, dlogp, dent, col0=0, inv_temp=inv_temp,
          ignore_index=ignore_index)
@@ -1206,20 +1206,22 @@ def _fwd(backend: str, x, labels, inv_temp: float, ignore_index: int, with_entro
 
 
 def _bwd(backend: str, x, labels, lse, ent, dlogp, dent, inv_temp: float, ignore_index: int,
-         inplace: bool) -> torch.Tensor:
+         inplace: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+    """dL/dx in x's dtype: into x itself (inplace), into `out` (x's shape, rows contiguous), or
+    a new tensor."""
     dlogp = dlogp.float().contiguous()
     dent = None if dent is None else dent.float().contiguous()
-    if backend == "triton":
-        if not torch.compiler.is_compiling():
-            return bwd_triton(x, labels, lse, ent, dlogp, dent, inv_temp, ignore_index, inplace)
+    if backend == "triton" and torch.compiler.is_compiling():
         if inplace:
             _bwd_inplace_triton_op(x, labels, lse, ent, dlogp, dent, inv_temp, ignore_index)
             return x
-        return _bwd_triton_op(x, labels, lse, ent, dlogp, dent, inv_temp, ignore_index)
-    if backend == "cpp":
-        return bwd_rows(backend, x, labels, lse, ent, dlogp, dent, inv_temp, ignore_index, inplace)
+        g = _bwd_triton_op(x, labels, lse, ent, dlogp, dent, inv_temp, ignore_index)
+        return g if out is None else out.copy_(g)
+    if backend in TILE_BACKENDS:
+        return bwd_rows(backend, x, labels, lse, ent, dlogp, dent, inv_temp, ignore_index, inplace,
+                        out)
     return bwd_torch(x, labels, lse, ent, dlogp, dent, inv_temp, ignore_index,
-                     out=x if inplace else None)
+                     out=x if inplace else out)
 
 
 class TokenLogprobsFunction(torch.autograd.Function):
@@ -1349,13 +1351,14 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
 def token_logprobs_with_grad(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float,
                              ignore_index: int, with_entropy: bool,
                              grad_fn: Callable, chunk_multiple: int = 1,
-                             inplace: bool = False):
+                             inplace: bool = False, out: torch.Tensor | None = None):
     """(logp [N] fp32, entropy [N] fp32 or None, grad_logits [N, V] in logits' dtype).
 
     grad_fn(start, end, logp_chunk, entropy_chunk) -> dL/dlogp for rows start:end; called once
     with (0, N) (so chunk_multiple always holds). The entropy is for metrics: no gradient flows
     through it. `inplace=True` writes grad_logits into `logits` (returned as that same tensor
-    when it is 2-D with contiguous rows).
+    when it is 2-D with contiguous rows); otherwise `out` (logits' shape and dtype, rows
+    contiguous), when given, receives it (e.g. one sequence's slice of a batch's gradient).
     """
     op = "token_logprobs_with_grad"
     if logits.dim() != 2:
@@ -1363,6 +1366,11 @@ def token_logprobs_with_grad(logits: torch.Tensor, labels: torch.Tensor, *, temp
     if isinstance(chunk_multiple, bool) or not isinstance(chunk_multiple, int) or chunk_multiple < 1:
         raise ValueError(f"{op}: chunk_multiple must be a positive int, got {chunk_multiple!r}")
     x, y, inv_temp = _prepare(op, logits, labels, temperature, ignore_index)
+    if out is not None and (tuple(out.shape) != tuple(x.shape) or out.dtype != x.dtype
+                            or out.device != x.device or (x.shape[1] > 1 and out.stride(1) != 1)):
+        raise ValueError(f"{op}: out must be a {x.dtype} tensor of shape {tuple(x.shape)} on "
+                         f"{x.device} with contiguous rows, got {out.dtype} "
+                         f"{tuple(out.shape)} on {out.device} strides {out.stride()}")
     backend = dispatch.select(OP, x.device)
     with torch.no_grad():
         logp, ent, lse = _fwd(backend, x, y, inv_temp, int(ignore_index), bool(with_entropy))
@@ -1372,7 +1380,8 @@ def token_logprobs_with_grad(logits: torch.Tensor, labels: torch.Tensor, *, temp
             raise ValueError(f"{op}: grad_fn must return a tensor of shape ({n},), got "
                              f"{getattr(dlogp, 'shape', type(dlogp).__name__)}")
         inplace = bool(inplace) and x.data_ptr() == logits.data_ptr() and x.is_contiguous()
-        grad = _bwd(backend, x, y, lse, None, dlogp, None, inv_temp, int(ignore_index), inplace)
+        grad = _bwd(backend, x, y, lse, None, dlogp, None, inv_temp, int(ignore_index), inplace,
+                    None if inplace else out)
     return logp, ent, grad
 
 
