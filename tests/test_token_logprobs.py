@@ -781,3 +781,26 @@ def test_with_grad_into_out(backend):
                     torch.empty(50, 7, device=DEVICE).t()):  # columns not contiguous
             with pytest.raises(ValueError, match="out"):
                 token_logprobs_with_grad(x[1], y[1], out=bad, **kw)
+
+
+@CPP
+@pytest.mark.parametrize("gdt", [torch.float32, torch.bfloat16])
+def test_cpp_tile_grad_over_its_logits(gdt):
+    """The C++ gradient written over its own fp32 logits tile (g = z, or a 16-bit view of z's
+    rows, as the hidden-state path does on CUDA) equals the gradient written elsewhere: a block is
+    read whole before any of it is written, and its writes only reach bytes already read. Rows
+    longer than one block (2048 columns), the label in a later block, an ignored row."""
+    n, c = 4, 5000
+    z = torch.randn(n, c) * 3
+    y = torch.tensor([4321, 7, -100, 2048])
+    bias = torch.randn(c)
+    out = torch.zeros(3, n)
+    torch.ops.r1kernels.logprob_tile_stats(z, y, bias, out, out, 0, c, 0.7, -100, False, True, True)
+    lse, ent = out[2].clone(), out[1].clone()
+    dlogp, dent = torch.randn(n), torch.randn(n)
+    ref = torch.empty(n, c, dtype=gdt)
+    torch.ops.r1kernels.logprob_tile_grad(z, ref, y, bias, lse, ent, dlogp, dent, 0, 0.7, -100)
+    g = z if gdt == torch.float32 else z.view(gdt)[:, :c]
+    torch.ops.r1kernels.logprob_tile_grad(z, g, y, bias, lse, ent, dlogp, dent, 0, 0.7, -100)
+    assert torch.equal(g, ref)
+    assert (ref[2] == 0).all() and ref[0].abs().max() > 0
