@@ -5,6 +5,7 @@ What gets built (flags are read here, at the top):
   R1K_FORCE_CUDA_BUILD=1  build the CUDA kernels or fail (e.g. on a build machine without a GPU).
   R1K_CUDA_ARCHS="80;90"  compute capabilities to compile for (default "80;90"; "90a" allowed).
   R1K_SKIP_EXT=1          build no extension at all (pure Python + Triton install).
+  R1K_NO_SIMD_CLONES=1    CPU kernels for the baseline ISA only (no AVX2/AVX-512 copies; CI tests it).
   MAX_JOBS=N              parallel compile jobs (read by torch's ninja builder).
 
 The C++ CPU kernels are always built. The CUDA kernels are built when torch was built with
@@ -21,6 +22,7 @@ SKIP_CUDA = os.environ.get("R1K_SKIP_CUDA_BUILD", "0") == "1"
 FORCE_CUDA = os.environ.get("R1K_FORCE_CUDA_BUILD", "0") == "1"
 CUDA_ARCHS = os.environ.get("R1K_CUDA_ARCHS", "80;90")
 SKIP_EXT = os.environ.get("R1K_SKIP_EXT", "0") == "1"
+NO_SIMD_CLONES = os.environ.get("R1K_NO_SIMD_CLONES", "0") == "1"
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 try:
@@ -84,6 +86,12 @@ def _extensions():
     cxx_flags = ["-O3"]  # the C++ standard is chosen by torch.utils.cpp_extension (C++20 for torch >= 2.14)
     omp_compile, omp_link = _openmp_flags()
     cxx_flags += omp_compile
+    if NO_SIMD_CLONES:
+        cxx_flags.append("-DR1K_NO_SIMD_CLONES")
+    if sys.platform != "win32":
+        # the CPU kernels' SIMD loops hold float compare-and-selects (exp_simd's range, masks),
+        # which GCC vectorizes only when a float comparison may not trap (we use no FP traps)
+        cxx_flags.append("-fno-trapping-math")
     if _cuda_wanted():
         cuda_sources = glob.glob(os.path.join(csrc, "**", "*.cu"), recursive=True)
         cuda_bind = glob.glob(os.path.join(csrc, "**", "*_cuda.cpp"), recursive=True)

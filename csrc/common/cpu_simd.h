@@ -10,7 +10,10 @@
 #include <cstdint>
 #include <limits>
 
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+// R1K_NO_SIMD_CLONES (setup.py: R1K_NO_SIMD_CLONES=1) builds the baseline copy only: CI runs the C++
+// tests on it too, since that is what CPUs without AVX2 and other compilers get.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && \
+    __GNUC__ >= 12 && !defined(R1K_NO_SIMD_CLONES)
 #define R1K_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define R1K_SIMD_CLONES
