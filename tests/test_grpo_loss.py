@@ -3,6 +3,7 @@
 import itertools
 import math
 import types
+import zlib
 
 import pytest
 import torch
@@ -54,7 +55,14 @@ def reference(lp, adv, mask, **kw):
     return loss.item(), {k: v.item() for k, v in metrics.items()}, x.grad
 
 
-def check(backend, lp, adv, mask, *, dtype=torch.float32, rtol=1e-5, atol=1e-6, **kw):
+def check(backend, lp, adv, mask, *, dtype=torch.float32, rtol=1e-5, atol=1e-6, loss_atol=None,
+          **kw):
+    """loss_atol: the loss's absolute tolerance (default atol). luspo's loss is a sum over up to
+    T tokens per row, not a mean, so its absolute fp32 error grows with the row length: 1e-6 per
+    token of the longest row (over 80 random inputs its error reached 1.1x of a flat 1e-6)."""
+    if loss_atol is None:
+        loss_atol = atol * max(1.0, float(mask.sum(-1).max())) if kw.get("loss_type") == "luspo" \
+            else atol
     loss, metrics, grad = run(backend, lp, adv, mask, dtype=dtype, **kw)
     rkw = dict(kw)
     if dtype != torch.float32:  # compare against the reference on the rounded inputs
@@ -63,7 +71,7 @@ def check(backend, lp, adv, mask, *, dtype=torch.float32, rtol=1e-5, atol=1e-6, 
                for k, v in kw.items()}
     rloss, rmetrics, rgrad = reference(lp, adv, mask, **rkw)
     assert math.isfinite(loss) and torch.isfinite(grad).all()
-    assert loss == pytest.approx(rloss, rel=rtol, abs=atol)
+    assert loss == pytest.approx(rloss, rel=rtol, abs=loss_atol)
     for k in ("kl", "clip_ratio_low", "clip_ratio_high", "clip_ratio"):
         assert metrics[k] == pytest.approx(rmetrics[k], rel=1e-5, abs=1e-6), k
     scale = rgrad.abs().max().item() + 1e-30
@@ -89,7 +97,9 @@ OPTIONS = {
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_matches_reference(backend, loss_type, level, option):
     opt = dict(OPTIONS[option])
-    lp, old, ref, adv, mask, rw = make_inputs(6, 37, seed=hash((loss_type, level, option)) % 1000,
+    # a seed fixed per case (str hashes change from one Python process to the next)
+    seed = zlib.crc32(f"{loss_type}/{level}/{option}".encode()) % 1000
+    lp, old, ref, adv, mask, rw = make_inputs(6, 37, seed=seed,
                                               adv_per_token=opt.pop("adv_per_token", False))
     mask[2] = False  # a fully masked row
     kw = dict(loss_type=loss_type, importance_sampling_level=level)
