@@ -8,6 +8,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "common/cpu_simd.h"
+
 TORCH_LIBRARY(r1kernels, m) {
   // Group-normalized advantages. scale: "group" | "batch" | "none".
   m.def("group_advantages(Tensor rewards, int group_size, str scale, float eps) -> Tensor");
@@ -52,8 +54,17 @@ TORCH_LIBRARY(r1kernels, m) {
 }
 
 // `import r1kernels._C` loads this shared library; the static initializers above register the
-// ops with the dispatcher. The module itself is empty.
+// ops with the dispatcher. The module has one function: cpu_simd_level(), which copy of the CPU
+// kernels' SIMD loops this CPU runs (csrc/common/cpu_simd.h).
+static PyObject* cpu_simd_level(PyObject*, PyObject*) {
+  return PyUnicode_FromString(r1k::cpu_simd_level());
+}
+
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static PyMethodDef methods[] = {
+      {"cpu_simd_level", cpu_simd_level, METH_NOARGS,
+       "Which copy of the CPU kernels' SIMD loops this CPU runs."},
+      {nullptr, nullptr, 0, nullptr}};
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module);
 }

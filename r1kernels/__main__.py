@@ -38,6 +38,11 @@ def report() -> str:
         lines.append("CUDA devices: none")
     lines.append("C++ extension: " + ("loaded" if _custom_ops.EXT_ERROR is None
                                       else f"not loaded - {_custom_ops.EXT_ERROR}"))
+    if _custom_ops.EXT_ERROR is None:
+        from r1kernels import _C
+
+        lines.append(f"C++ CPU kernels: {_C.cpu_simd_level()} SIMD loops, "
+                     f"{torch.get_num_threads()} threads (torch.set_num_threads)")
     lines.append(f"TRITON_INTERPRET: {'on' if dispatch.TRITON_INTERPRET else 'off'}; "
                  f"R1K_BACKEND: {dispatch._FORCED or 'auto'}")
     try:

@@ -30,6 +30,12 @@ def test_env_report():
     assert res.returncode == 0, res.stderr
     assert "torch " in res.stdout and "group_advantages" in res.stdout
     assert "C++ extension:" in res.stdout
+    if _custom_ops.EXT_ERROR is None:  # which SIMD copy of the CPU kernels runs here
+        from r1kernels import _C
+
+        level = _C.cpu_simd_level()
+        assert level.startswith(("x86-64-v4", "x86-64-v3", "baseline")), level
+        assert f"C++ CPU kernels: {level}" in res.stdout
 
 
 def test_env_backend_forced():

@@ -15,6 +15,7 @@
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && \
     __GNUC__ >= 12 && !defined(R1K_NO_SIMD_CLONES)
 #define R1K_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define R1K_HAS_SIMD_CLONES 1
 #else
 #define R1K_SIMD_CLONES
 #endif
@@ -47,6 +48,18 @@ R1K_INLINE float exp_simd(float x) {
   const float scale = __builtin_bit_cast(float, bits);
   const float y = x < -87.3f ? 0.0f : er * scale;
   return x > 88.72283f ? std::numeric_limits<float>::infinity() : y;
+}
+
+// Which copy of the R1K_SIMD_CLONES functions this CPU runs (python -m r1kernels prints it).
+inline const char* cpu_simd_level() {
+#if defined(R1K_HAS_SIMD_CLONES)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4")) return "x86-64-v4 (AVX-512)";
+  if (__builtin_cpu_supports("x86-64-v3")) return "x86-64-v3 (AVX2, FMA)";
+  return "baseline (this CPU has no AVX2)";
+#else
+  return "baseline (built without SIMD clones)";
+#endif
 }
 
 }  // namespace r1k
