@@ -210,10 +210,11 @@ R1K_SIMD_CLONES void load_mask(const float* src, int64_t stride, int64_t n, floa
   for (int64_t i = 0; i < n; ++i) dst[i] = src[i * stride];
 }
 
+// The block's mask, lp and old (all a log-ratio needs); with `all`, also adv, ref and rw.
 template <typename M>
 void load_block(Block& k, int64_t b, int64_t t0, int64_t n, const View<float>& lp_v,
                 const View<float>& adv_v, const View<M>& mask_v, const View<float>& old_v,
-                const View<float>& ref_v, const View<float>& rw_v, const Options& o) {
+                const View<float>& ref_v, const View<float>& rw_v, const Options& o, bool all) {
   auto at = [&](const auto& v) { return v.p + b * v.s0 + t0 * v.s1; };
   load_mask(at(mask_v), mask_v.s1, n, k.m);
   load_masked(at(lp_v), lp_v.s1, k.m, n, k.lp);
@@ -222,6 +223,7 @@ void load_block(Block& k, int64_t b, int64_t t0, int64_t n, const View<float>& l
   } else {
     std::copy(k.lp, k.lp + n, k.old);
   }
+  if (!all) return;
   load_masked(at(adv_v), adv_v.s1, k.m, n, k.adv);
   if (o.has_ref) load_masked(at(ref_v), ref_v.s1, k.m, n, k.ref);
   if (o.has_rw) load_masked(at(rw_v), rw_v.s1, k.m, n, k.rw);
@@ -240,7 +242,7 @@ void grpo_rows(const View<float>& lp_v, const View<float>& adv_v, const View<M>&
         double lr = 0.0, n = 0.0;
         for (int64_t t0 = 0; t0 < T; t0 += kBlock) {
           const int64_t len = std::min(kBlock, T - t0);
-          load_block(*k, b, t0, len, lp_v, adv_v, mask_v, old_v, ref_v, rw_v, o);
+          load_block(*k, b, t0, len, lp_v, adv_v, mask_v, old_v, ref_v, rw_v, o, false);
           for (int64_t i = 0; i < len; ++i) {
             lr += static_cast<double>((k->lp[i] - k->old[i]) * k->m[i]);
             n += k->m[i];
@@ -253,7 +255,7 @@ void grpo_rows(const View<float>& lp_v, const View<float>& adv_v, const View<M>&
       float* g_row = grad != nullptr ? grad + b * T : nullptr;
       for (int64_t t0 = 0; t0 < T; t0 += kBlock) {
         const int64_t len = std::min(kBlock, T - t0);
-        load_block(*k, b, t0, len, lp_v, adv_v, mask_v, old_v, ref_v, rw_v, o);
+        load_block(*k, b, t0, len, lp_v, adv_v, mask_v, old_v, ref_v, rw_v, o, true);
         if (o.seq) {
           std::fill(k->c1, k->c1 + len, c1_row);
         } else {
@@ -278,6 +280,10 @@ void grpo_rows(const View<float>& lp_v, const View<float>& adv_v, const View<M>&
 }
 
 at::Tensor f32(const at::Tensor& x) { return x.scalar_type() == at::kFloat ? x : x.to(at::kFloat); }
+
+std::optional<at::Tensor> f32(const std::optional<at::Tensor>& x) {
+  return x.has_value() ? std::optional(f32(*x)) : std::nullopt;
+}
 
 void check_bt(const char* name, const at::Tensor& x, int64_t B, int64_t T) {
   TORCH_CHECK_VALUE(x.device().is_cpu() && x.dim() == 2 && x.size(0) == B && x.size(1) == T,
@@ -313,9 +319,8 @@ std::tuple<at::Tensor, at::Tensor> grpo_loss_partials_cpu(
   // float32 views of the inputs (no copy when they already are; a broadcast [B] advantage keeps
   // its stride 0)
   const at::Tensor lp_f = f32(logps), adv_f = f32(adv);
-  const std::optional<at::Tensor> old_f = old.has_value() ? std::optional(f32(*old)) : std::nullopt;
-  const std::optional<at::Tensor> ref_f = o.has_ref ? std::optional(f32(*ref)) : std::nullopt;
-  const std::optional<at::Tensor> rw_f = rw.has_value() ? std::optional(f32(*rw)) : std::nullopt;
+  const std::optional<at::Tensor> old_f = f32(old), ref_f = o.has_ref ? f32(ref) : std::nullopt,
+                                  rw_f = f32(rw);
   at::Tensor m = mask;
   if (m.scalar_type() == at::kBool) m = m.view(at::kByte);
   if (m.scalar_type() != at::kByte && m.scalar_type() != at::kFloat) m = m.to(at::kFloat);

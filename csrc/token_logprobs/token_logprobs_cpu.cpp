@@ -192,6 +192,10 @@ void check_tile(const char* op, const at::Tensor& x, const at::Tensor& labels,
 
 at::Tensor f32_contiguous(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
+std::optional<at::Tensor> f32_contiguous(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? std::optional(f32_contiguous(*t)) : std::nullopt;
+}
+
 void check_f32(const char* op, const char* name, const at::Tensor& t, int64_t numel) {
   TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() >= numel, op,
                     ": ", name, " must be a contiguous float32 tensor of at least ", numel,
@@ -211,7 +215,7 @@ void logprob_tile_stats_cpu(const at::Tensor& x, const at::Tensor& labels,
   if (final_) check_f32(op, "out", out, 3 * n);
   if (n == 0) return;
   const at::Tensor y = labels.to(at::kLong).contiguous();
-  const std::optional<at::Tensor> b = bias.has_value() ? std::optional(f32_contiguous(*bias)) : std::nullopt;
+  const std::optional<at::Tensor> b = f32_contiguous(bias);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "logprob_tile_stats_cpu", [&] {
     stats_rows<scalar_t>(x.const_data_ptr<scalar_t>(), x.stride(0), y.const_data_ptr<int64_t>(),
                          b.has_value() ? b->const_data_ptr<float>() : nullptr,
@@ -237,9 +241,8 @@ void logprob_tile_grad_cpu(const at::Tensor& x, const at::Tensor& g, const at::T
   if (n == 0) return;
   const at::Tensor y = labels.to(at::kLong).contiguous();
   const at::Tensor lse_f = f32_contiguous(lse), dlogp_f = f32_contiguous(dlogp);
-  const std::optional<at::Tensor> b = bias.has_value() ? std::optional(f32_contiguous(*bias)) : std::nullopt;
-  const std::optional<at::Tensor> ent_f = ent.has_value() ? std::optional(f32_contiguous(*ent)) : std::nullopt;
-  const std::optional<at::Tensor> dent_f = dent.has_value() ? std::optional(f32_contiguous(*dent)) : std::nullopt;
+  const std::optional<at::Tensor> b = f32_contiguous(bias), ent_f = f32_contiguous(ent),
+                                  dent_f = f32_contiguous(dent);
   TORCH_CHECK_VALUE(lse_f.numel() == n && dlogp_f.numel() == n, op, ": lse and dlogp must have ", n,
                     " elements");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "logprob_tile_grad_cpu", [&] {

@@ -976,16 +976,6 @@ def bwd_rows(backend: str, logits, labels, lse, ent, dlogp, dent, inv_temp: floa
     return g
 
 
-def fwd_triton(logits, labels, inv_temp: float, ignore_index: int, with_entropy: bool):
-    return fwd_rows("triton", logits, labels, inv_temp, ignore_index, with_entropy)
-
-
-def bwd_triton(logits, labels, lse, ent, dlogp, dent, inv_temp: float, ignore_index: int,
-               inplace: bool) -> torch.Tensor:
-    return bwd_rows("triton", logits, labels, lse, ent, dlogp, dent, inv_temp, ignore_index,
-                    inplace)
-
-
 # The Triton launchers as custom ops, so torch.compile sees one opaque node per launch (eager
 # calls go to the launchers directly: a custom op costs tens of microseconds of Python).
 if HAS_TRITON:
@@ -993,7 +983,7 @@ if HAS_TRITON:
     @torch.library.custom_op("r1kernels_triton::token_logprobs_fwd", mutates_args=())
     def _fwd_triton_op(logits: torch.Tensor, labels: torch.Tensor, inv_temp: float,
                        ignore_index: int, with_entropy: bool) -> torch.Tensor:
-        return fwd_triton(logits, labels, inv_temp, ignore_index, with_entropy)
+        return fwd_rows("triton", logits, labels, inv_temp, ignore_index, with_entropy)
 
     @_fwd_triton_op.register_fake
     def _(logits, labels, inv_temp, ignore_index, with_entropy):
@@ -1003,7 +993,8 @@ if HAS_TRITON:
     def _bwd_triton_op(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
                        ent: torch.Tensor | None, dlogp: torch.Tensor, dent: torch.Tensor | None,
                        inv_temp: float, ignore_index: int) -> torch.Tensor:
-        return bwd_triton(logits, labels, lse, ent, dlogp, dent, inv_temp, ignore_index, False)
+        return bwd_rows("triton", logits, labels, lse, ent, dlogp, dent, inv_temp, ignore_index,
+                        False)
 
     @_bwd_triton_op.register_fake
     def _(logits, labels, lse, ent, dlogp, dent, inv_temp, ignore_index):
@@ -1193,16 +1184,13 @@ def bwd_torch(x: torch.Tensor, labels: torch.Tensor, lse, ent, dlogp, dent, inv_
 
 
 def _fwd(backend: str, x, labels, inv_temp: float, ignore_index: int, with_entropy: bool):
-    if backend == "triton":
-        if torch.compiler.is_compiling():
-            out = _fwd_triton_op(x, labels, inv_temp, ignore_index, with_entropy)
-        else:
-            out = fwd_triton(x, labels, inv_temp, ignore_index, with_entropy)
-        return out[0], (out[1] if with_entropy else None), out[2]
-    if backend == "cpp":
+    if backend not in TILE_BACKENDS:
+        return fwd_torch(x, labels, inv_temp, ignore_index, with_entropy)
+    if backend == "triton" and torch.compiler.is_compiling():
+        out = _fwd_triton_op(x, labels, inv_temp, ignore_index, with_entropy)
+    else:
         out = fwd_rows(backend, x, labels, inv_temp, ignore_index, with_entropy)
-        return out[0], (out[1] if with_entropy else None), out[2]
-    return fwd_torch(x, labels, inv_temp, ignore_index, with_entropy)
+    return out[0], (out[1] if with_entropy else None), out[2]
 
 
 def _bwd(backend: str, x, labels, lse, ent, dlogp, dent, inv_temp: float, ignore_index: int,
