@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One GPU session: build the extension, check every op on the GPU, time every target.
 #
-#   bash benchmarks/run_gpu.sh [steps]     steps: any of build tests bench step tune
+#   bash benchmarks/run_gpu.sh [steps]     steps: any of build tests bench step tune profile
 #                                          (default: build tests bench step)
 #   tune: benchmarks/tune_fused_logits.py, the launch configurations of the fused logits kernels
+#   profile: benchmarks/profile_hidden.py, kernel times of the hidden-state single sweep
 #   (the segmented kernel's cooperative launch is checked there: it runs only on a GPU)
 #
 # Logs go to $OUT (default .gpu-out/). Optional wheels for the baselines (trl, liger-kernel,
@@ -43,6 +44,9 @@ if has tests; then
 fi
 if has tune; then
   timeout "${TUNE_TIMEOUT:-300}" $PY benchmarks/tune_fused_logits.py 2>&1 | tee "$OUT/tune.log" | tail -30
+fi
+if has profile; then
+  timeout "${PROFILE_TIMEOUT:-240}" $PY benchmarks/profile_hidden.py 2>&1 | tee "$OUT/profile.log" | tail -40
 fi
 if has step; then
   timeout "${STEP_TIMEOUT:-180}" $PY -m trainer.bench_step --out "$OUT/bench_step.json" 2>&1 | tail -5
