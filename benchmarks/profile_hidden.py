@@ -110,7 +110,7 @@ def main():
         print(f"bf16 matmul {rate:.1f} TFLOP/s; 6NHV floor: GRPOLoss (N'={live} live) "
               f"{6 * live * H * V / rate / 1e9:.1f} ms, fwd_bwd {6 * N * H * V / rate / 1e9:.1f} ms")
     default_elems = ltl.TILE_ELEMS_CUDA
-    rows_list = [64] if DRY else [1024, 1536, 2048]
+    rows_list = [64] if DRY else [int(r) for r in os.environ.get("PROFILE_ROWS", "1024,1536,2048").split(",")]
     variants = [(name, r, seg) for name in ("GRPOLoss", "fwd_bwd") for r in rows_list
                 for seg in (False, True)]
     summary = []

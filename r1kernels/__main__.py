@@ -48,9 +48,11 @@ def report() -> str:
     try:
         from r1kernels.ops import token_logprobs as tlp
 
-        cfg = tlp._fused_config()
-        kind = ("segmented" if cfg[0] < 0 else "two launches" if cfg[0] == 0 else "persistent")
-        lines.append(f"fused logits kernel: {kind} {cfg} (R1K_FUSED_LOGITS); statistics launch: "
+        def kind(cfg):
+            return "segmented" if cfg[0] < 0 else "two launches" if cfg[0] == 0 else "persistent"
+        cfg, cfg_grpo = tlp._fused_config(), tlp._fused_config(grpo=True)
+        lines.append(f"fused logits kernel: {kind(cfg)} {cfg}, GRPO variant {kind(cfg_grpo)} "
+                     f"{cfg_grpo} (R1K_FUSED_LOGITS); statistics launch: "
                      f"{tlp._block_v(1 << 20, stats=True)[::-1]} (warps, block; R1K_STATS_LAUNCH)")
     except Exception as exc:  # noqa: BLE001 - a report, not a check
         lines.append(f"fused logits kernel: {exc}")

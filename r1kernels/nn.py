@@ -235,7 +235,7 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
             else:  # chunks of any rows: sized by memory, whatever the sequence length
                 rows = _TokenRows(cfg, T, adv, mask, old, ref, rw, scale, fwd, live)
                 chunk_kernel = None
-                if backend == "triton" and bias is None and TLP.segmented_configured():
+                if backend == "triton" and bias is None and TLP.segmented_configured(grpo=True):
                     chunk_kernel = rows.chunk_kernel(temperature, ignore_index, with_entropy)
                 if live is not None:
                     h2, y2 = h2.index_select(0, live), y2.index_select(0, live)

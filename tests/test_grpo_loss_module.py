@@ -503,6 +503,8 @@ def test_from_logits_fused_kernel_configs(monkeypatch, config, loss_type, inplac
     from r1kernels.ops import token_logprobs as tlp_mod
 
     monkeypatch.setattr(tlp_mod, "FUSED_CONFIG", config)
+
+    monkeypatch.setattr(tlp_mod, "FUSED_CONFIG_GRPO", config)
     monkeypatch.delenv("R1K_FUSED_LOGITS", raising=False)
     d = make(3, 6, 8, 300, seed=7)
     d["mask"][2] = False
@@ -554,6 +556,8 @@ def _segmented_config(monkeypatch, config, V):
     from r1kernels.ops import token_logprobs as tlp_mod
 
     monkeypatch.setattr(tlp_mod, "FUSED_CONFIG", config)
+
+    monkeypatch.setattr(tlp_mod, "FUSED_CONFIG_GRPO", config)
     monkeypatch.delenv("R1K_FUSED_LOGITS", raising=False)
     return tlp_mod.segments(V, config[2])[1]
 

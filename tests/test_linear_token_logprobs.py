@@ -624,6 +624,7 @@ def test_fwd_bwd_matches_reference(backend, sweep, with_dent, with_bias, monkeyp
         from r1kernels.ops import token_logprobs as tlp_mod
 
         monkeypatch.setattr(tlp_mod, "FUSED_CONFIG", (-1, 4, 64, 0))
+        monkeypatch.setattr(tlp_mod, "FUSED_CONFIG_GRPO", (-1, 4, 64, 0))
         monkeypatch.delenv("R1K_FUSED_LOGITS", raising=False)
         monkeypatch.setattr(lin, "TILE_ELEMS_CPU", 4 * 333)  # chunks of 4 rows
         monkeypatch.setattr(lin, "TILE_ELEMS_CUDA", 4 * 333)

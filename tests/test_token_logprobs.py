@@ -299,6 +299,7 @@ def _use_fused_config(monkeypatch, config):
     if "triton" not in dispatch.available_backends(OP, DEVICE):
         pytest.skip("Triton backend not available here")
     monkeypatch.setattr(tlp_mod, "FUSED_CONFIG", config)
+    monkeypatch.setattr(tlp_mod, "FUSED_CONFIG_GRPO", config)
     monkeypatch.delenv("R1K_FUSED_LOGITS", raising=False)
 
 

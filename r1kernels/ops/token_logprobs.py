@@ -689,16 +689,21 @@ def _token_logprobs_seg_kernel(
 # override with R1K_FUSED_LOGITS="programs_per_sm,warps,block,lanes[,stats_warps,stats_block]"
 # (the last two: the two-launch mode's statistics launch, e.g. one warp per row, whose block
 # reductions need no barrier; for -1 the lag and the register cap).
-FUSED_CONFIG = (0, 8, 4096, 0)
+# Defaults measured on an H100 (BENCHMARKS.md, 2026-11-23): token_logprobs_fwd_bwd 5.41 ms with
+# a one-warp statistics launch against 5.73 ms without; the GRPO variant (from_logits) the other
+# way round, 5.83 ms against 6.15 ms.
+FUSED_CONFIG = (0, 8, 4096, 0, 1, 2048)
+FUSED_CONFIG_GRPO = (0, 8, 4096, 0)
 SEG_MAX_SEGMENTS = 128  # the segmented kernel merges at most this many partials per row
 
 
-def _fused_config() -> tuple[int, int, int, int, int, int]:
-    """(programs_per_sm, warps, block, lanes, stats_warps, stats_block): FUSED_CONFIG or
-    R1K_FUSED_LOGITS, missing trailing values 0. The last two apply to the two-launch mode's
-    statistics launch (0: the same as the gradient launch)."""
+def _fused_config(grpo: bool = False) -> tuple[int, int, int, int, int, int]:
+    """(programs_per_sm, warps, block, lanes, stats_warps, stats_block): R1K_FUSED_LOGITS, or
+    FUSED_CONFIG (FUSED_CONFIG_GRPO for the GRPO variant), missing trailing values 0. The last
+    two apply to the two-launch mode's statistics launch (0: the same as the gradient launch)."""
     env = os.environ.get("R1K_FUSED_LOGITS")
-    v = _env_ints("R1K_FUSED_LOGITS", env, 2, 6) if env else list(FUSED_CONFIG)
+    v = _env_ints("R1K_FUSED_LOGITS", env, 2, 6) if env else \
+        list(FUSED_CONFIG_GRPO if grpo else FUSED_CONFIG)
     return tuple(v + [0] * (6 - len(v)))[:6]
 
 
@@ -713,10 +718,11 @@ def _env_ints(name: str, value: str, least: int, most: int) -> list:
     return v
 
 
-def segmented_configured() -> bool:
-    """Whether the fused logits kernel is the segmented one (programs_per_sm = -1): then the
-    single sweep of the hidden-state ops uses it for each chunk of logits too."""
-    return _fused_config()[0] < 0
+def segmented_configured(grpo: bool = False) -> bool:
+    """Whether the fused logits kernel (of the GRPO variant) is the segmented one
+    (programs_per_sm = -1): then the single sweep of the hidden-state ops uses it for each chunk
+    of logits too."""
+    return _fused_config(grpo)[0] < 0
 
 
 def _num_programs(device: torch.device, n_rows: int, per_sm: int) -> int:
@@ -789,7 +795,7 @@ def fused_triton(x3: torch.Tensor, labels: torch.Tensor, g3: torch.Tensor, inv_t
     out = torch.zeros(3, n, dtype=torch.float32, device=x3.device)
     if n == 0:
         return out
-    per_sm, warps, block, lanes, stats_warps, stats_block = _fused_config()
+    per_sm, warps, block, lanes, stats_warps, stats_block = _fused_config(grpo is not None)
     if grpo is None:
         mode = 0
         cfg = None
@@ -888,9 +894,10 @@ def _segmented(head, rest, n, T, V, inv_temp, ignore_index, floats, consts, seg,
 
 
 def _block_v(n_cols: int, stats: bool = False) -> tuple[int, int]:
-    """(block, warps) of the statistics (stats=True) and gradient kernels; R1K_STATS_LAUNCH=
-    "warps,block" overrides the statistics kernel's (e.g. "1,2048": one warp per row, no
-    barrier in its block reductions; to be measured against the default on a GPU)."""
+    """(block, warps) of the statistics (stats=True) and gradient kernels. The statistics
+    kernel runs one warp per row (no barrier in its block reductions) over 2048-column blocks:
+    on an H100 that read [16384, 151936] bf16 in 1.83 ms against 1.95 ms for (8 warps, 4096);
+    R1K_STATS_LAUNCH="warps,block" overrides it."""
     env = os.environ.get("R1K_STATS_LAUNCH") if stats else None
     if env:
         warps, block = _env_ints("R1K_STATS_LAUNCH", env, 2, 2)
@@ -898,6 +905,8 @@ def _block_v(n_cols: int, stats: bool = False) -> tuple[int, int]:
             raise ValueError(f"R1K_STATS_LAUNCH must be 'warps,block' with warps >= 1 and "
                              f"block >= 16, got {env!r}")
         return max(16, min(next_power_of_2(n_cols), next_power_of_2(block))), warps
+    if stats:
+        return max(16, min(next_power_of_2(n_cols), 2048)), 1
     block = max(16, min(next_power_of_2(n_cols), 4096))
     return block, (8 if block >= 4096 else 4)
 
