@@ -31,12 +31,14 @@ def make_inputs(B, T, *, seed=0, adv_per_token=False, spread=0.3, p_mask=0.7):
 
 
 def run(backend, lp, adv, mask, dtype=torch.float32, **kw):
-    """Our loss on `dtype` copies; returns (loss, metrics, grad) as float64 on CPU."""
-    x = lp.to(dtype).to(DEVICE).requires_grad_(True)
-    kw = {k: (v.to(DEVICE).to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v)
+    """Our loss on `dtype` copies (on CPU for the C++ CPU kernels, else on DEVICE); returns
+    (loss, metrics, grad) as float64 on CPU."""
+    dev = "cpu" if backend == "cpp" else DEVICE
+    x = lp.to(dtype).to(dev).requires_grad_(True)
+    kw = {k: (v.to(dev).to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v)
           for k, v in kw.items()}
     with dispatch.use_backend(backend):
-        out = r1kernels.grpo_loss(x, adv.to(DEVICE).float(), mask.to(DEVICE), **kw)
+        out = r1kernels.grpo_loss(x, adv.to(dev).float(), mask.to(dev), **kw)
     assert isinstance(out, r1kernels.GRPOLossOutput)
     assert out.loss.dim() == 0 and out.loss.dtype == torch.float32
     out.loss.backward()
