@@ -165,6 +165,9 @@ def test_grpo_loss_hidden(benchmark, bench, provider, shape, monkeypatch):
         if DEVICE != "cuda":
             pytest.skip("Liger's fused linear GRPO is benchmarked on CUDA")
         chunked = pytest.importorskip("liger_kernel.chunked_loss")
+        # Liger compiles its chunk function; its recompilation for a second shape in the same
+        # process failed on an H100 (dynamo: "sources must not be empty for symbol"): start clean
+        torch._dynamo.reset()
         loss_fn = chunked.LigerFusedLinearGRPOLoss(beta=0.04, use_ref_model=True, epsilon_low=0.2,
                                                    epsilon_high=0.28, loss_type="dapo")
 
