@@ -18,15 +18,14 @@ import torch
 import r1kernels
 from r1kernels import dispatch
 from r1kernels.reference import token_logprobs_ref
-from shapes import DEVICE, SEG_PROVIDERS, shape_id, shapes_for, use_segmented
+from shapes import DEVICE, shape_id, shapes_for
 
 OP = "token_logprobs"
 SHAPES = shapes_for(OP, DEVICE)
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 OURS = [b for b in dispatch.available_backends(OP, DEVICE) if not (b == "triton" and DEVICE == "cpu")]
-PROVIDERS = [f"r1k-{b}" for b in OURS] + ["r1k-fwd_bwd", "r1k-fwd_bwd-inplace"] + \
-    (["r1k-fwd_bwd-seg", "r1k-fwd_bwd-inplace-seg"] if SEG_PROVIDERS else []) + \
-    ["eager", "compiled-ref", "liger", "trl"]
+PROVIDERS = [f"r1k-{b}" for b in OURS] + ["r1k-fwd_bwd", "r1k-fwd_bwd-inplace", "eager",
+                                           "compiled-ref", "liger", "trl"]
 
 
 def eager_logprobs_entropy(logits, labels):
@@ -88,7 +87,7 @@ def make_fn(provider, logits, labels, mode):
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_token_logprobs(benchmark, bench, provider, mode, shape, monkeypatch):
+def test_token_logprobs(benchmark, bench, provider, mode, shape):
     N, V = shape["N"], shape["V"]
     logits = torch.randn(N, V, device=DEVICE, dtype=DTYPE) * 2
     labels = torch.randint(0, V, (N,), device=DEVICE)
@@ -100,8 +99,7 @@ def test_token_logprobs(benchmark, bench, provider, mode, shape, monkeypatch):
         # upstream gradient (w_lp, w_ent) is known up front: one read + one write of the logits
         if mode == "fwd":
             pytest.skip("token_logprobs_fwd_bwd is forward+backward")
-        inplace = "inplace" in provider
-        use_segmented(monkeypatch, provider)
+        inplace = provider.endswith("inplace")
         x = logits.clone() if inplace else logits  # in place: later calls run on gradients
 
         def fn():

@@ -1,9 +1,8 @@
 """Where the hidden-state single sweep spends its time: GRPOLoss on hidden states and
 linear_token_logprobs_fwd_bwd at the issues' target shape (N=16384, H=4096, V=151936, bf16),
-for several chunk sizes (rows of fp32 logits per chunk) and both logits kernels (the default
-two-launch kernel and the segmented one). Prints, per variant, the median time of a call, its
-peak extra memory, and the device time per kernel (torch.profiler) of one call, so the gap to
-the three GEMMs (6 N H V FLOPs at the bf16 matmul rate) can be attributed.
+for several chunk sizes (rows of fp32 logits per chunk). Prints, per variant, the median time
+of a call, its peak extra memory, and the device time per kernel (torch.profiler) of one call,
+so the gap to the three GEMMs (6 N H V FLOPs at the bf16 matmul rate) can be attributed.
 
     python benchmarks/profile_hidden.py                         # on a GPU
     PROFILE_DRY_RUN=1 python benchmarks/profile_hidden.py       # CPU, tiny shapes: each step once
@@ -20,7 +19,6 @@ from r1kernels.ops import linear_token_logprobs as ltl
 
 DRY = os.environ.get("PROFILE_DRY_RUN") == "1"
 DEV = "cpu" if DRY else "cuda"
-SEG = "-1,4,4096,0,0,168"
 
 
 def sync():
@@ -82,7 +80,7 @@ def main():
     B, T, H, V = (2, 64, 64, 1000) if DRY else (16, 1024, 4096, 151936)
     dt = torch.float32 if DRY else torch.bfloat16
     N = B * T
-    hidden = (torch.randn(B, T, H, device=DEV) * 0.5).to(dt).requires_grad_(True)
+    hidden = torch.randn(B, T, H, device=DEV).to(dt).requires_grad_(True)  # as in shared/anchors
     weight = (torch.randn(V, H, device=DEV) / H ** 0.5).to(dt).requires_grad_(True)
     ids = torch.randint(0, V, (B, T), device=DEV)
     lp = -torch.rand(B, T, device=DEV) * 3
@@ -111,30 +109,24 @@ def main():
               f"{6 * live * H * V / rate / 1e9:.1f} ms, fwd_bwd {6 * N * H * V / rate / 1e9:.1f} ms")
     default_elems = ltl.TILE_ELEMS_CUDA
     rows_list = [64] if DRY else [int(r) for r in os.environ.get("PROFILE_ROWS", "1024,1536,2048").split(",")]
-    variants = [(name, r, seg) for name in ("GRPOLoss", "fwd_bwd") for r in rows_list
-                for seg in (False, True)]
+    variants = [(name, r) for name in ("GRPOLoss", "fwd_bwd") for r in rows_list]
     summary = []
-    for name, r, seg in variants:
+    for name, r in variants:
         fn = grpo if name == "GRPOLoss" else fwd_bwd
         ltl.TILE_ELEMS_CUDA = r * V
         if DRY:
             ltl.TILE_ELEMS_CPU = r * V
-        if seg:
-            os.environ["R1K_FUSED_LOGITS"] = SEG
-        else:
-            os.environ.pop("R1K_FUSED_LOGITS", None)
         try:
             t = timed(fn, 1 if DRY else 5)
             mem = peak_extra(fn)
-            label = f"{name} rows={r} {'seg' if seg else 'default'}"
+            label = f"{name} rows={r}"
             print(f"{label}: {t:.2f} ms, peak extra {mem:.2f} GiB", flush=True)
             if r == rows_list[0] or DRY:
                 print(kernel_table(fn), flush=True)
             summary.append((label, t, mem))
         except Exception as exc:  # noqa: BLE001 - report and go on
-            print(f"{name} rows={r} seg={seg} failed: {exc!r}"[:300], flush=True)
+            print(f"{name} rows={r} failed: {exc!r}"[:300], flush=True)
     ltl.TILE_ELEMS_CUDA = default_elems
-    os.environ.pop("R1K_FUSED_LOGITS", None)
     print(f"{'variant':<32} {'ms':>9} {'peak GiB':>9}")
     for label, t, mem in summary:
         print(f"{label:<32} {t:9.2f} {mem:9.2f}")

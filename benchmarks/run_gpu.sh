@@ -5,7 +5,6 @@
 #                                          (default: build tests bench step)
 #   tune: benchmarks/tune_fused_logits.py, the launch configurations of the fused logits kernels
 #   profile: benchmarks/profile_hidden.py, kernel times of the hidden-state single sweep
-#   (the segmented kernel's cooperative launch is checked there: it runs only on a GPU)
 #
 # Logs go to $OUT (default .gpu-out/). Optional wheels for the baselines (trl, liger-kernel,
 # cut-cross-entropy and what they need) are installed from .whl/ when that folder exists.

@@ -9,20 +9,6 @@ import torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-# The "-seg" providers (CUDA only) run our fused logits paths with the segmented kernel
-# (ops/token_logprobs.py, FUSED_CONFIG programs_per_sm = -1) instead of the default two-launch
-# kernel; this launch configuration, or R1K_BENCH_SEG="-1,warps,segment,two_pass".
-SEGMENTED_CONFIG = "-1,4,4096,0,0,168"  # 168 registers: 3 programs per SM (GRPO variant too)
-SEG_PROVIDERS = DEVICE == "cuda"
-
-
-def use_segmented(monkeypatch, provider: str) -> None:
-    """Configure the segmented logits kernel for a "-seg" provider (env read at call time)."""
-    import os
-
-    if provider.endswith("-seg"):
-        monkeypatch.setenv("R1K_FUSED_LOGITS", os.environ.get("R1K_BENCH_SEG", SEGMENTED_CONFIG))
-
 # Model sizes users run GRPO on: hidden size H and vocabulary V.
 MODELS = {
     "qwen2.5": dict(H=4096, V=151936),  # the Qwen2.5 tokenizer; H of the issue's targets

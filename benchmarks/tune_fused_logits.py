@@ -1,9 +1,8 @@
-"""Launch-configuration sweep and GPU check of the fused logits kernels (ops/token_logprobs.py,
-`_token_logprobs_fused_kernel` and the segmented `_token_logprobs_seg_kernel`):
-token_logprobs_fwd_bwd on [16384, 151936] bf16 and GRPOLoss.from_logits on [16, 1025, 151936]
-bf16 (in place), for each configuration in CONFIGS. Every configuration is first checked on the
-GPU (the segmented kernel's cooperative launch runs only there): token_logprobs_fwd_bwd on 1024
-rows against float64, from_logits on 2 sequences against the torch backend. Prints one line per
+"""Launch-configuration sweep and GPU check of the fused logits kernel (ops/token_logprobs.py,
+`_token_logprobs_fused_kernel`): token_logprobs_fwd_bwd on [16384, 151936] bf16 and
+GRPOLoss.from_logits on [16, 1025, 151936] bf16 (in place), for each configuration in CONFIGS.
+Every configuration is first checked on the GPU: token_logprobs_fwd_bwd on 1024 rows against
+float64, from_logits on 2 sequences against the torch backend. Prints one line per
 configuration; the floor is one read + one write of the logits at the measured copy bandwidth.
 
     python benchmarks/tune_fused_logits.py
@@ -18,21 +17,11 @@ import triton.testing
 
 import r1kernels
 from r1kernels import dispatch
-from r1kernels.ops import token_logprobs as tlp_mod
 
-# (programs per SM (0: two launches, one program per row; -1: segmented kernel), warps, block
-# (segment width for -1), per-lane statistics (for -1: two-pass statistics)[, warps and block of
-# the two-launch mode's statistics launch; for -1: the single launch's lag and register cap])
+# (programs per SM (0: two launches, one program per row), warps, block, per-lane statistics
+# [, warps and block of the two-launch mode's statistics launch])
 CONFIGS = [(0, 8, 4096, 0), (0, 16, 4096, 0), (0, 16, 4096, 0, 1, 2048), (0, 8, 4096, 0, 1, 2048),
-           (0, 16, 4096, 0, 2, 2048),
-           (-1, 4, 4096, 0), (-1, 4, 4096, 1), (-1, 8, 4096, 0), (-1, 8, 4096, 1),
-           (-1, 2, 2048, 0), (-1, 8, 8192, 1), (-1, 16, 8192, 0), (-1, 4, 2048, 0),
-           (-1, 8, 2048, 1),
-           # the single launch with lag 1 (a row finished one iteration after it is published)
-           (-1, 4, 4096, 0, 1), (-1, 2, 2048, 0, 1), (-1, 8, 8192, 0, 1), (-1, 4, 2048, 0, 1),
-           # a register cap (sm_90 compiles: the GRPO variant 228 -> 150 registers at 168, no
-           # spills, 3 programs per SM instead of 2; lag 1 at 168: 8-136 B of stack)
-           (-1, 4, 4096, 0, 0, 168), (-1, 4, 4096, 0, 1, 168), (-1, 4, 4096, 0, 0, 128)]
+           (0, 16, 4096, 0, 2, 2048)]
 
 
 def _rel(a, r):
@@ -147,14 +136,12 @@ def main():
     except Exception as exc:  # noqa: BLE001
         print(f"liger not available: {exc!r}"[:200])
     print(f"{'config':>18} {'fwd_bwd ms':>11} {'inplace ms':>11} {'%floor':>7} {'from_logits ms':>15}"
-          f"  launch        errors (logp, entropy, grad, from_logits loss, grad)")
+          f"  errors (logp, entropy, grad, from_logits loss, grad)")
     failures = 0
     for cfg in CONFIGS[int(os.environ.get("TUNE_FROM", "0")):]:  # TUNE_FROM=k: from the k-th on
         os.environ["R1K_FUSED_LOGITS"] = ",".join(map(str, cfg))
         try:
-            tlp_mod.SEG_LAST_LAUNCH = "-"
             errs = check(cfg)
-            launch = tlp_mod.SEG_LAST_LAUNCH
             bad = [e for e in errs if not e < 2e-2]  # bf16 logits: ~1e-3; NaN fails
             if bad:
                 print(f"{str(cfg):>18} WRONG: errors {['%.1e' % e for e in errs]}", flush=True)
@@ -177,7 +164,7 @@ def main():
             failures += 1
             continue
         print(f"{str(cfg):>18} {t1:11.3f} {t2:11.3f} {100 * floor_ms / t2:6.0f}% {t3:15.3f}  "
-              f"{launch:<12}  {' '.join('%.1e' % e for e in errs)}", flush=True)
+              f"{' '.join('%.1e' % e for e in errs)}", flush=True)
     print(f"{failures} configuration(s) wrong or failed" if failures else "all configurations checked")
     return 1 if failures else 0
 

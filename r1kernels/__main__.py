@@ -49,7 +49,7 @@ def report() -> str:
         from r1kernels.ops import token_logprobs as tlp
 
         def kind(cfg):
-            return "segmented" if cfg[0] < 0 else "two launches" if cfg[0] == 0 else "persistent"
+            return "two launches" if cfg[0] == 0 else "persistent"
         cfg, cfg_grpo = tlp._fused_config(), tlp._fused_config(grpo=True)
         lines.append(f"fused logits kernel: {kind(cfg)} {cfg}, GRPO variant {kind(cfg_grpo)} "
                      f"{cfg_grpo} (R1K_FUSED_LOGITS); statistics launch: "

@@ -129,31 +129,13 @@ class _TokenRows:
         g, _ = self.fwd(logp.view(1, -1), adv, mask, old, ref, rw, self.cfg, write_grad=True)
         return g.view(-1) * self.scale_tok[start:end]
 
-    def kernel(self, x3, labels, g3, inv_temp, ignore_index, with_entropy, start: int = 0):
-        """Token rows start .. start + nb * Tx (logits x3 [nb, Tx, V]: whole sequences, Tx = T,
-        from `start` = b0 * T; or Tx = 1, any run of rows; labels [nb * Tx] contiguous): the
-        statistics, dL/dlogp and dL/dlogits (into g3) in the fused logits kernel; returns its
-        out [3, nb * Tx] (logp, entropy, ...)."""
-        nb, tx = x3.shape[0], x3.shape[1]
-        rows = slice(start, start + nb * tx)
-        scale = self.scale_tok[start:start + nb * tx:tx].contiguous()  # per x3 sequence
-        return TLP.fused_triton(
-            x3, labels, g3, inv_temp, int(ignore_index), bool(with_entropy),
-            grpo=(self.cfg, *(None if t is None else t[rows] for t in self.flat), scale))
-
-    def chunk_kernel(self, temperature, ignore_index, with_entropy):
-        """The chunk_kernel of the hidden-state single sweep (ops/linear_token_logprobs.py), for
-        when the segmented logits kernel is configured: per chunk of rows, the statistics, the
-        loss's dL/dlogp and G = dL/dZ in one kernel over the fp32 logits."""
-        inv_temp = 1.0 / float(temperature)
-
-        def chunk_kernel(z, g, y, start, end):
-            n, V = end - start, z.shape[1]
-            out = self.kernel(z.view(n, 1, V), y, g.view(n, 1, V), inv_temp, ignore_index,
-                              with_entropy, start)
-            return out[0], (out[1] if with_entropy else None)
-
-        return chunk_kernel
+    def kernel(self, x3, labels, g3, inv_temp, ignore_index, with_entropy):
+        """Every token row (built with rows=None; logits x3 [B, T, V], labels [B * T]
+        contiguous): the statistics, dL/dlogp and dL/dlogits (into g3) in the fused logits
+        kernel; returns its out [3, B * T] (logp, entropy, ...)."""
+        scale = self.scale_tok[::self.T].contiguous()  # per sequence
+        return TLP.fused_triton(x3, labels, g3, inv_temp, int(ignore_index), bool(with_entropy),
+                                grpo=(self.cfg, *self.flat, scale))
 
     def finish(self, logp, ent, parts, ent_acc):
         """The loss partials (and the entropy sum) of the whole batch from its log-probs (and
@@ -234,13 +216,10 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
                     grad_fn=grad_fn, chunk_bounds=bounds, **kw)
             else:  # chunks of any rows: sized by memory, whatever the sequence length
                 rows = _TokenRows(cfg, T, adv, mask, old, ref, rw, scale, fwd, live)
-                chunk_kernel = None
-                if backend == "triton" and bias is None and TLP.segmented_configured(grpo=True):
-                    chunk_kernel = rows.chunk_kernel(temperature, ignore_index, with_entropy)
                 if live is not None:
                     h2, y2 = h2.index_select(0, live), y2.index_select(0, live)
                 logp, ent, gh, gw, gb = linear_token_logprobs_with_grad(
-                    h2, weight, y2, bias, grad_fn=rows.grad_fn, chunk_kernel=chunk_kernel, **kw)
+                    h2, weight, y2, bias, grad_fn=rows.grad_fn, **kw)
                 rows.finish(logp, ent, parts, ent_acc)
             if live is not None and gh is not None:
                 gh = gh.new_zeros(B * T, H).index_copy_(0, live, gh)

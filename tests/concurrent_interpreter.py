@@ -1,12 +1,12 @@
 """Run the programs of a Triton launch concurrently in the interpreter: one thread per program.
 
 Triton's interpreter (TRITON_INTERPRET=1) runs a grid's programs one after another, so a kernel
-whose programs wait on each other (the segmented logits kernel's single launch, PHASE 0: each
-row's segments exchange their statistics through a per-row arrival counter) would wait forever
-there. Inside `concurrent_programs()` every program of a launch runs in its own thread, all
-started before any is waited on, as a cooperative launch keeps every program of a grid resident
-on a GPU: the waits end, and the kernel's single launch (cross-program exchange, next-row
-prefetch, the gradient written from the held segment) runs on a CPU.
+whose programs hand work to each other through memory (the grpo_loss forward: the last program
+to take a ticket from an atomic counter reduces every program's partials) only ever runs in that
+one order there, and programs that wait on each other would wait forever. Inside
+`concurrent_programs()` every program of a launch runs in its own thread, all started before any
+is waited on, as on a GPU where the programs of a grid run side by side: they finish in whatever
+order the threads take, and a wait on another program ends.
 
 What this shows is the logic (which program reads and writes what, when a wait ends): Python's
 threads interleave at the granularity of interpreter operations, under one lock, so it says

@@ -37,19 +37,3 @@ def device():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-@pytest.fixture
-def single_launch(monkeypatch):
-    """The segmented kernel's single launch (PHASE 0: cross-program exchange of each row's
-    statistics, next-row prefetch, the gradient written from the held segment) in the
-    interpreter, its programs run as concurrent threads (tests/concurrent_interpreter.py) so
-    that their waits on each other end. On a GPU the tests run the cooperative launch itself."""
-    if DEVICE != "cpu":
-        pytest.skip("on a GPU the single launch is the cooperative one (the other tests)")
-    from concurrent_interpreter import concurrent_programs
-    from r1kernels.ops import token_logprobs as tlp_mod
-
-    monkeypatch.setattr(tlp_mod, "SEG_INTERPRETER_SLOTS", 2)
-    with concurrent_programs(timeout=120):
-        yield

@@ -62,22 +62,16 @@ def _compile_here(fn, signature, constexprs, num_warps, num_stages) -> Compiled:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    # As at a real launch, pointers are 16-byte aligned (torch allocations are) and an integer
-    # written "i32:16" is known divisible by 16 (Triton specializes such values): that is what
+    # As at a real launch, pointers are 16-byte aligned (torch allocations are): that is what
     # lets loads and stores become 16-byte vectors, and it changes the register count.
-    sig, attrs = {}, {}
-    for k, ty in signature.items():
-        ty, _, div = ty.partition(":")
-        sig[k] = ty
-        if ty.startswith("*") or div:
-            attrs[(fn.arg_names.index(k),)] = [["tt.divisibility", int(div or 16)]]
+    sig = dict(signature)
+    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]]
+             for k, ty in signature.items() if ty.startswith("*")}
     for k in constexprs:
         sig[k] = "constexpr"
     src = ASTSource(fn=fn, signature=sig, constexprs=dict(constexprs), attrs=attrs)
-    # num_warps: an int, or the launch options as a dict ({"num_warps": 4, "maxnreg": 128})
-    options = dict(num_warps) if isinstance(num_warps, dict) else {"num_warps": num_warps}
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                            options={"num_stages": num_stages, **options})
+                            options={"num_warps": num_warps, "num_stages": num_stages})
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(kernel.asm["cubin"])
         path = f.name

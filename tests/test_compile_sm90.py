@@ -85,43 +85,6 @@ SPECS += [
     for mode in (0, 1) for block, warps in ((2048, 1), (2048, 2))
 ]
 
-# the segmented kernel (FUSED_CONFIG programs_per_sm = -1): the row's segment (and the next
-# row's, prefetched) stays in registers between the statistics and the gradient in PHASE 0, so it
-# must not spill at the segment widths, warps and pass-1 variants the tuning sweep uses
-_SEG_SIG = {**{k: v for k, v in _FUSED_SIG.items() if k not in ("glp_ptr",)},
-            "part_ptr": "*fp32", "cnt_ptr": "*i32", "glp_ptr": "*fp32", "S": "i32",
-            "s_xb": "i64:16", "s_xt": "i64:16", "s_gb": "i64:16", "s_gt": "i64:16", "V": "i32:16"}
-SPECS += [
-    pytest.param(f"{_TLP}:_token_logprobs_seg_kernel", {**_SEG_SIG, "x_ptr": xt, "g_ptr": xt},
-                 {"MODE": mode, "ENTROPY": True, "HAS_DENT": mode == 0, "LOSS": loss,
-                  "HAS_OLD": True, "HAS_DELTA": loss < 5, "HAS_RW": True, "BETA_NZ": True,
-                  "BIAS_KL": True, "SEG": seg, "S_PAD": s_pad, "TWO_PASS": two, "PHASE": phase,
-                  "LAG": lag},
-                 warps, False,
-                 id=f"token_logprobs_seg-mode{mode}-loss{loss}-{xt[1:]}-S{seg}-w{warps}-t{int(two)}"
-                    f"-p{phase}" + ("-lag" if lag else ""))
-    for phase, lag in ((0, 0), (1, 0), (2, 0), (0, 1))
-    for mode, loss, xt, seg, s_pad, warps, two in [
-        (0, 0, "*bf16", 4096, 64, 4, False), (1, 3, "*bf16", 4096, 64, 4, False),
-        (0, 0, "*bf16", 4096, 64, 4, True), (1, 3, "*bf16", 4096, 64, 4, True),
-        (1, 0, "*bf16", 2048, 128, 2, False), (0, 0, "*bf16", 4096, 64, 8, True),
-        (1, 3, "*bf16", 4096, 64, 8, False), (1, 6, "*fp16", 4096, 64, 4, False),
-        (1, 5, "*fp32", 4096, 64, 4, False), (1, 3, "*bf16", 8192, 32, 8, True),
-        (0, 0, "*fp32", 2048, 128, 4, False)]
-]
-
-# the segmented kernel under a register cap of 168 (3 programs of 4 warps per SM): the GRPO
-# variant (228 registers uncapped) must fit it without spilling
-SPECS += [
-    pytest.param(f"{_TLP}:_token_logprobs_seg_kernel", {**_SEG_SIG, "x_ptr": xt, "g_ptr": xt},
-                 {"MODE": mode, "ENTROPY": True, "HAS_DENT": mode == 0, "LOSS": loss,
-                  "HAS_OLD": True, "HAS_DELTA": loss < 5, "HAS_RW": True, "BETA_NZ": True,
-                  "BIAS_KL": True, "SEG": 4096, "S_PAD": 64, "TWO_PASS": False, "PHASE": 0,
-                  "LAG": 0}, {"num_warps": 4, "maxnreg": 168}, False,
-                 id=f"token_logprobs_seg-mode{mode}-loss{loss}-{xt[1:]}-S4096-w4-p0-maxnreg168")
-    for mode, loss, xt in [(0, 0, "*bf16"), (1, 3, "*bf16"), (1, 0, "*bf16")]
-]
-
 # linear_token_logprobs' opt-in fused GEMM kernels (tl.dot on bf16: wgmma), at FUSED_BLOCKS
 _LIN = "r1kernels.ops.linear_token_logprobs"
 _GEMM_ARGS = {"N": "i32", "H": "i32", "stride_hn": "i32", "stride_hk": "i32", "stride_wv": "i32",
@@ -270,8 +233,6 @@ def test_compiles_for_sm90(compiled, request, fn, signature, constexprs, num_war
     assert not isinstance(c, str), f"compiling {fn} for sm_90 failed:\n{c}"
     print(c)
     assert c.local == 0 and c.stack == 0, f"register spills: {c}"
-    if isinstance(num_warps, dict) and "maxnreg" in num_warps:
-        assert c.regs <= num_warps["maxnreg"], f"register cap not applied: {c}"
     assert c.shared <= 227 * 1024, f"too much shared memory for an H100 SM: {c}"
     if expect_wgmma:
         assert "wgmma" in c.ptx, f"{c.name} does not use wgmma on sm_90"

@@ -487,25 +487,28 @@ def test_from_logits_sliced_like_liger(backend, inplace):
         torch.testing.assert_close(full[:, :-1], x.grad)
 
 
-@pytest.mark.parametrize("config", [(2, 16, 4096, 1), (1, 8, 256, 0), (0, 8, 1024, 1),
-                                    (0, 16, 4096, 0, 1, 64), (-1, 4, 64, 1), (-1, 4, 4096, 0)],
-                         ids=["persistent-lanes", "persistent-block-stats", "two-launches",
-                              "two-launches-1-warp-stats", "segments-5", "segment-whole-row"])
-@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "cispo", "sapo"])
-@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
-def test_from_logits_fused_kernel_configs(monkeypatch, config, loss_type, inplace):
-    """GRPOLoss.from_logits on the Triton backend (one fused kernel computes the loss's dL/dlogp
-    per row) in each launch configuration equals the torch backend, on a sliced [B, T+1, V], also
-    with the gradient written over the logits (where the segmented kernel must not read a label
-    logit that another segment's program has already overwritten)."""
+def _use_fused_config(monkeypatch, config):
+    """Run the fused logits kernel in launch configuration `config` (skip without Triton)."""
     if "triton" not in dispatch.available_backends("grpo_loss", DEVICE):
         pytest.skip("Triton backend not available here")
     from r1kernels.ops import token_logprobs as tlp_mod
 
     monkeypatch.setattr(tlp_mod, "FUSED_CONFIG", config)
-
     monkeypatch.setattr(tlp_mod, "FUSED_CONFIG_GRPO", config)
     monkeypatch.delenv("R1K_FUSED_LOGITS", raising=False)
+
+
+@pytest.mark.parametrize("config", [(2, 16, 4096, 1), (1, 8, 256, 0), (0, 8, 1024, 1),
+                                    (0, 16, 4096, 0, 1, 64)],
+                         ids=["persistent-lanes", "persistent-block-stats", "two-launches",
+                              "two-launches-1-warp-stats"])
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "cispo", "sapo"])
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
+def test_from_logits_fused_kernel_configs(monkeypatch, config, loss_type, inplace):
+    """GRPOLoss.from_logits on the Triton backend (one fused kernel computes the loss's dL/dlogp
+    per row) in each launch configuration equals the torch backend, on a sliced [B, T+1, V], also
+    with the gradient written over the logits."""
+    _use_fused_config(monkeypatch, config)
     d = make(3, 6, 8, 300, seed=7)
     d["mask"][2] = False
     with torch.no_grad():
@@ -529,87 +532,13 @@ def test_from_logits_fused_kernel_configs(monkeypatch, config, loss_type, inplac
     torch.testing.assert_close(res[0][2], res[1][2], rtol=1e-5, atol=1e-8)
 
 
-@pytest.mark.parametrize("config", [(-1, 4, 64, 0), (-1, 4, 4096, 0)], ids=["segments", "one-segment"])
-@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
-def test_hidden_with_segmented_chunk_kernel(monkeypatch, config, loss_type):
-    """With the segmented logits kernel configured, GRPOLoss's single sweep hands each chunk of
-    fp32 logits (5 rows per chunk here, across sequences of 7) to it: statistics, the loss's
-    dL/dlogp and G in one kernel. Same loss, metrics and gradients as the float64 reference."""
-    S = _segmented_config(monkeypatch, config, 300)
-    _check_hidden_chunk_kernel(monkeypatch, loss_type, "cooperative" if DEVICE == "cuda" else
-                               "one launch" if S == 1 else "two launches")
-
-
-@pytest.mark.parametrize("loss_type,lag", [("dapo", 0), ("grpo", 0), ("grpo", 1)])
-def test_hidden_with_segmented_chunk_kernel_single_launch(monkeypatch, single_launch, loss_type,
-                                                          lag):
-    """The same through the segmented kernel's single launch, rows of 5 segments, lag 0 or 1 (in
-    the interpreter: its programs as concurrent threads, see tests/conftest.py)."""
-    _segmented_config(monkeypatch, (-1, 4, 64, 0, lag), 300)
-    _check_hidden_chunk_kernel(monkeypatch, loss_type, "one launch")
-
-
-def _segmented_config(monkeypatch, config, V):
-    """Configure the segmented kernel (skip without Triton); returns the segments per row."""
-    if "triton" not in dispatch.available_backends("grpo_loss", DEVICE):
-        pytest.skip("Triton backend not available here")
-    from r1kernels.ops import token_logprobs as tlp_mod
-
-    monkeypatch.setattr(tlp_mod, "FUSED_CONFIG", config)
-
-    monkeypatch.setattr(tlp_mod, "FUSED_CONFIG_GRPO", config)
-    monkeypatch.delenv("R1K_FUSED_LOGITS", raising=False)
-    return tlp_mod.segments(V, config[2])[1]
-
-
-def _check_hidden_chunk_kernel(monkeypatch, loss_type, launch):
-    from r1kernels.ops import token_logprobs as tlp_mod
-
-    monkeypatch.setattr(ltp_mod, "TILE_ELEMS_CPU", 5 * 300)  # chunks of 5 rows
-    monkeypatch.setattr(ltp_mod, "TILE_ELEMS_CUDA", 5 * 300)
-    d = make(3, 7, 16, 300, seed=3, bias=False)
-    d["mask"][1] = False
-    d["labels"][0, 2] = -100
-    opts = dict(loss_type=loss_type, beta=0.04, epsilon_high=0.28)
-    kw = kwargs_for(d, beta=True, rw=True)
-    rloss, rmetrics, rgrads = reference(d, dict(opts), kw, temperature=0.8)
-    h = d["hidden"].float().to(DEVICE).requires_grad_(True)
-    w = d["weight"].float().to(DEVICE).requires_grad_(True)
-    tlp_mod.SEG_LAST_LAUNCH = ""
-    with dispatch.use_backend("triton"):
-        out = GRPOLoss(temperature=0.8, **opts)(h, w, d["labels"].to(DEVICE), d["mask"].to(DEVICE),
-                                                d["adv"].float().to(DEVICE), **to_dev(kw))
-    assert tlp_mod.SEG_LAST_LAUNCH == launch
-    out.loss.backward()
-    assert out.loss.item() == pytest.approx(rloss, rel=1e-5, abs=1e-6)
-    for k, v in rmetrics.items():
-        assert out.metrics[k].item() == pytest.approx(v, rel=1e-5, abs=1e-6), k
-    for ours, ref in zip((h.grad, w.grad), rgrads):
-        torch.testing.assert_close(ours.double().cpu(), ref, rtol=1e-4, atol=1e-6)
-
-
-@pytest.mark.parametrize("config", [(0, 8, 1024, 1), (2, 16, 4096, 1), (-1, 4, 64, 0), (-1, 4, 4096, 1)],
-                         ids=["two-launches", "persistent", "segments", "one-segment"])
+@pytest.mark.parametrize("config", [(0, 8, 1024, 1), (2, 16, 4096, 1)],
+                         ids=["two-launches", "persistent"])
 def test_from_logits_masked_rows_not_read(monkeypatch, config):
     """Tokens outside the loss mask contribute nothing, so the fused kernels neither read their
     logits nor let them reach the result: NaN logits there give the same loss and metrics as
     zeros would, and an exactly zero gradient row (padding is often a large part of a batch)."""
-    _segmented_config(monkeypatch, config, 300)
-    _check_masked_rows_not_read()
-
-
-@pytest.mark.parametrize("lag", [0, 1])
-def test_from_logits_masked_rows_not_read_single_launch(monkeypatch, single_launch, lag):
-    """The same through the segmented kernel's single launch (masked rows skip the exchange of
-    their segments' statistics; in the interpreter its programs run as concurrent threads)."""
-    _segmented_config(monkeypatch, (-1, 4, 64, 0, lag), 300)
-    _check_masked_rows_not_read()
-    from r1kernels.ops import token_logprobs as tlp_mod
-
-    assert tlp_mod.SEG_LAST_LAUNCH == "one launch"
-
-
-def _check_masked_rows_not_read():
+    _use_fused_config(monkeypatch, config)
     d = make(3, 6, 8, 300, seed=9)
     d["mask"][0, 4:] = False
     d["mask"][2] = False

@@ -622,25 +622,15 @@ def test_fused_gemm_kernels(tiles, dtype, with_bias, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("sweep", ["one", "two", "one-segmented"])
+@pytest.mark.parametrize("sweep", ["one", "two"])
 @pytest.mark.parametrize("with_dent", [False, True])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_fwd_bwd_matches_reference(backend, sweep, with_dent, with_bias, monkeypatch):
     """Values and all gradients vs float64 autograd of sum(g_lp logp) + sum(g_ent entropy), in
-    the single-sweep order, in it with the segmented logits kernel configured (one kernel per
-    chunk; Triton, no bias), and (forced by a tiny chunk limit) the two-sweep order."""
+    the single-sweep order and (forced by a tiny chunk limit) the two-sweep order."""
     if sweep == "two":
         monkeypatch.setattr(lin, "SINGLE_SWEEP_MAX_CHUNK_ELEMS_CPU", 1)
         monkeypatch.setattr(lin, "SINGLE_SWEEP_MAX_CHUNK_ELEMS_CUDA", 1)
-    if sweep == "one-segmented":
-        from r1kernels.ops import token_logprobs as tlp_mod
-
-        monkeypatch.setattr(tlp_mod, "FUSED_CONFIG", (-1, 4, 64, 0))
-        monkeypatch.setattr(tlp_mod, "FUSED_CONFIG_GRPO", (-1, 4, 64, 0))
-        monkeypatch.delenv("R1K_FUSED_LOGITS", raising=False)
-        monkeypatch.setattr(lin, "TILE_ELEMS_CPU", 4 * 333)  # chunks of 4 rows
-        monkeypatch.setattr(lin, "TILE_ELEMS_CUDA", 4 * 333)
-        tlp_mod.SEG_LAST_LAUNCH = ""
     B, T, H, V = 2, 5, 24, 333
     h = torch.randn(B, T, H)
     w = torch.randn(V, H) / 4
@@ -659,8 +649,6 @@ def test_fwd_bwd_matches_reference(backend, sweep, with_dent, with_bias, monkeyp
     loss = (lr * glp.double()).sum() + ((er * gent.double()).sum() if with_dent else 0)
     loss.backward()
     assert lp.shape == (B, T) and gh.shape == (B, T, H) and gw.shape == (V, H)
-    if sweep == "one-segmented":  # used exactly where it applies
-        assert (tlp_mod.SEG_LAST_LAUNCH != "") == (backend == "triton" and not with_bias)
     torch.testing.assert_close(lp.cpu().double(), lr.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(en.cpu().double(), er.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gh.cpu().double(), hr.grad, rtol=1e-4, atol=1e-5)

@@ -381,115 +381,6 @@ def test_fwd_bwd_empty_and_bad_input(backend):
                                              torch.zeros(4, device=DEVICE))
 
 
-@pytest.mark.parametrize("config,dtype,inplace", [
-    ((-1, 4, 64, 0), torch.float32, False), ((-1, 4, 64, 0), torch.bfloat16, True),
-    ((-1, 4, 64, 1), torch.float32, True), ((-1, 4, 64, 1), torch.bfloat16, False),
-    ((-1, 2, 256, 0), torch.float32, True), ((-1, 4, 64, 0, 1), torch.float32, True),
-    ((-1, 4, 64, 1, 1), torch.bfloat16, False), ((-1, 2, 256, 0, 1), torch.bfloat16, True)],
-    ids=["online-11-fp32-out", "online-11-bf16-inplace", "two-pass-11-fp32-inplace",
-         "two-pass-11-bf16-out", "online-3-fp32-inplace", "lag-online-11-fp32-inplace",
-         "lag-two-pass-11-bf16-out", "lag-online-3-bf16-inplace"])
-def test_segmented_single_launch(monkeypatch, single_launch, config, dtype, inplace):
-    """The single launch with rows of several segments (2 row slots of 11 or 3 programs walking
-    9 rows, so every program prefetches and the last slot ends early; lag 0 or 1, the 5th
-    value: rows finished in the iteration they are published in, or the next): the same numbers as
-    float64, with ignored labels and zero upstream gradients (rows that skip the exchange), a
-    flat row, in place or not. Before these tests it ran only on a GPU."""
-    _use_fused_config(monkeypatch, config)
-    N, V = 9, 700
-    g0 = torch.Generator().manual_seed(11)
-    logits = (torch.randn(N, V, generator=g0) * 4).to(dtype)
-    logits[1, :] = -30.0
-    labels = torch.randint(0, V, (N,), generator=g0)
-    labels[5] = -100
-    glp, gent = torch.randn(N, generator=g0), torch.randn(N, generator=g0)
-    glp[7], gent[7] = 0.0, 0.0  # a dead row: nothing to exchange, zeros written
-    x = logits.clone().to(DEVICE)
-    tlp_mod.SEG_LAST_LAUNCH = ""
-    with dispatch.use_backend("triton"):
-        logp, ent, grad = r1kernels.token_logprobs_fwd_bwd(
-            x, labels.to(DEVICE), glp.to(DEVICE), grad_entropy=gent.to(DEVICE),
-            with_entropy=True, temperature=1.3, inplace=inplace)
-    assert tlp_mod.SEG_LAST_LAUNCH == "one launch"
-    assert (grad.data_ptr() == x.data_ptr()) == inplace
-    lr, er, gr = _fwd_bwd_ref(logits.double(), labels, glp, gent, 1.3)
-    torch.testing.assert_close(logp.cpu().double(), lr, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(ent.cpu().double(), er, rtol=1e-5, atol=1e-5)
-    rtol = 1e-5 if dtype == torch.float32 else 2 ** -7
-    torch.testing.assert_close(grad.cpu().double(), gr, rtol=rtol, atol=1e-6)
-    assert (grad[7] == 0).all()
-
-
-@pytest.mark.parametrize("lag", [0, 1])
-def test_segmented_single_launch_bf16_gradient_over_fp32_logits(monkeypatch, single_launch, lag):
-    """The hidden-state sweep's layout in the single launch: bf16 G written over the fp32 logits
-    z (row r of G in the first half of z's row r, i.e. over other segments' columns): safe
-    because every segment of a row is read before the exchange, and written after it. Rows as
-    [N, 1, V], as the sweep hands over chunks of rows."""
-    _use_fused_config(monkeypatch, (-1, 4, 64, 0, lag))
-    _check_bf16_gradient_over_fp32_logits(rows_as_sequences=True)
-    assert tlp_mod.SEG_LAST_LAUNCH == "one launch"
-
-
-@pytest.mark.parametrize("config", [(-1, 4, 64, 0), (-1, 4, 4096, 0)], ids=["segments", "one-segment"])
-def test_segmented_bf16_gradient_over_fp32_logits(monkeypatch, config):
-    """The hidden-state sweep's layout: the fp32 logits chunk z and its gradient written over it
-    as bf16 (row r of G in the first half of z's row r), which overwrites other segments'
-    columns: PHASE 0 reads every segment of a row first (one segment: the interpreter's single
-    launch); the two-launch form writes into a separate buffer, then copies."""
-    _use_fused_config(monkeypatch, config)
-    _check_bf16_gradient_over_fp32_logits(rows_as_sequences=False)
-
-
-def _check_bf16_gradient_over_fp32_logits(rows_as_sequences: bool):
-    """fused_triton on fp32 logits z [6, 300] with G written over z as bf16, against float64;
-    rows viewed as [N, 1, V] (one row per sequence) or [1, N, V]."""
-    N, V = 6, 300
-    g0 = torch.Generator().manual_seed(4)
-    z0 = torch.randn(N, V, generator=g0) * 3
-    labels = torch.randint(0, V, (N,), generator=g0)
-    labels[2] = -100
-    glp, gent = torch.randn(N, generator=g0), torch.randn(N, generator=g0)
-    z = z0.clone().to(DEVICE)
-    g = z.view(torch.bfloat16)[:, :V]
-    shape = (N, 1, V) if rows_as_sequences else (1, N, V)
-    out = tlp_mod.fused_triton(z.view(shape), labels.to(DEVICE), g.view(shape), 1 / 0.9, -100,
-                               True, grad_logp=glp.to(DEVICE), grad_entropy=gent.to(DEVICE))
-    lr, er, gr = _fwd_bwd_ref(z0, labels, glp, gent, 0.9)
-    torch.testing.assert_close(out[0].cpu().double(), lr, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out[1].cpu().double(), er, rtol=1e-5, atol=1e-5)
-    # bf16 gradient: one rounding of each element, relative 2**-8 to nearest (the GPU), 2**-7 if
-    # truncated (the interpreter's conversion)
-    torch.testing.assert_close(g.cpu().double(), gr, rtol=2 ** -7, atol=1e-6)
-
-
-@pytest.mark.parametrize("config", [(-1, 4, 64, 0), (-1, 4, 64, 1), (-1, 4, 4096, 1)],
-                         ids=["online", "two-pass", "one-segment"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_segmented_16bit_logits(monkeypatch, config, dtype):
-    """The segmented kernel on 16-bit logits (bf16 is widened by hand in the gradient pass), in
-    place: against float64 on the rounded logits; the gradient is rounded once to the logits'
-    dtype (relative 2**-8 for bf16, 2**-11 for fp16; twice that if the conversion truncates)."""
-    _use_fused_config(monkeypatch, config)
-    N, V = 7, 700
-    g0 = torch.Generator().manual_seed(6)
-    logits = (torch.randn(N, V, generator=g0) * 4).to(dtype)
-    logits[3] = -30.0  # a flat row
-    labels = torch.randint(0, V, (N,), generator=g0)
-    labels[1] = -100
-    glp, gent = torch.randn(N, generator=g0), torch.randn(N, generator=g0)
-    x = logits.clone().to(DEVICE)
-    with dispatch.use_backend("triton"):
-        logp, ent, grad = r1kernels.token_logprobs_fwd_bwd(
-            x, labels.to(DEVICE), glp.to(DEVICE), grad_entropy=gent.to(DEVICE), with_entropy=True,
-            inplace=True)
-    lr, er, gr = _fwd_bwd_ref(logits.double(), labels, glp, gent, 1.0)
-    torch.testing.assert_close(logp.cpu().double(), lr, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(ent.cpu().double(), er, rtol=1e-5, atol=1e-5)
-    rtol = 2 ** -7 if dtype == torch.bfloat16 else 2 ** -10
-    torch.testing.assert_close(grad.cpu().double(), gr, rtol=rtol, atol=1e-6)
-
-
 @pytest.mark.parametrize("launch", ["1,64", "2,128"])
 def test_stats_launch_override(monkeypatch, launch):
     """R1K_STATS_LAUNCH (warps, block of the statistics kernel) changes the launch, not the
@@ -512,7 +403,8 @@ def test_stats_launch_override(monkeypatch, launch):
 
 
 @pytest.mark.parametrize("name,value", [("R1K_FUSED_LOGITS", "fast"), ("R1K_FUSED_LOGITS", "0,0,4096"),
-                                        ("R1K_FUSED_LOGITS", "1"), ("R1K_STATS_LAUNCH", "1"),
+                                        ("R1K_FUSED_LOGITS", "1"), ("R1K_FUSED_LOGITS", "-1,4,4096,0"),
+                                        ("R1K_STATS_LAUNCH", "1"),
                                         ("R1K_STATS_LAUNCH", "0,2048"), ("R1K_STATS_LAUNCH", "1,x")])
 def test_bad_launch_env(monkeypatch, name, value):
     """A malformed launch override is a ValueError naming the variable, not a crash."""
@@ -528,24 +420,14 @@ def test_bad_launch_env(monkeypatch, name, value):
             r1kernels.token_logprobs(x, y)
 
 
-@pytest.mark.parametrize("V", [1, 7, 65])
-@pytest.mark.parametrize("config", [(-1, 4, 64, 0), (-1, 2, 64, 1)], ids=["online", "two-pass"])
-def test_segmented_tiny_vocabularies(monkeypatch, config, V):
-    """Vocabularies smaller than one segment (or one column past it): masked columns only."""
-    _use_fused_config(monkeypatch, config)
-    g0 = torch.Generator().manual_seed(V)
-    logits = torch.randn(5, V, generator=g0) * 3
-    labels = torch.randint(0, V, (5,), generator=g0)
-    labels[4] = -100
-    glp, gent = torch.randn(5, generator=g0), torch.randn(5, generator=g0)
-    with dispatch.use_backend("triton"):
-        logp, ent, grad = r1kernels.token_logprobs_fwd_bwd(
-            logits.clone().to(DEVICE), labels.to(DEVICE), glp.to(DEVICE),
-            grad_entropy=gent.to(DEVICE), with_entropy=True)
-    lr, er, gr = _fwd_bwd_ref(logits, labels, glp, gent, 1.0)
-    torch.testing.assert_close(logp.cpu().double(), lr, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(ent.cpu().double(), er, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grad.cpu().double(), gr, rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize("value", ["-1,4,4096,0", "-2,8"])
+def test_negative_programs_per_sm_rejected(monkeypatch, value):
+    """R1K_FUSED_LOGITS with programs_per_sm < 0 (no such launch mode) is a ValueError naming
+    the variable, from the token_logprobs and the GRPO variants of the fused kernel alike."""
+    monkeypatch.setenv("R1K_FUSED_LOGITS", value)
+    for grpo in (False, True):
+        with pytest.raises(ValueError, match="R1K_FUSED_LOGITS: programs_per_sm must be >= 0"):
+            tlp_mod._fused_config(grpo)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -605,53 +487,16 @@ def test_ignored_rows_not_read(backend):
     assert (x.grad.cpu()[ign] == 0).all()
 
 
-@pytest.mark.parametrize("regs,warps,shared,per_sm", [(168, 4, 1040, 3), (255, 8, 0, 1), (64, 2, 0, 16),
-                                                      (32, 1, 100000, 2)])
-def test_resident_programs_arithmetic(monkeypatch, regs, warps, shared, per_sm):
-    """The cooperative grid's size where the driver's occupancy query is not available: registers
-    per warp in units of 256, threads, shared memory and blocks per SM (an H100's limits)."""
-    import types
-
-    props = types.SimpleNamespace(multi_processor_count=132, regs_per_multiprocessor=65536,
-                                  max_threads_per_multi_processor=2048,
-                                  shared_memory_per_multiprocessor=233472)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: props)
-    kernel = types.SimpleNamespace(_init_handles=lambda: None, n_regs=regs, function=0,
-                                   metadata=types.SimpleNamespace(num_warps=warps, shared=shared))
-    import ctypes
-
-    def no_libcuda(*a, **k):
-        raise OSError("no libcuda here")
-    monkeypatch.setattr(ctypes, "CDLL", no_libcuda)
-    assert tlp_mod._resident_programs(kernel, torch.device("cpu")) == per_sm * 132
-
-
-def test_segments_of_a_row():
-    """The segmented kernel's split: power-of-two widths of at least 64 columns, never more than
-    SEG_MAX_SEGMENTS per row (the width grows instead), the partials padded to a power of two."""
-    assert tlp_mod.segments(151936, 4096) == (4096, 38, 64)
-    assert tlp_mod.segments(151936, 8192) == (8192, 19, 32)
-    assert tlp_mod.segments(262144, 1024) == (2048, 128, 128)
-    assert tlp_mod.segments(1000, 16) == (64, 16, 16)
-    assert tlp_mod.segments(7, 4096) == (64, 1, 2)
-    for V in (1, 63, 64, 65, 4097, 151936, 262145):
-        seg, S, S_PAD = tlp_mod.segments(V, 64)
-        assert (S - 1) * seg < V <= S * seg and S <= tlp_mod.SEG_MAX_SEGMENTS and S <= S_PAD
-
-
 @pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
 @pytest.mark.parametrize("config", [(2, 16, 4096, 1), (1, 8, 256, 0), (3, 4, 64, 1), (0, 8, 1024, 1),
-                                    (0, 8, 1024, 0, 1, 128), (-1, 4, 64, 1), (-1, 2, 128, 0),
-                                    (-1, 8, 4096, 1), (-1, 8, 4096, 0, 1), (-1, 4, 64, 0, 1, 168)],
+                                    (0, 8, 1024, 0, 1, 128)],
                          ids=["lanes", "block-stats", "small-blocks", "two-launches",
-                              "two-launches-1-warp-stats", "segments-24", "segments-12",
-                              "segment-whole-row", "segment-whole-row-lag",
-                              "segments-24-lag-maxnreg"])
+                              "two-launches-1-warp-stats"])
 def test_fwd_bwd_launch_configs(monkeypatch, config, inplace):
     """Every pass-1 variant of the fused kernel (per-lane or block statistics), block width and
-    the segmented kernel (rows split over programs: 24 segments of 64 columns, 12 of 128, one
-    segment for the whole row; two-pass or online statistics) compute the same numbers, also
-    with the gradient written over the logits (Triton backend; on CPU in the interpreter)."""
+    launch mode (persistent, or two launches with their own statistics launch) compute the same
+    numbers, also with the gradient written over the logits (Triton backend; on CPU in the
+    interpreter)."""
     _use_fused_config(monkeypatch, config)
     N, V = 9, 1500
     logits = torch.randn(N, V) * 4
@@ -665,10 +510,6 @@ def test_fwd_bwd_launch_configs(monkeypatch, config, inplace):
             x, labels.to(DEVICE), glp.to(DEVICE), grad_entropy=gent.to(DEVICE),
             with_entropy=True, temperature=1.3, inplace=inplace)
     assert (grad.data_ptr() == x.data_ptr()) == inplace
-    if config[0] < 0:  # how the segmented kernel ran: on CPU, one launch when a row is one segment
-        S = tlp_mod.segments(V, config[2])[1]
-        expect = "cooperative" if DEVICE == "cuda" else ("one launch" if S == 1 else "two launches")
-        assert tlp_mod.SEG_LAST_LAUNCH == expect
     lr, er, gr = _fwd_bwd_ref(logits, labels, glp, gent, 1.3)
     torch.testing.assert_close(logp.cpu().double(), lr, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ent.cpu().double(), er, rtol=1e-5, atol=1e-5)

@@ -43,10 +43,6 @@ Internal entry point for the fused GRPO loss (_notes/INTERFACE_logprobs_loss.md)
       grad_weight      += G.T @ h_rows   (see precision below)
       grad_bias        += sum_rows G     (fp32)
     FLOPs: 6 * N * H * V (three GEMMs, the logits are computed once).
-    With the segmented logits kernel configured (ops/token_logprobs.py, FUSED_CONFIG -1), the
-    callers that know dL/dlogp in-kernel (GRPOLoss, linear_token_logprobs_fwd_bwd) pass a
-    `chunk_kernel` that does the statistics, dL/dlogp and G of a chunk in one kernel: the fp32
-    logits are read once instead of twice (the Triton backend, without a bias).
     Extra memory: the chunk buffer R * V * 4 bytes with R = TILE_ELEMS // V, rounded down to
     whole 128-row GEMM tiles when chunk_multiple is 1, else to a multiple of chunk_multiple (at
     least chunk_multiple: a sequence longer than the budget gets a buffer of
@@ -560,13 +556,10 @@ def _chunk_grad(z, yr, b, *, lp_out, ent_out, r0: int, inv_temp: float, ignore_i
 
 def single_sweep(h, w, b, y, inv_temp: float, ignore_index: int, entropy: bool, backend: str,
                  grad_fn: Callable, chunk_multiple: int, need: tuple[bool, bool, bool], op: str,
-                 chunk_kernel: Callable | None = None, chunk_bounds: list[int] | None = None):
+                 chunk_bounds: list[int] | None = None):
     """(logp, entropy or None, grad_hidden, grad_weight, grad_bias) in one sweep (module
     docstring); grad_fn is called once per chunk of rows (chunk_bounds: the chunks' row
-    boundaries [0, ..., N], instead of groups of chunk_multiple rows), unless chunk_kernel
-    (Triton backend, no bias) replaces the statistics, grad_fn and the gradient kernels of each
-    chunk: chunk_kernel(z, g, labels, start, end) -> (logp, entropy or None) writes G into g
-    (which may alias the logits z, in a 16-bit dtype) with one kernel that reads z once."""
+    boundaries [0, ..., N], instead of groups of chunk_multiple rows)."""
     n_all, hid = h.shape
     vocab = w.shape[0]
     need_h, need_w, need_b = need[0], need[1], need[2] and b is not None
@@ -608,19 +601,10 @@ def single_sweep(h, w, b, y, inv_temp: float, ignore_index: int, entropy: bool, 
             z = torch.empty(n, vocab, **f32)
             for v0 in range(0, vocab, gcols):
                 z[:, v0:v0 + gcols] = _mm_f32(hr, w[v0:v0 + gcols].t())
-        if chunk_kernel is not None and backend == "triton" and b is None and \
-                not torch.compiler.is_compiling():
-            # statistics, dL/dlogp and G in one kernel over the chunk, G written over Z
-            g = z if gdt == torch.float32 else z.view(gdt)[:, :vocab]
-            lp, en = chunk_kernel(z, g, yr, r0, r0 + n)
-            logp[sl] = lp
-            if entropy:
-                ent[sl] = en
-        else:
-            g = _chunk_grad(z, yr, b, lp_out=logp[sl], ent_out=None if ent is None else ent[sl],
-                            r0=r0, inv_temp=inv_temp, ignore_index=ignore_index, entropy=entropy,
-                            backend=backend, grad_fn=grad_fn, cols=cols, gdt=gdt, op=op,
-                            need_any=need_h or need_w or need_b)
+        g = _chunk_grad(z, yr, b, lp_out=logp[sl], ent_out=None if ent is None else ent[sl],
+                        r0=r0, inv_temp=inv_temp, ignore_index=ignore_index, entropy=entropy,
+                        backend=backend, grad_fn=grad_fn, cols=cols, gdt=gdt, op=op,
+                        need_any=need_h or need_w or need_b)
         del z
         if g is None:
             continue
@@ -761,8 +745,7 @@ def linear_token_logprobs_with_grad(hidden: torch.Tensor, weight: torch.Tensor,
                                     temperature: float, ignore_index: int, with_entropy: bool,
                                     grad_fn: Callable, chunk_multiple: int = 1,
                                     need_grads: tuple[bool, bool, bool] = (True, True, True),
-                                    sweep: str = "auto", chunk_kernel: Callable | None = None,
-                                    chunk_bounds: list[int] | None = None):
+                                    sweep: str = "auto", chunk_bounds: list[int] | None = None):
     """Log-probs and the gradients of a loss whose dL/dlogp `grad_fn` gives, in one call.
 
     Returns (logp [N] fp32, entropy [N] fp32 or None, grad_hidden [N, H] in hidden's dtype or
@@ -774,7 +757,6 @@ def linear_token_logprobs_with_grad(hidden: torch.Tensor, weight: torch.Tensor,
     boundaries [0, ..., N], e.g. whole sequences of different lengths. `sweep`: "one"
     (6 N H V FLOPs), "two" (8 N H V FLOPs, grad_weight always reduced in fp32) or "auto" (module
     docstring; with chunk_bounds: "one" when the largest chunk fits the limit).
-    `chunk_kernel`: see `single_sweep` (used there when it applies, else grad_fn).
     """
     op = "linear_token_logprobs_with_grad"
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
@@ -804,7 +786,7 @@ def linear_token_logprobs_with_grad(hidden: torch.Tensor, weight: torch.Tensor,
         with torch.no_grad():
             return single_sweep(h, weight, bias, y, inv_temp, int(ignore_index),
                                 bool(with_entropy), backend, grad_fn, chunk_multiple, need, op,
-                                chunk_kernel, chunk_bounds)
+                                chunk_bounds)
     with torch.no_grad():
         logp, ent, lse = forward_stats(h, weight, bias, y, inv_temp, int(ignore_index),
                                        bool(with_entropy), backend)
@@ -846,20 +828,10 @@ def linear_token_logprobs_fwd_bwd(hidden: torch.Tensor, weight: torch.Tensor, la
     def grad_fn(start, end, logp, ent):
         return glp[start:end], (None if gent is None else gent[start:end])
 
-    chunk_kernel = None
-    if tlp.segmented_configured():  # statistics and G of each chunk in one kernel
-        inv_temp = 1.0 / float(temperature)
-
-        def chunk_kernel(z, g, y, start, end):
-            out = tlp.fused_triton(z.unsqueeze(0), y, g.unsqueeze(0), inv_temp, int(ignore_index),
-                                   bool(with_entropy), grad_logp=glp[start:end],
-                                   grad_entropy=None if gent is None else gent[start:end])
-            return out[0], (out[1] if with_entropy else None)
-
     need = (True, True, bias is not None)
     logp, ent, gh, gw, gb = linear_token_logprobs_with_grad(
         h_in, weight, y_in, bias, temperature=temperature, ignore_index=ignore_index,
-        with_entropy=with_entropy, grad_fn=grad_fn, need_grads=need, chunk_kernel=chunk_kernel)
+        with_entropy=with_entropy, grad_fn=grad_fn, need_grads=need)
     if rows is not None:
         n = y2.numel()
         logp = logp.new_zeros(n).index_copy_(0, rows, logp)

@@ -207,58 +207,34 @@ def _row_result(m, s, w, zt, valid, ignored):
 
 
 @triton.jit
-def _grpo_token_inputs(row, b, old_ptr, ref_ptr, adv_ptr, mask_ptr, rw_ptr, scale_ptr,
-                       HAS_OLD: tl.constexpr, HAS_RW: tl.constexpr, BETA_NZ: tl.constexpr):
-    """The GRPO loss's per-token inputs of token `row` (sequence b), as 1-element fp32 blocks:
-    (old logp, ref logp, advantage, mask, rollout weight, the row's loss scale); inputs that are
-    not given are zeros (the derivative below does not read them)."""
+def _grpo_token_dlogp(logp, row, b, old_ptr, ref_ptr, adv_ptr, mask_ptr, rw_ptr, scale_ptr,
+                      eps_lo, eps_hi, delta, beta, tau_pos, tau_neg, LOSS: tl.constexpr,
+                      HAS_OLD: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_RW: tl.constexpr,
+                      BETA_NZ: tl.constexpr, BIAS_KL: tl.constexpr):
+    """dL/dlogp of token `row` (sequence b) under the GRPO loss (r1kernels/ops/grpo_loss.py,
+    token-level ratio), scaled by the row's loss scale; computed on 1-element blocks."""
     one = tl.arange(0, 1)
-    z1 = tl.zeros([1], dtype=tl.float32)
-    old1 = z1
-    ref1 = z1
-    rw1 = z1
+    lp1 = tl.zeros([1], dtype=tl.float32) + logp
     if HAS_OLD:
         old1 = tl.load(old_ptr + row + one).to(tl.float32)
+    else:
+        old1 = lp1  # on-policy: old = sg(logp)
     if BETA_NZ:
         ref1 = tl.load(ref_ptr + row + one).to(tl.float32)
+    else:
+        ref1 = lp1
     a1 = tl.load(adv_ptr + row + one).to(tl.float32)
     m1 = tl.load(mask_ptr + row + one).to(tl.float32)
     if HAS_RW:
         rw1 = tl.load(rw_ptr + row + one).to(tl.float32)
-    return old1, ref1, a1, m1, rw1, tl.load(scale_ptr + b)
-
-
-@triton.jit
-def _grpo_token_grad(logp, old1, ref1, a1, m1, rw1, sc, eps_lo, eps_hi, delta, beta, tau_pos,
-                     tau_neg, LOSS: tl.constexpr, HAS_OLD: tl.constexpr, HAS_DELTA: tl.constexpr,
-                     HAS_RW: tl.constexpr, BETA_NZ: tl.constexpr, BIAS_KL: tl.constexpr):
-    """dL/dlogp of one token under the GRPO loss (r1kernels/ops/grpo_loss.py, token-level
-    ratio), scaled by the row's loss scale sc, from `_grpo_token_inputs`."""
-    lp1 = tl.zeros([1], dtype=tl.float32) + logp
-    if not HAS_OLD:
-        old1 = lp1  # on-policy: old = sg(logp)
-    if not BETA_NZ:
-        ref1 = lp1
-    if not HAS_RW:
+    else:
         rw1 = lp1
     c1 = tl.exp(lp1 - old1)
     pol, g_dir, g_c1, kl, low, high = _grpo_token_terms(
         lp1, old1, ref1, a1, rw1, c1, eps_lo, eps_hi, delta, beta, tau_pos, tau_neg,
         LOSS, HAS_DELTA, HAS_RW, BETA_NZ, BIAS_KL)
     g1 = tl.where(m1 != 0.0, (g_dir + g_c1 * c1) * m1, 0.0)
-    return tl.sum(g1, axis=0) * sc
-
-
-@triton.jit
-def _grpo_token_dlogp(logp, row, b, old_ptr, ref_ptr, adv_ptr, mask_ptr, rw_ptr, scale_ptr,
-                      eps_lo, eps_hi, delta, beta, tau_pos, tau_neg, LOSS: tl.constexpr,
-                      HAS_OLD: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_RW: tl.constexpr,
-                      BETA_NZ: tl.constexpr, BIAS_KL: tl.constexpr):
-    """`_grpo_token_grad` of token `row` with its inputs loaded here."""
-    old1, ref1, a1, m1, rw1, sc = _grpo_token_inputs(row, b, old_ptr, ref_ptr, adv_ptr, mask_ptr,
-                                                     rw_ptr, scale_ptr, HAS_OLD, HAS_RW, BETA_NZ)
-    return _grpo_token_grad(logp, old1, ref1, a1, m1, rw1, sc, eps_lo, eps_hi, delta, beta,
-                            tau_pos, tau_neg, LOSS, HAS_OLD, HAS_DELTA, HAS_RW, BETA_NZ, BIAS_KL)
+    return tl.sum(g1, axis=0) * tl.load(scale_ptr + b)
 
 
 # Forward and backward in one kernel, for callers that know dL/dlogp (and dL/dentropy) of a row as
@@ -391,310 +367,18 @@ def _token_logprobs_fused_kernel(
                          eviction_policy="evict_first")
 
 
-# Segmented variant (the row held on chip between its statistics and its gradient): each row is
-# split into S segments of SEG columns, one program per segment. A program loads its segment once
-# into registers, writes the segment's partial statistics (max, sum-exp, entropy sum) to `part`,
-# and, once all S partials of the row are in (a per-row arrival counter), merges them, computes
-# dL/dlogp (given, or the GRPO token terms) and writes the gradient of its segment from the
-# registers: the logits are read once and the gradient written once, 2 * N * V * itemsize bytes
-# (the two-pass floor, 3.3 ms at N=16384, V=151936 bf16 on an H100) instead of 3 passes.
-# PHASE 0 is that single launch: a persistent grid of whole rows' worth of programs (programs
-# pid = slot * S + seg walk rows slot, slot + n_slots, ... together) launched as a cooperative
-# grid, so every program is resident and waiting on the counter cannot deadlock (the driver
-# rejects a grid too large to be co-resident). While a row waits for its other segments, each
-# program already has the next row's segment in flight (prefetched into a second set of
-# registers), so waiting does not idle the memory system. PHASE 1 (partials only) + PHASE 2
-# (merge and gradient, the segment loaded again) are the same code as two ordinary launches:
-# what the interpreter runs (it executes programs one after another, so a wait on another
-# program would never end; rows of one segment run PHASE 0 there, which waits on nobody) and
-# the fallback where a cooperative launch is refused. The tests also run PHASE 0 with rows of
-# several segments on a CPU, with the interpreter's programs as concurrent threads
-# (SEG_INTERPRETER_SLOTS, tests/concurrent_interpreter.py).
-# Registers bound the design: ~12-16K logits per SM in flight (BENCHMARKS.md has no GPU figure
-# for it yet; benchmarks/tune_fused_logits.py checks and times it).
-
-
-@triton.jit
-def _seg_stats_block(x, c, label, m, s, w, zt, inv_temp, ENTROPY: tl.constexpr):
-    """Merge a held block x (raw logits, columns c) into the segment's statistics online; zt
-    gathers the label's scaled logit when the label is among the columns."""
-    z = x.to(tl.float32) * inv_temp
-    m, s, w = _online_stats_update(m, s, w, z, ENTROPY)
-    return m, s, w, zt + tl.sum(tl.where(c == label, z, 0.0), axis=0)
-
-
-@triton.jit
-def _add3(a0, a1, a2, b0, b1, b2):
-    return a0 + b0, a1 + b1, a2 + b2
-
-
-@triton.jit
-def _seg_stats(xa, xb, xc, xd, ca, cb, cc, cd, label, inv_temp, ENTROPY: tl.constexpr,
-               TWO_PASS: tl.constexpr):
-    """Statistics of a held segment (four blocks of raw logits and their columns): max m,
-    sum-exp s and entropy sum w relative to m, and the label's scaled logit zt (0 when the label
-    is elsewhere). TWO_PASS: the blocks are in registers, so two passes over all four, with two
-    block-wide reductions (max, then the sums as one), each costing barriers; else an online
-    update per block (a reduction per statistic and block, but fp32 temporaries for one block
-    at a time: fewer registers)."""
-    if not TWO_PASS:
-        zero = tl.sum(tl.zeros_like(xa).to(tl.float32), axis=0)
-        m, s, w, zt = _seg_stats_block(xa, ca, label, zero - float("inf"), zero, zero, zero,
-                                       inv_temp, ENTROPY)
-        m, s, w, zt = _seg_stats_block(xb, cb, label, m, s, w, zt, inv_temp, ENTROPY)
-        m, s, w, zt = _seg_stats_block(xc, cc, label, m, s, w, zt, inv_temp, ENTROPY)
-        return _seg_stats_block(xd, cd, label, m, s, w, zt, inv_temp, ENTROPY)
-    za = xa.to(tl.float32) * inv_temp
-    zb = xb.to(tl.float32) * inv_temp
-    zc = xc.to(tl.float32) * inv_temp
-    zd = xd.to(tl.float32) * inv_temp
-    m = tl.max(tl.maximum(tl.maximum(za, zb), tl.maximum(zc, zd)), axis=0)
-    m_ref = tl.where(m == float("-inf"), 0.0, m)  # all -inf: any finite reference
-    ea = tl.exp(za - m_ref)
-    eb = tl.exp(zb - m_ref)
-    ec = tl.exp(zc - m_ref)
-    ed = tl.exp(zd - m_ref)
-    sv = ea + eb + ec + ed
-    ztv = tl.where(ca == label, za, 0.0) + tl.where(cb == label, zb, 0.0) + \
-        tl.where(cc == label, zc, 0.0) + tl.where(cd == label, zd, 0.0)
-    if ENTROPY:
-        wv = ea * tl.where(ea > 0.0, za - m_ref, 0.0) + eb * tl.where(eb > 0.0, zb - m_ref, 0.0) + \
-            ec * tl.where(ec > 0.0, zc - m_ref, 0.0) + ed * tl.where(ed > 0.0, zd - m_ref, 0.0)
-    else:
-        wv = sv * 0.0
-    s, w, zt = tl.reduce((sv, wv, ztv), 0, _add3)  # one reduction (one set of barriers)
-    return m, s, w, zt
-
-
-@triton.jit
-def _seg_grad(x, c, g_row, label, lse, ent, dlp, dent, inv_temp, V, HAS_DENT: tl.constexpr):
-    """Write dL/dlogits of a held block x (raw logits, columns c)."""
-    if x.dtype == tl.bfloat16:
-        # bf16 -> fp32 by hand: the compiler cannot merge it with the statistics' conversion, so
-        # it keeps the held block as packed bf16 instead of an fp32 copy (half the registers)
-        xf = (x.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
-    else:
-        xf = x.to(tl.float32)
-    g = _logits_grad(xf, c == label, lse, ent, dlp, dent, inv_temp, HAS_DENT)
-    tl.store(g_row + c, g.to(g_row.dtype.element_ty), mask=c < V)
-
-
-@triton.jit
-def _seg_row(r, N, T, x_ptr, s_xb, s_xt, labels_ptr, glp_ptr, gent_ptr, old_ptr, ref_ptr, adv_ptr,
-             mask_ptr, rw_ptr, scale_ptr, c0, V, Q: tl.constexpr, MODE: tl.constexpr,
-             HAS_DENT: tl.constexpr, HAS_OLD: tl.constexpr, HAS_RW: tl.constexpr,
-             BETA_NZ: tl.constexpr):
-    """Issue the loads of row r for the segment starting at column c0: its four quarters (raw
-    logits, -inf past the vocabulary), its label and its upstream inputs (MODE 0: dL/dlogp and
-    dL/dentropy; MODE 1: the GRPO token inputs) and whether the row is live. Past the last row
-    (r >= N, a prefetch at the end of the grid) and, in MODE 1, for a token outside the loss mask
-    (it contributes nothing: zeros are written) the segment loads are masked off (nothing read)."""
-    row = tl.cast(tl.minimum(r, N - 1), tl.int64)
-    b = row // T
-    x_row = x_ptr + b * s_xb + (row - b * T) * s_xt
-    live = r < N
-    if MODE == 1:
-        live = live & (tl.load(mask_ptr + row) != 0)
-    lim = tl.where(live, V, 0)
-    ca = c0 + tl.arange(0, Q)
-    xa = tl.load(x_row + ca, mask=ca < lim, other=float("-inf"))
-    xb = tl.load(x_row + ca + Q, mask=ca + Q < lim, other=float("-inf"))
-    xc = tl.load(x_row + ca + 2 * Q, mask=ca + 2 * Q < lim, other=float("-inf"))
-    xd = tl.load(x_row + ca + 3 * Q, mask=ca + 3 * Q < lim, other=float("-inf"))
-    label = tl.load(labels_ptr + row).to(tl.int64)
-    if MODE == 0:
-        z1 = tl.zeros([1], dtype=tl.float32)
-        i0 = z1 + tl.load(glp_ptr + row).to(tl.float32)
-        i1 = z1
-        if HAS_DENT:
-            i1 = z1 + tl.load(gent_ptr + row).to(tl.float32)
-        i2 = z1
-        i3 = z1
-        i4 = z1
-        i5 = tl.sum(z1, axis=0)
-    else:
-        i0, i1, i2, i3, i4, i5 = _grpo_token_inputs(row, b, old_ptr, ref_ptr, adv_ptr, mask_ptr,
-                                                    rw_ptr, scale_ptr, HAS_OLD, HAS_RW, BETA_NZ)
-    return xa, xb, xc, xd, label, live, i0, i1, i2, i3, i4, i5
-
-
-@triton.jit
-def _seg_publish(row, seg, p_row, cnt_ptr, xa, xb, xc, xd, ca, cb, cc, cd, label, live, inv_temp,
-                 V, ENTROPY: tl.constexpr, TWO_PASS: tl.constexpr, SEG: tl.constexpr,
-                 S_PAD: tl.constexpr, PHASE: tl.constexpr):
-    """The statistics of this program's held segment of `row`, stored as the segment's partials;
-    in the single launch (PHASE 0) announced on the row's arrival counter (release)."""
-    valid = (label >= 0) & (label < V)
-    m_s, s_s, w_s, zt_s = _seg_stats(xa, xb, xc, xd, ca, cb, cc, cd, label, inv_temp, ENTROPY,
-                                     TWO_PASS)
-    # the segment holding the label keeps its logit with the partials: with the gradient
-    # written in place, the label's column may be overwritten before the others read it
-    tl.store(p_row + 3 * S_PAD, zt_s, mask=valid & (label // SEG == seg))
-    tl.store(p_row + seg, m_s)
-    tl.store(p_row + S_PAD + seg, s_s)
-    if ENTROPY:
-        tl.store(p_row + 2 * S_PAD + seg, w_s)
-    if PHASE == 0:
-        if live:  # (every segment of a row agrees: dead rows skip the exchange)
-            # this program's partials are stored (barrier), then announced (release)
-            tl.debug_barrier()
-            tl.atomic_add(cnt_ptr + row, 1, sem="release", scope="gpu")
-
-
-@triton.jit
-def _seg_finish(row, seg, p_row, cnt_ptr, out_ptr, g_ptr, s_gb, s_gt, xa, xb, xc, xd, ca, cb, cc,
-                cd, k, k_ok, label, live, i0, i1, i2, i3, i4, i5, N, T, V, S, inv_temp,
-                ignore_index, eps_lo, eps_hi, delta, beta, tau_pos, tau_neg, MODE: tl.constexpr,
-                ENTROPY: tl.constexpr, HAS_DENT: tl.constexpr, LOSS: tl.constexpr,
-                HAS_OLD: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_RW: tl.constexpr,
-                BETA_NZ: tl.constexpr, BIAS_KL: tl.constexpr, S_PAD: tl.constexpr,
-                PHASE: tl.constexpr):
-    """Once every segment of `row` has published (PHASE 0: wait on its counter, acquire):
-    merge the S partials, the row's results (segment 0 writes them), dL/dlogp (given, or the
-    GRPO token terms) and the gradient of the held segment."""
-    b = row // T
-    t_ = row - b * T
-    ignored = label == ignore_index
-    valid = (label >= 0) & (label < V)
-    if PHASE == 0:
-        if live:
-            arrived = tl.atomic_add(cnt_ptr + row, 0, sem="acquire", scope="gpu")
-            while arrived < S:
-                arrived = tl.atomic_add(cnt_ptr + row, 0, sem="acquire", scope="gpu")
-    # merge the S partials (read from L2: other programs wrote them)
-    pm = tl.load(p_row + k, mask=k_ok, other=float("-inf"), cache_modifier=".cg")
-    ps = tl.load(p_row + S_PAD + k, mask=k_ok, other=0.0, cache_modifier=".cg")
-    pw = ps
-    if ENTROPY:
-        pw = tl.load(p_row + 2 * S_PAD + k, mask=k_ok, other=0.0, cache_modifier=".cg")
-    m, s, w = _merge_partials(pm, ps, pw, ENTROPY)
-    zt = tl.load(p_row + 3 * S_PAD, mask=valid, other=0.0, cache_modifier=".cg")
-    lse, logp, ent = _row_result(m, s, w, zt, valid, ignored)
-    lse = tl.where(live, lse, 0.0)  # a dead row: zeros out, zeros written below
-    logp = tl.where(live, logp, 0.0)
-    ent = tl.where(live, ent, 0.0)
-    if seg == 0:
-        tl.store(out_ptr + row, logp)
-        if ENTROPY:
-            tl.store(out_ptr + N + row, tl.where(ignored, 0.0, ent))
-    if MODE == 0:
-        dlp = tl.sum(i0, axis=0)
-        dent = tl.sum(i1, axis=0)
-    else:
-        dlp = _grpo_token_grad(logp, i0, i1, i2, i3, i4, i5, eps_lo, eps_hi, delta, beta, tau_pos,
-                               tau_neg, LOSS, HAS_OLD, HAS_DELTA, HAS_RW, BETA_NZ, BIAS_KL)
-        dent = tl.sum(tl.zeros_like(i1), axis=0)
-    dlp = tl.where(ignored, 0.0, dlp)
-    dent = tl.where(ignored, 0.0, dent)
-    g_row = g_ptr + b * s_gb + t_ * s_gt
-    _seg_grad(xa, ca, g_row, label, lse, ent, dlp, dent, inv_temp, V, HAS_DENT)
-    _seg_grad(xb, cb, g_row, label, lse, ent, dlp, dent, inv_temp, V, HAS_DENT)
-    _seg_grad(xc, cc, g_row, label, lse, ent, dlp, dent, inv_temp, V, HAS_DENT)
-    _seg_grad(xd, cd, g_row, label, lse, ent, dlp, dent, inv_temp, V, HAS_DENT)
-
-
-@triton.jit
-def _token_logprobs_seg_kernel(
-        x_ptr, s_xb, s_xt, g_ptr, s_gb, s_gt, labels_ptr, out_ptr, part_ptr, cnt_ptr,
-        glp_ptr, gent_ptr,
-        old_ptr, ref_ptr, adv_ptr, mask_ptr, rw_ptr, scale_ptr,
-        N, T, V, S, inv_temp, ignore_index,
-        eps_lo, eps_hi, delta, beta, tau_pos, tau_neg,
-        MODE: tl.constexpr, ENTROPY: tl.constexpr, HAS_DENT: tl.constexpr,
-        LOSS: tl.constexpr, HAS_OLD: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_RW: tl.constexpr,
-        BETA_NZ: tl.constexpr, BIAS_KL: tl.constexpr, SEG: tl.constexpr, S_PAD: tl.constexpr,
-        TWO_PASS: tl.constexpr, PHASE: tl.constexpr, LAG: tl.constexpr = 0):
-    # The segment is held as four quarters, all loaded before any is used, so that the fp32
-    # temporaries of the statistics and of the gradient exist for one quarter at a time:
-    # registers go to the held logits (in their own dtype). In PHASE 0 the next row's segment
-    # and inputs are loaded (prefetched) while this row waits for its other segments, so the
-    # wait does not leave the program without loads in flight. LAG = 1 (PHASE 0 only) goes one
-    # step further: a row is finished (waited on, merged, its gradient written) one iteration
-    # after it was published, so its exchange has the whole iteration to complete; it holds
-    # three rows' segments (finishing, publishing, prefetched) instead of two.
-    Q: tl.constexpr = SEG // 4
-    pid = tl.program_id(0)
-    seg = pid % S
-    slot = pid // S
-    n_slots = tl.num_programs(0) // S
-    c0 = seg * SEG
-    ca = c0 + tl.arange(0, Q)
-    cb = ca + Q
-    cc = cb + Q
-    cd = cc + Q
-    k = tl.arange(0, S_PAD)
-    k_ok = k < S
-    xa, xb, xc, xd, label, live, i0, i1, i2, i3, i4, i5 = _seg_row(
-        slot, N, T, x_ptr, s_xb, s_xt, labels_ptr, glp_ptr, gent_ptr, old_ptr, ref_ptr, adv_ptr,
-        mask_ptr, rw_ptr, scale_ptr, c0, V, Q, MODE, HAS_DENT, HAS_OLD, HAS_RW, BETA_NZ)
-    if LAG == 0:
-        for r in range(slot, N, n_slots):
-            row = tl.cast(r, tl.int64)
-            p_row = part_ptr + row * (4 * S_PAD)
-            if PHASE != 2:
-                _seg_publish(row, seg, p_row, cnt_ptr, xa, xb, xc, xd, ca, cb, cc, cd, label,
-                             live, inv_temp, V, ENTROPY, TWO_PASS, SEG, S_PAD, PHASE)
-            if PHASE == 0:
-                na, nb, nc, nd, n_label, n_live, n0, n1, n2, n3, n4, n5 = _seg_row(
-                    r + n_slots, N, T, x_ptr, s_xb, s_xt, labels_ptr, glp_ptr, gent_ptr, old_ptr,
-                    ref_ptr, adv_ptr, mask_ptr, rw_ptr, scale_ptr, c0, V, Q, MODE, HAS_DENT,
-                    HAS_OLD, HAS_RW, BETA_NZ)
-            if PHASE != 1:
-                _seg_finish(row, seg, p_row, cnt_ptr, out_ptr, g_ptr, s_gb, s_gt, xa, xb, xc, xd,
-                            ca, cb, cc, cd, k, k_ok, label, live, i0, i1, i2, i3, i4, i5, N, T, V,
-                            S, inv_temp, ignore_index, eps_lo, eps_hi, delta, beta, tau_pos,
-                            tau_neg, MODE, ENTROPY, HAS_DENT, LOSS, HAS_OLD, HAS_DELTA, HAS_RW,
-                            BETA_NZ, BIAS_KL, S_PAD, PHASE)
-            if PHASE == 0:
-                xa, xb, xc, xd, label, live = na, nb, nc, nd, n_label, n_live
-                i0, i1, i2, i3, i4, i5 = n0, n1, n2, n3, n4, n5
-    else:  # PHASE 0, one row in flight between publishing and finishing
-        pa, pb, pc, pd, p_label, p_live = xa, xb, xc, xd, label, live
-        p0, p1, p2, p3, p4, p5 = i0, i1, i2, i3, i4, i5
-        for r in range(slot, N + n_slots, n_slots):  # one more step: finishes the last row
-            if r < N:
-                row = tl.cast(r, tl.int64)
-                _seg_publish(row, seg, part_ptr + row * (4 * S_PAD), cnt_ptr, xa, xb, xc, xd, ca,
-                             cb, cc, cd, label, live, inv_temp, V, ENTROPY, TWO_PASS, SEG, S_PAD,
-                             PHASE)
-            na, nb, nc, nd, n_label, n_live, n0, n1, n2, n3, n4, n5 = _seg_row(
-                r + n_slots, N, T, x_ptr, s_xb, s_xt, labels_ptr, glp_ptr, gent_ptr, old_ptr,
-                ref_ptr, adv_ptr, mask_ptr, rw_ptr, scale_ptr, c0, V, Q, MODE, HAS_DENT,
-                HAS_OLD, HAS_RW, BETA_NZ)
-            if r > slot:
-                prow = tl.cast(r - n_slots, tl.int64)
-                _seg_finish(prow, seg, part_ptr + prow * (4 * S_PAD), cnt_ptr, out_ptr, g_ptr,
-                            s_gb, s_gt, pa, pb, pc, pd, ca, cb, cc, cd, k, k_ok, p_label, p_live,
-                            p0, p1, p2, p3, p4, p5, N, T, V, S, inv_temp, ignore_index, eps_lo,
-                            eps_hi, delta, beta, tau_pos, tau_neg, MODE, ENTROPY, HAS_DENT, LOSS,
-                            HAS_OLD, HAS_DELTA, HAS_RW, BETA_NZ, BIAS_KL, S_PAD, PHASE)
-            pa, pb, pc, pd, p_label, p_live = xa, xb, xc, xd, label, live
-            p0, p1, p2, p3, p4, p5 = i0, i1, i2, i3, i4, i5
-            xa, xb, xc, xd, label, live = na, nb, nc, nd, n_label, n_live
-            i0, i1, i2, i3, i4, i5 = n0, n1, n2, n3, n4, n5
-
-
 # launch configuration of the fused kernel: programs per SM, warps per program, block width,
 # per-lane statistics (1) or block statistics (0) in pass 1. programs_per_sm = 0: two launches of
 # one program per row instead (PHASE 1 statistics, PHASE 2 gradient: the row is read twice from
-# HBM, no grid-size limit). programs_per_sm = -1: the segmented kernel (segments of `block`
-# columns, `warps` per program, the 4th field its pass-1 variant: 1 = two passes over the held
-# segment with two reductions, 0 = online per quarter with fewer registers; a 5th field, the
-# single launch's lag: 1 = a row finished one iteration after it is published, three rows'
-# segments held; a 6th, a register cap per thread (maxnreg, 0 = the compiler's choice)), one
-# cooperative launch on CUDA; e.g. (-1, 4, 4096, 0): 32 logits per thread, twice (this row's
-# and the prefetched next row's), 162 registers on sm_90 without spills, 3 programs per SM (the
-# GRPO variant takes 228, 2 per SM, or 150 without spills under a cap of 168: 3 per SM). Tuned
-# on an H100 (BENCHMARKS.md; the segmented kernel is not measured yet);
-# override with R1K_FUSED_LOGITS="programs_per_sm,warps,block,lanes[,stats_warps,stats_block]"
+# HBM, no grid-size limit). Tuned on an H100 (BENCHMARKS.md); override with
+# R1K_FUSED_LOGITS="programs_per_sm,warps,block,lanes[,stats_warps,stats_block]"
 # (the last two: the two-launch mode's statistics launch, e.g. one warp per row, whose block
-# reductions need no barrier; for -1 the lag and the register cap).
+# reductions need no barrier).
 # Defaults measured on an H100 (BENCHMARKS.md, 2026-11-23): token_logprobs_fwd_bwd 5.41 ms with
 # a one-warp statistics launch against 5.73 ms without; the GRPO variant (from_logits) the other
 # way round, 5.83 ms against 6.15 ms.
 FUSED_CONFIG = (0, 8, 4096, 0, 1, 2048)
 FUSED_CONFIG_GRPO = (0, 8, 4096, 0)
-SEG_MAX_SEGMENTS = 128  # the segmented kernel merges at most this many partials per row
 
 
 def _fused_config(grpo: bool = False) -> tuple[int, int, int, int, int, int]:
@@ -702,8 +386,13 @@ def _fused_config(grpo: bool = False) -> tuple[int, int, int, int, int, int]:
     FUSED_CONFIG (FUSED_CONFIG_GRPO for the GRPO variant), missing trailing values 0. The last
     two apply to the two-launch mode's statistics launch (0: the same as the gradient launch)."""
     env = os.environ.get("R1K_FUSED_LOGITS")
-    v = _env_ints("R1K_FUSED_LOGITS", env, 2, 6) if env else \
-        list(FUSED_CONFIG_GRPO if grpo else FUSED_CONFIG)
+    if env:
+        v = _env_ints("R1K_FUSED_LOGITS", env, 2, 6)
+        if v[0] < 0:
+            raise ValueError(f"R1K_FUSED_LOGITS: programs_per_sm must be >= 0 (0: two launches), "
+                             f"got {env!r}")
+    else:
+        v = list(FUSED_CONFIG_GRPO if grpo else FUSED_CONFIG)
     return tuple(v + [0] * (6 - len(v)))[:6]
 
 
@@ -718,68 +407,12 @@ def _env_ints(name: str, value: str, least: int, most: int) -> list:
     return v
 
 
-def segmented_configured(grpo: bool = False) -> bool:
-    """Whether the fused logits kernel (of the GRPO variant) is the segmented one
-    (programs_per_sm = -1): then the single sweep of the hidden-state ops uses it for each chunk
-    of logits too."""
-    return _fused_config(grpo)[0] < 0
-
-
 def _num_programs(device: torch.device, n_rows: int, per_sm: int) -> int:
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
     else:  # the interpreter: a few programs, each walking several rows
         sms = 4
     return max(1, min(n_rows, sms * per_sm))
-
-
-def _resident_programs(kernel, device: torch.device) -> int:
-    """How many programs of a compiled kernel fit on the GPU at once: the driver's occupancy
-    query (cuOccupancyMaxActiveBlocksPerMultiprocessor) times the SM count, or, where libcuda
-    cannot be asked, the same arithmetic by hand (registers per warp in units of 256, shared
-    memory, threads and blocks per SM)."""
-    kernel._init_handles()  # loads the module: fills n_regs and the function handle
-    props = torch.cuda.get_device_properties(device)
-    warps = kernel.metadata.num_warps
-    shared = kernel.metadata.shared
-    try:
-        import ctypes
-
-        cuda = ctypes.CDLL("libcuda.so.1")
-        blocks = ctypes.c_int(0)
-        err = cuda.cuOccupancyMaxActiveBlocksPerMultiprocessor(
-            ctypes.byref(blocks), ctypes.c_void_p(kernel.function), ctypes.c_int(32 * warps),
-            ctypes.c_size_t(shared))
-        if err == 0:
-            return blocks.value * props.multi_processor_count
-    except (OSError, AttributeError):
-        pass
-    regs_sm = getattr(props, "regs_per_multiprocessor", 65536)
-    threads_sm = getattr(props, "max_threads_per_multi_processor", 2048)
-    smem_sm = getattr(props, "shared_memory_per_multiprocessor", 233472)
-    per_warp = -(-max(kernel.n_regs, 1) * 32 // 256) * 256
-    by_regs = (regs_sm // per_warp) // warps
-    by_threads = threads_sm // (32 * warps)
-    by_smem = smem_sm // (shared + 1024) if shared else 32
-    return max(0, min(by_regs, by_threads, by_smem, 32)) * props.multi_processor_count
-
-
-_SEG_GRID: dict = {}  # (device, kernel specialization) -> resident programs
-SEG_LAST_LAUNCH = ""  # how the segmented kernel last ran ("cooperative" / "two launches")
-# Tests only (tests/concurrent_interpreter.py runs a launch's programs as concurrent threads):
-# > 0 runs the single launch (PHASE 0) in the interpreter with this many row slots, also for rows
-# of several segments, whose programs wait on each other.
-SEG_INTERPRETER_SLOTS = 0
-
-
-def segments(V: int, seg: int) -> tuple[int, int, int]:
-    """(SEG, S, S_PAD) of the segmented kernel: segments of SEG columns (a power of two, at least
-    V / SEG_MAX_SEGMENTS), S of them per row, S_PAD the next power of two."""
-    seg = max(64, min(next_power_of_2(seg), next_power_of_2(V)))
-    while -(-V // seg) > SEG_MAX_SEGMENTS:
-        seg *= 2
-    S = -(-V // seg)
-    return seg, S, max(2, next_power_of_2(S))
 
 
 def fused_triton(x3: torch.Tensor, labels: torch.Tensor, g3: torch.Tensor, inv_temp: float,
@@ -822,10 +455,6 @@ def fused_triton(x3: torch.Tensor, labels: torch.Tensor, g3: torch.Tensor, inv_t
                   BETA_NZ=cfg is not None and cfg.beta != 0.0,
                   BIAS_KL=cfg is not None and cfg.bias_kl)
     head = (x3, x3.stride(0), x3.stride(1), g3, g3.stride(0), g3.stride(1), labels, out)
-    if per_sm < 0:  # (5th value: the single launch's lag, 0 or 1; 6th: its register cap)
-        _segmented(head, (glp, gent) + tail, n, T, V, float(inv_temp), int(ignore_index), floats,
-                   consts, block, warps, lanes, lag=stats_warps, maxnreg=stats_block)
-        return out
     launches = [(0, warps, block)] if per_sm > 0 else \
         [(1, stats_warps or warps, stats_block or block), (2, warps, block)]
     grid = (_num_programs(x3.device, n, per_sm) if per_sm > 0 else n,)
@@ -835,62 +464,6 @@ def fused_triton(x3: torch.Tensor, labels: torch.Tensor, g3: torch.Tensor, inv_t
             **consts, BLOCK_V=max(16, min(blk, next_power_of_2(V))), LANES=bool(lanes),
             PHASE=phase, num_warps=w)
     return out
-
-
-def _segmented(head, rest, n, T, V, inv_temp, ignore_index, floats, consts, seg, warps, two_pass,
-               lag=0, maxnreg=0):
-    """The segmented kernel: one cooperative launch on CUDA (PHASE 0, with the given lag and,
-    when > 0, a cap on registers per thread: more programs resident per SM), else (interpreter,
-    or a cooperative launch refused) PHASE 1 + PHASE 2 over a grid of n * S programs."""
-    global SEG_LAST_LAUNCH
-    seg, S, S_PAD = segments(V, seg)
-    dev = head[0].device
-    part = torch.empty(n * 4 * S_PAD, dtype=torch.float32, device=dev)
-    args = head + (part,)
-    kw = dict(consts, SEG=seg, S_PAD=S_PAD, TWO_PASS=bool(two_pass), num_warps=warps)
-    kw0 = dict(kw, LAG=1 if lag else 0)  # the single launch's options
-    if maxnreg > 0 and dev.type == "cuda":
-        kw0["maxnreg"] = int(maxnreg)
-    if dev.type == "cuda":
-        cnt = torch.zeros(n, dtype=torch.int32, device=dev)
-        call = args + (cnt,) + rest + (n, T, V, S, inv_temp, ignore_index) + floats
-        key = (dev.index, S, tuple(sorted(kw0.items())), head[0].dtype, head[3].dtype)
-        resident = _SEG_GRID.get(key)
-        if resident is None:
-            kernel = _token_logprobs_seg_kernel.warmup(*call, grid=(1,), PHASE=0,
-                                                       launch_cooperative_grid=True, **kw0)
-            resident = _SEG_GRID[key] = _resident_programs(kernel, dev)
-        slots = min(n, resident // S)
-        if slots > 0:
-            try:
-                _token_logprobs_seg_kernel[(slots * S,)](*call, PHASE=0,
-                                                         launch_cooperative_grid=True, **kw0)
-                SEG_LAST_LAUNCH = "cooperative"
-                return
-            except RuntimeError:  # the driver refused the cooperative grid: two launches now,
-                _SEG_GRID[key] = (slots - 1) * S  # a smaller grid next time
-    elif S == 1 or SEG_INTERPRETER_SLOTS:  # (interpreter) a one-segment row waits on no other
-        # program: PHASE 0 as is, a few programs walking the rows with the prefetch of the next
-        # row; rows of several segments only where the tests run programs concurrently
-        cnt = torch.zeros(n, dtype=torch.int32, device=dev)
-        call = args + (cnt,) + rest + (n, T, V, S, inv_temp, ignore_index) + floats
-        _token_logprobs_seg_kernel[(min(n, SEG_INTERPRETER_SLOTS or 3) * S,)](*call, PHASE=0, **kw0)
-        SEG_LAST_LAUNCH = "one launch"
-        return
-    call = args + (part,) + rest + (n, T, V, S, inv_temp, ignore_index) + floats
-    # A gradient written over the logits in a narrower dtype (the hidden-state sweep: bf16 G
-    # over fp32 Z) lands in other segments' columns: safe in PHASE 0 (every segment of a row is
-    # read before any is written), not when PHASE 2 loads its segment again: a separate buffer.
-    x, g = head[0], head[3]
-    g_tmp = None
-    if g.dtype != x.dtype and g.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
-        g_tmp = torch.empty(g.shape, dtype=g.dtype, device=dev)
-        call = call[:3] + (g_tmp, g_tmp.stride(0), g_tmp.stride(1)) + call[6:]
-    for phase in (1, 2):
-        _token_logprobs_seg_kernel[(n * S,)](*call, PHASE=phase, **kw)
-    if g_tmp is not None:
-        g.copy_(g_tmp)
-    SEG_LAST_LAUNCH = "two launches"
 
 
 def _block_v(n_cols: int, stats: bool = False) -> tuple[int, int]:
