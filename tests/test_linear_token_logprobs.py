@@ -452,6 +452,44 @@ def test_single_sweep_low_precision_weight_accumulation(backend, monkeypatch):
     assert errs[0] > errs[1 << 30], errs
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("accumulator", ["fp32-weight", "fp32-sum", "bf16-sum"])
+def test_single_sweep_gradients_not_read_uninitialized(backend, accumulator, monkeypatch):
+    """grad_weight's buffer is allocated uninitialized and the first chunk's GEMMs write it with
+    beta = 0: with every torch.empty / empty_like poisoned with NaN, the gradients are the same
+    bits as without (a GEMM that read the buffer first would turn them into NaN)."""
+    N, H, V, T = 24, 16, 130, 2
+    dtype = torch.float32 if accumulator == "fp32-weight" else torch.bfloat16
+    monkeypatch.setattr(lin, "TILE_ELEMS_CPU", 4 * V + 3)  # chunks of 4 rows
+    monkeypatch.setattr(lin, "TILE_ELEMS_CUDA", 4 * V + 3)
+    monkeypatch.setattr(lin, "SINGLE_SWEEP_FP32_ACC_BYTES", 0 if accumulator == "bf16-sum" else 1 << 30)
+    hidden, weight, bias, labels, c = _with_grad_case(N, H, V, dtype, seed=5)
+
+    def run_once():
+        with dispatch.use_backend(backend):
+            return linear_token_logprobs_with_grad(
+                hidden.to(DEVICE), weight.to(DEVICE), labels.to(DEVICE), bias.to(DEVICE),
+                temperature=1.0, ignore_index=-100, with_entropy=False,
+                grad_fn=_seq_grad_fn(c, T, []), chunk_multiple=T, sweep="one")
+
+    clean = run_once()
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poisoned(fn):
+        def wrapper(*args, **kwargs):
+            t = fn(*args, **kwargs)
+            if t.is_floating_point():
+                t.fill_(float("nan"))
+            return t
+        return wrapper
+    monkeypatch.setattr(torch, "empty", poisoned(empty))
+    monkeypatch.setattr(torch, "empty_like", poisoned(empty_like))
+    dirty = run_once()
+    for name, a, b in zip(("logp", "entropy", "hidden", "weight", "bias"), clean, dirty):
+        if a is not None:
+            assert torch.equal(a, b), name
+
+
 def test_torch_path_memory_is_bounded(monkeypatch):
     """Forward + backward peak extra memory = tiles + gradients + O(N): the part beyond the
     gradients does not grow with N, while the reference's does (so this test can fail)."""

@@ -140,21 +140,25 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 _ADDMM_OUT_DTYPE_OK = True  # cleared if this torch build rejects addmm(..., out_dtype, out=self)
 
 
-def _addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc (fp32) += a @ b, accumulated in fp32."""
+def _addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float = 1.0) -> None:
+    """acc (fp32) = beta * acc + a @ b, accumulated in fp32; beta = 0 ignores acc's contents
+    (uninitialized memory included: the GEMM does not read it)."""
     global _ADDMM_OUT_DTYPE_OK
     if a.dtype == torch.float32 and b.dtype == torch.float32:
-        acc.addmm_(a, b)
+        acc.addmm_(a, b, beta=beta)
     elif a.is_cuda and a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16):
         if _ADDMM_OUT_DTYPE_OK:
-            try:  # cuBLAS: C = A @ B + C with 16-bit A, B and fp32 C, no temporary
-                torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            try:  # cuBLAS: C = A @ B + beta C with 16-bit A, B and fp32 C, no temporary
+                torch.addmm(acc, a, b, beta=beta, out_dtype=torch.float32, out=acc)
                 return
             except RuntimeError:
                 _ADDMM_OUT_DTYPE_OK = False
-        acc.add_(torch.mm(a, b, out_dtype=torch.float32))
+        if beta == 0:
+            acc.copy_(torch.mm(a, b, out_dtype=torch.float32))
+        else:
+            acc.add_(torch.mm(a, b, out_dtype=torch.float32))
     else:
-        acc.addmm_(a.float(), b.float())
+        acc.addmm_(a.float(), b.float(), beta=beta)
 
 
 # ---- opt-in fused Triton GEMMs (FUSED_GEMM = True) -------------------------------------------
@@ -480,11 +484,14 @@ def single_sweep_fits(vocab: int, chunk_multiple: int, device: torch.device) -> 
     return chunk_multiple * vocab <= limit
 
 
-def _addmm_lowp_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc (16-bit) += a @ b: the product accumulated in fp32, added to acc in fp32, rounded once
-    (cuBLAS GEMM with a 16-bit C and fp32 compute; emulated with fp32 temporaries elsewhere)."""
+def _addmm_lowp_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float = 1.0) -> None:
+    """acc (16-bit) = beta * acc + a @ b: the product accumulated in fp32, added to acc in fp32,
+    rounded once (cuBLAS GEMM with a 16-bit C and fp32 compute; emulated with fp32 temporaries
+    elsewhere); beta = 0 ignores acc's contents."""
     if acc.is_cuda and a.dtype == b.dtype == acc.dtype:
-        acc.addmm_(a, b)
+        acc.addmm_(a, b, beta=beta)
+    elif beta == 0:
+        acc.copy_(torch.mm(a.float(), b.float()))
     else:
         acc.copy_(acc.float().addmm_(a.float(), b.float()))
 
@@ -568,13 +575,13 @@ def single_sweep(h, w, b, y, inv_temp: float, ignore_index: int, entropy: bool, 
     ent = torch.empty(n_all, **f32) if entropy else None
     gh = torch.empty_like(h, memory_format=torch.contiguous_format) if need_h else None
     gw = gw_acc = gb = None
-    if need_w:
+    if need_w:  # uninitialized: the first chunk's GEMMs write it with beta = 0
         if w.dtype == torch.float32:
-            gw = gw_acc = torch.zeros_like(w, memory_format=torch.contiguous_format)
+            gw = gw_acc = torch.empty_like(w, memory_format=torch.contiguous_format)
         elif vocab * hid * 4 <= SINGLE_SWEEP_FP32_ACC_BYTES:
-            gw_acc = torch.zeros(vocab, hid, **f32)
+            gw_acc = torch.empty(vocab, hid, **f32)
         else:  # running sum in weight's dtype, rounded once per row chunk
-            gw = torch.zeros_like(w, memory_format=torch.contiguous_format)
+            gw = torch.empty_like(w, memory_format=torch.contiguous_format)
     if need_b:
         gb = torch.zeros(vocab, **f32)
     if chunk_bounds is None:
@@ -617,10 +624,11 @@ def single_sweep(h, w, b, y, inv_temp: float, ignore_index: int, entropy: bool, 
                 else:
                     _addmm_f32_(gh_acc, gt, wv)
             if need_w:
+                beta = 0.0 if r0 == chunk_bounds[0] else 1.0
                 if gw_acc is not None:
-                    _addmm_f32_(gw_acc[v0:v0 + gcols], gt.t(), hr)
+                    _addmm_f32_(gw_acc[v0:v0 + gcols], gt.t(), hr, beta)
                 else:
-                    _addmm_lowp_(gw[v0:v0 + gcols], gt.t(), hr)
+                    _addmm_lowp_(gw[v0:v0 + gcols], gt.t(), hr, beta)
             if need_b:
                 gb[v0:v0 + gcols] += torch.sum(gt, dim=0, dtype=torch.float32)
         if gh_acc is not None:
