@@ -1,8 +1,9 @@
 """Where the hidden-state single sweep spends its time: GRPOLoss on hidden states and
 linear_token_logprobs_fwd_bwd at the issues' target shape (N=16384, H=4096, V=151936, bf16),
 for several chunk sizes (rows of fp32 logits per chunk). Prints, per variant, the median time
-of a call, its peak extra memory, and the device time per kernel (torch.profiler) of one call,
-so the gap to the three GEMMs (6 N H V FLOPs at the bf16 matmul rate) can be attributed.
+of a call, its peak extra memory, the device time per kernel (torch.profiler) of one call, so
+the gap to the three GEMMs (6 N H V FLOPs at the bf16 matmul rate) can be attributed, and where
+in the call the GPU waits (idle gaps between kernels, with their neighbours).
 
     python benchmarks/profile_hidden.py                         # on a GPU
     PROFILE_DRY_RUN=1 python benchmarks/profile_hidden.py       # CPU, tiny shapes: each step once
@@ -72,11 +73,55 @@ def kernel_table(fn, rows=12):
     lines = [f"    device time {total:.2f} ms in {sum(c for _, c, _ in items)} kernels"]
     for t, c, k in items[:rows]:
         lines.append(f"    {t:9.2f} ms {c:5d}x  {k[:90]}")
+    if DEV == "cuda":
+        lines += idle_gaps(prof)
     return "\n".join(lines)
+
+
+def idle_gaps(prof, top=5):
+    """Where the GPU waits inside the call: the span from the first kernel's start to the last
+    one's end, the idle time between kernels in it, and the largest gaps with their neighbours
+    (the host's share of a call is its wall time minus that span, plus the idle time)."""
+    from torch.autograd import DeviceType
+
+    ev = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                if e.device_type == DeviceType.CUDA)
+    if not ev:
+        return []
+    gaps, idle, end, prev = [], 0.0, ev[0][1], ev[0][2]
+    for s, e, name in ev[1:]:
+        if s > end:
+            idle += s - end
+            gaps.append((s - end, prev, name))
+        if e > end:
+            end, prev = e, name
+    gaps.sort(reverse=True)
+    lines = [f"    kernel span {(end - ev[0][0]) / 1e3:.2f} ms, GPU idle inside it "
+             f"{idle / 1e3:.2f} ms in {len(gaps)} gaps; largest:"]
+    for g, a, b in gaps[:top]:
+        lines.append(f"    {g / 1e3:9.3f} ms after {a[:40]} before {b[:40]}")
+    return lines
+
+
+def _check_idle_gaps():
+    """The dry run's check of idle_gaps (kernels exist only on a GPU): synthetic kernels at
+    [0, 100], [150, 300], [290, 400], [1400, 1500] us are idle 50 + 1000 us."""
+    from types import SimpleNamespace as NS
+
+    from torch.autograd import DeviceType
+
+    spans = [(0, 100), (150, 300), (290, 400), (1400, 1500)]
+    prof = NS(events=lambda: [NS(time_range=NS(start=a, end=b), name=f"k{i}",
+                                 device_type=DeviceType.CUDA) for i, (a, b) in enumerate(spans)])
+    lines = idle_gaps(prof)
+    assert "span 1.50 ms" in lines[0] and "idle inside it 1.05 ms in 2 gaps" in lines[0], lines
+    assert "1.000 ms after k2 before k3" in lines[1], lines
 
 
 def main():
     torch.manual_seed(0)
+    if DRY:
+        _check_idle_gaps()
     B, T, H, V = (2, 64, 64, 1000) if DRY else (16, 1024, 4096, 151936)
     dt = torch.float32 if DRY else torch.bfloat16
     N = B * T
