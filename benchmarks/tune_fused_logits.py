@@ -1,5 +1,6 @@
 """Launch-configuration sweep and GPU check of the fused logits kernel (ops/token_logprobs.py,
-`_token_logprobs_fused_kernel`): token_logprobs_fwd_bwd on [16384, 151936] bf16 and
+`_token_logprobs_fused_kernel`, and the cluster kernel of
+csrc/token_logprobs/fused_logits_cluster.cu): token_logprobs_fwd_bwd on [16384, 151936] bf16 and
 GRPOLoss.from_logits on [16, 1025, 151936] bf16 (in place), for each configuration in CONFIGS.
 Every configuration is first checked on the GPU: token_logprobs_fwd_bwd on 1024 rows against
 float64, from_logits on 2 sequences against the torch backend. Prints one line per
@@ -18,10 +19,31 @@ import triton.testing
 import r1kernels
 from r1kernels import dispatch
 
-# (programs per SM (0: two launches, one program per row), warps, block, per-lane statistics
-# [, warps and block of the two-launch mode's statistics launch])
-CONFIGS = [(0, 8, 4096, 0), (0, 16, 4096, 0), (0, 16, 4096, 0, 1, 2048), (0, 8, 4096, 0, 1, 2048),
-           (0, 16, 4096, 0, 2, 2048)]
+# The cluster kernel (csrc/token_logprobs/fused_logits_cluster.cu; R1K_FUSED_CLUSTER): ("cluster",
+# CTAs per cluster, threads per CTA), first, since it has not been measured yet. Then the Triton
+# kernel's defaults, (programs per SM (0: two launches, one program per row), warps, block,
+# per-lane statistics [, warps and block of the two-launch mode's statistics launch]): FUSED_CONFIG
+# and FUSED_CONFIG_GRPO (the other configurations were measured on 2026-11-23, BENCHMARKS.md).
+CONFIGS = [("cluster", 8, 256), ("cluster", 16, 256), ("cluster", 4, 512), ("cluster", 8, 512),
+           ("cluster", 16, 512), (0, 8, 4096, 0, 1, 2048), (0, 8, 4096, 0)]
+
+
+def _select(cfg):
+    """Environment for one configuration."""
+    if cfg[0] == "cluster":
+        os.environ["R1K_FUSED_CLUSTER"] = f"{cfg[1]},{cfg[2]}"
+        os.environ.pop("R1K_FUSED_LOGITS", None)
+    else:
+        os.environ["R1K_FUSED_CLUSTER"] = "0"
+        os.environ["R1K_FUSED_LOGITS"] = ",".join(map(str, cfg))
+
+
+def _path(x3):
+    """Which kernel the fused ops take on logits x3 under the current environment."""
+    from r1kernels.ops import token_logprobs as tlp
+
+    setting = tlp.cluster_config(x3, x3)
+    return f"cluster{setting}" if setting else "triton"
 
 
 def _rel(a, r):
@@ -109,18 +131,7 @@ def main():
         lp, en = r1kernels.token_logprobs(xa, y, with_entropy=True)
         return torch.autograd.grad((lp * glp).sum() + (en * gent).sum(), xa)
     print(f"baseline token_logprobs fwd+bwd (autograd, 3 passes): {bench(autograd_step):.3f} ms")
-    for launch in ("1,2048", "2,2048", "4,4096"):  # the statistics kernel's launch (warps, block)
-        os.environ["R1K_STATS_LAUNCH"] = launch
-        xs = x[:n].clone().requires_grad_(True)
-        lp, en = r1kernels.token_logprobs(xs, y[:n], with_entropy=True)
-        ((lp * glp[:n]).sum() + (en * gent[:n]).sum()).backward()
-        err = _rel(xs.grad, ref_tok[2])
-        t = bench(autograd_step)
-        t_fwd = bench(lambda: r1kernels.token_logprobs(x, y, with_entropy=True))
-        print(f"  R1K_STATS_LAUNCH={launch}: fwd+bwd {t:.3f} ms, fwd {t_fwd:.3f} ms, "
-              f"grad rel err {err:.1e}")
-        del xs
-    os.environ.pop("R1K_STATS_LAUNCH", None)
+    print(f"  forward only: {bench(lambda: r1kernels.token_logprobs(x, y, with_entropy=True)):.3f} ms")
     del xa
     try:
         from liger_kernel.transformers.grpo_loss import triton_grpo_loss
@@ -135,16 +146,18 @@ def main():
         del fl
     except Exception as exc:  # noqa: BLE001
         print(f"liger not available: {exc!r}"[:200])
-    print(f"{'config':>18} {'fwd_bwd ms':>11} {'inplace ms':>11} {'%floor':>7} {'from_logits ms':>15}"
-          f"  errors (logp, entropy, grad, from_logits loss, grad)")
+    print(f"{'config':>25} {'fwd_bwd ms':>11} {'inplace ms':>11} {'%floor':>7} {'from_logits ms':>15}"
+          f"  path  errors (logp, entropy, grad, from_logits loss, grad)")
     failures = 0
     for cfg in CONFIGS[int(os.environ.get("TUNE_FROM", "0")):]:  # TUNE_FROM=k: from the k-th on
-        os.environ["R1K_FUSED_LOGITS"] = ",".join(map(str, cfg))
+        _select(cfg)
+        path = _path(x.view(1, N, V))
         try:
             errs = check(cfg)
             bad = [e for e in errs if not e < 2e-2]  # bf16 logits: ~1e-3; NaN fails
             if bad:
-                print(f"{str(cfg):>18} WRONG: errors {['%.1e' % e for e in errs]}", flush=True)
+                print(f"{str(cfg):>25} WRONG ({path}): errors {['%.1e' % e for e in errs]}",
+                      flush=True)
                 failures += 1
                 continue
             t1 = bench(lambda: r1kernels.token_logprobs_fwd_bwd(x, y, glp, grad_entropy=gent,
@@ -160,11 +173,13 @@ def main():
                 return torch.autograd.grad(out.loss, xg)
             t3 = bench(step)
         except Exception as exc:  # noqa: BLE001 - report and go on with the next configuration
-            print(f"{str(cfg):>18} failed: {exc!r}"[:300])
+            print(f"{str(cfg):>25} failed ({path}): {exc!r}"[:300], flush=True)
             failures += 1
             continue
-        print(f"{str(cfg):>18} {t1:11.3f} {t2:11.3f} {100 * floor_ms / t2:6.0f}% {t3:15.3f}  "
-              f"{' '.join('%.1e' % e for e in errs)}", flush=True)
+        print(f"{str(cfg):>25} {t1:11.3f} {t2:11.3f} {100 * floor_ms / t2:6.0f}% {t3:15.3f}  "
+              f"{path}  {' '.join('%.1e' % e for e in errs)}", flush=True)
+    for k in ("R1K_FUSED_CLUSTER", "R1K_FUSED_LOGITS"):
+        os.environ.pop(k, None)
     print(f"{failures} configuration(s) wrong or failed" if failures else "all configurations checked")
     return 1 if failures else 0
 

@@ -24,6 +24,16 @@ TORCH_LIBRARY(r1kernels, m) {
   m.def("logprob_tile_grad(Tensor x, Tensor(a!) g, Tensor labels, Tensor? bias, Tensor lse, Tensor? ent, "
         "Tensor dlogp, Tensor? dent, int col0, float inv_temp, int ignore_index) -> ()");
 
+  // Fused statistics + dL/dlogits over logits x [B, T, V] (bf16/fp16, sm_90 thread-block
+  // clusters; CUDA only: csrc/token_logprobs/fused_logits_cluster.cu). g may be x itself.
+  // Upstream gradients glp (and gent) given (mode 0), or the GRPO loss's own dL/dlogp from
+  // adv, mask, old, ref, rw, scale (mode 1). out [3, B * T] = logp, entropy, lse.
+  m.def("fused_logits_cluster(Tensor x, Tensor(a!) g, Tensor labels, Tensor(b!) out, Tensor? glp, "
+        "Tensor? gent, Tensor? adv, Tensor? mask, Tensor? old, Tensor? ref, Tensor? rw, Tensor? scale, "
+        "float inv_temp, int ignore_index, bool entropy, int loss, float eps_lo, float eps_hi, "
+        "float? delta, float beta, bool bias_kl, float tau_pos, float tau_neg, int cluster, "
+        "int threads) -> ()");
+
   // GRPO loss on per-token log-probs [B, T] (csrc/grpo_loss/; the CPU twin of the Triton kernels
   // of r1kernels/ops/grpo_loss.py): (grad [B, T] fp32 unscaled dl/dlogp * mask, or [0] without
   // write_grad; partials [6, B] = sum l m, n, sum kl m, low, high, clipped).

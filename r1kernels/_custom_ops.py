@@ -62,6 +62,13 @@ def _logprob_tile_grad_fake(x, g, labels, bias, lse, ent, dlogp, dent, col0, inv
     return None
 
 
+@register_fake("fused_logits_cluster")
+def _fused_logits_cluster_fake(x, g, labels, out, glp, gent, adv, mask, old, ref, rw, scale,
+                               inv_temp, ignore_index, entropy, loss, eps_lo, eps_hi, delta, beta,
+                               bias_kl, tau_pos, tau_neg, cluster, threads):
+    return None
+
+
 @register_fake("grpo_loss_partials")
 def _grpo_loss_partials_fake(logps, adv, mask, old, ref, rw, loss, seq, eps_lo, eps_hi, delta,
                              beta, bias_kl, tau_pos, tau_neg, write_grad):

@@ -415,6 +415,89 @@ def _num_programs(device: torch.device, n_rows: int, per_sm: int) -> int:
     return max(1, min(n_rows, sms * per_sm))
 
 
+# The cluster kernel (csrc/token_logprobs/fused_logits_cluster.cu, sm_90): one read of the logits
+# and one write of their gradient, each row held on chip by a thread-block cluster. Written for
+# the two-pass floor (3.3 ms at N=16384, V=151936 bf16 on an H100, against 4.9 ms for three
+# passes) but NOT YET MEASURED on a GPU, so it is off by default: R1K_FUSED_CLUSTER="8,256"
+# (CTAs per cluster, threads per CTA: 1-16 / 256 or 512) turns it on where it applies (CUDA,
+# compute capability 9+, bf16/fp16 logits, V a multiple of 8 and at most cluster * threads * 128,
+# rows on 16-byte boundaries); elsewhere the Triton kernel below runs. FUSED_CLUSTER is the
+# default once a GPU run has shown it faster (benchmarks/tune_fused_logits.py measures both).
+FUSED_CLUSTER: tuple[int, int] | None = None
+CLUSTER_MAX_VECS = 16  # 16-byte vectors per thread (csrc/token_logprobs/fused_logits_cluster.h)
+
+
+def _cluster_setting() -> tuple[int, int] | None:
+    """(cluster, threads) from R1K_FUSED_CLUSTER ("0" or "": off), else FUSED_CLUSTER."""
+    env = os.environ.get("R1K_FUSED_CLUSTER")
+    if env is None:
+        return FUSED_CLUSTER
+    if env.strip() in ("", "0", "off"):
+        return None
+    v = _env_ints("R1K_FUSED_CLUSTER", env, 2, 2)
+    if v[0] not in (1, 2, 4, 8, 16) or v[1] not in (256, 512):
+        raise ValueError(f"R1K_FUSED_CLUSTER must be 'cluster,threads' with cluster in 1, 2, 4, 8, "
+                         f"16 and threads 256 or 512 (or 0: off), got {env!r}")
+    return v[0], v[1]
+
+
+def _rows_aligned(t: torch.Tensor) -> bool:
+    return (t.stride(-1) == 1 and t.stride(0) % 8 == 0 and t.stride(1) % 8 == 0
+            and t.data_ptr() % 16 == 0)
+
+
+def cluster_config(x3: torch.Tensor, g3: torch.Tensor) -> tuple[int, int] | None:
+    """(cluster, threads) when the cluster kernel is on and takes these logits, else None."""
+    setting = _cluster_setting()
+    if setting is None or x3.device.type != "cuda":
+        return None
+    from r1kernels import _custom_ops
+
+    cl, threads = setting
+    V = x3.shape[-1]
+    ok = (_custom_ops.has_kernel("fused_logits_cluster", "CUDA")
+          and torch.cuda.get_device_capability(x3.device)[0] >= 9
+          and x3.dtype in (torch.bfloat16, torch.float16) and g3.dtype == x3.dtype
+          and V % 8 == 0 and V <= cl * threads * 8 * CLUSTER_MAX_VECS
+          and _rows_aligned(x3) and _rows_aligned(g3))
+    return (cl, threads) if ok else None
+
+
+def fused_cluster(x3, labels, g3, inv_temp, ignore_index, with_entropy, setting, *,
+                  grad_logp=None, grad_entropy=None, grpo=None) -> torch.Tensor:
+    """fused_triton's contract, by the cluster kernel (setting = cluster_config(x3, g3))."""
+    B, T, V = x3.shape
+    n = B * T
+    out = torch.zeros(3, n, dtype=torch.float32, device=x3.device)
+    if n == 0:
+        return out
+
+    def f32(t):
+        return None if t is None else t.reshape(-1).to(torch.float32).contiguous()
+
+    y = labels.reshape(-1).to(torch.int64).contiguous()
+    if grpo is None:
+        glp, gent = f32(grad_logp), f32(grad_entropy)
+        adv = mask = old = ref = rw = scale = None
+        loss, floats, delta, bias_kl = 0, (0.0,) * 5, None, False
+    else:
+        cfg, adv, mask, old, ref, rw, scale = grpo
+        glp = gent = None
+        adv, mask, old, ref, rw, scale = (f32(t) for t in (adv, mask, old, ref, rw, scale))
+        if cfg.beta == 0.0:
+            ref = None
+        loss, delta, bias_kl = int(cfg.loss), cfg.delta, bool(cfg.bias_kl)
+        floats = (float(cfg.eps_lo), float(cfg.eps_hi), float(cfg.beta), float(cfg.tau_pos),
+                  float(cfg.tau_neg))
+    eps_lo, eps_hi, beta, tau_pos, tau_neg = floats
+    torch.ops.r1kernels.fused_logits_cluster(
+        x3, g3, y, out, glp, gent, adv, mask, old, ref, rw, scale, float(inv_temp),
+        int(ignore_index), bool(with_entropy), loss, eps_lo, eps_hi,
+        None if delta is None else float(delta), beta, bias_kl, tau_pos, tau_neg,
+        int(setting[0]), int(setting[1]))
+    return out
+
+
 def fused_triton(x3: torch.Tensor, labels: torch.Tensor, g3: torch.Tensor, inv_temp: float,
                  ignore_index: int, with_entropy: bool, *, grad_logp=None, grad_entropy=None,
                  grpo=None) -> torch.Tensor:
@@ -423,6 +506,10 @@ def fused_triton(x3: torch.Tensor, labels: torch.Tensor, g3: torch.Tensor, inv_t
     Either grad_logp [B * T] (and optionally grad_entropy [B * T]) or grpo = (cfg, adv, mask,
     old, ref, rw, scale), the [B * T] per-token inputs contiguous and scale [B]. Returns
     out [3, B * T] fp32: logp, entropy (zeros unless with_entropy), and lse in two-launch mode."""
+    setting = cluster_config(x3, g3)
+    if setting is not None:
+        return fused_cluster(x3, labels, g3, inv_temp, ignore_index, with_entropy, setting,
+                             grad_logp=grad_logp, grad_entropy=grad_entropy, grpo=grpo)
     B, T, V = x3.shape
     n = B * T
     out = torch.zeros(3, n, dtype=torch.float32, device=x3.device)

@@ -1,0 +1,285 @@
+"""The cluster kernel of the fused logits ops (csrc/token_logprobs/fused_logits_cluster.cu).
+
+It runs only on a GPU of compute capability 9+ (thread-block clusters, distributed shared
+memory), so its numerical tests are skipped elsewhere; the tests of its switch
+(R1K_FUSED_CLUSTER), of when it applies and of its bad-input checks run everywhere they can.
+
+Tolerances: the kernel computes in fp32 on the 16-bit logits, as the Triton kernel does, so the
+log-probs and entropies are compared with the float64 reference on the same logits at fp32
+accuracy, and the gradient, rounded once to the logits' dtype, at that dtype's relative rounding
+(2**-8 for bf16, 2**-11 for fp16, doubled) plus 1e-7 for the fp32 error of values near zero.
+"""
+import os
+import re
+
+import pytest
+import torch
+
+import r1kernels
+from r1kernels import _custom_ops
+from r1kernels.ops import token_logprobs as tlp
+from r1kernels.reference import token_logprobs_ref
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ON_GPU = (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+          and _custom_ops.has_kernel("fused_logits_cluster", "CUDA"))
+GPU = pytest.mark.skipif(not ON_GPU, reason="needs a GPU of compute capability 9+ and the CUDA "
+                                            "build of the extension")
+SETTINGS = [(1, 256), (2, 256), (8, 256), (16, 256), (4, 512), (16, 512)]
+GRAD_RTOL = {torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}
+
+
+def _use(monkeypatch, setting):
+    monkeypatch.setenv("R1K_FUSED_CLUSTER", "0" if setting is None else "%d,%d" % setting)
+
+
+# ---- everywhere -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value,expect", [("8,256", (8, 256)), ("16,512", (16, 512)),
+                                          ("1,256", (1, 256)), ("0", None), ("", None),
+                                          ("off", None)])
+def test_setting_parsed(monkeypatch, value, expect):
+    monkeypatch.setenv("R1K_FUSED_CLUSTER", value)
+    assert tlp._cluster_setting() == expect
+
+
+@pytest.mark.parametrize("value", ["3,256", "8,128", "32,256", "8", "8,256,1", "a,b"])
+def test_bad_setting_rejected(monkeypatch, value):
+    """A cluster size the kernel does not take, a thread count it was not compiled for, or a
+    malformed value: a ValueError naming the variable, before anything is launched."""
+    monkeypatch.setenv("R1K_FUSED_CLUSTER", value)
+    with pytest.raises(ValueError, match="R1K_FUSED_CLUSTER"):
+        tlp._cluster_setting()
+
+
+def test_not_taken_off_gpu(monkeypatch):
+    """On CPU tensors (here: the interpreter) the switch changes nothing: the Triton kernel runs
+    and its numbers match the float64 reference."""
+    _use(monkeypatch, (8, 256))
+    x = torch.randn(1, 5, 64).to(torch.bfloat16)
+    assert tlp.cluster_config(x, x) is None
+    if torch.cuda.is_available():
+        return
+    y = torch.randint(0, 64, (5,))
+    glp = torch.randn(5)
+    lp, _, g = r1kernels.token_logprobs_fwd_bwd(x[0], y, glp)
+    xr = x[0].double().requires_grad_(True)
+    (token_logprobs_ref(xr, y) * glp.double()).sum().backward()
+    torch.testing.assert_close(g.double(), xr.grad, rtol=GRAD_RTOL[torch.bfloat16], atol=1e-7)
+
+
+def test_capacity_matches_kernel():
+    """The launcher's vocabulary limit (cluster * threads * 8 * CLUSTER_MAX_VECS) uses the same
+    vectors-per-thread bound as the kernel's header and its largest compiled instance."""
+    with open(os.path.join(ROOT, "csrc/token_logprobs/fused_logits_cluster.h")) as f:
+        header = f.read()
+    with open(os.path.join(ROOT, "csrc/token_logprobs/fused_logits_cluster.cu")) as f:
+        kernel = f.read()
+    assert int(re.search(r"kMaxVecsPerThread = (\d+);", header).group(1)) == tlp.CLUSTER_MAX_VECS
+    compiled = [int(v) for v in re.search(r"kCompiled\[\] = \{([\d, ]+)\}", kernel).group(1).split(",")]
+    assert max(compiled) == tlp.CLUSTER_MAX_VECS
+    cases = re.findall(r"case (\d+): return fused_logits_cluster_kernel", kernel)
+    assert sorted(int(c) for c in cases) == sorted(compiled)
+
+
+def test_schema_registered():
+    if _custom_ops.EXT_ERROR is not None:
+        pytest.skip("extension not built")
+    assert _custom_ops.has_op("fused_logits_cluster")
+
+
+# ---- on a GPU (compute capability 9+) -------------------------------------------------------
+
+
+def _rows(N, V, gen, scale=3.0):
+    x = torch.randn(N, V, generator=gen) * scale
+    y = torch.randint(0, V, (N,), generator=gen)
+    return x, y
+
+
+def _reference(x, y, glp, gent, temperature, ignore_index=-100):
+    xr = x.double().requires_grad_(True)
+    lr, er = token_logprobs_ref(xr, y, temperature=temperature, ignore_index=ignore_index,
+                                with_entropy=True)
+    loss = (lr * glp.double()).sum()
+    if gent is not None:
+        loss = loss + (er * gent.double()).sum()
+    loss.backward()
+    return lr.detach(), er.detach(), xr.grad
+
+
+@GPU
+@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: "%dx%d" % s)
+@pytest.mark.parametrize("V", [8, 1000, 2056, 40000])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
+def test_fwd_bwd_matches_reference(monkeypatch, setting, V, dtype, inplace):
+    """token_logprobs_fwd_bwd on the cluster kernel: log-probs, entropies and dL/dlogits against
+    float64, with the labels on the first and last columns and around every CTA's segment
+    boundary, an ignored row, a row whose upstream gradients are zero, logits of +-100 and a
+    temperature; the gradient written over the logits or into a new buffer."""
+    _use(monkeypatch, setting)
+    gen = torch.Generator().manual_seed(V + setting[0])
+    cl = setting[0]
+    seg = ((V + cl - 1) // cl + 7) // 8 * 8
+    edges = sorted({c for r in range(1, cl) for c in (r * seg - 1, r * seg) if 0 <= c < V})
+    labels = [0, V - 1] + edges[:24]
+    N = max(len(labels) + 4, 13)
+    x, y = _rows(N, V, gen)
+    y[:len(labels)] = torch.tensor(labels)
+    y[len(labels)] = -100                       # ignored
+    x[len(labels) + 1, ::5] = 100.0             # large logits
+    x[len(labels) + 2, 1::3] = -100.0
+    x = x.to(dtype)
+    glp, gent = torch.randn(N, generator=gen), torch.randn(N, generator=gen)
+    glp[len(labels) + 3] = gent[len(labels) + 3] = 0.0  # dead row: exact zeros
+    xd = x.cuda()
+    assert tlp.cluster_config(xd.view(1, N, V), xd.view(1, N, V)) == setting
+    lp, ent, g = r1kernels.token_logprobs_fwd_bwd(xd, y.cuda(), glp.cuda(), grad_entropy=gent.cuda(),
+                                                  with_entropy=True, temperature=0.7,
+                                                  inplace=inplace)
+    assert (g.data_ptr() == xd.data_ptr()) == inplace
+    lr, er, gr = _reference(x, y, glp, gent, 0.7)
+    torch.testing.assert_close(lp.cpu().double(), lr, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent.cpu().double(), er, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g.cpu().double(), gr, rtol=GRAD_RTOL[dtype], atol=1e-7)
+    assert (g[len(labels) + 3] == 0).all() and (g[len(labels)] == 0).all()
+
+
+@GPU
+@pytest.mark.parametrize("setting", [(8, 256), (4, 512), (16, 256)], ids=lambda s: "%dx%d" % s)
+def test_qwen_vocab(monkeypatch, setting):
+    """V = 151936 (Qwen2.5), the target shape's rows, without the entropy's upstream gradient."""
+    _use(monkeypatch, setting)
+    gen = torch.Generator().manual_seed(5)
+    N, V = 6, 151936
+    x, y = _rows(N, V, gen)
+    x = x.to(torch.bfloat16)
+    glp = torch.randn(N, generator=gen)
+    lp, ent, g = r1kernels.token_logprobs_fwd_bwd(x.cuda(), y.cuda(), glp.cuda(), with_entropy=True)
+    lr, er, gr = _reference(x, y, glp, None, 1.0)
+    torch.testing.assert_close(lp.cpu().double(), lr, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent.cpu().double(), er, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g.cpu().double(), gr, rtol=GRAD_RTOL[torch.bfloat16], atol=1e-7)
+
+
+@GPU
+def test_matches_triton_kernel(monkeypatch):
+    """Same logits, the cluster kernel and the Triton kernel: fp32 statistics agree to fp32
+    rounding, gradients to one bf16 rounding."""
+    gen = torch.Generator().manual_seed(9)
+    N, V = 64, 32000
+    x, y = _rows(N, V, gen)
+    x = x.to(torch.bfloat16).cuda()
+    y = y.cuda()
+    glp, gent = torch.randn(N, device="cuda"), torch.randn(N, device="cuda")
+    res = {}
+    for setting in (None, (8, 256)):
+        _use(monkeypatch, setting)
+        res[setting] = r1kernels.token_logprobs_fwd_bwd(x, y, glp, grad_entropy=gent,
+                                                        with_entropy=True)
+    (a_lp, a_e, a_g), (b_lp, b_e, b_g) = res[None], res[(8, 256)]
+    torch.testing.assert_close(b_lp, a_lp, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(b_e, a_e, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(b_g.float(), a_g.float(), rtol=2 ** -7, atol=1e-7)
+
+
+@GPU
+def test_not_taken_where_it_does_not_apply(monkeypatch):
+    """fp32 logits, a vocabulary that is not a multiple of 8 or over what the setting holds, and
+    rows off 16-byte boundaries fall back to the Triton kernel (and still give the right
+    numbers)."""
+    _use(monkeypatch, (1, 256))  # holds V <= 32768
+    for x in (torch.randn(1, 4, 64, device="cuda"),
+              torch.randn(1, 4, 100, device="cuda").to(torch.bfloat16),
+              torch.randn(1, 4, 32776, device="cuda").to(torch.bfloat16),
+              torch.randn(1, 4, 72, device="cuda").to(torch.bfloat16)[:, :, 4:68]):
+        assert tlp.cluster_config(x, x) is None, x.shape
+    x = torch.randn(3, 100, device="cuda").to(torch.bfloat16)
+    y = torch.randint(0, 100, (3,), device="cuda")
+    glp = torch.randn(3, device="cuda")
+    _, _, g = r1kernels.token_logprobs_fwd_bwd(x, y, glp)
+    xr = x.cpu().double().requires_grad_(True)
+    (token_logprobs_ref(xr, y.cpu()) * glp.cpu().double()).sum().backward()
+    torch.testing.assert_close(g.cpu().double(), xr.grad, rtol=GRAD_RTOL[torch.bfloat16], atol=1e-7)
+
+
+@GPU
+def test_bad_direct_call_is_value_error():
+    """The op checks its arguments before launching: a ValueError, never a bad access."""
+    x = torch.randn(1, 4, 64, device="cuda").to(torch.bfloat16)
+    y = torch.zeros(4, dtype=torch.int64, device="cuda")
+    out = torch.zeros(3, 4, device="cuda")
+    glp = torch.zeros(4, device="cuda")
+    op = torch.ops.r1kernels.fused_logits_cluster
+    args = dict(inv_temp=1.0, ignore_index=-100, entropy=True, loss=0, eps_lo=0.2, eps_hi=0.2,
+                delta=None, beta=0.0, bias_kl=False, tau_pos=1.0, tau_neg=1.05)
+    with pytest.raises(ValueError, match="g must match x"):
+        op(x, x[:, :2], y, out, glp, None, None, None, None, None, None, None, **args,
+           cluster=8, threads=256)
+    with pytest.raises(ValueError, match="cluster"):
+        op(x, x, y, out, glp, None, None, None, None, None, None, None, **args, cluster=3,
+           threads=256)
+    with pytest.raises(ValueError, match="glp"):
+        op(x, x, y, out, glp[:3], None, None, None, None, None, None, None, **args, cluster=8,
+           threads=256)
+    with pytest.raises(ValueError, match="adv is required"):
+        op(x, x, y, out, None, None, None, None, None, None, None, None, **args, cluster=8,
+           threads=256)
+
+
+GRPO_CASES = [
+    dict(loss_type="dapo", beta=0.04, epsilon_high=0.28),
+    dict(loss_type="grpo", beta=0.04, use_bias_correction_kl=True),
+    dict(loss_type="bnpo", delta=1.5),
+    dict(loss_type="dr_grpo", max_completion_length=40),
+    dict(loss_type="cispo", epsilon_high=2.0),
+    dict(loss_type="sapo"),
+    dict(loss_type="luspo"),
+]
+
+
+@GPU
+@pytest.mark.parametrize("case", GRPO_CASES, ids=lambda c: c["loss_type"])
+@pytest.mark.parametrize("with_old", [False, True], ids=["on-policy", "old"])
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
+def test_grpo_from_logits_matches_triton(monkeypatch, case, with_old, inplace):
+    """GRPOLoss.from_logits (token-level ratio) on the cluster kernel: loss, metrics and the
+    logits gradient as with the Triton kernel (itself checked against float64 elsewhere), on
+    logits[:, :-1] of [B, T + 1, V] (strided rows), with masked tokens poisoned with NaN (not
+    read: zero gradient), ignored labels and rollout importance weights."""
+    gen = torch.Generator().manual_seed(3)
+    B, T, V = 3, 37, 4104
+    full = (torch.randn(B, T + 1, V, generator=gen) * 2).to(torch.bfloat16)
+    ids = torch.randint(0, V, (B, T), generator=gen)
+    ids[1, 4] = -100
+    mask = torch.rand(B, T, generator=gen) < 0.8
+    mask[2] = False  # a fully masked sequence
+    full[:, :-1][~mask] = float("nan")
+    lp0 = -torch.rand(B, T, generator=gen) * 3
+    old = (lp0 + torch.randn(B, T, generator=gen) * 0.2) if with_old else None
+    ref = lp0 + torch.randn(B, T, generator=gen) * 0.2
+    adv = torch.randn(B, generator=gen)
+    rw = torch.rand(B, T, generator=gen) + 0.5
+    loss_fn = r1kernels.GRPOLoss(**case)
+    kw = dict(old_logps=None if old is None else old.cuda(),
+              ref_logps=ref.cuda() if case.get("beta", 0.0) else None,
+              rollout_is_weights=rw.cuda())
+    res = {}
+    for setting in (None, (8, 256)):
+        _use(monkeypatch, setting)
+        x = full.cuda()[:, :-1].requires_grad_(True)
+        if setting is not None:
+            assert tlp.cluster_config(x, x) == setting
+        out = loss_fn.from_logits(x, ids.cuda(), mask.cuda(), adv.cuda(), inplace=inplace, **kw)
+        out.loss.backward()
+        res[setting] = (out.loss.item(), {k: v.item() for k, v in out.metrics.items()},
+                        x.grad.float())
+    (la, ma, ga), (lb, mb, gb) = res[None], res[(8, 256)]
+    assert lb == pytest.approx(la, rel=1e-5, abs=1e-7)
+    for k, v in ma.items():
+        assert mb[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+    assert torch.isfinite(gb).all()
+    assert (gb[~mask.cuda()] == 0).all()
+    torch.testing.assert_close(gb, ga, rtol=2 ** -7, atol=1e-7)
