@@ -89,9 +89,26 @@ def test_grpo_loss(benchmark, bench, provider, shape):
 # ---- 2. from logits ------------------------------------------------------------------------------
 
 
+# *-cluster: the fused logits kernel on thread-block clusters (R1K_FUSED_CLUSTER,
+# csrc/token_logprobs/fused_logits_cluster.cu; sm_90 only, skipped elsewhere)
+CLUSTER = "8,256"
+
+
+def _cluster(monkeypatch, provider, x3=None, g3=None):
+    """Set R1K_FUSED_CLUSTER for this provider; skip a -cluster provider where the kernel would
+    not run on logits x3 [B, T, V] with gradient buffer g3."""
+    on = provider.endswith("-cluster")
+    monkeypatch.setenv("R1K_FUSED_CLUSTER", CLUSTER if on else "0")
+    from r1kernels.ops import token_logprobs as tlp
+
+    if on and tlp.cluster_config(x3, g3) is None:
+        pytest.skip("the cluster kernel does not run here (CUDA sm_90+ build only)")
+
+
 @pytest.mark.parametrize("shape", shapes_for("grpo_loss_logits", DEVICE), ids=shape_id)
-@pytest.mark.parametrize("provider", ["r1k", "r1k-inplace", "eager", "compiled-eager", "liger"])
-def test_grpo_loss_logits(benchmark, bench, provider, shape):
+@pytest.mark.parametrize("provider", ["r1k", "r1k-inplace", "r1k-inplace-cluster", "eager",
+                                      "compiled-eager", "liger"])
+def test_grpo_loss_logits(benchmark, bench, monkeypatch, provider, shape):
     B, T1, V = shape["B"], shape["T"], shape["V"]
     T = T1 - 1
     _, old, ref, adv, mask = _data(B, T)
@@ -99,7 +116,8 @@ def test_grpo_loss_logits(benchmark, bench, provider, shape):
     full = torch.randn(B, T1, V, device=DEVICE, dtype=LOWP).requires_grad_(True)
     if provider.startswith("r1k"):
         loss_fn = r1kernels.GRPOLoss(**OPTS, with_entropy=False)
-        inplace = provider == "r1k-inplace"
+        inplace = provider.startswith("r1k-inplace")
+        _cluster(monkeypatch, provider, full[:, :-1], full[:, :-1])
         # inplace: the gradient overwrites the logits (a leaf view here, so autograd.grad returns
         # that buffer); later calls run on those values, which does not change the work done
         x = full.detach()[:, :-1].requires_grad_(True) if inplace else full
@@ -132,8 +150,9 @@ def test_grpo_loss_logits(benchmark, bench, provider, shape):
 
 
 @pytest.mark.parametrize("shape", shapes_for("grpo_loss_hidden", DEVICE), ids=shape_id)
-@pytest.mark.parametrize("provider", ["r1k", "r1k-two", "eager", "compiled-eager", "liger"])
-def test_grpo_loss_hidden(benchmark, bench, provider, shape):
+@pytest.mark.parametrize("provider", ["r1k", "r1k-cluster", "r1k-two", "eager", "compiled-eager",
+                                      "liger"])
+def test_grpo_loss_hidden(benchmark, bench, monkeypatch, provider, shape):
     B, T, H, V = shape["B"], shape["T"], shape["H"], shape["V"]
     _, old, ref, adv, mask = _data(B, T)
     ids = torch.randint(0, V, (B, T), device=DEVICE)
@@ -141,6 +160,9 @@ def test_grpo_loss_hidden(benchmark, bench, provider, shape):
     hidden = torch.randn(B, T, H, device=DEVICE).to(LOWP).requires_grad_(True)
     weight = (torch.randn(V, H, device=DEVICE) / H ** 0.5).to(LOWP).requires_grad_(True)
     if provider.startswith("r1k"):
+        # the cluster kernel on the sweep's fp32 logits chunks, G in bf16 over their storage
+        z = torch.empty(8, V, device=DEVICE)
+        _cluster(monkeypatch, provider, z.unsqueeze(1), z.view(LOWP)[:, :V].unsqueeze(1))
         loss_fn = r1kernels.GRPOLoss(**OPTS, sweep="two" if provider == "r1k-two" else "auto")
 
         def fn():

@@ -22,6 +22,7 @@ import torch
 import r1kernels
 from r1kernels import dispatch
 from r1kernels.ops import linear_token_logprobs as lin
+from r1kernels.ops import token_logprobs as tlp
 from r1kernels.reference import linear_token_logprobs_ref
 from shapes import DEVICE, shape_id, shapes_for
 
@@ -31,8 +32,11 @@ DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 OURS = [b for b in dispatch.available_backends(OP, DEVICE) if not (b == "triton" and DEVICE == "cpu")]
 # r1k-triton-fused: the opt-in fused tl.dot kernels (linear_token_logprobs.FUSED_GEMM), CUDA only
 FUSED = ["r1k-triton-fused"] if DEVICE == "cuda" and "triton" in OURS else []
-PROVIDERS = [f"r1k-{b}" for b in OURS] + FUSED + ["r1k-fwd_bwd", "eager", "compiled-ref", "liger",
-                                                  "trl", "cce"]
+# r1k-fwd_bwd-cluster: the cluster kernel on the single sweep's fp32 logits chunks
+# (R1K_FUSED_CLUSTER, csrc/token_logprobs/fused_logits_cluster.cu; sm_90 only, skipped elsewhere)
+CLUSTER = "8,256"
+PROVIDERS = [f"r1k-{b}" for b in OURS] + FUSED + ["r1k-fwd_bwd", "r1k-fwd_bwd-cluster", "eager",
+                                                  "compiled-ref", "liger", "trl", "cce"]
 
 
 def eager_linear_logprobs_entropy(h, w, labels):
@@ -101,18 +105,24 @@ def make_fn(provider, labels, mode):
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_linear_token_logprobs(benchmark, bench, provider, mode, shape):
+def test_linear_token_logprobs(benchmark, bench, monkeypatch, provider, mode, shape):
     N, H, V = shape["N"], shape["H"], shape["V"]
     hidden = torch.randn(N, H, device=DEVICE, dtype=DTYPE)
     weight = torch.randn(V, H, device=DEVICE, dtype=DTYPE) / H ** 0.5
     labels = torch.randint(0, V, (N,), device=DEVICE)
     w_lp = torch.randn(N, device=DEVICE)
     w_ent = torch.randn(N, device=DEVICE)
-    if provider == "r1k-fwd_bwd":
+    if provider.startswith("r1k-fwd_bwd"):
         # the same loss with its upstream gradient (w_lp, w_ent) known up front: one sweep,
         # 6 N H V FLOPs (linear_token_logprobs_fwd_bwd)
         if mode == "fwd":
             pytest.skip("linear_token_logprobs_fwd_bwd is forward+backward")
+        on = provider.endswith("cluster")
+        monkeypatch.setenv("R1K_FUSED_CLUSTER", CLUSTER if on else "0")
+        z = torch.empty(8, V, device=DEVICE)
+        if on and (DTYPE == torch.float32 or tlp.cluster_config(
+                z.unsqueeze(1), z.view(DTYPE)[:, :V].unsqueeze(1)) is None):
+            pytest.skip("the cluster kernel does not run here (CUDA sm_90+ build only)")
 
         def fn():
             return r1kernels.linear_token_logprobs_fwd_bwd(hidden, weight, labels, w_lp,

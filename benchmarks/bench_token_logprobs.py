@@ -17,6 +17,7 @@ import torch
 
 import r1kernels
 from r1kernels import dispatch
+from r1kernels.ops import token_logprobs as tlp
 from r1kernels.reference import token_logprobs_ref
 from shapes import DEVICE, shape_id, shapes_for
 
@@ -24,7 +25,11 @@ OP = "token_logprobs"
 SHAPES = shapes_for(OP, DEVICE)
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 OURS = [b for b in dispatch.available_backends(OP, DEVICE) if not (b == "triton" and DEVICE == "cpu")]
-PROVIDERS = [f"r1k-{b}" for b in OURS] + ["r1k-fwd_bwd", "r1k-fwd_bwd-inplace", "eager",
+# r1k-fwd_bwd-cluster: token_logprobs_fwd_bwd in place on the cluster kernel (R1K_FUSED_CLUSTER,
+# csrc/token_logprobs/fused_logits_cluster.cu; sm_90 only, skipped elsewhere)
+CLUSTER = "8,256"
+PROVIDERS = [f"r1k-{b}" for b in OURS] + ["r1k-fwd_bwd", "r1k-fwd_bwd-inplace",
+                                           "r1k-fwd_bwd-cluster", "eager",
                                            "compiled-ref", "liger", "trl"]
 
 
@@ -87,7 +92,7 @@ def make_fn(provider, logits, labels, mode):
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_token_logprobs(benchmark, bench, provider, mode, shape):
+def test_token_logprobs(benchmark, bench, monkeypatch, provider, mode, shape):
     N, V = shape["N"], shape["V"]
     logits = torch.randn(N, V, device=DEVICE, dtype=DTYPE) * 2
     labels = torch.randint(0, V, (N,), device=DEVICE)
@@ -99,8 +104,11 @@ def test_token_logprobs(benchmark, bench, provider, mode, shape):
         # upstream gradient (w_lp, w_ent) is known up front: one read + one write of the logits
         if mode == "fwd":
             pytest.skip("token_logprobs_fwd_bwd is forward+backward")
-        inplace = provider.endswith("inplace")
+        inplace = provider.endswith(("inplace", "cluster"))
         x = logits.clone() if inplace else logits  # in place: later calls run on gradients
+        monkeypatch.setenv("R1K_FUSED_CLUSTER", CLUSTER if provider.endswith("cluster") else "0")
+        if provider.endswith("cluster") and tlp.cluster_config(x.view(1, N, V), x.view(1, N, V)) is None:
+            pytest.skip("the cluster kernel does not run here (CUDA sm_90+ build only)")
 
         def fn():
             return r1kernels.token_logprobs_fwd_bwd(x, labels, w_lp, grad_entropy=w_ent,

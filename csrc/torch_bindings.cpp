@@ -24,8 +24,9 @@ TORCH_LIBRARY(r1kernels, m) {
   m.def("logprob_tile_grad(Tensor x, Tensor(a!) g, Tensor labels, Tensor? bias, Tensor lse, Tensor? ent, "
         "Tensor dlogp, Tensor? dent, int col0, float inv_temp, int ignore_index) -> ()");
 
-  // Fused statistics + dL/dlogits over logits x [B, T, V] (bf16/fp16, sm_90 thread-block
-  // clusters; CUDA only: csrc/token_logprobs/fused_logits_cluster.cu). g may be x itself.
+  // Fused statistics + dL/dlogits over logits x [B, T, V] (bf16/fp16, or fp32 with a bf16/fp16
+  // gradient; sm_90 thread-block clusters; CUDA only: csrc/token_logprobs/fused_logits_cluster.cu).
+  // g may alias x (in place, or a 16-bit gradient over the fp32 logits' own storage).
   // Upstream gradients glp (and gent) given (mode 0), or the GRPO loss's own dL/dlogp from
   // adv, mask, old, ref, rw, scale (mode 1). out [3, B * T] = logp, entropy, lse.
   m.def("fused_logits_cluster(Tensor x, Tensor(a!) g, Tensor labels, Tensor(b!) out, Tensor? glp, "

@@ -129,12 +129,22 @@ class _TokenRows:
         g, _ = self.fwd(logp.view(1, -1), adv, mask, old, ref, rw, self.cfg, write_grad=True)
         return g.view(-1) * self.scale_tok[start:end]
 
+    def chunk_kernel(self, z, yr, g, r0, inv_temp, ignore_index, entropy):
+        """The hidden-state sweep's chunk of token rows [r0, r0 + n) on the cluster kernel
+        (token_logprobs.cluster_chunk: statistics, dL/dlogp and G in one read of the fp32
+        logits), or None where it does not apply. Each row is passed as its own sequence, with
+        its token's loss scale."""
+        sl = slice(r0, r0 + z.shape[0])
+        adv, mask, old, ref, rw = (None if t is None else t[sl] for t in self.flat)
+        return TLP.cluster_chunk(z, yr, g, inv_temp, ignore_index, entropy,
+                                 grpo=(self.cfg, adv, mask, old, ref, rw, self.scale_tok[sl]))
+
     def kernel(self, x3, labels, g3, inv_temp, ignore_index, with_entropy):
         """Every token row (built with rows=None; logits x3 [B, T, V], labels [B * T]
         contiguous): the statistics, dL/dlogp and dL/dlogits (into g3) in the fused logits
         kernel; returns its out [3, B * T] (logp, entropy, ...)."""
         scale = self.scale_tok[::self.T].contiguous()  # per sequence
-        return TLP.fused_triton(x3, labels, g3, inv_temp, int(ignore_index), bool(with_entropy),
+        return TLP.fused_logits(x3, labels, g3, inv_temp, int(ignore_index), bool(with_entropy),
                                 grpo=(self.cfg, *self.flat, scale))
 
     def finish(self, logp, ent, parts, ent_acc):
@@ -219,7 +229,8 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
                 if live is not None:
                     h2, y2 = h2.index_select(0, live), y2.index_select(0, live)
                 logp, ent, gh, gw, gb = linear_token_logprobs_with_grad(
-                    h2, weight, y2, bias, grad_fn=rows.grad_fn, **kw)
+                    h2, weight, y2, bias, grad_fn=rows.grad_fn, chunk_kernel=rows.chunk_kernel,
+                    **kw)
                 rows.finish(logp, ent, parts, ent_acc)
             if live is not None and gh is not None:
                 gh = gh.new_zeros(B * T, H).index_copy_(0, live, gh)

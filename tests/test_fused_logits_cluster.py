@@ -229,6 +229,62 @@ def test_bad_direct_call_is_value_error():
            threads=256)
 
 
+@GPU
+@pytest.mark.parametrize("setting", [(8, 256), (4, 512), (16, 256)], ids=lambda s: "%dx%d" % s)
+@pytest.mark.parametrize("V", [1000, 151936])
+def test_hidden_state_chunks(monkeypatch, setting, V):
+    """linear_token_logprobs_fwd_bwd (bf16) with the cluster kernel on its fp32 logits chunks
+    (bf16 G written over the chunk's own storage) equals the tile kernels' path, and the chunk
+    kernel was taken."""
+    gen = torch.Generator().manual_seed(4)
+    N, H = 300, 64
+    h = torch.randn(N, H, generator=gen).to(torch.bfloat16).cuda()
+    w = (torch.randn(V, H, generator=gen) / H ** 0.5 * 2).to(torch.bfloat16).cuda()
+    y = torch.randint(0, V, (N,), generator=gen).cuda()
+    y[7] = -100
+    glp, gent = torch.randn(N, device="cuda"), torch.randn(N, device="cuda")
+    z = torch.empty(4, V, device="cuda")
+    g = z.view(torch.bfloat16)[:, :V]
+    _use(monkeypatch, setting)
+    assert tlp.cluster_config(z.unsqueeze(1), g.unsqueeze(1)) is not None
+    res = []
+    for s in (setting, None):
+        _use(monkeypatch, s)
+        res.append(r1kernels.linear_token_logprobs_fwd_bwd(h, w, y, glp, grad_entropy=gent,
+                                                           with_entropy=True, temperature=0.9))
+    for name, a, b in zip(("logp", "entropy", "grad_hidden", "grad_weight"), res[0], res[1]):
+        tol = dict(rtol=1e-5, atol=1e-5) if name in ("logp", "entropy") else \
+            dict(rtol=2 ** -6, atol=1e-3)
+        torch.testing.assert_close(a.float(), b.float(), **tol, msg=name)
+
+
+@GPU
+def test_grpo_hidden_state_chunks(monkeypatch):
+    """GRPOLoss on hidden states (token-level, bf16, masked and ignored tokens) with the cluster
+    kernel on its chunks equals the path without it."""
+    gen = torch.Generator().manual_seed(6)
+    B, T, H, V = 4, 300, 64, 32000
+    h = torch.randn(B, T, H, generator=gen).to(torch.bfloat16).cuda()
+    w = (torch.randn(V, H, generator=gen) / H ** 0.5 * 2).to(torch.bfloat16).cuda()
+    y = torch.randint(0, V, (B, T), generator=gen).cuda()
+    y[0, 2] = -100
+    mask = (torch.rand(B, T, generator=gen) < 0.8).cuda()
+    adv = torch.randn(B, generator=gen).cuda()
+    lp0 = -torch.rand(B, T, generator=gen).cuda() * 3
+    kw = dict(old_logps=lp0 + 0.1, ref_logps=lp0 - 0.1)
+    loss_fn = r1kernels.GRPOLoss(loss_type="dapo", beta=0.04, epsilon_high=0.28)
+    res = []
+    for s in ((8, 256), None):
+        _use(monkeypatch, s)
+        hh, ww = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        out = loss_fn(hh, ww, y, mask, adv, **kw)
+        out.loss.backward()
+        res.append((out.loss.item(), hh.grad.float(), ww.grad.float()))
+    assert res[0][0] == pytest.approx(res[1][0], rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(res[0][1], res[1][1], rtol=2 ** -6, atol=1e-3)
+    torch.testing.assert_close(res[0][2], res[1][2], rtol=2 ** -6, atol=1e-3)
+
+
 GRPO_CASES = [
     dict(loss_type="dapo", beta=0.04, epsilon_high=0.28),
     dict(loss_type="grpo", beta=0.04, use_bias_correction_kl=True),
@@ -283,3 +339,111 @@ def test_grpo_from_logits_matches_triton(monkeypatch, case, with_old, inplace):
     assert torch.isfinite(gb).all()
     assert (gb[~mask.cuda()] == 0).all()
     torch.testing.assert_close(gb, ga, rtol=2 ** -7, atol=1e-7)
+
+
+# ---- the hidden-state sweep's chunk hook, with the Triton kernel standing in (CPU) -----------
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    """Stand the Triton fused kernel (fused_triton: the same contract) in for the cluster kernel,
+    so that everything around it runs here: when it applies, the per-row inputs cut to each
+    chunk of the hidden-state single sweep (the GRPO scale per token), the fp32 logits read and
+    the 16-bit G written over their storage. Returns the list of (x shape, x dtype, g dtype) of
+    the calls. Small chunks (16 rows at V=1000) so that a sweep has several."""
+    if torch.cuda.is_available():
+        pytest.skip("emulation for machines without a GPU (the GPU tests run the kernel itself)")
+    from r1kernels.ops import linear_token_logprobs as ltp
+
+    calls = []
+
+    def config(x3, g3):
+        return (8, 256) if tlp._cluster_dtypes_ok(x3, g3) else None
+
+    def emulate(x3, labels, g3, inv_temp, ignore_index, with_entropy, setting, **kw):
+        calls.append((tuple(x3.shape), x3.dtype, g3.dtype))
+        return tlp.fused_triton(x3, labels, g3, inv_temp, ignore_index, with_entropy, **kw)
+
+    monkeypatch.setattr(tlp, "cluster_config", config)
+    monkeypatch.setattr(tlp, "fused_cluster", emulate)
+    monkeypatch.setattr(ltp, "TILE_ELEMS_CPU", 16 * 1000)
+    # G in the 16-bit dtype of the inputs, as on CUDA (both paths compared below)
+    monkeypatch.setattr(ltp, "_gemm_dtype", lambda x: x.dtype if x.dtype in (
+        torch.bfloat16, torch.float16) else torch.float32)
+    return calls
+
+
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_hidden_fwd_bwd_chunks(emulated, monkeypatch, with_entropy):
+    """linear_token_logprobs_fwd_bwd (bf16) through the chunk hook equals the path without it
+    (tile kernels, grad_fn), chunk by chunk: ignored rows left out before the sweep, upstream
+    gradients cut at each chunk's first row."""
+    from r1kernels import dispatch
+
+    gen = torch.Generator().manual_seed(1)
+    N, H, V = 50, 24, 1000
+    h = (torch.randn(N, H, generator=gen)).to(torch.bfloat16)
+    w = (torch.randn(V, H, generator=gen) / H ** 0.5 * 2).to(torch.bfloat16)
+    y = torch.randint(0, V, (N,), generator=gen)
+    y[[3, 17]] = -100
+    glp, gent = torch.randn(N, generator=gen), torch.randn(N, generator=gen)
+    kw = dict(grad_entropy=gent if with_entropy else None, with_entropy=with_entropy,
+              temperature=0.8)
+    with dispatch.use_backend("triton"):
+        got = r1kernels.linear_token_logprobs_fwd_bwd(h, w, y, glp, **kw)
+        n_calls = len(emulated)
+        monkeypatch.setattr(tlp, "cluster_config", lambda x3, g3: None)
+        want = r1kernels.linear_token_logprobs_fwd_bwd(h, w, y, glp, **kw)
+    assert n_calls == 3 and emulated[0] == ((16, 1, V), torch.float32, torch.bfloat16)
+    names = ("logp", "entropy", "grad_hidden", "grad_weight", "grad_bias")
+    for name, a, b in zip(names, got, want):
+        if b is None:
+            assert a is None, name
+            continue
+        tol = dict(rtol=1e-5, atol=1e-5) if name in ("logp", "entropy") else \
+            dict(rtol=2 ** -6, atol=1e-3)
+        torch.testing.assert_close(a.float(), b.float(), **tol, msg=name)
+
+
+@pytest.mark.parametrize("loss_type,opts,old,beta", [
+    ("dapo", dict(epsilon_high=0.28, beta=0.04), True, True),
+    ("cispo", dict(epsilon_high=1.1), True, False),
+    ("sapo", dict(), False, False),
+    ("dr_grpo", dict(max_completion_length=16, delta=1.5), True, False),
+])
+def test_grpo_hidden_chunks(emulated, monkeypatch, loss_type, opts, old, beta):
+    """GRPOLoss on hidden states (token-level ratio, bf16) through the chunk hook equals the path
+    without it: the live rows (masked and ignored tokens left out) in chunks that cross sequence
+    boundaries, each row's GRPO inputs and loss scale handed to the kernel."""
+    from r1kernels import dispatch
+
+    gen = torch.Generator().manual_seed(2)
+    B, T, H, V = 4, 19, 24, 1000
+    h = torch.randn(B, T, H, generator=gen).to(torch.bfloat16)
+    w = (torch.randn(V, H, generator=gen) / H ** 0.5 * 2).to(torch.bfloat16)
+    y = torch.randint(0, V, (B, T), generator=gen)
+    y[0, 2] = -100
+    mask = torch.rand(B, T, generator=gen) < 0.8
+    adv = torch.randn(B, generator=gen)
+    lp0 = -torch.rand(B, T, generator=gen) * 3
+    kw = dict(old_logps=lp0 + torch.randn(B, T, generator=gen) * 0.2 if old else None,
+              ref_logps=lp0 + torch.randn(B, T, generator=gen) * 0.2 if beta else None,
+              rollout_is_weights=torch.rand(B, T, generator=gen) + 0.5)
+    loss_fn = r1kernels.GRPOLoss(loss_type=loss_type, **opts)
+    res = []
+    for emulate in (True, False):
+        if not emulate:
+            monkeypatch.setattr(tlp, "cluster_config", lambda x3, g3: None)
+        hh, ww = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        with dispatch.use_backend("triton"):
+            out = loss_fn(hh, ww, y, mask, adv, **kw)
+        out.loss.backward()
+        res.append((out.loss.item(), {k: v.item() for k, v in out.metrics.items()},
+                    hh.grad.float(), ww.grad.float(), len(emulated)))
+    (la, ma, gha, gwa, calls), (lb, mb, ghb, gwb, _) = res
+    assert calls >= 3  # live rows in 16-row chunks
+    assert la == pytest.approx(lb, rel=1e-5, abs=1e-6)
+    for k, v in mb.items():
+        assert ma[k] == pytest.approx(v, rel=1e-5, abs=1e-5), k
+    torch.testing.assert_close(gha, ghb, rtol=2 ** -6, atol=1e-3)
+    torch.testing.assert_close(gwa, gwb, rtol=2 ** -6, atol=1e-3)

@@ -30,6 +30,7 @@
 #include <stdint.h>
 
 #include <climits>
+#include <type_traits>
 
 #include "token_logprobs/fused_logits_cluster.h"
 
@@ -73,50 +74,62 @@ __device__ __forceinline__ Stats warp_merge(Stats v) {
   return v;
 }
 
-// 8 logits of one 16-byte vector as floats, and back.
-template <typename T> struct Vec8;
-template <> struct Vec8<__nv_bfloat16> {
-  static __device__ __forceinline__ void unpack(const uint4& u, float* f) {
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+// The logits come in 16-byte vectors of kPerVec<TIn> elements (8 bf16/fp16, 4 fp32: the
+// hidden-state op's fp32 chunks); the gradient goes out as kPerVec<TIn> elements of TOut (16-bit:
+// 16 or 8 bytes per store).
+template <typename T> constexpr int kPerVec = 16 / static_cast<int>(sizeof(T));
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+
+template <typename TIn>
+__device__ __forceinline__ void unpack(const uint4& u, float* f) {
+  if constexpr (sizeof(TIn) == 4) {
+    f[0] = __uint_as_float(u.x);
+    f[1] = __uint_as_float(u.y);
+    f[2] = __uint_as_float(u.z);
+    f[3] = __uint_as_float(u.w);
+  } else {
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const float2 p = __bfloat1622float2(h[i]);
-      f[2 * i] = p.x;
-      f[2 * i + 1] = p.y;
+      float2 q;
+      if constexpr (std::is_same_v<TIn, __nv_bfloat16>) {
+        q = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[i]));
+      } else {
+        q = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
+      }
+      f[2 * i] = q.x;
+      f[2 * i + 1] = q.y;
     }
   }
-  static __device__ __forceinline__ uint4 pack(const float* f) {
-    uint4 u;
-    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&u);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
-    return u;
+}
+
+template <typename TOut>
+__device__ __forceinline__ uint32_t pack2(float a, float b) {
+  uint32_t r;
+  if constexpr (std::is_same_v<TOut, __nv_bfloat16>) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    r = *reinterpret_cast<const uint32_t*>(&h);
+  } else {
+    const __half2 h = __floats2half2_rn(a, b);
+    r = *reinterpret_cast<const uint32_t*>(&h);
   }
-  static __device__ __forceinline__ float one(const void* p) {
-    return __bfloat162float(*static_cast<const __nv_bfloat16*>(p));
+  return r;
+}
+
+// E floats -> E TOut (16-bit) at p, one streaming store (16 bytes for E = 8, 8 for E = 4).
+template <typename TOut, int E>
+__device__ __forceinline__ void store_out(TOut* p, const float* f) {
+  if constexpr (E == 8) {
+    __stcs(reinterpret_cast<uint4*>(p), make_uint4(pack2<TOut>(f[0], f[1]), pack2<TOut>(f[2], f[3]),
+                                                   pack2<TOut>(f[4], f[5]), pack2<TOut>(f[6], f[7])));
+  } else {
+    static_assert(E == 4, "4 or 8 elements per vector");
+    __stcs(reinterpret_cast<uint2*>(p), make_uint2(pack2<TOut>(f[0], f[1]), pack2<TOut>(f[2], f[3])));
   }
-};
-template <> struct Vec8<__half> {
-  static __device__ __forceinline__ void unpack(const uint4& u, float* f) {
-    const __half2* h = reinterpret_cast<const __half2*>(&u);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 p = __half22float2(h[i]);
-      f[2 * i] = p.x;
-      f[2 * i + 1] = p.y;
-    }
-  }
-  static __device__ __forceinline__ uint4 pack(const float* f) {
-    uint4 u;
-    __half2* h = reinterpret_cast<__half2*>(&u);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) h[i] = __floats2half2_rn(f[2 * i], f[2 * i + 1]);
-    return u;
-  }
-  static __device__ __forceinline__ float one(const void* p) {
-    return __half2float(*static_cast<const __half*>(p));
-  }
-};
+}
 
 // dL/dlogp of token `row` (sequence b) under the GRPO loss, token-level ratio, times the row's
 // loss scale: _grpo_token_dlogp / _grpo_token_terms of the Triton kernels.
@@ -195,13 +208,14 @@ constexpr int min_ctas_per_sm() {
   return THREADS == 256 ? (VPT <= 10 ? 3 : 2) : (VPT <= 6 ? 2 : 1);
 }
 
-template <typename T, int THREADS, int VPT, int MODE>
+template <typename TIn, typename TOut, int THREADS, int VPT, int MODE>
 __global__ void __launch_bounds__(THREADS, (min_ctas_per_sm<THREADS, VPT>()))
     fused_logits_cluster_kernel(const FusedLogitsParams p,
                                                                        int64_t row0, int seg) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   constexpr int kWarps = THREADS / 32;
-  constexpr int kStep = 8 * THREADS;  // columns between a thread's vectors
+  constexpr int kE = kPerVec<TIn>;     // logits per vector
+  constexpr int kStep = kE * THREADS;  // columns between a thread's vectors
   __shared__ Stats warp_part[kWarps];
   __shared__ Stats cta_part;
   __shared__ float row_vals[4];  // lse, entropy, dL/dlogp, dL/dentropy
@@ -214,23 +228,23 @@ __global__ void __launch_bounds__(THREADS, (min_ctas_per_sm<THREADS, VPT>()))
   const int64_t n = p.B * p.T;
   const int64_t row = row0 + blockIdx.x / CL;
   const int64_t b = row / p.T, t = row - b * p.T;
-  const T* x_row = static_cast<const T*>(p.x) + b * p.s_xb + t * p.s_xt;
-  T* g_row = static_cast<T*>(p.g) + b * p.s_gb + t * p.s_gt;
+  const TIn* x_row = static_cast<const TIn*>(p.x) + b * p.s_xb + t * p.s_xt;
+  TOut* g_row = static_cast<TOut*>(p.g) + b * p.s_gb + t * p.s_gt;
   const int V = static_cast<int>(p.V);
   const int c_lo = rank * seg;
   const int c_hi = c_lo + seg < V ? c_lo + seg : V;
-  // this thread's vectors: columns c_thread + k * kStep .. + 8, for k < nvec (<= VPT)
-  const int c_thread = c_lo + 8 * tid;
+  // this thread's vectors: columns c_thread + k * kStep .. + kE, for k < nvec (<= VPT)
+  const int c_thread = c_lo + kE * tid;
   const int nvec = c_thread < c_hi ? (c_hi - c_thread + kStep - 1) / kStep : 0;
-  const T* x_mine = x_row + c_thread;
-  T* g_mine = g_row + c_thread;
+  const TIn* x_mine = x_row + c_thread;
+  TOut* g_mine = g_row + c_thread;
 
   if (MODE == 1 && p.mask[row] == 0.f) {
     // outside the GRPO mask: not read, zeros written (out is zeroed by the caller)
-    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+    const float zero[kE] = {};
 #pragma unroll
     for (int k = 0; k < VPT; ++k)
-      if (k < nvec) __stcs(reinterpret_cast<uint4*>(g_mine + k * kStep), zero);
+      if (k < nvec) store_out<TOut, kE>(g_mine + k * kStep, zero);
     return;  // the whole cluster takes this branch: no barrier is left waiting
   }
 
@@ -243,17 +257,17 @@ __global__ void __launch_bounds__(THREADS, (min_ctas_per_sm<THREADS, VPT>()))
   const bool valid = label >= 0 && label < V;
   const bool ignored = label == p.ignore_index;
   float zt = 0.f;
-  if (tid == 0 && valid) zt = Vec8<T>::one(x_row + label) * p.inv_temp;
+  if (tid == 0 && valid) zt = to_float(x_row[label]) * p.inv_temp;
 
   // ---- this thread's statistics: the max, then sum-exp and the entropy sum (one exp each)
   float m = -INFINITY;
 #pragma unroll
   for (int k = 0; k < VPT; ++k) {
     if (k < nvec) {
-      float f[8];
-      Vec8<T>::unpack(data[k], f);
+      float f[kE];
+      unpack<TIn>(data[k], f);
 #pragma unroll
-      for (int i = 0; i < 8; ++i) m = fmaxf(m, f[i] * p.inv_temp);
+      for (int i = 0; i < kE; ++i) m = fmaxf(m, f[i] * p.inv_temp);
     }
   }
   opaque(data);
@@ -262,10 +276,10 @@ __global__ void __launch_bounds__(THREADS, (min_ctas_per_sm<THREADS, VPT>()))
 #pragma unroll
   for (int k = 0; k < VPT; ++k) {
     if (k < nvec) {
-      float f[8];
-      Vec8<T>::unpack(data[k], f);
+      float f[kE];
+      unpack<TIn>(data[k], f);
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
+      for (int i = 0; i < kE; ++i) {
         const float d = f[i] * p.inv_temp - ref;
         const float e = __expf(d);
         s += e;
@@ -328,14 +342,14 @@ __global__ void __launch_bounds__(THREADS, (min_ctas_per_sm<THREADS, VPT>()))
 #pragma unroll
   for (int k = 0; k < VPT; ++k) {
     if (k < nvec) {
-      float f[8];
+      float f[kE];
       if (dead) {
 #pragma unroll
-        for (int i = 0; i < 8; ++i) f[i] = 0.f;
+        for (int i = 0; i < kE; ++i) f[i] = 0.f;
       } else {
-        Vec8<T>::unpack(data[k], f);
+        unpack<TIn>(data[k], f);
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
+        for (int i = 0; i < kE; ++i) {
           const float logp_v = f[i] * p.inv_temp - lse;
           const float pv = __expf(logp_v);
           float g = (k * kStep + i == label_off ? dlp : 0.f) - dlp * pv;
@@ -343,7 +357,7 @@ __global__ void __launch_bounds__(THREADS, (min_ctas_per_sm<THREADS, VPT>()))
           f[i] = g * p.inv_temp;
         }
       }
-      __stcs(reinterpret_cast<uint4*>(g_mine + k * kStep), Vec8<T>::pack(f));
+      store_out<TOut, kE>(g_mine + k * kStep, f);
     }
   }
   cluster_wait();  // keep cta_part alive until every CTA of the cluster has read it
@@ -352,25 +366,26 @@ __global__ void __launch_bounds__(THREADS, (min_ctas_per_sm<THREADS, VPT>()))
 #endif
 }
 
-template <typename T, int THREADS, int MODE>
+template <typename TIn, typename TOut, int THREADS, int MODE>
 void (*pick_kernel(int vpt))(const FusedLogitsParams, int64_t, int) {
   switch (vpt) {
-    case 2: return fused_logits_cluster_kernel<T, THREADS, 2, MODE>;
-    case 4: return fused_logits_cluster_kernel<T, THREADS, 4, MODE>;
-    case 6: return fused_logits_cluster_kernel<T, THREADS, 6, MODE>;
-    case 8: return fused_logits_cluster_kernel<T, THREADS, 8, MODE>;
-    case 10: return fused_logits_cluster_kernel<T, THREADS, 10, MODE>;
-    case 12: return fused_logits_cluster_kernel<T, THREADS, 12, MODE>;
-    case 16: return fused_logits_cluster_kernel<T, THREADS, 16, MODE>;
+    case 2: return fused_logits_cluster_kernel<TIn, TOut, THREADS, 2, MODE>;
+    case 4: return fused_logits_cluster_kernel<TIn, TOut, THREADS, 4, MODE>;
+    case 6: return fused_logits_cluster_kernel<TIn, TOut, THREADS, 6, MODE>;
+    case 8: return fused_logits_cluster_kernel<TIn, TOut, THREADS, 8, MODE>;
+    case 10: return fused_logits_cluster_kernel<TIn, TOut, THREADS, 10, MODE>;
+    case 12: return fused_logits_cluster_kernel<TIn, TOut, THREADS, 12, MODE>;
+    case 16: return fused_logits_cluster_kernel<TIn, TOut, THREADS, 16, MODE>;
     default: return nullptr;
   }
 }
 
-template <typename T, int MODE>
+template <typename TIn, typename TOut, int MODE>
 cudaError_t launch_vpt(int vpt, const FusedLogitsParams& p, int cluster, int threads,
                        cudaStream_t stream, int seg) {
   void (*kern)(const FusedLogitsParams, int64_t, int) =
-      threads == 256 ? pick_kernel<T, 256, MODE>(vpt) : pick_kernel<T, 512, MODE>(vpt);
+      threads == 256 ? pick_kernel<TIn, TOut, 256, MODE>(vpt)
+                     : pick_kernel<TIn, TOut, 512, MODE>(vpt);
   if (kern == nullptr) return cudaErrorInvalidValue;
   if (cluster > 8) {
     const cudaError_t e =
@@ -399,13 +414,23 @@ cudaError_t launch_vpt(int vpt, const FusedLogitsParams& p, int cluster, int thr
   return cudaGetLastError();
 }
 
+template <typename TIn, typename TOut>
+cudaError_t launch_types(int vpt, const FusedLogitsParams& p, int mode, int cluster, int threads,
+                         cudaStream_t stream, int seg) {
+  return mode == 0 ? launch_vpt<TIn, TOut, 0>(vpt, p, cluster, threads, stream, seg)
+                   : launch_vpt<TIn, TOut, 1>(vpt, p, cluster, threads, stream, seg);
+}
+
 }  // namespace
 
-// Vectors per thread the launch uses for a row of V columns: the smallest compiled count that
-// holds the CTA's segment; 0 when none does (V too large for cluster x threads).
-int fused_logits_cluster_vpt(int64_t V, int cluster, int threads, int64_t* seg_out) {
-  const int64_t seg = ((V + cluster - 1) / cluster + 7) / 8 * 8;  // whole 16-byte vectors
-  const int64_t need = (seg / 8 + threads - 1) / threads;
+// Vectors per thread the launch uses for a row of V columns of elem_bytes-byte logits: the
+// smallest compiled count that holds the CTA's segment; 0 when none does (V too large for
+// cluster x threads).
+int fused_logits_cluster_vpt(int64_t V, int elem_bytes, int cluster, int threads,
+                             int64_t* seg_out) {
+  const int64_t per_vec = 16 / elem_bytes;
+  const int64_t seg = ((V + cluster - 1) / cluster + 7) / 8 * 8;  // whole vectors in and out
+  const int64_t need = (seg / per_vec + threads - 1) / threads;
   if (seg_out != nullptr) *seg_out = seg;
   static const int kCompiled[] = {2, 4, 6, 8, 10, 12, 16};
   for (int v : kCompiled)
@@ -413,8 +438,9 @@ int fused_logits_cluster_vpt(int64_t V, int cluster, int threads, int64_t* seg_o
   return 0;
 }
 
-cudaError_t fused_logits_cluster_launch(const FusedLogitsParams& p, int dtype, int mode,
-                                        int cluster, int threads, cudaStream_t stream) {
+cudaError_t fused_logits_cluster_launch(const FusedLogitsParams& p, int in_dtype, int out_dtype,
+                                        int mode, int cluster, int threads, cudaStream_t stream) {
+  using D = LogitsDType;
   if (cluster < 1 || cluster > kMaxCluster || (cluster & (cluster - 1)) != 0 ||
       (threads != 256 && threads != 512) || p.V % 8 != 0 || p.V < 1)
     return cudaErrorInvalidValue;
@@ -425,16 +451,19 @@ cudaError_t fused_logits_cluster_launch(const FusedLogitsParams& p, int dtype, i
   e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
   if (e != cudaSuccess) return e;
   if (major < 9) return cudaErrorNotSupported;
+  const bool f32 = in_dtype == static_cast<int>(D::kFloat32);
   int64_t seg = 0;
-  const int vpt = fused_logits_cluster_vpt(p.V, cluster, threads, &seg);
+  const int vpt = fused_logits_cluster_vpt(p.V, f32 ? 4 : 2, cluster, threads, &seg);
   if (vpt == 0 || seg > INT_MAX / 2) return cudaErrorInvalidValue;
-  const bool bf16 = dtype == static_cast<int>(LogitsDType::kBFloat16);
-  if (!bf16 && dtype != static_cast<int>(LogitsDType::kFloat16)) return cudaErrorInvalidValue;
-  if (bf16)
-    return mode == 0 ? launch_vpt<__nv_bfloat16, 0>(vpt, p, cluster, threads, stream, static_cast<int>(seg))
-                     : launch_vpt<__nv_bfloat16, 1>(vpt, p, cluster, threads, stream, static_cast<int>(seg));
-  return mode == 0 ? launch_vpt<__half, 0>(vpt, p, cluster, threads, stream, static_cast<int>(seg))
-                   : launch_vpt<__half, 1>(vpt, p, cluster, threads, stream, static_cast<int>(seg));
+  const int sg = static_cast<int>(seg);
+  const bool out_bf16 = out_dtype == static_cast<int>(D::kBFloat16);
+  if (!out_bf16 && out_dtype != static_cast<int>(D::kFloat16)) return cudaErrorInvalidValue;
+  if (f32)
+    return out_bf16 ? launch_types<float, __nv_bfloat16>(vpt, p, mode, cluster, threads, stream, sg)
+                    : launch_types<float, __half>(vpt, p, mode, cluster, threads, stream, sg);
+  if (in_dtype != out_dtype) return cudaErrorInvalidValue;  // 16-bit logits: same-dtype gradient
+  return out_bf16 ? launch_types<__nv_bfloat16, __nv_bfloat16>(vpt, p, mode, cluster, threads, stream, sg)
+                  : launch_types<__half, __half>(vpt, p, mode, cluster, threads, stream, sg);
 }
 
 }  // namespace r1k

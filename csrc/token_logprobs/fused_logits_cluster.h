@@ -32,13 +32,15 @@ struct FusedLogitsParams {
   float eps_lo = 0.f, eps_hi = 0.f, delta = 0.f, beta = 0.f, tau_pos = 0.f, tau_neg = 0.f;
 };
 
-enum class LogitsDType : int { kBFloat16 = 1, kFloat16 = 2 };
+// Logits: bf16 or fp16 (gradient in the same dtype), or fp32 (the hidden-state op's chunks;
+// gradient in bf16 or fp16).
+enum class LogitsDType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
 // The largest vocabulary one launch takes with `cluster` CTAs of `threads` threads per row
 // (each thread holds up to kMaxVecsPerThread 16-byte vectors of the row in registers).
 constexpr int kMaxVecsPerThread = 16;
-inline int64_t fused_logits_cluster_max_vocab(int cluster, int threads) {
-  return static_cast<int64_t>(cluster) * threads * 8 * kMaxVecsPerThread;
+inline int64_t fused_logits_cluster_max_vocab(int cluster, int threads, int elem_bytes) {
+  return static_cast<int64_t>(cluster) * threads * (16 / elem_bytes) * kMaxVecsPerThread;
 }
 
 }  // namespace r1k

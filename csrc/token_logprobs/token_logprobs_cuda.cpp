@@ -13,18 +13,23 @@
 
 namespace r1k {
 
-cudaError_t fused_logits_cluster_launch(const FusedLogitsParams& p, int dtype, int mode,
-                                        int cluster, int threads, cudaStream_t stream);
-int fused_logits_cluster_vpt(int64_t V, int cluster, int threads, int64_t* seg_out);
+cudaError_t fused_logits_cluster_launch(const FusedLogitsParams& p, int in_dtype, int out_dtype,
+                                        int mode, int cluster, int threads, cudaStream_t stream);
+int fused_logits_cluster_vpt(int64_t V, int elem_bytes, int cluster, int threads,
+                             int64_t* seg_out);
 
 namespace {
 
 constexpr const char* kOp = "fused_logits_cluster";
 
+int dtype_tag(at::ScalarType t) {
+  return t == at::kFloat ? static_cast<int>(LogitsDType::kFloat32)
+                         : (t == at::kBFloat16 ? static_cast<int>(LogitsDType::kBFloat16)
+                                               : static_cast<int>(LogitsDType::kFloat16));
+}
+
 void check_rows(const at::Tensor& x, const char* name) {
   TORCH_CHECK_VALUE(x.dim() == 3, kOp, ": ", name, " must be [B, T, V], got ", x.dim(), "-D");
-  TORCH_CHECK_VALUE(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, kOp, ": ",
-                    name, " must be bfloat16 or float16, got ", x.scalar_type());
   TORCH_CHECK_VALUE(x.is_cuda(), kOp, ": ", name, " must be a CUDA tensor");
   TORCH_CHECK_VALUE(x.stride(2) == 1 && x.stride(0) % 8 == 0 && x.stride(1) % 8 == 0 &&
                         reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
@@ -60,10 +65,16 @@ void fused_logits_cluster_cuda(const at::Tensor& x, const at::Tensor& g, const a
                                int64_t threads) {
   check_rows(x, "x");
   check_rows(g, "g");
-  TORCH_CHECK_VALUE(g.sizes() == x.sizes() && g.scalar_type() == x.scalar_type() &&
-                        g.device() == x.device(),
-                    kOp, ": g must match x (", x.sizes(), ", ", x.scalar_type(), "), got ",
-                    g.sizes(), ", ", g.scalar_type());
+  const bool x16 = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
+  TORCH_CHECK_VALUE(x16 || x.scalar_type() == at::kFloat, kOp,
+                    ": x must be bfloat16, float16 or float32, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(g.sizes() == x.sizes() && g.device() == x.device() &&
+                        (x16 ? g.scalar_type() == x.scalar_type()
+                             : (g.scalar_type() == at::kBFloat16 || g.scalar_type() == at::kHalf)),
+                    kOp, ": g must match x (", x.sizes(), ", ", x.scalar_type(),
+                    "; a bfloat16 or float16 gradient of float32 logits), got ", g.sizes(), ", ",
+                    g.scalar_type());
+  const int elem = x16 ? 2 : 4;
   const int64_t B = x.size(0), T = x.size(1), V = x.size(2), n = B * T;
   TORCH_CHECK_VALUE(V % 8 == 0, kOp, ": the vocabulary must be a multiple of 8, got ", V);
   TORCH_CHECK_VALUE(labels.scalar_type() == at::kLong && labels.is_contiguous() &&
@@ -76,11 +87,12 @@ void fused_logits_cluster_cuda(const at::Tensor& x, const at::Tensor& g, const a
                     ": cluster must be 1, 2, 4, 8 or 16, got ", cluster);
   TORCH_CHECK_VALUE(threads == 256 || threads == 512, kOp, ": threads must be 256 or 512, got ",
                     threads);
-  TORCH_CHECK_VALUE(fused_logits_cluster_vpt(V, static_cast<int>(cluster), static_cast<int>(threads),
-                                             nullptr) > 0,
+  TORCH_CHECK_VALUE(fused_logits_cluster_vpt(V, elem, static_cast<int>(cluster),
+                                             static_cast<int>(threads), nullptr) > 0,
                     kOp, ": V=", V, " is over what ", cluster, " CTAs of ", threads,
                     " threads hold (", fused_logits_cluster_max_vocab(static_cast<int>(cluster),
-                                                                      static_cast<int>(threads)),
+                                                                      static_cast<int>(threads),
+                                                                      elem),
                     ")");
   const int mode = glp.has_value() ? 0 : 1;
   FusedLogitsParams p;
@@ -119,11 +131,9 @@ void fused_logits_cluster_cuda(const at::Tensor& x, const at::Tensor& g, const a
     p.tau_neg = static_cast<float>(tau_neg);
   }
   const c10::cuda::CUDAGuard guard(x.device());
-  const int dtype = x.scalar_type() == at::kBFloat16 ? static_cast<int>(LogitsDType::kBFloat16)
-                                                     : static_cast<int>(LogitsDType::kFloat16);
-  const cudaError_t err =
-      fused_logits_cluster_launch(p, dtype, mode, static_cast<int>(cluster),
-                                  static_cast<int>(threads), at::cuda::getCurrentCUDAStream());
+  const cudaError_t err = fused_logits_cluster_launch(
+      p, dtype_tag(x.scalar_type()), dtype_tag(g.scalar_type()), mode, static_cast<int>(cluster),
+      static_cast<int>(threads), at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, kOp, ": CUDA launch failed: ", cudaGetErrorString(err));
 }
 

@@ -513,10 +513,22 @@ def _upstream_grads(out, start: int, end: int, entropy: bool, op: str):
 
 def _chunk_grad(z, yr, b, *, lp_out, ent_out, r0: int, inv_temp: float, ignore_index: int,
                 entropy: bool, backend: str, grad_fn: Callable, cols: int, gdt, op: str,
-                need_any: bool):
+                need_any: bool, chunk_kernel: Callable | None = None):
     """One single-sweep chunk's statistics (into lp_out / ent_out), grad_fn, and G = dL/dZ
-    written over the chunk's fp32 logits z (None when no gradient is needed)."""
+    written over the chunk's fp32 logits z (None when no gradient is needed). chunk_kernel
+    (z, yr, g, r0, inv_temp, ignore_index, entropy) -> out [3, n] | None: a kernel that makes
+    the statistics and G in one read of z, with dL/dlogp computed in-kernel (instead of grad_fn;
+    token_logprobs.cluster_chunk), tried first where it may apply."""
     n, vocab = z.shape
+    if (chunk_kernel is not None and need_any and b is None and backend == "triton"
+            and gdt != torch.float32 and not torch.compiler.is_compiling()):
+        g = z.view(gdt)[:, :vocab]
+        out = chunk_kernel(z, yr, g, r0, inv_temp, ignore_index, entropy)
+        if out is not None:
+            lp_out.copy_(out[0])
+            if entropy:
+                ent_out.copy_(out[1])
+            return g
     f32 = dict(dtype=torch.float32, device=z.device)
     if backend in tlp.TILE_BACKENDS:
         state = torch.empty(4, n, **f32)
@@ -563,7 +575,7 @@ def _chunk_grad(z, yr, b, *, lp_out, ent_out, r0: int, inv_temp: float, ignore_i
 
 def single_sweep(h, w, b, y, inv_temp: float, ignore_index: int, entropy: bool, backend: str,
                  grad_fn: Callable, chunk_multiple: int, need: tuple[bool, bool, bool], op: str,
-                 chunk_bounds: list[int] | None = None):
+                 chunk_bounds: list[int] | None = None, chunk_kernel: Callable | None = None):
     """(logp, entropy or None, grad_hidden, grad_weight, grad_bias) in one sweep (module
     docstring); grad_fn is called once per chunk of rows (chunk_bounds: the chunks' row
     boundaries [0, ..., N], instead of groups of chunk_multiple rows)."""
@@ -611,7 +623,7 @@ def single_sweep(h, w, b, y, inv_temp: float, ignore_index: int, entropy: bool, 
         g = _chunk_grad(z, yr, b, lp_out=logp[sl], ent_out=None if ent is None else ent[sl],
                         r0=r0, inv_temp=inv_temp, ignore_index=ignore_index, entropy=entropy,
                         backend=backend, grad_fn=grad_fn, cols=cols, gdt=gdt, op=op,
-                        need_any=need_h or need_w or need_b)
+                        need_any=need_h or need_w or need_b, chunk_kernel=chunk_kernel)
         del z
         if g is None:
             continue
@@ -753,7 +765,8 @@ def linear_token_logprobs_with_grad(hidden: torch.Tensor, weight: torch.Tensor,
                                     temperature: float, ignore_index: int, with_entropy: bool,
                                     grad_fn: Callable, chunk_multiple: int = 1,
                                     need_grads: tuple[bool, bool, bool] = (True, True, True),
-                                    sweep: str = "auto", chunk_bounds: list[int] | None = None):
+                                    sweep: str = "auto", chunk_bounds: list[int] | None = None,
+                                    chunk_kernel: Callable | None = None):
     """Log-probs and the gradients of a loss whose dL/dlogp `grad_fn` gives, in one call.
 
     Returns (logp [N] fp32, entropy [N] fp32 or None, grad_hidden [N, H] in hidden's dtype or
@@ -764,7 +777,9 @@ def linear_token_logprobs_with_grad(hidden: torch.Tensor, weight: torch.Tensor,
     (sweep="two"). `chunk_bounds` (instead of chunk_multiple): the single sweep's chunks as row
     boundaries [0, ..., N], e.g. whole sequences of different lengths. `sweep`: "one"
     (6 N H V FLOPs), "two" (8 N H V FLOPs, grad_weight always reduced in fp32) or "auto" (module
-    docstring; with chunk_bounds: "one" when the largest chunk fits the limit).
+    docstring; with chunk_bounds: "one" when the largest chunk fits the limit). chunk_kernel:
+    see _chunk_grad (single sweep only; it must give what grad_fn would, for a grad_fn without
+    side effects).
     """
     op = "linear_token_logprobs_with_grad"
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
@@ -794,7 +809,7 @@ def linear_token_logprobs_with_grad(hidden: torch.Tensor, weight: torch.Tensor,
         with torch.no_grad():
             return single_sweep(h, weight, bias, y, inv_temp, int(ignore_index),
                                 bool(with_entropy), backend, grad_fn, chunk_multiple, need, op,
-                                chunk_bounds)
+                                chunk_bounds, chunk_kernel)
     with torch.no_grad():
         logp, ent, lse = forward_stats(h, weight, bias, y, inv_temp, int(ignore_index),
                                        bool(with_entropy), backend)
@@ -836,10 +851,15 @@ def linear_token_logprobs_fwd_bwd(hidden: torch.Tensor, weight: torch.Tensor, la
     def grad_fn(start, end, logp, ent):
         return glp[start:end], (None if gent is None else gent[start:end])
 
+    def chunk_kernel(z, yr, g, r0, inv_temp, ignore_index, entropy):
+        sl = slice(r0, r0 + z.shape[0])
+        return tlp.cluster_chunk(z, yr, g, inv_temp, ignore_index, entropy, grad_logp=glp[sl],
+                                 grad_entropy=None if gent is None else gent[sl])
+
     need = (True, True, bias is not None)
     logp, ent, gh, gw, gb = linear_token_logprobs_with_grad(
         h_in, weight, y_in, bias, temperature=temperature, ignore_index=ignore_index,
-        with_entropy=with_entropy, grad_fn=grad_fn, need_grads=need)
+        with_entropy=with_entropy, grad_fn=grad_fn, need_grads=need, chunk_kernel=chunk_kernel)
     if rows is not None:
         n = y2.numel()
         logp = logp.new_zeros(n).index_copy_(0, rows, logp)

@@ -420,9 +420,12 @@ def _num_programs(device: torch.device, n_rows: int, per_sm: int) -> int:
 # the two-pass floor (3.3 ms at N=16384, V=151936 bf16 on an H100, against 4.9 ms for three
 # passes) but NOT YET MEASURED on a GPU, so it is off by default: R1K_FUSED_CLUSTER="8,256"
 # (CTAs per cluster, threads per CTA: 1-16 / 256 or 512) turns it on where it applies (CUDA,
-# compute capability 9+, bf16/fp16 logits, V a multiple of 8 and at most cluster * threads * 128,
-# rows on 16-byte boundaries); elsewhere the Triton kernel below runs. FUSED_CLUSTER is the
-# default once a GPU run has shown it faster (benchmarks/tune_fused_logits.py measures both).
+# compute capability 9+, V a multiple of 8 and within what the cluster holds, rows on 16-byte
+# boundaries): bf16/fp16 logits (token_logprobs_fwd_bwd, GRPOLoss.from_logits), and the fp32
+# logits chunks of the hidden-state single sweep with a bf16/fp16 gradient (cluster_chunk), for
+# which the setting doubles (cluster, else threads) so that a CTA holds as many bytes. Elsewhere
+# the Triton kernels run. FUSED_CLUSTER is the default once a GPU run has shown it faster
+# (benchmarks/tune_fused_logits.py and profile_hidden.py measure both).
 FUSED_CLUSTER: tuple[int, int] | None = None
 CLUSTER_MAX_VECS = 16  # 16-byte vectors per thread (csrc/token_logprobs/fused_logits_cluster.h)
 
@@ -446,21 +449,47 @@ def _rows_aligned(t: torch.Tensor) -> bool:
             and t.data_ptr() % 16 == 0)
 
 
+def _cluster_dtypes_ok(x: torch.Tensor, g: torch.Tensor) -> bool:
+    if x.dtype in (torch.bfloat16, torch.float16):
+        return g.dtype == x.dtype
+    return x.dtype == torch.float32 and g.dtype in (torch.bfloat16, torch.float16)
+
+
 def cluster_config(x3: torch.Tensor, g3: torch.Tensor) -> tuple[int, int] | None:
-    """(cluster, threads) when the cluster kernel is on and takes these logits, else None."""
+    """(cluster, threads) when the cluster kernel is on and takes these logits [B, T, V] and this
+    gradient buffer, else None."""
     setting = _cluster_setting()
     if setting is None or x3.device.type != "cuda":
         return None
     from r1kernels import _custom_ops
 
     cl, threads = setting
+    if x3.dtype == torch.float32:  # 4 logits per 16-byte vector: twice the CTAs or threads
+        cl, threads = (cl * 2, threads) if cl < 16 else (cl, min(512, threads * 2))
+    per_vec = 16 // x3.element_size()
     V = x3.shape[-1]
     ok = (_custom_ops.has_kernel("fused_logits_cluster", "CUDA")
           and torch.cuda.get_device_capability(x3.device)[0] >= 9
-          and x3.dtype in (torch.bfloat16, torch.float16) and g3.dtype == x3.dtype
-          and V % 8 == 0 and V <= cl * threads * 8 * CLUSTER_MAX_VECS
+          and _cluster_dtypes_ok(x3, g3)
+          and V % 8 == 0 and V <= cl * threads * per_vec * CLUSTER_MAX_VECS
           and _rows_aligned(x3) and _rows_aligned(g3))
     return (cl, threads) if ok else None
+
+
+def cluster_chunk(z: torch.Tensor, labels: torch.Tensor, g: torch.Tensor, inv_temp: float,
+                  ignore_index: int, with_entropy: bool, *, grad_logp=None, grad_entropy=None,
+                  grpo=None) -> torch.Tensor | None:
+    """The cluster kernel on one chunk of the hidden-state single sweep: fp32 logits z [n, V],
+    dL/dlogits into g [n, V] (16-bit; may share z's storage), the upstream gradients or the GRPO
+    inputs already cut to the chunk's rows (grpo's scale per row: each row is its own
+    "sequence" here). Returns out [3, n] (logp, entropy, lse), or None where the kernel does not
+    apply (the caller's tile kernels run instead)."""
+    x3, g3 = z.unsqueeze(1), g.unsqueeze(1)
+    setting = cluster_config(x3, g3)
+    if setting is None:
+        return None
+    return fused_cluster(x3, labels, g3, inv_temp, ignore_index, with_entropy, setting,
+                         grad_logp=grad_logp, grad_entropy=grad_entropy, grpo=grpo)
 
 
 def fused_cluster(x3, labels, g3, inv_temp, ignore_index, with_entropy, setting, *,
@@ -498,6 +527,19 @@ def fused_cluster(x3, labels, g3, inv_temp, ignore_index, with_entropy, setting,
     return out
 
 
+def fused_logits(x3: torch.Tensor, labels: torch.Tensor, g3: torch.Tensor, inv_temp: float,
+                 ignore_index: int, with_entropy: bool, *, grad_logp=None, grad_entropy=None,
+                 grpo=None) -> torch.Tensor:
+    """The fused logits kernels' entry point: the cluster kernel where it is on and applies
+    (cluster_config), else the Triton kernel (fused_triton, whose contract both follow)."""
+    setting = cluster_config(x3, g3)
+    if setting is not None:
+        return fused_cluster(x3, labels, g3, inv_temp, ignore_index, with_entropy, setting,
+                             grad_logp=grad_logp, grad_entropy=grad_entropy, grpo=grpo)
+    return fused_triton(x3, labels, g3, inv_temp, ignore_index, with_entropy,
+                        grad_logp=grad_logp, grad_entropy=grad_entropy, grpo=grpo)
+
+
 def fused_triton(x3: torch.Tensor, labels: torch.Tensor, g3: torch.Tensor, inv_temp: float,
                  ignore_index: int, with_entropy: bool, *, grad_logp=None, grad_entropy=None,
                  grpo=None) -> torch.Tensor:
@@ -506,10 +548,6 @@ def fused_triton(x3: torch.Tensor, labels: torch.Tensor, g3: torch.Tensor, inv_t
     Either grad_logp [B * T] (and optionally grad_entropy [B * T]) or grpo = (cfg, adv, mask,
     old, ref, rw, scale), the [B * T] per-token inputs contiguous and scale [B]. Returns
     out [3, B * T] fp32: logp, entropy (zeros unless with_entropy), and lse in two-launch mode."""
-    setting = cluster_config(x3, g3)
-    if setting is not None:
-        return fused_cluster(x3, labels, g3, inv_temp, ignore_index, with_entropy, setting,
-                             grad_logp=grad_logp, grad_entropy=grad_entropy, grpo=grpo)
     B, T, V = x3.shape
     n = B * T
     out = torch.zeros(3, n, dtype=torch.float32, device=x3.device)
@@ -1064,7 +1102,7 @@ def token_logprobs_fwd_bwd(logits: torch.Tensor, labels: torch.Tensor, grad_logp
     with torch.no_grad():
         if backend == "triton":
             g = x if inplace else torch.empty_like(x)
-            out = fused_triton(x.view(1, n, x.shape[1]), y, g.view(1, n, x.shape[1]), inv_temp,
+            out = fused_logits(x.view(1, n, x.shape[1]), y, g.view(1, n, x.shape[1]), inv_temp,
                                int(ignore_index), bool(with_entropy), grad_logp=glp,
                                grad_entropy=gent)
             logp, ent = out[0], (out[1] if with_entropy else None)
