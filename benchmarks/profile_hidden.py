@@ -2,7 +2,8 @@
 linear_token_logprobs_fwd_bwd at the issues' target shape (N=16384, H=4096, V=151936, bf16),
 for several chunk sizes (rows of fp32 logits per chunk) and settings of the cluster kernel on
 the chunks (PROFILE_CLUSTER, R1K_FUSED_CLUSTER values separated by ";", default "0;8,256": off,
-then on). Prints, per variant, the median time
+then on) and of the G group buffer (PROFILE_GROUP, R1K_SWEEP_GROUP_ROWS values separated by
+";", default "0": off). Prints, per variant, the median time
 of a call, its peak extra memory, the device time per kernel (torch.profiler) of one call, so
 the gap to the three GEMMs (6 N H V FLOPs at the bf16 matmul rate) can be attributed, and where
 in the call the GPU waits (idle gaps between kernels, with their neighbours).
@@ -157,30 +158,33 @@ def main():
     default_elems = ltl.TILE_ELEMS_CUDA
     rows_list = [64] if DRY else [int(r) for r in os.environ.get("PROFILE_ROWS", "1024,1536,2048").split(",")]
     clusters = os.environ.get("PROFILE_CLUSTER", "0;8,256").split(";")
-    variants = [(name, r, c) for c in clusters for name in ("GRPOLoss", "fwd_bwd")
-                for r in rows_list]
+    groups = os.environ.get("PROFILE_GROUP", "0").split(";")
+    variants = [(name, r, c, gr) for c in clusters for gr in groups
+                for name in ("GRPOLoss", "fwd_bwd") for r in rows_list]
     summary = []
-    for name, r, c in variants:
+    for name, r, c, gr in variants:
         fn = grpo if name == "GRPOLoss" else fwd_bwd
         os.environ["R1K_FUSED_CLUSTER"] = c
+        os.environ["R1K_SWEEP_GROUP_ROWS"] = gr
         ltl.TILE_ELEMS_CUDA = r * V
         if DRY:
             ltl.TILE_ELEMS_CPU = r * V
         try:
             t = timed(fn, 1 if DRY else 5)
             mem = peak_extra(fn)
-            label = f"{name} rows={r} cluster={c}"
+            label = f"{name} rows={r} cluster={c} group={gr}"
             print(f"{label}: {t:.2f} ms, peak extra {mem:.2f} GiB", flush=True)
-            if r == rows_list[0] or DRY:
+            if (r == rows_list[0] and gr == groups[0]) or DRY:
                 print(kernel_table(fn), flush=True)
             summary.append((label, t, mem))
         except Exception as exc:  # noqa: BLE001 - report and go on
-            print(f"{name} rows={r} cluster={c} failed: {exc!r}"[:300], flush=True)
+            print(f"{name} rows={r} cluster={c} group={gr} failed: {exc!r}"[:300], flush=True)
     ltl.TILE_ELEMS_CUDA = default_elems
     os.environ.pop("R1K_FUSED_CLUSTER", None)
-    print(f"{'variant':<44} {'ms':>9} {'peak GiB':>9}")
+    os.environ.pop("R1K_SWEEP_GROUP_ROWS", None)
+    print(f"{'variant':<54} {'ms':>9} {'peak GiB':>9}")
     for label, t, mem in summary:
-        print(f"{label:<44} {t:9.2f} {mem:9.2f}")
+        print(f"{label:<54} {t:9.2f} {mem:9.2f}")
     return 0 if len(summary) == len(variants) else 1
 
 

@@ -167,12 +167,13 @@ def _live_rows(labels, mask, vocab: int, ignore_index: int, device):
     the mask, label not ignore_index; as indices into the B * T rows, or None when that is all
     of them. Only these go through the lm_head GEMMs (a masked token's logits would cost the
     same three GEMMs and give a zero gradient row; padding is often a large part of a GRPO
-    batch). Every label is checked first, as the log-prob op would (IndexError). One host sync:
-    the number of live rows; none under torch.compile (every row is kept)."""
-    from r1kernels.ops.linear_token_logprobs import rows_where
-
-    TLP.check_labels("GRPOLoss", labels, tuple(labels.shape), vocab, ignore_index, device)
-    return rows_where((G._mask_view(mask) != 0) & (labels != ignore_index))
+    batch). Every label is checked first, as the log-prob op would (IndexError). One host sync
+    for the labels' check and the number of live rows; none under torch.compile (every row is
+    kept)."""
+    TLP.check_labels("GRPOLoss", labels, tuple(labels.shape), vocab, ignore_index, device,
+                     data=False)
+    return TLP.checked_rows("GRPOLoss", labels, vocab, ignore_index,
+                            (G._mask_view(mask) != 0) & (labels != ignore_index))
 
 
 def _finish(fin, parts, nitems, cfg, B, device, ent_acc, n_tot):
@@ -205,7 +206,8 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
         if B * T > 0:
             h2, y2 = hidden.reshape(B * T, H), labels.reshape(B * T)
             kw = dict(temperature=temperature, ignore_index=ignore_index,
-                      with_entropy=with_entropy, need_grads=need, sweep=sweep)
+                      with_entropy=with_entropy, need_grads=need, sweep=sweep,
+                      labels_checked=True)  # by _live_rows, in its one host sync
             live = _live_rows(labels, mask, weight.shape[0], ignore_index, hidden.device)
             if cfg.seq and live is None:  # every token live: chunks of whole sequences
                 grad_fn = _fused_loss_step(fwd, cfg, B, T, adv, mask, old, ref, rw, scale, parts,

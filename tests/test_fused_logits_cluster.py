@@ -232,10 +232,15 @@ def test_bad_direct_call_is_value_error():
 @GPU
 @pytest.mark.parametrize("setting", [(8, 256), (4, 512), (16, 256)], ids=lambda s: "%dx%d" % s)
 @pytest.mark.parametrize("V", [1000, 151936])
-def test_hidden_state_chunks(monkeypatch, setting, V):
+@pytest.mark.parametrize("group", ["0", "192"], ids=["G-over-chunk", "G-groups"])
+def test_hidden_state_chunks(monkeypatch, setting, V, group):
     """linear_token_logprobs_fwd_bwd (bf16) with the cluster kernel on its fp32 logits chunks
-    (bf16 G written over the chunk's own storage) equals the tile kernels' path, and the chunk
-    kernel was taken."""
+    (bf16 G written over the chunk's own storage, or into the G group buffer: 64-row chunks in
+    192-row groups) equals the tile kernels' path, and the chunk kernel was taken."""
+    from r1kernels.ops import linear_token_logprobs as lin
+
+    monkeypatch.setattr(lin, "TILE_ELEMS_CUDA", 64 * V)
+    monkeypatch.setenv("R1K_SWEEP_GROUP_ROWS", group)
     gen = torch.Generator().manual_seed(4)
     N, H = 300, 64
     h = torch.randn(N, H, generator=gen).to(torch.bfloat16).cuda()

@@ -710,3 +710,114 @@ def test_fwd_bwd_bad_input(backend):
         with pytest.raises(IndexError, match="labels"):
             r1kernels.linear_token_logprobs_fwd_bwd(h, w, torch.full((4,), 11, device=DEVICE),
                                                     torch.zeros(4, device=DEVICE))
+
+
+# ---- single sweep with a G group buffer (SWEEP_GROUP_ROWS, opt-in) -----------------------------
+
+
+def _sweep_outputs(group, monkeypatch, *, backend, chunk_bounds=None, bias=True, seed=3):
+    """linear_token_logprobs_with_grad (single sweep, fp32: the GEMMs cover the whole
+    vocabulary at once on CPU too) with 32-row chunks and G groups of `group` rows (None: off);
+    also the chunks grad_fn saw."""
+    monkeypatch.setattr(lin, "TILE_ELEMS_CPU", 32 * 500)
+    monkeypatch.setattr(lin, "SWEEP_GROUP_ROWS", group)
+    monkeypatch.delenv("R1K_SWEEP_GROUP_ROWS", raising=False)
+    g = torch.Generator().manual_seed(seed)
+    N, H, V = 150, 16, 500
+    h = torch.randn(N, H, generator=g)
+    w = torch.randn(V, H, generator=g) / 2
+    b = torch.randn(V, generator=g) * 0.1 if bias else None
+    y = torch.randint(0, V, (N,), generator=g)
+    y[[5, 77]] = -100
+    glp, gent = torch.randn(N, generator=g), torch.randn(N, generator=g)
+    seen = []
+
+    def grad_fn(s, e, lp, en):
+        seen.append((s, e))
+        return glp[s:e], gent[s:e]
+
+    with dispatch.use_backend(backend):
+        out = linear_token_logprobs_with_grad(h, w, y, b, temperature=0.9, ignore_index=-100,
+                                              with_entropy=True, grad_fn=grad_fn, sweep="one",
+                                              chunk_bounds=chunk_bounds)
+    return out, seen
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cpp", "triton")
+                                     if b in dispatch.available_backends(OP, DEVICE)])
+@pytest.mark.parametrize("group", [64, 100, 1000])
+@pytest.mark.parametrize("bounds", [None, [0, 7, 40, 41, 90, 150]], ids=["rows", "sequences"])
+def test_sweep_groups_match_chunks(monkeypatch, backend, group, bounds):
+    """G groups change only where G is kept and when the gradient GEMMs run: the same chunks
+    reach grad_fn in the same order, the log-probs are the same bits and the gradients agree
+    to fp32 summation order (groups of 64 and 100 rows: several chunks each, a chunk that does
+    not fit closing a group; 1000: one group of all rows; uneven sequence chunks)."""
+    if DEVICE != "cpu":
+        pytest.skip("CPU shapes (fp32 weights)")
+    (lp0, en0, gh0, gw0, gb0), seen0 = _sweep_outputs(None, monkeypatch, backend=backend,
+                                                       chunk_bounds=bounds)
+    (lp1, en1, gh1, gw1, gb1), seen1 = _sweep_outputs(group, monkeypatch, backend=backend,
+                                                       chunk_bounds=bounds)
+    assert seen1 == seen0 and len(seen0) >= 5
+    assert torch.equal(lp1, lp0) and torch.equal(en1, en0)
+    for a, r in ((gh1, gh0), (gw1, gw0), (gb1, gb0)):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
+    # and against float64 autograd of the same loss
+    g = torch.Generator().manual_seed(3)
+    N, H, V = 150, 16, 500
+    h = torch.randn(N, H, generator=g).double().requires_grad_(True)  # the same draws
+    w = (torch.randn(V, H, generator=g) / 2).double().requires_grad_(True)
+    b = (torch.randn(V, generator=g) * 0.1).double().requires_grad_(True)
+    y = torch.randint(0, V, (N,), generator=g)
+    y[[5, 77]] = -100
+    glp, gent = torch.randn(N, generator=g), torch.randn(N, generator=g)
+    lr, er = linear_token_logprobs_ref(h, w, y, bias=b, temperature=0.9, with_entropy=True)
+    ((lr * glp.double()).sum() + (er * gent.double()).sum()).backward()
+    torch.testing.assert_close(gw1.double(), w.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gh1.double(), h.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gb1.double(), b.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_sweep_group_env(monkeypatch):
+    """R1K_SWEEP_GROUP_ROWS overrides SWEEP_GROUP_ROWS (0: off); a bad value is a ValueError
+    naming it; a group no larger than one chunk is off."""
+    monkeypatch.setattr(lin, "SWEEP_GROUP_ROWS", 4096)
+    monkeypatch.setenv("R1K_SWEEP_GROUP_ROWS", "0")
+    assert lin._group_rows(1024, 16384) is None
+    monkeypatch.setenv("R1K_SWEEP_GROUP_ROWS", "2048")
+    assert lin._group_rows(512, 16384) == 2048
+    assert lin._group_rows(512, 1000) == 1000
+    assert lin._group_rows(1024, 1024) is None
+    monkeypatch.delenv("R1K_SWEEP_GROUP_ROWS")
+    assert lin._group_rows(1024, 16384) == 4096
+    monkeypatch.setenv("R1K_SWEEP_GROUP_ROWS", "-3")
+    with pytest.raises(ValueError, match="R1K_SWEEP_GROUP_ROWS"):
+        lin._group_rows(1024, 16384)
+
+
+def test_sweep_group_memory(monkeypatch):
+    """With G groups the extra memory beyond the gradients is the fp32 logits chunk plus the G
+    buffer (group rows x V) plus O(N), whatever N: here 32-row chunks, 96-row groups, fp32."""
+    if DEVICE != "cpu":
+        pytest.skip("CPU memory profile")
+    monkeypatch.setattr(lin, "TILE_ELEMS_CPU", 32 * 2000)
+    monkeypatch.setattr(lin, "SWEEP_GROUP_ROWS", 96)
+    monkeypatch.delenv("R1K_SWEEP_GROUP_ROWS", raising=False)
+    V, H = 2000, 16
+    w = torch.randn(V, H) / 4
+    over = {}
+    for n in (200, 1200):
+        h = torch.randn(n, H)
+        y = torch.randint(0, V, (n,))
+
+        def fn():
+            return linear_token_logprobs_with_grad(
+                h, w, y, None, temperature=1.0, ignore_index=-100, with_entropy=True,
+                grad_fn=lambda s, e, lp, en: lp * 0 + 1, sweep="one")
+
+        with dispatch.use_backend("cpp"):
+            peak, out = peak_extra_bytes(fn)
+        over[n] = peak - (n * H * 4 + V * H * 4)
+    budget = 32 * V * 4 + 96 * V * 4  # chunk + G buffer
+    assert over[1200] <= budget + 64 * 1200, over
+    assert over[1200] <= over[200] + 64 * 1200, over

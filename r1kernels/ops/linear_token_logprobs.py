@@ -106,6 +106,16 @@ MAX_TILE_ROWS = 16384
 SINGLE_SWEEP_FP32_ACC_BYTES = 1 << 30
 SINGLE_SWEEP_MAX_CHUNK_ELEMS_CUDA = 1 << 28
 SINGLE_SWEEP_MAX_CHUNK_ELEMS_CPU = 1 << 23
+# G groups (opt-in, not yet measured on a GPU): None, or the rows of a separate G buffer
+# [rows, V] in the GEMM dtype that collects the G of several consecutive chunks before the
+# grad_hidden and grad_weight GEMMs run on all of them at once. grad_weight's bf16
+# read-modify-write (2.3 GB per GEMM at V=151936, H=4096) then happens once per group, and its
+# GEMM has K = group rows, while the fp32 logits chunk stays small: e.g. 512-row chunks in
+# 2048-row groups hold 297 MiB of fp32 logits + 594 MiB of G (against 594 MiB for 1024-row
+# chunks with G written over them, and 1.16 GiB for 2048-row chunks). Taken where the GEMMs
+# cover the whole vocabulary at once (CUDA, or fp32 weights) and the chunk kernels write G
+# anywhere (triton, cpp backends). Env R1K_SWEEP_GROUP_ROWS (0: off) overrides it.
+SWEEP_GROUP_ROWS: int | None = None
 
 
 def tile_shape(n_rows: int, vocab: int, hidden: int, device: torch.device) -> tuple[int, int]:
@@ -513,16 +523,17 @@ def _upstream_grads(out, start: int, end: int, entropy: bool, op: str):
 
 def _chunk_grad(z, yr, b, *, lp_out, ent_out, r0: int, inv_temp: float, ignore_index: int,
                 entropy: bool, backend: str, grad_fn: Callable, cols: int, gdt, op: str,
-                need_any: bool, chunk_kernel: Callable | None = None):
+                need_any: bool, chunk_kernel: Callable | None = None, g_out=None):
     """One single-sweep chunk's statistics (into lp_out / ent_out), grad_fn, and G = dL/dZ
     written over the chunk's fp32 logits z (None when no gradient is needed). chunk_kernel
     (z, yr, g, r0, inv_temp, ignore_index, entropy) -> out [3, n] | None: a kernel that makes
     the statistics and G in one read of z, with dL/dlogp computed in-kernel (instead of grad_fn;
-    token_logprobs.cluster_chunk), tried first where it may apply."""
+    token_logprobs.cluster_chunk), tried first where it may apply. g_out: where G goes (a
+    slice of the sweep's G group buffer; tile backends only), instead of over z."""
     n, vocab = z.shape
     if (chunk_kernel is not None and need_any and b is None and backend == "triton"
             and gdt != torch.float32 and not torch.compiler.is_compiling()):
-        g = z.view(gdt)[:, :vocab]
+        g = z.view(gdt)[:, :vocab] if g_out is None else g_out
         out = chunk_kernel(z, yr, g, r0, inv_temp, ignore_index, entropy)
         if out is not None:
             lp_out.copy_(out[0])
@@ -556,7 +567,9 @@ def _chunk_grad(z, yr, b, *, lp_out, ent_out, r0: int, inv_temp: float, ignore_i
     if not need_any:
         return None
     if backend in tlp.TILE_BACKENDS:  # G written over Z (see backward_grads)
-        if torch.compiler.is_compiling():
+        if g_out is not None:
+            g = g_out
+        elif torch.compiler.is_compiling():
             g = torch.empty(z.shape, dtype=gdt, device=z.device)
         elif gdt == torch.float32:
             g = z
@@ -609,6 +622,14 @@ def single_sweep(h, w, b, y, inv_temp: float, ignore_index: int, entropy: bool, 
         cols -= cols % 128
     gcols = vocab if h.is_cuda or w.dtype == torch.float32 else cols
     gdt = _gemm_dtype(h)
+    group = _group_rows(rows, n_all)
+    if (group is None or gcols < vocab or backend not in tlp.TILE_BACKENDS
+            or not (need_h or need_w or need_b) or torch.compiler.is_compiling()):
+        group = None
+    if group is not None:  # G of consecutive chunks collected, then the gradient GEMMs on all
+        return _grouped_sweep(h, w, b, y, inv_temp, ignore_index, entropy, backend, grad_fn,
+                              need, op, chunk_bounds, chunk_kernel, group, gdt, cols, logp, ent,
+                              gh, gw, gw_acc, gb)
     for r0, r1 in zip(chunk_bounds, chunk_bounds[1:]):
         sl = slice(r0, r1)
         hr, yr = h[sl], y[sl]
@@ -653,6 +674,75 @@ def single_sweep(h, w, b, y, inv_temp: float, ignore_index: int, entropy: bool, 
     return logp, ent, gh, gw, gb
 
 
+def _group_rows(chunk_rows: int, n_all: int) -> int | None:
+    """Rows of the G group buffer (SWEEP_GROUP_ROWS or R1K_SWEEP_GROUP_ROWS), at least one
+    chunk and at most all rows; None when off or when a group would hold one chunk only."""
+    import os
+
+    env = os.environ.get("R1K_SWEEP_GROUP_ROWS")
+    if env is not None:
+        try:
+            value = int(env)
+        except ValueError:
+            value = -1
+        if value < 0:
+            raise ValueError(f"R1K_SWEEP_GROUP_ROWS must be a non-negative integer (0: off), "
+                             f"got {env!r}")
+        group = value or None
+    else:
+        group = SWEEP_GROUP_ROWS
+    if group is None:
+        return None
+    group = min(max(int(group), chunk_rows), n_all)
+    return group if group > chunk_rows else None
+
+
+def _grouped_sweep(h, w, b, y, inv_temp, ignore_index, entropy, backend, grad_fn, need, op,
+                   chunk_bounds, chunk_kernel, group, gdt, cols, logp, ent, gh, gw, gw_acc, gb):
+    """single_sweep with a G group buffer (SWEEP_GROUP_ROWS): each chunk's statistics and G
+    (into the buffer), and the gradient GEMMs once per group of consecutive whole chunks."""
+    vocab, hid = w.shape
+    need_h, need_w, need_b = need[0], need[1], need[2] and b is not None
+    group = max(group, max(e - s for s, e in zip(chunk_bounds, chunk_bounds[1:])))
+    gbuf = torch.empty(group, vocab, dtype=gdt, device=h.device)
+    first = True
+
+    def flush(g0, g1):
+        nonlocal first
+        gt, hr = gbuf[:g1 - g0], h[g0:g1]
+        if need_h:
+            gh[g0:g1] = _mm_f32(gt, w)
+        if need_w:
+            beta = 0.0 if first else 1.0
+            if gw_acc is not None:
+                _addmm_f32_(gw_acc, gt.t(), hr, beta)
+            else:
+                _addmm_lowp_(gw, gt.t(), hr, beta)
+        if need_b:
+            gb.add_(torch.sum(gt, dim=0, dtype=torch.float32))
+        first = False
+
+    g0 = chunk_bounds[0]
+    for r0, r1 in zip(chunk_bounds, chunk_bounds[1:]):
+        if r1 - g0 > group:  # this chunk does not fit: the group so far first
+            flush(g0, r0)
+            g0 = r0
+        sl = slice(r0, r1)
+        z = _mm_f32(h[sl], w.t())
+        _chunk_grad(z, y[sl], b, lp_out=logp[sl], ent_out=None if ent is None else ent[sl],
+                    r0=r0, inv_temp=inv_temp, ignore_index=ignore_index, entropy=entropy,
+                    backend=backend, grad_fn=grad_fn, cols=cols, gdt=gdt, op=op, need_any=True,
+                    chunk_kernel=chunk_kernel, g_out=gbuf[r0 - g0:r1 - g0])
+        del z
+    flush(g0, chunk_bounds[-1])
+    del gbuf
+    if need_w and gw is None:
+        gw = gw_acc.to(w.dtype)
+    if need_b and gb.dtype != b.dtype:
+        gb = gb.to(b.dtype)
+    return logp, ent, gh, gw, gb
+
+
 # ---- autograd ---------------------------------------------------------------------------------
 
 
@@ -686,7 +776,7 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
 # ---- validation -------------------------------------------------------------------------------
 
 
-def _prepare(op, hidden, weight, labels, bias, temperature, ignore_index):
+def _prepare(op, hidden, weight, labels, bias, temperature, ignore_index, label_data=True):
     tlp.check_float(op, "hidden", hidden)
     tlp.check_float(op, "weight", weight, min_dim=2)
     if weight.dim() != 2:
@@ -709,7 +799,8 @@ def _prepare(op, hidden, weight, labels, bias, temperature, ignore_index):
             raise ValueError(f"{op}: bias expected shape ({vocab},), got {tuple(bias.shape)}")
         if bias.device != hidden.device:
             raise ValueError(f"{op}: bias expected on device {hidden.device}, got {bias.device}")
-    tlp.check_labels(op, labels, hidden.shape[:-1], vocab, ignore_index, hidden.device)
+    tlp.check_labels(op, labels, hidden.shape[:-1], vocab, ignore_index, hidden.device,
+                     data=label_data)
     temperature = tlp.check_temperature(op, temperature)
     h = hidden.reshape(-1, hid)
     if bias is not None:
@@ -729,9 +820,10 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     `logp [...]` (and `entropy [...]` when `with_entropy`), differentiable with respect to
     hidden, weight and bias. Matmul products accumulate in fp32. See shared/API.md.
     """
-    h, bias, y, inv_temp = _prepare(OP, hidden, weight, labels, bias, temperature, ignore_index)
+    h, bias, y, inv_temp = _prepare(OP, hidden, weight, labels, bias, temperature, ignore_index,
+                                    label_data=False)
     backend = dispatch.select(OP, h.device)
-    rows = labelled_rows(y, ignore_index)
+    rows = labelled_rows(y, ignore_index, OP, weight.shape[0])
     if rows is not None:  # (differentiable gather and scatter around the op)
         h, y = h.index_select(0, rows), y.index_select(0, rows)
     out = LinearTokenLogprobsFunction.apply(h, weight, y, bias, inv_temp, int(ignore_index),
@@ -743,12 +835,13 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     return outs if with_entropy else outs[0]
 
 
-def labelled_rows(y: torch.Tensor, ignore_index: int):
-    """Indices of the rows whose label is not ignore_index (None when that is every row): only
+def labelled_rows(y: torch.Tensor, ignore_index: int, op: str, vocab: int):
+    """Indices of the rows whose label is not ignore_index (None when that is every row), the
+    labels' values checked in the same host sync (tlp.checked_rows): only
     those go through the GEMMs. A row labelled ignore_index (HF's -100 for prompt and padding
     tokens, often most of an SFT batch) has log-prob and entropy 0 by definition and a zero
     gradient, so computing its logits would cost the full 6-8 H V FLOPs per row for nothing."""
-    return rows_where(y != ignore_index)
+    return tlp.checked_rows(op, y, vocab, ignore_index, y != ignore_index)
 
 
 def rows_where(keep: torch.Tensor):
@@ -766,7 +859,8 @@ def linear_token_logprobs_with_grad(hidden: torch.Tensor, weight: torch.Tensor,
                                     grad_fn: Callable, chunk_multiple: int = 1,
                                     need_grads: tuple[bool, bool, bool] = (True, True, True),
                                     sweep: str = "auto", chunk_bounds: list[int] | None = None,
-                                    chunk_kernel: Callable | None = None):
+                                    chunk_kernel: Callable | None = None,
+                                    labels_checked: bool = False):
     """Log-probs and the gradients of a loss whose dL/dlogp `grad_fn` gives, in one call.
 
     Returns (logp [N] fp32, entropy [N] fp32 or None, grad_hidden [N, H] in hidden's dtype or
@@ -779,7 +873,8 @@ def linear_token_logprobs_with_grad(hidden: torch.Tensor, weight: torch.Tensor,
     (6 N H V FLOPs), "two" (8 N H V FLOPs, grad_weight always reduced in fp32) or "auto" (module
     docstring; with chunk_bounds: "one" when the largest chunk fits the limit). chunk_kernel:
     see _chunk_grad (single sweep only; it must give what grad_fn would, for a grad_fn without
-    side effects).
+    side effects). labels_checked: the caller has checked the labels' values already
+    (tlp.checked_rows), so no second host sync here.
     """
     op = "linear_token_logprobs_with_grad"
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
@@ -792,7 +887,8 @@ def linear_token_logprobs_with_grad(hidden: torch.Tensor, weight: torch.Tensor,
                          f"{need_grads!r}")
     if sweep not in ("auto", "one", "two"):
         raise ValueError(f"{op}: sweep expected 'auto', 'one' or 'two', got {sweep!r}")
-    h, bias, y, inv_temp = _prepare(op, hidden, weight, labels, bias, temperature, ignore_index)
+    h, bias, y, inv_temp = _prepare(op, hidden, weight, labels, bias, temperature, ignore_index,
+                                    label_data=not labels_checked)
     backend = dispatch.select(OP, h.device)
     need = tuple(bool(x) for x in need_grads)
     if chunk_bounds is not None:
@@ -840,8 +936,9 @@ def linear_token_logprobs_fwd_bwd(hidden: torch.Tensor, weight: torch.Tensor, la
         raise ValueError(f"{op}: hidden must be a tensor [..., H], got {type(hidden).__name__}")
     glp, gent = tlp.check_upstream_grads(op, labels, grad_logp, grad_entropy, with_entropy,
                                          hidden.device)
+    _prepare(op, hidden, weight, labels, bias, temperature, ignore_index, label_data=False)
     h2, y2 = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
-    rows = labelled_rows(y2, ignore_index) if isinstance(ignore_index, int) else None
+    rows = labelled_rows(y2, ignore_index, op, weight.shape[0])  # (and the labels' values)
     h_in, y_in = h2, y2
     if rows is not None:  # rows labelled ignore_index: zeros, not computed (labelled_rows)
         h_in, y_in = h2.index_select(0, rows), y2.index_select(0, rows)
@@ -859,7 +956,8 @@ def linear_token_logprobs_fwd_bwd(hidden: torch.Tensor, weight: torch.Tensor, la
     need = (True, True, bias is not None)
     logp, ent, gh, gw, gb = linear_token_logprobs_with_grad(
         h_in, weight, y_in, bias, temperature=temperature, ignore_index=ignore_index,
-        with_entropy=with_entropy, grad_fn=grad_fn, need_grads=need, chunk_kernel=chunk_kernel)
+        with_entropy=with_entropy, grad_fn=grad_fn, need_grads=need, chunk_kernel=chunk_kernel,
+        labels_checked=True)
     if rows is not None:
         n = y2.numel()
         logp = logp.new_zeros(n).index_copy_(0, rows, logp)

@@ -955,8 +955,33 @@ def check_temperature(op: str, temperature) -> float:
     return float(temperature)
 
 
+def _bad_label_error(op: str, labels, bad, vocab: int, ignore_index) -> IndexError:
+    first = labels[bad].reshape(-1)[0].item()
+    return IndexError(f"{op}: labels must be in [0, {vocab}) or ignore_index={ignore_index}, "
+                      f"got {first}")
+
+
+def checked_rows(op: str, labels: torch.Tensor, vocab: int, ignore_index: int,
+                 keep: torch.Tensor):
+    """check_labels' data-dependent check (IndexError for a label out of range) and the indices
+    of the True entries of `keep` (flattened; None when that is all of them), with one host
+    sync for both (the bad-label and kept-row counts) instead of two. Under torch.compile: no
+    check, None (every row kept). Call check_labels(..., data=False) first."""
+    flat = keep.reshape(-1)
+    if torch.compiler.is_compiling() or flat.numel() == 0:
+        return None
+    bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
+    n_bad, n_keep = torch.stack([bad.sum(), flat.sum()]).tolist()
+    if n_bad:
+        raise _bad_label_error(op, labels, bad, vocab, ignore_index)
+    if n_keep == flat.numel():
+        return None
+    return torch.nonzero_static(flat, size=int(n_keep)).squeeze(1)  # no second sync
+
+
 def check_labels(op: str, labels: torch.Tensor, batch_shape, vocab: int, ignore_index,
-                 device) -> None:
+                 device, data: bool = True) -> None:
+    """Type, shape and device of the labels; with `data`, also their values (one host sync)."""
     if not isinstance(labels, torch.Tensor):
         raise ValueError(f"{op}: labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.is_complex() or labels.dtype == torch.bool:
@@ -968,12 +993,10 @@ def check_labels(op: str, labels: torch.Tensor, batch_shape, vocab: int, ignore_
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise ValueError(f"{op}: ignore_index must be an int, got {ignore_index!r}")
     # Data-dependent check (one host sync); under torch.compile the kernels return NaN instead.
-    if labels.numel() and not torch.compiler.is_compiling():
+    if data and labels.numel() and not torch.compiler.is_compiling():
         bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
         if bool(bad.any()):
-            first = labels[bad].reshape(-1)[0].item()
-            raise IndexError(f"{op}: labels must be in [0, {vocab}) or ignore_index={ignore_index}, "
-                             f"got {first}")
+            raise _bad_label_error(op, labels, bad, vocab, ignore_index)
 
 
 def check_upstream_grads(op: str, labels, grad_logp, grad_entropy, with_entropy: bool, device):
