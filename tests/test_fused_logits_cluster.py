@@ -11,6 +11,8 @@ accuracy, and the gradient, rounded once to the logits' dtype, at that dtype's r
 """
 import os
 import re
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -81,6 +83,42 @@ def test_capacity_matches_kernel():
     assert max(compiled) == tlp.CLUSTER_MAX_VECS
     cases = re.findall(r"case (\d+): return fused_logits_cluster_kernel", kernel)
     assert sorted(int(c) for c in cases) == sorted(compiled)
+
+
+NVCC = shutil.which("nvcc")
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not installed here")
+def test_kernel_resources_sm90(tmp_path):
+    """Compiled for sm_90 (no GPU needed), no instance of the cluster kernel spills or uses a
+    stack frame (a row's vectors in local memory would be a third pass over the logits), and the
+    instances the default setting runs at V=151936 (256 threads x 10 vectors: bf16 logits, and
+    fp32 chunks with the doubled cluster) fit 80 registers, so 3 CTAs share an SM."""
+    src = os.path.join(ROOT, "csrc", "token_logprobs", "fused_logits_cluster.cu")
+    r = subprocess.run([NVCC, "-c", "-std=c++17", "-O3", "--use_fast_math", "-arch=sm_90",
+                        "-I" + os.path.join(ROOT, "csrc"), src, "-o", str(tmp_path / "k.o"),
+                        "-Xptxas", "-v"], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    kernels, name = {}, None
+    for line in r.stderr.splitlines():
+        m = re.search(r"Compiling entry function '(\S+)' for 'sm_90'", line)
+        if m:
+            name = m.group(1)
+            kernels[name] = {}
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads",
+                      line)
+        if m and name:
+            kernels[name].update(stack=int(m.group(1)), spills=int(m.group(2)) + int(m.group(3)))
+        m = re.search(r"Used (\d+) registers", line)
+        if m and name:
+            kernels[name]["regs"] = int(m.group(1))
+    inst = {n: k for n, k in kernels.items() if "fused_logits_cluster_kernel" in n}
+    assert len(inst) == 4 * 2 * 7 * 2  # dtype pairs x threads x vectors per thread x modes
+    assert all(k["stack"] == 0 and k["spills"] == 0 for k in inst.values()), \
+        {n: k for n, k in inst.items() if k["stack"] or k["spills"]}
+    default = {n: k for n, k in inst.items() if re.search(r"Li256ELi10ELi[01]E", n)}
+    assert len(default) == 8 and all(k["regs"] <= 80 for k in default.values()), default
 
 
 def test_schema_registered():
