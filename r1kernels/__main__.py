@@ -54,6 +54,13 @@ def report() -> str:
         lines.append(f"fused logits kernel: {kind(cfg)} {cfg}, GRPO variant {kind(cfg_grpo)} "
                      f"{cfg_grpo} (R1K_FUSED_LOGITS); statistics launch: "
                      f"{tlp._block_v(1 << 20, stats=True)[::-1]} (warps, block; R1K_STATS_LAUNCH)")
+        from r1kernels.ops import linear_token_logprobs as ltl
+
+        setting = tlp._cluster_setting()
+        lines.append(f"cluster kernel: {'%d CTAs x %d threads' % setting if setting else 'off'} "
+                     f"(R1K_FUSED_CLUSTER; runs on sm_90+ with the CUDA build); hidden-state "
+                     f"sweep G groups: {ltl._group_rows(1, 1 << 62) or 'off'} "
+                     f"(R1K_SWEEP_GROUP_ROWS)")
     except Exception as exc:  # noqa: BLE001 - a report, not a check
         lines.append(f"fused logits kernel: {exc}")
     lines.append("")
