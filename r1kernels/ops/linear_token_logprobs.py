@@ -38,7 +38,10 @@ Internal entry point for the fused GRPO loss (_notes/INTERFACE_logprobs_loss.md)
     Z [R, V] (fp32 accumulation;
     one GEMM over the whole vocabulary, or per vocabulary tile where 16-bit operands need fp32
     copies, i.e. off CUDA), the statistics (logp, entropy, lse) of the chunk,
-    grad_fn(start, end, ...) for that chunk, G = dL/dZ written over Z, then
+    grad_fn(start, end, ...) for that chunk, G = dL/dZ written over Z (or, with SWEEP_GROUP_ROWS,
+    into a G buffer that collects several chunks before the GEMMs below run on all of them; on
+    CUDA with R1K_FUSED_CLUSTER, the statistics, dL/dlogp and G of a chunk come from one kernel
+    that reads Z once: token_logprobs.cluster_chunk), then
       grad_hidden[rows] = G @ W          (fp32 accumulation, rounded once)
       grad_weight      += G.T @ h_rows   (see precision below)
       grad_bias        += sum_rows G     (fp32)
