@@ -28,7 +28,9 @@ TORCH_LIBRARY(r1kernels, m) {
   // gradient; sm_90 thread-block clusters; CUDA only: csrc/token_logprobs/fused_logits_cluster.cu).
   // g may alias x (in place, or a 16-bit gradient over the fp32 logits' own storage).
   // Upstream gradients glp (and gent) given (mode 0), or the GRPO loss's own dL/dlogp from
-  // adv, mask, old, ref, rw, scale (mode 1). out [3, B * T] = logp, entropy, lse.
+  // adv, mask, old, ref, rw, scale (mode 1). out [3, B * T] = logp, entropy, lse, zeroed by the
+  // caller (rows outside the mask, and the entropy row without `entropy`, are not written).
+  // Eager only (r1kernels/ops/token_logprobs.py does not take it under torch.compile).
   m.def("fused_logits_cluster(Tensor x, Tensor(a!) g, Tensor labels, Tensor(b!) out, Tensor? glp, "
         "Tensor? gent, Tensor? adv, Tensor? mask, Tensor? old, Tensor? ref, Tensor? rw, Tensor? scale, "
         "float inv_temp, int ignore_index, bool entropy, int loss, float eps_lo, float eps_hi, "

@@ -131,13 +131,40 @@ __device__ __forceinline__ void store_out(TOut* p, const float* f) {
   }
 }
 
-// dL/dlogp of token `row` (sequence b) under the GRPO loss, token-level ratio, times the row's
-// loss scale: _grpo_token_dlogp / _grpo_token_terms of the Triton kernels.
-__device__ float grpo_dlogp(const FusedLogitsParams& p, int64_t row, int64_t b, float lp) {
-  const float m = p.mask[row];
+// The per-row inputs of dL/dlogp, loaded by thread 0 before the first cluster barrier so that
+// their latency overlaps the row's reads and reductions instead of following the barrier.
+// MODE 0: the given dL/dlogp and dL/dentropy. MODE 1: the GRPO inputs of the token and its loss
+// scale (old and ref stay unread when absent: old = sg(logp), beta = 0).
+struct RowInputs {
+  float glp = 0.f, gent = 0.f;
+  float mask = 0.f, old = 0.f, adv = 0.f, rw = 1.f, ref = 0.f, scale = 0.f;
+};
+
+template <int MODE>
+__device__ __forceinline__ RowInputs load_row_inputs(const FusedLogitsParams& p, int64_t row,
+                                                     int64_t b) {
+  RowInputs in;
+  if (MODE == 0) {
+    in.glp = p.glp[row];
+    if (p.gent != nullptr) in.gent = p.gent[row];
+  } else {
+    in.mask = p.mask[row];
+    if (p.old != nullptr) in.old = p.old[row];
+    in.adv = p.adv[row];
+    if (p.rw != nullptr) in.rw = p.rw[row];
+    if (p.ref != nullptr) in.ref = p.ref[row];
+    in.scale = p.scale[b];
+  }
+  return in;
+}
+
+// dL/dlogp of a token under the GRPO loss, token-level ratio, times the row's loss scale:
+// _grpo_token_dlogp / _grpo_token_terms of the Triton kernels.
+__device__ float grpo_dlogp(const FusedLogitsParams& p, const RowInputs& in, float lp) {
+  const float m = in.mask;
   if (m == 0.f) return 0.f;
-  const float old = p.old != nullptr ? p.old[row] : lp;
-  const float A = p.adv[row];
+  const float old = p.old != nullptr ? in.old : lp;
+  const float A = in.adv;
   const float c1 = __expf(lp - old);
   float g_dir, g_c1;
   if (p.loss == 5) {  // cispo: -sg(min(c1, eps_hi)) A lp
@@ -160,12 +187,11 @@ __device__ float grpo_dlogp(const FusedLogitsParams& p, int64_t row, int64_t b, 
     g_c1 = -A * (w1 * d1 + (1.f - w1) * d2);
   }
   if (p.rw != nullptr) {
-    const float rw = p.rw[row];
-    g_dir *= rw;
-    g_c1 *= rw;
+    g_dir *= in.rw;
+    g_c1 *= in.rw;
   }
   if (p.ref != nullptr) {  // beta != 0: k3 kl (times c1 with the bias correction)
-    const float d = p.ref[row] - lp;
+    const float d = in.ref - lp;
     const float ed = __expf(d);
     const float kl0 = ed - d - 1.f;
     if (p.bias_kl) {
@@ -175,7 +201,7 @@ __device__ float grpo_dlogp(const FusedLogitsParams& p, int64_t row, int64_t b, 
       g_dir += p.beta * (1.f - ed);
     }
   }
-  return (g_dir + g_c1 * c1) * m * p.scale[b];
+  return (g_dir + g_c1 * c1) * m * in.scale;
 }
 
 // An opaque no-op on the packed vectors: the compiler must unpack them again after it, so it does
@@ -200,7 +226,7 @@ __device__ __forceinline__ void cluster_wait() {
 }
 
 // One cluster per row (row0 + blockIdx.x / CL), CL CTAs of THREADS threads; CTA r holds columns
-// [r * seg, min((r + 1) * seg, V)), seg a multiple of 8. Column indices fit in int (V <= 2^18).
+// [r * seg, min((r + 1) * seg, V)), seg a multiple of 8. Column indices fit in int (V <= 2^20).
 // Registers bound how much of the rows an SM holds: the launch bounds ask for 3 CTAs of 256
 // threads per SM (<= 80 registers) while a thread's vectors fit in 40 of them.
 template <int THREADS, int VPT>
@@ -257,7 +283,11 @@ __global__ void __launch_bounds__(THREADS, (min_ctas_per_sm<THREADS, VPT>()))
   const bool valid = label >= 0 && label < V;
   const bool ignored = label == p.ignore_index;
   float zt = 0.f;
-  if (tid == 0 && valid) zt = to_float(x_row[label]) * p.inv_temp;
+  RowInputs in;
+  if (tid == 0) {
+    if (valid) zt = to_float(x_row[label]) * p.inv_temp;
+    in = load_row_inputs<MODE>(p, row, b);
+  }
 
   // ---- this thread's statistics: the max, then sum-exp and the entropy sum (one exp each)
   float m = -INFINITY;
@@ -313,10 +343,10 @@ __global__ void __launch_bounds__(THREADS, (min_ctas_per_sm<THREADS, VPT>()))
       const float ent = log_s - r.w / r.s;
       float dlp, dent = 0.f;
       if (MODE == 0) {
-        dlp = p.glp[row];
-        if (p.gent != nullptr) dent = p.gent[row];
+        dlp = in.glp;
+        dent = in.gent;
       } else {
-        dlp = grpo_dlogp(p, row, b, logp);
+        dlp = grpo_dlogp(p, in, logp);
       }
       if (ignored) dlp = dent = 0.f;
       row_vals[0] = lse;
@@ -392,6 +422,23 @@ cudaError_t launch_vpt(int vpt, const FusedLogitsParams& p, int cluster, int thr
         cudaFuncSetAttribute(kern, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
     if (e != cudaSuccess) return e;
   }
+  {  // a cluster that cannot be resident at all (e.g. 16 CTAs of 512 threads) is an error here,
+     // not a hang or a launch failure later
+    cudaLaunchConfig_t probe = {};
+    probe.gridDim = dim3(static_cast<unsigned>(cluster), 1, 1);
+    probe.blockDim = dim3(static_cast<unsigned>(threads), 1, 1);
+    cudaLaunchAttribute a[1];
+    a[0].id = cudaLaunchAttributeClusterDimension;
+    a[0].val.clusterDim.x = static_cast<unsigned>(cluster);
+    a[0].val.clusterDim.y = 1;
+    a[0].val.clusterDim.z = 1;
+    probe.attrs = a;
+    probe.numAttrs = 1;
+    int active = 0;
+    const cudaError_t e = cudaOccupancyMaxActiveClusters(&active, kern, &probe);
+    if (e != cudaSuccess) return e;
+    if (active < 1) return cudaErrorInvalidConfiguration;
+  }
   const int64_t n = p.B * p.T;
   const int64_t rows_per_launch = (INT_MAX / cluster) / 2;
   for (int64_t row0 = 0; row0 < n; row0 += rows_per_launch) {
@@ -411,7 +458,7 @@ cudaError_t launch_vpt(int vpt, const FusedLogitsParams& p, int cluster, int thr
     const cudaError_t e = cudaLaunchKernelEx(&cfg, kern, p, row0, seg);
     if (e != cudaSuccess) return e;
   }
-  return cudaGetLastError();
+  return cudaSuccess;
 }
 
 template <typename TIn, typename TOut>

@@ -134,6 +134,9 @@ void fused_logits_cluster_cuda(const at::Tensor& x, const at::Tensor& g, const a
   const cudaError_t err = fused_logits_cluster_launch(
       p, dtype_tag(x.scalar_type()), dtype_tag(g.scalar_type()), mode, static_cast<int>(cluster),
       static_cast<int>(threads), at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err != cudaErrorInvalidConfiguration, kOp, ": a cluster of ", cluster, " CTAs of ",
+              threads, " threads cannot be resident on this GPU; choose a smaller setting "
+              "(R1K_FUSED_CLUSTER)");
   TORCH_CHECK(err == cudaSuccess, kOp, ": CUDA launch failed: ", cudaGetErrorString(err));
 }
 

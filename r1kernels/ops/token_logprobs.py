@@ -459,8 +459,8 @@ def cluster_config(x3: torch.Tensor, g3: torch.Tensor) -> tuple[int, int] | None
     """(cluster, threads) when the cluster kernel is on and takes these logits [B, T, V] and this
     gradient buffer, else None."""
     setting = _cluster_setting()
-    if setting is None or x3.device.type != "cuda":
-        return None
+    if setting is None or x3.device.type != "cuda" or torch.compiler.is_compiling():
+        return None  # (eager only: its schema does not model g aliasing x)
     from r1kernels import _custom_ops
 
     cl, threads = setting
