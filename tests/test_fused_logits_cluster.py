@@ -155,7 +155,7 @@ def _reference(x, y, glp, gent, temperature, ignore_index=-100):
 def test_fwd_bwd_matches_reference(monkeypatch, setting, V, dtype, inplace):
     """token_logprobs_fwd_bwd on the cluster kernel: log-probs, entropies and dL/dlogits against
     float64, with the labels on the first and last columns and around every CTA's segment
-    boundary, an ignored row, a row whose upstream gradients are zero, logits of +-100 and a
+    boundary, an ignored row (NaN there: not read), a row whose upstream gradients are zero, logits of +-100 and a
     temperature; the gradient written over the logits or into a new buffer."""
     _use(monkeypatch, setting)
     gen = torch.Generator().manual_seed(V + setting[0])
@@ -173,6 +173,7 @@ def test_fwd_bwd_matches_reference(monkeypatch, setting, V, dtype, inplace):
     glp, gent = torch.randn(N, generator=gen), torch.randn(N, generator=gen)
     glp[len(labels) + 3] = gent[len(labels) + 3] = 0.0  # dead row: exact zeros
     xd = x.cuda()
+    xd[len(labels)] = float("nan")  # the ignored row is not read (the reference has it clean)
     assert tlp.cluster_config(xd.view(1, N, V), xd.view(1, N, V)) == setting
     lp, ent, g = r1kernels.token_logprobs_fwd_bwd(xd, y.cuda(), glp.cuda(), grad_entropy=gent.cuda(),
                                                   with_entropy=True, temperature=0.7,

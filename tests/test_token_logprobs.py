@@ -466,7 +466,8 @@ def test_zero_upstream_rows_not_read(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ignored_rows_not_read(backend):
     """Rows labelled ignore_index (prompt or padding tokens) give zero log-prob, entropy and
-    gradient; the Triton kernels do not read them, so even NaN logits there change nothing."""
+    gradient; the Triton kernels (autograd path and the fused kernel of token_logprobs_fwd_bwd)
+    do not read them, so even NaN logits there change nothing."""
     g0 = torch.Generator().manual_seed(14)
     N, V = 6, 500
     logits = torch.randn(N, V, generator=g0) * 3
@@ -485,6 +486,24 @@ def test_ignored_rows_not_read(backend):
     torch.testing.assert_close(en.detach().cpu().double(), er, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad.cpu().double(), gr, rtol=1e-5, atol=1e-6)
     assert (x.grad.cpu()[ign] == 0).all()
+    if backend != "triton":
+        return
+    # the fused kernel (token_logprobs_fwd_bwd, in place) does not read them either
+    xf = logits.clone().to(DEVICE)
+    with dispatch.use_backend(backend):
+        lpf, enf, gf = r1kernels.token_logprobs_fwd_bwd(
+            xf, labels.to(DEVICE), glp.to(DEVICE), grad_entropy=gent.to(DEVICE),
+            with_entropy=True, inplace=True)
+    torch.testing.assert_close(lpf.cpu().double(), lr, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(enf.cpu().double(), er, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gf.cpu().double(), gr, rtol=1e-5, atol=1e-6)
+    assert (gf.cpu()[ign] == 0).all()
+    # and its lse output, which a read of the NaN row would have made NaN, is 0 there
+    xf = logits.clone().to(DEVICE)
+    y = labels.to(DEVICE)
+    out = tlp_mod.fused_triton(xf.view(1, N, V), y, torch.empty_like(xf).view(1, N, V), 1.0,
+                               -100, True, grad_logp=glp.to(DEVICE))
+    assert (out[2].cpu()[ign] == 0).all() and torch.isfinite(out[2]).all()
 
 
 @pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])

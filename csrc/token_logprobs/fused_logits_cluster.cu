@@ -17,8 +17,9 @@
 //
 // Semantics are those of _token_logprobs_fused_kernel in r1kernels/ops/token_logprobs.py (its
 // Triton twin, the reference of the tests): statistics relative to the running max, the label's
-// logit read from global memory, a masked (MODE 1) row neither read nor computed (zeros
-// written), a row whose upstream gradients are both zero written as exact zeros. In place
+// logit read from global memory, a row labelled ignore_index or (MODE 1) outside the mask
+// neither read nor computed (zeros written, its outputs 0), a row whose upstream gradients are
+// both zero written as exact zeros. In place
 // (g == x) is safe: every element is read into registers by the thread that later overwrites
 // it, the label's logit is read before the first cluster barrier and written after it.
 //
@@ -265,8 +266,11 @@ __global__ void __launch_bounds__(THREADS, (min_ctas_per_sm<THREADS, VPT>()))
   const TIn* x_mine = x_row + c_thread;
   TOut* g_mine = g_row + c_thread;
 
-  if (MODE == 1 && p.mask[row] == 0.f) {
-    // outside the GRPO mask: not read, zeros written (out is zeroed by the caller)
+  const int64_t label = p.labels[row];
+  const bool ignored = label == p.ignore_index;
+  if (ignored || (MODE == 1 && p.mask[row] == 0.f)) {
+    // labelled ignore_index or outside the GRPO mask: not read, zeros written (out, lse
+    // included, is zeroed by the caller)
     const float zero[kE] = {};
 #pragma unroll
     for (int k = 0; k < VPT; ++k)
@@ -279,9 +283,7 @@ __global__ void __launch_bounds__(THREADS, (min_ctas_per_sm<THREADS, VPT>()))
 #pragma unroll
   for (int k = 0; k < VPT; ++k)
     if (k < nvec) data[k] = __ldcs(reinterpret_cast<const uint4*>(x_mine + k * kStep));
-  const int64_t label = p.labels[row];
   const bool valid = label >= 0 && label < V;
-  const bool ignored = label == p.ignore_index;
   float zt = 0.f;
   RowInputs in;
   if (tid == 0) {
@@ -339,7 +341,6 @@ __global__ void __launch_bounds__(THREADS, (min_ctas_per_sm<THREADS, VPT>()))
       const float log_s = __logf(r.s);
       const float lse = r.m + log_s;
       float logp = valid ? (zt - r.m) - log_s : __int_as_float(0x7fc00000);  // NaN: bad label
-      if (ignored) logp = 0.f;
       const float ent = log_s - r.w / r.s;
       float dlp, dent = 0.f;
       if (MODE == 0) {
@@ -348,7 +349,6 @@ __global__ void __launch_bounds__(THREADS, (min_ctas_per_sm<THREADS, VPT>()))
       } else {
         dlp = grpo_dlogp(p, in, logp);
       }
-      if (ignored) dlp = dent = 0.f;
       row_vals[0] = lse;
       row_vals[1] = ent;
       row_vals[2] = dlp;
@@ -356,7 +356,7 @@ __global__ void __launch_bounds__(THREADS, (min_ctas_per_sm<THREADS, VPT>()))
       row_dead = dlp == 0.f && dent == 0.f;
       if (rank == 0) {
         p.out[row] = logp;
-        if (p.entropy) p.out[n + row] = ignored ? 0.f : ent;
+        if (p.entropy) p.out[n + row] = ent;
         p.out[2 * n + row] = lse;
       }
     }

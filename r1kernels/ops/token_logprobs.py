@@ -283,11 +283,12 @@ def _token_logprobs_fused_kernel(
         label = tl.load(labels_ptr + row).to(tl.int64)
         ignored = label == ignore_index
         zero = tl.sum(tl.zeros([BLOCK_V], dtype=tl.float32), axis=0)
-        # a token outside the GRPO mask (MODE 1) contributes nothing: its row is not read, its
-        # gradient is written as zeros (padding is often a large part of a GRPO batch)
-        live = True
+        # a token labelled ignore_index, or outside the GRPO mask (MODE 1), contributes nothing:
+        # its row is not read, its outputs are 0 (lse too) and its gradient is written as zeros
+        # (prompt and padding tokens are often a large part of a batch)
+        live = label != ignore_index
         if MODE == 1:
-            live = tl.load(mask_ptr + row) != 0
+            live = live & (tl.load(mask_ptr + row) != 0)
         v_read = tl.where(live, V, 0)
         if PHASE != 2:
             if LANES:
