@@ -101,7 +101,7 @@ def main():
     mask = torch.rand(B, T1 - 1, device=dev) < 0.9
     loss_fn = r1kernels.GRPOLoss(loss_type="dapo", beta=0.04, epsilon_high=0.28, with_entropy=False)
     # reference for the fused GRPO path: the unfused torch backend on 2 sequences
-    sub = full[:2, :-1].float().clone()
+    sub = full[:2, :-1].clone()  # bf16, as the timed call (the cluster kernel takes 16-bit logits)
 
     def from_logits_small(be):
         xx = sub.clone().requires_grad_(True)
