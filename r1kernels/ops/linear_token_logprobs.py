@@ -847,15 +847,6 @@ def labelled_rows(y: torch.Tensor, ignore_index: int, op: str, vocab: int):
     return tlp.checked_rows(op, y, vocab, ignore_index, y != ignore_index)
 
 
-def rows_where(keep: torch.Tensor):
-    """Indices of the True entries of `keep` (flattened), or None when that is all of them. One
-    host sync (the count); none under torch.compile (None: every row is kept)."""
-    if torch.compiler.is_compiling() or keep.numel() == 0:
-        return None
-    rows = keep.reshape(-1).nonzero().squeeze(1)
-    return None if rows.numel() == keep.numel() else rows
-
-
 def linear_token_logprobs_with_grad(hidden: torch.Tensor, weight: torch.Tensor,
                                     labels: torch.Tensor, bias: torch.Tensor | None, *,
                                     temperature: float, ignore_index: int, with_entropy: bool,
