@@ -265,12 +265,16 @@ def _from_logits_fused_triton(logits, labels, adv, mask, old, ref, rw, cfg, scal
     statistics, the loss's dL/dlogp and dL/dlogits (see ops/token_logprobs.py). Returns the
     logits gradient (the logits buffer itself when `inplace`); appends the loss partials."""
     B, T, V = logits.shape
-    TLP.check_labels("GRPOLoss.from_logits", labels, (B, T), V, ignore_index, logits.device)
+    op = "GRPOLoss.from_logits"
+    TLP.check_labels(op, labels, (B, T), V, ignore_index, logits.device, data=False)
     x = logits if logits.stride(-1) == 1 else logits.contiguous()
     g = x if inplace else torch.empty_like(x)
     rows = _TokenRows(cfg, T, adv, mask, old, ref, rw, scale, fwd)
-    out = rows.kernel(x, labels.reshape(-1).contiguous(), g, 1.0 / temperature, ignore_index,
-                      with_entropy)
+    y = labels.reshape(-1).contiguous()
+    out = rows.kernel(x, y, g, 1.0 / temperature, ignore_index, with_entropy)
+    # the labels' values after the launch (the kernel never reads at an out-of-range label):
+    # its host sync then waits on a busy GPU instead of leaving it idle before the launch
+    TLP.check_label_values(op, y, V, ignore_index)
     rows.finish(out[0], out[1] if with_entropy else None, parts, ent_acc)
     return logits.view(logits.shape) if g.data_ptr() == logits.data_ptr() else g  # an alias autograd can hand on
 

@@ -444,6 +444,24 @@ def test_labels_out_of_range(level):
             GRPOLoss(importance_sampling_level=level)(h, w, labels, mask, torch.zeros(2, device=DEVICE))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
+def test_from_logits_labels_out_of_range(backend, inplace):
+    """GRPOLoss.from_logits: a label outside [0, V) is an IndexError naming labels, also at a
+    masked position, on every backend; the fused kernel (checked after its launch) reads no
+    logit at such a label, so nothing else fails first."""
+    x0 = torch.randn(2, 4, 6, device=DEVICE)
+    mask = torch.ones(2, 4, dtype=torch.bool, device=DEVICE)
+    mask[1, 3] = False
+    for bad in (6, -3):
+        labels = torch.zeros(2, 4, dtype=torch.long, device=DEVICE)
+        labels[1, 3] = bad
+        x = x0.clone().requires_grad_(True)
+        with dispatch.use_backend(backend), pytest.raises(IndexError, match="labels"):
+            GRPOLoss().from_logits(x, labels, mask, torch.randn(2, device=DEVICE),
+                                   inplace=inplace)
+
+
 @pytest.mark.parametrize("kw,match", [
     (dict(loss_type="ppo"), "loss_type"), (dict(epsilon_low=-1.0), "epsilon_low"),
     (dict(temperature=0.0), "temperature"), (dict(importance_sampling_level="x"), "importance"),

@@ -379,6 +379,9 @@ def test_fwd_bwd_empty_and_bad_input(backend):
         with pytest.raises(IndexError, match="labels"):
             r1kernels.token_logprobs_fwd_bwd(x, torch.full((4,), 9, device=DEVICE),
                                              torch.zeros(4, device=DEVICE))
+        with pytest.raises(IndexError, match="labels"):  # in place, a negative label
+            r1kernels.token_logprobs_fwd_bwd(x.clone(), torch.tensor([0, -2, 1, 3], device=DEVICE),
+                                             torch.ones(4, device=DEVICE), inplace=True)
 
 
 @pytest.mark.parametrize("launch", ["1,64", "2,128"])

@@ -980,6 +980,18 @@ def checked_rows(op: str, labels: torch.Tensor, vocab: int, ignore_index: int,
     return torch.nonzero_static(flat, size=int(n_keep)).squeeze(1)  # no second sync
 
 
+def check_label_values(op: str, labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """check_labels' data-dependent part alone: IndexError for a label outside [0, vocab) that
+    is not ignore_index (one host sync; none under torch.compile, where the kernels return NaN
+    instead). The fused kernels never read at an out-of-range label, so their launchers run
+    this after enqueueing the kernel: the sync then waits on a busy GPU instead of leaving it
+    idle while the host prepares the launch."""
+    if labels.numel() and not torch.compiler.is_compiling():
+        bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
+        if bool(bad.any()):
+            raise _bad_label_error(op, labels, bad, vocab, ignore_index)
+
+
 def check_labels(op: str, labels: torch.Tensor, batch_shape, vocab: int, ignore_index,
                  device, data: bool = True) -> None:
     """Type, shape and device of the labels; with `data`, also their values (one host sync)."""
@@ -993,11 +1005,8 @@ def check_labels(op: str, labels: torch.Tensor, batch_shape, vocab: int, ignore_
         raise ValueError(f"{op}: labels expected on device {device}, got {labels.device}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise ValueError(f"{op}: ignore_index must be an int, got {ignore_index!r}")
-    # Data-dependent check (one host sync); under torch.compile the kernels return NaN instead.
-    if data and labels.numel() and not torch.compiler.is_compiling():
-        bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
-        if bool(bad.any()):
-            raise _bad_label_error(op, labels, bad, vocab, ignore_index)
+    if data:
+        check_label_values(op, labels, vocab, ignore_index)
 
 
 def check_upstream_grads(op: str, labels, grad_logp, grad_entropy, with_entropy: bool, device):
@@ -1029,13 +1038,14 @@ def check_float(op: str, name: str, t, min_dim: int = 1) -> None:
                          f"{tuple(t.shape)}")
 
 
-def _prepare(op: str, logits, labels, temperature, ignore_index):
+def _prepare(op: str, logits, labels, temperature, ignore_index, label_data: bool = True):
     check_float(op, "logits", logits)
     vocab = logits.shape[-1]
     if vocab < 1:
         raise ValueError(f"{op}: logits must have a vocabulary dimension >= 1, got shape "
                          f"{tuple(logits.shape)}")
-    check_labels(op, labels, logits.shape[:-1], vocab, ignore_index, logits.device)
+    check_labels(op, labels, logits.shape[:-1], vocab, ignore_index, logits.device,
+                 data=label_data)
     temperature = check_temperature(op, temperature)
     x = logits.reshape(-1, vocab)
     if x.stride(-1) != 1:
@@ -1115,10 +1125,11 @@ def token_logprobs_fwd_bwd(logits: torch.Tensor, labels: torch.Tensor, grad_logp
     dL/dlogits for L = sum(grad_logp * logp) + sum(grad_entropy * entropy), in the logits' dtype;
     written into `logits` itself when `inplace=True` (the logits are then overwritten). On CUDA
     the fused kernel of this module (statistics, then dL/dlogits; launch modes in FUSED_CONFIG).
-    Not differentiable itself.
+    Not differentiable itself. A label out of range is an IndexError; on the fused path it is
+    raised after the kernel ran (so with inplace=True the logits are overwritten by then).
     """
     op = "token_logprobs_fwd_bwd"
-    x, y, inv_temp = _prepare(op, logits, labels, temperature, ignore_index)
+    x, y, inv_temp = _prepare(op, logits, labels, temperature, ignore_index, label_data=False)
     n = x.shape[0]
     glp, gent = check_upstream_grads(op, labels, grad_logp, grad_entropy, with_entropy, x.device)
     inplace = bool(inplace) and x.data_ptr() == logits.data_ptr() and x.is_contiguous()
@@ -1129,8 +1140,10 @@ def token_logprobs_fwd_bwd(logits: torch.Tensor, labels: torch.Tensor, grad_logp
             out = fused_logits(x.view(1, n, x.shape[1]), y, g.view(1, n, x.shape[1]), inv_temp,
                                int(ignore_index), bool(with_entropy), grad_logp=glp,
                                grad_entropy=gent)
+            check_label_values(op, y, x.shape[1], ignore_index)  # (after the launch)
             logp, ent = out[0], (out[1] if with_entropy else None)
         else:
+            check_label_values(op, y, x.shape[1], ignore_index)
             logp, ent, lse = _fwd(backend, x, y, inv_temp, int(ignore_index), bool(with_entropy))
             g = _bwd(backend, x, y, lse, ent if gent is not None else None, glp, gent, inv_temp,
                      int(ignore_index), inplace)
