@@ -743,6 +743,7 @@ def _sweep_outputs(group, monkeypatch, *, backend, chunk_bounds=None, bias=True,
     return out, seen
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="CPU shapes (fp32 weights)")
 @pytest.mark.parametrize("backend", [b for b in ("cpp", "triton")
                                      if b in dispatch.available_backends(OP, DEVICE)])
 @pytest.mark.parametrize("group", [64, 100, 1000])
@@ -752,8 +753,6 @@ def test_sweep_groups_match_chunks(monkeypatch, backend, group, bounds):
     reach grad_fn in the same order, the log-probs are the same bits and the gradients agree
     to fp32 summation order (groups of 64 and 100 rows: several chunks each, a chunk that does
     not fit closing a group; 1000: one group of all rows; uneven sequence chunks)."""
-    if DEVICE != "cpu":
-        pytest.skip("CPU shapes (fp32 weights)")
     (lp0, en0, gh0, gw0, gb0), seen0 = _sweep_outputs(None, monkeypatch, backend=backend,
                                                        chunk_bounds=bounds)
     (lp1, en1, gh1, gw1, gb1), seen1 = _sweep_outputs(group, monkeypatch, backend=backend,
@@ -795,11 +794,10 @@ def test_sweep_group_env(monkeypatch):
         lin._group_rows(1024, 16384)
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="CPU memory profile")
 def test_sweep_group_memory(monkeypatch):
     """With G groups the extra memory beyond the gradients is the fp32 logits chunk plus the G
     buffer (group rows x V) plus O(N), whatever N: here 32-row chunks, 96-row groups, fp32."""
-    if DEVICE != "cpu":
-        pytest.skip("CPU memory profile")
     monkeypatch.setattr(lin, "TILE_ELEMS_CPU", 32 * 2000)
     monkeypatch.setattr(lin, "SWEEP_GROUP_ROWS", 96)
     monkeypatch.delenv("R1K_SWEEP_GROUP_ROWS", raising=False)

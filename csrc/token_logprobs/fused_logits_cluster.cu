@@ -143,13 +143,13 @@ struct RowInputs {
 
 template <int MODE>
 __device__ __forceinline__ RowInputs load_row_inputs(const FusedLogitsParams& p, int64_t row,
-                                                     int64_t b) {
+                                                     int64_t b, float mask) {
   RowInputs in;
   if (MODE == 0) {
     in.glp = p.glp[row];
     if (p.gent != nullptr) in.gent = p.gent[row];
   } else {
-    in.mask = p.mask[row];
+    in.mask = mask;  // (read once, for the masked-row test)
     if (p.old != nullptr) in.old = p.old[row];
     in.adv = p.adv[row];
     if (p.rw != nullptr) in.rw = p.rw[row];
@@ -268,7 +268,8 @@ __global__ void __launch_bounds__(THREADS, (min_ctas_per_sm<THREADS, VPT>()))
 
   const int64_t label = p.labels[row];
   const bool ignored = label == p.ignore_index;
-  if (ignored || (MODE == 1 && p.mask[row] == 0.f)) {
+  const float mask = MODE == 1 ? p.mask[row] : 1.f;
+  if (ignored || mask == 0.f) {
     // labelled ignore_index or outside the GRPO mask: not read, zeros written (out, lse
     // included, is zeroed by the caller)
     const float zero[kE] = {};
@@ -288,7 +289,7 @@ __global__ void __launch_bounds__(THREADS, (min_ctas_per_sm<THREADS, VPT>()))
   RowInputs in;
   if (tid == 0) {
     if (valid) zt = to_float(x_row[label]) * p.inv_temp;
-    in = load_row_inputs<MODE>(p, row, b);
+    in = load_row_inputs<MODE>(p, row, b, mask);
   }
 
   // ---- this thread's statistics: the max, then sum-exp and the entropy sum (one exp each)
@@ -410,6 +411,24 @@ void (*pick_kernel(int vpt))(const FusedLogitsParams, int64_t, int) {
   }
 }
 
+// Launch configuration of `ctas` CTAs of `threads` threads in clusters of `cluster` CTAs; `attr`
+// (the caller's) holds its one attribute, the cluster shape.
+cudaLaunchConfig_t cluster_launch(int64_t ctas, int threads, int cluster, cudaStream_t stream,
+                                  cudaLaunchAttribute* attr) {
+  attr->id = cudaLaunchAttributeClusterDimension;
+  attr->val.clusterDim.x = static_cast<unsigned>(cluster);
+  attr->val.clusterDim.y = 1;
+  attr->val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(ctas), 1, 1);
+  cfg.blockDim = dim3(static_cast<unsigned>(threads), 1, 1);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cfg;
+}
+
 template <typename TIn, typename TOut, int MODE>
 cudaError_t launch_vpt(int vpt, const FusedLogitsParams& p, int cluster, int threads,
                        cudaStream_t stream, int seg) {
@@ -422,18 +441,10 @@ cudaError_t launch_vpt(int vpt, const FusedLogitsParams& p, int cluster, int thr
         cudaFuncSetAttribute(kern, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
     if (e != cudaSuccess) return e;
   }
+  cudaLaunchAttribute attr;
   {  // a cluster that cannot be resident at all (e.g. 16 CTAs of 512 threads) is an error here,
      // not a hang or a launch failure later
-    cudaLaunchConfig_t probe = {};
-    probe.gridDim = dim3(static_cast<unsigned>(cluster), 1, 1);
-    probe.blockDim = dim3(static_cast<unsigned>(threads), 1, 1);
-    cudaLaunchAttribute a[1];
-    a[0].id = cudaLaunchAttributeClusterDimension;
-    a[0].val.clusterDim.x = static_cast<unsigned>(cluster);
-    a[0].val.clusterDim.y = 1;
-    a[0].val.clusterDim.z = 1;
-    probe.attrs = a;
-    probe.numAttrs = 1;
+    const cudaLaunchConfig_t probe = cluster_launch(cluster, threads, cluster, stream, &attr);
     int active = 0;
     const cudaError_t e = cudaOccupancyMaxActiveClusters(&active, kern, &probe);
     if (e != cudaSuccess) return e;
@@ -443,18 +454,7 @@ cudaError_t launch_vpt(int vpt, const FusedLogitsParams& p, int cluster, int thr
   const int64_t rows_per_launch = (INT_MAX / cluster) / 2;
   for (int64_t row0 = 0; row0 < n; row0 += rows_per_launch) {
     const int64_t rows = n - row0 < rows_per_launch ? n - row0 : rows_per_launch;
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(static_cast<unsigned>(rows * cluster), 1, 1);
-    cfg.blockDim = dim3(static_cast<unsigned>(threads), 1, 1);
-    cfg.dynamicSmemBytes = 0;
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = static_cast<unsigned>(cluster);
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
+    const cudaLaunchConfig_t cfg = cluster_launch(rows * cluster, threads, cluster, stream, &attr);
     const cudaError_t e = cudaLaunchKernelEx(&cfg, kern, p, row0, seg);
     if (e != cudaSuccess) return e;
   }

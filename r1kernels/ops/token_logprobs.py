@@ -956,6 +956,11 @@ def check_temperature(op: str, temperature) -> float:
     return float(temperature)
 
 
+def _bad_labels(labels: torch.Tensor, vocab: int, ignore_index: int) -> torch.Tensor:
+    """Where a label is outside [0, vocab) and not ignore_index."""
+    return ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
+
+
 def _bad_label_error(op: str, labels, bad, vocab: int, ignore_index) -> IndexError:
     first = labels[bad].reshape(-1)[0].item()
     return IndexError(f"{op}: labels must be in [0, {vocab}) or ignore_index={ignore_index}, "
@@ -971,7 +976,7 @@ def checked_rows(op: str, labels: torch.Tensor, vocab: int, ignore_index: int,
     flat = keep.reshape(-1)
     if torch.compiler.is_compiling() or flat.numel() == 0:
         return None
-    bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
+    bad = _bad_labels(labels, vocab, ignore_index)
     n_bad, n_keep = torch.stack([bad.sum(), flat.sum()]).tolist()
     if n_bad:
         raise _bad_label_error(op, labels, bad, vocab, ignore_index)
@@ -987,7 +992,7 @@ def check_label_values(op: str, labels: torch.Tensor, vocab: int, ignore_index: 
     this after enqueueing the kernel: the sync then waits on a busy GPU instead of leaving it
     idle while the host prepares the launch."""
     if labels.numel() and not torch.compiler.is_compiling():
-        bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
+        bad = _bad_labels(labels, vocab, ignore_index)
         if bool(bad.any()):
             raise _bad_label_error(op, labels, bad, vocab, ignore_index)
 
