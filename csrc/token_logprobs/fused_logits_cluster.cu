@@ -193,13 +193,10 @@ __device__ float grpo_dlogp(const FusedLogitsParams& p, const RowInputs& in, flo
   }
   if (p.ref != nullptr) {  // beta != 0: k3 kl (times c1 with the bias correction)
     const float d = in.ref - lp;
-    const float ed = __expf(d);
-    const float kl0 = ed - d - 1.f;
-    if (p.bias_kl) {
-      g_dir += p.beta * (1.f - ed) * c1;
-      g_c1 += p.beta * kl0;
+    if (p.bias_kl) {  // d(c1 kl0)/dlp = -c1 d exactly (no cancellation of large terms)
+      g_dir -= p.beta * d * c1;
     } else {
-      g_dir += p.beta * (1.f - ed);
+      g_dir += p.beta * (1.f - __expf(d));
     }
   }
   return (g_dir + g_c1 * c1) * m * in.scale;

@@ -135,9 +135,10 @@ def _grpo_token_terms(lp, old, ref, A, rw, c1, eps_lo, eps_hi, delta, beta, tau_
         kl0 = ed - d - 1.0
         dkl0 = 1.0 - ed
         if BIAS_KL:
+            # d(c1 kl0)/dlp = c1 (kl0 + 1 - ed) = -c1 d exactly; the two terms summed apart
+            # cancel (|beta ed| >> their sum when the policy is far below the reference)
             kl = kl0 * c1
-            g_dir = g_dir + beta * dkl0 * c1
-            g_c1 = g_c1 + beta * kl0
+            g_dir = g_dir - beta * d * c1
         else:
             kl = kl0
             g_dir = g_dir + beta * dkl0
@@ -525,9 +526,9 @@ def grpo_loss_fwd_torch(logps, adv, mask, old, ref, rw, cfg: _Config, write_grad
         kl = ed - d - 1.0
         dkl = cfg.beta * (1.0 - ed)
         if cfg.bias_kl:
-            g_c1 = cfg.beta * kl if g_c1 is None else g_c1 + cfg.beta * kl
+            # d(c1 kl)/dlp = -c1 d exactly (see _grpo_token_terms)
             kl = kl * c1
-            dkl = dkl * c1
+            dkl = -cfg.beta * d * c1
         g_dir = dkl if g_dir is None else g_dir + dkl
         pol = pol + cfg.beta * kl
     zero_rows = torch.zeros_like(n)
