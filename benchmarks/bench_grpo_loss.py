@@ -21,6 +21,8 @@
 Loss configuration everywhere: dapo, beta=0.04 (k3 KL to given reference log-probs),
 epsilon 0.2/0.28, old log-probs given (off-policy ratio), temperature 1.
 """
+import os
+
 import pytest
 import torch
 
@@ -91,7 +93,7 @@ def test_grpo_loss(benchmark, bench, provider, shape):
 
 # *-cluster: the fused logits kernel on thread-block clusters (R1K_FUSED_CLUSTER,
 # csrc/token_logprobs/fused_logits_cluster.cu; sm_90 only, skipped elsewhere)
-CLUSTER = "8,256"
+CLUSTER = os.environ.get("BENCH_CLUSTER", "8,256")  # R1K_FUSED_CLUSTER of the -cluster providers
 
 
 def _cluster(monkeypatch, provider, x3=None, g3=None):

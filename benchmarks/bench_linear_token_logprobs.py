@@ -13,6 +13,7 @@ Liger-Kernel's fused linear cross entropy, TRL's chunked log-prob head (trl.kern
 cut-cross-entropy.
 """
 import contextlib
+import os
 import sys
 import types
 
@@ -34,7 +35,7 @@ OURS = [b for b in dispatch.available_backends(OP, DEVICE) if not (b == "triton"
 FUSED = ["r1k-triton-fused"] if DEVICE == "cuda" and "triton" in OURS else []
 # r1k-fwd_bwd-cluster: the cluster kernel on the single sweep's fp32 logits chunks
 # (R1K_FUSED_CLUSTER, csrc/token_logprobs/fused_logits_cluster.cu; sm_90 only, skipped elsewhere)
-CLUSTER = "8,256"
+CLUSTER = os.environ.get("BENCH_CLUSTER", "8,256")  # R1K_FUSED_CLUSTER of the -cluster providers
 PROVIDERS = [f"r1k-{b}" for b in OURS] + FUSED + ["r1k-fwd_bwd", "r1k-fwd_bwd-cluster", "eager",
                                                   "compiled-ref", "liger", "trl", "cce"]
 

@@ -9,6 +9,7 @@ the materialized logits, torch.compile of the reference, and when installed Lige
 cross entropy (no entropy), TRL's fused log-prob + entropy kernel (trl.kernels).
 """
 import contextlib
+import os
 import sys
 import types
 
@@ -27,7 +28,7 @@ DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 OURS = [b for b in dispatch.available_backends(OP, DEVICE) if not (b == "triton" and DEVICE == "cpu")]
 # r1k-fwd_bwd-cluster: token_logprobs_fwd_bwd in place on the cluster kernel (R1K_FUSED_CLUSTER,
 # csrc/token_logprobs/fused_logits_cluster.cu; sm_90 only, skipped elsewhere)
-CLUSTER = "8,256"
+CLUSTER = os.environ.get("BENCH_CLUSTER", "8,256")  # R1K_FUSED_CLUSTER of the -cluster providers
 PROVIDERS = [f"r1k-{b}" for b in OURS] + ["r1k-fwd_bwd", "r1k-fwd_bwd-inplace",
                                            "r1k-fwd_bwd-cluster", "eager",
                                            "compiled-ref", "liger", "trl"]

@@ -24,14 +24,17 @@ from r1kernels import dispatch
 # kernel's defaults, (programs per SM (0: two launches, one program per row), warps, block,
 # per-lane statistics [, warps and block of the two-launch mode's statistics launch]): FUSED_CONFIG
 # and FUSED_CONFIG_GRPO (the other configurations were measured on 2026-11-23, BENCHMARKS.md).
-CONFIGS = [("cluster", 8, 256), ("cluster", 16, 256), ("cluster", 4, 512), ("cluster", 8, 512),
-           ("cluster", 16, 512), (0, 8, 4096, 0, 1, 2048), (0, 8, 4096, 0)]
+# ("cluster", CTAs, threads, 1): the pipelined variant (rows staged in shared memory), new.
+CONFIGS = [("cluster", 8, 256, 1), ("cluster", 16, 256, 1), ("cluster", 4, 256, 1),
+           ("cluster", 8, 512, 1), ("cluster", 4, 512, 1), ("cluster", 16, 512, 1),
+           ("cluster", 8, 256), ("cluster", 8, 512),
+           (0, 8, 4096, 0, 1, 2048), (0, 8, 4096, 0)]
 
 
 def _select(cfg):
     """Environment for one configuration."""
     if cfg[0] == "cluster":
-        os.environ["R1K_FUSED_CLUSTER"] = f"{cfg[1]},{cfg[2]}"
+        os.environ["R1K_FUSED_CLUSTER"] = ",".join(map(str, cfg[1:]))
         os.environ.pop("R1K_FUSED_LOGITS", None)
     else:
         os.environ["R1K_FUSED_CLUSTER"] = "0"

@@ -121,9 +121,14 @@ R1K_SIMD_CLONES void block_terms(Block& k, int64_t n, const Options& o) {
         const float kl0 = ed - d - 1.f;
         const float c1 = k.c1[i];
         k.kl[i] = kl0 * c1;
-        // d(c1 kl0)/dlp = c1 (kl0 + 1 - ed) = -c1 d exactly: summing the two terms apart
-        // cancels when the policy is far below the reference
-        k.g_dir[i] -= beta * d * c1;
+        if (o.seq) {
+          k.g_dir[i] += beta * (1.f - ed) * c1;
+          k.g_c1[i] += beta * kl0;
+        } else {
+          // token level (dc1/dlp = c1): d(c1 kl0)/dlp = c1 (kl0 + 1 - ed) = -c1 d exactly;
+          // summed apart, the two terms cancel when the policy is far below the reference
+          k.g_dir[i] -= beta * d * c1;
+        }
         k.pol[i] += beta * kl0 * c1;
       }
     } else {

@@ -43,4 +43,15 @@ inline int64_t fused_logits_cluster_max_vocab(int cluster, int threads, int elem
   return static_cast<int64_t>(cluster) * threads * (16 / elem_bytes) * kMaxVecsPerThread;
 }
 
+// The pipelined variant stages two copies of a CTA's segment (seg = V / cluster rounded up to 8
+// columns) in shared memory: 2 * seg * elem_bytes <= kPipeMaxSmem (the 227 KiB an sm_90 CTA may
+// have, less room for the kernel's static shared memory).
+constexpr int kPipeMaxSmem = 224 * 1024;
+inline int64_t fused_logits_seg(int64_t V, int cluster) {
+  return ((V + cluster - 1) / cluster + 7) / 8 * 8;
+}
+inline bool fused_logits_pipe_fits(int64_t V, int elem_bytes, int cluster) {
+  return 2 * fused_logits_seg(V, cluster) * elem_bytes <= kPipeMaxSmem;
+}
+
 }  // namespace r1k

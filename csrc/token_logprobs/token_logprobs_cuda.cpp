@@ -14,7 +14,8 @@
 namespace r1k {
 
 cudaError_t fused_logits_cluster_launch(const FusedLogitsParams& p, int in_dtype, int out_dtype,
-                                        int mode, int cluster, int threads, cudaStream_t stream);
+                                        int mode, int cluster, int threads, bool pipelined,
+                                        cudaStream_t stream);
 int fused_logits_cluster_vpt(int64_t V, int elem_bytes, int cluster, int threads,
                              int64_t* seg_out);
 
@@ -62,7 +63,7 @@ void fused_logits_cluster_cuda(const at::Tensor& x, const at::Tensor& g, const a
                                int64_t ignore_index, bool entropy, int64_t loss, double eps_lo,
                                double eps_hi, std::optional<double> delta, double beta,
                                bool bias_kl, double tau_pos, double tau_neg, int64_t cluster,
-                               int64_t threads) {
+                               int64_t threads, bool pipelined) {
   check_rows(x, "x");
   check_rows(g, "g");
   const bool x16 = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
@@ -87,13 +88,20 @@ void fused_logits_cluster_cuda(const at::Tensor& x, const at::Tensor& g, const a
                     ": cluster must be 1, 2, 4, 8 or 16, got ", cluster);
   TORCH_CHECK_VALUE(threads == 256 || threads == 512, kOp, ": threads must be 256 or 512, got ",
                     threads);
-  TORCH_CHECK_VALUE(fused_logits_cluster_vpt(V, elem, static_cast<int>(cluster),
-                                             static_cast<int>(threads), nullptr) > 0,
-                    kOp, ": V=", V, " is over what ", cluster, " CTAs of ", threads,
-                    " threads hold (", fused_logits_cluster_max_vocab(static_cast<int>(cluster),
-                                                                      static_cast<int>(threads),
-                                                                      elem),
-                    ")");
+  if (pipelined) {
+    TORCH_CHECK_VALUE(fused_logits_pipe_fits(V, elem, static_cast<int>(cluster)), kOp, ": V=", V,
+                      " is over what ", cluster, " CTAs stage in shared memory (2 * ",
+                      fused_logits_seg(V, static_cast<int>(cluster)) * elem, " bytes > ",
+                      kPipeMaxSmem, ")");
+  } else {
+    TORCH_CHECK_VALUE(fused_logits_cluster_vpt(V, elem, static_cast<int>(cluster),
+                                               static_cast<int>(threads), nullptr) > 0,
+                      kOp, ": V=", V, " is over what ", cluster, " CTAs of ", threads,
+                      " threads hold (", fused_logits_cluster_max_vocab(static_cast<int>(cluster),
+                                                                        static_cast<int>(threads),
+                                                                        elem),
+                      ")");
+  }
   const int mode = glp.has_value() ? 0 : 1;
   FusedLogitsParams p;
   p.x = x.data_ptr();
@@ -133,7 +141,7 @@ void fused_logits_cluster_cuda(const at::Tensor& x, const at::Tensor& g, const a
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaError_t err = fused_logits_cluster_launch(
       p, dtype_tag(x.scalar_type()), dtype_tag(g.scalar_type()), mode, static_cast<int>(cluster),
-      static_cast<int>(threads), at::cuda::getCurrentCUDAStream());
+      static_cast<int>(threads), pipelined, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err != cudaErrorInvalidConfiguration, kOp, ": a cluster of ", cluster, " CTAs of ",
               threads, " threads cannot be resident on this GPU; choose a smaller setting "
               "(R1K_FUSED_CLUSTER)");

@@ -85,7 +85,7 @@ class _Config(NamedTuple):
 @triton.jit
 def _grpo_token_terms(lp, old, ref, A, rw, c1, eps_lo, eps_hi, delta, beta, tau_pos, tau_neg,
                       LOSS: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_RW: tl.constexpr,
-                      BETA_NZ: tl.constexpr, BIAS_KL: tl.constexpr):
+                      BETA_NZ: tl.constexpr, BIAS_KL: tl.constexpr, SEQ: tl.constexpr):
     """Per-token loss l, its derivative split as dl/dlp = g_dir + g_c1 * dc1/dlp, k3 kl and the
     low/high clip flags. All fp32."""
     zero = tl.zeros_like(lp)
@@ -135,10 +135,15 @@ def _grpo_token_terms(lp, old, ref, A, rw, c1, eps_lo, eps_hi, delta, beta, tau_
         kl0 = ed - d - 1.0
         dkl0 = 1.0 - ed
         if BIAS_KL:
-            # d(c1 kl0)/dlp = c1 (kl0 + 1 - ed) = -c1 d exactly; the two terms summed apart
-            # cancel (|beta ed| >> their sum when the policy is far below the reference)
             kl = kl0 * c1
-            g_dir = g_dir - beta * d * c1
+            if SEQ:
+                g_dir = g_dir + beta * dkl0 * c1
+                g_c1 = g_c1 + beta * kl0
+            else:
+                # token level (dc1/dlp = c1): d(c1 kl0)/dlp = c1 (kl0 + 1 - ed) = -c1 d exactly;
+                # the two terms summed apart cancel (each ~beta e^d, far above their sum, when
+                # the policy is far below the reference)
+                g_dir = g_dir - beta * d * c1
         else:
             kl = kl0
             g_dir = g_dir + beta * dkl0
@@ -229,7 +234,7 @@ def _grpo_loss_fwd_kernel(lp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, rw_ptr, g
             c1 = tl.exp(lp - old)
         pol, g_dir, g_c1, kl, low, high = _grpo_token_terms(
             lp, old, ref, A, rw, c1, eps_lo, eps_hi, delta, beta, tau_pos, tau_neg,
-            LOSS, HAS_DELTA, HAS_RW, BETA_NZ, BIAS_KL)
+            LOSS, HAS_DELTA, HAS_RW, BETA_NZ, BIAS_KL, SEQ)
         on = m != 0.0
         a_l += tl.where(on, pol * m, 0.0)
         a_n += m
@@ -257,7 +262,7 @@ def _grpo_loss_fwd_kernel(lp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, rw_ptr, g
                 c1 = tl.zeros_like(lp) + c1_row
                 pol, g_dir, g_c1, kl, low, high = _grpo_token_terms(
                     lp, old, ref, A, rw, c1, eps_lo, eps_hi, delta, beta, tau_pos, tau_neg,
-                    LOSS, HAS_DELTA, HAS_RW, BETA_NZ, BIAS_KL)
+                    LOSS, HAS_DELTA, HAS_RW, BETA_NZ, BIAS_KL, SEQ)
                 g = tl.where(m != 0.0, (g_dir + s_row) * m, 0.0)
                 tl.store(grad_ptr + row * T + t, g, mask=ok)
     CB = C * B
@@ -526,9 +531,12 @@ def grpo_loss_fwd_torch(logps, adv, mask, old, ref, rw, cfg: _Config, write_grad
         kl = ed - d - 1.0
         dkl = cfg.beta * (1.0 - ed)
         if cfg.bias_kl:
-            # d(c1 kl)/dlp = -c1 d exactly (see _grpo_token_terms)
+            if cfg.seq:
+                g_c1 = cfg.beta * kl if g_c1 is None else g_c1 + cfg.beta * kl
+                dkl = dkl * c1
+            else:  # token level: d(c1 kl)/dlp = -c1 d exactly (see _grpo_token_terms)
+                dkl = -cfg.beta * d * c1
             kl = kl * c1
-            dkl = -cfg.beta * d * c1
         g_dir = dkl if g_dir is None else g_dir + dkl
         pol = pol + cfg.beta * kl
     zero_rows = torch.zeros_like(n)

@@ -232,7 +232,7 @@ def _grpo_token_dlogp(logp, row, b, old_ptr, ref_ptr, adv_ptr, mask_ptr, rw_ptr,
     c1 = tl.exp(lp1 - old1)
     pol, g_dir, g_c1, kl, low, high = _grpo_token_terms(
         lp1, old1, ref1, a1, rw1, c1, eps_lo, eps_hi, delta, beta, tau_pos, tau_neg,
-        LOSS, HAS_DELTA, HAS_RW, BETA_NZ, BIAS_KL)
+        LOSS, HAS_DELTA, HAS_RW, BETA_NZ, BIAS_KL, False)
     g1 = tl.where(m1 != 0.0, (g_dir + g_c1 * c1) * m1, 0.0)
     return tl.sum(g1, axis=0) * tl.load(scale_ptr + b)
 
@@ -427,22 +427,34 @@ def _num_programs(device: torch.device, n_rows: int, per_sm: int) -> int:
 # which the setting doubles (cluster, else threads) so that a CTA holds as many bytes. Elsewhere
 # the Triton kernels run. FUSED_CLUSTER is the default once a GPU run has shown it faster
 # (benchmarks/tune_fused_logits.py and profile_hidden.py measure both).
-FUSED_CLUSTER: tuple[int, int] | None = None
+#
+# A third field 1 selects the pipelined variant (R1K_FUSED_CLUSTER="8,256,1"): persistent clusters
+# whose CTAs stage their segment of the next row in shared memory (bulk copies) while they finish
+# the current one; a CTA's two stages must fit in shared memory (2 * V / cluster * element size
+# <= 224 KiB) instead of its registers.
+FUSED_CLUSTER: tuple[int, int, int] | None = None
 CLUSTER_MAX_VECS = 16  # 16-byte vectors per thread (csrc/token_logprobs/fused_logits_cluster.h)
+PIPE_MAX_SMEM = 224 * 1024  # kPipeMaxSmem (csrc/token_logprobs/fused_logits_cluster.h)
 
 
-def _cluster_setting() -> tuple[int, int] | None:
-    """(cluster, threads) from R1K_FUSED_CLUSTER ("0" or "": off), else FUSED_CLUSTER."""
+def _cluster_setting() -> tuple[int, int, int] | None:
+    """(cluster, threads, pipelined) from R1K_FUSED_CLUSTER ("0" or "": off), else FUSED_CLUSTER."""
     env = os.environ.get("R1K_FUSED_CLUSTER")
     if env is None:
         return FUSED_CLUSTER
     if env.strip() in ("", "0", "off"):
         return None
-    v = _env_ints("R1K_FUSED_CLUSTER", env, 2, 2)
-    if v[0] not in (1, 2, 4, 8, 16) or v[1] not in (256, 512):
-        raise ValueError(f"R1K_FUSED_CLUSTER must be 'cluster,threads' with cluster in 1, 2, 4, 8, "
-                         f"16 and threads 256 or 512 (or 0: off), got {env!r}")
-    return v[0], v[1]
+    v = _env_ints("R1K_FUSED_CLUSTER", env, 2, 3)
+    if v[0] not in (1, 2, 4, 8, 16) or v[1] not in (256, 512) or v[2:] not in ([], [0], [1]):
+        raise ValueError(f"R1K_FUSED_CLUSTER must be 'cluster,threads[,pipelined]' with cluster in "
+                         f"1, 2, 4, 8, 16, threads 256 or 512 and pipelined 0 or 1 (or 0: off), "
+                         f"got {env!r}")
+    return v[0], v[1], (v[2] if len(v) == 3 else 0)
+
+
+def _cluster_seg(V: int, cl: int) -> int:
+    """Columns per CTA (fused_logits_seg in the kernel's header)."""
+    return ((V + cl - 1) // cl + 7) // 8 * 8
 
 
 def _rows_aligned(t: torch.Tensor) -> bool:
@@ -456,25 +468,27 @@ def _cluster_dtypes_ok(x: torch.Tensor, g: torch.Tensor) -> bool:
     return x.dtype == torch.float32 and g.dtype in (torch.bfloat16, torch.float16)
 
 
-def cluster_config(x3: torch.Tensor, g3: torch.Tensor) -> tuple[int, int] | None:
-    """(cluster, threads) when the cluster kernel is on and takes these logits [B, T, V] and this
-    gradient buffer, else None."""
+def cluster_config(x3: torch.Tensor, g3: torch.Tensor) -> tuple[int, int, int] | None:
+    """(cluster, threads, pipelined) when the cluster kernel is on and takes these logits
+    [B, T, V] and this gradient buffer, else None."""
     setting = _cluster_setting()
     if setting is None or x3.device.type != "cuda" or torch.compiler.is_compiling():
         return None  # (eager only: its schema does not model g aliasing x)
     from r1kernels import _custom_ops
 
-    cl, threads = setting
+    cl, threads, pipe = setting
     if x3.dtype == torch.float32:  # 4 logits per 16-byte vector: twice the CTAs or threads
         cl, threads = (cl * 2, threads) if cl < 16 else (cl, min(512, threads * 2))
     per_vec = 16 // x3.element_size()
     V = x3.shape[-1]
+    fits = (2 * _cluster_seg(V, cl) * x3.element_size() <= PIPE_MAX_SMEM if pipe
+            else V <= cl * threads * per_vec * CLUSTER_MAX_VECS)
     ok = (_custom_ops.has_kernel("fused_logits_cluster", "CUDA")
           and torch.cuda.get_device_capability(x3.device)[0] >= 9
           and _cluster_dtypes_ok(x3, g3)
-          and V % 8 == 0 and V <= cl * threads * per_vec * CLUSTER_MAX_VECS
+          and V % 8 == 0 and fits
           and _rows_aligned(x3) and _rows_aligned(g3))
-    return (cl, threads) if ok else None
+    return (cl, threads, pipe) if ok else None
 
 
 def cluster_chunk(z: torch.Tensor, labels: torch.Tensor, g: torch.Tensor, inv_temp: float,
@@ -524,7 +538,7 @@ def fused_cluster(x3, labels, g3, inv_temp, ignore_index, with_entropy, setting,
         x3, g3, y, out, glp, gent, adv, mask, old, ref, rw, scale, float(inv_temp),
         int(ignore_index), bool(with_entropy), loss, eps_lo, eps_hi,
         None if delta is None else float(delta), beta, bias_kl, tau_pos, tau_neg,
-        int(setting[0]), int(setting[1]))
+        int(setting[0]), int(setting[1]), bool(setting[2]))
     return out
 
 
