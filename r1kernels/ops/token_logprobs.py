@@ -417,22 +417,23 @@ def _num_programs(device: torch.device, n_rows: int, per_sm: int) -> int:
 
 
 # The cluster kernel (csrc/token_logprobs/fused_logits_cluster.cu, sm_90): one read of the logits
-# and one write of their gradient, each row held on chip by a thread-block cluster. Written for
-# the two-pass floor (3.3 ms at N=16384, V=151936 bf16 on an H100, against 4.9 ms for three
-# passes) but NOT YET MEASURED on a GPU, so it is off by default: R1K_FUSED_CLUSTER="8,256"
-# (CTAs per cluster, threads per CTA: 1-16 / 256 or 512) turns it on where it applies (CUDA,
-# compute capability 9+, V a multiple of 8 and within what the cluster holds, rows on 16-byte
-# boundaries): bf16/fp16 logits (token_logprobs_fwd_bwd, GRPOLoss.from_logits), and the fp32
-# logits chunks of the hidden-state single sweep with a bf16/fp16 gradient (cluster_chunk), for
-# which the setting doubles (cluster, else threads) so that a CTA holds as many bytes. Elsewhere
-# the Triton kernels run. FUSED_CLUSTER is the default once a GPU run has shown it faster
-# (benchmarks/tune_fused_logits.py and profile_hidden.py measure both).
+# and one write of their gradient, each row held on chip by a thread-block cluster. The default
+# where it applies (CUDA build, compute capability 9+, V a multiple of 8 and within what the
+# cluster holds, rows on 16-byte boundaries): bf16/fp16 logits (token_logprobs_fwd_bwd,
+# GRPOLoss.from_logits), and the fp32 logits chunks of the hidden-state single sweep with a
+# bf16/fp16 gradient (cluster_chunk), for which the setting doubles (cluster, else threads) so
+# that a CTA holds as many bytes. Elsewhere the Triton kernels run. On an H100 (2026-11-23,
+# BENCHMARKS.md) 8 CTAs x 256 threads measured faster than the Triton kernels at every target
+# shape (token_logprobs_fwd_bwd 4.85 against 5.39 ms, from_logits in place 5.45 against 6.39 ms,
+# GRPOLoss on hidden states 89.7 against 90.4 ms) and than the other settings tried.
+# R1K_FUSED_CLUSTER="cluster,threads[,pipelined]" (1-16 / 256 or 512 / 0 or 1) chooses another
+# setting, "0" turns it off.
 #
 # A third field 1 selects the pipelined variant (R1K_FUSED_CLUSTER="8,256,1"): persistent clusters
 # whose CTAs stage their segment of the next row in shared memory (bulk copies) while they finish
 # the current one; a CTA's two stages must fit in shared memory (2 * V / cluster * element size
-# <= 224 KiB) instead of its registers.
-FUSED_CLUSTER: tuple[int, int, int] | None = None
+# <= 224 KiB) instead of its registers. Correct on the H100 but no faster (4.95 ms at 8 x 256).
+FUSED_CLUSTER: tuple[int, int, int] | None = (8, 256, 0)
 CLUSTER_MAX_VECS = 16  # 16-byte vectors per thread (csrc/token_logprobs/fused_logits_cluster.h)
 PIPE_MAX_SMEM = 224 * 1024  # kPipeMaxSmem (csrc/token_logprobs/fused_logits_cluster.h)
 
