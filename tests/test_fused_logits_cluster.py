@@ -124,6 +124,9 @@ def test_kernel_resources_sm90(tmp_path):
         {n: k for n, k in inst.items() if k["stack"] or k["spills"]}
     default = {n: k for n, k in inst.items() if re.search(r"Li256ELi10ELi[01]E", n)}
     assert len(default) == 8 and all(k["regs"] <= 80 for k in default.values()), default
+    pipe = {n: k for n, k in kernels.items() if "fused_logits_pipe_kernel" in n}
+    assert len(pipe) == 4 * 2 * 2  # dtype pairs x threads x modes
+    assert all(k["stack"] == 0 and k["spills"] == 0 for k in pipe.values()), pipe
 
 
 @pytest.mark.skipif(_custom_ops.EXT_ERROR is not None, reason="extension not built")
