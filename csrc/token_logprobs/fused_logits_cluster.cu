@@ -202,6 +202,69 @@ __device__ float grpo_dlogp(const FusedLogitsParams& p, const RowInputs& in, flo
   return (g_dir + g_c1 * c1) * m * in.scale;
 }
 
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// merge() in base 2: m, s, w of 2^(z - m) with z in log2 units (the register kernel's statistics)
+__device__ __forceinline__ Stats merge2(const Stats& a, const Stats& b) {
+  const float m = fmaxf(a.m, b.m);
+  const float ref = m == -INFINITY ? 0.f : m;
+  const float fa = exp2f(a.m - ref), fb = exp2f(b.m - ref);
+  Stats r;
+  r.m = m;
+  r.s = a.s * fa + b.s * fb;
+  r.w = fa * (a.w + (a.s > 0.f ? a.s * (a.m - ref) : 0.f)) +
+        fb * (b.w + (b.s > 0.f ? b.s * (b.m - ref) : 0.f));
+  return r;
+}
+
+__device__ __forceinline__ Stats warp_merge2(Stats v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v = merge2(v, shfl_xor(v, off));
+  return v;
+}
+
+template <int MODE>
+__device__ __forceinline__ bool has_dent_of(const FusedLogitsParams& p) {
+  return MODE == 0 && p.gent != nullptr;
+}
+
+// The largest raw logit of a thread's vectors: 16-bit pairs compared packed (one HMNMX2 per two
+// logits, no unpacking), fp32 one by one.
+template <typename TIn, int VPT>
+__device__ __forceinline__ float max_logit(const uint4 (&data)[VPT], int nvec) {
+  if constexpr (sizeof(TIn) == 2) {
+    using T2 = std::conditional_t<std::is_same_v<TIn, __nv_bfloat16>, __nv_bfloat162, __half2>;
+    T2 acc;
+    if constexpr (std::is_same_v<TIn, __nv_bfloat16>) {
+      acc = __float2bfloat162_rn(-INFINITY);
+    } else {
+      acc = __float2half2_rn(-INFINITY);
+    }
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+      if (k < nvec) {
+        const uint32_t w[4] = {data[k].x, data[k].y, data[k].z, data[k].w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc = __hmax2(acc, *reinterpret_cast<const T2*>(&w[i]));
+      }
+    }
+    return fmaxf(__low2float(acc), __high2float(acc));
+  } else {
+    float m = -INFINITY;
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+      if (k < nvec) {
+        float f[4];
+        unpack<TIn>(data[k], f);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) m = fmaxf(m, f[i]);
+      }
+    }
+    return m;
+  }
+}
+
 // An opaque no-op on the packed vectors: the compiler must unpack them again after it, so it does
 // not keep the 8 floats of every vector alive from one pass to the next (twice the registers).
 template <int VPT>
@@ -289,19 +352,14 @@ __global__ void __launch_bounds__(THREADS, (min_ctas_per_sm<THREADS, VPT>()))
     in = load_row_inputs<MODE>(p, row, b, mask);
   }
 
-  // ---- this thread's statistics: the max, then sum-exp and the entropy sum (one exp each)
-  float m = -INFINITY;
-#pragma unroll
-  for (int k = 0; k < VPT; ++k) {
-    if (k < nvec) {
-      float f[kE];
-      unpack<TIn>(data[k], f);
-#pragma unroll
-      for (int i = 0; i < kE; ++i) m = fmaxf(m, f[i] * p.inv_temp);
-    }
-  }
+  // ---- this thread's statistics, in base 2: z = x * inv_temp * log2(e) (one FFMA, then ex2),
+  // m2 = max z (from the max of the raw logits: inv_temp > 0), s = sum 2^(z - m2),
+  // w2 = sum 2^(z - m2) (z - m2). Natural units come back in the row's finishing step.
+  const float c2 = p.inv_temp * kLog2e;
+  const float m2 = max_logit<TIn, VPT>(data, nvec) * c2;
   opaque(data);
-  const float ref = m == -INFINITY ? 0.f : m;
+  const float ref = m2 == -INFINITY ? 0.f : m2;
+  const bool need_w = p.entropy != 0 || has_dent_of<MODE>(p);
   float s = 0.f, w = 0.f;
 #pragma unroll
   for (int k = 0; k < VPT; ++k) {
@@ -310,36 +368,41 @@ __global__ void __launch_bounds__(THREADS, (min_ctas_per_sm<THREADS, VPT>()))
       unpack<TIn>(data[k], f);
 #pragma unroll
       for (int i = 0; i < kE; ++i) {
-        const float d = f[i] * p.inv_temp - ref;
-        const float e = __expf(d);
+        // clamped, so that a -inf logit adds 0 * finite to w2, not 0 * -inf
+        const float d = fmaxf(fmaf(f[i], c2, -ref), -1e20f);
+        const float e = exp2f(d);
         s += e;
-        w += e > 0.f ? e * d : 0.f;
+        if (need_w) w = fmaf(e, d, w);
       }
     }
   }
   opaque(data);
   // ---- the CTA's statistics, published for the cluster
-  Stats v = warp_merge(Stats{m, s, w});
+  Stats v = warp_merge2(Stats{m2, s, w});
   if (lane == 0) warp_part[warp] = v;
   __syncthreads();
   if (warp == 0) {
     v = lane < kWarps ? warp_part[lane] : empty_stats();
-    v = warp_merge(v);
+    v = warp_merge2(v);
     if (lane == 0) cta_part = v;
   }
   cluster_arrive();  // release: cta_part (and every read of the logits) before the barrier
   cluster_wait();
 
-  // ---- the row's statistics from the CL partials (same order in every CTA: same bits)
+  // ---- the row's statistics from the CL partials (same order in every CTA: same bits); the
+  // gradient of column j is then 2^(z_j - lse2) (A + B (z_j - lse2)) (+ dlp inv_temp at the
+  // label), with A, B the row's dL/dlogp and dL/dentropy folded with inv_temp and ln 2
+  const bool has_dent = has_dent_of<MODE>(p);
   if (warp == 0) {
     Stats r = empty_stats();
     if (lane < CL) r = *cluster.map_shared_rank(&cta_part, lane);
-    r = warp_merge(r);
+    r = warp_merge2(r);
     if (lane == 0) {
-      const float log_s = __logf(r.s);
-      const float lse = r.m + log_s;
-      float logp = valid ? (zt - r.m) - log_s : __int_as_float(0x7fc00000);  // NaN: bad label
-      const float ent = log_s - r.w / r.s;
+      const float log2_s = __log2f(r.s);
+      const float lse2 = r.m + log2_s;
+      const float logp = valid ? ((zt * kLog2e - r.m) - log2_s) * kLn2
+                               : __int_as_float(0x7fc00000);  // NaN: bad label
+      const float ent = (log2_s - r.w / r.s) * kLn2;
       float dlp, dent = 0.f;
       if (MODE == 0) {
         dlp = in.glp;
@@ -347,15 +410,15 @@ __global__ void __launch_bounds__(THREADS, (min_ctas_per_sm<THREADS, VPT>()))
       } else {
         dlp = grpo_dlogp(p, in, logp);
       }
-      row_vals[0] = lse;
-      row_vals[1] = ent;
-      row_vals[2] = dlp;
-      row_vals[3] = dent;
+      row_vals[0] = lse2;
+      row_vals[1] = -p.inv_temp * (dlp + dent * ent);  // A
+      row_vals[2] = -p.inv_temp * dent * kLn2;          // B
+      row_vals[3] = dlp * p.inv_temp;                   // the label's extra term
       row_dead = dlp == 0.f && dent == 0.f;
       if (rank == 0) {
         p.out[row] = logp;
         if (p.entropy) p.out[n + row] = ent;
-        p.out[2 * n + row] = lse;
+        p.out[2 * n + row] = lse2 * kLn2;
       }
     }
   }
@@ -363,9 +426,8 @@ __global__ void __launch_bounds__(THREADS, (min_ctas_per_sm<THREADS, VPT>()))
   __syncthreads();
 
   // ---- dL/dlogits of the CTA's columns, from registers
-  const float lse = row_vals[0], ent = row_vals[1], dlp = row_vals[2], dent = row_vals[3];
+  const float lse2 = row_vals[0], A = row_vals[1], B = row_vals[2], dl = row_vals[3];
   const bool dead = row_dead != 0;
-  const bool has_dent = MODE == 0 && p.gent != nullptr;
   const int label_off = valid ? static_cast<int>(label) - c_thread : -1;  // label's column - mine
 #pragma unroll
   for (int k = 0; k < VPT; ++k) {
@@ -376,13 +438,21 @@ __global__ void __launch_bounds__(THREADS, (min_ctas_per_sm<THREADS, VPT>()))
         for (int i = 0; i < kE; ++i) f[i] = 0.f;
       } else {
         unpack<TIn>(data[k], f);
+        if (has_dent) {
 #pragma unroll
-        for (int i = 0; i < kE; ++i) {
-          const float logp_v = f[i] * p.inv_temp - lse;
-          const float pv = __expf(logp_v);
-          float g = (k * kStep + i == label_off ? dlp : 0.f) - dlp * pv;
-          if (has_dent) g -= dent * pv * (pv > 0.f ? logp_v + ent : 0.f);
-          f[i] = g * p.inv_temp;
+          for (int i = 0; i < kE; ++i) {
+            const float l2 = fmaxf(fmaf(f[i], c2, -lse2), -1e20f);  // log2 p (clamped: -inf)
+            f[i] = exp2f(l2) * fmaf(B, l2, A);
+          }
+        } else {
+#pragma unroll
+          for (int i = 0; i < kE; ++i) f[i] = exp2f(fmaf(f[i], c2, -lse2)) * A;
+        }
+        const unsigned at = static_cast<unsigned>(label_off - k * kStep);
+        if (at < static_cast<unsigned>(kE)) {  // the label's vector (one thread, one vector)
+#pragma unroll
+          for (int i = 0; i < kE; ++i)
+            if (i == static_cast<int>(at)) f[i] += dl;
         }
       }
       store_out<TOut, kE>(g_mine + k * kStep, f);
