@@ -424,8 +424,9 @@ def _num_programs(device: torch.device, n_rows: int, per_sm: int) -> int:
 # bf16/fp16 gradient (cluster_chunk), for which the setting doubles (cluster, else threads) so
 # that a CTA holds as many bytes. Elsewhere the Triton kernels run. On an H100 (2026-11-23,
 # BENCHMARKS.md) 8 CTAs x 256 threads measured faster than the Triton kernels and than the other
-# settings tried: token_logprobs_fwd_bwd 4.83 against 5.41 ms, from_logits in place 5.37 against
-# 6.23 ms, a hidden-state GRPOLoss call's logits kernels 6.5 against 7.9 ms.
+# settings tried: token_logprobs_fwd_bwd 4.49 against 5.77 ms (base-2 arithmetic; 4.83 against
+# 5.41 ms before), from_logits in place 5.37 against 6.23 ms, a hidden-state GRPOLoss call's
+# logits kernels 6.5 against 7.9 ms.
 # R1K_FUSED_CLUSTER="cluster,threads[,pipelined]" (1-16 / 256 or 512 / 0 or 1) chooses another
 # setting, "0" turns it off.
 #
