@@ -84,3 +84,21 @@ def test_available_backends_cpu():
     if dispatch.TRITON_INTERPRET and dispatch.HAS_TRITON:
         assert "triton" in av
     assert "cuda" not in av
+
+
+@pytest.mark.skipif(_custom_ops.EXT_ERROR is not None, reason="extension not built")
+def test_cpp_check_messages_format_numbers():
+    """The C++ checks format their numbers, sizes, dtypes and devices through r1k::msg
+    (csrc/common/check_msg.h), not the message stream, in the text the stream would have
+    written: integers, int lists "[a, b]", dtype and device names."""
+    op = torch.ops.r1kernels
+    with pytest.raises(ValueError, match=r"rewards must be 1-D \[P \* G\], got 2-D"):
+        op.group_advantages(torch.zeros(2, 3), 3, "group", 1e-6)
+    with pytest.raises(ValueError, match=r"rewards.numel\(\) \(7\) is not a multiple of group_size \(3\)"):
+        op.group_advantages(torch.zeros(7), 3, "group", 1e-6)
+    with pytest.raises(ValueError, match=r"rewards must be float32, got Double"):
+        op.group_advantages(torch.zeros(6, dtype=torch.float64), 3, "group", 1e-6)
+    with pytest.raises(ValueError, match=r"top_k must be in \[1, E=8\], got 9"):
+        op.moe_route(torch.zeros(4, 8), 9, "softmax", 1, 1, None, False, 1.0, None)
+    with pytest.raises(ValueError, match=r"correction_bias must be float32 \[E=8\], got Float \[7\]"):
+        op.moe_route(torch.zeros(4, 8), 2, "softmax", 1, 1, torch.zeros(7), False, 1.0, None)

@@ -9,6 +9,7 @@
 #include <string_view>
 
 #include "group_advantages/group_advantages.h"
+#include "common/check_msg.h"
 
 namespace r1k {
 
@@ -17,7 +18,7 @@ AdvScale parse_adv_scale(std::string_view scale) {
   if (scale == "batch") return AdvScale::kBatch;
   if (scale == "none") return AdvScale::kNone;
   TORCH_CHECK_VALUE(false, "group_advantages: scale must be 'group', 'batch' or 'none', got '",
-                    std::string(scale), "'");
+                    r1k::msg(std::string(scale)), "'");
 }
 
 namespace {
@@ -63,13 +64,13 @@ double sum_sq_dev(const float* r, int64_t n, double mean) {
 at::Tensor group_advantages_cpu(const at::Tensor& rewards, int64_t group_size,
                                 std::string_view scale, double eps) {
   TORCH_CHECK_VALUE(rewards.dim() == 1, "group_advantages: rewards must be 1-D [P * G], got ",
-                    rewards.dim(), "-D");
+                    r1k::msg(rewards.dim()), "-D");
   TORCH_CHECK_VALUE(rewards.scalar_type() == at::kFloat,
-                    "group_advantages: rewards must be float32, got ", rewards.scalar_type());
-  TORCH_CHECK_VALUE(group_size >= 1, "group_advantages: group_size must be >= 1, got ", group_size);
+                    "group_advantages: rewards must be float32, got ", r1k::msg(rewards.scalar_type()));
+  TORCH_CHECK_VALUE(group_size >= 1, "group_advantages: group_size must be >= 1, got ", r1k::msg(group_size));
   const int64_t total = rewards.numel();
-  TORCH_CHECK_VALUE(total % group_size == 0, "group_advantages: rewards.numel() (", total,
-                    ") is not a multiple of group_size (", group_size, ")");
+  TORCH_CHECK_VALUE(total % group_size == 0, "group_advantages: rewards.numel() (", r1k::msg(total),
+                    ") is not a multiple of group_size (", r1k::msg(group_size), ")");
   const AdvScale mode = parse_adv_scale(scale);
 
   at::Tensor r = rewards.contiguous();

@@ -18,6 +18,7 @@
 #include <tuple>
 
 #include "common/cpu_simd.h"
+#include "common/check_msg.h"
 
 namespace r1k {
 namespace {
@@ -293,8 +294,9 @@ std::optional<at::Tensor> f32(const std::optional<at::Tensor>& x) {
 
 void check_bt(const char* name, const at::Tensor& x, int64_t B, int64_t T) {
   TORCH_CHECK_VALUE(x.device().is_cpu() && x.dim() == 2 && x.size(0) == B && x.size(1) == T,
-                    "grpo_loss_partials: ", name, " must be a CPU tensor [", B, ", ", T, "], got ",
-                    x.sizes(), " on ", x.device());
+                    "grpo_loss_partials: ", r1k::msg(name), " must be a CPU tensor [", r1k::msg(B), ", ",
+                    r1k::msg(T), "], got ",
+                    r1k::msg(x.sizes()), " on ", r1k::msg(x.device()));
 }
 
 // (grad [B, T] fp32 unscaled, or [0] without write_grad; partials [6, B] fp32)
@@ -304,8 +306,8 @@ std::tuple<at::Tensor, at::Tensor> grpo_loss_partials_cpu(
     const std::optional<at::Tensor>& rw, int64_t loss, bool seq, double eps_lo, double eps_hi,
     std::optional<double> delta, double beta, bool bias_kl, double tau_pos, double tau_neg,
     bool write_grad) {
-  TORCH_CHECK_VALUE(logps.dim() == 2, "grpo_loss_partials: logps must be [B, T], got ", logps.sizes());
-  TORCH_CHECK_VALUE(loss >= kGrpo && loss <= kSapo, "grpo_loss_partials: unknown loss type ", loss);
+  TORCH_CHECK_VALUE(logps.dim() == 2, "grpo_loss_partials: logps must be [B, T], got ", r1k::msg(logps.sizes()));
+  TORCH_CHECK_VALUE(loss >= kGrpo && loss <= kSapo, "grpo_loss_partials: unknown loss type ", r1k::msg(loss));
   const int64_t B = logps.size(0), T = logps.size(1);
   check_bt("logps", logps, B, T);
   check_bt("advantages", adv, B, T);
@@ -350,7 +352,7 @@ std::tuple<at::Tensor, at::Tensor> grpo_loss_finalize_cpu(const at::Tensor& part
                                                           int64_t loss, double max_len) {
   TORCH_CHECK_VALUE(part.device().is_cpu() && (part.dim() == 2 || part.dim() == 3) &&
                         part.size(0) == kPartials,
-                    "grpo_loss_finalize: part must be [6, B] or [6, C, B] on CPU, got ", part.sizes());
+                    "grpo_loss_finalize: part must be [6, B] or [6, C, B] on CPU, got ", r1k::msg(part.sizes()));
   const at::Tensor p = f32(part).contiguous();
   const int64_t B = p.size(-1), C = p.dim() == 3 ? p.size(1) : 1, CB = C * B;
   const auto fopt = at::TensorOptions().dtype(at::kFloat);

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "moe/moe.h"
+#include "common/check_msg.h"
 
 namespace r1k {
 namespace moe {
@@ -20,41 +21,45 @@ namespace moe {
 ScoreFunc parse_score_func(std::string_view s) {
   if (s == "softmax") return ScoreFunc::kSoftmax;
   if (s == "sigmoid") return ScoreFunc::kSigmoid;
-  TORCH_CHECK_VALUE(false, "moe_route: score_func must be 'softmax' or 'sigmoid', got '", std::string(s),
+  TORCH_CHECK_VALUE(false, "moe_route: score_func must be 'softmax' or 'sigmoid', got '", r1k::msg(std::string(s)),
                     "'");
 }
 
 // Shared argument checks of moe_route (CPU and CUDA bindings).
 void check_route_args(const at::Tensor& logits, int64_t top_k, int64_t n_group, int64_t topk_group,
                       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& replay) {
-  TORCH_CHECK_VALUE(logits.dim() == 2, "moe_route: router_logits must be 2-D [T, E], got ", logits.dim(),
+  TORCH_CHECK_VALUE(logits.dim() == 2, "moe_route: router_logits must be 2-D [T, E], got ", r1k::msg(logits.dim()),
                     "-D");
   const auto dt = logits.scalar_type();
   TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
-                    "moe_route: router_logits must be float32, bfloat16 or float16, got ", dt);
+                    "moe_route: router_logits must be float32, bfloat16 or float16, got ", r1k::msg(dt));
   const int64_t E = logits.size(1);
-  TORCH_CHECK_VALUE(E < (1 << 20), "moe_route: at most 2^20 experts, got E=", E);
-  TORCH_CHECK_VALUE(top_k >= 1 && top_k <= E, "moe_route: top_k must be in [1, E=", E, "], got ", top_k);
-  TORCH_CHECK_VALUE(n_group >= 1 && E % n_group == 0, "moe_route: n_group must divide E=", E, ", got ",
-                    n_group);
+  TORCH_CHECK_VALUE(E < (1 << 20), "moe_route: at most 2^20 experts, got E=", r1k::msg(E));
+  TORCH_CHECK_VALUE(top_k >= 1 && top_k <= E, "moe_route: top_k must be in [1, E=", r1k::msg(E), "], got ",
+                    r1k::msg(top_k));
+  TORCH_CHECK_VALUE(n_group >= 1 && E % n_group == 0, "moe_route: n_group must divide E=", r1k::msg(E), ", got ",
+                    r1k::msg(n_group));
   TORCH_CHECK_VALUE(topk_group >= 1 && topk_group <= n_group, "moe_route: topk_group must be in [1, n_group=",
-                    n_group, "], got ", topk_group);
-  TORCH_CHECK_VALUE(n_group == 1 || top_k <= topk_group * (E / n_group), "moe_route: top_k=", top_k,
-                    " exceeds the experts of the kept groups (", topk_group * (E / n_group), ")");
+                    r1k::msg(n_group), "], got ", r1k::msg(topk_group));
+  TORCH_CHECK_VALUE(n_group == 1 || top_k <= topk_group * (E / n_group), "moe_route: top_k=", r1k::msg(top_k),
+                    " exceeds the experts of the kept groups (", r1k::msg(topk_group * (E / n_group)), ")");
   if (bias) {
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == E && bias->scalar_type() == at::kFloat,
-                      "moe_route: correction_bias must be float32 [E=", E, "], got ", bias->scalar_type(), " ",
-                      bias->sizes());
+                      "moe_route: correction_bias must be float32 [E=", r1k::msg(E), "], got ",
+                      r1k::msg(bias->scalar_type()), " ",
+                      r1k::msg(bias->sizes()));
     TORCH_CHECK_VALUE(bias->device() == logits.device(), "moe_route: correction_bias must be on ",
-                      logits.device());
+                      r1k::msg(logits.device()));
   }
   if (replay) {
     TORCH_CHECK_VALUE(replay->dim() == 2 && replay->size(0) == logits.size(0) && replay->size(1) == top_k,
-                      "moe_route: replay_ids must be [T, top_k]=[", logits.size(0), ", ", top_k, "], got ",
-                      replay->sizes());
+                      "moe_route: replay_ids must be [T, top_k]=[", r1k::msg(logits.size(0)), ", ",
+                      r1k::msg(top_k), "], got ",
+                      r1k::msg(replay->sizes()));
     TORCH_CHECK_VALUE(replay->scalar_type() == at::kInt || replay->scalar_type() == at::kLong,
-                      "moe_route: replay_ids must be int32 or int64, got ", replay->scalar_type());
-    TORCH_CHECK_VALUE(replay->device() == logits.device(), "moe_route: replay_ids must be on ", logits.device());
+                      "moe_route: replay_ids must be int32 or int64, got ", r1k::msg(replay->scalar_type()));
+    TORCH_CHECK_VALUE(replay->device() == logits.device(), "moe_route: replay_ids must be on ",
+                      r1k::msg(logits.device()));
   }
 }
 
@@ -64,30 +69,33 @@ void check_ids_in_range(const char* what, const at::Tensor& ids, int64_t E) {
   auto mm = at::aminmax(ids);
   const int64_t lo = std::get<0>(mm).item<int64_t>();
   const int64_t hi = std::get<1>(mm).item<int64_t>();
-  TORCH_CHECK_INDEX(lo >= 0 && hi < E, what, ": expert ids must be in [0, ", E, "), got ", lo < 0 ? lo : hi);
+  TORCH_CHECK_INDEX(lo >= 0 && hi < E, r1k::msg(what), ": expert ids must be in [0, ", r1k::msg(E), "), got ",
+                    r1k::msg(lo < 0 ? lo : hi));
 }
 
 void check_map_args(const at::Tensor& ids, int64_t num_experts, int64_t align) {
-  TORCH_CHECK_VALUE(ids.dim() == 2, "moe_permute: ids must be 2-D [T, k], got ", ids.dim(), "-D");
+  TORCH_CHECK_VALUE(ids.dim() == 2, "moe_permute: ids must be 2-D [T, k], got ", r1k::msg(ids.dim()), "-D");
   TORCH_CHECK_VALUE(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong,
-                    "moe_permute: ids must be int32 or int64, got ", ids.scalar_type());
-  TORCH_CHECK_VALUE(num_experts >= 1, "moe_permute: num_experts must be >= 1, got ", num_experts);
-  TORCH_CHECK_VALUE(align >= 1, "moe_permute: align must be >= 1, got ", align);
+                    "moe_permute: ids must be int32 or int64, got ", r1k::msg(ids.scalar_type()));
+  TORCH_CHECK_VALUE(num_experts >= 1, "moe_permute: num_experts must be >= 1, got ", r1k::msg(num_experts));
+  TORCH_CHECK_VALUE(align >= 1, "moe_permute: align must be >= 1, got ", r1k::msg(align));
   TORCH_CHECK_VALUE(ids.numel() + num_experts * (align - 1) < (int64_t{1} << 31),
                     "moe_permute: T*k + E*(align-1) must fit in int32");
 }
 
 void check_rows_args(const char* op, const at::Tensor& data, const at::Tensor& row_ids,
                      const std::optional<at::Tensor>& weights) {
-  TORCH_CHECK_VALUE(data.dim() == 2, op, ": data must be 2-D, got ", data.dim(), "-D");
-  TORCH_CHECK_VALUE(row_ids.dim() == 2 && row_ids.scalar_type() == at::kInt, op,
-                    ": row_ids must be int32 [T, k], got ", row_ids.scalar_type(), " ", row_ids.sizes());
-  TORCH_CHECK_VALUE(row_ids.device() == data.device(), op, ": row_ids must be on ", data.device());
+  TORCH_CHECK_VALUE(data.dim() == 2, r1k::msg(op), ": data must be 2-D, got ", r1k::msg(data.dim()), "-D");
+  TORCH_CHECK_VALUE(row_ids.dim() == 2 && row_ids.scalar_type() == at::kInt, r1k::msg(op),
+                    ": row_ids must be int32 [T, k], got ", r1k::msg(row_ids.scalar_type()), " ",
+                    r1k::msg(row_ids.sizes()));
+  TORCH_CHECK_VALUE(row_ids.device() == data.device(), r1k::msg(op), ": row_ids must be on ", r1k::msg(data.device()));
   if (weights) {
-    TORCH_CHECK_VALUE(weights->sizes() == row_ids.sizes(), op, ": weights must be [T, k]=", row_ids.sizes(),
-                      ", got ", weights->sizes());
-    TORCH_CHECK_VALUE(weights->is_floating_point() && weights->device() == data.device(), op,
-                      ": weights must be floating point on ", data.device());
+    TORCH_CHECK_VALUE(weights->sizes() == row_ids.sizes(), r1k::msg(op), ": weights must be [T, k]=",
+                      r1k::msg(row_ids.sizes()),
+                      ", got ", r1k::msg(weights->sizes()));
+    TORCH_CHECK_VALUE(weights->is_floating_point() && weights->device() == data.device(), r1k::msg(op),
+                      ": weights must be floating point on ", r1k::msg(data.device()));
   }
 }
 
@@ -101,12 +109,12 @@ void check_route_backward_args(const at::Tensor& gs, const at::Tensor& ids, cons
                         lse.scalar_type() == at::kFloat && ids.scalar_type() == at::kInt,
                     "moe_route_backward: gs, sel, lse must be float32 and ids int32");
   TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
-                    "moe_route_backward: dtype must be float32, bfloat16 or float16, got ", dtype);
+                    "moe_route_backward: dtype must be float32, bfloat16 or float16, got ", r1k::msg(dtype));
   TORCH_CHECK_VALUE(num_experts >= 1, "moe_route_backward: num_experts must be >= 1");
   if (sf == ScoreFunc::kSoftmax) {
     TORCH_CHECK_VALUE(logits.has_value() && logits->dim() == 2 && logits->size(0) == gs.size(0) &&
                           logits->size(1) == num_experts && logits->scalar_type() == dtype,
-                      "moe_route_backward: softmax needs the logits [T, num_experts] of dtype ", dtype);
+                      "moe_route_backward: softmax needs the logits [T, num_experts] of dtype ", r1k::msg(dtype));
   }
 }
 
@@ -300,7 +308,7 @@ at::Tensor moe_scatter_rows_cpu(const at::Tensor& x, const at::Tensor& row_ids, 
                                 const at::Tensor& counts, const at::Tensor& offsets,
                                 const std::optional<at::Tensor>& weights) {
   check_rows_args("moe_scatter_rows", x, row_ids, weights);
-  TORCH_CHECK_VALUE(row_ids.size(0) == x.size(0), "moe_scatter_rows: row_ids must have ", x.size(0), " rows");
+  TORCH_CHECK_VALUE(row_ids.size(0) == x.size(0), "moe_scatter_rows: row_ids must have ", r1k::msg(x.size(0)), " rows");
   const int64_t T = x.size(0), H = x.size(1), K = row_ids.size(1), R = token_ids.size(0);
   at::Tensor xc = x.contiguous(), rc = row_ids.contiguous(), tc = token_ids.to(at::kInt).contiguous();
   at::Tensor wc = weights ? weights->to(at::kFloat).contiguous() : at::Tensor();
@@ -402,7 +410,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_permu
                                                                                 const at::Tensor& ids,
                                                                                 int64_t num_experts, int64_t align) {
   TORCH_CHECK_VALUE(hidden.dim() == 2 && ids.dim() == 2 && hidden.size(0) == ids.size(0),
-                    "moe_permute: expected hidden [T, H] and ids [T, k], got ", hidden.sizes(), " and ", ids.sizes());
+                    "moe_permute: expected hidden [T, H] and ids [T, k], got ", r1k::msg(hidden.sizes()),
+                    " and ", r1k::msg(ids.sizes()));
   auto [counts, offsets, row_ids, token_ids] = moe_permute_map_cpu(ids, num_experts, align);
   at::Tensor out = moe_scatter_rows_cpu(hidden, row_ids, token_ids, counts, offsets, std::nullopt);
   return {out, counts, offsets, row_ids, token_ids};

@@ -8,6 +8,7 @@
 #include <string_view>
 
 #include "moe/moe.h"
+#include "common/check_msg.h"
 
 namespace r1k {
 namespace moe {
@@ -51,12 +52,12 @@ int dtype_tag(at::ScalarType t, const char* op) {
     case at::kBFloat16: return 1;
     case at::kHalf: return 2;
     case at::kDouble: return 3;
-    default: TORCH_CHECK_VALUE(false, op, ": unsupported dtype ", t);
+    default: TORCH_CHECK_VALUE(false, r1k::msg(op), ": unsupported dtype ", r1k::msg(t));
   }
 }
 
 void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, r1k::msg(op), ": CUDA launch failed: ", r1k::msg(cudaGetErrorString(err)));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_route_cuda(
@@ -66,7 +67,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_route_cuda(
   const ScoreFunc sf = parse_score_func(score_func);
   const int64_t T = logits.size(0), E = logits.size(1);
   TORCH_CHECK_VALUE(E <= kMaxKernelExperts && top_k <= kMaxKernelTopK, "moe_route: the CUDA kernel takes E <= ",
-                    kMaxKernelExperts, " and top_k <= ", kMaxKernelTopK, ", got E=", E, ", top_k=", top_k);
+                    r1k::msg(kMaxKernelExperts), " and top_k <= ", r1k::msg(kMaxKernelTopK), ", got E=",
+                    r1k::msg(E), ", top_k=", r1k::msg(top_k));
   const c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor x = logits.stride(1) == 1 ? logits : logits.contiguous();
   auto f32 = logits.options().dtype(at::kFloat);
@@ -118,7 +120,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_permute_map_cuda(
   at::Tensor counts = at::empty({E}, i32), offsets = at::empty({E + 1}, i32);
   at::Tensor rank = at::empty({N}, i32), row_ids = at::empty({T, K}, i32), token_ids = at::empty({R}, i32);
   check_launch(moe_permute_map_cuda_launch(flat.data_ptr<int32_t>(), N, static_cast<int>(K), static_cast<int>(E),
-                                           static_cast<int>(align), rank.data_ptr<int32_t>(), counts.data_ptr<int32_t>(),
+                                           static_cast<int>(align), rank.data_ptr<int32_t>(),
+                                           counts.data_ptr<int32_t>(),
                                            offsets.data_ptr<int32_t>(), row_ids.data_ptr<int32_t>(),
                                            token_ids.data_ptr<int32_t>(), R, at::cuda::getCurrentCUDAStream()),
                "moe_permute_map");
@@ -129,7 +132,7 @@ at::Tensor moe_scatter_rows_cuda(const at::Tensor& x, const at::Tensor& row_ids,
                                  const at::Tensor& counts, const at::Tensor& offsets,
                                  const std::optional<at::Tensor>& weights) {
   check_rows_args("moe_scatter_rows", x, row_ids, weights);
-  TORCH_CHECK_VALUE(row_ids.size(0) == x.size(0), "moe_scatter_rows: row_ids must have ", x.size(0), " rows");
+  TORCH_CHECK_VALUE(row_ids.size(0) == x.size(0), "moe_scatter_rows: row_ids must have ", r1k::msg(x.size(0)), " rows");
   TORCH_CHECK_VALUE(counts.scalar_type() == at::kInt && offsets.scalar_type() == at::kInt &&
                         offsets.numel() == counts.numel() + 1,
                     "moe_scatter_rows: counts [E] and offsets [E + 1] must be int32");
@@ -186,8 +189,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_permu
                                                                                  const at::Tensor& ids,
                                                                                  int64_t num_experts, int64_t align) {
   TORCH_CHECK_VALUE(hidden.dim() == 2 && ids.dim() == 2 && hidden.size(0) == ids.size(0),
-                    "moe_permute: expected hidden [T, H] and ids [T, k], got ", hidden.sizes(), " and ", ids.sizes());
-  TORCH_CHECK_VALUE(hidden.device() == ids.device(), "moe_permute: ids must be on ", hidden.device());
+                    "moe_permute: expected hidden [T, H] and ids [T, k], got ", r1k::msg(hidden.sizes()),
+                    " and ", r1k::msg(ids.sizes()));
+  TORCH_CHECK_VALUE(hidden.device() == ids.device(), "moe_permute: ids must be on ", r1k::msg(hidden.device()));
   auto [counts, offsets, row_ids, token_ids] = moe_permute_map_cuda(ids, num_experts, align);
   at::Tensor out = moe_scatter_rows_cuda(hidden, row_ids, token_ids, counts, offsets, std::nullopt);
   return {out, counts, offsets, row_ids, token_ids};

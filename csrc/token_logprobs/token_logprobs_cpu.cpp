@@ -21,6 +21,7 @@
 #include <optional>
 
 #include "common/cpu_simd.h"
+#include "common/check_msg.h"
 
 namespace r1k {
 namespace {
@@ -180,13 +181,13 @@ void grad_rows(const T* x, int64_t sx, G* g, int64_t sg, const int64_t* labels, 
 void check_tile(const char* op, const at::Tensor& x, const at::Tensor& labels,
                 const std::optional<at::Tensor>& bias) {
   TORCH_CHECK_VALUE(x.device().is_cpu() && x.dim() == 2 && (x.size(1) <= 1 || x.stride(1) == 1),
-                    op, ": x must be a 2-D CPU tensor with contiguous rows, got ", x.sizes(),
-                    " strides ", x.strides());
-  TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == x.size(0), op,
-                    ": labels must be [", x.size(0), "], got ", labels.sizes());
+                    r1k::msg(op), ": x must be a 2-D CPU tensor with contiguous rows, got ", r1k::msg(x.sizes()),
+                    " strides ", r1k::msg(x.strides()));
+  TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == x.size(0), r1k::msg(op),
+                    ": labels must be [", r1k::msg(x.size(0)), "], got ", r1k::msg(labels.sizes()));
   if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == x.size(1), op, ": bias must be [",
-                      x.size(1), "], got ", bias->sizes());
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == x.size(1), r1k::msg(op), ": bias must be [",
+                      r1k::msg(x.size(1)), "], got ", r1k::msg(bias->sizes()));
   }
 }
 
@@ -197,9 +198,9 @@ std::optional<at::Tensor> f32_contiguous(const std::optional<at::Tensor>& t) {
 }
 
 void check_f32(const char* op, const char* name, const at::Tensor& t, int64_t numel) {
-  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() >= numel, op,
-                    ": ", name, " must be a contiguous float32 tensor of at least ", numel,
-                    " elements, got ", t.scalar_type(), " ", t.sizes());
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() >= numel, r1k::msg(op),
+                    ": ", r1k::msg(name), " must be a contiguous float32 tensor of at least ", r1k::msg(numel),
+                    " elements, got ", r1k::msg(t.scalar_type()), " ", r1k::msg(t.sizes()));
 }
 
 // state [4, n] (m, s, t, w) read when accum, written unless final; out [3, n] (logp, entropy,
@@ -235,15 +236,16 @@ void logprob_tile_grad_cpu(const at::Tensor& x, const at::Tensor& g, const at::T
   const int64_t n = x.size(0), c = x.size(1);
   TORCH_CHECK_VALUE(g.device().is_cpu() && g.dim() == 2 && g.size(0) == n && g.size(1) == c &&
                         (c <= 1 || g.stride(1) == 1),
-                    op, ": g must be a CPU tensor [", n, ", ", c, "] with contiguous rows, got ",
-                    g.sizes(), " strides ", g.strides());
-  TORCH_CHECK_VALUE(dent.has_value() == ent.has_value(), op, ": ent and dent go together");
+                    r1k::msg(op), ": g must be a CPU tensor [", r1k::msg(n), ", ", r1k::msg(c),
+                    "] with contiguous rows, got ",
+                    r1k::msg(g.sizes()), " strides ", r1k::msg(g.strides()));
+  TORCH_CHECK_VALUE(dent.has_value() == ent.has_value(), r1k::msg(op), ": ent and dent go together");
   if (n == 0) return;
   const at::Tensor y = labels.to(at::kLong).contiguous();
   const at::Tensor lse_f = f32_contiguous(lse), dlogp_f = f32_contiguous(dlogp);
   const std::optional<at::Tensor> b = f32_contiguous(bias), ent_f = f32_contiguous(ent),
                                   dent_f = f32_contiguous(dent);
-  TORCH_CHECK_VALUE(lse_f.numel() == n && dlogp_f.numel() == n, op, ": lse and dlogp must have ", n,
+  TORCH_CHECK_VALUE(lse_f.numel() == n && dlogp_f.numel() == n, r1k::msg(op), ": lse and dlogp must have ", r1k::msg(n),
                     " elements");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "logprob_tile_grad_cpu", [&] {
     using xt = scalar_t;

@@ -10,6 +10,7 @@
 #include <optional>
 #include <string>
 
+#include "common/check_msg.h"
 #include "token_logprobs/fused_logits_cluster.h"
 
 namespace r1k {
@@ -24,20 +25,6 @@ namespace {
 
 constexpr const char* kOp = "fused_logits_cluster";
 
-// The error messages are put together from strings only (numbers through std::to_string): on the
-// lent H100 (torch 2.11 wheel, this extension built there with the system g++ 13), streaming an
-// integer into the message's ostream from this library reached the wrong locale facet and
-// crashed (cuda-gdb, 2026-11-23: std::ostream::_M_insert<long> into codecvt<char16_t>::do_unshift)
-// where a ValueError was due.
-std::string S(int64_t v) { return std::to_string(v); }
-std::string S(at::IntArrayRef v) {
-  std::string r = "[";
-  for (size_t i = 0; i < v.size(); ++i) r += (i ? ", " : "") + std::to_string(v[i]);
-  return r + "]";
-}
-std::string S(at::ScalarType t) { return c10::toString(t); }
-std::string S(const at::Device& d) { return d.str(); }
-
 int dtype_tag(at::ScalarType t) {
   return t == at::kFloat ? static_cast<int>(LogitsDType::kFloat32)
                          : (t == at::kBFloat16 ? static_cast<int>(LogitsDType::kBFloat16)
@@ -45,12 +32,12 @@ int dtype_tag(at::ScalarType t) {
 }
 
 void check_rows(const at::Tensor& x, const char* name) {
-  TORCH_CHECK_VALUE(x.dim() == 3, kOp, ": ", name, " must be [B, T, V], got ", S(x.dim()), "-D");
+  TORCH_CHECK_VALUE(x.dim() == 3, kOp, ": ", name, " must be [B, T, V], got ", r1k::msg(x.dim()), "-D");
   TORCH_CHECK_VALUE(x.is_cuda(), kOp, ": ", name, " must be a CUDA tensor");
   TORCH_CHECK_VALUE(x.stride(2) == 1 && x.stride(0) % 8 == 0 && x.stride(1) % 8 == 0 &&
                         reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
                     kOp, ": ", name, "'s rows must start on 16-byte boundaries with a contiguous "
-                    "last dim, got strides ", S(x.strides()));
+                    "last dim, got strides ", r1k::msg(x.strides()));
 }
 
 const float* f32_rows(const std::optional<at::Tensor>& t, int64_t numel, const at::Tensor& like,
@@ -61,9 +48,9 @@ const float* f32_rows(const std::optional<at::Tensor>& t, int64_t numel, const a
   }
   TORCH_CHECK_VALUE(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == numel &&
                         t->device() == like.device(),
-                    kOp, ": ", name, " must be a contiguous float32 tensor of ", S(numel),
-                    " elements on ", S(like.device()), ", got ", S(t->scalar_type()), " ",
-                    S(t->sizes()));
+                    kOp, ": ", name, " must be a contiguous float32 tensor of ", r1k::msg(numel),
+                    " elements on ", r1k::msg(like.device()), ", got ", r1k::msg(t->scalar_type()), " ",
+                    r1k::msg(t->sizes()));
   return t->data_ptr<float>();
 }
 
@@ -84,36 +71,36 @@ void fused_logits_cluster_cuda(const at::Tensor& x, const at::Tensor& g, const a
   check_rows(g, "g");
   const bool x16 = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
   TORCH_CHECK_VALUE(x16 || x.scalar_type() == at::kFloat, kOp,
-                    ": x must be bfloat16, float16 or float32, got ", S(x.scalar_type()));
+                    ": x must be bfloat16, float16 or float32, got ", r1k::msg(x.scalar_type()));
   TORCH_CHECK_VALUE(g.sizes() == x.sizes() && g.device() == x.device() &&
                         (x16 ? g.scalar_type() == x.scalar_type()
                              : (g.scalar_type() == at::kBFloat16 || g.scalar_type() == at::kHalf)),
-                    kOp, ": g must match x (", S(x.sizes()), ", ", S(x.scalar_type()),
-                    "; a bfloat16 or float16 gradient of float32 logits), got ", S(g.sizes()), ", ",
-                    S(g.scalar_type()));
+                    kOp, ": g must match x (", r1k::msg(x.sizes()), ", ", r1k::msg(x.scalar_type()),
+                    "; a bfloat16 or float16 gradient of float32 logits), got ", r1k::msg(g.sizes()), ", ",
+                    r1k::msg(g.scalar_type()));
   const int elem = x16 ? 2 : 4;
   const int64_t B = x.size(0), T = x.size(1), V = x.size(2), n = B * T;
-  TORCH_CHECK_VALUE(V % 8 == 0, kOp, ": the vocabulary must be a multiple of 8, got ", S(V));
+  TORCH_CHECK_VALUE(V % 8 == 0, kOp, ": the vocabulary must be a multiple of 8, got ", r1k::msg(V));
   TORCH_CHECK_VALUE(labels.scalar_type() == at::kLong && labels.is_contiguous() &&
                         labels.numel() == n && labels.device() == x.device(),
-                    kOp, ": labels must be contiguous int64 [", S(n), "] on ", S(x.device()));
+                    kOp, ": labels must be contiguous int64 [", r1k::msg(n), "] on ", r1k::msg(x.device()));
   TORCH_CHECK_VALUE(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2 &&
                         out.size(0) == 3 && out.size(1) == n && out.device() == x.device(),
-                    kOp, ": out must be contiguous float32 [3, ", S(n), "]");
+                    kOp, ": out must be contiguous float32 [3, ", r1k::msg(n), "]");
   TORCH_CHECK_VALUE(cluster >= 1 && cluster <= 16 && (cluster & (cluster - 1)) == 0, kOp,
-                    ": cluster must be 1, 2, 4, 8 or 16, got ", S(cluster));
+                    ": cluster must be 1, 2, 4, 8 or 16, got ", r1k::msg(cluster));
   TORCH_CHECK_VALUE(threads == 256 || threads == 512, kOp, ": threads must be 256 or 512, got ",
-                    S(threads));
+                    r1k::msg(threads));
   if (pipelined) {
-    TORCH_CHECK_VALUE(fused_logits_pipe_fits(V, elem, static_cast<int>(cluster)), kOp, ": V=", S(V),
-                      " is over what ", S(cluster), " CTAs stage in shared memory (2 * ",
-                      S(fused_logits_seg(V, static_cast<int>(cluster)) * elem), " bytes > ",
-                      S(kPipeMaxSmem), ")");
+    TORCH_CHECK_VALUE(fused_logits_pipe_fits(V, elem, static_cast<int>(cluster)), kOp, ": V=", r1k::msg(V),
+                      " is over what ", r1k::msg(cluster), " CTAs stage in shared memory (2 * ",
+                      r1k::msg(fused_logits_seg(V, static_cast<int>(cluster)) * elem), " bytes > ",
+                      r1k::msg(kPipeMaxSmem), ")");
   } else {
     TORCH_CHECK_VALUE(fused_logits_cluster_vpt(V, elem, static_cast<int>(cluster),
                                                static_cast<int>(threads), nullptr) > 0,
-                      kOp, ": V=", S(V), " is over what ", S(cluster), " CTAs of ", S(threads),
-                      " threads hold (", S(fused_logits_cluster_max_vocab(static_cast<int>(cluster),
+                      kOp, ": V=", r1k::msg(V), " is over what ", r1k::msg(cluster), " CTAs of ", r1k::msg(threads),
+                      " threads hold (", r1k::msg(fused_logits_cluster_max_vocab(static_cast<int>(cluster),
                                                                           static_cast<int>(threads),
                                                                           elem)),
                       ")");
@@ -158,8 +145,8 @@ void fused_logits_cluster_cuda(const at::Tensor& x, const at::Tensor& g, const a
   const cudaError_t err = fused_logits_cluster_launch(
       p, dtype_tag(x.scalar_type()), dtype_tag(g.scalar_type()), mode, static_cast<int>(cluster),
       static_cast<int>(threads), pipelined, at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err != cudaErrorInvalidConfiguration, kOp, ": a cluster of ", S(cluster), " CTAs of ",
-              S(threads), " threads cannot be resident on this GPU; choose a smaller setting "
+  TORCH_CHECK(err != cudaErrorInvalidConfiguration, kOp, ": a cluster of ", r1k::msg(cluster), " CTAs of ",
+              r1k::msg(threads), " threads cannot be resident on this GPU; choose a smaller setting "
               "(R1K_FUSED_CLUSTER)");
   TORCH_CHECK(err == cudaSuccess, kOp, ": CUDA launch failed: ", cudaGetErrorString(err));
 }
