@@ -21,8 +21,6 @@
 Loss configuration everywhere: dapo, beta=0.04 (k3 KL to given reference log-probs),
 epsilon 0.2/0.28, old log-probs given (off-policy ratio), temperature 1.
 """
-import os
-
 import pytest
 import torch
 
@@ -91,24 +89,25 @@ def test_grpo_loss(benchmark, bench, provider, shape):
 # ---- 2. from logits ------------------------------------------------------------------------------
 
 
-# *-cluster: the fused logits kernel on thread-block clusters (R1K_FUSED_CLUSTER,
-# csrc/token_logprobs/fused_logits_cluster.cu; sm_90 only, skipped elsewhere)
-CLUSTER = os.environ.get("BENCH_CLUSTER", "8,256")  # R1K_FUSED_CLUSTER of the -cluster providers
+# r1k*: the default path (on sm_90 with the CUDA build, the thread-block-cluster logits kernel of
+# csrc/token_logprobs/fused_logits_cluster.cu, R1K_FUSED_CLUSTER); *-no-cluster: the same with it
+# off (the Triton kernels), measured only where the default takes it.
 
 
-def _cluster(monkeypatch, provider, x3=None, g3=None):
-    """Set R1K_FUSED_CLUSTER for this provider; skip a -cluster provider where the kernel would
-    not run on logits x3 [B, T, V] with gradient buffer g3."""
-    on = provider.endswith("-cluster")
-    monkeypatch.setenv("R1K_FUSED_CLUSTER", CLUSTER if on else "0")
+def _no_cluster(monkeypatch, provider, x3, g3):
+    """Turn the cluster kernel off for a -no-cluster provider; skip that provider where the
+    default would not take it on logits x3 [B, T, V] with gradient buffer g3 (same path)."""
+    if not provider.endswith("-no-cluster"):
+        return
     from r1kernels.ops import token_logprobs as tlp
 
-    if on and tlp.cluster_config(x3, g3) is None:
-        pytest.skip("the cluster kernel does not run here (CUDA sm_90+ build only)")
+    if tlp.cluster_config(x3, g3) is None:
+        pytest.skip("the default path takes no cluster kernel here (CUDA sm_90+ build only)")
+    monkeypatch.setenv("R1K_FUSED_CLUSTER", "0")
 
 
 @pytest.mark.parametrize("shape", shapes_for("grpo_loss_logits", DEVICE), ids=shape_id)
-@pytest.mark.parametrize("provider", ["r1k", "r1k-inplace", "r1k-inplace-cluster", "eager",
+@pytest.mark.parametrize("provider", ["r1k", "r1k-inplace", "r1k-inplace-no-cluster", "eager",
                                       "compiled-eager", "liger"])
 def test_grpo_loss_logits(benchmark, bench, monkeypatch, provider, shape):
     B, T1, V = shape["B"], shape["T"], shape["V"]
@@ -119,7 +118,7 @@ def test_grpo_loss_logits(benchmark, bench, monkeypatch, provider, shape):
     if provider.startswith("r1k"):
         loss_fn = r1kernels.GRPOLoss(**OPTS, with_entropy=False)
         inplace = provider.startswith("r1k-inplace")
-        _cluster(monkeypatch, provider, full[:, :-1], full[:, :-1])
+        _no_cluster(monkeypatch, provider, full[:, :-1], full[:, :-1])
         # inplace: the gradient overwrites the logits (a leaf view here, so autograd.grad returns
         # that buffer); later calls run on those values, which does not change the work done
         x = full.detach()[:, :-1].requires_grad_(True) if inplace else full
@@ -152,7 +151,7 @@ def test_grpo_loss_logits(benchmark, bench, monkeypatch, provider, shape):
 
 
 @pytest.mark.parametrize("shape", shapes_for("grpo_loss_hidden", DEVICE), ids=shape_id)
-@pytest.mark.parametrize("provider", ["r1k", "r1k-cluster", "r1k-two", "eager", "compiled-eager",
+@pytest.mark.parametrize("provider", ["r1k", "r1k-no-cluster", "r1k-two", "eager", "compiled-eager",
                                       "liger"])
 def test_grpo_loss_hidden(benchmark, bench, monkeypatch, provider, shape):
     B, T, H, V = shape["B"], shape["T"], shape["H"], shape["V"]
@@ -164,7 +163,7 @@ def test_grpo_loss_hidden(benchmark, bench, monkeypatch, provider, shape):
     if provider.startswith("r1k"):
         # the cluster kernel on the sweep's fp32 logits chunks, G in bf16 over their storage
         z = torch.empty(8, V, device=DEVICE)
-        _cluster(monkeypatch, provider, z.unsqueeze(1), z.view(LOWP)[:, :V].unsqueeze(1))
+        _no_cluster(monkeypatch, provider, z.unsqueeze(1), z.view(LOWP)[:, :V].unsqueeze(1))
         loss_fn = r1kernels.GRPOLoss(**OPTS, sweep="two" if provider == "r1k-two" else "auto")
 
         def fn():

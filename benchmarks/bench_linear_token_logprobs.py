@@ -13,7 +13,6 @@ Liger-Kernel's fused linear cross entropy, TRL's chunked log-prob head (trl.kern
 cut-cross-entropy.
 """
 import contextlib
-import os
 import sys
 import types
 
@@ -33,10 +32,10 @@ DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 OURS = [b for b in dispatch.available_backends(OP, DEVICE) if not (b == "triton" and DEVICE == "cpu")]
 # r1k-triton-fused: the opt-in fused tl.dot kernels (linear_token_logprobs.FUSED_GEMM), CUDA only
 FUSED = ["r1k-triton-fused"] if DEVICE == "cuda" and "triton" in OURS else []
-# r1k-fwd_bwd-cluster: the cluster kernel on the single sweep's fp32 logits chunks
-# (R1K_FUSED_CLUSTER, csrc/token_logprobs/fused_logits_cluster.cu; sm_90 only, skipped elsewhere)
-CLUSTER = os.environ.get("BENCH_CLUSTER", "8,256")  # R1K_FUSED_CLUSTER of the -cluster providers
-PROVIDERS = [f"r1k-{b}" for b in OURS] + FUSED + ["r1k-fwd_bwd", "r1k-fwd_bwd-cluster", "eager",
+# r1k-fwd_bwd: the default path (on sm_90 with the CUDA build, the thread-block-cluster kernel of
+# csrc/token_logprobs/fused_logits_cluster.cu on the single sweep's fp32 logits chunks,
+# R1K_FUSED_CLUSTER); r1k-fwd_bwd-no-cluster: with it off, measured only where the default takes it
+PROVIDERS = [f"r1k-{b}" for b in OURS] + FUSED + ["r1k-fwd_bwd", "r1k-fwd_bwd-no-cluster", "eager",
                                                   "compiled-ref", "liger", "trl", "cce"]
 
 
@@ -118,12 +117,12 @@ def test_linear_token_logprobs(benchmark, bench, monkeypatch, provider, mode, sh
         # 6 N H V FLOPs (linear_token_logprobs_fwd_bwd)
         if mode == "fwd":
             pytest.skip("linear_token_logprobs_fwd_bwd is forward+backward")
-        on = provider.endswith("cluster")
-        monkeypatch.setenv("R1K_FUSED_CLUSTER", CLUSTER if on else "0")
-        z = torch.empty(8, V, device=DEVICE)
-        if on and (DTYPE == torch.float32 or tlp.cluster_config(
-                z.unsqueeze(1), z.view(DTYPE)[:, :V].unsqueeze(1)) is None):
-            pytest.skip("the cluster kernel does not run here (CUDA sm_90+ build only)")
+        if provider.endswith("no-cluster"):
+            z = torch.empty(8, V, device=DEVICE)
+            if DTYPE == torch.float32 or tlp.cluster_config(
+                    z.unsqueeze(1), z.view(DTYPE)[:, :V].unsqueeze(1)) is None:
+                pytest.skip("the default path takes no cluster kernel here (CUDA sm_90+ build only)")
+            monkeypatch.setenv("R1K_FUSED_CLUSTER", "0")
 
         def fn():
             return r1kernels.linear_token_logprobs_fwd_bwd(hidden, weight, labels, w_lp,

@@ -9,7 +9,6 @@ the materialized logits, torch.compile of the reference, and when installed Lige
 cross entropy (no entropy), TRL's fused log-prob + entropy kernel (trl.kernels).
 """
 import contextlib
-import os
 import sys
 import types
 
@@ -26,11 +25,11 @@ OP = "token_logprobs"
 SHAPES = shapes_for(OP, DEVICE)
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 OURS = [b for b in dispatch.available_backends(OP, DEVICE) if not (b == "triton" and DEVICE == "cpu")]
-# r1k-fwd_bwd-cluster: token_logprobs_fwd_bwd in place on the cluster kernel (R1K_FUSED_CLUSTER,
-# csrc/token_logprobs/fused_logits_cluster.cu; sm_90 only, skipped elsewhere)
-CLUSTER = os.environ.get("BENCH_CLUSTER", "8,256")  # R1K_FUSED_CLUSTER of the -cluster providers
+# r1k-fwd_bwd*: the default path (on sm_90 with the CUDA build, the thread-block-cluster kernel of
+# csrc/token_logprobs/fused_logits_cluster.cu, R1K_FUSED_CLUSTER); r1k-fwd_bwd-inplace-no-cluster:
+# in place with it off (the Triton kernel), measured only where the default takes it
 PROVIDERS = [f"r1k-{b}" for b in OURS] + ["r1k-fwd_bwd", "r1k-fwd_bwd-inplace",
-                                           "r1k-fwd_bwd-cluster", "eager",
+                                           "r1k-fwd_bwd-inplace-no-cluster", "eager",
                                            "compiled-ref", "liger", "trl"]
 
 
@@ -105,11 +104,12 @@ def test_token_logprobs(benchmark, bench, monkeypatch, provider, mode, shape):
         # upstream gradient (w_lp, w_ent) is known up front: one read + one write of the logits
         if mode == "fwd":
             pytest.skip("token_logprobs_fwd_bwd is forward+backward")
-        inplace = provider.endswith(("inplace", "cluster"))
+        inplace = "inplace" in provider
         x = logits.clone() if inplace else logits  # in place: later calls run on gradients
-        monkeypatch.setenv("R1K_FUSED_CLUSTER", CLUSTER if provider.endswith("cluster") else "0")
-        if provider.endswith("cluster") and tlp.cluster_config(x.view(1, N, V), x.view(1, N, V)) is None:
-            pytest.skip("the cluster kernel does not run here (CUDA sm_90+ build only)")
+        if provider.endswith("no-cluster"):
+            if tlp.cluster_config(x.view(1, N, V), x.view(1, N, V)) is None:
+                pytest.skip("the default path takes no cluster kernel here (CUDA sm_90+ build only)")
+            monkeypatch.setenv("R1K_FUSED_CLUSTER", "0")
 
         def fn():
             return r1kernels.token_logprobs_fwd_bwd(x, labels, w_lp, grad_entropy=w_ent,

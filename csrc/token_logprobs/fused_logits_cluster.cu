@@ -54,10 +54,14 @@ struct Stats {
 
 __device__ __forceinline__ Stats empty_stats() { return Stats{-INFINITY, 0.f, 0.f}; }
 
+// kBase2: z, m and w in log2 units and 2^(z - m) for exp(z - m) (the register kernel's
+// statistics); the same merge otherwise.
+template <bool kBase2 = false>
 __device__ __forceinline__ Stats merge(const Stats& a, const Stats& b) {
   const float m = fmaxf(a.m, b.m);
   const float ref = m == -INFINITY ? 0.f : m;  // both empty: any finite reference
-  const float fa = __expf(a.m - ref), fb = __expf(b.m - ref);
+  const float fa = kBase2 ? exp2f(a.m - ref) : __expf(a.m - ref);
+  const float fb = kBase2 ? exp2f(b.m - ref) : __expf(b.m - ref);
   Stats r;
   r.m = m;
   r.s = a.s * fa + b.s * fb;
@@ -72,9 +76,10 @@ __device__ __forceinline__ Stats shfl_xor(const Stats& v, int off) {
                __shfl_xor_sync(kFull, v.w, off)};
 }
 
+template <bool kBase2 = false>
 __device__ __forceinline__ Stats warp_merge(Stats v) {
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v = merge(v, shfl_xor(v, off));
+  for (int off = 16; off > 0; off >>= 1) v = merge<kBase2>(v, shfl_xor(v, off));
   return v;
 }
 
@@ -207,25 +212,6 @@ __device__ float grpo_dlogp(const FusedLogitsParams& p, const RowInputs& in, flo
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
-
-// merge() in base 2: m, s, w of 2^(z - m) with z in log2 units (the register kernel's statistics)
-__device__ __forceinline__ Stats merge2(const Stats& a, const Stats& b) {
-  const float m = fmaxf(a.m, b.m);
-  const float ref = m == -INFINITY ? 0.f : m;
-  const float fa = exp2f(a.m - ref), fb = exp2f(b.m - ref);
-  Stats r;
-  r.m = m;
-  r.s = a.s * fa + b.s * fb;
-  r.w = fa * (a.w + (a.s > 0.f ? a.s * (a.m - ref) : 0.f)) +
-        fb * (b.w + (b.s > 0.f ? b.s * (b.m - ref) : 0.f));
-  return r;
-}
-
-__device__ __forceinline__ Stats warp_merge2(Stats v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v = merge2(v, shfl_xor(v, off));
-  return v;
-}
 
 template <int MODE>
 __device__ __forceinline__ bool has_dent_of(const FusedLogitsParams& p) {
@@ -381,12 +367,12 @@ __global__ void __launch_bounds__(THREADS, (min_ctas_per_sm<THREADS, VPT>()))
   }
   opaque(data);
   // ---- the CTA's statistics, published for the cluster
-  Stats v = warp_merge2(Stats{m2, s, w});
+  Stats v = warp_merge<true>(Stats{m2, s, w});
   if (lane == 0) warp_part[warp] = v;
   __syncthreads();
   if (warp == 0) {
     v = lane < kWarps ? warp_part[lane] : empty_stats();
-    v = warp_merge2(v);
+    v = warp_merge<true>(v);
     if (lane == 0) cta_part = v;
   }
   cluster_arrive();  // release: cta_part (and every read of the logits) before the barrier
@@ -399,7 +385,7 @@ __global__ void __launch_bounds__(THREADS, (min_ctas_per_sm<THREADS, VPT>()))
   if (warp == 0) {
     Stats r = empty_stats();
     if (lane < CL) r = *cluster.map_shared_rank(&cta_part, lane);
-    r = warp_merge2(r);
+    r = warp_merge<true>(r);
     if (lane == 0) {
       const float log2_s = __log2f(r.s);
       const float lse2 = r.m + log2_s;
