@@ -110,9 +110,9 @@ SINGLE_SWEEP_FP32_ACC_BYTES = 1 << 30
 SINGLE_SWEEP_MAX_CHUNK_ELEMS_CUDA = 1 << 28
 SINGLE_SWEEP_MAX_CHUNK_ELEMS_CPU = 1 << 23
 # G groups (opt-in; on the H100, 2026-11-23, 512-row chunks in 2048-row groups gave GRPOLoss
-# 90.2 ms at 2.25 GiB against 89.7 ms at 1.98 GiB for the 1024-row default): None, or the rows of a separate G buffer
-# [rows, V] in the GEMM dtype that collects the G of several consecutive chunks before the
-# grad_hidden and grad_weight GEMMs run on all of them at once. grad_weight's bf16
+# 90.2 ms at 2.25 GiB against 89.7 ms at 1.98 GiB for the 1024-row default): None, or the rows
+# of a separate G buffer [rows, V] in the GEMM dtype that collects the G of several consecutive
+# chunks before the grad_hidden and grad_weight GEMMs run on all of them at once. grad_weight's bf16
 # read-modify-write (2.3 GB per GEMM at V=151936, H=4096) then happens once per group, and its
 # GEMM has K = group rows, while the fp32 logits chunk stays small: e.g. 512-row chunks in
 # 2048-row groups hold 297 MiB of fp32 logits + 594 MiB of G (against 594 MiB for 1024-row
