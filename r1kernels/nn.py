@@ -31,6 +31,8 @@ afterwards (autograd refuses, via the version counter, if some other node saved 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from r1kernels import dispatch
@@ -120,7 +122,14 @@ class _TokenRows:
         self.cfg, self.T, self.fwd, self.rows = cfg, T, fwd, rows
         self.seq = (adv, mask, old, ref, rw)
         self.flat = tuple(flat(t) for t in (adv, G._mask_view(mask), old, ref, rw))
-        self.scale_tok = flat(scale.float().repeat_interleave(T))  # the token's loss scale
+        self._flat_rows = flat
+        self.scale = scale.float().contiguous()  # per sequence [B]
+
+    @functools.cached_property
+    def scale_tok(self) -> torch.Tensor:
+        """The token rows' loss scales (only the chunked paths need them; the logits kernel
+        takes the per-sequence scale)."""
+        return self._flat_rows(self.scale.repeat_interleave(self.T))
 
     def grad_fn(self, start, end, logp, ent):
         """dL/dlogp of token rows [start, end) (the grad_fn of the log-prob ops)."""
@@ -143,9 +152,8 @@ class _TokenRows:
         """Every token row (built with rows=None; logits x3 [B, T, V], labels [B * T]
         contiguous): the statistics, dL/dlogp and dL/dlogits (into g3) in the fused logits
         kernel; returns its out [3, B * T] (logp, entropy, ...)."""
-        scale = self.scale_tok[::self.T].contiguous()  # per sequence
         return TLP.fused_logits(x3, labels, g3, inv_temp, int(ignore_index), bool(with_entropy),
-                                grpo=(self.cfg, *self.flat, scale))
+                                grpo=(self.cfg, *self.flat, self.scale))
 
     def finish(self, logp, ent, parts, ent_acc):
         """The loss partials (and the entropy sum) of the whole batch from its log-probs (and
@@ -244,6 +252,7 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
         ctx.grads = (None if gh is None else gh.view(hidden.shape), gw, gb)
         ent = torch.zeros((), device=hidden.device) if ent is None else ent
         ctx.mark_non_differentiable(out, ent)
+        ctx.set_materialize_grads(False)  # no zero tensors for the metrics' gradients
         return out[0].clone(), out, ent
 
     @staticmethod
@@ -253,6 +262,8 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
                                "(the gradients were computed in the forward pass and are scaled "
                                "in place); run the forward again")
         grads, ctx.grads = ctx.grads, None
+        if gloss is None:  # (grads not materialized: no gradient reached the loss)
+            return (None,) * 12
         if not _is_one(gloss):
             grads = tuple(None if x is None else x.mul_(gloss.to(x.dtype)) for x in grads)
         gh, gw, gb = grads
@@ -261,9 +272,11 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
 
 def _from_logits_fused_triton(logits, labels, adv, mask, old, ref, rw, cfg, scale, fwd, parts,
                               ent_acc, temperature, ignore_index, with_entropy, inplace):
-    """Token-level GRPO loss from logits [B, T, V] with one Triton kernel: per row, the
+    """Token-level GRPO loss from logits [B, T, V] with one fused kernel: per row, the
     statistics, the loss's dL/dlogp and dL/dlogits (see ops/token_logprobs.py). Returns the
-    logits gradient (the logits buffer itself when `inplace`); appends the loss partials."""
+    logits gradient (the logits buffer itself when `inplace`) and the flat labels, whose values
+    the caller checks once everything is enqueued (the kernel never reads at an out-of-range
+    label); appends the loss partials."""
     B, T, V = logits.shape
     op = "GRPOLoss.from_logits"
     TLP.check_labels(op, labels, (B, T), V, ignore_index, logits.device, data=False)
@@ -272,11 +285,9 @@ def _from_logits_fused_triton(logits, labels, adv, mask, old, ref, rw, cfg, scal
     rows = _TokenRows(cfg, T, adv, mask, old, ref, rw, scale, fwd)
     y = labels.reshape(-1).contiguous()
     out = rows.kernel(x, y, g, 1.0 / temperature, ignore_index, with_entropy)
-    # the labels' values after the launch (the kernel never reads at an out-of-range label):
-    # its host sync then waits on a busy GPU instead of leaving it idle before the launch
-    TLP.check_label_values(op, y, V, ignore_index)
     rows.finish(out[0], out[1] if with_entropy else None, parts, ent_acc)
-    return logits.view(logits.shape) if g.data_ptr() == logits.data_ptr() else g  # an alias autograd can hand on
+    gl = logits.view(logits.shape) if g.data_ptr() == logits.data_ptr() else g  # an alias autograd can hand on
+    return gl, y
 
 
 class _FusedLogitsGRPOLoss(torch.autograd.Function):
@@ -290,10 +301,11 @@ class _FusedLogitsGRPOLoss(torch.autograd.Function):
         n_rows = mask.float().sum(-1) if B * T else torch.zeros(B, device=logits.device)
         scale = G.row_scale(n_rows, nitems, cfg)
         parts, ent_acc = [], []
+        unchecked = None  # labels whose values are checked at the end
         if B * T > 0 and backend == "triton" and not cfg.seq:
-            gl = _from_logits_fused_triton(logits, labels, adv, mask, old, ref, rw, cfg, scale, fwd,
-                                           parts, ent_acc, temperature, ignore_index, with_entropy,
-                                           inplace)
+            gl, unchecked = _from_logits_fused_triton(
+                logits, labels, adv, mask, old, ref, rw, cfg, scale, fwd, parts, ent_acc,
+                temperature, ignore_index, with_entropy, inplace)
         elif B * T > 0:
             grad_fn = _fused_loss_step(fwd, cfg, B, T, adv, mask, old, ref, rw, scale, parts, ent_acc)
             kw = dict(temperature=temperature, ignore_index=ignore_index,
@@ -328,7 +340,13 @@ class _FusedLogitsGRPOLoss(torch.autograd.Function):
         ctx.used = False
         ent = torch.zeros((), device=logits.device) if ent is None else ent
         ctx.mark_non_differentiable(out, ent)
-        return out[0].clone(), out, ent
+        ctx.set_materialize_grads(False)  # no zero tensors for the metrics' gradients
+        loss = out[0].clone()
+        if unchecked is not None:
+            # the labels' one host sync, once the whole loss is enqueued: it waits on a busy GPU
+            # instead of leaving it idle while the host enqueues the loss's reduction
+            TLP.check_label_values("GRPOLoss.from_logits", unchecked, V, ignore_index)
+        return loss, out, ent
 
     @staticmethod
     def backward(ctx, gloss, _gout, _gent):
@@ -337,6 +355,8 @@ class _FusedLogitsGRPOLoss(torch.autograd.Function):
                                "supported; run the forward again")
         ctx.used = True
         g, ctx.grads = ctx.grads, None
+        if gloss is None:  # (grads not materialized: no gradient reached the loss)
+            return (None,) * 10
         if g is not None and not _is_one(gloss):
             g = g.mul_(gloss.to(g.dtype))
         return g, None, None, None, None, None, None, None, None, None
