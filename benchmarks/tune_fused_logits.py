@@ -149,8 +149,19 @@ def main():
         del fl
     except Exception as exc:  # noqa: BLE001
         print(f"liger not available: {exc!r}"[:200])
+    # from_logits' logits kernel alone (statistics, dL/dlogp, dL/dlogits, in place), so that the
+    # op's time splits into the kernel and the rest (input checks, loss reduction, host gaps)
+    from r1kernels import nn as rnn
+    from r1kernels.ops import grpo_loss as G
+    gcfg = G.make_config(loss_type="dapo", epsilon_low=0.2, epsilon_high=0.28, delta=None, beta=0.04,
+                         importance_sampling_level="token", use_bias_correction_kl=False,
+                         max_completion_length=None, sapo_temperature_pos=1.0,
+                         sapo_temperature_neg=1.05, T=T1 - 1)
+    rows = rnn._TokenRows(gcfg, T1 - 1, adv.unsqueeze(1).expand(B, T1 - 1), mask, old, ref, None,
+                          G.row_scale(mask.float().sum(-1), None, gcfg), G.forward_impl("triton")[0])
+    ids_flat = ids.reshape(-1).contiguous()
     print(f"{'config':>25} {'fwd_bwd ms':>11} {'inplace ms':>11} {'%floor':>7} {'from_logits ms':>15}"
-          f"  path  errors (logp, entropy, grad, from_logits loss, grad)")
+          f" {'its kernel ms':>14}  path  errors (logp, entropy, grad, from_logits loss, grad)")
     failures = 0
     for cfg in CONFIGS[int(os.environ.get("TUNE_FROM", "0")):]:  # TUNE_FROM=k: from the k-th on
         _select(cfg)
@@ -175,11 +186,14 @@ def main():
                 out = loss_fn.from_logits(xg, ids, mask, adv, old_logps=old, ref_logps=ref, inplace=True)
                 return torch.autograd.grad(out.loss, xg)
             t3 = bench(step)
+            xk = xin.detach()
+            t4 = bench(lambda: rows.kernel(xk, ids_flat, xk, 1.0, -100, False))
         except Exception as exc:  # noqa: BLE001 - report and go on with the next configuration
             print(f"{str(cfg):>25} failed ({path}): {exc!r}"[:300], flush=True)
             failures += 1
             continue
-        print(f"{str(cfg):>25} {t1:11.3f} {t2:11.3f} {100 * floor_ms / t2:6.0f}% {t3:15.3f}  "
+        print(f"{str(cfg):>25} {t1:11.3f} {t2:11.3f} {100 * floor_ms / t2:6.0f}% {t3:15.3f} "
+              f"{t4:14.3f}  "
               f"{path}  {' '.join('%.1e' % e for e in errs)}", flush=True)
     for k in ("R1K_FUSED_CLUSTER", "R1K_FUSED_LOGITS"):
         os.environ.pop(k, None)
