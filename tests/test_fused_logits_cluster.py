@@ -28,10 +28,12 @@ ON_GPU = (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >=
           and _custom_ops.has_kernel("fused_logits_cluster", "CUDA"))
 GPU = pytest.mark.skipif(not ON_GPU, reason="needs a GPU of compute capability 9+ and the CUDA "
                                             "build of the extension")
-# (CTAs per cluster, threads, pipelined): rows in registers, then rows staged in shared memory
+# (CTAs per cluster, threads, variant): rows in registers, rows staged in shared memory by
+# persistent clusters ("p"), rows in registers on persistent clusters with the L2 prefetch ("k")
 SETTINGS = [(1, 256, 0), (2, 256, 0), (8, 256, 0), (16, 256, 0), (4, 512, 0), (16, 512, 0),
-            (1, 256, 1), (2, 512, 1), (8, 256, 1), (16, 256, 1), (4, 512, 1)]
-SID = dict(ids=lambda s: "%dx%d%s" % (s[0], s[1], "p" if s[2] else ""))
+            (1, 256, 1), (2, 512, 1), (8, 256, 1), (16, 256, 1), (4, 512, 1),
+            (1, 256, 2), (8, 256, 2), (16, 256, 2), (4, 512, 2)]
+SID = dict(ids=lambda s: "%dx%d%s" % (s[0], s[1], ("", "p", "k")[s[2]]))
 GRAD_RTOL = {torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}
 
 
@@ -44,6 +46,7 @@ def _use(monkeypatch, setting):
 
 @pytest.mark.parametrize("value,expect", [("8,256", (8, 256, 0)), ("16,512", (16, 512, 0)),
                                           ("1,256", (1, 256, 0)), ("8,256,1", (8, 256, 1)),
+                                          ("8,256,2", (8, 256, 2)),
                                           ("4,512,0", (4, 512, 0)), ("0", None), ("", None),
                                           ("off", None)])
 def test_setting_parsed(monkeypatch, value, expect):
@@ -51,7 +54,7 @@ def test_setting_parsed(monkeypatch, value, expect):
     assert tlp._cluster_setting() == expect
 
 
-@pytest.mark.parametrize("value", ["3,256", "8,128", "32,256", "8", "8,256,2", "8,256,1,1", "a,b"])
+@pytest.mark.parametrize("value", ["3,256", "8,128", "32,256", "8", "8,256,3", "8,256,1,1", "a,b"])
 def test_bad_setting_rejected(monkeypatch, value):
     """A cluster size the kernel does not take, a thread count it was not compiled for, or a
     malformed value: a ValueError naming the variable, before anything is launched."""
@@ -98,7 +101,8 @@ def test_kernel_resources_sm90(tmp_path):
     """Compiled for sm_90 (no GPU needed), no instance of the cluster kernel spills or uses a
     stack frame (a row's vectors in local memory would be a third pass over the logits), and the
     instances the default setting runs at V=151936 (256 threads x 10 vectors: bf16 logits, and
-    fp32 chunks with the doubled cluster) fit 80 registers, so 3 CTAs share an SM."""
+    fp32 chunks with the doubled cluster; and their persistent twins) fit 80 registers, so 3
+    CTAs share an SM."""
     src = os.path.join(ROOT, "csrc", "token_logprobs", "fused_logits_cluster.cu")
     r = subprocess.run([NVCC, "-c", "-std=c++17", "-O3", "--use_fast_math", "-arch=sm_90",
                         "-I" + os.path.join(ROOT, "csrc"), src, "-o", str(tmp_path / "k.o"),
@@ -119,11 +123,11 @@ def test_kernel_resources_sm90(tmp_path):
         if m and name:
             kernels[name]["regs"] = int(m.group(1))
     inst = {n: k for n, k in kernels.items() if "fused_logits_cluster_kernel" in n}
-    assert len(inst) == 4 * 2 * 7 * 2  # dtype pairs x threads x vectors per thread x modes
+    assert len(inst) == 4 * 2 * 7 * 2 * 2  # dtype pairs x threads x vectors x modes x persistent
     assert all(k["stack"] == 0 and k["spills"] == 0 for k in inst.values()), \
         {n: k for n, k in inst.items() if k["stack"] or k["spills"]}
-    default = {n: k for n, k in inst.items() if re.search(r"Li256ELi10ELi[01]E", n)}
-    assert len(default) == 8 and all(k["regs"] <= 80 for k in default.values()), default
+    default = {n: k for n, k in inst.items() if re.search(r"Li256ELi10ELi[01]ELb[01]E", n)}
+    assert len(default) == 16 and all(k["regs"] <= 80 for k in default.values()), default
     pipe = {n: k for n, k in kernels.items() if "fused_logits_pipe_kernel" in n}
     assert len(pipe) == 4 * 2 * 2  # dtype pairs x threads x modes
     assert all(k["stack"] == 0 and k["spills"] == 0 for k in pipe.values()), pipe
@@ -171,7 +175,7 @@ def test_fwd_bwd_matches_reference(monkeypatch, setting, V, dtype, inplace):
     xd = x.cuda()
     xd[len(labels)] = float("nan")  # the ignored row is not read (the reference has it clean)
     # a row longer than the cluster holds (1 x 256 threads: 32768 columns) takes the Triton kernel
-    fits = (4 * tlp._cluster_seg(V, cl) <= tlp.PIPE_MAX_SMEM if setting[2]
+    fits = (4 * tlp._cluster_seg(V, cl) <= tlp.PIPE_MAX_SMEM if setting[2] == 1
             else V <= setting[0] * setting[1] * 8 * tlp.CLUSTER_MAX_VECS)
     assert tlp.cluster_config(xd.view(1, N, V), xd.view(1, N, V)) == (setting if fits else None)
     lp, ent, g = r1kernels.token_logprobs_fwd_bwd(xd, y.cuda(), glp.cuda(), grad_entropy=gent.cuda(),
@@ -187,7 +191,7 @@ def test_fwd_bwd_matches_reference(monkeypatch, setting, V, dtype, inplace):
 
 @GPU
 @pytest.mark.parametrize("setting", [(8, 256, 0), (4, 512, 0), (16, 256, 0), (8, 256, 1),
-                                     (4, 256, 1), (16, 256, 1)], **SID)
+                                     (4, 256, 1), (16, 256, 1), (8, 256, 2), (4, 512, 2)], **SID)
 def test_qwen_vocab(monkeypatch, setting):
     """V = 151936 (Qwen2.5), the target shape's rows, without the entropy's upstream gradient."""
     _use(monkeypatch, setting)
@@ -214,16 +218,70 @@ def test_matches_triton_kernel(monkeypatch):
     y = y.cuda()
     glp, gent = torch.randn(N, device="cuda"), torch.randn(N, device="cuda")
     res = {}
-    for setting in (None, (8, 256, 0), (8, 256, 1)):
+    for setting in (None, (8, 256, 0), (8, 256, 1), (8, 256, 2)):
         _use(monkeypatch, setting)
         res[setting] = r1kernels.token_logprobs_fwd_bwd(x, y, glp, grad_entropy=gent,
                                                         with_entropy=True)
     a_lp, a_e, a_g = res[None]
-    for setting in ((8, 256, 0), (8, 256, 1)):
+    for setting in ((8, 256, 0), (8, 256, 1), (8, 256, 2)):
         b_lp, b_e, b_g = res[setting]
         torch.testing.assert_close(b_lp, a_lp, rtol=1e-6, atol=1e-5)
         torch.testing.assert_close(b_e, a_e, rtol=1e-6, atol=1e-5)
         torch.testing.assert_close(b_g.float(), a_g.float(), rtol=2 ** -7, atol=1e-7)
+
+
+@GPU
+@pytest.mark.parametrize("setting", [(1, 256, 2), (8, 256, 2), (2, 512, 2), (8, 256, 1)], **SID)
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
+def test_persistent_clusters_walk_many_rows(monkeypatch, setting, inplace):
+    """More rows than clusters fit at once, so that each persistent cluster walks many rows
+    (and prefetches each next one): ignored rows (poisoned with NaN: not read, nor prefetched
+    into a result) and rows with zero upstream gradients among them, every row against float64."""
+    _use(monkeypatch, setting)
+    gen = torch.Generator().manual_seed(11)
+    N, V = 4000, 2056
+    x, y = _rows(N, V, gen)
+    x = x.to(torch.bfloat16)
+    y[::7] = -100
+    glp, gent = torch.randn(N, generator=gen), torch.randn(N, generator=gen)
+    glp[3::11] = gent[3::11] = 0.0
+    xd = x.cuda()
+    xd[::7] = float("nan")
+    assert tlp.cluster_config(xd.view(1, N, V), xd.view(1, N, V)) == setting
+    lp, ent, g = r1kernels.token_logprobs_fwd_bwd(xd, y.cuda(), glp.cuda(), grad_entropy=gent.cuda(),
+                                                  with_entropy=True, temperature=1.3,
+                                                  inplace=inplace)
+    lr, er, gr = _fwd_bwd_ref(x, y, glp, gent, 1.3)
+    torch.testing.assert_close(lp.cpu().double(), lr, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent.cpu().double(), er, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g.cpu().double(), gr, rtol=GRAD_RTOL[torch.bfloat16], atol=1e-7)
+    assert (g[::7] == 0).all() and (g[3::11] == 0).all()
+
+
+@GPU
+def test_persistent_grpo_from_logits_many_rows(monkeypatch):
+    """GRPOLoss.from_logits on persistent clusters over more rows than fit at once (masked
+    tokens skipped by whole clusters mid-walk): as with the Triton kernel."""
+    gen = torch.Generator().manual_seed(12)
+    B, T, V = 8, 700, 4104
+    full = (torch.randn(B, T + 1, V, generator=gen) * 2).to(torch.bfloat16)
+    ids = torch.randint(0, V, (B, T), generator=gen)
+    mask = torch.rand(B, T, generator=gen) < 0.7
+    full[:, :-1][~mask] = float("nan")
+    lp0 = -torch.rand(B, T, generator=gen) * 3
+    kw = dict(old_logps=(lp0 + 0.1).cuda(), ref_logps=(lp0 - 0.1).cuda())
+    adv = torch.randn(B, generator=gen).cuda()
+    loss_fn = r1kernels.GRPOLoss(loss_type="dapo", beta=0.04, epsilon_high=0.28)
+    res = {}
+    for setting in (None, (8, 256, 2)):
+        _use(monkeypatch, setting)
+        x = full.cuda()[:, :-1].requires_grad_(True)
+        out = loss_fn.from_logits(x, ids.cuda(), mask.cuda(), adv, inplace=True, **kw)
+        out.loss.backward()
+        res[setting] = (out.loss.item(), x.grad.float())
+    assert res[(8, 256, 2)][0] == pytest.approx(res[None][0], rel=1e-5, abs=1e-7)
+    assert (res[(8, 256, 2)][1][~mask.cuda()] == 0).all()
+    torch.testing.assert_close(res[(8, 256, 2)][1], res[None][1], rtol=2 ** -7, atol=1e-7)
 
 
 @GPU
@@ -255,23 +313,27 @@ def test_bad_direct_call_is_value_error():
     glp = torch.zeros(4, device="cuda")
     op = torch.ops.r1kernels.fused_logits_cluster
     args = dict(inv_temp=1.0, ignore_index=-100, entropy=True, loss=0, eps_lo=0.2, eps_hi=0.2,
-                delta=None, beta=0.0, bias_kl=False, tau_pos=1.0, tau_neg=1.05, pipelined=False)
+                delta=None, beta=0.0, bias_kl=False, tau_pos=1.0, tau_neg=1.05)
     with pytest.raises(ValueError, match="g must match x"):
         op(x, x[:, :2], y, out, glp, None, None, None, None, None, None, None, **args,
-           cluster=8, threads=256)
+           cluster=8, threads=256, variant=0)
+    with pytest.raises(ValueError, match="variant"):
+        op(x, x, y, out, glp, None, None, None, None, None, None, None, **args, cluster=8,
+           threads=256, variant=3)
     with pytest.raises(ValueError, match="cluster"):
         op(x, x, y, out, glp, None, None, None, None, None, None, None, **args, cluster=3,
-           threads=256)
+           threads=256, variant=0)
     with pytest.raises(ValueError, match="glp"):
         op(x, x, y, out, glp[:3], None, None, None, None, None, None, None, **args, cluster=8,
-           threads=256)
+           threads=256, variant=0)
     with pytest.raises(ValueError, match="adv is required"):
         op(x, x, y, out, None, None, None, None, None, None, None, None, **args, cluster=8,
-           threads=256)
+           threads=256, variant=0)
 
 
 @GPU
-@pytest.mark.parametrize("setting", [(8, 256, 0), (4, 512, 0), (16, 256, 0), (8, 256, 1)], **SID)
+@pytest.mark.parametrize("setting", [(8, 256, 0), (4, 512, 0), (16, 256, 0), (8, 256, 1),
+                                     (8, 256, 2)], **SID)
 @pytest.mark.parametrize("V", [1000, 151936])
 @pytest.mark.parametrize("group", ["0", "192"], ids=["G-over-chunk", "G-groups"])
 def test_hidden_state_chunks(monkeypatch, setting, V, group):
@@ -320,7 +382,7 @@ def test_grpo_hidden_state_chunks(monkeypatch):
     kw = dict(old_logps=lp0 + 0.1, ref_logps=lp0 - 0.1)
     loss_fn = r1kernels.GRPOLoss(loss_type="dapo", beta=0.04, epsilon_high=0.28)
     res = {}
-    for s in (None, (8, 256, 0), (8, 256, 1)):
+    for s in (None, (8, 256, 0), (8, 256, 1), (8, 256, 2)):
         _use(monkeypatch, s)
         hh, ww = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
         out = loss_fn(hh, ww, y, mask, adv, **kw)
@@ -336,7 +398,7 @@ def test_grpo_hidden_state_chunks(monkeypatch):
     out.loss.backward()
     ref = (out.loss.item(), hr.grad, wr.grad)
     base = res[None]
-    for s in ((8, 256, 0), (8, 256, 1)):
+    for s in ((8, 256, 0), (8, 256, 1), (8, 256, 2)):
         assert res[s][0] == pytest.approx(base[0], rel=1e-5, abs=1e-6)
         for k in (1, 2):
             err, err0 = (res[s][k] - ref[k]).abs(), (base[k] - ref[k]).abs()
@@ -381,7 +443,7 @@ def test_grpo_from_logits_matches_triton(monkeypatch, case, with_old, inplace):
               ref_logps=ref.cuda() if case.get("beta", 0.0) else None,
               rollout_is_weights=rw.cuda())
     res = {}
-    for setting in (None, (8, 256, 0), (8, 256, 1)):
+    for setting in (None, (8, 256, 0), (8, 256, 1), (8, 256, 2)):
         _use(monkeypatch, setting)
         x = full.cuda()[:, :-1].requires_grad_(True)
         if setting is not None:
@@ -391,7 +453,7 @@ def test_grpo_from_logits_matches_triton(monkeypatch, case, with_old, inplace):
         res[setting] = (out.loss.item(), {k: v.item() for k, v in out.metrics.items()},
                         x.grad.float())
     la, ma, ga = res[None]
-    for setting in ((8, 256, 0), (8, 256, 1)):
+    for setting in ((8, 256, 0), (8, 256, 1), (8, 256, 2)):
         lb, mb, gb = res[setting]
         assert lb == pytest.approx(la, rel=1e-5, abs=1e-7)
         for k, v in ma.items():

@@ -279,16 +279,38 @@ __device__ __forceinline__ void cluster_wait() {
 // [r * seg, min((r + 1) * seg, V)), seg a multiple of 8. Column indices fit in int (V <= 2^20).
 // Registers bound how much of the rows an SM holds: the launch bounds ask for 3 CTAs of 256
 // threads per SM (<= 80 registers) while a thread's vectors fit in 40 of them.
+//
+// kPersist (R1K_FUSED_CLUSTER="8,256,2"): the same work, but the grid is only the clusters that
+// fit at once, and each walks rows row0 + c, row0 + c + clusters, ... (no CTA launched per row).
+// At the start of each row, one thread per CTA asks the bulk-copy engine to prefetch the CTA's
+// segment of its next row into L2 (cp.async.bulk.prefetch.L2: one instruction, no registers, no
+// shared memory), so that row's loads hit L2 while HBM streams the rows after it. Barriers: the
+// cluster barrier pair of a row (arrive/wait before reading the peers' partials, arrive/wait
+// after) closes before the next row writes cta_part again; a row that no CTA reads (ignored,
+// masked) is skipped by the whole cluster at once, so every CTA passes the same barriers.
 template <int THREADS, int VPT>
 constexpr int min_ctas_per_sm() {
   return THREADS == 256 ? (VPT <= 10 ? 3 : 2) : (VPT <= 6 ? 2 : 1);
 }
 
-template <typename TIn, typename TOut, int THREADS, int VPT, int MODE>
-__global__ void __launch_bounds__(THREADS, (min_ctas_per_sm<THREADS, VPT>()))
-    fused_logits_cluster_kernel(const FusedLogitsParams p,
-                                                                       int64_t row0, int seg) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+// this CTA's segment [c_lo, c_hi) of a row into L2 (bytes: multiples of 16, 16-byte aligned)
+__device__ __forceinline__ void prefetch_l2(const void* src, uint32_t bytes) {
+  constexpr uint32_t kPiece = 65536;
+  for (uint32_t off = 0; off < bytes; off += kPiece) {
+    const uint32_t n = bytes - off < kPiece ? bytes - off : kPiece;
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(
+                     reinterpret_cast<const unsigned char*>(src) + off),
+                 "r"(n)
+                 : "memory");
+  }
+}
+
+// One row on one cluster (the body of the kernel below): row r0 + blockIdx.x / CL, or with
+// kPersist row r0 itself, and then first the L2 prefetch of the CTA's segment of row next_row
+// (the row this cluster takes next; none when < 0).
+template <typename TIn, typename TOut, int THREADS, int VPT, int MODE, bool kPersist>
+__device__ __forceinline__ void cluster_row(const FusedLogitsParams& p, int64_t r0,
+                                            int64_t next_row, int seg) {
   constexpr int kWarps = THREADS / 32;
   constexpr int kE = kPerVec<TIn>;     // logits per vector
   constexpr int kStep = kE * THREADS;  // columns between a thread's vectors
@@ -302,7 +324,7 @@ __global__ void __launch_bounds__(THREADS, (min_ctas_per_sm<THREADS, VPT>()))
   const int rank = static_cast<int>(cluster.block_rank());
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t n = p.B * p.T;
-  const int64_t row = row0 + blockIdx.x / CL;
+  const int64_t row = kPersist ? r0 : r0 + blockIdx.x / CL;
   const int64_t b = row / p.T, t = row - b * p.T;
   const TIn* x_row = static_cast<const TIn*>(p.x) + b * p.s_xb + t * p.s_xt;
   TOut* g_row = static_cast<TOut*>(p.g) + b * p.s_gb + t * p.s_gt;
@@ -314,6 +336,12 @@ __global__ void __launch_bounds__(THREADS, (min_ctas_per_sm<THREADS, VPT>()))
   const int nvec = c_thread < c_hi ? (c_hi - c_thread + kStep - 1) / kStep : 0;
   const TIn* x_mine = x_row + c_thread;
   TOut* g_mine = g_row + c_thread;
+  if (kPersist && next_row >= 0 && tid == 0 && c_lo < c_hi) {  // the next row's segment
+    const int64_t nb = next_row / p.T, nt = next_row - nb * p.T;
+    if (p.labels[next_row] != p.ignore_index && (MODE == 0 || p.mask[next_row] != 0.f))
+      prefetch_l2(static_cast<const TIn*>(p.x) + nb * p.s_xb + nt * p.s_xt + c_lo,
+                  static_cast<uint32_t>(c_hi - c_lo) * sizeof(TIn));
+  }
 
   const int64_t label = p.labels[row];
   const bool ignored = label == p.ignore_index;
@@ -448,6 +476,21 @@ __global__ void __launch_bounds__(THREADS, (min_ctas_per_sm<THREADS, VPT>()))
     }
   }
   cluster_wait();  // keep cta_part alive until every CTA of the cluster has read it
+}
+
+template <typename TIn, typename TOut, int THREADS, int VPT, int MODE, bool kPersist>
+__global__ void __launch_bounds__(THREADS, (min_ctas_per_sm<THREADS, VPT>()))
+    fused_logits_cluster_kernel(const FusedLogitsParams p, int64_t row0, int seg) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if constexpr (kPersist) {
+    const int CL = static_cast<int>(cg::this_cluster().num_blocks());
+    const int64_t n = p.B * p.T, clusters = gridDim.x / CL;
+    for (int64_t r = row0 + blockIdx.x / CL; r < n; r += clusters)
+      cluster_row<TIn, TOut, THREADS, VPT, MODE, true>(p, r, r + clusters < n ? r + clusters : -1,
+                                                      seg);
+  } else {
+    cluster_row<TIn, TOut, THREADS, VPT, MODE, false>(p, row0, -1, seg);
+  }
 #else
   __trap();  // launched only on sm_90+ (the launcher checks)
 #endif
@@ -692,16 +735,16 @@ __global__ void __launch_bounds__(THREADS)
 #endif
 }
 
-template <typename TIn, typename TOut, int THREADS, int MODE>
+template <typename TIn, typename TOut, int THREADS, int MODE, bool kPersist>
 void (*pick_kernel(int vpt))(const FusedLogitsParams, int64_t, int) {
   switch (vpt) {
-    case 2: return fused_logits_cluster_kernel<TIn, TOut, THREADS, 2, MODE>;
-    case 4: return fused_logits_cluster_kernel<TIn, TOut, THREADS, 4, MODE>;
-    case 6: return fused_logits_cluster_kernel<TIn, TOut, THREADS, 6, MODE>;
-    case 8: return fused_logits_cluster_kernel<TIn, TOut, THREADS, 8, MODE>;
-    case 10: return fused_logits_cluster_kernel<TIn, TOut, THREADS, 10, MODE>;
-    case 12: return fused_logits_cluster_kernel<TIn, TOut, THREADS, 12, MODE>;
-    case 16: return fused_logits_cluster_kernel<TIn, TOut, THREADS, 16, MODE>;
+    case 2: return fused_logits_cluster_kernel<TIn, TOut, THREADS, 2, MODE, kPersist>;
+    case 4: return fused_logits_cluster_kernel<TIn, TOut, THREADS, 4, MODE, kPersist>;
+    case 6: return fused_logits_cluster_kernel<TIn, TOut, THREADS, 6, MODE, kPersist>;
+    case 8: return fused_logits_cluster_kernel<TIn, TOut, THREADS, 8, MODE, kPersist>;
+    case 10: return fused_logits_cluster_kernel<TIn, TOut, THREADS, 10, MODE, kPersist>;
+    case 12: return fused_logits_cluster_kernel<TIn, TOut, THREADS, 12, MODE, kPersist>;
+    case 16: return fused_logits_cluster_kernel<TIn, TOut, THREADS, 16, MODE, kPersist>;
     default: return nullptr;
   }
 }
@@ -724,12 +767,16 @@ cudaLaunchConfig_t cluster_launch(int64_t ctas, int threads, int cluster, cudaSt
   return cfg;
 }
 
+// The register kernel: one cluster per row (a grid of every row's clusters, in launches of at
+// most INT_MAX / 2 CTAs), or with `persist` only the clusters that fit at once, each walking rows.
 template <typename TIn, typename TOut, int MODE>
-cudaError_t launch_vpt(int vpt, const FusedLogitsParams& p, int cluster, int threads,
+cudaError_t launch_vpt(int vpt, const FusedLogitsParams& p, int cluster, int threads, bool persist,
                        cudaStream_t stream, int seg) {
   void (*kern)(const FusedLogitsParams, int64_t, int) =
-      threads == 256 ? pick_kernel<TIn, TOut, 256, MODE>(vpt)
-                     : pick_kernel<TIn, TOut, 512, MODE>(vpt);
+      persist ? (threads == 256 ? pick_kernel<TIn, TOut, 256, MODE, true>(vpt)
+                                : pick_kernel<TIn, TOut, 512, MODE, true>(vpt))
+              : (threads == 256 ? pick_kernel<TIn, TOut, 256, MODE, false>(vpt)
+                                : pick_kernel<TIn, TOut, 512, MODE, false>(vpt));
   if (kern == nullptr) return cudaErrorInvalidValue;
   if (cluster > 8) {
     const cudaError_t e =
@@ -744,6 +791,13 @@ cudaError_t launch_vpt(int vpt, const FusedLogitsParams& p, int cluster, int thr
     const cudaError_t e = cudaOccupancyMaxActiveClusters(&active, kern, &probe);
     if (e != cudaSuccess) return e;
     if (active < 1) return cudaErrorInvalidConfiguration;
+    if (persist) {
+      const int64_t n = p.B * p.T;
+      const int64_t clusters = n < active ? n : active;
+      const cudaLaunchConfig_t cfg = cluster_launch(clusters * cluster, threads, cluster, stream,
+                                                    &attr);
+      return cudaLaunchKernelEx(&cfg, kern, p, static_cast<int64_t>(0), seg);
+    }
   }
   const int64_t n = p.B * p.T;
   const int64_t rows_per_launch = (INT_MAX / cluster) / 2;
@@ -788,12 +842,13 @@ cudaError_t launch_pipe(const FusedLogitsParams& p, int cluster, int threads, cu
 
 template <typename TIn, typename TOut>
 cudaError_t launch_types(int vpt, const FusedLogitsParams& p, int mode, int cluster, int threads,
-                         bool pipelined, cudaStream_t stream, int seg) {
-  if (pipelined)
+                         int variant, cudaStream_t stream, int seg) {
+  if (variant == kVariantStaged)
     return mode == 0 ? launch_pipe<TIn, TOut, 0>(p, cluster, threads, stream, seg)
                      : launch_pipe<TIn, TOut, 1>(p, cluster, threads, stream, seg);
-  return mode == 0 ? launch_vpt<TIn, TOut, 0>(vpt, p, cluster, threads, stream, seg)
-                   : launch_vpt<TIn, TOut, 1>(vpt, p, cluster, threads, stream, seg);
+  const bool persist = variant == kVariantPersistent;
+  return mode == 0 ? launch_vpt<TIn, TOut, 0>(vpt, p, cluster, threads, persist, stream, seg)
+                   : launch_vpt<TIn, TOut, 1>(vpt, p, cluster, threads, persist, stream, seg);
 }
 
 }  // namespace
@@ -814,11 +869,12 @@ int fused_logits_cluster_vpt(int64_t V, int elem_bytes, int cluster, int threads
 }
 
 cudaError_t fused_logits_cluster_launch(const FusedLogitsParams& p, int in_dtype, int out_dtype,
-                                        int mode, int cluster, int threads, bool pipelined,
+                                        int mode, int cluster, int threads, int variant,
                                         cudaStream_t stream) {
   using D = LogitsDType;
   if (cluster < 1 || cluster > kMaxCluster || (cluster & (cluster - 1)) != 0 ||
-      (threads != 256 && threads != 512) || p.V % 8 != 0 || p.V < 1)
+      (threads != 256 && threads != 512) || p.V % 8 != 0 || p.V < 1 || variant < 0 ||
+      variant > kVariantPersistent)
     return cudaErrorInvalidValue;
   if (p.B * p.T == 0) return cudaSuccess;
   int dev = 0, major = 0;
@@ -831,12 +887,13 @@ cudaError_t fused_logits_cluster_launch(const FusedLogitsParams& p, int in_dtype
   const int elem = f32 ? 4 : 2;
   int64_t seg = 0;
   const int vpt = fused_logits_cluster_vpt(p.V, elem, cluster, threads, &seg);
-  if (pipelined ? !fused_logits_pipe_fits(p.V, elem, cluster) : vpt == 0) return cudaErrorInvalidValue;
+  const bool staged = variant == kVariantStaged;
+  if (staged ? !fused_logits_pipe_fits(p.V, elem, cluster) : vpt == 0) return cudaErrorInvalidValue;
   if (seg > INT_MAX / 2) return cudaErrorInvalidValue;
   const int sg = static_cast<int>(seg);
   const bool out_bf16 = out_dtype == static_cast<int>(D::kBFloat16);
   if (!out_bf16 && out_dtype != static_cast<int>(D::kFloat16)) return cudaErrorInvalidValue;
-  const bool pl = pipelined;
+  const int pl = variant;
   if (f32)
     return out_bf16 ? launch_types<float, __nv_bfloat16>(vpt, p, mode, cluster, threads, pl, stream, sg)
                     : launch_types<float, __half>(vpt, p, mode, cluster, threads, pl, stream, sg);

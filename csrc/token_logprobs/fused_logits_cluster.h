@@ -32,6 +32,11 @@ struct FusedLogitsParams {
   float eps_lo = 0.f, eps_hi = 0.f, delta = 0.f, beta = 0.f, tau_pos = 0.f, tau_neg = 0.f;
 };
 
+// The kernel variants (the third field of R1K_FUSED_CLUSTER): rows in registers, one cluster
+// launched per row; rows staged in shared memory by persistent clusters; rows in registers,
+// persistent clusters prefetching their next row into L2.
+constexpr int kVariantRegisters = 0, kVariantStaged = 1, kVariantPersistent = 2;
+
 // Logits: bf16 or fp16 (gradient in the same dtype), or fp32 (the hidden-state op's chunks;
 // gradient in bf16 or fp16).
 enum class LogitsDType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };

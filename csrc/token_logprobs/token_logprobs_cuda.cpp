@@ -16,7 +16,7 @@
 namespace r1k {
 
 cudaError_t fused_logits_cluster_launch(const FusedLogitsParams& p, int in_dtype, int out_dtype,
-                                        int mode, int cluster, int threads, bool pipelined,
+                                        int mode, int cluster, int threads, int variant,
                                         cudaStream_t stream);
 int fused_logits_cluster_vpt(int64_t V, int elem_bytes, int cluster, int threads,
                              int64_t* seg_out);
@@ -66,7 +66,7 @@ void fused_logits_cluster_cuda(const at::Tensor& x, const at::Tensor& g, const a
                                int64_t ignore_index, bool entropy, int64_t loss, double eps_lo,
                                double eps_hi, std::optional<double> delta, double beta,
                                bool bias_kl, double tau_pos, double tau_neg, int64_t cluster,
-                               int64_t threads, bool pipelined) {
+                               int64_t threads, int64_t variant) {
   check_rows(x, "x");
   check_rows(g, "g");
   const bool x16 = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
@@ -91,7 +91,10 @@ void fused_logits_cluster_cuda(const at::Tensor& x, const at::Tensor& g, const a
                     ": cluster must be 1, 2, 4, 8 or 16, got ", r1k::msg(cluster));
   TORCH_CHECK_VALUE(threads == 256 || threads == 512, kOp, ": threads must be 256 or 512, got ",
                     r1k::msg(threads));
-  if (pipelined) {
+  TORCH_CHECK_VALUE(variant >= kVariantRegisters && variant <= kVariantPersistent, kOp,
+                    ": variant must be 0 (rows in registers), 1 (staged in shared memory) or 2 "
+                    "(persistent, L2 prefetch), got ", r1k::msg(variant));
+  if (variant == kVariantStaged) {
     TORCH_CHECK_VALUE(fused_logits_pipe_fits(V, elem, static_cast<int>(cluster)), kOp, ": V=", r1k::msg(V),
                       " is over what ", r1k::msg(cluster), " CTAs stage in shared memory (2 * ",
                       r1k::msg(fused_logits_seg(V, static_cast<int>(cluster)) * elem), " bytes > ",
@@ -144,7 +147,7 @@ void fused_logits_cluster_cuda(const at::Tensor& x, const at::Tensor& g, const a
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaError_t err = fused_logits_cluster_launch(
       p, dtype_tag(x.scalar_type()), dtype_tag(g.scalar_type()), mode, static_cast<int>(cluster),
-      static_cast<int>(threads), pipelined, at::cuda::getCurrentCUDAStream());
+      static_cast<int>(threads), static_cast<int>(variant), at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err != cudaErrorInvalidConfiguration, kOp, ": a cluster of ", r1k::msg(cluster), " CTAs of ",
               r1k::msg(threads), " threads cannot be resident on this GPU; choose a smaller setting "
               "(R1K_FUSED_CLUSTER)");

@@ -427,29 +427,35 @@ def _num_programs(device: torch.device, n_rows: int, per_sm: int) -> int:
 # settings tried: token_logprobs_fwd_bwd 4.49 against 5.77 ms (base-2 arithmetic; 4.83 against
 # 5.41 ms before), from_logits in place 5.37 against 6.23 ms, a hidden-state GRPOLoss call's
 # logits kernels 6.5 against 7.9 ms.
-# R1K_FUSED_CLUSTER="cluster,threads[,pipelined]" (1-16 / 256 or 512 / 0 or 1) chooses another
+# R1K_FUSED_CLUSTER="cluster,threads[,variant]" (1-16 / 256 or 512 / 0, 1 or 2) chooses another
 # setting, "0" turns it off.
 #
-# A third field 1 selects the pipelined variant (R1K_FUSED_CLUSTER="8,256,1"): persistent clusters
-# whose CTAs stage their segment of the next row in shared memory (bulk copies) while they finish
-# the current one; a CTA's two stages must fit in shared memory (2 * V / cluster * element size
-# <= 224 KiB) instead of its registers. Correct on the H100 but no faster (4.95 ms at 8 x 256).
+# The third field picks a variant of the kernel (0, the default: rows in registers, one cluster
+# launched per row):
+#   1 the pipelined variant (R1K_FUSED_CLUSTER="8,256,1"): persistent clusters whose CTAs stage
+#     their segment of the next row in shared memory (bulk copies) while they finish the current
+#     one; a CTA's two stages must fit in shared memory (2 * V / cluster * element size
+#     <= 224 KiB) instead of its registers. Correct on the H100 but no faster (4.95 ms at 8 x 256).
+#   2 the persistent register kernel (R1K_FUSED_CLUSTER="8,256,2"): the default's code in a loop
+#     over rows, on only the clusters that fit at once, each CTA prefetching its segment of its
+#     next row into L2 (one bulk-prefetch instruction) before it reads the current one. Not yet
+#     measured on a GPU (written 2026-11-23 without one): opt-in until it is.
 FUSED_CLUSTER: tuple[int, int, int] | None = (8, 256, 0)
 CLUSTER_MAX_VECS = 16  # 16-byte vectors per thread (csrc/token_logprobs/fused_logits_cluster.h)
 PIPE_MAX_SMEM = 224 * 1024  # kPipeMaxSmem (csrc/token_logprobs/fused_logits_cluster.h)
 
 
 def _cluster_setting() -> tuple[int, int, int] | None:
-    """(cluster, threads, pipelined) from R1K_FUSED_CLUSTER ("0" or "": off), else FUSED_CLUSTER."""
+    """(cluster, threads, variant) from R1K_FUSED_CLUSTER ("0" or "": off), else FUSED_CLUSTER."""
     env = os.environ.get("R1K_FUSED_CLUSTER")
     if env is None:
         return FUSED_CLUSTER
     if env.strip() in ("", "0", "off"):
         return None
     v = _env_ints("R1K_FUSED_CLUSTER", env, 2, 3)
-    if v[0] not in (1, 2, 4, 8, 16) or v[1] not in (256, 512) or v[2:] not in ([], [0], [1]):
-        raise ValueError(f"R1K_FUSED_CLUSTER must be 'cluster,threads[,pipelined]' with cluster in "
-                         f"1, 2, 4, 8, 16, threads 256 or 512 and pipelined 0 or 1 (or 0: off), "
+    if v[0] not in (1, 2, 4, 8, 16) or v[1] not in (256, 512) or v[2:] not in ([], [0], [1], [2]):
+        raise ValueError(f"R1K_FUSED_CLUSTER must be 'cluster,threads[,variant]' with cluster in "
+                         f"1, 2, 4, 8, 16, threads 256 or 512 and variant 0, 1 or 2 (or 0: off), "
                          f"got {env!r}")
     return v[0], v[1], (v[2] if len(v) == 3 else 0)
 
@@ -471,26 +477,26 @@ def _cluster_dtypes_ok(x: torch.Tensor, g: torch.Tensor) -> bool:
 
 
 def cluster_config(x3: torch.Tensor, g3: torch.Tensor) -> tuple[int, int, int] | None:
-    """(cluster, threads, pipelined) when the cluster kernel is on and takes these logits
+    """(cluster, threads, variant) when the cluster kernel is on and takes these logits
     [B, T, V] and this gradient buffer, else None."""
     setting = _cluster_setting()
     if setting is None or x3.device.type != "cuda" or torch.compiler.is_compiling():
         return None  # (eager only: its schema does not model g aliasing x)
     from r1kernels import _custom_ops
 
-    cl, threads, pipe = setting
+    cl, threads, variant = setting
     if x3.dtype == torch.float32:  # 4 logits per 16-byte vector: twice the CTAs or threads
         cl, threads = (cl * 2, threads) if cl < 16 else (cl, min(512, threads * 2))
     per_vec = 16 // x3.element_size()
     V = x3.shape[-1]
-    fits = (2 * _cluster_seg(V, cl) * x3.element_size() <= PIPE_MAX_SMEM if pipe
+    fits = (2 * _cluster_seg(V, cl) * x3.element_size() <= PIPE_MAX_SMEM if variant == 1
             else V <= cl * threads * per_vec * CLUSTER_MAX_VECS)
     ok = (_custom_ops.has_kernel("fused_logits_cluster", "CUDA")
           and torch.cuda.get_device_capability(x3.device)[0] >= 9
           and _cluster_dtypes_ok(x3, g3)
           and V % 8 == 0 and fits
           and _rows_aligned(x3) and _rows_aligned(g3))
-    return (cl, threads, pipe) if ok else None
+    return (cl, threads, variant) if ok else None
 
 
 def cluster_chunk(z: torch.Tensor, labels: torch.Tensor, g: torch.Tensor, inv_temp: float,
@@ -540,7 +546,7 @@ def fused_cluster(x3, labels, g3, inv_temp, ignore_index, with_entropy, setting,
         x3, g3, y, out, glp, gent, adv, mask, old, ref, rw, scale, float(inv_temp),
         int(ignore_index), bool(with_entropy), loss, eps_lo, eps_hi,
         None if delta is None else float(delta), beta, bias_kl, tau_pos, tau_neg,
-        int(setting[0]), int(setting[1]), bool(setting[2]))
+        int(setting[0]), int(setting[1]), int(setting[2]))
     return out
 
 
