@@ -508,7 +508,8 @@ __global__ void __launch_bounds__(THREADS, (min_ctas_per_sm<THREADS, VPT>()))
 // row i + clusters (one thread issues it; an mbarrier counts the bytes). So the SM reads
 // without pause, and no register file bounds the bytes in flight.
 //
-// Same semantics as fused_logits_cluster_kernel. Cluster barriers: one per live row (all CTAs of
+// Same semantics and the same base-2 arithmetic as fused_logits_cluster_kernel (measured on the
+// H100 before that arithmetic, in natural base: 4.74-4.95 ms, no faster than the register kernel). Cluster barriers: one per live row (all CTAs of
 // a cluster see the same rows, labels and mask, so they agree on which rows are live); the CTA
 // partials are double-buffered by that barrier's count, so a CTA writes a buffer only after every
 // peer has passed the barrier that follows its reads of it; one last barrier before exit keeps
@@ -637,50 +638,56 @@ __global__ void __launch_bounds__(THREADS)
     uses ^= 1u << s;
     const TIn* st = reinterpret_cast<const TIn*>(stage_mem) + s * seg;  // [c - c_lo]: column c
 
-    // ---- the CTA's statistics from the staged segment
-    float m = -INFINITY;
+    // ---- the CTA's statistics from the staged segment, in base 2 as in the register kernel:
+    // the max of the raw logits (16-bit pairs compared packed), then s2 = sum 2^(z - m2) and
+    // w2 = sum 2^(z - m2) (z - m2) with z = x * inv_temp * log2(e) (one FFMA and one ex2 each)
+    const float c2 = p.inv_temp * kLog2e;
+    float mraw = -INFINITY;
     for (int c = c_thread; c < c_hi; c += kStep) {
-      float f[kE];
-      unpack<TIn>(*reinterpret_cast<const uint4*>(st + (c - c_lo)), f);
-#pragma unroll
-      for (int i = 0; i < kE; ++i) m = fmaxf(m, f[i] * p.inv_temp);
+      const uint4 vec[1] = {*reinterpret_cast<const uint4*>(st + (c - c_lo))};
+      mraw = fmaxf(mraw, max_logit<TIn, 1>(vec, 1));
     }
-    const float ref = m == -INFINITY ? 0.f : m;
+    const float m2 = mraw * c2;
+    const float ref = m2 == -INFINITY ? 0.f : m2;
+    const bool need_w = p.entropy != 0 || has_dent_of<MODE>(p);
     float sum = 0.f, w = 0.f;
     for (int c = c_thread; c < c_hi; c += kStep) {
       float f[kE];
       unpack<TIn>(*reinterpret_cast<const uint4*>(st + (c - c_lo)), f);
 #pragma unroll
       for (int i = 0; i < kE; ++i) {
-        const float d = f[i] * p.inv_temp - ref;
-        const float e = __expf(d);
+        const float d = fmaxf(fmaf(f[i], c2, -ref), -1e20f);  // (-inf logit: 0 * finite)
+        const float e = exp2f(d);
         sum += e;
-        w += e > 0.f ? e * d : 0.f;
+        if (need_w) w = fmaf(e, d, w);
       }
     }
-    Stats v = warp_merge(Stats{m, sum, w});
+    Stats v = warp_merge<true>(Stats{m2, sum, w});
     if (lane == 0) warp_part[warp] = v;
     __syncthreads();
     Stats* part = &cta_part[nb & 1];
     if (warp == 0) {
       v = lane < kWarps ? warp_part[lane] : empty_stats();
-      v = warp_merge(v);
+      v = warp_merge<true>(v);
       if (lane == 0) *part = v;
     }
     cluster_arrive();
     cluster_wait();
     ++nb;
 
-    // ---- the row's statistics from the CL partials (same order everywhere: same bits)
+    // ---- the row's statistics from the CL partials (same order everywhere: same bits); the
+    // gradient of column j is 2^(z_j - lse2) (A + B (z_j - lse2)) (+ dlp inv_temp at the label)
+    const bool has_dent = has_dent_of<MODE>(p);
     if (warp == 0) {
       Stats r = empty_stats();
       if (lane < CL) r = *cluster.map_shared_rank(part, lane);
-      r = warp_merge(r);
+      r = warp_merge<true>(r);
       if (lane == 0) {
-        const float log_s = __logf(r.s);
-        const float lse = r.m + log_s;
-        const float logp = valid ? (zt - r.m) - log_s : __int_as_float(0x7fc00000);
-        const float ent = log_s - r.w / r.s;
+        const float log2_s = __log2f(r.s);
+        const float lse2 = r.m + log2_s;
+        const float logp = valid ? ((zt * kLog2e - r.m) - log2_s) * kLn2
+                                 : __int_as_float(0x7fc00000);  // NaN: bad label
+        const float ent = (log2_s - r.w / r.s) * kLn2;
         float dlp, dent = 0.f;
         if (MODE == 0) {
           dlp = in.glp;
@@ -688,24 +695,23 @@ __global__ void __launch_bounds__(THREADS)
         } else {
           dlp = grpo_dlogp(p, in, logp);
         }
-        row_vals[0] = lse;
-        row_vals[1] = ent;
-        row_vals[2] = dlp;
-        row_vals[3] = dent;
+        row_vals[0] = lse2;
+        row_vals[1] = -p.inv_temp * (dlp + dent * ent);  // A
+        row_vals[2] = -p.inv_temp * dent * kLn2;          // B
+        row_vals[3] = dlp * p.inv_temp;                   // the label's extra term
         row_dead = dlp == 0.f && dent == 0.f;
         if (rank == 0) {
           p.out[row] = logp;
           if (p.entropy) p.out[n + row] = ent;
-          p.out[2 * n + row] = lse;
+          p.out[2 * n + row] = lse2 * kLn2;
         }
       }
     }
     __syncthreads();
 
     // ---- dL/dlogits of the CTA's columns, from the staged segment
-    const float lse = row_vals[0], ent = row_vals[1], dlp = row_vals[2], dent = row_vals[3];
+    const float lse2 = row_vals[0], A = row_vals[1], B = row_vals[2], dl = row_vals[3];
     const bool dead = row_dead != 0;
-    const bool has_dent = MODE == 0 && p.gent != nullptr;
     const int lab = valid ? static_cast<int>(label) : -1;
     for (int c = c_thread; c < c_hi; c += kStep) {
       float f[kE];
@@ -714,13 +720,21 @@ __global__ void __launch_bounds__(THREADS)
         for (int i = 0; i < kE; ++i) f[i] = 0.f;
       } else {
         unpack<TIn>(*reinterpret_cast<const uint4*>(st + (c - c_lo)), f);
+        if (has_dent) {
 #pragma unroll
-        for (int i = 0; i < kE; ++i) {
-          const float logp_v = f[i] * p.inv_temp - lse;
-          const float pv = __expf(logp_v);
-          float g = (c + i == lab ? dlp : 0.f) - dlp * pv;
-          if (has_dent) g -= dent * pv * (pv > 0.f ? logp_v + ent : 0.f);
-          f[i] = g * p.inv_temp;
+          for (int i = 0; i < kE; ++i) {
+            const float l2 = fmaxf(fmaf(f[i], c2, -lse2), -1e20f);  // log2 p (clamped: -inf)
+            f[i] = exp2f(l2) * fmaf(B, l2, A);
+          }
+        } else {
+#pragma unroll
+          for (int i = 0; i < kE; ++i) f[i] = exp2f(fmaf(f[i], c2, -lse2)) * A;
+        }
+        const unsigned at = static_cast<unsigned>(lab - c);
+        if (at < static_cast<unsigned>(kE)) {  // the label's vector
+#pragma unroll
+          for (int i = 0; i < kE; ++i)
+            if (i == static_cast<int>(at)) f[i] += dl;
         }
       }
       store_out<TOut, kE>(g_row + c, f);

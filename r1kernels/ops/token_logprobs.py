@@ -435,7 +435,9 @@ def _num_programs(device: torch.device, n_rows: int, per_sm: int) -> int:
 #   1 the pipelined variant (R1K_FUSED_CLUSTER="8,256,1"): persistent clusters whose CTAs stage
 #     their segment of the next row in shared memory (bulk copies) while they finish the current
 #     one; a CTA's two stages must fit in shared memory (2 * V / cluster * element size
-#     <= 224 KiB) instead of its registers. Correct on the H100 but no faster (4.95 ms at 8 x 256).
+#     <= 224 KiB) instead of its registers. Correct on the H100 but no faster (4.95 ms at 8 x 256,
+#     with natural-base arithmetic; it has the register kernel's base-2 arithmetic since
+#     2026-11-23, not yet measured).
 #   2 the persistent register kernel (R1K_FUSED_CLUSTER="8,256,2"): the default's code in a loop
 #     over rows, on only the clusters that fit at once, each CTA prefetching its segment of its
 #     next row into L2 (one bulk-prefetch instruction) before it reads the current one. Not yet
