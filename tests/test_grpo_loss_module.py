@@ -446,6 +446,33 @@ def test_labels_out_of_range(level):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
+def test_from_logits_scaled_loss(backend, inplace):
+    """GRPOLoss.from_logits under a loss scaled after the call (an upstream gradient other than
+    1: the saved logits gradient is scaled in backward) equals 2.5 times the plain call's
+    gradient, and the metrics alone carry no gradient (they are detached)."""
+    gen = torch.Generator().manual_seed(8)
+    B, T, V = 3, 7, 40
+    x0 = torch.randn(B, T, V, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, V, (B, T), generator=gen)
+    mask = torch.rand(B, T, generator=gen) < 0.8
+    adv = torch.randn(B, generator=gen)
+    old = torch.randn(B, T, generator=gen) * 0.1 - 3.5
+    fn = GRPOLoss(loss_type="dapo", epsilon_high=0.28)
+    grads = []
+    for scale in (1.0, 2.5):
+        x = x0.float().to(DEVICE).requires_grad_(True)
+        with dispatch.use_backend(backend):
+            out = fn.from_logits(x, labels.to(DEVICE), mask.to(DEVICE), adv.to(DEVICE),
+                                 old_logps=old.to(DEVICE), inplace=inplace)
+        assert not any(m.requires_grad for m in out.metrics.values())
+        (out.loss * scale).backward()
+        grads.append(x.grad.clone())
+    assert grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[1], grads[0] * 2.5, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
 def test_from_logits_labels_out_of_range(backend, inplace):
     """GRPOLoss.from_logits: a label outside [0, V) is an IndexError naming labels, also at a
     masked position, on every backend; the fused kernel (checked after its launch) reads no
