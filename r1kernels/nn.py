@@ -205,7 +205,7 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
         B, T, temperature, ignore_index, with_entropy, backend, sweep = opts
         H = hidden.shape[-1]
         fwd, fin = G.forward_impl(backend)
-        n_rows = mask.float().sum(-1) if B * T else torch.zeros(B, device=hidden.device)
+        n_rows = mask.sum(-1, dtype=torch.float32) if B * T else torch.zeros(B, device=hidden.device)
         scale = G.row_scale(n_rows, nitems, cfg)
         parts, ent_acc = [], []
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
@@ -298,7 +298,7 @@ class _FusedLogitsGRPOLoss(torch.autograd.Function):
         B, T, temperature, ignore_index, with_entropy, backend, inplace = opts
         V = logits.shape[-1]
         fwd, fin = G.forward_impl(backend)
-        n_rows = mask.float().sum(-1) if B * T else torch.zeros(B, device=logits.device)
+        n_rows = mask.sum(-1, dtype=torch.float32) if B * T else torch.zeros(B, device=logits.device)
         scale = G.row_scale(n_rows, nitems, cfg)
         parts, ent_acc = [], []
         unchecked = None  # labels whose values are checked at the end
