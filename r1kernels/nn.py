@@ -274,9 +274,9 @@ def _from_logits_fused_triton(logits, labels, adv, mask, old, ref, rw, cfg, scal
                               ent_acc, temperature, ignore_index, with_entropy, inplace):
     """Token-level GRPO loss from logits [B, T, V] with one fused kernel: per row, the
     statistics, the loss's dL/dlogp and dL/dlogits (see ops/token_logprobs.py). Returns the
-    logits gradient (the logits buffer itself when `inplace`) and the flat labels, whose values
-    the caller checks once everything is enqueued (the kernel never reads at an out-of-range
-    label); appends the loss partials."""
+    logits gradient (the logits buffer itself when `inplace`) and the second half of the
+    labels' value check (TLP.start_label_check: the kernel never reads at an out-of-range
+    label), for the caller to run once everything is enqueued; appends the loss partials."""
     B, T, V = logits.shape
     op = "GRPOLoss.from_logits"
     TLP.check_labels(op, labels, (B, T), V, ignore_index, logits.device, data=False)
@@ -284,10 +284,11 @@ def _from_logits_fused_triton(logits, labels, adv, mask, old, ref, rw, cfg, scal
     g = x if inplace else torch.empty_like(x)
     rows = _TokenRows(cfg, T, adv, mask, old, ref, rw, scale, fwd)
     y = labels.reshape(-1).contiguous()
+    label_check = TLP.start_label_check(op, y, V, ignore_index)
     out = rows.kernel(x, y, g, 1.0 / temperature, ignore_index, with_entropy)
     rows.finish(out[0], out[1] if with_entropy else None, parts, ent_acc)
     gl = logits.view(logits.shape) if g.data_ptr() == logits.data_ptr() else g  # an alias autograd can hand on
-    return gl, y
+    return gl, label_check
 
 
 class _FusedLogitsGRPOLoss(torch.autograd.Function):
@@ -301,9 +302,9 @@ class _FusedLogitsGRPOLoss(torch.autograd.Function):
         n_rows = mask.sum(-1, dtype=torch.float32) if B * T else torch.zeros(B, device=logits.device)
         scale = G.row_scale(n_rows, nitems, cfg)
         parts, ent_acc = [], []
-        unchecked = None  # labels whose values are checked at the end
+        label_check = None  # the labels' value check, finished at the end
         if B * T > 0 and backend == "triton" and not cfg.seq:
-            gl, unchecked = _from_logits_fused_triton(
+            gl, label_check = _from_logits_fused_triton(
                 logits, labels, adv, mask, old, ref, rw, cfg, scale, fwd, parts, ent_acc,
                 temperature, ignore_index, with_entropy, inplace)
         elif B * T > 0:
@@ -342,10 +343,10 @@ class _FusedLogitsGRPOLoss(torch.autograd.Function):
         ctx.mark_non_differentiable(out, ent)
         ctx.set_materialize_grads(False)  # no zero tensors for the metrics' gradients
         loss = out[0].clone()
-        if unchecked is not None:
-            # the labels' one host sync, once the whole loss is enqueued: it waits on a busy GPU
-            # instead of leaving it idle while the host enqueues the loss's reduction
-            TLP.check_label_values("GRPOLoss.from_logits", unchecked, V, ignore_index)
+        if label_check is not None:
+            # the labels' one host sync, once the whole loss is enqueued (on CUDA it waits for
+            # the check's kernels only, not for the logits kernel behind them)
+            label_check()
         return loss, out, ent
 
     @staticmethod

@@ -1012,13 +1012,38 @@ def checked_rows(op: str, labels: torch.Tensor, vocab: int, ignore_index: int,
 def check_label_values(op: str, labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
     """check_labels' data-dependent part alone: IndexError for a label outside [0, vocab) that
     is not ignore_index (one host sync; none under torch.compile, where the kernels return NaN
-    instead). The fused kernels never read at an out-of-range label, so their launchers run
-    this after enqueueing the kernel: the sync then waits on a busy GPU instead of leaving it
-    idle while the host prepares the launch."""
+    instead). The fused kernels never read at an out-of-range label, so their launchers split
+    it around the launch instead (start_label_check)."""
     if labels.numel() and not torch.compiler.is_compiling():
         bad = _bad_labels(labels, vocab, ignore_index)
         if bool(bad.any()):
             raise _bad_label_error(op, labels, bad, vocab, ignore_index)
+
+
+def start_label_check(op: str, labels: torch.Tensor, vocab: int, ignore_index: int):
+    """check_label_values in two halves, for launchers whose kernel never reads at an
+    out-of-range label: call this before enqueueing the kernel, and the function it returns
+    after. On CUDA the check's kernels and a copy of its flag to pinned host memory go into the
+    stream first, and the returned function waits for them alone (an event), not for the kernel
+    enqueued after them: the call returns while its kernel runs, so the host prepares the next
+    call meanwhile instead of leaving the GPU idle. Elsewhere (CPU tensors, torch.compile, no
+    labels) the returned function is check_label_values itself."""
+    if not labels.is_cuda or labels.numel() == 0 or torch.compiler.is_compiling():
+        return lambda: check_label_values(op, labels, vocab, ignore_index)
+    stream = torch.cuda.current_stream(labels.device)
+    bad = _bad_labels(labels, vocab, ignore_index)
+    flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+    with torch.cuda.stream(stream):
+        flag.copy_(bad.any(), non_blocking=True)
+    done = torch.cuda.Event()
+    done.record(stream)
+
+    def finish():
+        done.synchronize()
+        if bool(flag):
+            raise _bad_label_error(op, labels, bad, vocab, ignore_index)
+
+    return finish
 
 
 def check_labels(op: str, labels: torch.Tensor, batch_shape, vocab: int, ignore_index,
@@ -1166,10 +1191,11 @@ def token_logprobs_fwd_bwd(logits: torch.Tensor, labels: torch.Tensor, grad_logp
     with torch.no_grad():
         if backend == "triton":
             g = x if inplace else torch.empty_like(x)
+            label_check = start_label_check(op, y, x.shape[1], ignore_index)
             out = fused_logits(x.view(1, n, x.shape[1]), y, g.view(1, n, x.shape[1]), inv_temp,
                                int(ignore_index), bool(with_entropy), grad_logp=glp,
                                grad_entropy=gent)
-            check_label_values(op, y, x.shape[1], ignore_index)  # (after the launch)
+            label_check()  # (waits for the check, not for the kernel)
             logp, ent = out[0], (out[1] if with_entropy else None)
         else:
             check_label_values(op, y, x.shape[1], ignore_index)
