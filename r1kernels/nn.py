@@ -21,8 +21,9 @@ mask, ...)` in value and gradients, but:
     reaches neither the loss nor a gradient, and padding is often a large part of a GRPO batch
     (costs one host sync, the live-row count; none under torch.compile). Sequence level: each
     chunk holds the live rows of whole sequences, put back in place for the loss;
-  - backward only scales the saved gradients by grad_output (in place, no copy: skipped when
-    grad_output is 1). A second backward through the same graph is therefore refused.
+  - backward only scales the saved gradients by grad_output (in place, no copy; on CUDA one
+    small kernel that returns at once when grad_output is 1, so backward never waits for the
+    GPU). A second backward through the same graph is therefore refused.
 
 `GRPOLoss.from_logits(logits, labels, mask, advantages, ...)` does the same for callers that hold
 the logits; with `inplace=True` (an explicit opt-in) the logits gradient is written into the
@@ -36,8 +37,10 @@ import functools
 import torch
 
 from r1kernels import dispatch
+from r1kernels.dispatch import HAS_TRITON
 from r1kernels.ops import grpo_loss as G
 from r1kernels.ops import token_logprobs as TLP
+from r1kernels.ops._triton import next_power_of_2, tl, triton
 from r1kernels.ops.grpo_loss import GRPOLossOutput
 
 
@@ -197,6 +200,44 @@ def _is_one(g: torch.Tensor) -> bool:
     return bool((g == 1).all())
 
 
+@triton.jit
+def _scale_rows_kernel(t_ptr, s_ptr, n_rows, T, C, stride_b, stride_t, BLOCK: tl.constexpr):
+    """t[b, t, :] *= s for every row (rows r = b * T + t, the last dim contiguous), s read from
+    memory and rounded to t's dtype first (as t.mul_(s.to(t.dtype))); every program returns at
+    once when s == 1. Persistent: program p takes blocks p, p + programs, ..."""
+    s = tl.load(s_ptr).to(t_ptr.dtype.element_ty).to(tl.float32)
+    if s != 1.0:
+        n_cb = tl.cdiv(C, BLOCK)
+        cols = tl.arange(0, BLOCK)
+        for i in range(tl.program_id(0), n_rows * n_cb, tl.num_programs(0)):
+            r = i // n_cb
+            c = (i % n_cb) * BLOCK + cols
+            off = (r // T).to(tl.int64) * stride_b + (r % T).to(tl.int64) * stride_t + c
+            x = tl.load(t_ptr + off, mask=c < C)
+            tl.store(t_ptr + off, (x.to(tl.float32) * s).to(t_ptr.dtype.element_ty), mask=c < C)
+
+
+def _scale_by_(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """t *= s in place (s: a backward's 0-dim grad_output), as t.mul_(s.to(t.dtype)). On CUDA
+    (and on CPU under the Triton interpreter) without a host sync: one launch of a few programs
+    that read s and return at once when it is 1, the backward of a plain `loss.backward()`, so
+    the host never waits for the GPU here. Elsewhere (and under torch.compile) a host check of
+    s == 1 skips the pass."""
+    use_kernel = (HAS_TRITON and (t.is_cuda or dispatch.TRITON_INTERPRET) and t.dim() <= 3
+                  and t.numel() > 0 and t.stride(-1) == 1 and s.numel() == 1
+                  and s.device == t.device and not torch.compiler.is_compiling())
+    if not use_kernel:
+        return t if _is_one(s) else t.mul_(s.to(t.dtype))
+    t3 = t.view((1,) * (3 - t.dim()) + tuple(t.shape))
+    B, T, C = t3.shape
+    block = max(16, min(4096, next_power_of_2(C)))
+    blocks = B * T * triton.cdiv(C, block)
+    sms = torch.cuda.get_device_properties(t.device).multi_processor_count if t.is_cuda else 2
+    _scale_rows_kernel[(max(1, min(blocks, 8 * sms)),)](
+        t3, s.reshape(()), B * T, T, C, t3.stride(0), t3.stride(1), BLOCK=block, num_warps=4)
+    return t
+
+
 class _FusedLinearGRPOLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, adv, mask, old, ref, rw, nitems, cfg, opts):
@@ -264,9 +305,7 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
         grads, ctx.grads = ctx.grads, None
         if gloss is None:  # (grads not materialized: no gradient reached the loss)
             return (None,) * 12
-        if not _is_one(gloss):
-            grads = tuple(None if x is None else x.mul_(gloss.to(x.dtype)) for x in grads)
-        gh, gw, gb = grads
+        gh, gw, gb = (None if x is None else _scale_by_(x, gloss) for x in grads)
         return gh, gw, gb, None, None, None, None, None, None, None, None, None
 
 
@@ -358,8 +397,8 @@ class _FusedLogitsGRPOLoss(torch.autograd.Function):
         g, ctx.grads = ctx.grads, None
         if gloss is None:  # (grads not materialized: no gradient reached the loss)
             return (None,) * 10
-        if g is not None and not _is_one(gloss):
-            g = g.mul_(gloss.to(g.dtype))
+        if g is not None:
+            g = _scale_by_(g, gloss)
         return g, None, None, None, None, None, None, None, None, None
 
 

@@ -211,6 +211,16 @@ SPECS += [
 ]
 
 
+# the backward's in-place scaling by grad_output (r1kernels/nn.py), on bf16 and fp32 gradients
+SPECS += [
+    pytest.param("r1kernels.nn:_scale_rows_kernel",
+                 {"t_ptr": f"*{ty}", "s_ptr": "*fp32", "n_rows": "i32", "T": "i32", "C": "i32",
+                  "stride_b": "i64", "stride_t": "i64"}, dict(BLOCK=4096), 4, False,
+                 id=f"scale_rows-{ty}")
+    for ty in ("bf16", "fp32")
+]
+
+
 def _spec_id(param) -> str:
     return param.id
 

@@ -608,3 +608,32 @@ def test_from_logits_masked_rows_not_read(monkeypatch, config):
     assert res[0][0] == pytest.approx(rloss, rel=1e-5, abs=1e-6)  # logits = 2 * (h W^T + b)
     for k, v in rmetrics.items():
         assert res[0][1][k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scale", [1.0, 2.5, 0.3, -1.0])
+def test_scale_by_grad_output(dtype, scale):
+    """The backward's in-place scaling by grad_output (nn._scale_by_, a Triton kernel on CUDA and
+    under the interpreter): t.mul_(s.to(t.dtype)), s == 1 leaving t untouched, on a strided
+    view (logits[:, :-1] of [B, T + 1, V]: the extra rows untouched), odd widths, 1-D and 2-D
+    tensors. Bit for bit, except bf16 under the Triton interpreter, whose fp32 -> bf16
+    conversion truncates where the GPU rounds to nearest: there within two bf16 truncations (of
+    the scale and of the product, up to one bf16 unit, 2^-7 relative, each)."""
+    from r1kernels.nn import _scale_by_
+
+    gen = torch.Generator().manual_seed(4)
+    s = torch.tensor(scale, device=DEVICE)
+    full = torch.randn(3, 6, 4100, generator=gen).to(dtype).to(DEVICE)
+    ts = [full[:, :-1], torch.randn(5, 7, generator=gen).to(dtype).to(DEVICE),
+          torch.randn(33, generator=gen).to(dtype).to(DEVICE)]
+    for t in ts:
+        before = full.clone() if t.data_ptr() == full.data_ptr() else None
+        want = t.clone().mul_(s.to(dtype))
+        out = _scale_by_(t, s)
+        assert out.data_ptr() == t.data_ptr()
+        if dtype == torch.bfloat16 and not t.is_cuda and scale != 1.0:
+            torch.testing.assert_close(t.float(), want.float(), rtol=2 ** -6, atol=0)
+        else:
+            assert torch.equal(t, want)
+        if before is not None:
+            assert torch.equal(full[:, -1], before[:, -1])
