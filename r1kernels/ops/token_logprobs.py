@@ -1120,11 +1120,18 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
     buffer during backward (saves one [N, V] allocation; the logits are garbage afterwards).
     See shared/API.md.
     """
-    x, y, inv_temp = _prepare(OP, logits, labels, temperature, ignore_index)
+    x, y, inv_temp = _prepare(OP, logits, labels, temperature, ignore_index, label_data=False)
     backend = dispatch.select(OP, x.device)
+    if backend == "triton":  # its kernels never read at an out-of-range label: check around them
+        label_check = start_label_check(OP, y, x.shape[1], ignore_index)
+    else:
+        check_label_values(OP, y, x.shape[1], ignore_index)
+        label_check = None
     inplace = bool(inplace_backward) and x.data_ptr() == logits.data_ptr() and x.is_contiguous()
     out = TokenLogprobsFunction.apply(x, y, inv_temp, int(ignore_index), bool(with_entropy),
                                       backend, inplace)
+    if label_check is not None:
+        label_check()
     shape = labels.shape
     if with_entropy:
         return out[0].reshape(shape), out[1].reshape(shape)
