@@ -275,6 +275,68 @@ __device__ __forceinline__ void cluster_wait() {
   asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
 }
 
+// The row's statistics from the CL CTAs' base-2 partials `part` (every CTA's warp 0 reads them
+// in the same order, so every CTA gets the same bits), its outputs (written by rank 0) and the
+// constants of its gradient: the gradient of column j is 2^(z_j - lse2) (A + B (z_j - lse2))
+// (+ dlp inv_temp at the label), with A, B the row's dL/dlogp and dL/dentropy folded with
+// inv_temp and ln 2. row_vals = (lse2, A, B, the label's extra term); row_dead: both upstream
+// gradients are zero. Called by warp 0 (the shared arrays by reference: they stay __shared__).
+template <int MODE>
+__device__ __forceinline__ void finish_row(const FusedLogitsParams& p, cg::cluster_group& cluster,
+                                           Stats* part, int CL, int rank, int lane, bool valid,
+                                           float zt, const RowInputs& in, int64_t row, int64_t n,
+                                           float (&row_vals)[4], int& row_dead) {
+  Stats r = empty_stats();
+  if (lane < CL) r = *cluster.map_shared_rank(part, lane);
+  r = warp_merge<true>(r);
+  if (lane == 0) {
+    const float log2_s = __log2f(r.s);
+    const float lse2 = r.m + log2_s;
+    const float logp = valid ? ((zt * kLog2e - r.m) - log2_s) * kLn2
+                             : __int_as_float(0x7fc00000);  // NaN: bad label
+    const float ent = (log2_s - r.w / r.s) * kLn2;
+    float dlp, dent = 0.f;
+    if (MODE == 0) {
+      dlp = in.glp;
+      dent = in.gent;
+    } else {
+      dlp = grpo_dlogp(p, in, logp);
+    }
+    row_vals[0] = lse2;
+    row_vals[1] = -p.inv_temp * (dlp + dent * ent);  // A
+    row_vals[2] = -p.inv_temp * dent * kLn2;          // B
+    row_vals[3] = dlp * p.inv_temp;                   // the label's extra term
+    row_dead = dlp == 0.f && dent == 0.f;
+    if (rank == 0) {
+      p.out[row] = logp;
+      if (p.entropy) p.out[n + row] = ent;
+      p.out[2 * n + row] = lse2 * kLn2;
+    }
+  }
+}
+
+// dL/dlogits of kE raw logits f, in place (finish_row's constants; z = x * c2): one FFMA and one
+// ex2 per logit, and the label's extra term at index `at` (>= kE: the label is not here).
+template <int kE>
+__device__ __forceinline__ void grad_vec(float* f, float c2, float lse2, float A, float B,
+                                         float dl, bool has_dent, unsigned at) {
+  if (has_dent) {
+#pragma unroll
+    for (int i = 0; i < kE; ++i) {
+      const float l2 = fmaxf(fmaf(f[i], c2, -lse2), -1e20f);  // log2 p (clamped: -inf)
+      f[i] = exp2f(l2) * fmaf(B, l2, A);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kE; ++i) f[i] = exp2f(fmaf(f[i], c2, -lse2)) * A;
+  }
+  if (at < static_cast<unsigned>(kE)) {  // the label's vector (one thread, one vector)
+#pragma unroll
+    for (int i = 0; i < kE; ++i)
+      if (i == static_cast<int>(at)) f[i] += dl;
+  }
+}
+
 // One cluster per row (row0 + blockIdx.x / CL), CL CTAs of THREADS threads; CTA r holds columns
 // [r * seg, min((r + 1) * seg, V)), seg a multiple of 8. Column indices fit in int (V <= 2^20).
 // Registers bound how much of the rows an SM holds: the launch bounds ask for 3 CTAs of 256
@@ -406,39 +468,11 @@ __device__ __forceinline__ void cluster_row(const FusedLogitsParams& p, int64_t 
   cluster_arrive();  // release: cta_part (and every read of the logits) before the barrier
   cluster_wait();
 
-  // ---- the row's statistics from the CL partials (same order in every CTA: same bits); the
-  // gradient of column j is then 2^(z_j - lse2) (A + B (z_j - lse2)) (+ dlp inv_temp at the
-  // label), with A, B the row's dL/dlogp and dL/dentropy folded with inv_temp and ln 2
+  // ---- the row's statistics from the CL partials, and its gradient's constants
   const bool has_dent = has_dent_of<MODE>(p);
-  if (warp == 0) {
-    Stats r = empty_stats();
-    if (lane < CL) r = *cluster.map_shared_rank(&cta_part, lane);
-    r = warp_merge<true>(r);
-    if (lane == 0) {
-      const float log2_s = __log2f(r.s);
-      const float lse2 = r.m + log2_s;
-      const float logp = valid ? ((zt * kLog2e - r.m) - log2_s) * kLn2
-                               : __int_as_float(0x7fc00000);  // NaN: bad label
-      const float ent = (log2_s - r.w / r.s) * kLn2;
-      float dlp, dent = 0.f;
-      if (MODE == 0) {
-        dlp = in.glp;
-        dent = in.gent;
-      } else {
-        dlp = grpo_dlogp(p, in, logp);
-      }
-      row_vals[0] = lse2;
-      row_vals[1] = -p.inv_temp * (dlp + dent * ent);  // A
-      row_vals[2] = -p.inv_temp * dent * kLn2;          // B
-      row_vals[3] = dlp * p.inv_temp;                   // the label's extra term
-      row_dead = dlp == 0.f && dent == 0.f;
-      if (rank == 0) {
-        p.out[row] = logp;
-        if (p.entropy) p.out[n + row] = ent;
-        p.out[2 * n + row] = lse2 * kLn2;
-      }
-    }
-  }
+  if (warp == 0)
+    finish_row<MODE>(p, cluster, &cta_part, CL, rank, lane, valid, zt, in, row, n, row_vals,
+                     row_dead);
   cluster_arrive_relaxed();  // this CTA is done reading its peers' shared memory
   __syncthreads();
 
@@ -455,22 +489,8 @@ __device__ __forceinline__ void cluster_row(const FusedLogitsParams& p, int64_t 
         for (int i = 0; i < kE; ++i) f[i] = 0.f;
       } else {
         unpack<TIn>(data[k], f);
-        if (has_dent) {
-#pragma unroll
-          for (int i = 0; i < kE; ++i) {
-            const float l2 = fmaxf(fmaf(f[i], c2, -lse2), -1e20f);  // log2 p (clamped: -inf)
-            f[i] = exp2f(l2) * fmaf(B, l2, A);
-          }
-        } else {
-#pragma unroll
-          for (int i = 0; i < kE; ++i) f[i] = exp2f(fmaf(f[i], c2, -lse2)) * A;
-        }
-        const unsigned at = static_cast<unsigned>(label_off - k * kStep);
-        if (at < static_cast<unsigned>(kE)) {  // the label's vector (one thread, one vector)
-#pragma unroll
-          for (int i = 0; i < kE; ++i)
-            if (i == static_cast<int>(at)) f[i] += dl;
-        }
+        grad_vec<kE>(f, c2, lse2, A, B, dl, has_dent,
+                     static_cast<unsigned>(label_off - k * kStep));
       }
       store_out<TOut, kE>(g_mine + k * kStep, f);
     }
@@ -675,38 +695,11 @@ __global__ void __launch_bounds__(THREADS)
     cluster_wait();
     ++nb;
 
-    // ---- the row's statistics from the CL partials (same order everywhere: same bits); the
-    // gradient of column j is 2^(z_j - lse2) (A + B (z_j - lse2)) (+ dlp inv_temp at the label)
+    // ---- the row's statistics from the CL partials, and its gradient's constants
     const bool has_dent = has_dent_of<MODE>(p);
-    if (warp == 0) {
-      Stats r = empty_stats();
-      if (lane < CL) r = *cluster.map_shared_rank(part, lane);
-      r = warp_merge<true>(r);
-      if (lane == 0) {
-        const float log2_s = __log2f(r.s);
-        const float lse2 = r.m + log2_s;
-        const float logp = valid ? ((zt * kLog2e - r.m) - log2_s) * kLn2
-                                 : __int_as_float(0x7fc00000);  // NaN: bad label
-        const float ent = (log2_s - r.w / r.s) * kLn2;
-        float dlp, dent = 0.f;
-        if (MODE == 0) {
-          dlp = in.glp;
-          dent = in.gent;
-        } else {
-          dlp = grpo_dlogp(p, in, logp);
-        }
-        row_vals[0] = lse2;
-        row_vals[1] = -p.inv_temp * (dlp + dent * ent);  // A
-        row_vals[2] = -p.inv_temp * dent * kLn2;          // B
-        row_vals[3] = dlp * p.inv_temp;                   // the label's extra term
-        row_dead = dlp == 0.f && dent == 0.f;
-        if (rank == 0) {
-          p.out[row] = logp;
-          if (p.entropy) p.out[n + row] = ent;
-          p.out[2 * n + row] = lse2 * kLn2;
-        }
-      }
-    }
+    if (warp == 0)
+      finish_row<MODE>(p, cluster, part, CL, rank, lane, valid, zt, in, row, n, row_vals,
+                       row_dead);
     __syncthreads();
 
     // ---- dL/dlogits of the CTA's columns, from the staged segment
@@ -720,22 +713,7 @@ __global__ void __launch_bounds__(THREADS)
         for (int i = 0; i < kE; ++i) f[i] = 0.f;
       } else {
         unpack<TIn>(*reinterpret_cast<const uint4*>(st + (c - c_lo)), f);
-        if (has_dent) {
-#pragma unroll
-          for (int i = 0; i < kE; ++i) {
-            const float l2 = fmaxf(fmaf(f[i], c2, -lse2), -1e20f);  // log2 p (clamped: -inf)
-            f[i] = exp2f(l2) * fmaf(B, l2, A);
-          }
-        } else {
-#pragma unroll
-          for (int i = 0; i < kE; ++i) f[i] = exp2f(fmaf(f[i], c2, -lse2)) * A;
-        }
-        const unsigned at = static_cast<unsigned>(lab - c);
-        if (at < static_cast<unsigned>(kE)) {  // the label's vector
-#pragma unroll
-          for (int i = 0; i < kE; ++i)
-            if (i == static_cast<int>(at)) f[i] += dl;
-        }
+        grad_vec<kE>(f, c2, lse2, A, B, dl, has_dent, static_cast<unsigned>(lab - c));
       }
       store_out<TOut, kE>(g_row + c, f);
     }
