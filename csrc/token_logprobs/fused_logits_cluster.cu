@@ -281,8 +281,10 @@ __device__ __forceinline__ void cluster_wait() {
 // (+ dlp inv_temp at the label), with A, B the row's dL/dlogp and dL/dentropy folded with
 // inv_temp and ln 2. row_vals = (lse2, A, B, the label's extra term); row_dead: both upstream
 // gradients are zero. Called by warp 0 (the shared arrays by reference: they stay __shared__).
-template <int MODE>
-__device__ __forceinline__ void finish_row(const FusedLogitsParams& p, cg::cluster_group& cluster,
+// Cluster: cg::cluster_group (a template parameter: the type exists only when compiling for
+// sm_90+, and the extension's other device passes compile this file too).
+template <int MODE, typename Cluster>
+__device__ __forceinline__ void finish_row(const FusedLogitsParams& p, Cluster& cluster,
                                            Stats* part, int CL, int rank, int lane, bool valid,
                                            float zt, const RowInputs& in, int64_t row, int64_t n,
                                            float (&row_vals)[4], int& row_dead) {
