@@ -133,6 +133,24 @@ def test_kernel_resources_sm90(tmp_path):
     assert all(k["stack"] == 0 and k["spills"] == 0 for k in pipe.values()), pipe
 
 
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not installed here")
+def test_thread_math_on_host(tmp_path):
+    """The kernel's per-thread arithmetic (csrc/token_logprobs/fused_logits_math.cuh: unpacking,
+    the logits' range, the statistics' sums with and without the -inf clamp, the gradient, the
+    merge by rescaling), the same functions compiled for the CPU, against float64 and against
+    each other (tests/csrc/fused_logits_math_test.cu): what can be checked of the kernel without
+    an sm_90 GPU."""
+    src = os.path.join(ROOT, "tests", "csrc", "fused_logits_math_test.cu")
+    exe = str(tmp_path / "fused_logits_math_test")
+    r = subprocess.run([NVCC, "-std=c++17", "-O2", "-I" + os.path.join(ROOT, "csrc"), src, "-o",
+                        exe], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([exe], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:]
+    m = re.search(r"(\d+) checks, 0 failed", r.stdout)
+    assert m and int(m.group(1)) > 50000, r.stdout[-3000:]
+
+
 @pytest.mark.skipif(_custom_ops.EXT_ERROR is not None, reason="extension not built")
 def test_schema_registered():
     assert _custom_ops.has_op("fused_logits_cluster")
@@ -187,6 +205,49 @@ def test_fwd_bwd_matches_reference(monkeypatch, setting, V, dtype, inplace):
     torch.testing.assert_close(ent.cpu().double(), er, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g.cpu().double(), gr, rtol=GRAD_RTOL[dtype], atol=1e-7)
     assert (g[len(labels) + 3] == 0).all() and (g[len(labels)] == 0).all()
+
+
+@GPU
+@pytest.mark.parametrize("setting", [(8, 256, 0), (1, 256, 0), (8, 256, 1), (8, 256, 2)], **SID)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_masked_vocabulary_and_nan(monkeypatch, setting, dtype):
+    """-inf logits (a masked vocabulary: probability 0, no entropy, zero gradient) on part of a
+    CTA's columns and on a whole CTA segment, and very negative finite logits (bf16 -3e38, whose
+    scaled value overflows fp32 to -inf at temperature 0.5; fp16 -6e4): the threads that hold
+    them take the clamped sums, the others not, and every row matches float64 (where those logits
+    are replaced by -300: probabilities below 1e-260, the same to float64). A NaN logit makes
+    its row's log-prob NaN, never silently dropped."""
+    _use(monkeypatch, setting)
+    gen = torch.Generator().manual_seed(21)
+    N, V, temp = 24, 2056, 0.5
+    x, _ = _rows(N, V, gen)
+    y = torch.randint(0, 50, (N,), generator=gen)  # labels among the first 50 columns
+    cl = setting[0]
+    seg = tlp._cluster_seg(V, cl)
+    zero_p = torch.zeros(N, V, dtype=torch.bool)
+    for r in range(0, 8):
+        zero_p[r, 50 + 37 * r:50 + 37 * r + 100 * (r + 1)] = True
+    if cl > 1:
+        zero_p[8, seg:2 * seg] = True  # a whole CTA's segment
+    zero_p[9, 60::3] = True
+    x[zero_p] = float("-inf")
+    x[10, 70::5] = -6e4 if dtype == torch.float16 else -3e38
+    zero_p[10, 70::5] = True
+    x = x.to(dtype)
+    glp, gent = torch.randn(N, generator=gen), torch.randn(N, generator=gen)
+    xd = x.cuda()
+    xd[N - 1, 500] = float("nan")
+    lp, ent, g = r1kernels.token_logprobs_fwd_bwd(xd, y.cuda(), glp.cuda(), grad_entropy=gent.cuda(),
+                                                  with_entropy=True, temperature=temp)
+    xr = x.double()
+    xr[zero_p] = -300.0
+    lr, er, gr = _fwd_bwd_ref(xr, y, glp, gent, temp)
+    ok = slice(0, N - 1)
+    torch.testing.assert_close(lp[ok].cpu().double(), lr[ok], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent[ok].cpu().double(), er[ok], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g[ok].cpu().double(), gr[ok], rtol=GRAD_RTOL[dtype], atol=1e-7)
+    assert torch.isfinite(g[ok]).all() and (g.cpu()[zero_p] == 0).all()
+    assert torch.isnan(lp[N - 1]).item()
 
 
 @GPU
@@ -329,6 +390,47 @@ def test_bad_direct_call_is_value_error():
     with pytest.raises(ValueError, match="adv is required"):
         op(x, x, y, out, None, None, None, None, None, None, None, None, **args, cluster=8,
            threads=256, variant=0)
+
+
+@GPU
+@pytest.mark.parametrize("setting", [(8, 256, 0), (1, 256, 0), (8, 256, 1), (8, 256, 2)], **SID)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_masked_vocabulary_and_nan(monkeypatch, setting, dtype):
+    """-inf logits (a masked vocabulary: probability 0, no entropy, zero gradient), on part of a
+    CTA's columns and on whole CTA segments, and finite logits whose scaled value overflows fp32
+    (-6e4 fp16 / -3e38 bf16 at temperature 0.01 / 0.5): the threads that hold them take the
+    clamped sums, the others not, and every row matches float64 (where those logits are -700:
+    the same probabilities). A NaN logit makes its row's log-prob NaN, never silently dropped."""
+    _use(monkeypatch, setting)
+    gen = torch.Generator().manual_seed(21)
+    N, V = 24, 2056
+    x, y = _rows(N, V, gen)
+    y = torch.randint(0, 50, (N,), generator=gen)  # labels among the first 50 columns
+    cl = setting[0]
+    seg = tlp._cluster_seg(V, cl)
+    for r in range(0, 8):
+        x[r, 50 + 37 * r:50 + 37 * r + 100 * (r + 1)] = float("-inf")
+    if cl > 1:
+        x[8, seg:2 * seg] = float("-inf")  # a whole CTA's segment
+    x[9, 60::3] = float("-inf")
+    big = -6e4 if dtype == torch.float16 else -3e38
+    x[10, 70::5] = big
+    x = x.to(dtype)
+    temp = 0.01 if dtype == torch.float16 else 0.5
+    glp, gent = torch.randn(N, generator=gen), torch.randn(N, generator=gen)
+    xd = x.cuda()
+    xd[N - 1, 500] = float("nan")
+    lp, ent, g = r1kernels.token_logprobs_fwd_bwd(xd, y.cuda(), glp.cuda(), grad_entropy=gent.cuda(),
+                                                  with_entropy=True, temperature=temp)
+    xr = x.double()
+    xr[(xr == float("-inf")) | (xr <= big)] = -700.0 * temp
+    lr, er, gr = _fwd_bwd_ref(xr, y, glp, gent, temp)
+    ok = slice(0, N - 1)
+    torch.testing.assert_close(lp[ok].cpu().double(), lr[ok], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent[ok].cpu().double(), er[ok], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g[ok].cpu().double(), gr[ok], rtol=GRAD_RTOL[dtype], atol=1e-7)
+    assert torch.isfinite(g[ok]).all() and (g[:11][x[:11] <= big] == 0).all()
+    assert torch.isnan(lp[N - 1]).item()
 
 
 @GPU

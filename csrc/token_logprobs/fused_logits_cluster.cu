@@ -15,8 +15,15 @@
 // columns it holds, from registers. The arithmetic is in base 2 (one FFMA and one ex2 per logit
 // in each pass, the max over packed 16-bit pairs): Nsight Compute showed the kernel as bound by
 // instruction issue as much as by memory (H100, 2026-11-23: 69% of issue slots, 57% of DRAM
-// bandwidth), and the cut took token_logprobs_fwd_bwd from 4.83 to 4.49 ms. Many clusters are resident per SM, so the latency of one
-// row's reductions and barriers hides behind the other rows' loads.
+// bandwidth), and the cut took token_logprobs_fwd_bwd from 4.83 to 4.49 ms. A second cut (not
+// yet timed on a GPU): the per-thread loops unswitched (w only when the entropy is needed, the
+// -inf clamp only in threads whose smallest logit needs it, no per-vector tests of a dead row or
+// of dL/dentropy), bf16 unpacked with one integer instruction per logit, and the warp merges as
+// a max butterfly then sum butterflies (one ex2 per lane instead of two per level): about 44 instead
+// of 58 instructions per 8-logit vector in the statistics, 56 instead of 70 in the gradient
+// (bf16, with dL/dentropy). That arithmetic lives in fused_logits_math.cuh, host-testable. Many
+// clusters are resident per SM, so the latency of one row's reductions and barriers hides behind
+// the other rows' loads.
 //
 // Semantics are those of _token_logprobs_fused_kernel in r1kernels/ops/token_logprobs.py (its
 // Triton twin, the reference of the tests): statistics relative to the running max, the label's
@@ -37,6 +44,7 @@
 #include <type_traits>
 
 #include "token_logprobs/fused_logits_cluster.h"
+#include "token_logprobs/fused_logits_math.cuh"
 
 namespace cg = cooperative_groups;
 
@@ -46,75 +54,23 @@ namespace {
 constexpr unsigned kFull = 0xffffffffu;
 constexpr int kMaxCluster = 16;
 
-// (max, sum-exp, entropy sum) of a set of scaled logits z; s = sum exp(z - m),
-// w = sum exp(z - m) (z - m); the empty set is (-inf, 0, 0).
-struct Stats {
-  float m, s, w;
-};
-
-__device__ __forceinline__ Stats empty_stats() { return Stats{-INFINITY, 0.f, 0.f}; }
-
-// kBase2: z, m and w in log2 units and 2^(z - m) for exp(z - m) (the register kernel's
-// statistics); the same merge otherwise.
-template <bool kBase2 = false>
-__device__ __forceinline__ Stats merge(const Stats& a, const Stats& b) {
-  const float m = fmaxf(a.m, b.m);
-  const float ref = m == -INFINITY ? 0.f : m;  // both empty: any finite reference
-  const float fa = kBase2 ? exp2f(a.m - ref) : __expf(a.m - ref);
-  const float fb = kBase2 ? exp2f(b.m - ref) : __expf(b.m - ref);
-  Stats r;
-  r.m = m;
-  r.s = a.s * fa + b.s * fb;
-  // w is relative to its own max: moving the reference to `ref` adds (m_x - ref) per unit of s
-  r.w = fa * (a.w + (a.s > 0.f ? a.s * (a.m - ref) : 0.f)) +
-        fb * (b.w + (b.s > 0.f ? b.s * (b.m - ref) : 0.f));
+// The statistics of the 32 lanes' statistics, in every lane: the max by a butterfly, then each
+// lane's (s, w) moved to it (one ex2) and summed by a butterfly. Each butterfly step adds the
+// same two values in both partner lanes, so every lane ends with the same bits.
+__device__ __forceinline__ Stats warp_merge(const Stats& v) {
+  float m = v.m;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(kFull, m, off));
+  Stats r = rescale(v, m);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    r.s += __shfl_xor_sync(kFull, r.s, off);
+    r.w += __shfl_xor_sync(kFull, r.w, off);
+  }
   return r;
 }
 
-__device__ __forceinline__ Stats shfl_xor(const Stats& v, int off) {
-  return Stats{__shfl_xor_sync(kFull, v.m, off), __shfl_xor_sync(kFull, v.s, off),
-               __shfl_xor_sync(kFull, v.w, off)};
-}
-
-template <bool kBase2 = false>
-__device__ __forceinline__ Stats warp_merge(Stats v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v = merge<kBase2>(v, shfl_xor(v, off));
-  return v;
-}
-
-// The logits come in 16-byte vectors of kPerVec<TIn> elements (8 bf16/fp16, 4 fp32: the
-// hidden-state op's fp32 chunks); the gradient goes out as kPerVec<TIn> elements of TOut (16-bit:
-// 16 or 8 bytes per store).
-template <typename T> constexpr int kPerVec = 16 / static_cast<int>(sizeof(T));
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-
-template <typename TIn>
-__device__ __forceinline__ void unpack(const uint4& u, float* f) {
-  if constexpr (sizeof(TIn) == 4) {
-    f[0] = __uint_as_float(u.x);
-    f[1] = __uint_as_float(u.y);
-    f[2] = __uint_as_float(u.z);
-    f[3] = __uint_as_float(u.w);
-  } else {
-    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      float2 q;
-      if constexpr (std::is_same_v<TIn, __nv_bfloat16>) {
-        q = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[i]));
-      } else {
-        q = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
-      }
-      f[2 * i] = q.x;
-      f[2 * i + 1] = q.y;
-    }
-  }
-}
-
+// The gradient goes out as kPerVec<TIn> elements of TOut (16-bit: 16 or 8 bytes per store).
 template <typename TOut>
 __device__ __forceinline__ uint32_t pack2(float a, float b) {
   uint32_t r;
@@ -210,48 +166,9 @@ __device__ float grpo_dlogp(const FusedLogitsParams& p, const RowInputs& in, flo
   return (g_dir + g_c1 * c1) * m * in.scale;
 }
 
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
-
 template <int MODE>
 __device__ __forceinline__ bool has_dent_of(const FusedLogitsParams& p) {
   return MODE == 0 && p.gent != nullptr;
-}
-
-// The largest raw logit of a thread's vectors: 16-bit pairs compared packed (one HMNMX2 per two
-// logits, no unpacking), fp32 one by one.
-template <typename TIn, int VPT>
-__device__ __forceinline__ float max_logit(const uint4 (&data)[VPT], int nvec) {
-  if constexpr (sizeof(TIn) == 2) {
-    using T2 = std::conditional_t<std::is_same_v<TIn, __nv_bfloat16>, __nv_bfloat162, __half2>;
-    T2 acc;
-    if constexpr (std::is_same_v<TIn, __nv_bfloat16>) {
-      acc = __float2bfloat162_rn(-INFINITY);
-    } else {
-      acc = __float2half2_rn(-INFINITY);
-    }
-#pragma unroll
-    for (int k = 0; k < VPT; ++k) {
-      if (k < nvec) {
-        const uint32_t w[4] = {data[k].x, data[k].y, data[k].z, data[k].w};
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc = __hmax2(acc, *reinterpret_cast<const T2*>(&w[i]));
-      }
-    }
-    return fmaxf(__low2float(acc), __high2float(acc));
-  } else {
-    float m = -INFINITY;
-#pragma unroll
-    for (int k = 0; k < VPT; ++k) {
-      if (k < nvec) {
-        float f[4];
-        unpack<TIn>(data[k], f);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) m = fmaxf(m, f[i]);
-      }
-    }
-    return m;
-  }
 }
 
 // An opaque no-op on the packed vectors: the compiler must unpack them again after it, so it does
@@ -290,7 +207,7 @@ __device__ __forceinline__ void finish_row(const FusedLogitsParams& p, Cluster& 
                                            float (&row_vals)[4], int& row_dead) {
   Stats r = empty_stats();
   if (lane < CL) r = *cluster.map_shared_rank(part, lane);
-  r = warp_merge<true>(r);
+  r = warp_merge(r);
   if (lane == 0) {
     const float log2_s = __log2f(r.s);
     const float lse2 = r.m + log2_s;
@@ -317,25 +234,22 @@ __device__ __forceinline__ void finish_row(const FusedLogitsParams& p, Cluster& 
   }
 }
 
-// dL/dlogits of kE raw logits f, in place (finish_row's constants; z = x * c2): one FFMA and one
-// ex2 per logit, and the label's extra term at index `at` (>= kE: the label is not here).
-template <int kE>
-__device__ __forceinline__ void grad_vec(float* f, float c2, float lse2, float A, float B,
-                                         float dl, bool has_dent, unsigned at) {
-  if (has_dent) {
+// dL/dlogits of a thread's first nvec vectors (columns g + k * kStep), from the row's constants
+// (finish_row) and its raw logits in registers; label_off: the label's column less the thread's
+// first column (the label's vector gets its extra term dl).
+template <typename TIn, typename TOut, int VPT, int kStep, bool kDent, bool kClamp>
+__device__ __forceinline__ void grad_pass(const uint4 (&data)[VPT], int nvec, TOut* g, float c2,
+                                          float lse2, float A, float B, float dl, int label_off) {
+  constexpr int kE = kPerVec<TIn>;
 #pragma unroll
-    for (int i = 0; i < kE; ++i) {
-      const float l2 = fmaxf(fmaf(f[i], c2, -lse2), -1e20f);  // log2 p (clamped: -inf)
-      f[i] = exp2f(l2) * fmaf(B, l2, A);
+  for (int k = 0; k < VPT; ++k) {
+    if (k < nvec) {
+      float f[kE];
+      unpack<TIn>(data[k], f);
+      grad_vec<kE, kDent, kClamp>(f, c2, lse2, A, B, dl,
+                                  static_cast<unsigned>(label_off - k * kStep));
+      store_out<TOut, kE>(g + k * kStep, f);
     }
-  } else {
-#pragma unroll
-    for (int i = 0; i < kE; ++i) f[i] = exp2f(fmaf(f[i], c2, -lse2)) * A;
-  }
-  if (at < static_cast<unsigned>(kE)) {  // the label's vector (one thread, one vector)
-#pragma unroll
-    for (int i = 0; i < kE; ++i)
-      if (i == static_cast<int>(at)) f[i] += dl;
   }
 }
 
@@ -435,43 +349,39 @@ __device__ __forceinline__ void cluster_row(const FusedLogitsParams& p, int64_t 
 
   // ---- this thread's statistics, in base 2: z = x * inv_temp * log2(e) (one FFMA, then ex2),
   // m2 = max z (from the max of the raw logits: inv_temp > 0), s = sum 2^(z - m2),
-  // w2 = sum 2^(z - m2) (z - m2). Natural units come back in the row's finishing step.
+  // w2 = sum 2^(z - m2) (z - m2). Natural units come back in the row's finishing step. The
+  // loops are unswitched (fused_logits_math.cuh): w only when the entropy is needed, the -inf
+  // clamp only in a thread whose smallest logit needs it.
   const float c2 = p.inv_temp * kLog2e;
-  const float m2 = max_logit<TIn, VPT>(data, nvec) * c2;
+  const bool has_dent = has_dent_of<MODE>(p);
+  const bool need_w = p.entropy != 0 || has_dent;
+  // (fp32 chunks: the smallest logit costs an FMNMX per logit, so only where w needs it)
+  const float2 range = sizeof(TIn) == 2 || need_w ? logit_range<TIn, VPT, true>(data, nvec)
+                                                  : logit_range<TIn, VPT, false>(data, nvec);
+  const float m2 = range.y * c2;
   opaque(data);
   const float ref = m2 == -INFINITY ? 0.f : m2;
-  const bool need_w = p.entropy != 0 || has_dent_of<MODE>(p);
   float s = 0.f, w = 0.f;
-#pragma unroll
-  for (int k = 0; k < VPT; ++k) {
-    if (k < nvec) {
-      float f[kE];
-      unpack<TIn>(data[k], f);
-#pragma unroll
-      for (int i = 0; i < kE; ++i) {
-        // clamped, so that a -inf logit adds 0 * finite to w2, not 0 * -inf
-        const float d = fmaxf(fmaf(f[i], c2, -ref), -1e20f);
-        const float e = exp2f(d);
-        s += e;
-        if (need_w) w = fmaf(e, d, w);
-      }
-    }
-  }
+  if (!need_w)
+    thread_sums<TIn, VPT, false, false>(data, nvec, c2, ref, s, w);
+  else if (!needs_clamp(range.x, c2, ref))
+    thread_sums<TIn, VPT, true, false>(data, nvec, c2, ref, s, w);
+  else
+    thread_sums<TIn, VPT, true, true>(data, nvec, c2, ref, s, w);
   opaque(data);
   // ---- the CTA's statistics, published for the cluster
-  Stats v = warp_merge<true>(Stats{m2, s, w});
+  Stats v = warp_merge(Stats{m2, s, w});
   if (lane == 0) warp_part[warp] = v;
   __syncthreads();
   if (warp == 0) {
     v = lane < kWarps ? warp_part[lane] : empty_stats();
-    v = warp_merge<true>(v);
+    v = warp_merge(v);
     if (lane == 0) cta_part = v;
   }
   cluster_arrive();  // release: cta_part (and every read of the logits) before the barrier
   cluster_wait();
 
   // ---- the row's statistics from the CL partials, and its gradient's constants
-  const bool has_dent = has_dent_of<MODE>(p);
   if (warp == 0)
     finish_row<MODE>(p, cluster, &cta_part, CL, rank, lane, valid, zt, in, row, n, row_vals,
                      row_dead);
@@ -480,22 +390,21 @@ __device__ __forceinline__ void cluster_row(const FusedLogitsParams& p, int64_t 
 
   // ---- dL/dlogits of the CTA's columns, from registers
   const float lse2 = row_vals[0], A = row_vals[1], B = row_vals[2], dl = row_vals[3];
-  const bool dead = row_dead != 0;
   const int label_off = valid ? static_cast<int>(label) - c_thread : -1;  // label's column - mine
+  if (row_dead != 0) {
+    const float zero[kE] = {};
 #pragma unroll
-  for (int k = 0; k < VPT; ++k) {
-    if (k < nvec) {
-      float f[kE];
-      if (dead) {
-#pragma unroll
-        for (int i = 0; i < kE; ++i) f[i] = 0.f;
-      } else {
-        unpack<TIn>(data[k], f);
-        grad_vec<kE>(f, c2, lse2, A, B, dl, has_dent,
-                     static_cast<unsigned>(label_off - k * kStep));
-      }
-      store_out<TOut, kE>(g_mine + k * kStep, f);
-    }
+    for (int k = 0; k < VPT; ++k)
+      if (k < nvec) store_out<TOut, kE>(g_mine + k * kStep, zero);
+  } else if (!has_dent) {
+    grad_pass<TIn, TOut, VPT, kStep, false, false>(data, nvec, g_mine, c2, lse2, A, B, dl,
+                                                   label_off);
+  } else if (!needs_clamp(range.x, c2, lse2)) {
+    grad_pass<TIn, TOut, VPT, kStep, true, false>(data, nvec, g_mine, c2, lse2, A, B, dl,
+                                                  label_off);
+  } else {
+    grad_pass<TIn, TOut, VPT, kStep, true, true>(data, nvec, g_mine, c2, lse2, A, B, dl,
+                                                 label_off);
   }
   cluster_wait();  // keep cta_part alive until every CTA of the cluster has read it
 }
@@ -664,33 +573,35 @@ __global__ void __launch_bounds__(THREADS)
     // the max of the raw logits (16-bit pairs compared packed), then s2 = sum 2^(z - m2) and
     // w2 = sum 2^(z - m2) (z - m2) with z = x * inv_temp * log2(e) (one FFMA and one ex2 each)
     const float c2 = p.inv_temp * kLog2e;
-    float mraw = -INFINITY;
+    const bool has_dent = has_dent_of<MODE>(p);
+    const bool need_w = p.entropy != 0 || has_dent;
+    float mraw = -INFINITY, xmin = INFINITY;
     for (int c = c_thread; c < c_hi; c += kStep) {
       const uint4 vec[1] = {*reinterpret_cast<const uint4*>(st + (c - c_lo))};
-      mraw = fmaxf(mraw, max_logit<TIn, 1>(vec, 1));
+      const float2 r = logit_range<TIn, 1, true>(vec, 1);
+      xmin = fminf(xmin, r.x);
+      mraw = fmaxf(mraw, r.y);
     }
     const float m2 = mraw * c2;
     const float ref = m2 == -INFINITY ? 0.f : m2;
-    const bool need_w = p.entropy != 0 || has_dent_of<MODE>(p);
+    const bool clamp = needs_clamp(xmin, c2, ref);
     float sum = 0.f, w = 0.f;
     for (int c = c_thread; c < c_hi; c += kStep) {
-      float f[kE];
-      unpack<TIn>(*reinterpret_cast<const uint4*>(st + (c - c_lo)), f);
-#pragma unroll
-      for (int i = 0; i < kE; ++i) {
-        const float d = fmaxf(fmaf(f[i], c2, -ref), -1e20f);  // (-inf logit: 0 * finite)
-        const float e = exp2f(d);
-        sum += e;
-        if (need_w) w = fmaf(e, d, w);
-      }
+      const uint4 u = *reinterpret_cast<const uint4*>(st + (c - c_lo));
+      if (!need_w)
+        vec_sums<TIn, false, false>(u, c2, ref, sum, w);
+      else if (!clamp)
+        vec_sums<TIn, true, false>(u, c2, ref, sum, w);
+      else
+        vec_sums<TIn, true, true>(u, c2, ref, sum, w);
     }
-    Stats v = warp_merge<true>(Stats{m2, sum, w});
+    Stats v = warp_merge(Stats{m2, sum, w});
     if (lane == 0) warp_part[warp] = v;
     __syncthreads();
     Stats* part = &cta_part[nb & 1];
     if (warp == 0) {
       v = lane < kWarps ? warp_part[lane] : empty_stats();
-      v = warp_merge<true>(v);
+      v = warp_merge(v);
       if (lane == 0) *part = v;
     }
     cluster_arrive();
@@ -698,7 +609,6 @@ __global__ void __launch_bounds__(THREADS)
     ++nb;
 
     // ---- the row's statistics from the CL partials, and its gradient's constants
-    const bool has_dent = has_dent_of<MODE>(p);
     if (warp == 0)
       finish_row<MODE>(p, cluster, part, CL, rank, lane, valid, zt, in, row, n, row_vals,
                        row_dead);
@@ -707,6 +617,7 @@ __global__ void __launch_bounds__(THREADS)
     // ---- dL/dlogits of the CTA's columns, from the staged segment
     const float lse2 = row_vals[0], A = row_vals[1], B = row_vals[2], dl = row_vals[3];
     const bool dead = row_dead != 0;
+    const bool clamp_g = has_dent && needs_clamp(xmin, c2, lse2);
     const int lab = valid ? static_cast<int>(label) : -1;
     for (int c = c_thread; c < c_hi; c += kStep) {
       float f[kE];
@@ -715,7 +626,13 @@ __global__ void __launch_bounds__(THREADS)
         for (int i = 0; i < kE; ++i) f[i] = 0.f;
       } else {
         unpack<TIn>(*reinterpret_cast<const uint4*>(st + (c - c_lo)), f);
-        grad_vec<kE>(f, c2, lse2, A, B, dl, has_dent, static_cast<unsigned>(lab - c));
+        const unsigned at = static_cast<unsigned>(lab - c);
+        if (!has_dent)
+          grad_vec<kE, false, false>(f, c2, lse2, A, B, dl, at);
+        else if (!clamp_g)
+          grad_vec<kE, true, false>(f, c2, lse2, A, B, dl, at);
+        else
+          grad_vec<kE, true, true>(f, c2, lse2, A, B, dl, at);
       }
       store_out<TOut, kE>(g_row + c, f);
     }
