@@ -355,9 +355,9 @@ __device__ __forceinline__ void cluster_row(const FusedLogitsParams& p, int64_t 
   const float c2 = p.inv_temp * kLog2e;
   const bool has_dent = has_dent_of<MODE>(p);
   const bool need_w = p.entropy != 0 || has_dent;
-  // (fp32 chunks: the smallest logit costs an FMNMX per logit, so only where w needs it)
-  const float2 range = sizeof(TIn) == 2 || need_w ? logit_range<TIn, VPT, true>(data, nvec)
-                                                  : logit_range<TIn, VPT, false>(data, nvec);
+  // (the smallest logit only feeds the clamp tests, which need_w guards)
+  const float2 range = need_w ? logit_range<TIn, VPT, true>(data, nvec)
+                              : logit_range<TIn, VPT, false>(data, nvec);
   const float m2 = range.y * c2;
   opaque(data);
   const float ref = m2 == -INFINITY ? 0.f : m2;
