@@ -69,12 +69,34 @@ def test_verify_arithmetic_and_countdown():
     assert not R.verify("<answer>25+3.0*7</answer>", cd)    # 3.0 is not one of the numbers
 
 
+def test_verify_hostile_and_decimal_answers():
+    ex = T.Example("47+38=", "85")
+    for lit in ("1e999", "-1e999", "1e309*0", "1e400-1e400"):  # float('inf') literals: wrong, no crash
+        assert R.verify(f"<think>x</think><answer>{lit}</answer>", ex) is False
+    dec = T.Example("q", "0.3")  # decimal literals are exact: 0.3 == 3/10 == 0.1+0.2
+    for ans in ("3/10", "0.1+0.2", "0.30", ".3"):
+        assert R.verify(f"<think></think><answer>{ans}</answer>", dec), ans
+    assert not R.verify("<think></think><answer>0.30000001</answer>", dec)
+    assert R.verify("<think></think><answer>1/10</answer>", T.Example("q", "0.1"))
+    # the graded answer is the one after the reasoning, not one written inside it
+    assert not R.verify("<think><answer>85</answer></think><answer>3</answer>", ex)
+    assert R.verify("<think><answer>3</answer></think><answer>85</answer>", ex)
+    assert R.verify("<think>x</think><answer>85</answer><answer>84</answer>", ex)  # the first
+
+
 def test_format_reward_and_weighted_sum():
     ex = T.Example("1+1=", "2")
     good = "<think>1+1=2</think><answer>2</answer>"
     assert R.format_reward(good, ex) == 1.0
     assert R.format_reward("<answer>2</answer>", ex) == 0.0
     assert R.format_reward(good + "junk", ex) == 0.0
+    for bad in ("<think>x</think><answer>1</answer><answer>2</answer>",   # a second answer
+                "<think><think>x</think></think><answer>2</answer>",   # nested reasoning
+                "<think>x</think><answer><answer>2</answer></answer>",  # nested answer
+                "<think><answer>2</answer></think><answer>2</answer>",  # answer in the reasoning
+                "<think>x</think><think>y</think><answer>2</answer>"):  # two reasoning blocks
+        assert R.format_reward(bad, ex) == 0.0, bad
+    assert R.format_reward(" <think>a\nb < c</think>\n<answer> 2 </answer>\n", ex) == 1.0
     fn = R.RewardFn({"accuracy": 1.0, "format": 0.1})
     assert fn(good, ex)[0] == pytest.approx(1.1)
     assert fn("<think></think><answer>3</answer>", ex)[0] == pytest.approx(0.1)
@@ -298,6 +320,16 @@ def test_config_yaml_and_flags(tmp_path):
     y.write_text("not_a_field: 1\n")
     with pytest.raises(SystemExit):
         parse_args(["--config", str(y)])
+    # YAML 1.1 reads 1e-6 as a string: it is parsed as the field's type, like a flag
+    y.write_text("lr: 1e-6\nsft_lr: 2\nrewards: accuracy=1,format=0.2\nresume: 'yes'\n")
+    cfg = parse_args(["--config", str(y)])
+    assert (cfg.lr, cfg.sft_lr, cfg.resume) == (1e-6, 2.0, True) and type(cfg.sft_lr) is float
+    assert cfg.rewards == {"accuracy": 1.0, "format": 0.2}
+    for bad in ("grpo_steps: 2.5\n", "lr: fast\n", "resume: 3\n", "rewards: [1, 2]\n",
+                "grpo_steps: true\n"):
+        y.write_text(bad)
+        with pytest.raises(SystemExit, match=bad.split(":")[0]):
+            parse_args(["--config", str(y)])
 
 
 # ---- the pipeline -----------------------------------------------------------------------------
@@ -339,7 +371,12 @@ def test_pipeline_summary_schema(tmp_path):
 def test_ctrl_c_then_resume_is_exact(tmp_path, monkeypatch):
     from trainer import train as train_mod
 
-    over = dict(beta=0.05, checkpoint_every=3)
+    # a reward that varies within every group, so the policy moves away from the KL reference
+    # before the cut: a resume that took the cut's weights as the reference would differ
+    (tmp_path / "len_reward.py").write_text("def length(completion, example):\n"
+                                            "    return len(completion) / 100\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    over = dict(beta=0.05, checkpoint_every=3, rewards={"accuracy": 1.0, "len_reward:length": 1.0})
     _, full = _run(tmp_path, "full", **over)
     real_step = train_mod.Trainer.grpo_step
     calls = {"n": 0}
@@ -370,6 +407,23 @@ def test_ctrl_c_then_resume_is_exact(tmp_path, monkeypatch):
     a = load_file(str(tmp_path / "full" / "model" / "model.safetensors"))
     b = load_file(str(tmp_path / "cut" / "model" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_base_model_follows_seed_and_shape(tmp_path):
+    """A tiny base model left in out_dir by a run with another seed or shape is rebuilt."""
+    from trainer.train import Trainer
+
+    def params(**over):
+        t = Trainer(Config(**{**TINY, "out_dir": str(tmp_path / "o"), **over}))
+        t.setup_model()
+        return [p.detach().clone() for p in t.model.parameters()]
+
+    a = params()
+    assert all(torch.equal(x, y) for x, y in zip(a, params()))  # same settings: reused as is
+    b = params(seed=1)
+    assert len(a) == len(b) and not all(torch.equal(x, y) for x, y in zip(a, b))
+    c = params(tiny_hidden=16)
+    assert sum(p.numel() for p in c) < sum(p.numel() for p in a)
 
 
 def test_micro_batching_and_checkpointing_do_not_change_the_update(tmp_path, monkeypatch):

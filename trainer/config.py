@@ -85,6 +85,24 @@ def _parse_value(kind, text: str):
     return kind(text)
 
 
+def _coerce_yaml(kind, v, where: str):
+    """A YAML value as the field's type. YAML 1.1 reads `1e-6` as a string (only `1.0e-6` is a
+    float), so strings go through the flags' parser; a value of another type is an error here,
+    not a TypeError deep in the run."""
+    try:
+        if isinstance(v, str):
+            return _parse_value(kind, v)
+        if kind is float and type(v) in (int, float):
+            return float(v)
+        if kind is dict and isinstance(v, dict):
+            return {str(k): float(x) for k, x in v.items()}
+        if type(v) is kind:
+            return v
+    except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
+        raise SystemExit(f"r1-train: {where}: expected {kind.__name__}, got {v!r} ({e})") from None
+    raise SystemExit(f"r1-train: {where}: expected {kind.__name__}, got {v!r}")
+
+
 def _field_docs() -> dict[str, str]:
     """The trailing comments of the dataclass above, used as --help text."""
     import inspect
@@ -121,6 +139,8 @@ def parse_args(argv=None) -> Config:
         unknown = set(values) - set(types)
         if unknown:
             raise SystemExit(f"r1-train: unknown keys in {args.config}: {sorted(unknown)}")
+        for name, v in values.items():
+            values[name] = _coerce_yaml(types[name], v, f"{args.config}: {name}")
     for name in types:
         v = getattr(args, name)
         if v is not None:

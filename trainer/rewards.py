@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import math
 import re
 from fractions import Fraction
 
@@ -18,7 +19,9 @@ MAX_EXPR_CHARS = 200
 MAX_ABS = 10 ** 12
 
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
-_FORMAT = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.S)
+# The body of a block: any text without a <think>, </think>, <answer> or </answer> tag in it.
+_BODY = r"(?:(?!</?(?:think|answer)>).)*"
+_FORMAT = re.compile(rf"^\s*<think>{_BODY}</think>\s*<answer>{_BODY}</answer>\s*$", re.S)
 
 
 class UnsafeExpression(ValueError):
@@ -39,8 +42,13 @@ def safe_eval(expr: str) -> Fraction:
 def _walk(node, depth: int) -> Fraction:
     if depth > 50:
         raise UnsafeExpression("expression too deep")
-    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+    if isinstance(node, ast.Constant) and type(node.value) is int:
         v = Fraction(node.value)
+    elif isinstance(node, ast.Constant) and type(node.value) is float:
+        if not math.isfinite(node.value):  # 1e999 parses as inf
+            raise UnsafeExpression("value too large")
+        # the literal's shortest decimal form, exactly: 0.3 is 3/10 (Fraction(0.3) is not)
+        v = Fraction(repr(node.value))
     elif isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
         v = _walk(node.operand, depth + 1)
         v = -v if isinstance(node.op, ast.USub) else v
@@ -72,7 +80,10 @@ def _numbers_used(expr: str) -> list[int]:
 
 
 def extract_answer(completion: str) -> str | None:
-    m = _ANSWER.search(completion)
+    """The text of the first <answer> block after the last </think> (after the start when there
+    is none): an answer written inside the reasoning is not the answer."""
+    tail = completion.rsplit("</think>", 1)[-1]
+    m = _ANSWER.search(tail)
     return m.group(1).strip() if m else None
 
 
@@ -101,7 +112,8 @@ def verify(completion: str, ex: Example) -> bool:
             return safe_eval(ans) == safe_eval(ex.answer)
         except UnsafeExpression:
             return ans == ex.answer.strip()
-    except (UnsafeExpression, ValueError, ZeroDivisionError, RecursionError, MemoryError):
+    except (UnsafeExpression, ValueError, ZeroDivisionError, OverflowError, RecursionError,
+            MemoryError):
         return False
 
 

@@ -66,6 +66,14 @@ class Body(torch.nn.Module):
                                       use_cache=False).last_hidden_state
 
 
+def _read_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -111,10 +119,19 @@ class Trainer:
         path = cfg.model
         if not path:
             path = os.path.join(cfg.out_dir, "base_model")
-            if self.is_main and not os.path.exists(os.path.join(path, "config.json")):
-                build_tiny_model(path, hidden_size=cfg.tiny_hidden, num_layers=cfg.tiny_layers,
-                                 num_heads=cfg.tiny_heads, intermediate_size=cfg.tiny_intermediate,
-                                 max_positions=256, seed=cfg.seed)
+            # the settings it was built with: a base model left in out_dir by a run with another
+            # seed or shape is rebuilt, not silently reused
+            spec = dict(hidden_size=cfg.tiny_hidden, num_layers=cfg.tiny_layers,
+                        num_heads=cfg.tiny_heads, intermediate_size=cfg.tiny_intermediate,
+                        max_positions=256, seed=cfg.seed)
+            marker = os.path.join(path, "r1k_tiny_model.json")
+            if self.is_main and _read_json(marker) != spec:
+                if os.path.exists(os.path.join(path, "config.json")):
+                    print(f"[r1-train] {path} was built with other settings: rebuilding it",
+                          file=sys.stderr, flush=True)
+                build_tiny_model(path, **spec)
+                with open(marker, "w", encoding="utf-8") as f:
+                    json.dump(spec, f)
             self.barrier()
         model, tok = load_model(path, device=self.device, dtype=cfg.dtype,
                                 attn_implementation=cfg.attn_implementation or None,
@@ -468,7 +485,9 @@ class Trainer:
         state = dict(self.state, elapsed=self.state["elapsed"] + time.perf_counter() - self.t_start)
         payload = {"model": self.model.state_dict(),
                    "optimizer": opt.state_dict() if opt is not None else None,
-                   "state": state, "config": asdict(self.cfg)}
+                   "state": state, "config": asdict(self.cfg),
+                   # the KL reference: the weights at the start of GRPO, not those of the cut
+                   "ref_model": None if self.ref_model is None else self.ref_model.state_dict()}
         tmp = self.ckpt_path + ".tmp"
         torch.save(payload, tmp)
         os.replace(tmp, self.ckpt_path)
@@ -477,6 +496,9 @@ class Trainer:
         payload = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
         self.model.load_state_dict(payload["model"])
         self.state = payload["state"]
+        if self.ref_model is not None:  # (a checkpoint of a run without beta has none)
+            ref = payload.get("ref_model")
+            self.ref_model.load_state_dict(ref if ref is not None else payload["model"])
         if self.is_main:  # metrics.jsonl holds exactly the history of the checkpoint
             with open(os.path.join(self.cfg.out_dir, "metrics.jsonl"), "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(r) + "\n" for r in self.state["history"])
@@ -536,8 +558,6 @@ class Trainer:
         opt_state = None
         if cfg.resume and os.path.exists(self.ckpt_path):
             opt_state = self.load_checkpoint()
-            if self.ref_model is not None:  # the reference is the starting point of GRPO
-                self.ref_model.load_state_dict(self.model.state_dict())
         elif self.is_main:
             open(os.path.join(cfg.out_dir, "metrics.jsonl"), "w").close()
         stages = self.stages()
