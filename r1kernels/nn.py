@@ -427,11 +427,11 @@ class GRPOLoss(torch.nn.Module):
                             sapo_temperature_pos=sapo_temperature_pos,
                             sapo_temperature_neg=sapo_temperature_neg)
         G.make_config(**self.options, T=1, where="GRPOLoss")  # validate now
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-                or not temperature > 0 or temperature == float("inf"):
-            raise ValueError(f"GRPOLoss: temperature must be a finite number > 0, got {temperature!r}")
-        self.temperature = float(temperature)
+        self.temperature = TLP.check_temperature("GRPOLoss", temperature)
         self.with_entropy = bool(with_entropy)
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int) \
+                or not -2 ** 63 <= ignore_index < 2 ** 63:
+            raise ValueError(f"GRPOLoss: ignore_index must be an int64 integer, got {ignore_index!r}")
         self.ignore_index = int(ignore_index)
         if sweep not in ("auto", "one", "two"):
             raise ValueError(f"GRPOLoss: sweep expected 'auto', 'one' or 'two', got {sweep!r}")
@@ -476,6 +476,7 @@ class GRPOLoss(torch.nn.Module):
         B, T, adv, mask, nitems, cfg, backend, ref = self._prepare(
             where, hidden, labels, mask, advantages, old_logps, ref_logps, rollout_is_weights,
             num_items_in_batch)
+        labels = labels.to(torch.int64)  # (see TLP.flat_labels)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2 \
                 or weight.shape[1] != hidden.shape[-1]:
             raise ValueError(f"{where}: weight must be [V, {hidden.shape[-1]}], got "
@@ -500,6 +501,7 @@ class GRPOLoss(torch.nn.Module):
         B, T, adv, mask, nitems, cfg, backend, ref = self._prepare(
             "GRPOLoss.from_logits", logits, labels, mask, advantages, old_logps, ref_logps,
             rollout_is_weights, num_items_in_batch)
+        labels = labels.to(torch.int64)  # (see TLP.flat_labels)
         opts = (B, T, self.temperature, self.ignore_index, self.with_entropy, backend, bool(inplace))
         loss, out, ent = _FusedLogitsGRPOLoss.apply(logits, labels, adv, mask, old_logps, ref,
                                                     rollout_is_weights, nitems, cfg, opts)

@@ -58,8 +58,9 @@ def token_logprobs_ref(logits: torch.Tensor, labels: torch.Tensor, *, temperatur
     """logp = log_softmax(logits / T)[label] (0 where label == ignore_index); optional entropy."""
     x = _upcast(logits) / temperature
     logp_all = torch.log_softmax(x, dim=-1)
+    labels = labels.long()  # (compared with ignore_index in int64, whatever the labels' dtype)
     ignored = labels == ignore_index
-    safe = torch.where(ignored, torch.zeros_like(labels), labels).long()
+    safe = torch.where(ignored, torch.zeros_like(labels), labels)
     logp = logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     logp = torch.where(ignored, torch.zeros_like(logp), logp)
     if not with_entropy:

@@ -7,6 +7,8 @@ fp32 accuracy against the float64 reference run on the same (possibly 16-bit) in
 are returned in the inputs' dtype (one rounding: relative 2**-8 for bf16, 2**-11 for fp16; on
 CUDA the gradient tile fed to the tensor-core GEMMs is 16-bit too, like torch's own backward).
 """
+import math
+
 import pytest
 import torch
 
@@ -199,6 +201,41 @@ def test_empty(backend):
     assert lp.shape == (0,) and ent.shape == (0,)
     (lp.sum() + ent.sum()).backward()
     assert h.grad.shape == (0, 8) and (w.grad == 0).all() and (b.grad == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_hidden_size(backend):
+    """H = 0: the logits are the bias (0 without one), log-prob -log V; zero-size gradients."""
+    h = torch.zeros(3, 0, device=DEVICE, requires_grad=True)
+    w = torch.zeros(5, 0, device=DEVICE, requires_grad=True)
+    b = torch.randn(5, device=DEVICE, requires_grad=True)
+    y = torch.tensor([1, 2, -100], device=DEVICE)
+    lp = run(backend, h, w, y)
+    torch.testing.assert_close(lp.cpu(), torch.tensor([-math.log(5)] * 2 + [0.0]))
+    lp = run(backend, h, w, y, bias=b)
+    br = b.detach().cpu().double().requires_grad_(True)
+    ref = linear_token_logprobs_ref(torch.zeros(3, 0, dtype=torch.float64),
+                                    torch.zeros(5, 0, dtype=torch.float64), y.cpu(), bias=br)
+    torch.testing.assert_close(lp.cpu().double(), ref, rtol=1e-5, atol=1e-6)
+    lp.sum().backward()
+    ref.sum().backward()
+    assert h.grad.shape == (3, 0) and w.grad.shape == (5, 0)
+    torch.testing.assert_close(b.grad.cpu().double(), br.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fn", ["op", "fwd_bwd"])
+def test_narrow_label_dtypes(backend, fn):
+    """uint8 label 156 is not ignore_index -100 (which uint8 arithmetic would make 156)."""
+    h, w = torch.randn(2, 4, device=DEVICE), torch.randn(300, 4, device=DEVICE)
+    y = torch.tensor([156, 3], dtype=torch.uint8, device=DEVICE)
+    ref = linear_token_logprobs_ref(h.cpu().double(), w.cpu().double(), torch.tensor([156, 3]))
+    if fn == "op":
+        lp = run(backend, h, w, y)
+    else:
+        with dispatch.use_backend(backend):
+            lp = r1kernels.linear_token_logprobs_fwd_bwd(h, w, y, torch.ones(2, device=DEVICE))[0]
+    torch.testing.assert_close(lp.cpu().double(), ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

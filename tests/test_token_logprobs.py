@@ -172,6 +172,45 @@ def test_bad_input(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_scalar_arguments(backend):
+    import numpy as np
+
+    x = torch.randn(3, 10, device=DEVICE)
+    y = torch.randint(0, 10, (3,), device=DEVICE)
+    for t in (float("nan"), float("inf"), -1.0, 1e31, True, torch.tensor(0.7), "1"):
+        with pytest.raises(ValueError, match="temperature"):
+            run(backend, x, y, temperature=t)
+    for ii in (2 ** 63, -2 ** 63 - 1, 1.0, None, True):
+        with pytest.raises(ValueError, match="ignore_index"):
+            run(backend, x, y, ignore_index=ii)
+    # a NumPy scalar is a number; the largest temperature allowed still gives -log V
+    torch.testing.assert_close(run(backend, x, y, temperature=np.float32(0.5)),
+                               run(backend, x, y, temperature=0.5))
+    torch.testing.assert_close(run(backend, x, y, temperature=1e30).cpu(),
+                               torch.full((3,), -torch.log(torch.tensor(10.0)).item()))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
+def test_narrow_label_dtypes(backend, dtype):
+    """Labels of any integer dtype: ignore_index and V are compared with the labels' values,
+    not after torch converts them to the labels' dtype (uint8: -100 would be 156, 300 would be
+    44, and int8 would wrap V=200)."""
+    V = {torch.uint8: 300, torch.int8: 200, torch.int16: 40000}.get(dtype, 70000)
+    hi = min(V - 1, torch.iinfo(dtype).max)  # above 127 for int16: V = 40000 wraps there
+    vals = [hi, 3, 0, 156 % (hi + 1)]
+    x = torch.randn(len(vals), V)
+    y = torch.tensor(vals).to(dtype)
+    out = run(backend, x.to(DEVICE), y.to(DEVICE))
+    ref = token_logprobs_ref(x.double(), torch.tensor(vals))
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-5, atol=2e-5)
+    assert (out != 0).all()
+    if dtype in (torch.int16, torch.int32):  # an ignore_index of the dtype: still ignored
+        out = run(backend, x.to(DEVICE), y.to(DEVICE), ignore_index=3)
+        assert out[1] == 0 and (out[[0, 2, 3]] != 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_inplace_backward(backend):
     logits = torch.randn(6, 333)
     labels = torch.randint(0, 333, (6,)).to(DEVICE)

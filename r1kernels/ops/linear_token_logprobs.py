@@ -84,6 +84,7 @@ cost nothing).
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -804,12 +805,15 @@ def _prepare(op, hidden, weight, labels, bias, temperature, ignore_index, label_
         if bias.device != hidden.device:
             raise ValueError(f"{op}: bias expected on device {hidden.device}, got {bias.device}")
     tlp.check_labels(op, labels, hidden.shape[:-1], vocab, ignore_index, hidden.device,
-                     data=label_data)
+                     data=False)
     temperature = tlp.check_temperature(op, temperature)
-    h = hidden.reshape(-1, hid)
+    h = hidden.reshape(math.prod(hidden.shape[:-1]), hid)  # (-1 is ambiguous when H = 0)
     if bias is not None:
         bias = bias.contiguous()  # the kernels read bias with unit stride ([V]: a small copy)
-    return h, bias, labels.reshape(-1).contiguous(), 1.0 / temperature
+    y = tlp.flat_labels(labels)
+    if label_data:
+        tlp.check_label_values(op, y, vocab, ignore_index)
+    return h, bias, y, 1.0 / temperature
 
 
 # ---- public function and internal entry point -------------------------------------------------
@@ -932,7 +936,7 @@ def linear_token_logprobs_fwd_bwd(hidden: torch.Tensor, weight: torch.Tensor, la
     glp, gent = tlp.check_upstream_grads(op, labels, grad_logp, grad_entropy, with_entropy,
                                          hidden.device)
     _prepare(op, hidden, weight, labels, bias, temperature, ignore_index, label_data=False)
-    h2, y2 = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    h2, y2 = hidden.reshape(math.prod(hidden.shape[:-1]), hidden.shape[-1]), tlp.flat_labels(labels)
     rows = labelled_rows(y2, ignore_index, op, weight.shape[0])  # (and the labels' values)
     h_in, y_in = h2, y2
     if rows is not None:  # rows labelled ignore_index: zeros, not computed (labelled_rows)

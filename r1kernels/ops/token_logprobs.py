@@ -27,6 +27,7 @@ log-prob is known after one sweep, so whole sequences (`chunk_multiple`) are alw
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from typing import Callable
 
@@ -973,15 +974,32 @@ class TokenLogprobsFunction(torch.autograd.Function):
 # ---- validation -------------------------------------------------------------------------------
 
 
+MAX_TEMPERATURE = 1e30  # 1 / temperature stays a normal fp32 number (the kernels' constant)
+
+
 def check_temperature(op: str, temperature) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
-            not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"{op}: temperature must be a finite number > 0, got {temperature!r}")
+    """temperature as a float in (0, MAX_TEMPERATURE]: a Python or NumPy real number, not a
+    tensor (reading a CUDA tensor's value would wait for the GPU)."""
+    if isinstance(temperature, torch.Tensor):
+        raise ValueError(f"{op}: temperature must be a number, not a tensor (use float(t)), got "
+                         f"a tensor of shape {tuple(temperature.shape)}")
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or \
+            not 0 < float(temperature) <= MAX_TEMPERATURE:
+        raise ValueError(f"{op}: temperature must be a number in (0, {MAX_TEMPERATURE:g}], got "
+                         f"{temperature!r}")
     return float(temperature)
+
+
+def flat_labels(labels: torch.Tensor) -> torch.Tensor:
+    """The labels as the ops use them inside: flat, contiguous int64. Every comparison with
+    ignore_index or the vocabulary size is made on these: on a narrower integer dtype, torch
+    would convert -100 or V to that dtype (uint8: -100 is 156) and misjudge labels."""
+    return labels.reshape(-1).to(torch.int64).contiguous()
 
 
 def _bad_labels(labels: torch.Tensor, vocab: int, ignore_index: int) -> torch.Tensor:
     """Where a label is outside [0, vocab) and not ignore_index."""
+    labels = labels.to(torch.int64)  # (no copy for int64; see flat_labels)
     return ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
 
 
@@ -1057,8 +1075,9 @@ def check_labels(op: str, labels: torch.Tensor, batch_shape, vocab: int, ignore_
         raise ValueError(f"{op}: labels expected shape {tuple(batch_shape)}, got {tuple(labels.shape)}")
     if labels.device != device:
         raise ValueError(f"{op}: labels expected on device {device}, got {labels.device}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ValueError(f"{op}: ignore_index must be an int, got {ignore_index!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int) \
+            or not -2 ** 63 <= ignore_index < 2 ** 63:
+        raise ValueError(f"{op}: ignore_index must be an int64 integer, got {ignore_index!r}")
     if data:
         check_label_values(op, labels, vocab, ignore_index)
 
@@ -1098,13 +1117,15 @@ def _prepare(op: str, logits, labels, temperature, ignore_index, label_data: boo
     if vocab < 1:
         raise ValueError(f"{op}: logits must have a vocabulary dimension >= 1, got shape "
                          f"{tuple(logits.shape)}")
-    check_labels(op, labels, logits.shape[:-1], vocab, ignore_index, logits.device,
-                 data=label_data)
+    check_labels(op, labels, logits.shape[:-1], vocab, ignore_index, logits.device, data=False)
     temperature = check_temperature(op, temperature)
     x = logits.reshape(-1, vocab)
     if x.stride(-1) != 1:
         x = x.contiguous()  # kernels read rows with unit stride; copy stays in the logits' dtype
-    return x, labels.reshape(-1).contiguous(), 1.0 / temperature
+    y = flat_labels(labels)
+    if label_data:
+        check_label_values(op, y, vocab, ignore_index)
+    return x, y, 1.0 / temperature
 
 
 # ---- public function and internal entry point -------------------------------------------------
