@@ -35,6 +35,17 @@ def test_matches_reference(backend, scale, P, G):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale,G", [("batch", 16), ("group", 65536)])
+def test_long_reductions_keep_fp32_accuracy(backend, scale, G):
+    """65536 rewards near 10 that differ in the 3rd decimal: a running fp32 sum loses those
+    digits (advantages off by ~1 before the C++ kernel summed in fp64)."""
+    rewards = 10 + 0.01 * torch.rand(65536)
+    out = run(backend, rewards.to(DEVICE), G, scale=scale)
+    ref = group_advantages_ref(rewards.double(), G, scale=scale)
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_binary_rewards_and_constant_groups(backend):
     # 0/1 accuracy rewards: constant groups (all right / all wrong) must give exactly 0
     rewards = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0, 1, 0, 0, 1, 0.1, 0.1, 0.1, 0.1])
@@ -108,6 +119,7 @@ def test_reference_gradcheck():
     dict(rewards=torch.randn(10), group_size=2, scale="std"),
     dict(rewards=torch.randn(10), group_size=2, eps=-1.0),
     dict(rewards=[1.0, 2.0], group_size=2),
+    dict(rewards=torch.randn(10), group_size=2, scale=["group"]),
 ])
 def test_bad_input(bad):
     with pytest.raises(ValueError):

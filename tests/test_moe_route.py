@@ -423,3 +423,17 @@ def test_sequence_aux_loss(seq_len):
         r1kernels.moe_sequence_aux_loss(s, ids, 5, k, alpha)  # 32 % 5
     with pytest.raises(IndexError):
         r1kernels.moe_sequence_aux_loss(s, ids + E, 16, k, alpha)
+    for bad in ([16.0, 16.0], [16, 15], [0, 32], "16", torch.tensor([16.0, 16.0])):
+        with pytest.raises(ValueError, match="seq_len"):
+            r1kernels.moe_sequence_aux_loss(s, ids, bad, k, alpha)
+
+
+@pytest.mark.parametrize("seq_len", [4, [], torch.zeros(0, dtype=torch.long)])
+def test_sequence_aux_loss_empty(seq_len):
+    """No token, no sequence: loss 0 (not the NaN of an empty mean), a zero-size gradient."""
+    s = torch.rand(0, 4, device=DEVICE, requires_grad=True)
+    ids = torch.zeros(0, 2, dtype=torch.long, device=DEVICE)
+    loss = r1kernels.moe_sequence_aux_loss(s, ids, seq_len, 2, 0.01)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert s.grad.shape == (0, 4)

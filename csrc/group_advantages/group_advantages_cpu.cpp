@@ -1,5 +1,8 @@
 // CPU kernel for group_advantages: one pass per group for count/sum/min/max, one for the
-// squared deviations, one to write; fp32 throughout, like the GPU kernels.
+// squared deviations, one to write. Values in fp32; the two sums accumulate in fp64: a running
+// fp32 sum over a long group or the whole batch (scale="batch": every reward) loses the low
+// bits of each term (65536 rewards near 10: advantages off by 0.8), where the GPU kernels'
+// tree reductions do not.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -34,12 +37,13 @@ struct Moments {
 Moments moments(const float* r, int64_t n) {
   Moments m;
   int64_t count = 0;
-  float sum = 0.f, lo = m.lo, hi = m.hi;
+  double sum = 0.0;
+  float lo = m.lo, hi = m.hi;
   for (int64_t i = 0; i < n; ++i) {
     const float v = r[i];
     const bool ok = v == v;
     count += ok;
-    sum += ok ? v : 0.f;
+    sum += ok ? static_cast<double>(v) : 0.0;
     lo = std::min(lo, ok ? v : std::numeric_limits<float>::infinity());
     hi = std::max(hi, ok ? v : -std::numeric_limits<float>::infinity());
   }
@@ -51,11 +55,10 @@ Moments moments(const float* r, int64_t n) {
 }
 
 double sum_sq_dev(const float* r, int64_t n, double mean) {
-  const float mu = static_cast<float>(mean);
-  float s = 0.f;
+  double s = 0.0;
   for (int64_t i = 0; i < n; ++i) {
     const float v = r[i];
-    const float d = v == v ? v - mu : 0.f;
+    const double d = v == v ? static_cast<double>(v) - mean : 0.0;
     s += d * d;
   }
   return s;

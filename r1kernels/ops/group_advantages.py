@@ -187,7 +187,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "gr
     if rewards.numel() % group_size != 0:
         raise ValueError(f"group_advantages: rewards.numel() ({rewards.numel()}) is not a multiple "
                          f"of group_size ({group_size})")
-    if scale not in SCALES:
+    if not isinstance(scale, str) or scale not in SCALES:
         raise ValueError(f"group_advantages: scale must be 'group', 'batch' or 'none', got {scale!r}")
     if not (isinstance(eps, (int, float)) and eps >= 0 and eps != float("inf")):
         raise ValueError(f"group_advantages: eps must be a finite number >= 0, got {eps!r}")

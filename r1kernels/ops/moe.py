@@ -829,7 +829,10 @@ def moe_route(router_logits: torch.Tensor, top_k: int, *, score_func: str = "sof
     """Top-k expert routing of `router_logits [T, E]` -> (weights [T, k] fp32, ids [T, k] int32).
 
     See shared/API.md and the module docstring. Differentiable w.r.t. router_logits through the
-    weights. `replay_ids [T, k]` skips selection (routing replay).
+    weights. `replay_ids [T, k]` skips selection (routing replay). `norm_topk_prob` divides by
+    the selected scores' sum + 1e-20, as DeepSeek-V3's reference code (and transformers') does:
+    the same as the plain sum unless the selected scores add up to less than about 1e-13 (then
+    the weights sum to less than 1 instead of dividing by almost zero).
     """
     op = "moe_route"
     _require_tensor(op, "router_logits", router_logits, dim=2, floating=True)
@@ -988,13 +991,20 @@ def moe_sequence_aux_loss(scores: torch.Tensor, ids: torch.Tensor,
         seg = torch.arange(T, device=s.device) // seq_len
         lens = torch.full((B,), seq_len, dtype=s.dtype, device=s.device)
     else:
-        lens_t = torch.as_tensor(seq_len, device=s.device)
-        if lens_t.dim() != 1 or lens_t.is_floating_point() or int(lens_t.sum()) != T or bool((lens_t < 1).any()):
-            raise ValueError(f"{op}: seq_len must be an int or positive integer lengths summing to T={T}")
+        if isinstance(seq_len, torch.Tensor):
+            lens_t = seq_len.to(s.device)
+        elif isinstance(seq_len, Sequence) and all(_is_int(n) for n in seq_len):
+            lens_t = torch.tensor(list(seq_len), dtype=torch.long, device=s.device)  # ([] too)
+        else:
+            lens_t = None
+        if lens_t is None or lens_t.dim() != 1 or lens_t.is_floating_point() \
+                or lens_t.dtype == torch.bool or int(lens_t.sum()) != T or bool((lens_t < 1).any()):
+            raise ValueError(f"{op}: seq_len must be an int or positive integer lengths summing to "
+                             f"T={T}, got {seq_len!r}")
         B = lens_t.shape[0]
         seg = torch.repeat_interleave(torch.arange(B, device=s.device), lens_t)
         lens = lens_t.to(s.dtype)
         P = torch.zeros(B, E, dtype=s.dtype, device=s.device).index_add(0, seg, p) / lens[:, None]
     counts = torch.ops.r1kernels_torch.moe_segment_counts(ids.detach(), seg.to(torch.int32), B, E)
     f = counts.to(s.dtype) * (E / top_k) / lens[:, None]
-    return alpha * (f * P).sum(-1).mean()
+    return alpha * (f * P).sum(-1).sum() / max(B, 1)  # (no sequence: 0, not the NaN of a mean)
