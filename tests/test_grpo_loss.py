@@ -281,6 +281,22 @@ def test_large_log_ratios(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_ratio_overflow_gives_finite_gradients(backend, level, loss_type):
+    """log-ratios of 90 and 120: exp overflows fp32 (c1 = inf). With A > 0 every clipped loss
+    has dl/dc1 = 0 there (sapo: a saturated gate; cispo: no c1 term), so the float64 gradient is
+    finite and the kernels must not form 0 * inf = NaN."""
+    lp, old, ref, adv, mask, rw = make_inputs(3, 9, seed=21)
+    mask[:, 0] = True
+    old = lp - torch.tensor([90.0, 120.0, 0.5]).repeat_interleave(3).view(3, 3).repeat(1, 3)
+    adv = adv.abs() + 0.1
+    for beta in (0.0, 0.05):
+        check(backend, lp, adv, mask, old_logps=old, ref_logps=ref, beta=beta, loss_type=loss_type,
+              importance_sampling_level=level, epsilon_high=5.0 if loss_type == "cispo" else None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("on_policy", [True, False], ids=["on-policy", "old"])
 def test_bias_corrected_kl_far_from_reference(backend, on_policy):
     """The bias-corrected KL's gradient where the policy is far below the reference (d = ref - lp
@@ -398,6 +414,36 @@ def test_torch_compile_fullgraph(backend, level):
     assert loss.item() == pytest.approx(rl, rel=1e-5)
     assert clip.item() == pytest.approx(rm["clip_ratio"], abs=1e-6)
     torch.testing.assert_close(x.grad.double().cpu(), rg, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph_dynamic(backend):
+    """dynamic=True: Dynamo traces the float options as symbolic floats; the option checks must
+    still trace (math.isfinite did not), and one graph serves two shapes."""
+    def f(x, a, m):
+        return r1kernels.grpo_loss(x, a, m, loss_type="sapo", epsilon_low=0.1).loss
+
+    with dispatch.use_backend(backend):
+        g = torch.compile(f, fullgraph=True, dynamic=True)
+        for B, T in ((3, 5), (4, 7)):
+            lp, old, ref, adv, mask, rw = make_inputs(B, T, seed=B)
+            x = lp.float().to(DEVICE).requires_grad_(True)
+            loss = g(x, adv.float().to(DEVICE), mask.to(DEVICE))
+            loss.backward()
+            rl, _, rg = reference(lp, adv, mask, loss_type="sapo", epsilon_low=0.1)
+            assert loss.item() == pytest.approx(rl, rel=1e-5)
+            torch.testing.assert_close(x.grad.double().cpu(), rg, rtol=1e-5, atol=1e-8)
+
+
+def test_option_checks_do_not_depend_on_earlier_calls():
+    """The options' cache keys by type: beta=False after beta=0 is still refused."""
+    lp, adv, mask = torch.zeros(2, 3, requires_grad=True), torch.zeros(2), torch.ones(2, 3)
+    for good, bad in ((dict(beta=0), dict(beta=False)),
+                      (dict(use_bias_correction_kl=True), dict(use_bias_correction_kl=1)),
+                      (dict(max_completion_length=4), dict(max_completion_length=4.0))):
+        r1kernels.grpo_loss(lp, adv, mask, **good)
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            r1kernels.grpo_loss(lp, adv, mask, **bad)
 
 
 def test_dispatch_backends():

@@ -184,7 +184,11 @@ R1K_SIMD_CLONES void block_grad(const Block& k, int64_t n, bool seq, float* g) {
     for (int64_t i = 0; i < n; ++i) g[i] = k.g_dir[i] * k.m[i];
   } else {
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) g[i] = (k.g_dir[i] + k.g_c1[i] * k.c1[i]) * k.m[i];
+    for (int64_t i = 0; i < n; ++i) {
+      // dl/dc1 = 0 (a clipped token) where c1 overflowed to inf: 0, not 0 * inf = NaN
+      const float gc = k.g_c1[i] != 0.f ? k.g_c1[i] * k.c1[i] : 0.f;
+      g[i] = (k.g_dir[i] + gc) * k.m[i];
+    }
   }
 }
 
@@ -275,7 +279,8 @@ void grpo_rows(const View<float>& lp_v, const View<float>& adv_v, const View<M>&
       const double n = acc[1];
       if (o.seq && g_row != nullptr) {
         // dc1/dlp_t = c1 m_t / max(n, 1): every masked-in token gets sum_t' m dl/dc1 * that
-        const float s_row = static_cast<float>(acc[6]) * c1_row / static_cast<float>(std::max(n, 1.0));
+        const float s_sum = static_cast<float>(acc[6]);
+        const float s_row = (s_sum != 0.f ? s_sum * c1_row : 0.f) / static_cast<float>(std::max(n, 1.0));
         for (int64_t t = 0; t < T; ++t) {
           const float m = static_cast<float>(mask_v.at(b, t));
           if (m != 0.f) g_row[t] += s_row * m;

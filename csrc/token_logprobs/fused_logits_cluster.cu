@@ -163,7 +163,7 @@ __device__ float grpo_dlogp(const FusedLogitsParams& p, const RowInputs& in, flo
       g_dir += p.beta * (1.f - __expf(d));
     }
   }
-  return (g_dir + g_c1 * c1) * m * in.scale;
+  return (g_dir + (g_c1 != 0.f ? g_c1 * c1 : 0.f)) * m * in.scale;  // (c1 may be inf)
 }
 
 template <int MODE>

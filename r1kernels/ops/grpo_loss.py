@@ -246,12 +246,14 @@ def _grpo_loss_fwd_kernel(lp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, rw_ptr, g
             a_s += tl.where(on, g_c1 * m, 0.0)
         else:
             if WRITE_GRAD:
-                g = tl.where(on, (g_dir + g_c1 * c1) * m, 0.0)
+                # (g_c1 == 0 where c1 overflowed to inf on a clipped token: 0, not 0 * inf)
+                g = tl.where(on, (g_dir + tl.where(g_c1 != 0.0, g_c1 * c1, 0.0)) * m, 0.0)
                 tl.store(grad_ptr + row * T + t, g, mask=ok)
     if SEQ:
         if WRITE_GRAD:
             # pass 3: direct terms + the sequence-ratio term sum_t'(m dl/dc1) c1 m_t / n
-            s_row = tl.sum(a_s, axis=0) * c1_row / tl.maximum(n_row, 1.0)
+            s_sum = tl.sum(a_s, axis=0)
+            s_row = tl.where(s_sum != 0.0, s_sum * c1_row, 0.0) / tl.maximum(n_row, 1.0)
             for start in range(t_lo, t_hi, BLOCK_T):
                 t = start + cols
                 ok = t < t_hi
@@ -549,11 +551,18 @@ def grpo_loss_fwd_torch(logps, adv, mask, old, ref, rw, cfg: _Config, write_grad
     g = torch.zeros_like(lp) if g_dir is None else g_dir
     if cfg.seq:
         if g_c1 is not None:
-            s_row = (g_c1 * m).sum(-1) * c1_row / n.clamp(min=1.0)
+            s_sum = (g_c1 * m).sum(-1)
+            s_row = _mul_nz(s_sum, c1_row) / n.clamp(min=1.0)
             g = g + s_row.unsqueeze(-1)
     elif g_c1 is not None:
-        g = g + g_c1 * c1
+        g = g + _mul_nz(g_c1, c1)
     return g * m, part
+
+
+def _mul_nz(a: torch.Tensor, c1: torch.Tensor) -> torch.Tensor:
+    """a * c1, and 0 where a is 0: a clipped token (or a saturated sapo gate, cispo) has
+    dl/dc1 = 0, and its gradient must stay 0 when c1 = exp(log-ratio) overflowed to inf."""
+    return torch.where(a != 0, a * c1, torch.zeros((), dtype=a.dtype, device=a.device))
 
 
 def row_scale(n: torch.Tensor, nitems, cfg: _Config) -> torch.Tensor:
@@ -684,7 +693,10 @@ class GRPOLossFunction(torch.autograd.Function):
 def _check_number(name, value, *, low=None, allow_none=False, positive=False):
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    # (comparisons, not math.isfinite: Dynamo with dynamic=True traces float options as
+    # symbolic floats, on which it cannot call math.isfinite; NaN fails both comparisons)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not -math.inf < value < math.inf:
         raise ValueError(f"grpo_loss: {name} must be a finite number, got {value!r}")
     if positive and value <= 0:
         raise ValueError(f"grpo_loss: {name} must be > 0, got {value!r}")
@@ -731,7 +743,8 @@ def _make_config(*, loss_type, epsilon_low, epsilon_high, delta, beta, importanc
                    max_len=float(T if max_completion_length is None else max_completion_length))
 
 
-_make_config_cached = functools.lru_cache(maxsize=256)(_make_config)
+# typed: True and 1, 4 and 4.0 are different keys (one is a valid option, the other not)
+_make_config_cached = functools.lru_cache(maxsize=256, typed=True)(_make_config)
 
 
 def check_inputs(logps, advantages, mask, old_logps, ref_logps, rollout_is_weights,

@@ -234,7 +234,7 @@ def _grpo_token_dlogp(logp, row, b, old_ptr, ref_ptr, adv_ptr, mask_ptr, rw_ptr,
     pol, g_dir, g_c1, kl, low, high = _grpo_token_terms(
         lp1, old1, ref1, a1, rw1, c1, eps_lo, eps_hi, delta, beta, tau_pos, tau_neg,
         LOSS, HAS_DELTA, HAS_RW, BETA_NZ, BIAS_KL, False)
-    g1 = tl.where(m1 != 0.0, (g_dir + g_c1 * c1) * m1, 0.0)
+    g1 = tl.where(m1 != 0.0, (g_dir + tl.where(g_c1 != 0.0, g_c1 * c1, 0.0)) * m1, 0.0)
     return tl.sum(g1, axis=0) * tl.load(scale_ptr + b)
 
 
