@@ -181,8 +181,7 @@ def _live_rows(labels, mask, vocab: int, ignore_index: int, device):
     batch). Every label is checked first, as the log-prob op would (IndexError). One host sync
     for the labels' check and the number of live rows; none under torch.compile (every row is
     kept)."""
-    TLP.check_labels("GRPOLoss", labels, tuple(labels.shape), vocab, ignore_index, device,
-                     data=False)
+    TLP.check_labels("GRPOLoss", labels, tuple(labels.shape), ignore_index, device)
     return TLP.checked_rows("GRPOLoss", labels, vocab, ignore_index,
                             (G._mask_view(mask) != 0) & (labels != ignore_index))
 
@@ -318,7 +317,7 @@ def _from_logits_fused_triton(logits, labels, adv, mask, old, ref, rw, cfg, scal
     label), for the caller to run once everything is enqueued; appends the loss partials."""
     B, T, V = logits.shape
     op = "GRPOLoss.from_logits"
-    TLP.check_labels(op, labels, (B, T), V, ignore_index, logits.device, data=False)
+    TLP.check_labels(op, labels, (B, T), ignore_index, logits.device)
     x = logits if logits.stride(-1) == 1 else logits.contiguous()
     g = x if inplace else torch.empty_like(x)
     rows = _TokenRows(cfg, T, adv, mask, old, ref, rw, scale, fwd)
@@ -429,9 +428,7 @@ class GRPOLoss(torch.nn.Module):
         G.make_config(**self.options, T=1, where="GRPOLoss")  # validate now
         self.temperature = TLP.check_temperature("GRPOLoss", temperature)
         self.with_entropy = bool(with_entropy)
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int) \
-                or not -2 ** 63 <= ignore_index < 2 ** 63:
-            raise ValueError(f"GRPOLoss: ignore_index must be an int64 integer, got {ignore_index!r}")
+        TLP.check_ignore_index("GRPOLoss", ignore_index)
         self.ignore_index = int(ignore_index)
         if sweep not in ("auto", "one", "two"):
             raise ValueError(f"GRPOLoss: sweep expected 'auto', 'one' or 'two', got {sweep!r}")

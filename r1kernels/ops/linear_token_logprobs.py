@@ -804,8 +804,7 @@ def _prepare(op, hidden, weight, labels, bias, temperature, ignore_index, label_
             raise ValueError(f"{op}: bias expected shape ({vocab},), got {tuple(bias.shape)}")
         if bias.device != hidden.device:
             raise ValueError(f"{op}: bias expected on device {hidden.device}, got {bias.device}")
-    tlp.check_labels(op, labels, hidden.shape[:-1], vocab, ignore_index, hidden.device,
-                     data=False)
+    tlp.check_labels(op, labels, hidden.shape[:-1], ignore_index, hidden.device)
     temperature = tlp.check_temperature(op, temperature)
     h = hidden.reshape(math.prod(hidden.shape[:-1]), hid)  # (-1 is ambiguous when H = 0)
     if bias is not None:

@@ -1011,10 +1011,10 @@ def _bad_label_error(op: str, labels, bad, vocab: int, ignore_index) -> IndexErr
 
 def checked_rows(op: str, labels: torch.Tensor, vocab: int, ignore_index: int,
                  keep: torch.Tensor):
-    """check_labels' data-dependent check (IndexError for a label out of range) and the indices
+    """The labels' value check (IndexError for a label out of range) and the indices
     of the True entries of `keep` (flattened; None when that is all of them), with one host
     sync for both (the bad-label and kept-row counts) instead of two. Under torch.compile: no
-    check, None (every row kept). Call check_labels(..., data=False) first."""
+    check, None (every row kept). Call check_labels first."""
     flat = keep.reshape(-1)
     if torch.compiler.is_compiling() or flat.numel() == 0:
         return None
@@ -1028,7 +1028,7 @@ def checked_rows(op: str, labels: torch.Tensor, vocab: int, ignore_index: int,
 
 
 def check_label_values(op: str, labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    """check_labels' data-dependent part alone: IndexError for a label outside [0, vocab) that
+    """The labels' value check alone: IndexError for a label outside [0, vocab) that
     is not ignore_index (one host sync; none under torch.compile, where the kernels return NaN
     instead). The fused kernels never read at an out-of-range label, so their launchers split
     it around the launch instead (start_label_check)."""
@@ -1064,9 +1064,15 @@ def start_label_check(op: str, labels: torch.Tensor, vocab: int, ignore_index: i
     return finish
 
 
-def check_labels(op: str, labels: torch.Tensor, batch_shape, vocab: int, ignore_index,
-                 device, data: bool = True) -> None:
-    """Type, shape and device of the labels; with `data`, also their values (one host sync)."""
+def check_ignore_index(op: str, ignore_index) -> None:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int) \
+            or not -2 ** 63 <= ignore_index < 2 ** 63:
+        raise ValueError(f"{op}: ignore_index must be an int64 integer, got {ignore_index!r}")
+
+
+def check_labels(op: str, labels: torch.Tensor, batch_shape, ignore_index, device) -> None:
+    """Type, shape and device of the labels, and ignore_index. Their values are checked on the
+    int64 labels (flat_labels) by check_label_values, checked_rows or start_label_check."""
     if not isinstance(labels, torch.Tensor):
         raise ValueError(f"{op}: labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.is_complex() or labels.dtype == torch.bool:
@@ -1075,11 +1081,7 @@ def check_labels(op: str, labels: torch.Tensor, batch_shape, vocab: int, ignore_
         raise ValueError(f"{op}: labels expected shape {tuple(batch_shape)}, got {tuple(labels.shape)}")
     if labels.device != device:
         raise ValueError(f"{op}: labels expected on device {device}, got {labels.device}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int) \
-            or not -2 ** 63 <= ignore_index < 2 ** 63:
-        raise ValueError(f"{op}: ignore_index must be an int64 integer, got {ignore_index!r}")
-    if data:
-        check_label_values(op, labels, vocab, ignore_index)
+    check_ignore_index(op, ignore_index)
 
 
 def check_upstream_grads(op: str, labels, grad_logp, grad_entropy, with_entropy: bool, device):
@@ -1117,7 +1119,7 @@ def _prepare(op: str, logits, labels, temperature, ignore_index, label_data: boo
     if vocab < 1:
         raise ValueError(f"{op}: logits must have a vocabulary dimension >= 1, got shape "
                          f"{tuple(logits.shape)}")
-    check_labels(op, labels, logits.shape[:-1], vocab, ignore_index, logits.device, data=False)
+    check_labels(op, labels, logits.shape[:-1], ignore_index, logits.device)
     temperature = check_temperature(op, temperature)
     x = logits.reshape(-1, vocab)
     if x.stride(-1) != 1:
