@@ -48,5 +48,5 @@ if has profile; then
   timeout "${PROFILE_TIMEOUT:-240}" $PY benchmarks/profile_hidden.py 2>&1 | tee "$OUT/profile.log" | tail -40
 fi
 if has step; then
-  timeout "${STEP_TIMEOUT:-180}" $PY -m trainer.bench_step --out "$OUT/bench_step.json" 2>&1 | tail -5
+  timeout "${STEP_TIMEOUT:-180}" $PY -m r1train.bench_step --out "$OUT/bench_step.json" 2>&1 | tail -5
 fi

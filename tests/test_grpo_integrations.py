@@ -228,7 +228,7 @@ def compare_with_trl(loss_type, extra, bf16, rtol):
     from r1kernels.integrations.trl import R1KGRPOTrainer
 
     trainer = _tiny_trainer(R1KGRPOTrainer, loss_type=loss_type, bf16=bf16, **extra)
-    model = trainer.model
+    model = r1train.model
     model.train()
     trainer.current_gradient_accumulation_steps = 2  # set by the training loop; 2 checks the scaling
     inputs = _inputs(trainer)
@@ -263,8 +263,8 @@ def test_trl_trainer_trains_one_step():
     from r1kernels.integrations.trl import R1KGRPOTrainer
 
     trainer = _tiny_trainer(R1KGRPOTrainer, beta=0.04)
-    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    out = trainer.train()
+    before = {n: p.detach().clone() for n, p in r1train.model.named_parameters()}
+    out = r1train.train()
     assert torch.isfinite(torch.tensor(out.training_loss))
-    changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(p.detach(), before[n])]
+    changed = [n for n, p in r1train.model.named_parameters() if not torch.equal(p.detach(), before[n])]
     assert any("lm_head" in n for n in changed) and len(changed) > 3

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from r1kernels import reference
-from trainer import rewards as R
-from trainer import tasks as T
-from trainer.config import Config, parse_args
-from trainer.generate import generate, generate_nocache_greedy, sample_next
-from trainer.loss import policy_loss, sft_loss, token_logprobs_from_hidden
+from r1train import rewards as R
+from r1train import tasks as T
+from r1train.config import Config, parse_args
+from r1train.generate import generate, generate_nocache_greedy, sample_next
+from r1train.loss import policy_loss, sft_loss, token_logprobs_from_hidden
 
 TINY = dict(tiny_hidden=32, tiny_layers=1, tiny_heads=2, tiny_intermediate=64, sft_examples=32,
             sft_epochs=1, sft_batch_size=16, grpo_steps=4, prompts_per_step=4, group_size=4,
@@ -104,7 +104,7 @@ def test_format_reward_and_weighted_sum():
 
 
 def test_pluggable_reward():
-    fn = R.RewardFn({"trainer.rewards:format_reward": 2.0})
+    fn = R.RewardFn({"r1train.rewards:format_reward": 2.0})
     assert fn("<think></think><answer>1</answer>", T.Example("p", "1"))[0] == 2.0
     with pytest.raises(ValueError, match="reward expected"):
         R.resolve_reward("nope")
@@ -155,7 +155,7 @@ def test_jsonl_task(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from trainer.model import build_tiny_model, load_model
+    from r1train.model import build_tiny_model, load_model
 
     path = build_tiny_model(str(tmp_path_factory.mktemp("m")), hidden_size=32, num_layers=2,
                             num_heads=2, intermediate_size=64, max_positions=128, seed=0)
@@ -335,7 +335,7 @@ def test_config_yaml_and_flags(tmp_path):
 # ---- the pipeline -----------------------------------------------------------------------------
 
 def _run(tmp_path, name, **over):
-    from trainer.train import train
+    from r1train.train import train
 
     cfg = Config(**{**TINY, "out_dir": str(tmp_path / name), **over})
     return cfg, train(cfg)
@@ -356,7 +356,7 @@ def test_pipeline_summary_schema(tmp_path):
     assert any(r["stage"] == "eval" for r in rows)
     assert any(r["stage"] == "sft" for r in rows)
     # the trained model directory loads back with from_pretrained (safetensors)
-    from trainer.model import load_model
+    from r1train.model import load_model
 
     files = os.listdir(tmp_path / "run" / "model")
     assert any(f.endswith(".safetensors") for f in files)
@@ -369,7 +369,7 @@ def test_pipeline_summary_schema(tmp_path):
 
 
 def test_ctrl_c_then_resume_is_exact(tmp_path, monkeypatch):
-    from trainer import train as train_mod
+    from r1train import train as train_mod
 
     # a reward that varies within every group, so the policy moves away from the KL reference
     # before the cut: a resume that took the cut's weights as the reference would differ
@@ -411,7 +411,7 @@ def test_ctrl_c_then_resume_is_exact(tmp_path, monkeypatch):
 
 def test_base_model_follows_seed_and_shape(tmp_path):
     """A tiny base model left in out_dir by a run with another seed or shape is rebuilt."""
-    from trainer.train import Trainer
+    from r1train.train import Trainer
 
     def params(**over):
         t = Trainer(Config(**{**TINY, "out_dir": str(tmp_path / "o"), **over}))
@@ -472,7 +472,7 @@ def test_r1_zero_rejection_sampling_and_distillation(tmp_path):
 
 
 def test_bench_step_smoke():
-    from trainer import bench_step
+    from r1train import bench_step
 
     r = bench_step.main(["--tiny", "--dtype", "float32", "--prompts", "2", "--group_size", "2",
                          "--prompt_len", "4", "--new_tokens", "6"])
@@ -484,7 +484,7 @@ def test_moe_model_directory(tmp_path):
     expert dispatch replaced by r1kernels ops."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    from trainer.model import build_char_tokenizer, load_model
+    from r1train.model import build_char_tokenizer, load_model
 
     tok = build_char_tokenizer()
     cfg = Qwen3MoeConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
@@ -516,3 +516,20 @@ def test_moe_model_directory(tmp_path):
         assert roll.tokens[i, :int(roll.lengths[i])].tolist() == ref
     _, s = _run(tmp_path, "moe_run", model=str(path), grpo_steps=2)
     assert s["model_parameters"] == sum(p.numel() for p in model.parameters())
+
+
+def test_user_trainer_module_does_not_shadow_ours(tmp_path):
+    """A user's own trainer.py beside their script must not shadow the installed trainer."""
+    import subprocess
+    import sys
+    (tmp_path / "trainer.py").write_text("raise SystemExit('user trainer imported')\n")
+    code = ("import r1train.cli, r1train.train, trainer; "
+            "print(r1train.cli.__file__); print(trainer.__file__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    # importing `trainer` runs the user's file (exit message), after ours imported fine
+    assert "user trainer imported" in out.stderr, out.stderr
+    out = subprocess.run([sys.executable, "-c", "import r1train.cli; print(r1train.cli.__file__)"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert str(tmp_path) not in out.stdout

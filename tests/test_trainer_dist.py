@@ -16,7 +16,7 @@ def test_torchrun_two_gloo_processes(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=repo + os.pathsep +
                os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "trainer", "--out_dir", str(out), "--device", "cpu", "--tiny_hidden", "32",
+           "-m", "r1train", "--out_dir", str(out), "--device", "cpu", "--tiny_hidden", "32",
            "--tiny_layers", "1", "--tiny_heads", "2", "--tiny_intermediate", "64",
            "--sft_examples", "32", "--sft_epochs", "1", "--sft_batch_size", "16",
            "--grpo_steps", "3", "--prompts_per_step", "2", "--group_size", "4",

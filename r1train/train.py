@@ -37,12 +37,12 @@ import torch
 import torch.distributed as dist
 
 import r1kernels
-from trainer import tasks as tasks_mod
-from trainer.config import Config
-from trainer.generate import generate
-from trainer.loss import policy_loss, sft_loss, token_logprobs_from_hidden
-from trainer.model import build_tiny_model, decoder_of, lm_head_of, load_model
-from trainer.rewards import RewardFn, verify
+from r1train import tasks as tasks_mod
+from r1train.config import Config
+from r1train.generate import generate
+from r1train.loss import policy_loss, sft_loss, token_logprobs_from_hidden
+from r1train.model import build_tiny_model, decoder_of, lm_head_of, load_model
+from r1train.rewards import RewardFn, verify
 
 GRPO_SEED_BASE = 1 << 30   # GRPO prompt seeds; SFT uses [0, sft_examples), eval >= 2**40
 RS_SEED_BASE = 1 << 35     # rejection-sampling prompt seeds
@@ -541,7 +541,7 @@ class Trainer:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
         os.replace(tmp, os.path.join(cfg.out_dir, "summary.json"))
-        from trainer.plot import plot_metrics
+        from r1train.plot import plot_metrics
 
         plot_metrics(self.state["history"], os.path.join(cfg.out_dir, "plot.png"), summary)
         return summary

@@ -13,7 +13,7 @@ import math
 import re
 from fractions import Fraction
 
-from trainer.tasks import Example
+from r1train.tasks import Example
 
 MAX_EXPR_CHARS = 200
 MAX_ABS = 10 ** 12

@@ -1,6 +1,6 @@
 """Measure one GRPO step (rollout + update) of a random-weight model.
 
-`python -m trainer.bench_step [--tiny]`.
+`python -m r1train.bench_step [--tiny]`.
 
 Default shape: Qwen2.5-0.5B (24 layers, hidden 896, 14 heads / 2 KV heads, MLP 4864,
 vocab 151936, tied embeddings), 16 prompts x 8 completions, prompts of 64 tokens, 256 new tokens
@@ -38,10 +38,10 @@ def main(argv=None) -> dict:
 
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from trainer.config import Config
-    from trainer.generate import generate
-    from trainer.model import build_char_tokenizer
-    from trainer.train import Trainer
+    from r1train.config import Config
+    from r1train.generate import generate
+    from r1train.model import build_char_tokenizer
+    from r1train.train import Trainer
 
     dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                        else "cpu" if args.device == "auto" else args.device)

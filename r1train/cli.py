@@ -1,4 +1,4 @@
-"""`r1-train` / `python -m trainer`: parse the configuration and run the pipeline."""
+"""`r1-train` / `python -m r1train`: parse the configuration and run the pipeline."""
 from __future__ import annotations
 
 import json
@@ -6,8 +6,8 @@ import sys
 
 
 def main(argv=None) -> int:
-    from trainer.config import parse_args
-    from trainer.train import train
+    from r1train.config import parse_args
+    from r1train.train import train
 
     cfg = parse_args(argv)
     summary = train(cfg)
