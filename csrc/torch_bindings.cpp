@@ -49,7 +49,7 @@ TORCH_LIBRARY(r1kernels, m) {
   // clip_ratio; the per-row gradient scale [B]).
   m.def("grpo_loss_finalize(Tensor part, Tensor? nitems, int loss, float max_len) -> (Tensor, Tensor)");
 
-  // MoE routing (csrc/moe/). score_func: "softmax" | "sigmoid". Returns (weights [T, k] fp32,
+  // MoE routing (csrc/moe/). score_func: "softmax" | "sigmoid" | "sqrtsoftplus". Returns (weights [T, k] fp32,
   // ids [T, k] int32, selected scores [T, k] fp32, logsumexp [T] fp32) - the last two for backward.
   m.def("moe_route(Tensor logits, int top_k, str score_func, int n_group, int topk_group, Tensor? bias, "
         "bool norm, float scale, Tensor? replay_ids) -> (Tensor, Tensor, Tensor, Tensor)");

@@ -195,7 +195,7 @@ def _order_desc(values: torch.Tensor, tier: torch.Tensor) -> torch.Tensor:
 def moe_route_ref(router_logits: torch.Tensor, top_k: int, *, score_func: str = "softmax",
                   n_group: int = 1, topk_group: int = 1, correction_bias=None,
                   norm_topk_prob: bool = True, routed_scaling_factor: float = 1.0,
-                  replay_ids=None):
+                  replay_ids=None, expert_scale=None):
     """(weights [T, k], ids [T, k] int32) of shared/API.md `moe_route`, via sorts and gathers."""
     x = _upcast(router_logits)
     T, E = x.shape
@@ -203,8 +203,10 @@ def moe_route_ref(router_logits: torch.Tensor, top_k: int, *, score_func: str = 
         s = torch.softmax(x, dim=-1)
     elif score_func == "sigmoid":
         s = torch.sigmoid(x)
+    elif score_func == "sqrtsoftplus":
+        s = torch.nn.functional.softplus(x).sqrt()
     else:
-        raise ValueError(f"score_func must be 'softmax' or 'sigmoid', got {score_func!r}")
+        raise ValueError(f"score_func must be 'softmax', 'sigmoid' or 'sqrtsoftplus', got {score_func!r}")
     if replay_ids is not None:
         ids = replay_ids.long()
     else:
@@ -228,6 +230,8 @@ def moe_route_ref(router_logits: torch.Tensor, top_k: int, *, score_func: str = 
     w = s.gather(1, ids)
     if norm_topk_prob:
         w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    if expert_scale is not None:
+        w = w * _upcast(expert_scale)[ids]
     w = w * routed_scaling_factor
     return w, ids.to(torch.int32)
 

@@ -23,7 +23,12 @@ CONFIGS = [
     (128, 8, "softmax", 1, 1, False),      # Qwen3-MoE
     (256, 8, "sigmoid", 8, 4, True),       # DeepSeek-V3
     (256, 6, "softmax", 8, 3, False),
+    (256, 6, "sqrtsoftplus", 1, 1, True),  # DeepSeek-V4
+    (384, 8, "sigmoid", 1, 1, True),       # Kimi-K2.5: one group, 384 experts
+    (512, 10, "softmax", 1, 1, False),     # Qwen3.5-397B-A17B
+    (512, 16, "sqrtsoftplus", 8, 4, True),  # the kernels' limits: E=512, top_k=16
 ]
+SCORE_FUNCS = ["softmax", "sigmoid", "sqrtsoftplus"]
 
 
 def cfg_id(c):
@@ -153,6 +158,28 @@ def test_nan_scores(backend):
     # with groups and a bias
     check(backend, x, k, score_func="sigmoid", n_group=4, topk_group=2, correction_bias=torch.randn(E, device=DEVICE))
     check(backend, x, k, score_func="sigmoid", n_group=4, topk_group=2)
+    # sqrtsoftplus: NaN like sigmoid (per score), -inf scores 0, +inf scores inf
+    w, ids = check(backend, x, k, score_func="sqrtsoftplus", correction_bias=torch.randn(E, device=DEVICE))
+    assert not any(i in (1, 3, 5) for i in ids.cpu()[0].tolist())
+    check(backend, x, k, score_func="sqrtsoftplus", n_group=4, topk_group=2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sqrtsoftplus_extremes(backend):
+    """sqrt(softplus(x)) over the whole range: softplus underflowing (x < -104 in fp32), tiny
+    (log1p matters below x = -17), torch's threshold at 20, overflow. Values and gradients
+    against float64 at every selected score (replayed, so each listed logit is selected)."""
+    vals = [-200.0, -100.0, -60.0, -30.0, -17.0, -5.0, -1e-3, 0.0, 1e-3, 3.0, 19.9, 20.1, 60.0, 1e30]
+    E = len(vals)
+    x = torch.tensor([vals, vals[::-1]])
+    rep = torch.arange(E).repeat(2, 1)
+    check(backend, x, E, score_func="sqrtsoftplus", replay_ids=rep, norm_topk_prob=False, atol=1e-20)
+    _grad_check(backend, x, E, score_func="sqrtsoftplus", replay_ids=rep, norm_topk_prob=False, atol=1e-20)
+    _grad_check(backend, x, E, score_func="sqrtsoftplus", replay_ids=rep, atol=1e-20)
+    # selection: the order of the scores, ties to the lower index, for logits far below 0 too
+    xs = torch.tensor([[-90.0, -80.0, -90.0, -85.0, -300.0, -300.0]])
+    _, ids = check(backend, xs, 5, score_func="sqrtsoftplus", atol=1e-20)
+    assert ids.cpu().tolist() == [[1, 3, 0, 2, 4]]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -203,7 +230,7 @@ def test_replay(backend):
         route(backend, x2.to(DEVICE), k, replay_ids=bad)
 
 
-def _grad_check(backend, x, k, **kw):
+def _grad_check(backend, x, k, *, atol=1e-6, **kw):
     g = torch.randn(x.shape[0], k, dtype=torch.float64)
     xk = x.float().to(DEVICE).clone().requires_grad_(True)
     kwd = {key: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for key, v in kw.items()}
@@ -215,11 +242,11 @@ def _grad_check(backend, x, k, **kw):
     wr, idr = moe_route_ref(xr, k, **kwr)
     wr.backward(g)
     assert torch.equal(ids.cpu(), idr)
-    torch.testing.assert_close(xk.grad.cpu().double(), xr.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(xk.grad.cpu().double(), xr.grad, rtol=1e-4, atol=atol)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("sf", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("sf", SCORE_FUNCS)
 @pytest.mark.parametrize("norm,scale", [(True, 1.0), (False, 2.5), (True, 2.5)])
 def test_gradient(backend, sf, norm, scale):
     x = torch.randn(13, 64)
@@ -227,6 +254,43 @@ def test_gradient(backend, sf, norm, scale):
     _grad_check(backend, torch.randn(7, 256), 8, score_func=sf, n_group=8, topk_group=4,
                 correction_bias=torch.randn(256) * 0.05, norm_topk_prob=norm, routed_scaling_factor=scale)
     _grad_check(backend, x, 6, score_func=sf, replay_ids=torch.randint(0, 64, (13, 6)), norm_topk_prob=norm)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sf", SCORE_FUNCS)
+def test_expert_scale(backend, sf):
+    """expert_scale (Gemma-4's per-expert scale): after the normalization, before the scaling
+    factor; values, and gradients w.r.t. both the logits and expert_scale, at E=512, top_k=16."""
+    for E, k, ng, tg, bias in ((64, 6, 1, 1, False), (512, 16, 8, 4, True)):
+        x = torch.randn(11, E) * 2
+        es = torch.rand(E, dtype=torch.float64) + 0.5
+        kw = dict(score_func=sf, n_group=ng, topk_group=tg, routed_scaling_factor=2.5)
+        if bias:
+            kw["correction_bias"] = torch.randn(E, dtype=torch.float64) * 0.05
+        for norm in (True, False):
+            g = torch.randn(11, k, dtype=torch.float64)
+            xk = x.clone().to(DEVICE).requires_grad_(True)
+            esk = es.float().to(DEVICE).requires_grad_(True)
+            kwd = {key: (v.float().to(DEVICE) if isinstance(v, torch.Tensor) else v) for key, v in kw.items()}
+            with dispatch.use_backend(backend):
+                w, ids = r1kernels.moe_route(xk, k, norm_topk_prob=norm, expert_scale=esk, **kwd)
+            w.backward(g.float().to(DEVICE))
+            xr = x.double().requires_grad_(True)
+            esr = es.clone().requires_grad_(True)
+            wr, idr = moe_route_ref(xr, k, norm_topk_prob=norm, expert_scale=esr, **kw)
+            wr.backward(g)
+            assert torch.equal(ids.cpu(), idr)
+            assert w.dtype == torch.float32
+            torch.testing.assert_close(w.detach().cpu().double(), wr.detach(), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(xk.grad.cpu().double(), xr.grad, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(esk.grad.cpu().double(), esr.grad, rtol=1e-4, atol=1e-6)
+            assert (esk.grad != 0).sum() > k  # the chosen experts' scales get a gradient
+    # a bf16 parameter gets its gradient in bf16; without grad on the logits expert_scale still learns
+    es16 = torch.ones(64, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
+    with dispatch.use_backend(backend):
+        w, _ = r1kernels.moe_route(torch.randn(5, 64, device=DEVICE), 4, score_func=sf, expert_scale=es16)
+    w.sum().backward()
+    assert es16.grad.dtype == torch.bfloat16 and es16.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -250,7 +314,7 @@ def test_saves_only_topk_tensors(backend):
     """Backward keeps [T, k] tensors (plus the logits input for softmax), never a new [T, E] one."""
     T, E, k = 32, 64, 4
     x = torch.randn(T, E, device=DEVICE, requires_grad=True)
-    for sf in ("sigmoid", "softmax"):
+    for sf in SCORE_FUNCS:
         saved = []
 
         def pack(t):
@@ -261,7 +325,7 @@ def test_saves_only_topk_tensors(backend):
             with dispatch.use_backend(backend):
                 w, _ = r1kernels.moe_route(x, k, score_func=sf)
         big = [t for t in saved if t.numel() >= T * E]
-        if sf == "sigmoid":
+        if sf != "softmax":
             assert big == []
         else:
             assert len(big) == 1 and big[0].data_ptr() == x.data_ptr()
@@ -270,8 +334,11 @@ def test_saves_only_topk_tensors(backend):
 
 def test_reference_gradcheck():
     x = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
-    for sf in ("softmax", "sigmoid"):
+    es = (torch.rand(12, dtype=torch.float64) + 0.5).requires_grad_(True)
+    for sf in SCORE_FUNCS:
         torch.autograd.gradcheck(lambda t: moe_route_ref(t, 3, score_func=sf, n_group=3, topk_group=2)[0], (x,))
+        torch.autograd.gradcheck(lambda t, e: moe_route_ref(t, 3, score_func=sf, expert_scale=e,
+                                                            routed_scaling_factor=2.0)[0], (x, es))
 
 
 @pytest.mark.parametrize("bad,exc", [
@@ -281,6 +348,10 @@ def test_reference_gradcheck():
     (dict(top_k=2, n_group=4, topk_group=5), ValueError),
     (dict(top_k=5, n_group=4, topk_group=2), ValueError),               # top_k > kept experts
     (dict(top_k=2, score_func="relu"), ValueError),
+    (dict(top_k=2, score_func="sqrt_softplus"), ValueError),
+    (dict(top_k=2, expert_scale=torch.ones(7)), ValueError),
+    (dict(top_k=2, expert_scale=torch.ones(8, dtype=torch.long)), ValueError),
+    (dict(top_k=2, expert_scale=torch.ones(1, 8)), ValueError),
     (dict(top_k=2, correction_bias=torch.zeros(7)), ValueError),
     (dict(top_k=2, replay_ids=torch.zeros(4, 3, dtype=torch.long)), ValueError),
     (dict(top_k=2, replay_ids=torch.zeros(4, 2)), ValueError),          # float ids
@@ -331,25 +402,34 @@ def test_opcheck():
     bop = torch.ops.r1kernels.moe_route_backward.default
     torch.library.opcheck(bop, (torch.randn(6, 4, device=DEVICE), ids, sel, x, lse, 32, torch.float32, "softmax"))
     torch.library.opcheck(bop, (torch.randn(6, 4, device=DEVICE), ids, sel, None, lse, 32, torch.bfloat16, "sigmoid"))
+    torch.library.opcheck(op, (x, 4, "sqrtsoftplus", 1, 1, b, True, 1.0, None))
+    w, ids, sel, lse = torch.ops.r1kernels.moe_route(x, 4, "sqrtsoftplus", 1, 1, b, True, 1.0, None)
+    torch.library.opcheck(bop, (torch.randn(6, 4, device=DEVICE), ids, sel, None, lse, 32, torch.float32,
+                                "sqrtsoftplus"))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)  # Triton too: its launchers are custom ops under compile
 def test_torch_compile_fullgraph(backend):
     x = torch.randn(16, 64, device=DEVICE, requires_grad=True)
     b = torch.randn(64, device=DEVICE) * 0.1
+    es = (torch.rand(64, device=DEVICE) + 0.5).requires_grad_(True)
 
-    def fn(t):
-        w, ids = r1kernels.moe_route(t, 4, score_func="sigmoid", n_group=8, topk_group=4, correction_bias=b)
+    def fn(t, e):
+        w, ids = r1kernels.moe_route(t, 4, score_func="sqrtsoftplus", n_group=8, topk_group=4, correction_bias=b,
+                                     expert_scale=e)
         return (w * w).sum(), ids
 
     with dispatch.use_backend(backend):
-        loss, ids = torch.compile(fn, fullgraph=True)(x)
+        loss, ids = torch.compile(fn, fullgraph=True)(x, es)
         loss.backward()
     xr = x.detach().cpu().double().requires_grad_(True)
-    wr, idr = moe_route_ref(xr, 4, score_func="sigmoid", n_group=8, topk_group=4, correction_bias=b.double().cpu())
+    er = es.detach().cpu().double().requires_grad_(True)
+    wr, idr = moe_route_ref(xr, 4, score_func="sqrtsoftplus", n_group=8, topk_group=4,
+                            correction_bias=b.double().cpu(), expert_scale=er)
     (wr * wr).sum().backward()
     assert torch.equal(ids.cpu(), idr)
     torch.testing.assert_close(x.grad.cpu().double(), xr.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(es.grad.cpu().double(), er.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_dispatch_forced_unavailable_raises():
@@ -396,6 +476,9 @@ def test_update_bias():
     assert bias.cpu().tolist() == pytest.approx([0.01, -0.01, 0, 0, 0.01, -0.01, 0.01, 0.01])
     with pytest.raises(ValueError):
         r1kernels.moe_update_bias(bias, counts[:4], 0.01)
+    # an expanded bias would add E updates into one element
+    with pytest.raises(ValueError, match="bias"):
+        r1kernels.moe_update_bias(torch.zeros(1, device=DEVICE).expand(8), counts, 0.01)
 
 
 @pytest.mark.parametrize("seq_len", [16, [5, 11, 16]])

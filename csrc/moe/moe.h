@@ -7,6 +7,8 @@
 // ordered() maps fp32 bits to uint32 with the order of the floats (-0.0 is folded to +0.0), so
 // a max over keys picks the best value, ties the lower index, and NaN only when nothing else is left.
 #pragma once
+#include <math.h>
+
 #include <cstdint>
 #include <cstring>
 
@@ -19,7 +21,14 @@
 namespace r1k {
 namespace moe {
 
-enum class ScoreFunc : int { kSoftmax = 0, kSigmoid = 1 };
+enum class ScoreFunc : int { kSoftmax = 0, kSigmoid = 1, kSqrtSoftplus = 2 };
+
+// DeepSeek-V4's score sqrt(softplus(x)), softplus as torch computes it (x itself above 20).
+R1K_HD float sqrt_softplus(float x) { return sqrtf(x > 20.f ? x : log1pf(expf(x))); }
+
+// ds/dx of s = sqrt(softplus(x)) from s alone: sigmoid(x) / (2s) with sigmoid(x) = 1 - exp(-s^2)
+// (expm1 keeps it exact for small s); 0 where s underflowed to 0 (the limit), NaN stays NaN.
+R1K_HD float sqrt_softplus_grad(float s) { return s == 0.f ? 0.f : -expm1f(-s * s) / (2.f * s); }
 
 constexpr int kMaxKernelExperts = 512;  // CUDA routing: <= 16 scores per lane in registers
 constexpr int kMaxKernelTopK = 32;      // CUDA routing: one selected expert per lane

@@ -21,7 +21,8 @@ namespace moe {
 ScoreFunc parse_score_func(std::string_view s) {
   if (s == "softmax") return ScoreFunc::kSoftmax;
   if (s == "sigmoid") return ScoreFunc::kSigmoid;
-  TORCH_CHECK_VALUE(false, "moe_route: score_func must be 'softmax' or 'sigmoid', got '", r1k::msg(std::string(s)),
+  if (s == "sqrtsoftplus") return ScoreFunc::kSqrtSoftplus;
+  TORCH_CHECK_VALUE(false, "moe_route: score_func must be 'softmax', 'sigmoid' or 'sqrtsoftplus', got '", r1k::msg(std::string(s)),
                     "'");
 }
 
@@ -146,6 +147,8 @@ void route_rows(const at::Tensor& x, int64_t top_k, ScoreFunc sf, int64_t n_grou
       float row_lse = 0.f;
       if (sf == ScoreFunc::kSigmoid) {
         for (int64_t e = 0; e < E; ++e) s[e] = 1.f / (1.f + std::exp(-s[e]));
+      } else if (sf == ScoreFunc::kSqrtSoftplus) {
+        for (int64_t e = 0; e < E; ++e) s[e] = sqrt_softplus(s[e]);
       } else {
         float den = 0.f;
         for (int64_t e = 0; e < E; ++e) { s[e] = std::exp(s[e] - mx); den += s[e]; }
@@ -224,7 +227,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_route_cpu(
   return {w, ids, sel, lse};
 }
 
-// dx from gs = dL/ds[ids] (see r1kernels/ops/moe.py): sigmoid puts gs*s*(1-s) at the ids; softmax
+// dx from gs = dL/ds[ids] (see r1kernels/ops/moe.py): sigmoid puts gs*s*(1-s) at the ids,
+// sqrtsoftplus gs*ds/dx (from s: sqrt_softplus_grad); softmax
 // gives s_e (G_e - sum_e' G_e' s_e').
 at::Tensor moe_route_backward_cpu(const at::Tensor& gs, const at::Tensor& ids, const at::Tensor& sel,
                                   const std::optional<at::Tensor>& logits, const at::Tensor& lse, int64_t num_experts,
@@ -251,9 +255,10 @@ at::Tensor moe_route_backward_cpu(const at::Tensor& gs, const at::Tensor& ids, c
           if (e < 0 || e >= E) continue;
           float v = gp[t * K + j];
           if (sf == ScoreFunc::kSigmoid) v *= sp[t * K + j] * (1.f - sp[t * K + j]);
+          if (sf == ScoreFunc::kSqrtSoftplus) v *= sqrt_softplus_grad(sp[t * K + j]);
           G[e] += v;
         }
-        if (sf == ScoreFunc::kSigmoid) {
+        if (sf != ScoreFunc::kSoftmax) {
           for (int64_t e = 0; e < E; ++e) dp[t * E + e] = static_cast<scalar_t>(G[e]);
         } else {
           float d = 0.f;
@@ -349,6 +354,12 @@ at::Tensor moe_unpermute_cpu(const at::Tensor& src, const at::Tensor& row_ids,
                                const std::optional<at::Tensor>& weights) {
   check_rows_args("moe_unpermute", src, row_ids, weights);
   const int64_t T = row_ids.size(0), K = row_ids.size(1), H = src.size(1), R = src.size(0);
+  if (row_ids.numel() > 0) {
+    auto mm = at::aminmax(row_ids);
+    const int64_t lo = std::get<0>(mm).item<int64_t>(), hi = std::get<1>(mm).item<int64_t>();
+    TORCH_CHECK_INDEX(lo >= 0 && hi < R, "moe_unpermute: perm.row_ids must be in [0, ", r1k::msg(R),
+                      ") (the rows of expert_out), got ", r1k::msg(lo < 0 ? lo : hi));
+  }
   at::Tensor sc = src.contiguous(), rc = row_ids.contiguous();
   at::Tensor wc = weights ? weights->to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor out = at::empty({T, H}, src.options());

@@ -17,7 +17,7 @@
 // memory/issue limit; to be confirmed on a GPU.
 //
 // Backward: one warp per token, lanes stride over E (coalesced), k selected (id, gs) pairs read
-// by every lane: dx_e = s_e (G_e - D) (softmax) or G_e (sigmoid, G already times s(1-s)).
+// by every lane: dx_e = s_e (G_e - D) (softmax) or G_e (sigmoid / sqrtsoftplus, G already times ds/dx).
 // Bytes: T*E*elt written (+ T*E*elt read for softmax) + T*k*12 read.
 #include <cuda_runtime.h>
 #include <math.h>
@@ -193,6 +193,9 @@ moe_route_kernel(const T* __restrict__ x, int64_t T_, int E, int64_t stride, int
   if (score_func == static_cast<int>(ScoreFunc::kSigmoid)) {
 #pragma unroll
     for (int j = 0; j < VPT; ++j) v[j] = 1.f / (1.f + __expf(-v[j]));
+  } else if (score_func == static_cast<int>(ScoreFunc::kSqrtSoftplus)) {
+#pragma unroll
+    for (int j = 0; j < VPT; ++j) v[j] = sqrt_softplus(v[j]);
   } else {
     bool nan = false;
     float m = -INFINITY;
@@ -229,6 +232,8 @@ moe_route_kernel(const T* __restrict__ x, int64_t T_, int E, int64_t stride, int
       const float xl = to_float(row[my_id]);
       if (score_func == static_cast<int>(ScoreFunc::kSigmoid)) {
         my_s = 1.f / (1.f + __expf(-xl));
+      } else if (score_func == static_cast<int>(ScoreFunc::kSqrtSoftplus)) {
+        my_s = sqrt_softplus(xl);
       } else {
         my_s = isnan(lse) ? NAN : __expf(xl - mx) / den;
       }
@@ -313,9 +318,11 @@ moe_route_backward_kernel(const float* __restrict__ gs, const int32_t* __restric
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kRouteWarps + (threadIdx.x >> 5);
   if (t >= T_) return;
   const bool sigmoid = score_func == static_cast<int>(ScoreFunc::kSigmoid);
-  const float l = sigmoid ? 0.f : lse[t];
+  const bool sqrt_softplus_score = score_func == static_cast<int>(ScoreFunc::kSqrtSoftplus);
+  const bool elementwise = sigmoid || sqrt_softplus_score;  // dx only at the ids
+  const float l = elementwise ? 0.f : lse[t];
   float d = 0.f;
-  if (!sigmoid) {
+  if (!elementwise) {
     for (int j = 0; j < K; ++j) {
       const int id = ids[t * K + j];
       if (id >= 0 && id < E) d += gs[t * K + j] * __expf(to_float(x[t * E + id]) - l);
@@ -327,11 +334,12 @@ moe_route_backward_kernel(const float* __restrict__ gs, const int32_t* __restric
       if (ids[t * K + j] == e) {
         float g = gs[t * K + j];
         if (sigmoid) g *= sel[t * K + j] * (1.f - sel[t * K + j]);
+        if (sqrt_softplus_score) g *= sqrt_softplus_grad(sel[t * K + j]);
         G += g;
       }
     }
     float out = G;
-    if (!sigmoid) {
+    if (!elementwise) {
       const float s = __expf(to_float(x[t * E + e]) - l);
       out = s * (G - d);
     }

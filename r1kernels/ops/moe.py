@@ -1,10 +1,12 @@
 """MoE routing and token dispatch: moe_route, moe_permute / moe_unpermute and the balance helpers.
 
 Routing (one token = one row of E router logits):
-    s = softmax(x) | sigmoid(x);  c = s + bias (bias only selects)
+    s = softmax(x) | sigmoid(x) | sqrt(softplus(x));  c = s + bias (bias only selects)
     groups (n_group > 1): group score = top-2 sum of c (with bias) or max of c (without);
     keep the topk_group best groups; pick the top_k best experts among them.
     w = s[ids] / (sum s[ids] + 1e-20) if norm_topk_prob;  w *= routed_scaling_factor
+    w *= expert_scale[ids]  (optional; a [T, k] gather after the kernel, so autograd gives both
+                             dL/d expert_scale and the gw * expert_scale[ids] the kernel backward sees)
 Every backend ranks by the packed key (tier, value, -index): tier 3 eligible, 2 outside the kept
 groups, 1 NaN, so NaN is never picked while a non-NaN score remains and ties go to the lower
 index; values compare as fp32 through the order-preserving integer map of their bits.
@@ -12,6 +14,8 @@ index; values compare as fp32 through the order-preserving integer map of their 
 Backward (router logits get gradient through the selected weights only). With g = dL/dw:
     gs_i = c/S (g_i - sum_j g_j s_j / S)  (norm, S = sum s[ids] + 1e-20), else gs_i = c g_i
     sigmoid: dL/dx[ids_i] = gs_i s_i (1 - s_i), 0 elsewhere
+    sqrtsoftplus: dL/dx[ids_i] = gs_i sigmoid(x_i) / (2 s_i) = gs_i (1 - exp(-s_i^2)) / (2 s_i)
+             (from the saved s: expm1 for small s; 0 where s underflowed to 0), 0 elsewhere
     softmax: dL/dx_e = s_e (G_e - sum_i gs_i s_i),  G = gs scattered to ids,  s_e = exp(x_e - lse)
 Saved for backward: the [T, k] selected scores and ids, the [T] logsumexp (softmax), and the
 router logits themselves for softmax (an input that exists anyway): never a new [T, E] tensor.
@@ -50,7 +54,7 @@ dispatch.register(OP_ROUTE, cuda=("cuda", "triton", "torch"), cpu=("cpp", "torch
 for _op in (OP_PERMUTE, OP_UNPERMUTE):
     dispatch.register(_op, cuda=("triton", "cuda", "torch"), cpu=("cpp", "torch"))
 
-SCORE_FUNCS = ("softmax", "sigmoid")
+SCORE_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")  # kernel code: the index
 MAX_KERNEL_EXPERTS = 512  # the CUDA and Triton routing kernels: E <= 512 (bigger E runs in torch)
 MAX_KERNEL_TOPK = 32      # the CUDA routing kernel keeps one selected expert per lane
 
@@ -87,6 +91,27 @@ def _ordered_key(x):
     return tl.where(b >= 0, b.to(tl.int64) + 2147483648, (~b).to(tl.int64))
 
 
+@triton.jit
+def _sqrt_softplus(x):
+    """sqrt(softplus(x)), softplus as torch's (x itself above 20); log1p(e) = log(u) * e / (u - 1)
+    with u = 1 + e is exact to rounding for tiny e (Goldberg), where log(1 + e) would give 0."""
+    e = tl.exp(tl.minimum(x, 20.0))
+    u = 1.0 + e
+    lp = tl.where(u == 1.0, e, tl.log(u) * e / tl.where(u == 1.0, 1.0, u - 1.0))
+    return tl.where(x != x, x, tl.sqrt(tl.where(x > 20.0, x, lp)))
+
+
+@triton.jit
+def _sqrt_softplus_grad(s):
+    """d sqrt(softplus(x))/dx from s: (1 - exp(-s^2)) / (2s); 1 - exp(-u) as (1 - y) u / -log(y),
+    y = exp(-u), for u < 1 (exact to rounding, Kahan's expm1); 0 where s is 0 (the limit)."""
+    u = s * s
+    y = tl.exp(-u)
+    small = (1.0 - y) * u / tl.where(y == 1.0, 1.0, -tl.log(tl.where(y == 1.0, 0.5, y)))
+    em = tl.where(u < 1.0, tl.where(y == 1.0, u, small), 1.0 - y)
+    return tl.where(s == 0.0, 0.0, em / (2.0 * s))
+
+
 # Routing forward. One program routes ROWS tokens held as a [ROWS, BLOCK_E] register tile.
 # Bytes: reads T*E*elt (logits) + E*4 (bias); writes T*(12k + 4) (weights, ids, scores, lse).
 # Work per token: group stage 2 max-reductions per group + topk_group for the kept groups, then
@@ -94,7 +119,7 @@ def _ordered_key(x):
 @triton.jit
 def _moe_route_fwd_kernel(x_ptr, bias_ptr, replay_ptr, w_ptr, ids_ptr, sel_ptr, lse_ptr,
                           T, E, stride_x, top_k, n_group, topk_group, group_size, scale,
-                          SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, REPLAY: tl.constexpr,
+                          SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, REPLAY: tl.constexpr,
                           GROUPED: tl.constexpr, GROUP_TAKE: tl.constexpr, NORM: tl.constexpr,
                           BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
                           ROWS: tl.constexpr):
@@ -105,8 +130,11 @@ def _moe_route_fwd_kernel(x_ptr, bias_ptr, replay_ptr, w_ptr, ids_ptr, sel_ptr, 
     m = row_ok[:, None] & col_ok[None, :]
     x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=m, other=float("-inf")).to(tl.float32)
     xnan = x != x
-    if SIGMOID:
+    if SCORE == 1:
         s = 1.0 / (1.0 + tl.exp(-x))
+        lse = tl.zeros([ROWS], dtype=tl.float32)
+    elif SCORE == 2:
+        s = _sqrt_softplus(x)
         lse = tl.zeros([ROWS], dtype=tl.float32)
     else:
         # torch semantics: a NaN logit makes the whole row NaN
@@ -194,7 +222,7 @@ def _moe_route_fwd_kernel(x_ptr, bias_ptr, replay_ptr, w_ptr, ids_ptr, sel_ptr, 
 # Bytes: reads T*k*12 (+ T*E*elt logits and T*4 lse for softmax); writes T*E*elt.
 @triton.jit
 def _moe_route_bwd_kernel(gs_ptr, ids_ptr, sel_ptr, x_ptr, lse_ptr, dx_ptr, T, E, stride_x, top_k,
-                          SIGMOID: tl.constexpr, BLOCK_E: tl.constexpr, ROWS: tl.constexpr):
+                          SCORE: tl.constexpr, BLOCK_E: tl.constexpr, ROWS: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < T
     cols = tl.arange(0, BLOCK_E)
@@ -203,11 +231,13 @@ def _moe_route_bwd_kernel(gs_ptr, ids_ptr, sel_ptr, x_ptr, lse_ptr, dx_ptr, T, E
     for j in range(0, top_k):
         g = tl.load(gs_ptr + rows * top_k + j, mask=row_ok, other=0.0)
         i = tl.load(ids_ptr + rows * top_k + j, mask=row_ok, other=-1)
-        if SIGMOID:
+        if SCORE == 1:
             sj = tl.load(sel_ptr + rows * top_k + j, mask=row_ok, other=0.0)
             g = g * sj * (1.0 - sj)
+        elif SCORE == 2:
+            g = g * _sqrt_softplus_grad(tl.load(sel_ptr + rows * top_k + j, mask=row_ok, other=0.0))
         G += tl.where(cols[None, :] == i[:, None], g[:, None], 0.0)
-    if SIGMOID:
+    if SCORE != 0:
         dx = G
     else:
         x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=m, other=float("-inf")).to(tl.float32)
@@ -276,7 +306,7 @@ def _moe_rows_kernel(ids_ptr, rank_ptr, offsets_ptr, row_ptr, token_ptr, N, E, K
 # out[row(t, j)] = x[t] (* w[t, j]): program (t, h-block) reads x[t] once, writes k rows.
 # Bytes: T*H*elt read + T*k*H*elt written (+ T*k*8 of map and weights).
 @triton.jit
-def _moe_scatter_rows_kernel(x_ptr, row_ptr, w_ptr, out_ptr, H, K, stride_x,
+def _moe_scatter_rows_kernel(x_ptr, row_ptr, w_ptr, out_ptr, H, K, R, stride_x,
                              HAS_W: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -291,7 +321,7 @@ def _moe_scatter_rows_kernel(x_ptr, row_ptr, w_ptr, out_ptr, H, K, stride_x,
     else:
         v = tl.broadcast_to(x[None, :], (BLOCK_K, BLOCK_H))
     tl.store(out_ptr + r[:, None] * H + h[None, :], v.to(out_ptr.dtype.element_ty),
-             mask=(r >= 0)[:, None] & hok[None, :])
+             mask=((r >= 0) & (r < R))[:, None] & hok[None, :])
 
 
 # Zero the padding rows: program e clears rows [offsets[e] + counts[e], offsets[e + 1]); program E
@@ -315,7 +345,7 @@ def _moe_zero_pad_kernel(out_ptr, counts_ptr, offsets_ptr, E, R, H, BLOCK_H: tl.
 
 # y[t] = sum_j w[t, j] * src[row(t, j)] in fp32. Bytes: T*k*H*elt read + T*H*elt written.
 @triton.jit
-def _moe_unpermute_kernel(src_ptr, row_ptr, w_ptr, out_ptr, H, K,
+def _moe_unpermute_kernel(src_ptr, row_ptr, w_ptr, out_ptr, H, K, R,
                             HAS_W: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -323,7 +353,7 @@ def _moe_unpermute_kernel(src_ptr, row_ptr, w_ptr, out_ptr, H, K,
     kk = tl.arange(0, BLOCK_K)
     kok = kk < K
     r = tl.load(row_ptr + t * K + kk, mask=kok, other=-1).to(tl.int64)
-    v = tl.load(src_ptr + r[:, None] * H + h[None, :], mask=(r >= 0)[:, None] & hok[None, :],
+    v = tl.load(src_ptr + r[:, None] * H + h[None, :], mask=((r >= 0) & (r < R))[:, None] & hok[None, :],
                 other=0.0).to(tl.float32)
     if HAS_W:
         w = tl.load(w_ptr + t * K + kk, mask=kok, other=0.0).to(tl.float32)
@@ -333,7 +363,7 @@ def _moe_unpermute_kernel(src_ptr, row_ptr, w_ptr, out_ptr, H, K,
 
 # dw[t, j] = <gy[t], src[row(t, j)]> in fp32. Bytes: T*H*elt + T*k*H*elt read, T*k*4 written.
 @triton.jit
-def _moe_rows_dot_kernel(gy_ptr, src_ptr, row_ptr, out_ptr, H, K,
+def _moe_rows_dot_kernel(gy_ptr, src_ptr, row_ptr, out_ptr, H, K, R,
                          BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     kk = tl.arange(0, BLOCK_K)
@@ -345,7 +375,7 @@ def _moe_rows_dot_kernel(gy_ptr, src_ptr, row_ptr, out_ptr, H, K,
         h = h0 + hh
         hok = h < H
         g = tl.load(gy_ptr + t * H + h, mask=hok, other=0.0).to(tl.float32)
-        v = tl.load(src_ptr + r[:, None] * H + h[None, :], mask=(r >= 0)[:, None] & hok[None, :],
+        v = tl.load(src_ptr + r[:, None] * H + h[None, :], mask=((r >= 0) & (r < R))[:, None] & hok[None, :],
                     other=0.0).to(tl.float32)
         acc += tl.sum(v * g[None, :], axis=1)
     tl.store(out_ptr + t * K + kk, acc, mask=kok)
@@ -375,7 +405,7 @@ def moe_route_fwd_triton(logits, top_k, score_func, n_group, topk_group, bias, n
     b = bias if bias is not None else w
     _moe_route_fwd_kernel[(triton.cdiv(T, ROWS),)](
         x, b, rep, w, ids, sel, lse, T, E, x.stride(0), top_k, n_group, topk_group, E // n_group,
-        float(scale), SIGMOID=score_func == "sigmoid", HAS_BIAS=bias is not None,
+        float(scale), SCORE=SCORE_FUNCS.index(score_func), HAS_BIAS=bias is not None,
         REPLAY=replay_ids is not None, GROUPED=n_group > 1, GROUP_TAKE=2 if (bias is not None and E // n_group >= 2) else 1,
         NORM=bool(norm), BLOCK_E=BLOCK_E, BLOCK_K=BLOCK_K, BLOCK_G=BLOCK_G, ROWS=ROWS, num_warps=4)
     return w, ids, sel, lse
@@ -386,7 +416,7 @@ def moe_route_bwd_triton(gs, ids, sel, logits, lse, num_experts, dtype, score_fu
     dx = torch.empty(T, E, dtype=dtype, device=gs.device)
     if T == 0:
         return dx
-    if logits is None:  # sigmoid: the kernel never reads the logits
+    if logits is None:  # sigmoid, sqrtsoftplus: the kernel never reads the logits
         x, sx = gs, 0
     else:
         x = logits if logits.stride(-1) == 1 else logits.contiguous()
@@ -394,7 +424,7 @@ def moe_route_bwd_triton(gs, ids, sel, logits, lse, num_experts, dtype, score_fu
     BLOCK_E, _, _, ROWS = _route_tiles(E, 1, 1)
     _moe_route_bwd_kernel[(triton.cdiv(T, ROWS),)](
         gs.contiguous(), ids.contiguous(), sel.contiguous(), x, lse, dx, T, E, sx, ids.shape[1],
-        SIGMOID=score_func == "sigmoid", BLOCK_E=BLOCK_E, ROWS=ROWS, num_warps=4)
+        SCORE=SCORE_FUNCS.index(score_func), BLOCK_E=BLOCK_E, ROWS=ROWS, num_warps=4)
     return dx
 
 
@@ -451,7 +481,7 @@ def moe_scatter_rows_triton(x, row_ids, token_ids, counts, offsets, weights):
     if T and K:
         w = weights.contiguous() if weights is not None else row_ids
         _moe_scatter_rows_kernel[(T, triton.cdiv(H, BLOCK_H))](
-            x, row_ids.contiguous(), w, out, H, K, x.stride(0), HAS_W=weights is not None,
+            x, row_ids.contiguous(), w, out, H, K, R, x.stride(0), HAS_W=weights is not None,
             BLOCK_K=BLOCK_K, BLOCK_H=BLOCK_H, num_warps=4)
     if R > T * K:  # padding rows exist only when align > 1
         E = counts.shape[0]
@@ -471,7 +501,7 @@ def moe_unpermute_triton(src, row_ids, weights):
     BLOCK_K, BLOCK_H = _rows_tiles(H, K)
     w = weights.contiguous() if weights is not None else row_ids
     _moe_unpermute_kernel[(T, triton.cdiv(H, BLOCK_H))](
-        src.contiguous(), row_ids.contiguous(), w, out, H, K, HAS_W=weights is not None,
+        src.contiguous(), row_ids.contiguous(), w, out, H, K, src.shape[0], HAS_W=weights is not None,
         BLOCK_K=BLOCK_K, BLOCK_H=BLOCK_H, num_warps=4)
     return out
 
@@ -483,7 +513,7 @@ def moe_rows_dot_triton(gy, src, row_ids):
     if T == 0 or K == 0 or H == 0:
         return out
     BLOCK_K, BLOCK_H = _rows_tiles(H, K)
-    _moe_rows_dot_kernel[(T,)](gy.contiguous(), src.contiguous(), row_ids.contiguous(), out, H, K,
+    _moe_rows_dot_kernel[(T,)](gy.contiguous(), src.contiguous(), row_ids.contiguous(), out, H, K, src.shape[0],
                                BLOCK_K=BLOCK_K, BLOCK_H=BLOCK_H, num_warps=4)
     return out
 
@@ -503,9 +533,12 @@ def moe_route_fwd_torch(logits, top_k, score_func, n_group, topk_group, bias, no
         if score_func == "softmax":
             lse = torch.logsumexp(x, dim=-1) if x.shape[1] else x.new_zeros(x.shape[0])
             s_sel = torch.softmax(x, dim=-1).gather(1, ids.long())  # NaN rows as torch.softmax
-        else:
+        elif score_func == "sigmoid":
             lse = x.new_zeros(x.shape[0])
             s_sel = torch.sigmoid(x.gather(1, ids.long()))
+        else:
+            lse = x.new_zeros(x.shape[0])
+            s_sel = torch.nn.functional.softplus(x.gather(1, ids.long())).sqrt()
         w = s_sel / (s_sel.sum(-1, keepdim=True) + 1e-20) if norm else s_sel
         w = w * scale
     return w, ids, s_sel, lse
@@ -514,8 +547,11 @@ def moe_route_fwd_torch(logits, top_k, score_func, n_group, topk_group, bias, no
 def moe_route_bwd_torch(gs, ids, sel, logits, lse, num_experts, dtype, score_func):
     T, E = gs.shape[0], num_experts
     idx = ids.long()
-    if score_func == "sigmoid":
-        g = gs * sel * (1 - sel)
+    if score_func != "softmax":
+        if score_func == "sigmoid":
+            g = gs * sel * (1 - sel)
+        else:
+            g = gs * torch.where(sel == 0, 0.0, -torch.expm1(-sel * sel) / (2 * sel))
         return torch.zeros(T, E, dtype=torch.float32, device=gs.device).scatter_add_(1, idx, g).to(dtype)
     G = torch.zeros(T, E, dtype=torch.float32, device=gs.device).scatter_add_(1, idx, gs)
     s = torch.exp(logits.float() - lse[:, None])
@@ -579,6 +615,17 @@ def _check_ids(name: str, ids: torch.Tensor, E: int) -> None:
         raise IndexError(f"{name}: expert ids must be in [0, {E}), got {bad}")
 
 
+def _check_rows(row_ids: torch.Tensor, R: int) -> None:
+    """IndexError when a row of the permutation is outside [0, R) (one reduction; syncs on CUDA)."""
+    if row_ids.numel() == 0:
+        return
+    lo, hi = torch.aminmax(row_ids.reshape(-1))
+    lo, hi = int(lo), int(hi)
+    if lo < 0 or hi >= R:
+        raise IndexError(f"moe_unpermute: perm.row_ids must be in [0, {R}) (the rows of expert_out), "
+                         f"got {lo if lo < 0 else hi}")
+
+
 def _route_fake(logits, top_k, score_func, n_group, topk_group, bias, norm, scale, replay_ids):
     T = logits.shape[0]
     f = logits.new_empty(T, top_k, dtype=torch.float32)
@@ -615,7 +662,7 @@ OT = Optional[torch.Tensor]
 
 def _checked_impls(impl: dict) -> dict:
     """The Python kernels of one backend under the registered op names, with the argument checks
-    the C++ ops do (expert ids in range -> IndexError)."""
+    the C++ ops do (expert ids and permutation rows in range -> IndexError)."""
 
     def moe_route(logits, top_k, score_func, n_group, topk_group, bias, norm, scale, replay_ids):
         if replay_ids is not None:
@@ -631,8 +678,12 @@ def _checked_impls(impl: dict) -> dict:
         _check_ids("moe_permute: ids", ids, num_experts)
         return impl["permute"](hidden, ids, num_experts, align)
 
+    def moe_unpermute(src, row_ids, weights):
+        _check_rows(row_ids, src.shape[0])
+        return impl["unpermute"](src, row_ids, weights)
+
     return dict(moe_route=moe_route, moe_route_backward=moe_route_backward, moe_permute=moe_permute,
-                moe_scatter_rows=impl["scatter"], moe_unpermute=impl["unpermute"], moe_rows_dot=impl["dot"])
+                moe_scatter_rows=impl["scatter"], moe_unpermute=moe_unpermute, moe_rows_dot=impl["dot"])
 
 
 def _define_python_ops(ns: str, fns: dict) -> None:
@@ -741,7 +792,7 @@ class MoERouteFunction(torch.autograd.Function):
         w, ids, sel, lse = _call(backend, "moe_route", logits, top_k, score_func, n_group, topk_group,
                                  bias, norm, scale, replay_ids)
         ctx.mark_non_differentiable(ids)
-        # softmax needs the logits (an input, kept by reference); sigmoid needs only [T, k]
+        # softmax needs the logits (an input, kept by reference); sigmoid/sqrtsoftplus only [T, k]
         ctx.save_for_backward(logits if score_func == "softmax" else None, ids, sel, lse)
         ctx.args = (score_func, bool(norm), float(scale), backend, logits.shape[1], logits.dtype)
         return w, ids
@@ -825,7 +876,8 @@ def _kernel_dtype(x: torch.Tensor) -> torch.Tensor:
 def moe_route(router_logits: torch.Tensor, top_k: int, *, score_func: str = "softmax", n_group: int = 1,
               topk_group: int = 1, correction_bias: Optional[torch.Tensor] = None,
               norm_topk_prob: bool = True, routed_scaling_factor: float = 1.0,
-              replay_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+              replay_ids: Optional[torch.Tensor] = None,
+              expert_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k expert routing of `router_logits [T, E]` -> (weights [T, k] fp32, ids [T, k] int32).
 
     See shared/API.md and the module docstring. Differentiable w.r.t. router_logits through the
@@ -840,7 +892,7 @@ def moe_route(router_logits: torch.Tensor, top_k: int, *, score_func: str = "sof
     if not _is_int(top_k) or not 1 <= top_k <= E:
         raise ValueError(f"{op}: top_k must be an int in [1, E={E}], got {top_k!r}")
     if score_func not in SCORE_FUNCS:
-        raise ValueError(f"{op}: score_func must be 'softmax' or 'sigmoid', got {score_func!r}")
+        raise ValueError(f"{op}: score_func must be 'softmax', 'sigmoid' or 'sqrtsoftplus', got {score_func!r}")
     if not _is_int(n_group) or n_group < 1 or E % n_group:
         raise ValueError(f"{op}: n_group must be a positive int dividing E={E}, got {n_group!r}")
     if not _is_int(topk_group) or not 1 <= topk_group <= n_group:
@@ -857,6 +909,11 @@ def moe_route(router_logits: torch.Tensor, top_k: int, *, score_func: str = "sof
             raise ValueError(f"{op}: correction_bias must be [E={E}] on {router_logits.device}, got "
                              f"{tuple(correction_bias.shape)} on {correction_bias.device}")
         bias = correction_bias.detach().float().contiguous()
+    if expert_scale is not None:
+        _require_tensor(op, "expert_scale", expert_scale, dim=1, floating=True)
+        if expert_scale.shape[0] != E or expert_scale.device != router_logits.device:
+            raise ValueError(f"{op}: expert_scale must be [E={E}] on {router_logits.device}, got "
+                             f"{tuple(expert_scale.shape)} on {expert_scale.device}")
     rep = None
     if replay_ids is not None:
         _require_tensor(op, "replay_ids", replay_ids, dim=2, integer=True)
@@ -874,12 +931,15 @@ def moe_route(router_logits: torch.Tensor, top_k: int, *, score_func: str = "sof
         # exception thrown by our C++ ops crashed the process instead of raising (BENCHMARKS.md)
         _check_ids("moe_route: replay_ids", rep, E)
     x = _kernel_dtype(router_logits)
-    if not (x.requires_grad and torch.is_grad_enabled()):
+    if x.requires_grad and torch.is_grad_enabled():
+        w, ids = MoERouteFunction.apply(x, bias, rep, top_k, score_func, n_group, topk_group,
+                                        bool(norm_topk_prob), float(routed_scaling_factor), backend)
+    else:
         w, ids, _, _ = _call(backend, "moe_route", x, top_k, score_func, n_group, topk_group, bias,
                              bool(norm_topk_prob), float(routed_scaling_factor), rep)
-        return w, ids
-    return MoERouteFunction.apply(x, bias, rep, top_k, score_func, n_group, topk_group,
-                                  bool(norm_topk_prob), float(routed_scaling_factor), backend)
+    if expert_scale is not None:  # after the kernel: autograd reaches expert_scale and the logits
+        w = w * expert_scale.float()[ids.long()]
+    return w, ids
 
 
 def moe_permute(hidden: torch.Tensor, ids: torch.Tensor, num_experts: int, *,
@@ -917,7 +977,10 @@ def moe_permute(hidden: torch.Tensor, ids: torch.Tensor, num_experts: int, *,
 
 
 def moe_unpermute(expert_out: torch.Tensor, perm: MoEPermutation, weights: torch.Tensor) -> torch.Tensor:
-    """y[t] = sum_j weights[t, j] * expert_out[row(t, j)] (fp32 accumulation), in expert_out's dtype."""
+    """y[t] = sum_j weights[t, j] * expert_out[row(t, j)] (fp32 accumulation), in expert_out's dtype.
+
+    IndexError when perm.row_ids holds a row outside [0, expert_out.shape[0]) (every backend).
+    """
     op = "moe_unpermute"
     _require_tensor(op, "expert_out", expert_out, dim=2, floating=True)
     _require_tensor(op, "weights", weights, dim=2, floating=True)
@@ -931,6 +994,8 @@ def moe_unpermute(expert_out: torch.Tensor, perm: MoEPermutation, weights: torch
     if expert_out.device != perm.row_ids.device or weights.device != perm.row_ids.device:
         raise ValueError(f"{op}: expert_out, weights and perm must be on one device")
     backend = _select(OP_UNPERMUTE, expert_out.device.type)
+    if backend in ("cuda", "cpp") and not torch.compiler.is_compiling():
+        _check_rows(perm.row_ids, expert_out.shape[0])  # see moe_route (the Python kernels check their own)
     eo = _kernel_dtype(expert_out)
     if (eo.requires_grad or weights.requires_grad) and torch.is_grad_enabled():
         y = MoEUnpermuteFunction.apply(eo, weights, perm.row_ids, perm.token_ids, perm.counts, perm.offsets,
@@ -954,6 +1019,9 @@ def moe_expert_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
 def moe_update_bias(bias: torch.Tensor, counts: torch.Tensor, rate: float) -> torch.Tensor:
     """Auxiliary-loss-free balancing (DeepSeek-V3): bias += rate * sign(mean(counts) - counts), in place."""
     _require_tensor("moe_update_bias", "bias", bias, dim=1, floating=True)
+    if bias.shape[0] > 1 and bias.stride(0) == 0:
+        raise ValueError("moe_update_bias: bias is updated in place and must own one element per expert, "
+                         "got an expanded (stride-0) tensor")
     _require_tensor("moe_update_bias", "counts", counts, dim=1)
     if counts.shape != bias.shape or counts.device != bias.device:
         raise ValueError(f"moe_update_bias: counts must be [E={bias.shape[0]}] on {bias.device}, got "
