@@ -5,6 +5,8 @@ Bytes moved: T*E*elt read (the router logits) + T*k*12 written (weights, ids, se
 + T*4 (logsumexp). Targets on an H100 (T=16384): DeepSeek-V3 (E=256, k=8, groups 8 keep 4,
 sigmoid + bias, fp32 logits) <= 12 us, eager transformers 673-696 us; Qwen3 (E=128, k=8,
 softmax) <= 8 us, eager 134-148 us. Forward only (the router's backward is an elementwise pass).
+Also measured (benchmarks/shapes.py): gpt-oss-20b (E=32, k=4), Qwen3.5-397B (E=512, k=10) and
+Kimi-K2 (E=384, k=8, sigmoid + bias, one group; its eager baseline is DeepSeek-V3's router code).
 """
 import pytest
 import torch
@@ -49,7 +51,7 @@ def third_party(provider, logits, shape, bias):
     if provider == "vllm":
         fm = pytest.importorskip("vllm.model_executor.layers.fused_moe.fused_moe")
         hidden = torch.empty(logits.shape[0], 1, device=DEVICE, dtype=torch.bfloat16)
-        if ng > 1:
+        if ng > 1 or sig:
             fn = lambda: fm.grouped_topk(hidden, logits, k, True, num_expert_group=ng, topk_group=tg,  # noqa: E731
                                          scoring_func="sigmoid" if sig else "softmax", e_score_correction_bias=bias)
         else:

@@ -9,13 +9,20 @@ import torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-# Model sizes users run GRPO on: hidden size H and vocabulary V.
+# Model sizes users run GRPO on: hidden size H, vocabulary V, experts E, top_k (groups), and the
+# head's soft-cap c (z = c * tanh(z / c); the `softcap` field of the log-prob shapes, None = none).
 MODELS = {
     "qwen2.5": dict(H=4096, V=151936),  # the Qwen2.5 tokenizer; H of the issue's targets
     "qwen2.5-7b": dict(H=3584, V=151936),
     "llama3": dict(H=4096, V=128256),
     "deepseek-v3": dict(H=7168, E=256, top_k=8, n_group=8, topk_group=4),
     "qwen3-moe": dict(E=128, top_k=8),
+    "qwen3-30b-a3b": dict(H=2048, E=128, top_k=8),
+    "gpt-oss-20b": dict(H=2880, V=201088, E=32, top_k=4),
+    "qwen3.5-397b": dict(E=512, top_k=10),
+    "kimi-k2": dict(E=384, top_k=8, n_group=1, topk_group=1),
+    # Gemma-3/4 heads: transformers' Gemma3/Gemma4 text configs (H=2304); soft-capped as Gemma-2 (c=30)
+    "gemma-3/4": dict(H=2304, V=262144, softcap=30.0),
 }
 
 SHAPES = {
@@ -24,13 +31,15 @@ SHAPES = {
         "cpu": [dict(P=512, G=16), dict(P=64, G=1024)],
     },
     "token_logprobs": {
-        "cuda": [dict(N=16384, V=151936), dict(N=16384, V=128256)],
-        "cpu": [dict(N=256, V=32000)],
+        "cuda": [dict(N=16384, V=151936), dict(N=16384, V=128256), dict(N=16384, V=201088),  # gpt-oss
+                 dict(N=8192, V=262144, softcap=30.0)],  # Gemma-3/4
+        "cpu": [dict(N=256, V=32000), dict(N=64, V=32000, softcap=30.0)],
     },
     "linear_token_logprobs": {
         "cuda": [dict(N=16384, H=4096, V=151936), dict(N=16384, H=3584, V=151936),
-                 dict(N=16384, H=4096, V=128256)],
-        "cpu": [dict(N=256, H=256, V=8192)],
+                 dict(N=16384, H=4096, V=128256), dict(N=16384, H=2880, V=201088),  # gpt-oss-20b
+                 dict(N=8192, H=2304, V=262144, softcap=30.0)],  # Gemma-3/4
+        "cpu": [dict(N=256, H=256, V=8192), dict(N=64, H=256, V=8192, softcap=30.0)],
     },
     "grpo_loss": {
         "cuda": [dict(B=512, T=8192)],
@@ -45,14 +54,19 @@ SHAPES = {
         "cuda": [dict(B=16, T=1024, H=4096, V=151936), dict(B=4, T=4096, H=4096, V=151936)],
         "cpu": [dict(B=2, T=128, H=256, V=8192)],
     },
-    "moe_route": {
+    "moe_route": {  # DeepSeek-V3, Qwen3-30B-A3B, gpt-oss-20b, Qwen3.5-397B, Kimi-K2
         "cuda": [dict(T=16384, E=256, top_k=8, n_group=8, topk_group=4, score_func="sigmoid", bias=True),
-                 dict(T=16384, E=128, top_k=8, n_group=1, topk_group=1, score_func="softmax", bias=False)],
+                 dict(T=16384, E=128, top_k=8, n_group=1, topk_group=1, score_func="softmax", bias=False),
+                 dict(T=16384, E=32, top_k=4, n_group=1, topk_group=1, score_func="softmax", bias=False),
+                 dict(T=16384, E=512, top_k=10, n_group=1, topk_group=1, score_func="softmax", bias=False),
+                 dict(T=16384, E=384, top_k=8, n_group=1, topk_group=1, score_func="sigmoid", bias=True)],
         "cpu": [dict(T=1024, E=256, top_k=8, n_group=8, topk_group=4, score_func="sigmoid", bias=True),
-                dict(T=1024, E=128, top_k=8, n_group=1, topk_group=1, score_func="softmax", bias=False)],
+                dict(T=1024, E=128, top_k=8, n_group=1, topk_group=1, score_func="softmax", bias=False),
+                dict(T=256, E=512, top_k=10, n_group=1, topk_group=1, score_func="softmax", bias=False)],
     },
-    "moe_permute": {
-        "cuda": [dict(T=16384, H=7168, E=256, top_k=8)],
+    "moe_permute": {  # DeepSeek-V3, Qwen3-30B-A3B, gpt-oss-20b
+        "cuda": [dict(T=16384, H=7168, E=256, top_k=8), dict(T=16384, H=2048, E=128, top_k=8),
+                 dict(T=16384, H=2880, E=32, top_k=4)],
         "cpu": [dict(T=512, H=1024, E=64, top_k=8)],
     },
 }

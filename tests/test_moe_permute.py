@@ -217,6 +217,13 @@ def test_bad_input(backend):
             r1kernels.moe_unpermute(out, perm, w.long())
         with pytest.raises(ValueError, match="perm"):
             r1kernels.moe_unpermute(out, tuple(perm), w)
+        # a corrupted permutation: rows outside expert_out (-1, R, a huge id) never read anything
+        for bad in (-1, out.shape[0], 2**31 - 1):
+            rows = perm.row_ids.clone()
+            rows[1, 0] = bad
+            for eo in (out, out.clone().requires_grad_(True)):
+                with pytest.raises(IndexError, match="row_ids"):
+                    r1kernels.moe_unpermute(eo, perm._replace(row_ids=rows), w)
 
 
 def _has_cpp():
@@ -233,10 +240,12 @@ def test_cpp_ops_validate():
         torch.ops.r1kernels.moe_permute(h, torch.zeros(4, 2, dtype=torch.long, device=DEVICE), 6, 0)
     with pytest.raises(ValueError, match="row_ids"):
         torch.ops.r1kernels.moe_unpermute(h, torch.zeros(4, 2, dtype=torch.long, device=DEVICE), None)
-    # rows outside the source are skipped, never read out of bounds
-    y = torch.ops.r1kernels.moe_unpermute(h, torch.tensor([[0, 99], [-5, 1], [2, 3], [3, 3]], dtype=torch.int32,
-                                                          device=DEVICE), None)
-    torch.testing.assert_close(y[0], h[0])
+    rows = torch.tensor([[0, 99], [-5, 1], [2, 3], [3, 3]], dtype=torch.int32, device=DEVICE)
+    if DEVICE == "cpu":  # the CPU op checks (one reduction)
+        with pytest.raises(IndexError, match="row_ids"):
+            torch.ops.r1kernels.moe_unpermute(h, rows, None)
+    else:  # the CUDA op skips rows outside the source, never reads out of bounds (moe_unpermute checks)
+        torch.testing.assert_close(torch.ops.r1kernels.moe_unpermute(h, rows, None)[0], h[0])
 
 
 def test_opcheck():

@@ -1,19 +1,44 @@
-"""Swap the MoE router and expert dispatch of transformers' DeepSeek-V3 and Qwen3-MoE for r1kernels ops.
+"""Swap the MoE routers and expert dispatch of transformers (5.x) models for r1kernels ops.
 
-    from r1kernels.integrations.hf_moe import apply_r1kernels_moe_to_deepseek_v3, RoutingReplay
-    apply_r1kernels_moe_to_deepseek_v3(model)          # or (None): patch the classes, like Liger
+    from r1kernels.integrations.hf_moe import apply_r1kernels_moe, RoutingReplay
+    n = apply_r1kernels_moe(model)       # chooses by config.model_type; returns the modules patched
+    apply_r1kernels_moe_to_qwen3_moe()   # per family; model=None patches the classes (before loading)
 
-What changes (transformers 5.x modeling_deepseek_v3.py / modeling_qwen3_moe.py):
-- Router: `DeepseekV3TopkRouter.forward` (sigmoid, groups, e_score_correction_bias) and
-  `Qwen3MoeTopKRouter.forward` (softmax) call `r1kernels.moe_route` on the same fp32 / native
-  logits. Same selection (ties to the lower index instead of torch.topk's unspecified order),
-  weights through the selected experts only in backward, and routing replay (below).
-- Experts: `DeepseekV3Experts.forward` / `Qwen3MoeExperts.forward` dispatch with
-  `moe_permute` (rows grouped by expert, deterministic), run each expert on its contiguous
-  segment, and combine with `moe_unpermute` (fp32 accumulation) instead of one_hot / where /
-  index_add_. One host sync per layer reads the segment offsets (as the eager loop's nonzero does).
-- Qwen3MoeSparseMoeBlock.forward passes the [B, S, H] hidden states to the router, so the router
-  knows the batch layout for replay.
+What changes:
+- Router: the family's router forward calls `r1kernels.moe_route` on the same logits (same
+  dtype, same bias, groups, normalization and scaling as the modeling code), and returns what the
+  original returns (router logits - so `output_router_logits` and the family's load-balancing
+  loss see the same values -, weights, int64 ids). Same selection except ties (to the lower index
+  instead of torch.topk's unspecified order); gradients reach the router through the selected
+  weights only, as in the modeling code; routing replay (below).
+- Experts: through transformers' own `experts_implementation` switch: this module registers
+  "r1kernels" in transformers' `ALL_EXPERTS_FUNCTIONS` (moe_permute: rows grouped by expert,
+  deterministic; each expert on its contiguous segment; moe_unpermute: fp32 accumulation; one
+  host sync per layer reads the segment offsets), and the patch calls
+  `model.set_experts_implementation("r1kernels")`. It replaces the user's choice: a choice other
+  than transformers' defaults ("eager", "grouped_mm") gets a warning; `experts=False` keeps it
+  (the router patch works with every experts implementation), and
+  `model.set_experts_implementation(...)` switches back at any time. Also selectable directly:
+  `from_pretrained(..., experts_implementation="r1kernels")` once this module is imported.
+
+Families (transformers 5.25; `FAMILIES` maps model_type -> router classes):
+    DeepSeek-style sigmoid + e_score_correction_bias + groups, norm (+1e-20), scaling factor:
+        deepseek_v3, deepseek_v32, glm4_moe (GLM-4.5/4.6), glm4_moe_lite, glm_moe_dsa, dots1,
+        solar_open, exaone_moe, mimo_v2_flash; kimi_k25 (Kimi-K2.5: its text model is DeepSeek-V3)
+    DeepSeek-V4: sqrt(softplus) + bias, norm, scaling; the hash-routed first layers take their ids
+        from tid2eid[input_ids] (moe_route replay_ids), recorded and replayed like the others
+    softmax top-k (norm_topk_prob where the family has it): qwen2_moe, qwen3_moe, qwen3_next,
+        qwen3_5_moe / qwen3_5_moe_text, olmoe, flex_olmo, mixtral, minimax, jamba
+    softmax over the top-k logits (= softmax + norm): gpt_oss (router bias in the logits), granitemoe
+    Gemma-4 (gemma4, gemma4_text): normalized, scaled router input, softmax + norm, then
+        per_expert_scale (moe_route expert_scale)
+Left as they are (their routers do not fit moe_route): phimoe (sparsemixer: sampled, masked
+top-2), ernie4_5_moe (selects on moe_statics-corrected scores and clamps the normalizer at
+norm_min), lfm2_moe (normalizer + 1e-6), longcat_flash (zero-computation experts), afmoe and
+minimax_m2 (their routers take the bias as an argument from the block: a different call
+signature, not patched here), hunyuan_v1_moe, jetmoe, granitemoeshared/hybrid, dbrx, llama4 and
+nllb_moe (other router modules or sigmoid-on-top-1 gates), qwen3_omni_moe / qwen3_vl_moe and
+other multimodal wrappers (not covered by the tests here).
 
 Routing replay (RL: train on the experts the rollout chose):
 
@@ -23,31 +48,35 @@ Routing replay (RL: train on the experts the rollout chose):
     with replay.replay():
         logits = model(out).logits                     # the same experts, fresh weights and grads
 
-Recorded ids are kept per router as [B, S_total, k]: decode steps are appended to the prefill;
-a call on at least as many positions as recorded (generation without KV cache) replaces them. In replay, a router call on [B, S] tokens uses the recorded ids for the first
+Routers are named by their module path in the model ("model.layers.3.mlp.gate"), so a recording
+replays on any copy of the model (another process, a reloaded checkpoint); with the class-level
+patch the names are set when a model of the family is created (the family's PreTrainedModel
+post_init). Recorded ids are kept per router as [B, S_total, k]: decode steps are appended to
+the prefill; a call on at least as many positions as recorded (generation without KV cache)
+replaces them. In replay, a router call on [B, S] tokens uses the recorded ids for the first
 min(S, S_total) positions of every row and routes the rest (e.g. the last sampled token, which
-generation never forwarded) normally. `replay.select(rows)` keeps a subset of the batch rows
-for micro-batched updates; `replay.routing` / `RoutingReplay(routing)` move the ids around (for
-example from a vLLM/sglang rollout that returns routed experts).
+generation never forwarded) normally. The batch layout [B, S] comes from the model's input_ids
+(or inputs_embeds), read by a forward pre-hook on the patched model. `replay.select(rows)` keeps a
+subset of the batch rows for micro-batched updates; `replay.routing` / `RoutingReplay(routing)`
+move the ids around (for example from a vLLM/sglang rollout that returns routed experts).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 import types
-from typing import Optional
+import warnings
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 from r1kernels.ops.moe import moe_permute, moe_route, moe_unpermute
 
-__all__ = [
-    "apply_r1kernels_moe_to_deepseek_v3",
-    "apply_r1kernels_moe_to_qwen3_moe",
-    "RoutingReplay",
-]
-
 _ACTIVE: Optional["RoutingReplay"] = None
+_BATCH: Optional[tuple[int, int]] = None  # [B, S] of the running model's input (the pre-hook)
+EXPERTS_IMPLEMENTATION = "r1kernels"
 
 
 class RoutingReplay:
@@ -115,122 +144,340 @@ class RoutingReplay:
         return ids.view(B * S, -1)
 
 
-def _router_name(module) -> str:
-    return getattr(module, "_r1k_name", None) or f"router@{id(module):x}"
-
-
-def _batch_shape(hidden_states: torch.Tensor):
+def _batch_shape(hidden_states: torch.Tensor) -> tuple[int, int]:
     if hidden_states.dim() == 3:
         return hidden_states.shape[0], hidden_states.shape[1]
-    return 1, hidden_states.shape[0]
+    T = hidden_states.numel() // max(hidden_states.shape[-1], 1)
+    if _BATCH is not None and _BATCH[0] * _BATCH[1] == T:
+        return _BATCH
+    return 1, T
 
 
-def _route(module, router_logits, batch_shape, **kw):
-    """moe_route with recording / replay of the active RoutingReplay."""
+def _batch_hook(module, args, kwargs):
+    """Forward pre-hook on the patched model: remember [B, S] of its input for the routers."""
+    global _BATCH
+    x = kwargs.get("input_ids", args[0] if args else None)
+    if x is None:
+        x = kwargs.get("inputs_embeds")
+    _BATCH = tuple(x.shape[:2]) if isinstance(x, torch.Tensor) and x.dim() >= 2 else None
+
+
+def _route(module, router_logits, batch_shape, top_k, fixed_ids=None, **kw):
+    """moe_route with recording / replay of the active RoutingReplay. fixed_ids: ids the model
+    chooses by itself (hash routing), routed through replay_ids."""
     active = _ACTIVE
-    if active is not None and active.mode == "replay":
-        with torch.no_grad():
-            _, fresh = moe_route(router_logits.detach(), module.top_k, **kw)
-        replay_ids = active._replay_ids(_router_name(module), fresh, batch_shape)
-        return moe_route(router_logits, module.top_k, replay_ids=replay_ids, **kw)
-    w, ids = moe_route(router_logits, module.top_k, **kw)
-    if active is not None and active.mode == "record":
-        active._record(_router_name(module), ids, batch_shape)
+    if active is None:
+        return moe_route(router_logits, top_k, replay_ids=fixed_ids, **kw)
+    name = getattr(module, "_r1k_name", None)
+    if name is None:
+        raise RuntimeError(f"RoutingReplay: this {type(module).__name__} has no name: patch the model with "
+                           "apply_r1kernels_moe(model), or patch the classes before creating the model")
+    if active.mode == "replay":
+        fresh = fixed_ids
+        if fresh is None:
+            with torch.no_grad():
+                _, fresh = moe_route(router_logits.detach(), top_k, **kw)
+        replay_ids = active._replay_ids(name, fresh, batch_shape)
+        return moe_route(router_logits, top_k, replay_ids=replay_ids, **kw)
+    w, ids = moe_route(router_logits, top_k, replay_ids=fixed_ids, **kw)
+    active._record(name, ids, batch_shape)
     return w, ids
 
 
-# ---- replacement forwards ------------------------------------------------------------------------
+# ---- replacement router forwards ----------------------------------------------------------------
 
 
-def _deepseek_v3_router_forward(self, hidden_states):
+def _deepseek_router_forward(self, hidden_states):
+    """DeepseekV3TopkRouter and its copies (GLM-4.5, dots1, ...): fp32 logits, sigmoid, groups, bias."""
     shape = _batch_shape(hidden_states)
     hidden_states = hidden_states.view(-1, self.hidden_dim)
     router_logits = F.linear(hidden_states.type(torch.float32), self.weight.type(torch.float32))
-    weights, ids = _route(self, router_logits, shape, score_func="sigmoid", n_group=self.num_group or 1,
-                          topk_group=self.topk_group or 1, correction_bias=self.e_score_correction_bias,
+    weights, ids = _route(self, router_logits, shape, self.top_k, score_func="sigmoid",
+                          n_group=self.num_group or 1, topk_group=self.topk_group or 1,
+                          correction_bias=self.e_score_correction_bias,
                           norm_topk_prob=bool(self.norm_topk_prob),
                           routed_scaling_factor=float(self.routed_scaling_factor))
     return router_logits, weights, ids.long()
 
 
-def _qwen3_moe_router_forward(self, hidden_states):
+def _softmax_router(norm: Optional[bool], cast: bool) -> Callable:
+    """Qwen/OLMoE/Mixtral-style router: softmax, top-k, renormalized when `norm` (None: the
+    module's norm_topk_prob), weights cast to the logits' dtype when `cast`."""
+
+    def forward(self, hidden_states):
+        shape = _batch_shape(hidden_states)
+        hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+        router_logits = F.linear(hidden_states, self.weight)
+        weights, ids = _route(self, router_logits, shape, self.top_k, score_func="softmax",
+                              norm_topk_prob=bool(self.norm_topk_prob) if norm is None else norm)
+        return router_logits, (weights.to(router_logits.dtype) if cast else weights), ids.long()
+
+    return forward
+
+
+def _gpt_oss_router_forward(self, hidden_states):
+    """GptOssTopKRouter: top-k of the logits (router bias included), softmax over those k =
+    softmax over all experts renormalized over the k."""
     shape = _batch_shape(hidden_states)
-    hidden_states = hidden_states.reshape(-1, self.hidden_dim)
-    router_logits = F.linear(hidden_states, self.weight)
-    weights, ids = _route(self, router_logits, shape, score_func="softmax",
-                          norm_topk_prob=bool(self.norm_topk_prob))
+    router_logits = F.linear(hidden_states, self.weight, self.bias)
+    weights, ids = _route(self, router_logits, shape, self.top_k, score_func="softmax", norm_topk_prob=True)
     return router_logits, weights.to(router_logits.dtype), ids.long()
 
 
-def _qwen3_moe_block_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    batch_size, sequence_length, hidden_dim = hidden_states.shape
-    _, routing_weights, selected_experts = self.gate(hidden_states)  # [B, S, H]: layout for replay
-    out = self.experts(hidden_states.view(-1, hidden_dim), selected_experts, routing_weights)
-    return out.reshape(batch_size, sequence_length, hidden_dim)
+def _granitemoe_router_forward(self, hidden_states):
+    """GraniteMoeTopKRouter: fp32 logits, softmax over the top-k logits, weights in the input's dtype."""
+    shape = _batch_shape(hidden_states)
+    router_logits = F.linear(hidden_states, self.weight).float()
+    weights, ids = _route(self, router_logits, shape, self.top_k, score_func="softmax", norm_topk_prob=True)
+    return router_logits, weights.type_as(hidden_states), ids.long()
 
 
-def _experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                     top_k_weights: torch.Tensor) -> torch.Tensor:
-    """Gated MLP experts (gate_up_proj [E, 2I, H], down_proj [E, H, I]) on permuted rows."""
+_SCORE_OF_ACT = {"SqrtSoftplusActivation": "sqrtsoftplus", "Sigmoid": "sigmoid", "SigmoidActivation": "sigmoid"}
+
+
+def _v4_score(self) -> str:
+    name = type(self.score_fn).__name__
+    if name not in _SCORE_OF_ACT:
+        raise NotImplementedError(f"r1kernels: DeepSeek-V4 router with score_fn {name} (moe_route takes "
+                                  "sqrtsoftplus, sigmoid and softmax)")
+    return _SCORE_OF_ACT[name]
+
+
+def _deepseek_v4_router_forward(self, hidden_states):
+    """DeepseekV4TopKRouter: sqrt(softplus) (config.scoring_func) + bias, norm (+1e-20), scaling."""
+    shape = _batch_shape(hidden_states)
+    router_logits = F.linear(hidden_states.reshape(-1, self.hidden_dim), self.weight)
+    weights, ids = _route(self, router_logits, shape, self.top_k, score_func=_v4_score(self),
+                          correction_bias=self.e_score_correction_bias, norm_topk_prob=True,
+                          routed_scaling_factor=float(self.routed_scaling_factor))
+    return router_logits, weights.to(router_logits.dtype), ids.long()
+
+
+def _deepseek_v4_hash_router_forward(self, hidden_states, input_ids):
+    """DeepseekV4HashRouter: the ids are tid2eid[input_ids] (moe_route replay_ids), the weights the
+    renormalized scores of those experts."""
+    shape = _batch_shape(hidden_states)
+    router_logits = F.linear(hidden_states.reshape(-1, self.hidden_dim), self.weight)
+    fixed = self.tid2eid[input_ids.reshape(-1)]
+    weights, ids = _route(self, router_logits, shape, self.top_k, fixed_ids=fixed, score_func=_v4_score(self),
+                          norm_topk_prob=True, routed_scaling_factor=float(self.routed_scaling_factor))
+    return router_logits, weights.to(router_logits.dtype), ids.long()
+
+
+def _gemma4_router_forward(self, hidden_states):
+    """Gemma4TextRouter: RMS-normalized input times scale / sqrt(H), softmax, top-k, norm, then
+    per_expert_scale (moe_route expert_scale). Returns the full softmax like the original."""
+    shape = _batch_shape(hidden_states)
+    hidden_states = self.norm(hidden_states) * self.scale * self.scalar_root_size
+    expert_scores = self.proj(hidden_states)
+    probs = F.softmax(expert_scores, dim=-1, dtype=torch.float32)
+    weights, ids = _route(self, expert_scores.reshape(-1, expert_scores.shape[-1]), shape, self.config.top_k_experts,
+                          score_func="softmax", norm_topk_prob=True, expert_scale=self.per_expert_scale)
+    return probs, weights, ids.long()
+
+
+# ---- experts (transformers' experts_implementation "r1kernels") --------------------------------
+
+
+def _expert_linear(x, weight, bias, transposed):
+    y = x @ weight if transposed else F.linear(x, weight)
+    return y if bias is None else y + bias
+
+
+def r1kernels_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                              top_k_weights: torch.Tensor) -> torch.Tensor:
+    """Experts of any layout transformers' `@use_experts_implementation` describes (gate_up or
+    up only, [out, in] or transposed weights, biases, post-expert norm, the class's own gate) on
+    the rows moe_permute groups by expert; combined by moe_unpermute."""
     E = self.num_experts
     x, perm = moe_permute(hidden_states, top_k_index, E)
     bounds = perm.offsets.tolist()  # one host sync per layer
+    up = self.gate_up_proj if self.has_gate else self.up_proj
+    up_bias = (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias) if self.has_bias else None
     outs = []
     for e in range(E):
         seg = x[bounds[e]:bounds[e + 1]]
         if seg.shape[0] == 0:
             continue
-        gate, up = F.linear(seg, self.gate_up_proj[e]).chunk(2, dim=-1)
-        outs.append(F.linear(self.act_fn(gate) * up, self.down_proj[e]))
+        h = _expert_linear(seg, up[e], up_bias[e] if up_bias is not None else None, self.is_transposed)
+        h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+        h = _expert_linear(h, self.down_proj[e], self.down_proj_bias[e] if self.has_bias else None,
+                           self.is_transposed)
+        if self.has_post_expert_norm:
+            h = self.post_expert_norm(h)
+        outs.append(h)
     expert_out = torch.cat(outs) if outs else x[:0]
     if expert_out.shape[0] < x.shape[0]:  # rows past offsets[E] (none when align == 1)
         expert_out = torch.cat([expert_out, x.new_zeros(x.shape[0] - expert_out.shape[0], x.shape[1])])
     return moe_unpermute(expert_out, perm, top_k_weights)
 
 
-# ---- patch functions ----------------------------------------------------------------------------
+def _register_experts_implementation() -> None:
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    ALL_EXPERTS_FUNCTIONS.register(EXPERTS_IMPLEMENTATION, r1kernels_experts_forward)
 
 
-def _patch(model, targets: dict, name_prefix: str) -> int:
-    """Bind the replacement forwards on every module of the target classes in `model` (or on the
-    classes themselves when model is None). Returns the number of modules/classes patched."""
+_register_experts_implementation()
+
+
+# ---- families -------------------------------------------------------------------------------------
+
+_DEEPSEEK = "deepseek"
+# model_type -> (modeling module, {router class name: replacement forward})
+FAMILIES: dict[str, tuple[str, dict[str, Callable]]] = {
+    "deepseek_v3": ("deepseek_v3", {"DeepseekV3TopkRouter": _deepseek_router_forward}),
+    "deepseek_v32": ("deepseek_v32", {"DeepseekV32TopkRouter": _deepseek_router_forward}),
+    "deepseek_v4": ("deepseek_v4", {"DeepseekV4TopKRouter": _deepseek_v4_router_forward,
+                                    "DeepseekV4HashRouter": _deepseek_v4_hash_router_forward}),
+    "glm4_moe": ("glm4_moe", {"Glm4MoeTopkRouter": _deepseek_router_forward}),
+    "glm4_moe_lite": ("glm4_moe_lite", {"Glm4MoeLiteTopkRouter": _deepseek_router_forward}),
+    "glm_moe_dsa": ("glm_moe_dsa", {"GlmMoeDsaTopkRouter": _deepseek_router_forward}),
+    "dots1": ("dots1", {"Dots1TopkRouter": _deepseek_router_forward}),
+    "solar_open": ("solar_open", {"SolarOpenTopkRouter": _deepseek_router_forward}),
+    "exaone_moe": ("exaone_moe", {"ExaoneMoeTopkRouter": _deepseek_router_forward}),
+    "mimo_v2_flash": ("mimo_v2_flash", {"MiMoV2FlashTopkRouter": _deepseek_router_forward}),
+    "qwen2_moe": ("qwen2_moe", {"Qwen2MoeTopKRouter": _softmax_router(None, True)}),
+    "qwen3_moe": ("qwen3_moe", {"Qwen3MoeTopKRouter": _softmax_router(None, True)}),
+    "qwen3_next": ("qwen3_next", {"Qwen3NextTopKRouter": _softmax_router(None, True)}),
+    "qwen3_5_moe": ("qwen3_5_moe", {"Qwen3_5MoeTopKRouter": _softmax_router(True, True)}),
+    "olmoe": ("olmoe", {"OlmoeTopKRouter": _softmax_router(None, True)}),
+    "flex_olmo": ("flex_olmo", {"FlexOlmoTopKRouter": _softmax_router(None, True)}),
+    "mixtral": ("mixtral", {"MixtralTopKRouter": _softmax_router(True, False)}),
+    "minimax": ("minimax", {"MiniMaxTopKRouter": _softmax_router(True, False)}),
+    "gpt_oss": ("gpt_oss", {"GptOssTopKRouter": _gpt_oss_router_forward}),
+    "granitemoe": ("granitemoe", {"GraniteMoeTopKRouter": _granitemoe_router_forward}),
+    "gemma4": ("gemma4", {"Gemma4TextRouter": _gemma4_router_forward}),
+}
+# model types whose routers live in another family's modeling code
+ALIASES = {"qwen3_5_moe_text": "qwen3_5_moe", "gemma4_text": "gemma4", "kimi_k25": "deepseek_v3"}
+
+
+def _module(family: str):
+    return importlib.import_module(f"transformers.models.{FAMILIES[family][0]}.modeling_{FAMILIES[family][0]}")
+
+
+def _router_classes(family: str) -> dict[type, Callable]:
+    m = _module(family)
+    return {getattr(m, name): fn for name, fn in FAMILIES[family][1].items()}
+
+
+def _families_of(config) -> list[str]:
+    """The families of a config and of its sub-configs (text_config of multimodal models)."""
+    out = []
+    types_ = [getattr(config, "model_type", None)]
+    for key in getattr(config, "sub_configs", {}) or {}:
+        sub = getattr(config, key, None)
+        types_.append(getattr(sub, "model_type", None))
+    for t in types_:
+        fam = ALIASES.get(t, t)
+        if fam in FAMILIES and fam not in out:
+            out.append(fam)
+    return out
+
+
+def _use_experts_implementation(model) -> int:
+    """model.set_experts_implementation("r1kernels"); the number of experts modules it reaches."""
+    current = getattr(model.config, "_experts_implementation", None)
+    if current not in (None, "eager", "grouped_mm", EXPERTS_IMPLEMENTATION):
+        warnings.warn(f"apply_r1kernels_moe: experts_implementation={current!r} is replaced by "
+                      f"{EXPERTS_IMPLEMENTATION!r}; pass experts=False to keep it (the router patch works with "
+                      "every experts implementation)", stacklevel=3)
+    model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
+    return sum(1 for mod in model.modules() if hasattr(mod, "is_transposed") and hasattr(mod, "has_gate"))
+
+
+def _patch_model(model, targets: dict[type, Callable], experts: bool, bind: bool) -> int:
+    """Name the routers by module path, hook the batch layout, bind the forwards (bind=False when
+    the classes carry them) and switch the experts. Returns the number of modules patched."""
     n = 0
-    if model is None:
-        for cls, fn in targets.items():
-            cls.forward = fn
-            n += 1
-        return n
     for name, module in model.named_modules():
         fn = targets.get(type(module))
         if fn is not None:
-            module.forward = types.MethodType(fn, module)
-            module._r1k_name = f"{name_prefix}{name}"
+            if bind:
+                module.forward = types.MethodType(fn, module)
+            module._r1k_name = name
             n += 1
+    if not getattr(model, "_r1k_batch_hook", False):
+        model.register_forward_pre_hook(_batch_hook, with_kwargs=True)
+        model._r1k_batch_hook = True
+    if experts:
+        n += _use_experts_implementation(model)
     return n
 
 
-def apply_r1kernels_moe_to_deepseek_v3(model=None, *, router: bool = True, experts: bool = True) -> int:
-    """Patch DeepSeek-V3's router (moe_route: sigmoid, groups, bias, replay) and experts
-    (moe_permute / moe_unpermute) in `model`, or in the transformers classes when model is None."""
-    from transformers.models.deepseek_v3 import modeling_deepseek_v3 as m
+def _patch_classes(families: list[str], router: bool, experts: bool) -> int:
+    """Class-level patch: the router classes' forward, and the families' PreTrainedModel.post_init
+    (names, batch hook, experts implementation of every model created afterwards)."""
+    from transformers import PreTrainedModel
 
+    n = 0
+    for fam in families:
+        targets = _router_classes(fam) if router else {}
+        for cls, fn in targets.items():
+            cls.forward = fn
+            n += 1
+        m = _module(fam)
+        for obj in vars(m).values():
+            if isinstance(obj, type) and obj.__name__.endswith("PreTrainedModel") and issubclass(obj, PreTrainedModel) \
+                    and obj.__module__ == m.__name__ and not getattr(obj.post_init, "_r1k_patched", False):
+                obj.post_init = _post_init(obj.post_init, _router_classes(fam), router, experts)
+            if experts and isinstance(obj, type) and obj.__name__.endswith("Experts") \
+                    and hasattr(obj.forward, "__wrapped__"):
+                n += 1
+    return n
+
+
+def _post_init(orig, targets, router: bool, experts: bool):
+    @functools.wraps(orig)
+    def post_init(self):
+        orig(self)
+        _patch_model(self, targets if router else {}, experts, bind=False)
+
+    post_init._r1k_patched = True
+    return post_init
+
+
+def apply_r1kernels_moe(model=None, *, router: bool = True, experts: bool = True,
+                        model_type: Optional[str] = None) -> int:
+    """Patch the MoE routers (moe_route, routing replay) and experts (experts_implementation
+    "r1kernels") of `model`, chosen by config.model_type (and its sub-configs' model types, e.g.
+    Kimi-K2.5's DeepSeek-V3 text model). With model=None, patch the classes of `model_type`
+    (every model of that family created afterwards). Returns the number of modules patched
+    (classes with model=None). ValueError for a model type no family covers (see FAMILIES)."""
+    if model is None:
+        fam = ALIASES.get(model_type, model_type)
+        if fam not in FAMILIES:
+            raise ValueError(f"apply_r1kernels_moe: model_type must be one of {sorted(FAMILIES) + sorted(ALIASES)} "
+                             f"with model=None, got {model_type!r}")
+        return _patch_classes([fam], router, experts)
+    config = getattr(model, "config", None)
+    families = _families_of(config) if config is not None else []
+    if not families:
+        raise ValueError(f"apply_r1kernels_moe: no r1kernels patch for model_type "
+                         f"{getattr(config, 'model_type', None)!r} (covered: {sorted(FAMILIES) + sorted(ALIASES)})")
     targets = {}
     if router:
-        targets[m.DeepseekV3TopkRouter] = _deepseek_v3_router_forward
-    if experts:
-        targets[m.DeepseekV3Experts] = _experts_forward
-    return _patch(model, targets, "")
+        for fam in families:
+            targets.update(_router_classes(fam))
+    return _patch_model(model, targets, experts, bind=True)
 
 
-def apply_r1kernels_moe_to_qwen3_moe(model=None, *, router: bool = True, experts: bool = True) -> int:
-    """Patch Qwen3-MoE's router (moe_route: softmax, replay) and experts (moe_permute /
-    moe_unpermute) in `model`, or in the transformers classes when model is None."""
-    from transformers.models.qwen3_moe import modeling_qwen3_moe as m
+def _family_patch(family: str):
+    def apply(model=None, *, router: bool = True, experts: bool = True) -> int:
+        if model is None:
+            return _patch_classes([family], router, experts)
+        targets = _router_classes(family) if router else {}
+        return _patch_model(model, targets, experts, bind=True)
 
-    targets = {}
-    if router:
-        targets[m.Qwen3MoeTopKRouter] = _qwen3_moe_router_forward
-        targets[m.Qwen3MoeSparseMoeBlock] = _qwen3_moe_block_forward
-    if experts:
-        targets[m.Qwen3MoeExperts] = _experts_forward
-    return _patch(model, targets, "")
+    apply.__name__ = apply.__qualname__ = f"apply_r1kernels_moe_to_{family}"
+    apply.__doc__ = (f"apply_r1kernels_moe for the {family} family: `model`, or the classes when model is None. "
+                     "Returns the number of modules (classes) patched.")
+    return apply
+
+
+for _fam in FAMILIES:
+    globals()[f"apply_r1kernels_moe_to_{_fam}"] = _family_patch(_fam)
+
+__all__ = ["apply_r1kernels_moe", "RoutingReplay", "FAMILIES", "r1kernels_experts_forward"] + [
+    f"apply_r1kernels_moe_to_{f}" for f in FAMILIES]

@@ -881,10 +881,44 @@ def moe_route(router_logits: torch.Tensor, top_k: int, *, score_func: str = "sof
     """Top-k expert routing of `router_logits [T, E]` -> (weights [T, k] fp32, ids [T, k] int32).
 
     See shared/API.md and the module docstring. Differentiable w.r.t. router_logits through the
-    weights. `replay_ids [T, k]` skips selection (routing replay). `norm_topk_prob` divides by
+    weights, and w.r.t. `expert_scale [E]` (which multiplies each chosen expert's weight after the
+    normalization, before routed_scaling_factor). `replay_ids [T, k]` skips selection (routing
+    replay; also hash routing, whose ids the caller computes). `norm_topk_prob` divides by
     the selected scores' sum + 1e-20, as DeepSeek-V3's reference code (and transformers') does:
     the same as the plain sum unless the selected scores add up to less than about 1e-13 (then
-    the weights sum to less than 1 instead of dividing by almost zero).
+    the weights sum to less than 1 instead of dividing by almost zero). E up to 512 and top_k up
+    to 32 run in the CUDA / Triton kernels (larger in torch); the C++ CPU kernels take any size.
+
+    The routers of transformers 5.25 as moe_route calls (h: the router's input rows, W its
+    weight; r1kernels.integrations.hf_moe patches these models):
+
+    model (router class)             logits (caller)        moe_route arguments
+    -------------------------------  ---------------------  ------------------------------------------
+    DeepSeek-V3, V3.2                fp32 h @ W.T           score_func="sigmoid", n_group=8, topk_group=4,
+      (DeepseekV3TopkRouter)                                correction_bias=e_score_correction_bias,
+                                                            norm_topk_prob=True, routed_scaling_factor=2.5
+    GLM-4.5/4.6 (Glm4MoeTopkRouter)  fp32 h @ W.T           as DeepSeek-V3 with the config's n_group,
+                                                            topk_group, routed_scaling_factor
+    Kimi-K2.5 (kimi_k25: its text    fp32 h @ W.T           as DeepSeek-V3 with n_group=1, topk_group=1,
+      model is DeepSeek-V3)                                 E=384
+    DeepSeek-V4 (DeepseekV4TopK-     h @ W.T                score_func="sqrtsoftplus", correction_bias=
+      Router)                                               e_score_correction_bias, norm_topk_prob=True,
+                                                            routed_scaling_factor=1.5 (no groups)
+      hash layers (DeepseekV4Hash-   h @ W.T                score_func="sqrtsoftplus", replay_ids=
+      Router, first mlp_layer_types)                        tid2eid[input_ids], norm_topk_prob=True,
+                                                            routed_scaling_factor=1.5
+    gpt-oss (GptOssTopKRouter)       h @ W.T + b (router    score_func="softmax", norm_topk_prob=True
+                                     bias, added by caller) (softmax over the top-k logits)
+    Gemma-4 (Gemma4TextRouter)       proj(rms_norm(h) *     score_func="softmax", norm_topk_prob=True,
+                                     scale * H**-0.5)       expert_scale=per_expert_scale,
+                                                            top_k=config.top_k_experts
+    Qwen3-MoE, Qwen2-MoE, OLMoE      h @ W.T                score_func="softmax", norm_topk_prob=
+      (top-8 of 128 / 64)                                   config.norm_topk_prob (default False)
+    Qwen3-Next (512 experts, top-10) h @ W.T                score_func="softmax", norm_topk_prob=
+                                                            config.norm_topk_prob (default True)
+    Qwen3.5-MoE (256-512 experts,    h @ W.T                score_func="softmax", norm_topk_prob=True;
+      top-8..10)                                            the shared expert (sigmoid-gated) is outside
+    Mixtral (top-2 of 8)             h @ W.T                score_func="softmax", norm_topk_prob=True
     """
     op = "moe_route"
     _require_tensor(op, "router_logits", router_logits, dim=2, floating=True)
