@@ -30,7 +30,7 @@ class Config:
     tiny_layers: int = 2            # tiny default: decoder layers
     tiny_heads: int = 4             # tiny default: attention heads (KV heads = half)
     tiny_intermediate: int = 256    # tiny default: MLP width
-    moe_kernels: bool = True        # Qwen3-MoE / DeepSeek-V3: r1kernels router + expert dispatch
+    moe_kernels: bool = True        # MoE models (hf_moe.FAMILIES): r1kernels router + expert dispatch
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory)
     # ---- task ----------------------------------------------------------------------------------
     task: str = "arithmetic"        # arithmetic | countdown | jsonl

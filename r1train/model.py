@@ -75,15 +75,13 @@ def load_model(path: str, *, device: torch.device, dtype: str = "float32",
 
 def use_r1kernels_moe(model) -> int:
     """Route MoE layers through r1kernels (moe_route, moe_permute/unpermute) for the model
-    families r1kernels.integrations.hf_moe supports; returns how many modules were patched."""
-    kind = getattr(model.config, "model_type", "")
-    if kind not in ("qwen3_moe", "deepseek_v3"):
-        return 0
+    families r1kernels.integrations.hf_moe supports; returns how many modules were patched
+    (0 for a model no family covers)."""
     from r1kernels.integrations import hf_moe
 
-    if kind == "qwen3_moe":
-        return hf_moe.apply_r1kernels_moe_to_qwen3_moe(model)
-    return hf_moe.apply_r1kernels_moe_to_deepseek_v3(model)
+    if not hf_moe.families_of(model.config):
+        return 0
+    return hf_moe.apply_r1kernels_moe(model)
 
 
 def decoder_of(model):

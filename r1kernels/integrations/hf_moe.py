@@ -21,24 +21,27 @@ What changes:
   `model.set_experts_implementation(...)` switches back at any time. Also selectable directly:
   `from_pretrained(..., experts_implementation="r1kernels")` once this module is imported.
 
-Families (transformers 5.25; `FAMILIES` maps model_type -> router classes):
+Families (transformers 5.25; `FAMILIES` maps model_type -> router classes; each is tested on a
+tiny model from its config against the unpatched model in tests/test_moe_integration.py):
     DeepSeek-style sigmoid + e_score_correction_bias + groups, norm (+1e-20), scaling factor:
         deepseek_v3, deepseek_v32, glm4_moe (GLM-4.5/4.6), glm4_moe_lite, glm_moe_dsa, dots1,
-        solar_open, exaone_moe, mimo_v2_flash; kimi_k25 (Kimi-K2.5: its text model is DeepSeek-V3)
+        solar_open, exaone_moe, mimo_v2_flash; kimi_k25 (Kimi-K2.5: its text model is DeepSeek-V3);
+        afmoe and minimax_m2 (no groups; the bias comes from the block: expert_bias /
+        e_score_correction_bias)
     DeepSeek-V4: sqrt(softplus) + bias, norm, scaling; the hash-routed first layers take their ids
         from tid2eid[input_ids] (moe_route replay_ids), recorded and replayed like the others
     softmax top-k (norm_topk_prob where the family has it): qwen2_moe, qwen3_moe, qwen3_next,
-        qwen3_5_moe / qwen3_5_moe_text, olmoe, flex_olmo, mixtral, minimax, jamba
-    softmax over the top-k logits (= softmax + norm): gpt_oss (router bias in the logits), granitemoe
+        qwen3_5_moe / qwen3_5_moe_text, olmoe, flex_olmo, mixtral, minimax, hunyuan_v1_moe
+    softmax over the top-k logits (= softmax + norm): gpt_oss (router bias in the logits),
+        granitemoe, granitemoeshared, granitemoehybrid
     Gemma-4 (gemma4, gemma4_text): normalized, scaled router input, softmax + norm, then
         per_expert_scale (moe_route expert_scale)
-Left as they are (their routers do not fit moe_route): phimoe (sparsemixer: sampled, masked
-top-2), ernie4_5_moe (selects on moe_statics-corrected scores and clamps the normalizer at
-norm_min), lfm2_moe (normalizer + 1e-6), longcat_flash (zero-computation experts), afmoe and
-minimax_m2 (their routers take the bias as an argument from the block: a different call
-signature, not patched here), hunyuan_v1_moe, jetmoe, granitemoeshared/hybrid, dbrx, llama4 and
-nllb_moe (other router modules or sigmoid-on-top-1 gates), qwen3_omni_moe / qwen3_vl_moe and
-other multimodal wrappers (not covered by the tests here).
+Left as they are: phimoe (sparsemixer: a sampled, masked top-2), ernie4_5_moe / ernie4_5_vl_moe
+(select on moe_statics-corrected scores, clamp the normalizer at norm_min), lfm2_moe (normalizer
++ 1e-6), longcat_flash (no normalization, zero-computation experts), dbrx (its router returns
+logits only; the block normalizes by a p-norm), llama4 (sigmoid of the top-k logits scattered
+into [T, E] scores); multimodal wrappers whose text routers have the shapes above (qwen3_vl_moe,
+qwen3_omni_moe, glm4v_moe) are not in FAMILIES because no test here builds them.
 
 Routing replay (RL: train on the experts the rollout chose):
 
@@ -200,6 +203,27 @@ def _deepseek_router_forward(self, hidden_states):
     return router_logits, weights, ids.long()
 
 
+def _afmoe_router_forward(self, hidden_states, expert_bias):
+    """AfmoeTokenChoiceRouter: fp32 logits, sigmoid, the block's expert_bias selects, norm (+1e-20),
+    route_scale."""
+    shape = _batch_shape(hidden_states)
+    router_logits = self.gate(hidden_states.view(-1, hidden_states.shape[-1])).to(torch.float32)
+    weights, ids = _route(self, router_logits, shape, self.top_k, score_func="sigmoid", correction_bias=expert_bias,
+                          norm_topk_prob=True, routed_scaling_factor=float(self.route_scale))
+    return router_logits, weights, ids.long()
+
+
+def _minimax_m2_router_forward(self, hidden_states, e_score_correction_bias):
+    """MiniMaxM2TopKRouter: sigmoid of the fp32 logits, the block's bias selects, norm (the plain
+    sum there; + 1e-20 here, the same unless the chosen scores add up to under ~1e-13)."""
+    shape = _batch_shape(hidden_states)
+    hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+    router_logits = F.linear(hidden_states.to(self.weight.dtype), self.weight)
+    weights, ids = _route(self, router_logits, shape, self.top_k, score_func="sigmoid",
+                          correction_bias=e_score_correction_bias, norm_topk_prob=True)
+    return router_logits, weights, ids.long()
+
+
 def _softmax_router(norm: Optional[bool], cast: bool) -> Callable:
     """Qwen/OLMoE/Mixtral-style router: softmax, top-k, renormalized when `norm` (None: the
     module's norm_topk_prob), weights cast to the logits' dtype when `cast`."""
@@ -230,6 +254,17 @@ def _granitemoe_router_forward(self, hidden_states):
     router_logits = F.linear(hidden_states, self.weight).float()
     weights, ids = _route(self, router_logits, shape, self.top_k, score_func="softmax", norm_topk_prob=True)
     return router_logits, weights.type_as(hidden_states), ids.long()
+
+
+def _hunyuan_router_forward(self, hidden_states):
+    """HunYuanMoEV1Gate: logits of the wg linear (fp32 input when wg is fp32), softmax + norm."""
+    shape = _batch_shape(hidden_states)
+    hidden_states = hidden_states.reshape(-1, hidden_states.shape[-1])
+    if self.wg.weight.dtype == torch.float32:
+        hidden_states = hidden_states.float()
+    router_logits = self.wg(hidden_states)
+    weights, ids = _route(self, router_logits, shape, self.top_k, score_func="softmax", norm_topk_prob=True)
+    return router_logits, weights.to(router_logits.dtype), ids.long()
 
 
 _SCORE_OF_ACT = {"SqrtSoftplusActivation": "sqrtsoftplus", "Sigmoid": "sigmoid", "SigmoidActivation": "sigmoid"}
@@ -347,7 +382,12 @@ FAMILIES: dict[str, tuple[str, dict[str, Callable]]] = {
     "minimax": ("minimax", {"MiniMaxTopKRouter": _softmax_router(True, False)}),
     "gpt_oss": ("gpt_oss", {"GptOssTopKRouter": _gpt_oss_router_forward}),
     "granitemoe": ("granitemoe", {"GraniteMoeTopKRouter": _granitemoe_router_forward}),
+    "granitemoeshared": ("granitemoeshared", {"GraniteMoeSharedTopKRouter": _granitemoe_router_forward}),
+    "granitemoehybrid": ("granitemoehybrid", {"GraniteMoeHybridTopKRouter": _granitemoe_router_forward}),
+    "hunyuan_v1_moe": ("hunyuan_v1_moe", {"HunYuanMoEV1Gate": _hunyuan_router_forward}),
     "gemma4": ("gemma4", {"Gemma4TextRouter": _gemma4_router_forward}),
+    "afmoe": ("afmoe", {"AfmoeTokenChoiceRouter": _afmoe_router_forward}),
+    "minimax_m2": ("minimax_m2", {"MiniMaxM2TopKRouter": _minimax_m2_router_forward}),
 }
 # model types whose routers live in another family's modeling code
 ALIASES = {"qwen3_5_moe_text": "qwen3_5_moe", "gemma4_text": "gemma4", "kimi_k25": "deepseek_v3"}
@@ -362,7 +402,7 @@ def _router_classes(family: str) -> dict[type, Callable]:
     return {getattr(m, name): fn for name, fn in FAMILIES[family][1].items()}
 
 
-def _families_of(config) -> list[str]:
+def families_of(config) -> list[str]:
     """The families of a config and of its sub-configs (text_config of multimodal models)."""
     out = []
     types_ = [getattr(config, "model_type", None)]
@@ -452,7 +492,7 @@ def apply_r1kernels_moe(model=None, *, router: bool = True, experts: bool = True
                              f"with model=None, got {model_type!r}")
         return _patch_classes([fam], router, experts)
     config = getattr(model, "config", None)
-    families = _families_of(config) if config is not None else []
+    families = families_of(config) if config is not None else []
     if not families:
         raise ValueError(f"apply_r1kernels_moe: no r1kernels patch for model_type "
                          f"{getattr(config, 'model_type', None)!r} (covered: {sorted(FAMILIES) + sorted(ALIASES)})")
@@ -479,5 +519,5 @@ def _family_patch(family: str):
 for _fam in FAMILIES:
     globals()[f"apply_r1kernels_moe_to_{_fam}"] = _family_patch(_fam)
 
-__all__ = ["apply_r1kernels_moe", "RoutingReplay", "FAMILIES", "r1kernels_experts_forward"] + [
+__all__ = ["apply_r1kernels_moe", "RoutingReplay", "FAMILIES", "families_of", "r1kernels_experts_forward"] + [
     f"apply_r1kernels_moe_to_{f}" for f in FAMILIES]

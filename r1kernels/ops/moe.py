@@ -912,8 +912,8 @@ def moe_route(router_logits: torch.Tensor, top_k: int, *, score_func: str = "sof
     Gemma-4 (Gemma4TextRouter)       proj(rms_norm(h) *     score_func="softmax", norm_topk_prob=True,
                                      scale * H**-0.5)       expert_scale=per_expert_scale,
                                                             top_k=config.top_k_experts
-    Qwen3-MoE, Qwen2-MoE, OLMoE      h @ W.T                score_func="softmax", norm_topk_prob=
-      (top-8 of 128 / 64)                                   config.norm_topk_prob (default False)
+    Qwen3-MoE (top-8 of 128),        h @ W.T                score_func="softmax", norm_topk_prob=
+      OLMoE (top-8 of 64), Qwen2-MoE                        config.norm_topk_prob (default False)
     Qwen3-Next (512 experts, top-10) h @ W.T                score_func="softmax", norm_topk_prob=
                                                             config.norm_topk_prob (default True)
     Qwen3.5-MoE (256-512 experts,    h @ W.T                score_func="softmax", norm_topk_prob=True;
