@@ -323,7 +323,8 @@ def r1kernels_experts_forward(self, hidden_states: torch.Tensor, top_k_index: to
                               top_k_weights: torch.Tensor) -> torch.Tensor:
     """Experts of any layout transformers' `@use_experts_implementation` describes (gate_up or
     up only, [out, in] or transposed weights, biases, post-expert norm, the class's own gate) on
-    the rows moe_permute groups by expert; combined by moe_unpermute."""
+    the rows moe_permute groups by expert; combined by moe_unpermute. Expert ids must be in
+    [0, num_experts) (IndexError otherwise): expert parallelism's sentinel ids are not handled."""
     E = self.num_experts
     x, perm = moe_permute(hidden_states, top_k_index, E)
     bounds = perm.offsets.tolist()  # one host sync per layer

@@ -616,8 +616,9 @@ def _check_ids(name: str, ids: torch.Tensor, E: int) -> None:
 
 
 def _check_rows(row_ids: torch.Tensor, R: int) -> None:
-    """IndexError when a row of the permutation is outside [0, R) (one reduction; syncs on CUDA)."""
-    if row_ids.numel() == 0:
+    """IndexError when a row of the permutation is outside [0, R) (one reduction; syncs on CUDA,
+    so skipped while a CUDA graph is captured: the kernels mask rows outside [0, R) anyway)."""
+    if row_ids.numel() == 0 or (row_ids.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
     lo, hi = torch.aminmax(row_ids.reshape(-1))
     lo, hi = int(lo), int(hi)
