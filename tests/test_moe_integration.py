@@ -207,7 +207,8 @@ def test_family_matches_eager(family, monkeypatch):
     ids = torch.randint(3, 64, (2, 7), device=DEVICE)
     diffs = compare(patched, eager, ids, family=family)
     assert len(calls) == R
-    print(f"\n{family}: routers {R}, max abs/rel diff " + ", ".join(f"{k} {a:.1e}/{r:.1e}" for k, (a, r) in diffs.items()))
+    report = ", ".join(f"{k} {a:.1e}/{r:.1e}" for k, (a, r) in diffs.items())
+    print(f"\n{family}: routers {R}, max abs/rel diff {report}")  # shown with pytest -s
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
