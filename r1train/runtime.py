@@ -65,12 +65,14 @@ class Runtime:
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         self.is_main = self.rank == 0
-        self.task = tasks_mod.make_task(cfg.task, cfg.difficulty, cfg.data or None)
-        self.reward_fn = RewardFn(cfg.rewards)
+        self.task = tasks_mod.make_task(cfg.task, cfg.difficulty, cfg.data or None,
+                                        cfg.data_columns)
+        self.reward_fn = RewardFn(cfg.rewards, cfg.language)
         self.ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")
         self.stop_requested = False
         # progress of the run; everything needed to continue it exactly lives here + weights + optim
-        self.state = {"stage": 0, "step": 0, "evals": {}, "history": [], "elapsed": 0.0}
+        self.state = {"stage": 0, "step": 0, "stage_table": {}, "stage_seconds": {},
+                      "history": [], "elapsed": 0.0}
         self.ref_model = None
 
 
@@ -93,6 +95,7 @@ class Runtime:
                 with open(marker, "w", encoding="utf-8") as f:
                     json.dump(spec, f)
             self.barrier()
+        self.model_path = path
         model, tok = load_model(path, device=self.device, dtype=cfg.dtype,
                                 attn_implementation=cfg.attn_implementation or None,
                                 moe_kernels=cfg.moe_kernels)
@@ -135,10 +138,37 @@ class Runtime:
         return t.tolist()
 
     # ---- text <-> tokens -----------------------------------------------------------------------
+    def prompt_template(self) -> str:
+        """`{prompt}` in the text the model sees: `prompt_template`, else R1-Zero's template in
+        mode r1-zero (condensed for the tiny default), else the task text as is."""
+        if self.cfg.prompt_template:
+            return self.cfg.prompt_template
+        if self.cfg.mode == "r1-zero":
+            return tasks_mod.R1_ZERO_TEMPLATE if self.cfg.model else tasks_mod.TINY_R1_ZERO_TEMPLATE
+        return "{prompt}"
+
+    def uses_chat_template(self) -> bool:
+        """Mode r1 with a tokenizer that has a chat template (and no prompt_template given)."""
+        return (self.cfg.mode == "r1" and not self.cfg.prompt_template
+                and bool(getattr(self.tok, "chat_template", None)))
+
+    def render_prompt(self, text: str) -> str:
+        if self.uses_chat_template():
+            system = [{"role": "system", "content": self.cfg.system_prompt}] \
+                if self.cfg.system_prompt else []
+            return self.tok.apply_chat_template(system + [{"role": "user", "content": text}],
+                                                tokenize=False, add_generation_prompt=True)
+        return self.prompt_template().format(prompt=text)
+
+    def encode_text(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
     def encode_prompt(self, text: str) -> list[int]:
-        ids = self.tok(text, add_special_tokens=False)["input_ids"]
+        """The rendered prompt's tokens, after BOS when the tokenizer has one (and the chat
+        template did not already write it)."""
+        ids = self.encode_text(self.render_prompt(text))
         bos = self.tok.bos_token_id
-        return ([bos] if bos is not None else []) + ids
+        return ([bos] if bos is not None and ids[:1] != [bos] else []) + ids
 
     def decode(self, tokens: torch.Tensor, length: int) -> str:
         ids = tokens[:length].tolist()

@@ -1,10 +1,10 @@
-"""The R1 recipe in one loop: evaluate -> cold-start SFT -> evaluate -> GRPO -> evaluate.
+"""The GRPO loop of the R1 recipe (the stages around it: stages.py).
 
 A GRPO step, as a reader should hold it in their head:
 
     prompts  = task examples for (seed, step, rank)                 # pure function: exact resume
     rollout  = generate(policy, prompts, G per prompt)              # same weights, static KV cache
-    rewards  = accuracy (safe verifier) + 0.1 * format
+    rewards  = accuracy (safe verifier) + 0.1 * format              # or the configured ones
     A        = r1kernels.group_advantages(rewards, G)               # (r - mean) / (std + eps)
     loss     = GRPO loss on last hidden states + lm_head weight     # r1kernels.GRPOLoss
     step the optimizer once                                         # on-policy: old logps = logps
@@ -24,6 +24,7 @@ around this loop (stages.py) live beside this file.
 from __future__ import annotations
 
 import gc
+import math
 import time
 
 import torch
@@ -36,38 +37,46 @@ from r1train.evaluate import Evaluation
 from r1train.generate import generate
 from r1train.loss import policy_loss, token_logprobs_from_hidden
 from r1train.model import decoder_of, lm_head_of
+from r1train.rewards import format_reward, verify
 from r1train.runtime import Runtime, derived_seed
-from r1train.stages import Stages
+from r1train.stages import LOG_NAME, Stages
 
 GRPO_SEED_BASE = 1 << 30   # GRPO prompt seeds; SFT uses [0, sft_examples), eval >= 2**40
+SEED_BASE = {"rl": GRPO_SEED_BASE, "rl2": 1 << 32}  # each RL stage sees its own prompts
 
 
 class Trainer(Runtime, Checkpointing, Evaluation, Stages):
     """The policy, its optimizer state and the run's progress; the GRPO step is below."""
 
-    def rollout_and_score(self, examples, *, group_size, temperature, generator):
+    def rollout_and_score(self, examples, *, group_size, temperature, generator, top_p=None):
+        """G completions per example, decoded and scored: (rollout, prompt ids, texts, lengths,
+        reward per sample (None: skipped), the values of each reward function)."""
         cfg = self.cfg
         prompts = [self.encode_prompt(e.prompt) for e in examples]
         roll = generate(self.model, prompts, group_size=group_size,
                         max_new_tokens=cfg.max_new_tokens, eos_id=self.eos_id, pad_id=self.pad_id,
-                        temperature=temperature, top_p=cfg.top_p, generator=generator)
+                        temperature=temperature, top_p=cfg.top_p if top_p is None else top_p,
+                        generator=generator)
         lengths = roll.lengths.tolist()
         tokens = roll.tokens.cpu()  # one device-to-host copy for the whole rollout
         texts = [self.decode(tokens[i], lengths[i]) for i in range(len(lengths))]
-        scores = [self.reward_fn(t, examples[i // group_size]) for i, t in enumerate(texts)]
-        return roll, prompts, texts, lengths, scores
+        exs = [examples[i // group_size] for i in range(len(texts))]
+        totals, values = self.reward_fn([self.render_prompt(e.prompt) for e in exs], texts, exs)
+        return roll, prompts, texts, lengths, totals, values
 
     def update(self, opt, prompts, tokens, lengths, rewards, G):
         """One GRPO optimizer step on a rollout: group advantages, bucketed micro-batches,
         policy_loss on hidden states (r1kernels), gradients averaged over processes."""
         cfg = self.cfg
-        adv = r1kernels.group_advantages(rewards, G)
+        adv = r1kernels.group_advantages(rewards, G)  # a NaN (skipped) reward: advantage 0
         tokens = tokens.cpu()
-        rows = []
+        rows, keep = [], (~torch.isnan(rewards)).tolist()
         for i in range(len(lengths)):
-            p = prompts[i // G]
-            rows.append((p + tokens[i, :lengths[i]].tolist(), len(p)))
-        n_tok = sum(lengths)
+            if keep[i]:  # a skipped sample is left out of the loss and its normalization
+                p = prompts[i // G]
+                rows.append((p + tokens[i, :lengths[i]].tolist(), len(p)))
+        adv = adv[torch.tensor(keep, device=adv.device)]
+        n_tok = sum(n for n, k in zip(lengths, keep) if k)
         n_all = self.all_sum([n_tok])[0] / self.world
         micro = list(self.micro_batches(rows))
         w, b = lm_head_of(self.model)
@@ -101,34 +110,43 @@ class Trainer(Runtime, Checkpointing, Evaluation, Stages):
 
     def grpo_step(self, opt) -> dict:
         cfg = self.cfg
+        stage = self.current_stage  # rl or rl2: their own prompts and sampling streams
         step, G, P = self.state["step"], cfg.group_size, cfg.prompts_per_step
         t0 = time.perf_counter()
-        first = GRPO_SEED_BASE + (step * self.world + self.rank) * P
+        first = SEED_BASE[stage] + (step * self.world + self.rank) * P
         examples = self.task.examples(range(first, first + P))
         gen = torch.Generator(device=self.device)
-        gen.manual_seed(derived_seed(cfg.seed, "grpo-sample", step, self.rank))
-        roll, prompts, texts, lengths, scores = self.rollout_and_score(
+        gen.manual_seed(derived_seed(cfg.seed, "grpo-sample" if stage == "rl" else
+                                     f"{stage}-sample", step, self.rank))
+        roll, prompts, texts, lengths, totals, values = self.rollout_and_score(
             examples, group_size=G, temperature=cfg.temperature, generator=gen)
         t_gen = time.perf_counter() - t0
-        rewards = torch.tensor([s[0] for s in scores], dtype=torch.float32, device=self.device)
+        rewards = torch.tensor([math.nan if r is None else r for r in totals],
+                               dtype=torch.float32, device=self.device)
         loss, gnorm, extra = self.update(opt, prompts, roll.tokens, lengths, rewards, G)
-        acc = [s[1].get("accuracy", 0.0) for s in scores]
-        fmt = [s[1].get("format", 0.0) for s in scores]
+        exs = [examples[i // G] for i in range(len(texts))]
+        acc = [float(verify(t, e)) for t, e in zip(texts, exs)]
+        fmt = [format_reward(t, e) for t, e in zip(texts, exs)]
+        scored = [r for r in totals if r is not None]
         n_tok = sum(lengths)
-        sums = self.all_sum([float(rewards.sum()), sum(acc), sum(fmt), float(n_tok), len(acc),
+        sums = self.all_sum([sum(scored), len(scored), sum(acc), sum(fmt), float(n_tok), len(acc),
                              loss, extra["kl"], extra["clip_ratio"]])
-        n = sums[4]
-        return {"stage": "grpo", "step": step + 1, "reward": sums[0] / n, "accuracy": sums[1] / n,
-                "format": sums[2] / n, "completion_len": sums[3] / n, "loss": sums[5] / self.world,
-                "kl": sums[6] / self.world, "clip_ratio": sums[7] / self.world, "grad_norm": gnorm,
+        n = sums[5]
+        return {"stage": LOG_NAME.get(stage, stage), "step": step + 1,
+                "reward": sums[0] / max(sums[1], 1.0), "accuracy": sums[2] / n,
+                "format": sums[3] / n, "completion_len": sums[4] / n, "skipped": n - sums[1],
+                "loss": sums[6] / self.world, "kl": sums[7] / self.world,
+                "clip_ratio": sums[8] / self.world, "grad_norm": gnorm,
                 "gen_tokens_per_s": n_tok / max(t_gen, 1e-9),
                 "step_seconds": time.perf_counter() - t0, **({"entropy": extra["entropy"]}
                                                              if "entropy" in extra else {})}
 
     def run_grpo(self, opt, pbar_factory):
         cfg = self.cfg
-        bar = pbar_factory(cfg.grpo_steps, "grpo", self.state["step"])
-        while self.state["step"] < cfg.grpo_steps:
+        stage = self.current_stage
+        steps = cfg.grpo_steps if stage == "rl" else cfg.rl2_steps
+        bar = pbar_factory(steps, LOG_NAME.get(stage, stage), self.state["step"])
+        while self.state["step"] < steps:
             m = self.grpo_step(opt)
             self.state["step"] += 1
             self.log(m)
@@ -136,14 +154,16 @@ class Trainer(Runtime, Checkpointing, Evaluation, Stages):
             bar.set_postfix(reward=f"{m['reward']:.2f}", acc=f"{m['accuracy']:.2f}",
                             len=f"{m['completion_len']:.0f}")
             if cfg.eval_every and self.state["step"] % cfg.eval_every == 0 \
-                    and self.state["step"] < cfg.grpo_steps:
-                acc = self.evaluate()
-                self.log({"stage": "eval", "step": self.state["step"], "eval_accuracy": acc})
-            if self.after_step(opt, cfg.grpo_steps):
+                    and self.state["step"] < steps:
+                ev = self.evaluate()
+                self.log({"stage": "eval", "of": m["stage"], "step": self.state["step"],
+                          **{f"eval_{k}": v for k, v in ev.items()}})
+            if self.after_step(opt, steps):
                 bar.close()
                 return False
         bar.close()
         return True
+
 
 def train(cfg: Config) -> dict | None:
     """Run the configured pipeline; returns the summary (None if interrupted)."""
