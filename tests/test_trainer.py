@@ -147,7 +147,7 @@ def test_jsonl_task(tmp_path):
     assert train and held and not (train & held)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "x"}))
-    with pytest.raises(ValueError, match="lacks"):
+    with pytest.raises(ValueError, match="no column 'answer'"):
         T.make_task("jsonl", 1, str(bad))
 
 
