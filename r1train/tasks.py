@@ -27,8 +27,8 @@ R1_ZERO_TEMPLATE = (
     "<think> </think> and <answer> </answer> tags, respectively, i.e., <think> reasoning process "
     "here </think> <answer> answer here </answer>. User: {prompt}. Assistant:")
 # The same instruction, condensed for the tiny default model (256 positions, one token a char)
-TINY_R1_ZERO_TEMPLATE = ("User: {prompt} Think in <think> </think>, then answer in "
-                         "<answer> </answer>. Assistant:")
+TINY_R1_ZERO_TEMPLATE = ("Think in <think> </think>, then answer in <answer> </answer>. "
+                         "User: {prompt} Assistant:")
 
 
 @dataclass(frozen=True)

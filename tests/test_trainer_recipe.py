@@ -290,7 +290,7 @@ def test_r1_zero_pretrain_stage(tmp_path):
     fmt = sum("</think><answer>" in d for d in docs) / len(docs)
     assert 0.03 < fmt < 0.08  # 10% of the question-answer half
     assert all(d.count("</think><answer>") <= 1 for d in docs)
-    assert sum(d.startswith("User: ") for d in docs) > 800
+    assert sum(d.startswith(tpl.split("{")[0]) for d in docs) > 800
     _, s = _run(tmp_path, "zero", mode="r1-zero", pretrain_docs=32, pretrain_epochs=1)
     assert s["eval"]["after_sft"] is None and s["eval_format"]["base"] is not None
     rows = _rows(tmp_path / "zero" / "metrics.jsonl")
