@@ -52,6 +52,7 @@ class Trainer(Runtime, Checkpointing, Evaluation, Stages):
         """G completions per example, decoded and scored: (rollout, prompt ids, texts, lengths,
         reward per sample (None: skipped), the values of each reward function)."""
         cfg = self.cfg
+        rendered = [self.render_prompt(e.prompt) for e in examples]
         prompts = [self.encode_prompt(e.prompt) for e in examples]
         roll = generate(self.model, prompts, group_size=group_size,
                         max_new_tokens=cfg.max_new_tokens, eos_id=self.eos_id, pad_id=self.pad_id,
@@ -61,7 +62,8 @@ class Trainer(Runtime, Checkpointing, Evaluation, Stages):
         tokens = roll.tokens.cpu()  # one device-to-host copy for the whole rollout
         texts = [self.decode(tokens[i], lengths[i]) for i in range(len(lengths))]
         exs = [examples[i // group_size] for i in range(len(texts))]
-        totals, values = self.reward_fn([self.render_prompt(e.prompt) for e in exs], texts, exs)
+        totals, values = self.reward_fn([rendered[i // group_size] for i in range(len(texts))],
+                                        texts, exs)
         return roll, prompts, texts, lengths, totals, values
 
     def update(self, opt, prompts, tokens, lengths, rewards, G):
@@ -125,8 +127,8 @@ class Trainer(Runtime, Checkpointing, Evaluation, Stages):
                                dtype=torch.float32, device=self.device)
         loss, gnorm, extra = self.update(opt, prompts, roll.tokens, lengths, rewards, G)
         exs = [examples[i // G] for i in range(len(texts))]
-        acc = [float(verify(t, e)) for t, e in zip(texts, exs)]
-        fmt = [format_reward(t, e) for t, e in zip(texts, exs)]
+        acc = values.get("accuracy") or [float(verify(t, e)) for t, e in zip(texts, exs)]
+        fmt = values.get("format") or [format_reward(t, e) for t, e in zip(texts, exs)]
         scored = [r for r in totals if r is not None]
         n_tok = sum(lengths)
         sums = self.all_sum([sum(scored), len(scored), sum(acc), sum(fmt), float(n_tok), len(acc),
