@@ -68,6 +68,9 @@ class Runtime:
         self.task = tasks_mod.make_task(cfg.task, cfg.difficulty, cfg.data or None,
                                         cfg.data_columns)
         self.reward_fn = RewardFn(cfg.rewards, cfg.language)
+        if cfg.prompt_template and "{prompt}" not in cfg.prompt_template:
+            raise ValueError(f"prompt_template: expected text with {{prompt}} in it, got "
+                             f"{cfg.prompt_template!r}")
         self.ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")
         self.stop_requested = False
         # progress of the run; everything needed to continue it exactly lives here + weights + optim
@@ -158,7 +161,7 @@ class Runtime:
                 if self.cfg.system_prompt else []
             return self.tok.apply_chat_template(system + [{"role": "user", "content": text}],
                                                 tokenize=False, add_generation_prompt=True)
-        return self.prompt_template().format(prompt=text)
+        return self.prompt_template().replace("{prompt}", text)
 
     def encode_text(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]

@@ -206,15 +206,15 @@ def pretrain_text(task: Task, seed: int, template: str, format_share: float) -> 
     rng = random.Random(seed)
     ex = task.example(seed)
     kind = rng.random()
-    if kind < 0.3:
+    if kind < 0.1:
         exs = task.examples(range(seed, seed + 1 + rng.randrange(4)))
         return " ".join(f"{e.prompt}{e.answer}" for e in exs)
     if kind < 0.5:
         return f"{ex.prompt} {ex.think}, so {ex.answer}"
-    question = template.format(prompt=ex.prompt)
+    question = template.replace("{prompt}", ex.prompt)
     if rng.random() < format_share:
         return f"{question} {completion_text(ex)}"
-    if rng.random() < 0.5:
+    if rng.random() < 0.25:
         return f"{question} {ex.answer}"
     return f"{question} {ex.think}, so {ex.answer}"
 

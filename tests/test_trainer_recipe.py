@@ -232,6 +232,8 @@ def test_stage_lists():
             stages(stages=bad)
     with pytest.raises(ValueError, match="r1-zero"):
         stages(mode="r1-zero", stages="sft,rl")
+    with pytest.raises(ValueError, match="prompt_template"):
+        stages(prompt_template="no placeholder")
 
 
 def test_four_stages_restart_from_base_and_resume(tmp_path, monkeypatch):
