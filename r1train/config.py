@@ -50,8 +50,8 @@ class Config:
     prompt_template: str = ""       # "{prompt}" filled in; "" = by mode (r1-zero: R1-Zero's)
     system_prompt: str = R1_SYSTEM_PROMPT  # with a tokenizer that has a chat template (mode r1)
     # ---- recipe --------------------------------------------------------------------------------
-    mode: str = "r1"                # r1: SFT then GRPO; r1-zero: GRPO straight from the base model
-    stages: str = ""                # pretrain,sft,rl,rs,rs_sft,rl2 in order; "" = by mode (below)
+    mode: str = "r1"                # r1: stages sft,rl; r1-zero: pretrain,rl (pure RL, R1-Zero)
+    stages: str = ""                # in order from pretrain,sft,rl,rs,rs_sft,rl2; "" = by mode
     # pretrain: the tiny default's base model, plain text of the task domain (r1-zero's start)
     pretrain_docs: int = 3000       # generated documents
     pretrain_epochs: int = 8        # passes over them
@@ -59,9 +59,9 @@ class Config:
     # cold-start SFT (also distillation: point sft_data at a JSONL from a stronger model)
     sft_examples: int = 300         # generated cold-start examples (ignored with sft_data)
     sft_data: str = ""              # JSONL of {prompt, completion} or {prompt, answer[, think]}
-    sft_epochs: int = 60            # passes over the SFT set
-    sft_batch_size: int = 32        # sequences per SFT step (all processes together)
-    sft_lr: float = 3e-3            # AdamW learning rate for SFT
+    sft_epochs: int = 60            # passes over the SFT set (sft, rs_sft)
+    sft_batch_size: int = 32        # sequences per SFT or pretrain step (all processes together)
+    sft_lr: float = 3e-3            # AdamW learning rate for SFT, rs_sft and pretrain
     # GRPO
     grpo_steps: int = 400           # GRPO steps (one rollout + one optimizer step each)
     prompts_per_step: int = 16      # P prompts per step (per process)
@@ -69,9 +69,9 @@ class Config:
     max_new_tokens: int = 40        # completion budget per sample
     temperature: float = 1.0        # rollout sampling temperature
     top_p: float = 1.0              # rollout nucleus sampling
-    lr: float = 3e-4                # AdamW learning rate for GRPO
-    weight_decay: float = 0.0       # AdamW weight decay (both stages)
-    max_grad_norm: float = 1.0      # gradient clipping (both stages)
+    lr: float = 3e-4                # AdamW learning rate for GRPO (rl, rl2)
+    weight_decay: float = 0.0       # AdamW weight decay (every training stage)
+    max_grad_norm: float = 1.0      # gradient clipping (every training stage)
     beta: float = 0.0               # KL coefficient; > 0 computes reference log-probs
     loss_type: str = "dapo"         # any r1kernels.grpo_loss loss_type
     epsilon_low: float = 0.2        # PPO clip range below 1
