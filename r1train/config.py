@@ -12,6 +12,14 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+# DeepSeek-R1's instruction (as open-r1 uses it as the system prompt of a chat template)
+R1_SYSTEM_PROMPT = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant "
+    "solves it. The assistant first thinks about the reasoning process in the mind and then "
+    "provides the user with the answer. The reasoning process and answer are enclosed within "
+    "<think> </think> and <answer> </answer> tags, respectively, i.e., <think> reasoning process "
+    "here </think> <answer> answer here </answer>.")
+
 
 @dataclass
 class Config:
@@ -33,18 +41,27 @@ class Config:
     moe_kernels: bool = True        # MoE models (hf_moe.FAMILIES): r1kernels router + expert dispatch
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory)
     # ---- task ----------------------------------------------------------------------------------
-    task: str = "arithmetic"        # arithmetic | countdown | jsonl
+    task: str = "arithmetic"        # arithmetic | countdown | dataset (alias: jsonl)
     difficulty: int = 2             # arithmetic: digits per operand; countdown: how many numbers
-    data: str = ""                  # task=jsonl: path to {prompt, answer} lines
+    data: str = ""                  # task=dataset: a .jsonl, .parquet or saved `datasets` dir
+    data_columns: str = ""          # column mapping, e.g. prompt=question,answer=solution
     rewards: dict = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1})  # fn: weight
+    language: str = "latin"         # `language` reward: Unicode script(s) of the CoT, e.g. cjk
+    prompt_template: str = ""       # "{prompt}" filled in; "" = by mode (r1-zero: R1-Zero's)
+    system_prompt: str = R1_SYSTEM_PROMPT  # with a tokenizer that has a chat template (mode r1)
     # ---- recipe --------------------------------------------------------------------------------
-    mode: str = "r1"                # r1: SFT then GRPO; r1-zero: GRPO straight from the base model
+    mode: str = "r1"                # r1: stages sft,rl; r1-zero: pretrain,rl (pure RL, R1-Zero)
+    stages: str = ""                # in order from pretrain,sft,rl,rs,rs_sft,rl2; "" = by mode
+    # pretrain: the tiny default's base model, plain text of the task domain (r1-zero's start)
+    pretrain_docs: int = 3000       # generated documents
+    pretrain_epochs: int = 8        # passes over them
+    pretrain_format_share: float = 0.05  # share of answers written in the R1 format
     # cold-start SFT (also distillation: point sft_data at a JSONL from a stronger model)
     sft_examples: int = 300         # generated cold-start examples (ignored with sft_data)
     sft_data: str = ""              # JSONL of {prompt, completion} or {prompt, answer[, think]}
-    sft_epochs: int = 60            # passes over the SFT set
-    sft_batch_size: int = 32        # sequences per SFT step (all processes together)
-    sft_lr: float = 3e-3            # AdamW learning rate for SFT
+    sft_epochs: int = 60            # passes over the SFT set (sft, rs_sft)
+    sft_batch_size: int = 32        # sequences per SFT or pretrain step (all processes together)
+    sft_lr: float = 3e-3            # AdamW learning rate for SFT, rs_sft and pretrain
     # GRPO
     grpo_steps: int = 400           # GRPO steps (one rollout + one optimizer step each)
     prompts_per_step: int = 16      # P prompts per step (per process)
@@ -52,9 +69,9 @@ class Config:
     max_new_tokens: int = 40        # completion budget per sample
     temperature: float = 1.0        # rollout sampling temperature
     top_p: float = 1.0              # rollout nucleus sampling
-    lr: float = 3e-4                # AdamW learning rate for GRPO
-    weight_decay: float = 0.0       # AdamW weight decay (both stages)
-    max_grad_norm: float = 1.0      # gradient clipping (both stages)
+    lr: float = 3e-4                # AdamW learning rate for GRPO (rl, rl2)
+    weight_decay: float = 0.0       # AdamW weight decay (every training stage)
+    max_grad_norm: float = 1.0      # gradient clipping (every training stage)
     beta: float = 0.0               # KL coefficient; > 0 computes reference log-probs
     loss_type: str = "dapo"         # any r1kernels.grpo_loss loss_type
     epsilon_low: float = 0.2        # PPO clip range below 1
@@ -63,11 +80,12 @@ class Config:
     # ---- evaluation ----------------------------------------------------------------------------
     eval_examples: int = 500        # held-out prompts (seeds disjoint from training)
     eval_every: int = 25            # GRPO steps between held-out evals; 0 = only at stage ends
-    pass_k: int = 0                 # also report pass@k with k samples per prompt; 0 = off
+    pass_k: int = 0                 # k samples at T 0.6, top-p 0.95: pass@1, cons@k, pass@k
     # ---- rejection sampling (writes an SFT JSONL of verified completions) ------------------------
-    rs_prompts: int = 0             # prompts to sample after GRPO; 0 = skip this stage
+    rs_prompts: int = 0             # prompts to sample (stage rs, rs_sft); 0 = sft_examples
     rs_samples: int = 8             # N samples per prompt
     rs_out: str = ""                # default: <out_dir>/rejection_sampled.jsonl
+    rl2_steps: int = 100            # GRPO steps of the final RL stage (rl2)
 
 
 def _parse_value(kind, text: str):
@@ -115,13 +133,14 @@ def _field_docs() -> dict[str, str]:
     return docs
 
 
-def parse_args(argv=None) -> Config:
+def parse_args(argv=None, prog: str = "r1-train") -> Config:
     docs = _field_docs()
     p = argparse.ArgumentParser(
-        prog="r1-train",
+        prog=prog,
         description="GRPO training, the DeepSeek-R1 recipe (cold-start SFT -> GRPO with rule-based "
                     "rewards -> evaluation), on r1kernels. With no arguments: a tiny model "
-                    "learns 2-digit addition on CPU in a few minutes.")
+                    "learns 2-digit addition on CPU in a few minutes. `r1-train sample ...` "
+                    "writes a model's verified samples as SFT data (distillation).")
     p.add_argument("--config", help="YAML file of field: value (flags override it)")
     types = {f.name: (dict if f.name == "rewards" else type(f.default) if f.default is not
                       dataclasses.MISSING else str) for f in dataclasses.fields(Config)}

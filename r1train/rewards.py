@@ -1,16 +1,28 @@
-"""Rule-based rewards: a safe verifier for answers, the accuracy reward and the format reward.
+"""Rule-based rewards: a safe verifier for answers, the accuracy, format and language rewards.
 
 Model output is never given to `eval`: `safe_eval` parses it with `ast` and walks a whitelist
 (numbers, + - * /, unary minus, parentheses) with limits on length, depth and magnitude, so a
-completion can at worst be rejected. A reward function has the signature
-`fn(completion: str, example: Example) -> float`; `resolve_reward("pkg.module:fn")` loads a user's.
+completion can at worst be rejected. When `math-verify` is installed, answers are also compared
+with its LaTeX parser (ANTLR, then sympy: fractions, sets, intervals, `\\boxed{}`); its
+plain-expression parser (sympy's `parse_expr`, which calls `eval`) is never used.
+
+A reward function is either `fn(completion: str, example: Example) -> float` or has TRL's
+signature `fn(prompts, completions, **columns) -> list[float | None]` (recognised by a
+`completions` parameter): it gets the batch, `answer` and the dataset's other columns as lists.
+None means the function does not apply to that sample (as in TRL); a sample for which every
+function returns None is skipped (no advantage, no loss). `resolve_reward("pkg.module:fn")` loads
+a user's function.
 """
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
+import inspect
 import math
 import re
+import threading
+import unicodedata
 from fractions import Fraction
 
 from r1train.tasks import Example
@@ -87,15 +99,43 @@ def extract_answer(completion: str) -> str | None:
     return m.group(1).strip() if m else None
 
 
+def gold_answer(answer: str) -> str:
+    """The reference answer to compare with: the text after GSM8K's `####` when present."""
+    return answer.rsplit("####", 1)[1].strip() if "####" in answer else answer.strip()
+
+
+def _math_verify(gold: str, ans: str) -> bool | None:
+    """math-verify's verdict with its LaTeX parser only; None when it is not installed or cannot
+    parse either side."""
+    try:
+        from math_verify import LatexExtractionConfig, parse
+        from math_verify import verify as mv_verify
+    except ImportError:
+        return None
+    main = threading.current_thread() is threading.main_thread()  # its timeouts use SIGALRM
+    t = 5 if main else None
+    cfg = [LatexExtractionConfig(boxed_match_priority=0)]
+
+    def parsed(text):
+        text = text if "$" in text or "\\boxed" in text else f"${text}$"
+        return parse(text, extraction_config=cfg, parsing_timeout=t)
+
+    g, a = parsed(gold), parsed(ans)
+    if not g or not a:
+        return None
+    return bool(mv_verify(g, a, timeout_seconds=t))
+
+
 def verify(completion: str, ex: Example) -> bool:
     """True iff the completion's <answer> is correct for `ex`.
 
     Countdown examples (those with `numbers`) need an expression over a sub-multiset of the
     numbers that equals the target (the number after '>' in the prompt); otherwise the answer
-    must equal `ex.answer`, numerically when both parse as numbers, else as stripped text.
+    must equal `gold_answer(ex.answer)`: numerically when both parse as arithmetic, else by
+    math-verify when installed and both parse as LaTeX, else as stripped text.
     """
     ans = extract_answer(completion)
-    if ans is None or ans == "":
+    if ans is None or ans == "" or len(ans) > MAX_EXPR_CHARS:
         return False
     try:
         if ex.numbers:
@@ -108,10 +148,14 @@ def verify(completion: str, ex: Example) -> bool:
                     return False
                 pool.remove(n)
             return value == target
+        gold = gold_answer(ex.answer)
         try:
-            return safe_eval(ans) == safe_eval(ex.answer)
+            return safe_eval(ans) == safe_eval(gold)
         except UnsafeExpression:
-            return ans == ex.answer.strip()
+            pass
+        if ans == gold:
+            return True
+        return bool(_math_verify(gold, ans))
     except (UnsafeExpression, ValueError, ZeroDivisionError, OverflowError, RecursionError,
             MemoryError):
         return False
@@ -125,11 +169,38 @@ def format_reward(completion: str, ex: Example) -> float:
     return 1.0 if _FORMAT.match(completion) else 0.0
 
 
-REWARDS = {"accuracy": accuracy_reward, "format": format_reward}
+_THINK = re.compile(r"<think>(.*?)</think>", re.S)
+_WORD = re.compile(r"[^\W\d_]+")  # a run of letters (digits, signs and spaces are no language's)
 
 
-def resolve_reward(name: str):
+def _script_of(ch: str) -> str:
+    name = unicodedata.name(ch, "")
+    return name.split(" ", 1)[0] if name else ""
+
+
+def language_reward(completion: str, ex: Example, scripts: str = "latin") -> float:
+    """R1's language consistency: the share of the chain of thought's words written in the target
+    script(s) (`scripts`: comma-separated Unicode script names, e.g. `latin` or `cjk,hiragana`).
+    A word is a run of letters; it counts when all its letters are in a target script. A chain of
+    thought with no words (digits and signs only) scores 1, a completion without one scores 0."""
+    m = _THINK.search(completion)
+    if m is None:
+        return 0.0
+    targets = {t.strip().upper() for t in scripts.split(",") if t.strip()}
+    words = _WORD.findall(m.group(1))
+    if not words:
+        return 1.0
+    ok = sum(all(_script_of(c) in targets for c in w) for w in words)
+    return ok / len(words)
+
+
+REWARDS = {"accuracy": accuracy_reward, "format": format_reward, "language": language_reward}
+
+
+def resolve_reward(name: str, language: str = "latin"):
     """A built-in reward by name, or a user function given as `package.module:function`."""
+    if name == "language":
+        return functools.partial(language_reward, scripts=language)
     if name in REWARDS:
         return REWARDS[name]
     if ":" in name:
@@ -138,13 +209,39 @@ def resolve_reward(name: str):
     raise ValueError(f"reward expected one of {sorted(REWARDS)} or 'module:function', got {name!r}")
 
 
+def is_batched(fn) -> bool:
+    """True for TRL's signature `fn(prompts, completions, **columns)`."""
+    try:
+        return "completions" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 class RewardFn:
-    """Weighted sum of reward functions; also reports per-function values for the metrics."""
+    """Weighted sum of reward functions over a batch; also reports per-function values."""
 
-    def __init__(self, spec: dict[str, float]):
-        self.parts = [(name, resolve_reward(name), float(w)) for name, w in spec.items()]
+    def __init__(self, spec: dict[str, float], language: str = "latin"):
+        self.parts = [(name, resolve_reward(name, language), float(w)) for name, w in spec.items()]
 
-    def __call__(self, completion: str, ex: Example) -> tuple[float, dict[str, float]]:
-        values = {name: fn(completion, ex) for name, fn, _ in self.parts}
-        total = sum(w * values[name] for name, _, w in self.parts)
-        return total, values
+    def __call__(self, prompts: list[str], completions: list[str], examples: list[Example]
+                 ) -> tuple[list[float | None], dict[str, list[float | None]]]:
+        """(total per sample, None where every function returned None; values per function)."""
+        n = len(completions)
+        values = {}
+        for name, fn, _ in self.parts:
+            if is_batched(fn):
+                cols = {"answer": [e.answer for e in examples]}
+                for k in {k for e in examples for k in e.columns}:
+                    cols[k] = [e.columns.get(k) for e in examples]
+                out = list(fn(prompts=list(prompts), completions=list(completions), **cols))
+                if len(out) != n:
+                    raise ValueError(f"reward {name}: returned {len(out)} values for {n} "
+                                     f"completions")
+            else:
+                out = [fn(c, e) for c, e in zip(completions, examples)]
+            values[name] = [None if v is None else float(v) for v in out]
+        totals = []
+        for i in range(n):
+            got = [(w, values[name][i]) for name, _, w in self.parts if values[name][i] is not None]
+            totals.append(sum(w * v for w, v in got) if got else None)
+        return totals, values

@@ -1,4 +1,5 @@
-"""Verifiable tasks: procedurally generated arithmetic and countdown, or a user JSONL.
+"""Verifiable tasks: procedurally generated arithmetic and countdown, or a user dataset (JSONL,
+Parquet or a saved `datasets` directory, with a column mapping).
 
 A task turns an integer seed into an `Example`: the prompt, the answer the verifier checks against,
 and a worked solution (`think`) used only to build the cold-start SFT set. Examples are a pure
@@ -11,10 +12,23 @@ evaluation never share a generated example.
 from __future__ import annotations
 
 import json
+import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 EVAL_SEED_BASE = 1 << 40  # eval examples use seeds >= this; training seeds stay far below
+PRETRAIN_SEED_BASE = 1 << 36  # seeds of the pretraining documents
+
+# R1-Zero's template (DeepSeek-R1 paper, table 1); the model continues after "Assistant:"
+R1_ZERO_TEMPLATE = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant "
+    "solves it. The assistant first thinks about the reasoning process in the mind and then "
+    "provides the user with the answer. The reasoning process and answer are enclosed within "
+    "<think> </think> and <answer> </answer> tags, respectively, i.e., <think> reasoning process "
+    "here </think> <answer> answer here </answer>. User: {prompt}. Assistant:")
+# The same instruction, condensed for the tiny default model (256 positions, one token a char)
+TINY_R1_ZERO_TEMPLATE = ("Think in <think> </think>, then answer in <answer> </answer>. "
+                         "User: {prompt} Assistant:")
 
 
 @dataclass(frozen=True)
@@ -23,6 +37,7 @@ class Example:
     answer: str          # what the accuracy reward compares against (task-specific meaning)
     think: str = ""      # a worked solution, for the SFT target only
     numbers: tuple = ()  # countdown: the numbers that may be used
+    columns: dict = field(default_factory=dict, compare=False)  # a dataset row's other columns
 
 
 def completion_text(ex: Example) -> str:
@@ -109,30 +124,99 @@ class Countdown(Task):
         return Example(prompt, expr, ",".join(steps), tuple(shown))
 
 
-class JsonlTask(Task):
-    """User data: one JSON object per line with `prompt` and `answer` (and optional `completion`
-    or `think` for SFT). Seeds index the file cyclically; eval uses a held-out tail of the file."""
+class DatasetTask(Task):
+    """User data: a `.jsonl` file, a `.parquet` file or a directory written by `datasets`'
+    `save_to_disk`. `columns` maps our fields to the data's columns (`prompt=question,
+    answer=solution`; also `think`, `completion`); every other column is kept in
+    `Example.columns` and passed to reward functions with TRL's signature. A saved DatasetDict's
+    `test` (or `validation`) split is the held-out set; otherwise the last 10% of the rows.
+    Seeds index the rows cyclically."""
 
-    name = "jsonl"
+    name = "dataset"
 
-    def __init__(self, path: str, eval_fraction: float = 0.1):
-        with open(path, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+    def __init__(self, path: str, columns: str = "", eval_fraction: float = 0.1):
+        self.mapping = {"prompt": "prompt", "answer": "answer", "think": "think",
+                        "completion": "completion"}
+        for kv in filter(None, (c.strip() for c in columns.split(","))):
+            ours, _, theirs = kv.partition("=")
+            if ours not in self.mapping or not theirs:
+                raise ValueError(f"data_columns: expected field=column with field one of "
+                                 f"{sorted(self.mapping)}, got {kv!r}")
+            self.mapping[ours] = theirs
+        rows, held = _load_rows(path)
         if not rows:
-            raise ValueError(f"jsonl task: {path} holds no examples")
-        for i, r in enumerate(rows):
-            if "prompt" not in r or "answer" not in r:
-                raise ValueError(f"jsonl task: line {i + 1} of {path} lacks 'prompt' or 'answer'")
-        n_eval = max(1, int(len(rows) * eval_fraction)) if len(rows) > 1 else 0
-        self.train_rows = rows[: len(rows) - n_eval] or rows
-        self.eval_rows = rows[len(rows) - n_eval:] or rows
+            raise ValueError(f"dataset task: {path} holds no examples")
+        for i, r in enumerate(rows + held):
+            for ours in ("prompt", "answer"):
+                if self.mapping[ours] not in r:
+                    raise ValueError(f"dataset task: row {i + 1} of {path} has no column "
+                                     f"{self.mapping[ours]!r} (the {ours}; see data_columns)")
+        if not held:
+            n_eval = max(1, int(len(rows) * eval_fraction)) if len(rows) > 1 else 0
+            rows, held = rows[: len(rows) - n_eval] or rows, rows[len(rows) - n_eval:] or rows
+        self.train_rows, self.eval_rows = rows, held
+
+    def row(self, seed: int) -> dict:
+        """The data row behind `example(seed)` (train rows below EVAL_SEED_BASE, else held out)."""
+        rows = self.eval_rows if seed >= EVAL_SEED_BASE else self.train_rows
+        return rows[(seed - EVAL_SEED_BASE if seed >= EVAL_SEED_BASE else seed) % len(rows)]
 
     def example(self, seed: int) -> Example:
-        rows = self.eval_rows if seed >= EVAL_SEED_BASE else self.train_rows
-        r = rows[(seed - EVAL_SEED_BASE if seed >= EVAL_SEED_BASE else seed) % len(rows)]
-        think = r.get("think", "")
-        return Example(str(r["prompt"]), str(r["answer"]), think,
-                       tuple(r.get("numbers", ())))
+        r, m = self.row(seed), self.mapping
+        prompt = r[m["prompt"]]
+        if isinstance(prompt, list):  # conversational data: the user turns' text
+            prompt = "\n".join(t["content"] for t in prompt if t.get("role") == "user")
+        return Example(str(prompt), str(r[m["answer"]]), str(r.get(m["think"]) or ""),
+                       tuple(r.get("numbers") or ()),
+                       {k: v for k, v in r.items() if k != m["prompt"]})
+
+    def sft_pairs(self, n: int) -> list[tuple[str, str]]:
+        """(prompt, completion) for SFT: the completion column, else built from think/answer."""
+        out = []
+        for seed in range(min(n, len(self.train_rows))):
+            r, ex = self.row(seed), self.example(seed)
+            c = r.get(self.mapping["completion"])
+            out.append((ex.prompt, str(c) if c is not None else completion_text(ex)))
+        return out
+
+
+def _load_rows(path: str) -> tuple[list[dict], list[dict]]:
+    """(train rows, held-out rows or []) from a JSONL, Parquet or saved `datasets` path."""
+    if os.path.isdir(path):
+        import datasets
+
+        d = datasets.load_from_disk(path)
+        if isinstance(d, datasets.DatasetDict):
+            held = next((d[k] for k in ("test", "validation") if k in d), None)
+            train = d["train"] if "train" in d else d[next(iter(d))]
+            return train.to_list(), held.to_list() if held is not None else []
+        return d.to_list(), []
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist(), []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()], []
+
+
+def pretrain_text(task: Task, seed: int, template: str, format_share: float) -> str:
+    """One document of plain text from the task's domain, for the base model of R1-Zero: a line of
+    solved problems, a worked solution, or a question in the template answered in plain words;
+    only a `format_share` of the answers use the R1 `<think>`/`<answer>` format (as on the web)."""
+    rng = random.Random(seed)
+    ex = task.example(seed)
+    kind = rng.random()
+    if kind < 0.1:
+        exs = task.examples(range(seed, seed + 1 + rng.randrange(4)))
+        return " ".join(f"{e.prompt}{e.answer}" for e in exs)
+    if kind < 0.5:
+        return f"{ex.prompt} {ex.think}, so {ex.answer}"
+    question = template.replace("{prompt}", ex.prompt)
+    if rng.random() < format_share:
+        return f"{question} {completion_text(ex)}"
+    if rng.random() < 0.25:
+        return f"{question} {ex.answer}"
+    return f"{question} {ex.think}, so {ex.answer}"
 
 
 def sft_target(row: dict) -> str:
@@ -142,13 +226,14 @@ def sft_target(row: dict) -> str:
     return completion_text(Example(row.get("prompt", ""), str(row["answer"]), row.get("think", "")))
 
 
-def make_task(name: str, difficulty: int, path: str | None = None) -> Task:
+def make_task(name: str, difficulty: int, path: str | None = None,
+              columns: str = "") -> Task:
     if name == "arithmetic":
         return Arithmetic(difficulty)
     if name == "countdown":
         return Countdown(difficulty)
-    if name == "jsonl":
+    if name in ("dataset", "jsonl"):
         if not path:
-            raise ValueError("task 'jsonl' needs data=<path to a JSONL of {prompt, answer}>")
-        return JsonlTask(path)
-    raise ValueError(f"task expected 'arithmetic', 'countdown' or 'jsonl', got {name!r}")
+            raise ValueError(f"task {name!r} needs data=<a .jsonl, .parquet or datasets dir>")
+        return DatasetTask(path, columns)
+    raise ValueError(f"task expected 'arithmetic', 'countdown' or 'dataset', got {name!r}")

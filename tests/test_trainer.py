@@ -98,14 +98,14 @@ def test_format_reward_and_weighted_sum():
         assert R.format_reward(bad, ex) == 0.0, bad
     assert R.format_reward(" <think>a\nb < c</think>\n<answer> 2 </answer>\n", ex) == 1.0
     fn = R.RewardFn({"accuracy": 1.0, "format": 0.1})
-    assert fn(good, ex)[0] == pytest.approx(1.1)
-    assert fn("<think></think><answer>3</answer>", ex)[0] == pytest.approx(0.1)
-    assert fn("2", ex) == (0.0, {"accuracy": 0.0, "format": 0.0})
+    totals, values = fn(["p"] * 3, [good, "<think></think><answer>3</answer>", "2"], [ex] * 3)
+    assert totals == [pytest.approx(1.1), pytest.approx(0.1), 0.0]
+    assert values == {"accuracy": [1.0, 0.0, 0.0], "format": [1.0, 1.0, 0.0]}
 
 
 def test_pluggable_reward():
     fn = R.RewardFn({"r1train.rewards:format_reward": 2.0})
-    assert fn("<think></think><answer>1</answer>", T.Example("p", "1"))[0] == 2.0
+    assert fn(["p"], ["<think></think><answer>1</answer>"], [T.Example("p", "1")])[0] == [2.0]
     with pytest.raises(ValueError, match="reward expected"):
         R.resolve_reward("nope")
 
@@ -147,7 +147,7 @@ def test_jsonl_task(tmp_path):
     assert train and held and not (train & held)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "x"}))
-    with pytest.raises(ValueError, match="lacks"):
+    with pytest.raises(ValueError, match="no column 'answer'"):
         T.make_task("jsonl", 1, str(bad))
 
 
@@ -347,12 +347,17 @@ def test_pipeline_summary_schema(tmp_path):
     assert on_disk["eval"] == s["eval"]
     for key in ("base", "after_sft", "after_grpo"):
         assert 0.0 <= on_disk["eval"][key] <= 1.0
-    assert 0.0 <= on_disk["eval"]["after_grpo_pass@2"] <= 1.0
+    assert on_disk["eval_format"].keys() == on_disk["eval"].keys()
+    for key in ("base", "after_sft", "after_grpo"):  # the stage table: R1's protocol too
+        row = on_disk["stages"][key]
+        assert set(row) == {"accuracy", "format", "completion_len", "pass@1", "cons@2", "pass@2"}
+        assert row["accuracy"] == on_disk["eval"][key] and 0 < row["completion_len"] <= 24
+        assert 0.0 <= row["pass@1"] <= row["pass@2"] <= 1.0
     assert on_disk["wall_seconds"] > 0
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     grpo = [r for r in rows if r["stage"] == "grpo"]
     assert [r["step"] for r in grpo] == [1, 2, 3, 4]
-    assert {"reward", "accuracy", "kl", "completion_len", "loss"} <= set(grpo[0])
+    assert {"reward", "accuracy", "format", "kl", "completion_len", "loss"} <= set(grpo[0])
     assert any(r["stage"] == "eval" for r in rows)
     assert any(r["stage"] == "sft" for r in rows)
     # the trained model directory loads back with from_pretrained (safetensors)
@@ -431,7 +436,7 @@ def test_micro_batching_and_checkpointing_do_not_change_the_update(tmp_path, mon
     (tmp_path / "my_rewards.py").write_text("def length(completion, example):\n"
                                             "    return len(completion) / 100\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    over = dict(mode="r1-zero", grpo_steps=2, rewards={"my_rewards:length": 1.0})
+    over = dict(mode="r1-zero", stages="rl", grpo_steps=2, rewards={"my_rewards:length": 1.0})
     _, _ = _run(tmp_path, "big", micro_batch_tokens=100000, **over)
     _, _ = _run(tmp_path, "small", micro_batch_tokens=64, gradient_checkpointing=True, **over)
     from safetensors.torch import load_file
@@ -448,7 +453,7 @@ def test_micro_batching_and_checkpointing_do_not_change_the_update(tmp_path, mon
 
 def test_r1_zero_rejection_sampling_and_distillation(tmp_path):
     cfg, s = _run(tmp_path, "zero", mode="r1-zero", grpo_steps=2, rs_prompts=6, rs_samples=4,
-                  task="countdown", difficulty=2)
+                  task="countdown", difficulty=2, pretrain_docs=16, pretrain_epochs=1)
     assert s["eval"]["after_sft"] is None and s["eval"]["after_grpo"] is not None
     rs = s["rejection_sampling"]
     lines = open(rs["path"]).read().splitlines()
