@@ -16,11 +16,14 @@ Deviations from textbook GRPO (Shao et al. 2024), all standard in DAPO/TRL pract
 - beta = 0 by default (no reference model, no KL term); beta > 0 adds the k3 KL to a frozen copy;
 - completions that do not finish within max_new_tokens keep their (zero) accuracy reward.
 
-Distributed: under torchrun every process rolls out its own prompts, gradients are averaged by
-DistributedDataParallel (gloo on CPU, nccl on GPU), rank 0 writes files.
+Distributed: under torchrun every process rolls out its own prompts; gradients are averaged by
+DistributedDataParallel (gloo on CPU, nccl on GPU), or with `--fsdp true` weights, gradients and
+optimizer states are sharded by FSDP2 (r1train/parallel.py). Checkpoints go through
+torch.distributed.checkpoint (r1train/checkpoint.py); rank 0 writes the other files.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import hashlib
@@ -37,6 +40,8 @@ import torch
 import torch.distributed as dist
 
 import r1kernels
+from r1train import checkpoint as ckpt
+from r1train import parallel
 from r1train import tasks as tasks_mod
 from r1train.config import Config
 from r1train.generate import generate
@@ -62,6 +67,8 @@ class Body(torch.nn.Module):
         self.model = model
 
     def forward(self, input_ids, attention_mask):
+        if parallel.is_dtensor(next(self.model.parameters())):  # FSDP2: through the root's hooks
+            return parallel.hidden_states(self.model, input_ids, attention_mask)
         return decoder_of(self.model)(input_ids=input_ids, attention_mask=attention_mask,
                                       use_cache=False).last_hidden_state
 
@@ -96,7 +103,11 @@ class Trainer:
         self.is_main = self.rank == 0
         self.task = tasks_mod.make_task(cfg.task, cfg.difficulty, cfg.data or None)
         self.reward_fn = RewardFn(cfg.rewards)
-        self.ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")
+        self.ckpt_path = os.path.join(cfg.out_dir, ckpt.DIR)
+        self.fsdp = cfg.fsdp and self.world > 1
+        # FSDP2 sums gradients over processes (parallel.py), DDP averages them: the loss is
+        # divided by the global token count / this factor
+        self.grad_divide = 1 if self.fsdp else self.world
         self.stop_requested = False
         # progress of the run; everything needed to continue it exactly lives here + weights + optim
         self.state = {"stage": 0, "step": 0, "evals": {}, "history": [], "elapsed": 0.0}
@@ -151,8 +162,12 @@ class Trainer:
         self.pad_id = self.tok.pad_token_id
         if cfg.beta > 0:  # frozen reference policy (with LoRA this would be the adapters off)
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        if self.fsdp:  # activation checkpointing (per layer) was turned on above
+            parallel.shard_model(self.model, activation_checkpointing=False)
+            if self.ref_model is not None:
+                parallel.shard_model(self.ref_model, activation_checkpointing=False)
         body = Body(self.model)
-        if self.world > 1:
+        if self.world > 1 and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -223,9 +238,12 @@ class Trainer:
         """Accumulate over micro-batches (gradients synced on the last), clip, step."""
         opt.zero_grad(set_to_none=True)
         total = 0.0
+        if self.fsdp:  # every rank runs as many forwards and backwards (their collectives)
+            micro = micro + [self._empty_micro_batch()] * parallel.pad_micro_batches(
+                len(micro), self.device)
         for k, mb in enumerate(micro):
             last = k == len(micro) - 1
-            if self.world > 1 and not last:
+            if self.world > 1 and not last and not self.fsdp:
                 with self.body.no_sync():
                     loss = loss_of(mb)
                     loss.backward()
@@ -237,12 +255,21 @@ class Trainer:
             loss = self.body(*self._dummy_batch()).sum() * 0.0
             loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        if parallel.is_dtensor(gnorm):
+            gnorm = gnorm.full_tensor()
         opt.step()
         return total, float(gnorm)
 
     def _dummy_batch(self):
         ids = torch.full((1, 2), self.pad_id, dtype=torch.long, device=self.device)
         return ids, torch.ones_like(ids)
+
+    def _empty_micro_batch(self):
+        """A micro-batch with no token in the mask: loss 0, zero gradients, the collectives of
+        a real one."""
+        ids, attn = self._dummy_batch()
+        return (ids, attn, ids[:, 1:], torch.zeros((1, 1), dtype=torch.bool, device=self.device),
+                torch.zeros(1, dtype=torch.long, device=self.device))
 
     # ---- stages --------------------------------------------------------------------------------
     def sft_rows(self) -> list[tuple[list[int], int]]:
@@ -275,7 +302,7 @@ class Trainer:
             batch = order[k * cfg.sft_batch_size:(k + 1) * cfg.sft_batch_size]
             mine = [rows[i] for i in batch[self.rank::self.world]]
             n_tok = sum(len(r[0]) - r[1] for r in mine)
-            n_all = self.all_sum([n_tok])[0] / self.world  # DDP averages: scale to a global mean
+            n_all = self.all_sum([n_tok])[0] / self.grad_divide  # gradients: a global mean
             micro = list(self.micro_batches(mine))
             w, b = lm_head_of(self.model)
 
@@ -284,7 +311,7 @@ class Trainer:
                 return sft_loss(self.hidden(ids, attn), w, b, labels, mask, n_all)
 
             loss, gnorm = self.backward_and_step(opt, micro, loss_of)
-            loss = self.all_sum([loss])[0] / self.world
+            loss = self.all_sum([loss])[0] / self.grad_divide
             self.state["step"] += 1
             self.log({"stage": "sft", "step": self.state["step"], "loss": loss, "grad_norm": gnorm})
             bar.update(1)
@@ -298,9 +325,11 @@ class Trainer:
     def rollout_and_score(self, examples, *, group_size, temperature, generator):
         cfg = self.cfg
         prompts = [self.encode_prompt(e.prompt) for e in examples]
-        roll = generate(self.model, prompts, group_size=group_size,
-                        max_new_tokens=cfg.max_new_tokens, eos_id=self.eos_id, pad_id=self.pad_id,
-                        temperature=temperature, top_p=cfg.top_p, generator=generator)
+        with parallel.gathered(self.model) if self.fsdp else contextlib.nullcontext():
+            roll = generate(self.model, prompts, group_size=group_size,
+                            max_new_tokens=cfg.max_new_tokens, eos_id=self.eos_id,
+                            pad_id=self.pad_id, temperature=temperature, top_p=cfg.top_p,
+                            generator=generator)
         lengths = roll.lengths.tolist()
         tokens = roll.tokens.cpu()  # one device-to-host copy for the whole rollout
         texts = [self.decode(tokens[i], lengths[i]) for i in range(len(lengths))]
@@ -318,7 +347,7 @@ class Trainer:
             p = prompts[i // G]
             rows.append((p + tokens[i, :lengths[i]].tolist(), len(p)))
         n_tok = sum(lengths)
-        n_all = self.all_sum([n_tok])[0] / self.world
+        n_all = self.all_sum([n_tok])[0] / self.grad_divide
         micro = list(self.micro_batches(rows))
         w, b = lm_head_of(self.model)
         extra = {"kl": 0.0, "clip_ratio": 0.0}
@@ -328,8 +357,7 @@ class Trainer:
             ref = None
             if self.ref_model is not None:
                 with torch.no_grad():
-                    h_ref = decoder_of(self.ref_model)(input_ids=ids, attention_mask=attn,
-                                                       use_cache=False).last_hidden_state[:, :-1]
+                    h_ref = Body(self.ref_model)(ids, attn)[:, :-1]
                     rw, rb = lm_head_of(self.ref_model)
                     # only the completion tokens' log-probs are used: the others are labelled
                     # -100, so they skip the lm_head (r1kernels.linear_token_logprobs)
@@ -369,7 +397,7 @@ class Trainer:
                              loss, extra["kl"], extra["clip_ratio"]])
         n = sums[4]
         return {"stage": "grpo", "step": step + 1, "reward": sums[0] / n, "accuracy": sums[1] / n,
-                "format": sums[2] / n, "completion_len": sums[3] / n, "loss": sums[5] / self.world,
+                "format": sums[2] / n, "completion_len": sums[3] / n, "loss": sums[5] / self.grad_divide,
                 "kl": sums[6] / self.world, "clip_ratio": sums[7] / self.world, "grad_norm": gnorm,
                 "gen_tokens_per_s": n_tok / max(t_gen, 1e-9),
                 "step_seconds": time.perf_counter() - t0, **({"entropy": extra["entropy"]}
@@ -479,30 +507,26 @@ class Trainer:
         return stop
 
     def save_checkpoint(self, opt):
-        """Atomic: write to a temporary file, then rename over the previous checkpoint."""
-        if not self.is_main:
-            return
+        """Every rank (r1train/checkpoint.py: DCP shards + state.json, atomic)."""
         state = dict(self.state, elapsed=self.state["elapsed"] + time.perf_counter() - self.t_start)
-        payload = {"model": self.model.state_dict(),
-                   "optimizer": opt.state_dict() if opt is not None else None,
-                   "state": state, "config": asdict(self.cfg),
-                   # the KL reference: the weights at the start of GRPO, not those of the cut
-                   "ref_model": None if self.ref_model is None else self.ref_model.state_dict()}
-        tmp = self.ckpt_path + ".tmp"
-        torch.save(payload, tmp)
-        os.replace(tmp, self.ckpt_path)
+        ckpt.save(self.cfg.out_dir, model=self.model, opt=opt, ref_model=self.ref_model,
+                  state=state, config=asdict(self.cfg), world=self.world)
 
     def load_checkpoint(self):
-        payload = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
-        self.model.load_state_dict(payload["model"])
-        self.state = payload["state"]
-        if self.ref_model is not None:  # (a checkpoint of a run without beta has none)
-            ref = payload.get("ref_model")
-            self.ref_model.load_state_dict(ref if ref is not None else payload["model"])
+        """The run's weights and state; returns the checkpoint's path when it holds an
+        optimizer (loaded once the stage's optimizer exists), else None."""
+        path = ckpt.find(self.cfg.out_dir)
+        if path is None:
+            raise ValueError(f"--resume true: no checkpoint in {self.cfg.out_dir} (expected "
+                             f"{self.ckpt_path}/state.json); start without --resume")
+        meta = ckpt.read_meta(path)
+        ckpt.check_config(meta, asdict(self.cfg), self.world, path)
+        ckpt.load_model(path, self.model, self.ref_model)
+        self.state = meta["state"]
         if self.is_main:  # metrics.jsonl holds exactly the history of the checkpoint
             with open(os.path.join(self.cfg.out_dir, "metrics.jsonl"), "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(r) + "\n" for r in self.state["history"])
-        return payload["optimizer"]
+        return path if meta["has_optimizer"] else None
 
     @torch.no_grad()
     def replicas_in_sync(self) -> bool:
@@ -531,11 +555,19 @@ class Trainer:
                 summary["eval"][k] = v
         if "rejection_sampling" in self.state:
             summary["rejection_sampling"] = self.state["rejection_sampling"]
-        if self.world > 1:
+        full = None
+        if self.fsdp:  # the whole weights gathered to rank 0 (a collective)
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                                 get_model_state_dict)
+
+            full = get_model_state_dict(self.model, options=StateDictOptions(
+                full_state_dict=True, cpu_offload=True))
+        elif self.world > 1:
             summary["replicas_in_sync"] = self.replicas_in_sync()
         if not self.is_main:
             return summary
-        self.model.save_pretrained(os.path.join(cfg.out_dir, "model"), safe_serialization=True)
+        self.model.save_pretrained(os.path.join(cfg.out_dir, "model"), safe_serialization=True,
+                                   state_dict=full)
         self.tok.save_pretrained(os.path.join(cfg.out_dir, "model"))
         tmp = os.path.join(cfg.out_dir, "summary.json.tmp")
         with open(tmp, "w", encoding="utf-8") as f:
@@ -556,7 +588,7 @@ class Trainer:
         self.barrier()
         self.setup_model()
         opt_state = None
-        if cfg.resume and os.path.exists(self.ckpt_path):
+        if cfg.resume:
             opt_state = self.load_checkpoint()
         elif self.is_main:
             open(os.path.join(cfg.out_dir, "metrics.jsonl"), "w").close()
@@ -580,7 +612,7 @@ class Trainer:
                     lr = cfg.sft_lr if name == "sft" else cfg.lr
                     opt = self.make_optimizer(lr)
                     if opt_state is not None:
-                        opt.load_state_dict(opt_state)
+                        ckpt.load_optimizer(opt_state, self.model, opt)
                         opt_state = None
                     if name == "grpo" and self.ref_model is not None and self.state["step"] == 0:
                         self.ref_model.load_state_dict(self.model.state_dict())
