@@ -128,23 +128,27 @@ def _run_cases():
     with torch.no_grad():
         old = R.linear_token_logprobs_ref(hidden, weight, labels, bias=bias, temperature=temp).float()
         old = old + 0.3 * torch.randn(B, T, generator=g)
-    for level in ("token", "sequence"):
+    all_live = torch.ones_like(mask)
+    for level, sweep, lab, msk in (("token", "auto", labels, mask),
+                                   ("sequence", "auto", labels, mask),
+                                   ("token", "two", labels, mask),
+                                   ("sequence", "auto", labels.clamp(min=0), all_live)):
         opts = dict(loss_type="dapo", epsilon_low=0.2, epsilon_high=0.28,
                     importance_sampling_level=level)
         rh, rw, rb = (t.double().requires_grad_() for t in (hidden, weight, bias))
-        rlp = R.linear_token_logprobs_ref(rh, rw, labels, bias=rb, temperature=temp)
-        rloss, rmet = R.grpo_loss_ref(rlp, adv, mask, old_logps=old, **opts)
+        rlp = R.linear_token_logprobs_ref(rh, rw, lab, bias=rb, temperature=temp)
+        rloss, rmet = R.grpo_loss_ref(rlp, adv, msk, old_logps=old, **opts)
         rloss.backward()
-        rent = R.linear_token_logprobs_ref(hidden, weight, labels, bias=bias, temperature=temp,
+        rent = R.linear_token_logprobs_ref(hidden, weight, lab, bias=bias, temperature=temp,
                                            with_entropy=True)[1]
-        rent = (rent * mask).sum() / mask.sum()
-        mod = r1kernels.GRPOLoss(temperature=temp, process_group=grp, **opts)
+        rent = (rent * msk).sum() / msk.sum()
+        mod = r1kernels.GRPOLoss(temperature=temp, process_group=grp, sweep=sweep, **opts)
         h = hidden.clone().requires_grad_()
         w = weight[lo:hi].clone().requires_grad_()
         b = bias[lo:hi].clone().requires_grad_()
-        loss, met = mod(h, w, labels, mask, adv, bias=b, old_logps=old)
+        loss, met = mod(h, w, lab, msk, adv, bias=b, old_logps=old)
         loss.backward()
-        tag = f"GRPOLoss[{level}]"
+        tag = f"GRPOLoss[{level}, {sweep}, {int(msk.all())}]"
         _close(f"{tag} loss", loss, rloss)
         _close(f"{tag} entropy", met["entropy"], rent)
         for k in ("clip_ratio_low", "clip_ratio_high", "clip_ratio"):
@@ -154,15 +158,28 @@ def _run_cases():
         _close(f"{tag} grad_bias", b.grad, rb.grad[lo:hi])
         # from logits
         rx = logits.double().requires_grad_()
-        rloss, _ = R.grpo_loss_ref(R.token_logprobs_ref(rx, labels, temperature=temp), adv, mask,
+        rloss, _ = R.grpo_loss_ref(R.token_logprobs_ref(rx, lab, temperature=temp), adv, msk,
                                    old_logps=old, **opts)
         rloss.backward()
         x = logits[..., lo:hi].clone().requires_grad_()
-        loss, met = mod.from_logits(x, labels, mask, adv, old_logps=old)
+        loss, met = mod.from_logits(x, lab, msk, adv, old_logps=old)
         loss.backward()
         _close(f"{tag}.from_logits loss", loss, rloss)
         _close(f"{tag}.from_logits entropy", met["entropy"], rent)
         _close(f"{tag}.from_logits grad", x.grad, rx.grad[..., lo:hi])
+
+    # -- bf16 lm_head: against float64 on the same (rounded) inputs, to bf16 tolerance
+    h16, w16 = hidden.bfloat16(), weight[lo:hi].bfloat16()
+    rh, rw = hidden.bfloat16().double().requires_grad_(), weight.bfloat16().double().requires_grad_()
+    rl, re = R.linear_token_logprobs_ref(rh, rw, labels, with_entropy=True)
+    (rl * up + re * ue).sum().backward()
+    h = h16.clone().requires_grad_()
+    w = w16.clone().requires_grad_()
+    lp, en = r1kernels.linear_token_logprobs(h, w, labels, with_entropy=True, process_group=grp)
+    (lp * up + en * ue).sum().backward()
+    for name, got, want in (("logp", lp, rl), ("entropy", en, re), ("grad_hidden", h.grad, rh.grad),
+                            ("grad_weight", w.grad, rw.grad[lo:hi])):
+        _close(f"bf16 linear_token_logprobs {name}", got, want, atol=3e-2, rtol=2e-2)
 
     # -- a label outside [0, sum V_r): IndexError on every rank
     bad = labels.clone()
