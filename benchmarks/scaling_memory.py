@@ -29,7 +29,7 @@ def sizes(h, L, nh, kv, inter, V, tied):
 def row(name, n_gpu):
     h, L, nh, kv, inter, V, tied = MODELS[name]
     params, layer, embed, hd = sizes(h, L, nh, kv, inter, V, tied)
-    bf16_states = 8 * params / n_gpu        # bf16 weights + grads + AdamW m, v (trainer --dtype bfloat16)
+    bf16_states = 8 * params / n_gpu        # bf16 weights, grads, AdamW m and v (--dtype bfloat16)
     mixed_states = 16 * params / n_gpu      # fp32 weights + grads + AdamW m, v (bf16 compute)
     gathered = 2 * 2 * layer if n_gpu > 1 else 0  # bf16: the layer computing + the one prefetched
     head = 2 * embed if n_gpu > 1 else 0     # the lm_head gathered by the loss (DTensor)

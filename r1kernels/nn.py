@@ -350,7 +350,8 @@ class _FusedLogitsGRPOLoss(torch.autograd.Function):
         if B * T > 0 and group is not None:  # a vocabulary split over the group
             from r1kernels import distributed
 
-            grad_fn = _fused_loss_step(fwd, cfg, B, T, adv, mask, old, ref, rw, scale, parts, ent_acc)
+            grad_fn = _fused_loss_step(fwd, cfg, B, T, adv, mask, old, ref, rw, scale, parts,
+                                       ent_acc)
             flat = logits.reshape(B * T, V)
             _, _, gl = distributed.logits_with_grad(
                 flat, labels.reshape(B * T), temperature=temperature, ignore_index=ignore_index,
@@ -538,8 +539,8 @@ class GRPOLoss(torch.nn.Module):
             "GRPOLoss.from_logits", logits, labels, mask, advantages, old_logps, ref_logps,
             rollout_is_weights, num_items_in_batch)
         labels = labels.to(torch.int64)  # (see TLP.flat_labels)
-        opts = (B, T, self.temperature, self.ignore_index, self.with_entropy, backend, bool(inplace),
-                group)
+        opts = (B, T, self.temperature, self.ignore_index, self.with_entropy, backend,
+                bool(inplace), group)
         loss, out, ent = _FusedLogitsGRPOLoss.apply(logits, labels, adv, mask, old_logps, ref,
                                                     rollout_is_weights, nitems, cfg, opts)
         return self._output(loss, out, ent)

@@ -397,7 +397,8 @@ class Trainer:
                              loss, extra["kl"], extra["clip_ratio"]])
         n = sums[4]
         return {"stage": "grpo", "step": step + 1, "reward": sums[0] / n, "accuracy": sums[1] / n,
-                "format": sums[2] / n, "completion_len": sums[3] / n, "loss": sums[5] / self.grad_divide,
+                "format": sums[2] / n, "completion_len": sums[3] / n,
+                "loss": sums[5] / self.grad_divide,
                 "kl": sums[6] / self.world, "clip_ratio": sums[7] / self.world, "grad_norm": gnorm,
                 "gen_tokens_per_s": n_tok / max(t_gen, 1e-9),
                 "step_seconds": time.perf_counter() - t0, **({"entropy": extra["entropy"]}

@@ -126,8 +126,8 @@ def _run_cases():
     mask[2] = False  # a sequence without a live token
     adv = torch.randn(B, generator=g)
     with torch.no_grad():
-        old = R.linear_token_logprobs_ref(hidden, weight, labels, bias=bias, temperature=temp).float()
-        old = old + 0.3 * torch.randn(B, T, generator=g)
+        old = R.linear_token_logprobs_ref(hidden, weight, labels, bias=bias, temperature=temp)
+        old = old.float() + 0.3 * torch.randn(B, T, generator=g)
     all_live = torch.ones_like(mask)
     for level, sweep, lab, msk in (("token", "auto", labels, mask),
                                    ("sequence", "auto", labels, mask),
@@ -170,7 +170,8 @@ def _run_cases():
 
     # -- bf16 lm_head: against float64 on the same (rounded) inputs, to bf16 tolerance
     h16, w16 = hidden.bfloat16(), weight[lo:hi].bfloat16()
-    rh, rw = hidden.bfloat16().double().requires_grad_(), weight.bfloat16().double().requires_grad_()
+    rh = h16.double().requires_grad_()
+    rw = weight.bfloat16().double().requires_grad_()
     rl, re = R.linear_token_logprobs_ref(rh, rw, labels, with_entropy=True)
     (rl * up + re * ue).sum().backward()
     h = h16.clone().requires_grad_()
