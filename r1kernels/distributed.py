@@ -309,18 +309,20 @@ def linear_token_logprobs(hidden, weight, labels, *, bias, temperature, ignore_i
 
 
 def linear_with_grad(hidden, weight, labels, bias, *, temperature, ignore_index, with_entropy,
-                     grad_fn: Callable, group, need_grads=(True, True, True), **kw):
+                     grad_fn: Callable, group, need_grads=(True, True, True),
+                     vocab_slice: VocabSlice | None = None, **kw):
     """linear_token_logprobs_with_grad (same arguments and returns: hidden [N, H], global
     labels [N], already checked against the whole vocabulary) for a vocabulary split over
     `group`: grad_fn sees the whole vocabulary's log-probs and entropies of each chunk, the
     returned logp / entropy are those, grad_hidden is summed over ranks and grad_weight /
     grad_bias are this rank's slice. `kw`: chunk_multiple, chunk_bounds, sweep (the cluster
-    chunk kernel, which computes dL/dlogp from local statistics, is not used)."""
+    chunk kernel, which computes dL/dlogp from local statistics, is not used). vocab_slice:
+    the caller's VocabSlice of this weight (else the slice sizes are exchanged here)."""
     from r1kernels.ops import linear_token_logprobs as ltl
 
     kw.pop("chunk_kernel", None)
     kw.pop("labels_checked", None)
-    vs = VocabSlice(group, weight.shape[0], hidden.device)
+    vs = vocab_slice or VocabSlice(group, weight.shape[0], hidden.device)
     y = labels.reshape(-1).to(torch.int64)
     inv_temp = 1.0 / float(temperature)
     local, safe, owned, valid = vs.localize(y, ignore_index)

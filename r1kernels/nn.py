@@ -248,8 +248,9 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
         if group is not None:  # a vocabulary split over the group (r1kernels/distributed.py)
             from r1kernels import distributed
 
-            lwg = functools.partial(distributed.linear_with_grad, group=group)
-            vocab = distributed.VocabSlice(group, vocab, hidden.device).total
+            vs = distributed.VocabSlice(group, vocab, hidden.device)
+            lwg = functools.partial(distributed.linear_with_grad, group=group, vocab_slice=vs)
+            vocab = vs.total
         fwd, fin = G.forward_impl(backend)
         n_rows = mask.sum(-1, dtype=torch.float32) if B * T else torch.zeros(B, device=hidden.device)
         scale = G.row_scale(n_rows, nitems, cfg)
