@@ -198,10 +198,12 @@ def test_resume_checks_the_settings(tmp_path):
 
 
 def test_resume_without_checkpoint_is_an_error(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "r1train", "--out_dir", str(tmp_path / "none"),
-                           *TINY, "--resume", "true"], env=_env(tmp_path), cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0 and "no checkpoint in" in proc.stderr
+    from r1train.config import Config
+    from r1train.train import train
+
+    with pytest.raises(ValueError, match="no checkpoint in"):
+        train(Config(out_dir=str(tmp_path / "none"), resume=True, mode="r1-zero", grpo_steps=1,
+                     eval_examples=2, **UPDATE))
 
 
 if __name__ == "__main__":  # worker of test_fsdp_two_processes_equal_one, under torchrun
