@@ -53,6 +53,8 @@ LOCAL_IGNORE = -1  # ignore_index of the local ops (a local label is >= 0, so ne
 
 
 def is_dtensor(t) -> bool:
+    if not dist.is_available():  # (torch builds without torch.distributed)
+        return False
     from torch.distributed.tensor import DTensor
 
     return isinstance(t, DTensor)
