@@ -149,3 +149,115 @@ def test_linear_token_logprobs(benchmark, bench, monkeypatch, provider, mode, sh
         flops = 6 * N * H * V
     bench(benchmark, fn, op=f"{OP} {mode}", shape=shape, provider=provider, flops=flops,
           baseline="eager", rounds=5 if DEVICE == "cuda" else 3)
+
+
+# ---- tensor-parallel vocabulary (process_group=): 2 processes, each half of the lm_head ----------
+
+TP = 2
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_linear_token_logprobs_tensor_parallel(benchmark, shape):
+    """forward+backward (logp and entropy, upstream gradients on both) with the vocabulary split
+    over TP processes (CPU: gloo; CUDA: nccl, one GPU each), beside the single-process op timed
+    in the same run by rank 0 while the others wait. Wire bytes are the payloads the op hands to
+    torch.distributed per token (counted by wrapping its collectives), forward + backward."""
+    import json
+    import os
+    import subprocess
+
+    from conftest import _ROWS
+
+    if DEVICE == "cuda" and torch.cuda.device_count() < TP:
+        pytest.skip(f"the tensor-parallel case needs {TP} GPUs")
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    here = os.path.abspath(__file__)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           str(TP), here, str(shape["N"]), str(shape["H"]), str(shape["V"])]
+    proc = subprocess.run(cmd, env=env, cwd=os.path.dirname(here), capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    # (timed inside the processes; pytest-benchmark gets the figures, not a timing of its own)
+    benchmark.extra_info.update(res)
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    N, H, V = shape["N"], shape["H"], shape["V"]
+    tag = f"r1k-tp{TP} {res['fwd_bytes']:.0f}+{res['bwd_bytes']:.0f}B/tok"
+    for provider, t in (("r1k (1 process)", res["single_s"]), (tag, res["tp_s"])):
+        _ROWS.append(dict(op=f"{OP} tp fwd+bwd", shape=shape_id(shape), provider=provider,
+                          median_s=t, graph_s=None, peak_GiB=None, GBps=None,
+                          TFLOPs=8 * N * H * V / t / 1e12, frac_copy=None, frac_matmul=None,
+                          baseline="r1k (1 process)"))
+
+
+def _tp_worker(N, H, V, rounds=5):
+    import json
+    import statistics
+    import time
+
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl" if DEVICE == "cuda" else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if DEVICE == "cuda":
+        torch.cuda.set_device(rank)
+    dev = torch.device(DEVICE, rank) if DEVICE == "cuda" else torch.device("cpu")
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(N, H, generator=g).to(dev, DTYPE)
+    weight = (torch.randn(V, H, generator=g) / H ** 0.5).to(dev, DTYPE)
+    labels = torch.randint(0, V, (N,), generator=g).to(dev)
+    w_lp, w_ent = torch.randn(N, generator=g).to(dev), torch.randn(N, generator=g).to(dev)
+    lo, hi = rank * V // world, (rank + 1) * V // world
+    w_mine = weight[lo:hi].contiguous()
+
+    def step(w, group):
+        h = hidden.detach().requires_grad_(True)
+        w = w.detach().requires_grad_(True)
+        logp, ent = r1kernels.linear_token_logprobs(h, w, labels, with_entropy=True,
+                                                    process_group=group)
+        ((logp * w_lp).sum() + (ent * w_ent).sum()).backward()
+
+    def median(fn):
+        fn()
+        times = []
+        for _ in range(rounds):
+            if DEVICE == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if DEVICE == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    single = median(lambda: step(weight, None)) if rank == 0 else 0.0
+    dist.barrier()
+    counted = {"fwd": 0, "bwd": 0}
+    phase = ["fwd"]
+    real_all_reduce, real_all_gather = dist.all_reduce, dist.all_gather
+
+    def all_reduce(t, *a, **k):
+        counted[phase[0]] += t.numel() * t.element_size()
+        return real_all_reduce(t, *a, **k)
+
+    def all_gather(ts, t, *a, **k):
+        counted[phase[0]] += t.numel() * t.element_size() * len(ts)
+        return real_all_gather(ts, t, *a, **k)
+
+    dist.all_reduce, dist.all_gather = all_reduce, all_gather
+    h = hidden.detach().requires_grad_(True)
+    w = w_mine.detach().requires_grad_(True)
+    logp, ent = r1kernels.linear_token_logprobs(h, w, labels, with_entropy=True,
+                                                process_group=dist.group.WORLD)
+    phase[0] = "bwd"
+    ((logp * w_lp).sum() + (ent * w_ent).sum()).backward()
+    dist.all_reduce, dist.all_gather = real_all_reduce, real_all_gather
+    tp = median(lambda: step(w_mine, dist.group.WORLD))
+    if rank == 0:
+        print(json.dumps(dict(single_s=single, tp_s=tp, fwd_bytes=counted["fwd"] / N,
+                              bwd_bytes=counted["bwd"] / N)), flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _tp_worker(*(int(a) for a in sys.argv[1:4]))

@@ -242,8 +242,15 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, adv, mask, old, ref, rw, nitems, cfg, opts):
         from r1kernels.ops.linear_token_logprobs import linear_token_logprobs_with_grad
 
-        B, T, temperature, ignore_index, with_entropy, backend, sweep = opts
+        B, T, temperature, ignore_index, with_entropy, backend, sweep, group = opts
         H = hidden.shape[-1]
+        lwg, vocab = linear_token_logprobs_with_grad, weight.shape[0]
+        if group is not None:  # a vocabulary split over the group (r1kernels/distributed.py)
+            from r1kernels import distributed
+
+            vs = distributed.VocabSlice(group, vocab, hidden.device)
+            lwg = functools.partial(distributed.linear_with_grad, group=group, vocab_slice=vs)
+            vocab = vs.total
         fwd, fin = G.forward_impl(backend)
         n_rows = mask.sum(-1, dtype=torch.float32) if B * T else torch.zeros(B, device=hidden.device)
         scale = G.row_scale(n_rows, nitems, cfg)
@@ -256,11 +263,11 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
             kw = dict(temperature=temperature, ignore_index=ignore_index,
                       with_entropy=with_entropy, need_grads=need, sweep=sweep,
                       labels_checked=True)  # by _live_rows, in its one host sync
-            live = _live_rows(labels, mask, weight.shape[0], ignore_index, hidden.device)
+            live = _live_rows(labels, mask, vocab, ignore_index, hidden.device)
             if cfg.seq and live is None:  # every token live: chunks of whole sequences
                 grad_fn = _fused_loss_step(fwd, cfg, B, T, adv, mask, old, ref, rw, scale, parts,
                                            ent_acc)
-                _, _, gh, gw, gb = linear_token_logprobs_with_grad(
+                _, _, gh, gw, gb = lwg(
                     h2, weight, y2, bias, grad_fn=grad_fn, chunk_multiple=T, **kw)
             elif cfg.seq:  # chunks of whole sequences' live rows
                 from r1kernels.ops.linear_token_logprobs import sweep_rows
@@ -271,14 +278,14 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
                     bounds, chunks = _sequence_chunks(live, B, T, budget)
                 grad_fn = _fused_loss_step(fwd, cfg, B, T, adv, mask, old, ref, rw, scale, parts,
                                            ent_acc, live, chunks)
-                _, _, gh, gw, gb = linear_token_logprobs_with_grad(
+                _, _, gh, gw, gb = lwg(
                     h2.index_select(0, live), weight, y2.index_select(0, live), bias,
                     grad_fn=grad_fn, chunk_bounds=bounds, **kw)
             else:  # chunks of any rows: sized by memory, whatever the sequence length
                 rows = _TokenRows(cfg, T, adv, mask, old, ref, rw, scale, fwd, live)
                 if live is not None:
                     h2, y2 = h2.index_select(0, live), y2.index_select(0, live)
-                logp, ent, gh, gw, gb = linear_token_logprobs_with_grad(
+                logp, ent, gh, gw, gb = lwg(
                     h2, weight, y2, bias, grad_fn=rows.grad_fn, chunk_kernel=rows.chunk_kernel,
                     **kw)
                 rows.finish(logp, ent, parts, ent_acc)
@@ -334,14 +341,25 @@ class _FusedLogitsGRPOLoss(torch.autograd.Function):
     def forward(ctx, logits, labels, adv, mask, old, ref, rw, nitems, cfg, opts):
         from r1kernels.ops.token_logprobs import token_logprobs_with_grad
 
-        B, T, temperature, ignore_index, with_entropy, backend, inplace = opts
+        B, T, temperature, ignore_index, with_entropy, backend, inplace, group = opts
         V = logits.shape[-1]
         fwd, fin = G.forward_impl(backend)
         n_rows = mask.sum(-1, dtype=torch.float32) if B * T else torch.zeros(B, device=logits.device)
         scale = G.row_scale(n_rows, nitems, cfg)
         parts, ent_acc = [], []
         label_check = None  # the labels' value check, finished at the end
-        if B * T > 0 and backend == "triton" and not cfg.seq:
+        if B * T > 0 and group is not None:  # a vocabulary split over the group
+            from r1kernels import distributed
+
+            grad_fn = _fused_loss_step(fwd, cfg, B, T, adv, mask, old, ref, rw, scale, parts,
+                                       ent_acc)
+            flat = logits.reshape(B * T, V)
+            _, _, gl = distributed.logits_with_grad(
+                flat, labels.reshape(B * T), temperature=temperature, ignore_index=ignore_index,
+                with_entropy=with_entropy, grad_fn=grad_fn,
+                inplace=inplace and flat.data_ptr() == logits.data_ptr(), group=group)
+            gl = gl.view(logits.shape)
+        elif B * T > 0 and backend == "triton" and not cfg.seq:
             gl, label_check = _from_logits_fused_triton(
                 logits, labels, adv, mask, old, ref, rw, cfg, scale, fwd, parts, ent_acc,
                 temperature, ignore_index, with_entropy, inplace)
@@ -410,6 +428,12 @@ class GRPOLoss(torch.nn.Module):
     logits once, chunk of rows by chunk, for token-level importance sampling at any sequence
     length; for sequence-level importance sampling whenever one sequence's fp32 logits fit the
     single-sweep chunk limit, and two sweeps for longer sequences).
+    `process_group`: the lm_head (`weight [V_r, H]`, `bias [V_r]`, or the logits of
+    `from_logits`) is this rank's contiguous slice of a vocabulary split over the group, in rank
+    order; every other input is the same on every rank and every rank returns the whole
+    vocabulary's loss and metrics (r1kernels/distributed.py: 12-16 bytes per token per chunk).
+    A DTensor `weight` / `bias` (FSDP2) is gathered, its gradient the sum over ranks in its own
+    placement.
     """
 
     def __init__(self, loss_type: str = "dapo", epsilon_low: float = 0.2,
@@ -417,7 +441,8 @@ class GRPOLoss(torch.nn.Module):
                  temperature: float = 1.0, importance_sampling_level: str = "token",
                  use_bias_correction_kl: bool = False, max_completion_length: int | None = None,
                  sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05, *,
-                 with_entropy: bool = True, ignore_index: int = -100, sweep: str = "auto"):
+                 with_entropy: bool = True, ignore_index: int = -100, sweep: str = "auto",
+                 process_group=None):
         super().__init__()
         self.options = dict(loss_type=loss_type, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
                             delta=delta, beta=beta, importance_sampling_level=importance_sampling_level,
@@ -433,6 +458,11 @@ class GRPOLoss(torch.nn.Module):
         if sweep not in ("auto", "one", "two"):
             raise ValueError(f"GRPOLoss: sweep expected 'auto', 'one' or 'two', got {sweep!r}")
         self.sweep = sweep
+        if process_group is not None:
+            from r1kernels import distributed
+
+            distributed.check_group("GRPOLoss", process_group)
+        self.process_group = process_group
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items()) + \
@@ -482,7 +512,11 @@ class GRPOLoss(torch.nn.Module):
                                  or tuple(bias.shape) != (weight.shape[0],)):
             raise ValueError(f"{where}: bias must be [{weight.shape[0]}], got "
                              f"{tuple(getattr(bias, 'shape', ()))}")
-        opts = (B, T, self.temperature, self.ignore_index, self.with_entropy, backend, self.sweep)
+        opts = (B, T, self.temperature, self.ignore_index, self.with_entropy, backend, self.sweep,
+                self.process_group)
+        from r1kernels import distributed
+
+        weight, bias = distributed.gather_weight(weight), distributed.gather_weight(bias)
         loss, out, ent = _FusedLinearGRPOLoss.apply(hidden, weight, bias, labels, adv, mask,
                                                     old_logps, ref, rollout_is_weights, nitems,
                                                     cfg, opts)
@@ -492,14 +526,22 @@ class GRPOLoss(torch.nn.Module):
                     advantages: torch.Tensor, *, old_logps: torch.Tensor | None = None,
                     ref_logps: torch.Tensor | None = None,
                     rollout_is_weights: torch.Tensor | None = None, num_items_in_batch=None,
-                    inplace: bool = False) -> GRPOLossOutput:
+                    inplace: bool = False, process_group=None) -> GRPOLossOutput:
         """The same loss from logits [B, T, V]. `inplace=True`: the logits gradient is written
-        into `logits` (the caller must not use the logits afterwards)."""
+        into `logits` (the caller must not use the logits afterwards). `process_group`: the
+        logits [B, T, V_r] are this rank's slice of the vocabulary (default: the constructor's
+        process_group)."""
+        group = self.process_group if process_group is None else process_group
+        if group is not None:
+            from r1kernels import distributed
+
+            distributed.check_group("GRPOLoss.from_logits", group)
         B, T, adv, mask, nitems, cfg, backend, ref = self._prepare(
             "GRPOLoss.from_logits", logits, labels, mask, advantages, old_logps, ref_logps,
             rollout_is_weights, num_items_in_batch)
         labels = labels.to(torch.int64)  # (see TLP.flat_labels)
-        opts = (B, T, self.temperature, self.ignore_index, self.with_entropy, backend, bool(inplace))
+        opts = (B, T, self.temperature, self.ignore_index, self.with_entropy, backend,
+                bool(inplace), group)
         loss, out, ent = _FusedLogitsGRPOLoss.apply(logits, labels, adv, mask, old_logps, ref,
                                                     rollout_is_weights, nitems, cfg, opts)
         return self._output(loss, out, ent)

@@ -24,13 +24,14 @@ R1_SYSTEM_PROMPT = (
 @dataclass
 class Config:
     # ---- run -----------------------------------------------------------------------------------
-    out_dir: str = "r1-train-out"   # metrics.jsonl, summary.json, plot.png, checkpoint.pt, model/
+    out_dir: str = "r1-train-out"   # metrics.jsonl, summary.json, plot.png, checkpoint/, model/
     seed: int = 0                   # seeds model init, data order and sampling
-    resume: bool = False            # continue from out_dir/checkpoint.pt exactly
+    resume: bool = False            # continue from out_dir/checkpoint/ exactly
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     dtype: str = "float32"          # float32 | bfloat16 (model weights and compute)
     threads: int = 1                # torch CPU threads (tiny models: 1 is fastest); 0 = default
     checkpoint_every: int = 50      # GRPO/SFT steps between checkpoints (also saved at the end)
+    fsdp: bool = False              # under torchrun: FSDP2 (shard weights/grads/optimizer), not DDP
     # ---- model ---------------------------------------------------------------------------------
     model: str = ""                 # local HF causal-LM directory; "" = build the tiny default
     attn_implementation: str = "sdpa"  # transformers attention: sdpa | eager | flash_attention_2

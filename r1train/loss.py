@@ -80,7 +80,11 @@ class _FusedNLL(torch.autograd.Function):
 
 def sft_loss(hidden, weight, bias, labels, mask, num_items: float) -> torch.Tensor:
     """Sum of masked token NLL divided by `num_items` (the token count of the whole batch); with
-    gradients, one fused vocabulary sweep (`_FusedNLL`) when this r1kernels has it."""
+    gradients, one fused vocabulary sweep (`_FusedNLL`) when this r1kernels has it. A DTensor
+    lm_head (FSDP2) is gathered; its gradient comes back summed over ranks in its placement."""
+    from r1kernels.distributed import gather_weight
+
+    weight, bias = gather_weight(weight), gather_weight(bias)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     if needs_grad and hasattr(r1kernels, "linear_token_logprobs_fwd_bwd"):

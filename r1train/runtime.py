@@ -1,6 +1,7 @@
-"""Setup beside the GRPO loop: device and process group, the model and its DDP wrapper, the
-optimizer, collectives, prompt encoding, and the micro-batched backward pass shared by SFT and
-GRPO (length-bucketed, right-padded rows; gradients synced on the last micro-batch)."""
+"""Setup beside the GRPO loop: device and process group, the model and its DDP wrapper (or its
+FSDP2 sharding, r1train/parallel.py), the optimizer, collectives, prompt encoding, and the
+micro-batched backward pass shared by SFT and GRPO (length-bucketed, right-padded rows; gradients
+synced on the last micro-batch; under FSDP2 every rank runs as many micro-batches)."""
 from __future__ import annotations
 
 import copy
@@ -12,6 +13,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from r1train import checkpoint as ckpt
+from r1train import parallel
 from r1train import tasks as tasks_mod
 from r1train.config import Config
 from r1train.model import build_tiny_model, decoder_of, load_model
@@ -32,6 +35,8 @@ class Body(torch.nn.Module):
         self.model = model
 
     def forward(self, input_ids, attention_mask):
+        if parallel.is_dtensor(next(self.model.parameters())):  # FSDP2: through the root's hooks
+            return parallel.hidden_states(self.model, input_ids, attention_mask)
         return decoder_of(self.model)(input_ids=input_ids, attention_mask=attention_mask,
                                       use_cache=False).last_hidden_state
 
@@ -71,7 +76,11 @@ class Runtime:
         if cfg.prompt_template and "{prompt}" not in cfg.prompt_template:
             raise ValueError(f"prompt_template: expected text with {{prompt}} in it, got "
                              f"{cfg.prompt_template!r}")
-        self.ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")
+        self.ckpt_path = os.path.join(cfg.out_dir, ckpt.DIR)
+        self.fsdp = cfg.fsdp and self.world > 1
+        # FSDP2 sums gradients over processes (parallel.py), DDP averages them: the loss is
+        # divided by the global token count / this factor
+        self.grad_divide = 1 if self.fsdp else self.world
         self.stop_requested = False
         # progress of the run; everything needed to continue it exactly lives here + weights + optim
         self.state = {"stage": 0, "step": 0, "stage_table": {}, "stage_seconds": {},
@@ -105,7 +114,8 @@ class Runtime:
         self.attach(model, tok)
 
     def attach(self, model, tok):
-        """Use `model` (already on self.device) as the policy; wrap it for DDP when distributed."""
+        """Use `model` (already on self.device) as the policy; wrap it for DDP when distributed,
+        shard it (and the KL reference) with FSDP2 under --fsdp."""
         cfg = self.cfg
         self.model, self.tok = model, tok
         if cfg.gradient_checkpointing:
@@ -117,8 +127,12 @@ class Runtime:
         self.pad_id = self.tok.pad_token_id
         if cfg.beta > 0:  # frozen reference policy (with LoRA this would be the adapters off)
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        if self.fsdp:  # activation checkpointing (per layer) was turned on above
+            parallel.shard_model(self.model, activation_checkpointing=False)
+            if self.ref_model is not None:
+                parallel.shard_model(self.ref_model, activation_checkpointing=False)
         body = Body(self.model)
-        if self.world > 1:
+        if self.world > 1 and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -216,9 +230,12 @@ class Runtime:
         """Accumulate over micro-batches (gradients synced on the last), clip, step."""
         opt.zero_grad(set_to_none=True)
         total = 0.0
+        if self.fsdp:  # every rank runs as many forwards and backwards (their collectives)
+            micro = micro + [self._empty_micro_batch()] * parallel.pad_micro_batches(
+                len(micro), self.device)
         for k, mb in enumerate(micro):
             last = k == len(micro) - 1
-            if self.world > 1 and not last:
+            if self.world > 1 and not last and not self.fsdp:
                 with self.body.no_sync():
                     loss = loss_of(mb)
                     loss.backward()
@@ -230,9 +247,18 @@ class Runtime:
             loss = self.body(*self._dummy_batch()).sum() * 0.0
             loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        if parallel.is_dtensor(gnorm):
+            gnorm = gnorm.full_tensor()
         opt.step()
         return total, float(gnorm)
 
     def _dummy_batch(self):
         ids = torch.full((1, 2), self.pad_id, dtype=torch.long, device=self.device)
         return ids, torch.ones_like(ids)
+
+    def _empty_micro_batch(self):
+        """A micro-batch with no token in the mask: loss 0, zero gradients, the collectives of
+        a real one."""
+        ids, attn = self._dummy_batch()
+        return (ids, attn, ids[:, 1:], torch.zeros((1, 1), dtype=torch.bool, device=self.device),
+                torch.zeros(1, dtype=torch.long, device=self.device))

@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from r1train import checkpoint as ckpt
 from r1train import tasks as tasks_mod
 from r1train.loss import sft_loss
 from r1train.model import lm_head_of, load_model
@@ -119,7 +120,7 @@ class Stages:
             batch = order[k * cfg.sft_batch_size:(k + 1) * cfg.sft_batch_size]
             mine = [rows[i] for i in batch[self.rank::self.world]]
             n_tok = sum(len(r[0]) - r[1] for r in mine)
-            n_all = self.all_sum([n_tok])[0] / self.world  # DDP averages: scale to a global mean
+            n_all = self.all_sum([n_tok])[0] / self.grad_divide  # gradients: a global mean
             micro = list(self.micro_batches(mine))
             w, b = lm_head_of(self.model)
 
@@ -128,7 +129,7 @@ class Stages:
                 return sft_loss(self.hidden(ids, attn), w, b, labels, mask, n_all)
 
             loss, gnorm = self.backward_and_step(opt, micro, loss_of)
-            loss = self.all_sum([loss])[0] / self.world
+            loss = self.all_sum([loss])[0] / self.grad_divide
             self.state["step"] += 1
             self.log({"stage": name, "step": self.state["step"], "loss": loss, "grad_norm": gnorm})
             bar.update(1)
@@ -141,15 +142,32 @@ class Stages:
 
     def restart_from_base(self):
         """rs_sft starts again from the base model (as DeepSeek-R1 does), not the RL policy."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                             set_model_state_dict)
+
         base, _ = load_model(self.state.get("base_path") or self.model_path, device=self.device,
                              dtype=self.cfg.dtype, moe_kernels=self.cfg.moe_kernels)
-        self.model.load_state_dict(base.state_dict())
+        # the whole weights, into each rank's shards under FSDP2
+        set_model_state_dict(self.model, base.state_dict(),
+                             options=StateDictOptions(full_state_dict=True))
+
+    def full_state_dict(self):
+        """Under FSDP2 the whole weights gathered to CPU (a collective, every rank calls it);
+        None otherwise (save_pretrained then reads the model's own)."""
+        if not self.fsdp:
+            return None
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                             get_model_state_dict)
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
+                                                                         cpu_offload=True))
 
     def save_base(self):
         """After pretrain: the base model as a model directory (rs_sft restarts from it)."""
         path = os.path.join(self.cfg.out_dir, "pretrained_base")
+        full = self.full_state_dict()
         if self.is_main:
-            self.model.save_pretrained(path, safe_serialization=True)
+            self.model.save_pretrained(path, safe_serialization=True, state_dict=full)
             self.tok.save_pretrained(path)
         self.barrier()
         self.state["base_path"] = path
@@ -173,11 +191,13 @@ class Stages:
         }
         if "rejection_sampling" in self.state:
             summary["rejection_sampling"] = self.state["rejection_sampling"]
-        if self.world > 1:
+        full = self.full_state_dict()
+        if self.world > 1 and not self.fsdp:
             summary["replicas_in_sync"] = self.replicas_in_sync()
         if not self.is_main:
             return summary
-        self.model.save_pretrained(os.path.join(cfg.out_dir, "model"), safe_serialization=True)
+        self.model.save_pretrained(os.path.join(cfg.out_dir, "model"), safe_serialization=True,
+                                   state_dict=full)
         self.tok.save_pretrained(os.path.join(cfg.out_dir, "model"))
         tmp = os.path.join(cfg.out_dir, "summary.json.tmp")
         with open(tmp, "w", encoding="utf-8") as f:
@@ -199,7 +219,7 @@ class Stages:
         self.barrier()
         self.setup_model()
         opt_state = None
-        if cfg.resume and os.path.exists(self.ckpt_path):
+        if cfg.resume:  # (no checkpoint, or one of a run with other settings: ValueError)
             opt_state = self.load_checkpoint()
         elif self.is_main:
             open(os.path.join(cfg.out_dir, "metrics.jsonl"), "w").close()
@@ -227,7 +247,7 @@ class Stages:
                         self.restart_from_base()
                     opt = self.make_optimizer(cfg.lr if name in ("rl", "rl2") else cfg.sft_lr)
                     if opt_state is not None:
-                        opt.load_state_dict(opt_state)
+                        ckpt.load_optimizer(opt_state, self.model, opt)
                         opt_state = None
                     if name in ("rl", "rl2"):
                         if self.ref_model is not None and self.state["step"] == 0:

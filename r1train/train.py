@@ -16,13 +16,16 @@ Deviations from textbook GRPO (Shao et al. 2024), all standard in DAPO/TRL pract
 - beta = 0 by default (no reference model, no KL term); beta > 0 adds the k3 KL to a frozen copy;
 - completions that do not finish within max_new_tokens keep their (zero) accuracy reward.
 
-Distributed: under torchrun every process rolls out its own prompts, gradients are averaged by
-DistributedDataParallel (gloo on CPU, nccl on GPU), rank 0 writes files.
+Distributed: under torchrun every process rolls out its own prompts; gradients are averaged by
+DistributedDataParallel (gloo on CPU, nccl on GPU), or with `--fsdp true` weights, gradients and
+optimizer states are sharded by FSDP2 (r1train/parallel.py). Checkpoints go through
+torch.distributed.checkpoint (r1train/checkpoint.py); rank 0 writes the other files.
 Setup (r1train/runtime.py), checkpointing (checkpoint.py), evaluation (evaluate.py) and the stages
 around this loop (stages.py) live beside this file.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import time
@@ -31,14 +34,15 @@ import torch
 import torch.distributed as dist
 
 import r1kernels
+from r1train import parallel
 from r1train.checkpoint import Checkpointing
 from r1train.config import Config
 from r1train.evaluate import Evaluation
 from r1train.generate import generate
 from r1train.loss import policy_loss, token_logprobs_from_hidden
-from r1train.model import decoder_of, lm_head_of
+from r1train.model import lm_head_of
 from r1train.rewards import format_reward, verify
-from r1train.runtime import Runtime, derived_seed
+from r1train.runtime import Body, Runtime, derived_seed
 from r1train.stages import LOG_NAME, Stages
 
 GRPO_SEED_BASE = 1 << 30   # GRPO prompt seeds; SFT uses [0, sft_examples), eval >= 2**40
@@ -54,10 +58,11 @@ class Trainer(Runtime, Checkpointing, Evaluation, Stages):
         cfg = self.cfg
         rendered = [self.render_prompt(e.prompt) for e in examples]
         prompts = [self.encode_prompt(e.prompt) for e in examples]
-        roll = generate(self.model, prompts, group_size=group_size,
-                        max_new_tokens=cfg.max_new_tokens, eos_id=self.eos_id, pad_id=self.pad_id,
-                        temperature=temperature, top_p=cfg.top_p if top_p is None else top_p,
-                        generator=generator)
+        with parallel.gathered(self.model) if self.fsdp else contextlib.nullcontext():
+            roll = generate(self.model, prompts, group_size=group_size,
+                            max_new_tokens=cfg.max_new_tokens, eos_id=self.eos_id,
+                            pad_id=self.pad_id, temperature=temperature,
+                            top_p=cfg.top_p if top_p is None else top_p, generator=generator)
         lengths = roll.lengths.tolist()
         tokens = roll.tokens.cpu()  # one device-to-host copy for the whole rollout
         texts = [self.decode(tokens[i], lengths[i]) for i in range(len(lengths))]
@@ -68,7 +73,8 @@ class Trainer(Runtime, Checkpointing, Evaluation, Stages):
 
     def update(self, opt, prompts, tokens, lengths, rewards, G):
         """One GRPO optimizer step on a rollout: group advantages, bucketed micro-batches,
-        policy_loss on hidden states (r1kernels), gradients averaged over processes."""
+        policy_loss on hidden states (r1kernels); the loss is normalized by the global batch's
+        token count (DDP averages gradients over processes, FSDP2 sums them: `grad_divide`)."""
         cfg = self.cfg
         adv = r1kernels.group_advantages(rewards, G)  # a NaN (skipped) reward: advantage 0
         tokens = tokens.cpu()
@@ -77,9 +83,10 @@ class Trainer(Runtime, Checkpointing, Evaluation, Stages):
             if keep[i]:  # a skipped sample is left out of the loss and its normalization
                 p = prompts[i // G]
                 rows.append((p + tokens[i, :lengths[i]].tolist(), len(p)))
-        adv = adv[torch.tensor(keep, device=adv.device)]
+        # (+ one zero: the empty micro-batch an FSDP rank adds reads row 0, maybe with no row kept)
+        adv = torch.cat([adv[torch.tensor(keep, device=adv.device)], adv.new_zeros(1)])
         n_tok = sum(n for n, k in zip(lengths, keep) if k)
-        n_all = self.all_sum([n_tok])[0] / self.world
+        n_all = self.all_sum([n_tok])[0] / self.grad_divide
         micro = list(self.micro_batches(rows))
         w, b = lm_head_of(self.model)
         extra = {"kl": 0.0, "clip_ratio": 0.0}
@@ -89,8 +96,7 @@ class Trainer(Runtime, Checkpointing, Evaluation, Stages):
             ref = None
             if self.ref_model is not None:
                 with torch.no_grad():
-                    h_ref = decoder_of(self.ref_model)(input_ids=ids, attention_mask=attn,
-                                                       use_cache=False).last_hidden_state[:, :-1]
+                    h_ref = Body(self.ref_model)(ids, attn)[:, :-1]
                     rw, rb = lm_head_of(self.ref_model)
                     # only the completion tokens' log-probs are used: the others are labelled
                     # -100, so they skip the lm_head (r1kernels.linear_token_logprobs)
@@ -137,7 +143,7 @@ class Trainer(Runtime, Checkpointing, Evaluation, Stages):
         return {"stage": LOG_NAME.get(stage, stage), "step": step + 1,
                 "reward": sums[0] / max(sums[1], 1.0), "accuracy": sums[2] / n,
                 "format": sums[3] / n, "completion_len": sums[4] / n, "skipped": n - sums[1],
-                "loss": sums[6] / self.world, "kl": sums[7] / self.world,
+                "loss": sums[6] / self.grad_divide, "kl": sums[7] / self.world,
                 "clip_ratio": sums[8] / self.world, "grad_norm": gnorm,
                 "gen_tokens_per_s": n_tok / max(t_gen, 1e-9),
                 "step_seconds": time.perf_counter() - t0, **({"entropy": extra["entropy"]}

@@ -395,9 +395,8 @@ def test_ctrl_c_then_resume_is_exact(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_mod.Trainer, "grpo_step", step_then_ctrl_c)
     _, interrupted = _run(tmp_path, "cut", **over)
-    assert interrupted is None and (tmp_path / "cut" / "checkpoint.pt").exists()
-    ck = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
-    assert ck["state"]["step"] == 2
+    ck = json.loads((tmp_path / "cut" / "checkpoint" / "state.json").read_text())
+    assert interrupted is None and ck["state"]["step"] == 2
     monkeypatch.setattr(train_mod.Trainer, "grpo_step", real_step)
     _, resumed = _run(tmp_path, "cut", resume=True, **over)
     assert resumed["eval"] == full["eval"]

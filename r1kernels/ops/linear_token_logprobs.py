@@ -820,13 +820,25 @@ def _prepare(op, hidden, weight, labels, bias, temperature, ignore_index, label_
 
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                           bias: torch.Tensor | None = None, temperature: float = 1.0,
-                          ignore_index: int = -100, with_entropy: bool = False):
+                          ignore_index: int = -100, with_entropy: bool = False,
+                          process_group=None):
     """token_logprobs(hidden @ weight.T + bias, labels, ...) without the [N, V] logits.
 
     `hidden [..., H]`, `weight [V, H]`, optional `bias [V]`, `labels [...]`. Returns fp32
     `logp [...]` (and `entropy [...]` when `with_entropy`), differentiable with respect to
     hidden, weight and bias. Matmul products accumulate in fp32. See shared/API.md.
+    `weight` / `bias` may be DTensors (FSDP2): gathered, their gradient the sum over ranks in
+    their own placement. `process_group`: weight [V_r, H] is this rank's contiguous slice of a
+    vocabulary split over the group, labels global ids, grad_hidden summed over ranks
+    (r1kernels/distributed.py: 12-16 bytes per token, plus H elements per token in backward).
     """
+    from r1kernels import distributed
+
+    weight, bias = distributed.gather_weight(weight), distributed.gather_weight(bias)
+    if process_group is not None:
+        return distributed.linear_token_logprobs(
+            hidden, weight, labels, bias=bias, temperature=temperature, ignore_index=ignore_index,
+            with_entropy=with_entropy, group=process_group)
     h, bias, y, inv_temp = _prepare(OP, hidden, weight, labels, bias, temperature, ignore_index,
                                     label_data=False)
     backend = dispatch.select(OP, h.device)
@@ -918,7 +930,8 @@ def linear_token_logprobs_with_grad(hidden: torch.Tensor, weight: torch.Tensor,
 def linear_token_logprobs_fwd_bwd(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                                   grad_logp: torch.Tensor, *, grad_entropy: torch.Tensor | None = None,
                                   bias: torch.Tensor | None = None, temperature: float = 1.0,
-                                  ignore_index: int = -100, with_entropy: bool = False):
+                                  ignore_index: int = -100, with_entropy: bool = False,
+                                  process_group=None):
     """Forward and backward of `linear_token_logprobs` in one sweep of the vocabulary, for a loss
     whose upstream gradient is known up front: L = sum(grad_logp * logp) + sum(grad_entropy *
     entropy) (SFT's mean NLL: grad_logp = -1/N; any loss linear in the log-probs).
@@ -927,8 +940,26 @@ def linear_token_logprobs_fwd_bwd(hidden: torch.Tensor, weight: torch.Tensor, la
     grad_bias [V] or None), gradients in the inputs' dtypes. The logits are computed once
     (6 N H V FLOPs instead of the 8 N H V of forward + backward through autograd); grad_weight's
     running sum follows the single-sweep precision rule of the module docstring. Not
-    differentiable itself.
+    differentiable itself. A DTensor `weight` / `bias` (FSDP2) gets its gradient as a DTensor of
+    its own placement, the sum over ranks of every rank's gradient. `process_group`: a
+    vocabulary split over the group (see linear_token_logprobs); grad_hidden is summed over
+    ranks, grad_weight / grad_bias are this rank's slice.
     """
+    from r1kernels import distributed
+
+    if distributed.is_dtensor(weight) or distributed.is_dtensor(bias):
+        w_full = weight.full_tensor() if distributed.is_dtensor(weight) else weight
+        b_full = bias.full_tensor() if distributed.is_dtensor(bias) else bias
+        logp, ent, gh, gw, gb = linear_token_logprobs_fwd_bwd(
+            hidden, w_full, labels, grad_logp, grad_entropy=grad_entropy, bias=b_full,
+            temperature=temperature, ignore_index=ignore_index, with_entropy=with_entropy,
+            process_group=process_group)
+        return logp, ent, gh, distributed.shard_grad(gw, weight), distributed.shard_grad(gb, bias)
+    if process_group is not None:
+        return distributed.linear_token_logprobs_fwd_bwd(
+            hidden, weight, labels, grad_logp, grad_entropy=grad_entropy, bias=bias,
+            temperature=temperature, ignore_index=ignore_index, with_entropy=with_entropy,
+            group=process_group)
     op = "linear_token_logprobs_fwd_bwd"
     if not isinstance(hidden, torch.Tensor) or hidden.dim() < 1:
         raise ValueError(f"{op}: hidden must be a tensor [..., H], got {type(hidden).__name__}")

@@ -1135,14 +1135,22 @@ def _prepare(op: str, logits, labels, temperature, ignore_index, label_data: boo
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0,
                    ignore_index: int = -100, with_entropy: bool = False,
-                   inplace_backward: bool = False):
+                   inplace_backward: bool = False, process_group=None):
     """logp = log_softmax(logits.float() / temperature)[label], 0 where label == ignore_index.
 
     `logits [..., V]`, `labels [...]` integer; returns fp32 `logp [...]`, and `entropy [...]` too
     when `with_entropy`. Differentiable. `inplace_backward=True` writes dL/dlogits into the logits
     buffer during backward (saves one [N, V] allocation; the logits are garbage afterwards).
+    `process_group`: the logits are this rank's contiguous slice of a vocabulary split over the
+    group, labels global ids (r1kernels/distributed.py: 12-16 bytes per token on the wire).
     See shared/API.md.
     """
+    if process_group is not None:
+        from r1kernels import distributed
+
+        return distributed.token_logprobs(logits, labels, temperature=temperature,
+                                          ignore_index=ignore_index, with_entropy=with_entropy,
+                                          inplace_backward=inplace_backward, group=process_group)
     x, y, inv_temp = _prepare(OP, logits, labels, temperature, ignore_index, label_data=False)
     backend = dispatch.select(OP, x.device)
     if backend == "triton":  # its kernels never read at an out-of-range label: check around them
@@ -1201,7 +1209,7 @@ def token_logprobs_with_grad(logits: torch.Tensor, labels: torch.Tensor, *, temp
 def token_logprobs_fwd_bwd(logits: torch.Tensor, labels: torch.Tensor, grad_logp: torch.Tensor, *,
                            grad_entropy: torch.Tensor | None = None, temperature: float = 1.0,
                            ignore_index: int = -100, with_entropy: bool = False,
-                           inplace: bool = False):
+                           inplace: bool = False, process_group=None):
     """Forward and backward of `token_logprobs` in one call, for a loss whose upstream gradient
     is known before the log-probs are (SFT's mean NLL: -1/N per token; any loss linear in logp).
 
@@ -1211,7 +1219,16 @@ def token_logprobs_fwd_bwd(logits: torch.Tensor, labels: torch.Tensor, grad_logp
     the fused kernel of this module (statistics, then dL/dlogits; launch modes in FUSED_CONFIG).
     Not differentiable itself. A label out of range is an IndexError; on the fused path it is
     raised after the kernel ran (so with inplace=True the logits are overwritten by then).
+    `process_group`: a vocabulary split over the group (see token_logprobs); grad_logits is
+    this rank's columns.
     """
+    if process_group is not None:
+        from r1kernels import distributed
+
+        return distributed.token_logprobs_fwd_bwd(
+            logits, labels, grad_logp, grad_entropy=grad_entropy, temperature=temperature,
+            ignore_index=ignore_index, with_entropy=with_entropy, inplace=inplace,
+            group=process_group)
     op = "token_logprobs_fwd_bwd"
     x, y, inv_temp = _prepare(op, logits, labels, temperature, ignore_index, label_data=False)
     n = x.shape[0]
