@@ -18,11 +18,14 @@ TORCH_LIBRARY(r1kernels, m) {
   // col0 .. col0 + c), csrc/token_logprobs/; the CPU twins of the Triton kernels of
   // r1kernels/ops/token_logprobs.py. state [4, n] = (max, sum-exp, label logit, entropy sum),
   // read when accum, written unless final; out [3, n] = (logp, entropy, lse) written when final.
+  // The head: z = inv_temp * x, or with cap != 0 (a soft-cap) inv_temp * tanh(cap * x)
+  // (r1kernels/ops/token_logprobs.py head_constants).
   m.def("logprob_tile_stats(Tensor x, Tensor labels, Tensor? bias, Tensor(a!) state, Tensor(b!) out, "
-        "int col0, int vocab, float inv_temp, int ignore_index, bool accum, bool final, bool entropy) -> ()");
+        "int col0, int vocab, float inv_temp, int ignore_index, bool accum, bool final, bool entropy, "
+        "float cap=0.) -> ()");
   // g = dL/dx for upstream gradients dlogp (and dent, with the entropy ent); g may be x itself.
   m.def("logprob_tile_grad(Tensor x, Tensor(a!) g, Tensor labels, Tensor? bias, Tensor lse, Tensor? ent, "
-        "Tensor dlogp, Tensor? dent, int col0, float inv_temp, int ignore_index) -> ()");
+        "Tensor dlogp, Tensor? dent, int col0, float inv_temp, int ignore_index, float cap=0.) -> ()");
 
   // Fused statistics + dL/dlogits over logits x [B, T, V] (bf16/fp16, or fp32 with a bf16/fp16
   // gradient; sm_90 thread-block clusters; CUDA only: csrc/token_logprobs/fused_logits_cluster.cu).

@@ -151,12 +151,13 @@ class _TokenRows:
         return TLP.cluster_chunk(z, yr, g, inv_temp, ignore_index, entropy,
                                  grpo=(self.cfg, adv, mask, old, ref, rw, self.scale_tok[sl]))
 
-    def kernel(self, x3, labels, g3, inv_temp, ignore_index, with_entropy):
+    def kernel(self, x3, labels, g3, inv_temp, ignore_index, with_entropy, cap=0.0):
         """Every token row (built with rows=None; logits x3 [B, T, V], labels [B * T]
         contiguous): the statistics, dL/dlogp and dL/dlogits (into g3) in the fused logits
-        kernel; returns its out [3, B * T] (logp, entropy, ...)."""
+        kernel (inv_temp, cap: the head's constants, TLP.head_constants); returns its
+        out [3, B * T] (logp, entropy, ...)."""
         return TLP.fused_logits(x3, labels, g3, inv_temp, int(ignore_index), bool(with_entropy),
-                                grpo=(self.cfg, *self.flat, self.scale))
+                                grpo=(self.cfg, *self.flat, self.scale), cap=cap)
 
     def finish(self, logp, ent, parts, ent_acc):
         """The loss partials (and the entropy sum) of the whole batch from its log-probs (and
@@ -242,7 +243,7 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, adv, mask, old, ref, rw, nitems, cfg, opts):
         from r1kernels.ops.linear_token_logprobs import linear_token_logprobs_with_grad
 
-        B, T, temperature, ignore_index, with_entropy, backend, sweep = opts
+        B, T, temperature, ignore_index, with_entropy, backend, sweep, softcap, logit_scale = opts
         H = hidden.shape[-1]
         fwd, fin = G.forward_impl(backend)
         n_rows = mask.sum(-1, dtype=torch.float32) if B * T else torch.zeros(B, device=hidden.device)
@@ -255,7 +256,8 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
             h2, y2 = hidden.reshape(B * T, H), labels.reshape(B * T)
             kw = dict(temperature=temperature, ignore_index=ignore_index,
                       with_entropy=with_entropy, need_grads=need, sweep=sweep,
-                      labels_checked=True)  # by _live_rows, in its one host sync
+                      labels_checked=True,  # by _live_rows, in its one host sync
+                      softcap=softcap, logit_scale=logit_scale)
             live = _live_rows(labels, mask, weight.shape[0], ignore_index, hidden.device)
             if cfg.seq and live is None:  # every token live: chunks of whole sequences
                 grad_fn = _fused_loss_step(fwd, cfg, B, T, adv, mask, old, ref, rw, scale, parts,
@@ -309,7 +311,8 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
 
 
 def _from_logits_fused_triton(logits, labels, adv, mask, old, ref, rw, cfg, scale, fwd, parts,
-                              ent_acc, temperature, ignore_index, with_entropy, inplace):
+                              ent_acc, temperature, ignore_index, with_entropy, inplace,
+                              softcap=None, logit_scale=1.0):
     """Token-level GRPO loss from logits [B, T, V] with one fused kernel: per row, the
     statistics, the loss's dL/dlogp and dL/dlogits (see ops/token_logprobs.py). Returns the
     logits gradient (the logits buffer itself when `inplace`) and the second half of the
@@ -323,7 +326,8 @@ def _from_logits_fused_triton(logits, labels, adv, mask, old, ref, rw, cfg, scal
     rows = _TokenRows(cfg, T, adv, mask, old, ref, rw, scale, fwd)
     y = labels.reshape(-1).contiguous()
     label_check = TLP.start_label_check(op, y, V, ignore_index)
-    out = rows.kernel(x, y, g, 1.0 / temperature, ignore_index, with_entropy)
+    inv_temp, cap = TLP.head_constants(op, temperature, softcap, logit_scale)
+    out = rows.kernel(x, y, g, inv_temp, ignore_index, with_entropy, cap)
     rows.finish(out[0], out[1] if with_entropy else None, parts, ent_acc)
     gl = logits.view(logits.shape) if g.data_ptr() == logits.data_ptr() else g  # an alias autograd can hand on
     return gl, label_check
@@ -334,7 +338,7 @@ class _FusedLogitsGRPOLoss(torch.autograd.Function):
     def forward(ctx, logits, labels, adv, mask, old, ref, rw, nitems, cfg, opts):
         from r1kernels.ops.token_logprobs import token_logprobs_with_grad
 
-        B, T, temperature, ignore_index, with_entropy, backend, inplace = opts
+        B, T, temperature, ignore_index, with_entropy, backend, inplace, softcap, logit_scale = opts
         V = logits.shape[-1]
         fwd, fin = G.forward_impl(backend)
         n_rows = mask.sum(-1, dtype=torch.float32) if B * T else torch.zeros(B, device=logits.device)
@@ -344,11 +348,12 @@ class _FusedLogitsGRPOLoss(torch.autograd.Function):
         if B * T > 0 and backend == "triton" and not cfg.seq:
             gl, label_check = _from_logits_fused_triton(
                 logits, labels, adv, mask, old, ref, rw, cfg, scale, fwd, parts, ent_acc,
-                temperature, ignore_index, with_entropy, inplace)
+                temperature, ignore_index, with_entropy, inplace, softcap, logit_scale)
         elif B * T > 0:
             grad_fn = _fused_loss_step(fwd, cfg, B, T, adv, mask, old, ref, rw, scale, parts, ent_acc)
             kw = dict(temperature=temperature, ignore_index=ignore_index,
-                      with_entropy=with_entropy, chunk_multiple=T, inplace=inplace)
+                      with_entropy=with_entropy, chunk_multiple=T, inplace=inplace,
+                      softcap=softcap, logit_scale=logit_scale)
             try:
                 flat = logits.view(B * T, V)
             except RuntimeError:  # e.g. logits[:, :-1] of [B, T + 1, V]: one call per sequence
@@ -409,7 +414,10 @@ class GRPOLoss(torch.nn.Module):
     `sweep` ("auto" | "one" | "two", see ops/linear_token_logprobs.py: "auto" computes the
     logits once, chunk of rows by chunk, for token-level importance sampling at any sequence
     length; for sequence-level importance sampling whenever one sequence's fp32 logits fit the
-    single-sweep chunk limit, and two sweeps for longer sequences).
+    single-sweep chunk limit, and two sweeps for longer sequences). `softcap` and `logit_scale`
+    (shared/API.md): the model's head transform of the logits (Gemma's
+    final_logit_softcapping, Cohere's logit_scale, Granite's 1 / logits_scaling), applied by
+    forward and from_logits alike.
     """
 
     def __init__(self, loss_type: str = "dapo", epsilon_low: float = 0.2,
@@ -417,7 +425,8 @@ class GRPOLoss(torch.nn.Module):
                  temperature: float = 1.0, importance_sampling_level: str = "token",
                  use_bias_correction_kl: bool = False, max_completion_length: int | None = None,
                  sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05, *,
-                 with_entropy: bool = True, ignore_index: int = -100, sweep: str = "auto"):
+                 with_entropy: bool = True, ignore_index: int = -100, sweep: str = "auto",
+                 softcap: float | None = None, logit_scale: float = 1.0):
         super().__init__()
         self.options = dict(loss_type=loss_type, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
                             delta=delta, beta=beta, importance_sampling_level=importance_sampling_level,
@@ -427,6 +436,9 @@ class GRPOLoss(torch.nn.Module):
                             sapo_temperature_neg=sapo_temperature_neg)
         G.make_config(**self.options, T=1, where="GRPOLoss")  # validate now
         self.temperature = TLP.check_temperature("GRPOLoss", temperature)
+        TLP.head_constants("GRPOLoss", self.temperature, softcap, logit_scale)  # validate now
+        self.softcap = None if softcap is None else float(softcap)
+        self.logit_scale = float(logit_scale)
         self.with_entropy = bool(with_entropy)
         TLP.check_ignore_index("GRPOLoss", ignore_index)
         self.ignore_index = int(ignore_index)
@@ -435,8 +447,10 @@ class GRPOLoss(torch.nn.Module):
         self.sweep = sweep
 
     def extra_repr(self) -> str:
+        head = "" if self.softcap is None else f", softcap={self.softcap}"
+        head += "" if self.logit_scale == 1.0 else f", logit_scale={self.logit_scale}"
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items()) + \
-            f", temperature={self.temperature}"
+            f", temperature={self.temperature}" + head
 
     def _prepare(self, where, x, labels, mask, advantages, old_logps, ref_logps, rollout_is_weights,
                  num_items_in_batch):
@@ -482,7 +496,8 @@ class GRPOLoss(torch.nn.Module):
                                  or tuple(bias.shape) != (weight.shape[0],)):
             raise ValueError(f"{where}: bias must be [{weight.shape[0]}], got "
                              f"{tuple(getattr(bias, 'shape', ()))}")
-        opts = (B, T, self.temperature, self.ignore_index, self.with_entropy, backend, self.sweep)
+        opts = (B, T, self.temperature, self.ignore_index, self.with_entropy, backend, self.sweep,
+                self.softcap, self.logit_scale)
         loss, out, ent = _FusedLinearGRPOLoss.apply(hidden, weight, bias, labels, adv, mask,
                                                     old_logps, ref, rollout_is_weights, nitems,
                                                     cfg, opts)
@@ -499,7 +514,8 @@ class GRPOLoss(torch.nn.Module):
             "GRPOLoss.from_logits", logits, labels, mask, advantages, old_logps, ref_logps,
             rollout_is_weights, num_items_in_batch)
         labels = labels.to(torch.int64)  # (see TLP.flat_labels)
-        opts = (B, T, self.temperature, self.ignore_index, self.with_entropy, backend, bool(inplace))
+        opts = (B, T, self.temperature, self.ignore_index, self.with_entropy, backend,
+                bool(inplace), self.softcap, self.logit_scale)
         loss, out, ent = _FusedLogitsGRPOLoss.apply(logits, labels, adv, mask, old_logps, ref,
                                                     rollout_is_weights, nitems, cfg, opts)
         return self._output(loss, out, ent)
