@@ -147,11 +147,35 @@ def test_verl_registration(monkeypatch):
 # ---- TRL ----------------------------------------------------------------------------------------
 
 
-def _tiny_trainer(cls, **cfg_kw):
+def _tiny_model(family):
+    """A tiny causal LM of `family` (fp32, random): Qwen2 (a plain head), or a head that
+    transforms its logits (Gemma-3: final_logit_softcapping; Cohere: logit_scale multiplies;
+    Granite: logits_scaling divides), its lm_head scaled up so that the transform matters."""
+    import transformers
+
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                  tie_word_embeddings=False, pad_token_id=60, eos_token_id=61)
+    if family == "qwen2":
+        return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    if family == "gemma3":
+        model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+            final_logit_softcapping=5.0, head_dim=16, **common))
+    elif family == "cohere":
+        model = transformers.CohereForCausalLM(transformers.CohereConfig(logit_scale=0.25, **common))
+    else:
+        model = transformers.GraniteForCausalLM(transformers.GraniteConfig(logits_scaling=4.0,
+                                                                           **common))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(100.0)
+    return model
+
+
+def _tiny_trainer(cls, family="qwen2", **cfg_kw):
     pytest.importorskip("trl")
     tokenizers = pytest.importorskip("tokenizers")
     from datasets import Dataset
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import PreTrainedTokenizerFast
     from trl import GRPOConfig
 
     vocab = {f"w{i}": i for i in range(60)}
@@ -161,12 +185,9 @@ def _tiny_trainer(cls, **cfg_kw):
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>",
                                   unk_token="<unk>")
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                      tie_word_embeddings=False, pad_token_id=60, eos_token_id=61)
     # saved to disk and passed by path: with beta != 0 TRL loads the reference model from there
-    path = os.path.join("/tmp", f"r1k_trl_model_{os.getpid()}")
-    Qwen2ForCausalLM(cfg).save_pretrained(path)
+    path = os.path.join("/tmp", f"r1k_trl_model_{family}_{os.getpid()}")
+    _tiny_model(family).save_pretrained(path)
     ds = Dataset.from_dict({"prompt": ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9"] * 4})
 
     def reward(completions, **kw):
@@ -222,18 +243,27 @@ def _need_trl():
         pytest.importorskip(mod, reason=f"{mod} is not installed (pip install trl)")
 
 
-def compare_with_trl(loss_type, extra, bf16, rtol):
+@pytest.mark.parametrize("family", ["gemma3", "cohere", "granite"])
+def test_trl_trainer_subclass_matches_trl_transformed_heads(family):
+    """Models whose head soft-caps or scales its logits take the fused path (with GRPOLoss's
+    softcap / logit_scale read from their config) and match TRL's own loss on them."""
+    compare_with_trl("grpo", dict(beta=0.04), bf16=False, rtol=1e-4, family=family)
+
+
+def compare_with_trl(loss_type, extra, bf16, rtol, family="qwen2"):
     _need_trl()
     from trl import GRPOTrainer
     from r1kernels.integrations.trl import R1KGRPOTrainer
 
-    trainer = _tiny_trainer(R1KGRPOTrainer, loss_type=loss_type, bf16=bf16, **extra)
-    model = r1train.model
+    trainer = _tiny_trainer(R1KGRPOTrainer, family=family, loss_type=loss_type, bf16=bf16,
+                            **extra)
+    model = trainer.model
     model.train()
     trainer.current_gradient_accumulation_steps = 2  # set by the training loop; 2 checks the scaling
     inputs = _inputs(trainer)
     if trainer.beta == 0.0:
         inputs.pop("ref_per_token_logps")
+    assert trainer._r1k_supported(model, inputs)  # the fused path, not TRL's fallback
     results = []
     for fn in (GRPOTrainer._compute_loss, R1KGRPOTrainer._compute_loss):
         model.zero_grad()
@@ -263,8 +293,8 @@ def test_trl_trainer_trains_one_step():
     from r1kernels.integrations.trl import R1KGRPOTrainer
 
     trainer = _tiny_trainer(R1KGRPOTrainer, beta=0.04)
-    before = {n: p.detach().clone() for n, p in r1train.model.named_parameters()}
-    out = r1train.train()
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    out = trainer.train()
     assert torch.isfinite(torch.tensor(out.training_loss))
-    changed = [n for n, p in r1train.model.named_parameters() if not torch.equal(p.detach(), before[n])]
+    changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(p.detach(), before[n])]
     assert any("lm_head" in n for n in changed) and len(changed) > 3

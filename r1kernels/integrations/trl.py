@@ -10,7 +10,10 @@ the logged metrics (`kl`, `entropy`, `clip_ratio/*`, `cispo_clip_ratio`) follow 
 `_compute_loss` (gradient accumulation, `num_items_in_batch` rescaling and vLLM importance-sampling
 correction included). Configurations the fused path does not cover fall back to TRL's own code:
 loss_type="vespo", off-policy masking, top-entropy masking, the entropy bonus, MoE aux loss,
-multimodal inputs, and models whose logits are scaled or soft-capped.
+multimodal inputs, and models whose logits are scaled or soft-capped in a way not in `_HEADS`.
+The heads in `_HEADS` (Gemma 2/3/4: final_logit_softcapping; Cohere, Cohere2: logit_scale
+multiplies; Granite, GraniteMoE(-Shared, -Hybrid): logits_scaling divides, as transformers' own
+modeling code applies them) go through GRPOLoss's softcap= / logit_scale=.
 Mixed precision: under autocast the head GEMM takes autocast-dtype inputs (as TRL's) but accumulates
 and normalizes in fp32 (TRL rounds the logits to bf16 first), so log-probs differ from TRL's at
 bf16 rounding level; in fp32 they agree to fp32 rounding.
@@ -34,10 +37,41 @@ def _text_config(model):
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
 
+# The head transforms GRPOLoss takes, by the text config's model_type: (attribute, what the model's
+# forward does with it), as in transformers 5.25's modeling code (the same attribute name means
+# different things elsewhere: HyperCLOVAX multiplies by logits_scaling, Granite divides).
+_HEADS = {
+    **{t: ("final_logit_softcapping", "softcap") for t in
+       ("gemma2", "gemma3", "gemma3_text", "gemma4", "gemma4_text")},
+    **{t: ("logit_scale", "multiply") for t in ("cohere", "cohere2")},
+    **{t: ("logits_scaling", "divide") for t in
+       ("granite", "granitemoe", "granitemoeshared", "granitemoehybrid")},
+}
+_HEAD_ATTRS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+               "logits_scaling")
+
+
+def _head_kwargs(tc) -> dict | None:
+    """GRPOLoss's softcap / logit_scale for the model of text config `tc`, or None when its head
+    transforms the logits in a way not known here (the trainer then falls back to TRL)."""
+    attr, how = _HEADS.get(getattr(tc, "model_type", None), (None, None))
+    for a in _HEAD_ATTRS:
+        if a != attr and getattr(tc, a, None) not in (None, 1.0):
+            return None
+    value = None if attr is None else getattr(tc, attr, None)
+    if value is None:
+        return {}
+    if how == "softcap":
+        return {"softcap": float(value)}
+    return {"logit_scale": float(value) if how == "multiply" else 1.0 / float(value)}
+
+
 class R1KGRPOTrainer(GRPOTrainer):
     """trl.GRPOTrainer whose policy loss runs through r1kernels.GRPOLoss (see module docstring)."""
 
-    def _r1k_loss_fn(self) -> GRPOLoss:
+    def _r1k_loss_fn(self, head: dict | None = None) -> GRPOLoss:
+        """The fused loss of this trainer's options; `head`: the model's softcap / logit_scale
+        (_head_kwargs)."""
         return GRPOLoss(
             loss_type=self.loss_type, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
             delta=self.args.delta, beta=self.beta, temperature=self.temperature,
@@ -45,7 +79,7 @@ class R1KGRPOTrainer(GRPOTrainer):
             use_bias_correction_kl=bool(self.args.use_bias_correction_kl),
             max_completion_length=self.max_completion_length,
             sapo_temperature_pos=self.args.sapo_temperature_pos,
-            sapo_temperature_neg=self.args.sapo_temperature_neg)
+            sapo_temperature_neg=self.args.sapo_temperature_neg, **(head or {}))
 
     def _r1k_supported(self, model, inputs) -> bool:
         if self.loss_type not in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo"):
@@ -56,12 +90,7 @@ class R1KGRPOTrainer(GRPOTrainer):
             return False
         if any(inputs.get(k) is not None for k in _MULTIMODAL_KEYS):
             return False
-        tc = _text_config(self.accelerator.unwrap_model(model))
-        for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier",
-                     "lm_head_multiplier", "logits_scaling"):
-            if getattr(tc, attr, None) not in (None, 1.0):
-                return False
-        return True
+        return _head_kwargs(_text_config(self.accelerator.unwrap_model(model))) is not None
 
     def _compute_loss(self, model, inputs):
         if not self._r1k_supported(model, inputs):
@@ -103,7 +132,8 @@ class R1KGRPOTrainer(GRPOTrainer):
             rw = inputs["importance_sampling_ratio"]
             rw = rw.expand_as(completion_ids) if rw.dim() == 2 and rw.size(1) == 1 else rw
         adv = inputs["advantages"]
-        result = self._r1k_loss_fn()(
+        head = _head_kwargs(_text_config(unwrapped))
+        result = self._r1k_loss_fn(head)(
             hidden, weight, completion_ids, mask, adv, bias=bias,
             old_logps=inputs.get("old_per_token_logps"),
             ref_logps=inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
