@@ -35,12 +35,13 @@ TORCH_LIBRARY(r1kernels, m) {
   // caller (rows outside the mask, and the entropy row without `entropy`, are not written).
   // variant: 0 rows in registers (a cluster per row), 1 persistent clusters staging rows in shared
   // memory, 2 persistent clusters with rows in registers and the next row prefetched into L2.
+  // cap > 0: a soft-capped head (z = inv_temp * tanh(cap * x); inv_temp > 0, cap >= 0).
   // Eager only (r1kernels/ops/token_logprobs.py does not take it under torch.compile).
   m.def("fused_logits_cluster(Tensor x, Tensor(a!) g, Tensor labels, Tensor(b!) out, Tensor? glp, "
         "Tensor? gent, Tensor? adv, Tensor? mask, Tensor? old, Tensor? ref, Tensor? rw, Tensor? scale, "
         "float inv_temp, int ignore_index, bool entropy, int loss, float eps_lo, float eps_hi, "
         "float? delta, float beta, bool bias_kl, float tau_pos, float tau_neg, int cluster, "
-        "int threads, int variant) -> ()");
+        "int threads, int variant, float cap=0.) -> ()");
 
   // GRPO loss on per-token log-probs [B, T] (csrc/grpo_loss/; the CPU twin of the Triton kernels
   // of r1kernels/ops/grpo_loss.py): (grad [B, T] fp32 unscaled dl/dlogp * mask, or [0] without

@@ -65,7 +65,7 @@ def _logprob_tile_grad_fake(x, g, labels, bias, lse, ent, dlogp, dent, col0, inv
 @register_fake("fused_logits_cluster")
 def _fused_logits_cluster_fake(x, g, labels, out, glp, gent, adv, mask, old, ref, rw, scale,
                                inv_temp, ignore_index, entropy, loss, eps_lo, eps_hi, delta, beta,
-                               bias_kl, tau_pos, tau_neg, cluster, threads, variant):
+                               bias_kl, tau_pos, tau_neg, cluster, threads, variant, cap=0.0):
     return None
 
 

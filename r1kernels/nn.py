@@ -141,7 +141,7 @@ class _TokenRows:
         g, _ = self.fwd(logp.view(1, -1), adv, mask, old, ref, rw, self.cfg, write_grad=True)
         return g.view(-1) * self.scale_tok[start:end]
 
-    def chunk_kernel(self, z, yr, g, r0, inv_temp, ignore_index, entropy):
+    def chunk_kernel(self, z, yr, g, r0, inv_temp, ignore_index, entropy, cap=0.0):
         """The hidden-state sweep's chunk of token rows [r0, r0 + n) on the cluster kernel
         (token_logprobs.cluster_chunk: statistics, dL/dlogp and G in one read of the fp32
         logits), or None where it does not apply. Each row is passed as its own sequence, with
@@ -149,7 +149,8 @@ class _TokenRows:
         sl = slice(r0, r0 + z.shape[0])
         adv, mask, old, ref, rw = (None if t is None else t[sl] for t in self.flat)
         return TLP.cluster_chunk(z, yr, g, inv_temp, ignore_index, entropy,
-                                 grpo=(self.cfg, adv, mask, old, ref, rw, self.scale_tok[sl]))
+                                 grpo=(self.cfg, adv, mask, old, ref, rw, self.scale_tok[sl]),
+                                 cap=cap)
 
     def kernel(self, x3, labels, g3, inv_temp, ignore_index, with_entropy, cap=0.0):
         """Every token row (built with rows=None; logits x3 [B, T, V], labels [B * T]

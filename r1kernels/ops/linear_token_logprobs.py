@@ -557,16 +557,16 @@ def _chunk_grad(z, yr, b, *, lp_out, ent_out, r0: int, inv_temp: float, ignore_i
                 cap: float = 0.0):
     """One single-sweep chunk's statistics (into lp_out / ent_out), grad_fn, and G = dL/dZ
     written over the chunk's fp32 logits z (None when no gradient is needed). chunk_kernel
-    (z, yr, g, r0, inv_temp, ignore_index, entropy) -> out [3, n] | None: a kernel that makes
-    the statistics and G in one read of z, with dL/dlogp computed in-kernel (instead of grad_fn;
+    (z, yr, g, r0, inv_temp, ignore_index, entropy, cap) -> out [3, n] | None: a kernel that
+    makes the statistics and G in one read of z, with dL/dlogp computed in-kernel (instead of grad_fn;
     token_logprobs.cluster_chunk), tried first where it may apply. g_out: where G goes (a
     slice of the sweep's G group buffer; tile backends only), instead of over z. cap: the
-    head's (token_logprobs.head_constants; chunk_kernel takes plain heads only)."""
+    head's (token_logprobs.head_constants), also passed to chunk_kernel as its last argument."""
     n, vocab = z.shape
-    if (chunk_kernel is not None and need_any and b is None and backend == "triton" and not cap
+    if (chunk_kernel is not None and need_any and b is None and backend == "triton"
             and gdt != torch.float32 and not torch.compiler.is_compiling()):
         g = z.view(gdt)[:, :vocab] if g_out is None else g_out
-        out = chunk_kernel(z, yr, g, r0, inv_temp, ignore_index, entropy)
+        out = chunk_kernel(z, yr, g, r0, inv_temp, ignore_index, entropy, cap)
         if out is not None:
             lp_out.copy_(out[0])
             if entropy:
@@ -993,10 +993,10 @@ def linear_token_logprobs_fwd_bwd(hidden: torch.Tensor, weight: torch.Tensor, la
     def grad_fn(start, end, logp, ent):
         return glp[start:end], (None if gent is None else gent[start:end])
 
-    def chunk_kernel(z, yr, g, r0, inv_temp, ignore_index, entropy):
+    def chunk_kernel(z, yr, g, r0, inv_temp, ignore_index, entropy, cap):
         sl = slice(r0, r0 + z.shape[0])
         return tlp.cluster_chunk(z, yr, g, inv_temp, ignore_index, entropy, grad_logp=glp[sl],
-                                 grad_entropy=None if gent is None else gent[sl])
+                                 grad_entropy=None if gent is None else gent[sl], cap=cap)
 
     need = (True, True, bias is not None)
     logp, ent, gh, gw, gb = linear_token_logprobs_with_grad(

@@ -529,15 +529,11 @@ def _cluster_dtypes_ok(x: torch.Tensor, g: torch.Tensor) -> bool:
     return x.dtype == torch.float32 and g.dtype in (torch.bfloat16, torch.float16)
 
 
-def cluster_config(x3: torch.Tensor, g3: torch.Tensor, inv_temp: float = 1.0,
-                   cap: float = 0.0) -> tuple[int, int, int] | None:
+def cluster_config(x3: torch.Tensor, g3: torch.Tensor) -> tuple[int, int, int] | None:
     """(cluster, threads, variant) when the cluster kernel is on and takes these logits
-    [B, T, V], this gradient buffer and this head (head_constants: the kernel takes z =
-    inv_temp * x, or inv_temp * tanh(cap * x), with inv_temp > 0 and cap >= 0: it finds the
-    row's max from the raw logits' max), else None."""
+    [B, T, V] and this gradient buffer, else None. (Its head: cluster_head_ok.)"""
     setting = _cluster_setting()
-    if setting is None or x3.device.type != "cuda" or torch.compiler.is_compiling() \
-            or inv_temp <= 0 or cap < 0:
+    if setting is None or x3.device.type != "cuda" or torch.compiler.is_compiling():
         return None  # (eager only: its schema does not model g aliasing x)
     from r1kernels import _custom_ops
 
@@ -556,6 +552,13 @@ def cluster_config(x3: torch.Tensor, g3: torch.Tensor, inv_temp: float = 1.0,
     return (cl, threads, variant) if ok else None
 
 
+def cluster_head_ok(inv_temp: float, cap: float) -> bool:
+    """Whether the cluster kernel takes this head (head_constants): z = inv_temp * x, or with a
+    soft-cap inv_temp * tanh(cap * x), for inv_temp > 0 and cap >= 0 (it finds a row's max from
+    its raw logits' max); a negative logit_scale runs the Triton kernel."""
+    return inv_temp > 0 and cap >= 0
+
+
 def cluster_chunk(z: torch.Tensor, labels: torch.Tensor, g: torch.Tensor, inv_temp: float,
                   ignore_index: int, with_entropy: bool, *, grad_logp=None, grad_entropy=None,
                   grpo=None, cap: float = 0.0) -> torch.Tensor | None:
@@ -565,7 +568,7 @@ def cluster_chunk(z: torch.Tensor, labels: torch.Tensor, g: torch.Tensor, inv_te
     "sequence" here). Returns out [3, n] (logp, entropy, lse), or None where the kernel does not
     apply (the caller's tile kernels run instead)."""
     x3, g3 = z.unsqueeze(1), g.unsqueeze(1)
-    setting = cluster_config(x3, g3, inv_temp, cap)
+    setting = cluster_config(x3, g3) if cluster_head_ok(inv_temp, cap) else None
     if setting is None:
         return None
     return fused_cluster(x3, labels, g3, inv_temp, ignore_index, with_entropy, setting,
@@ -612,7 +615,7 @@ def fused_logits(x3: torch.Tensor, labels: torch.Tensor, g3: torch.Tensor, inv_t
                  grpo=None, cap: float = 0.0) -> torch.Tensor:
     """The fused logits kernels' entry point: the cluster kernel where it is on and applies
     (cluster_config), else the Triton kernel (fused_triton, whose contract both follow)."""
-    setting = cluster_config(x3, g3, inv_temp, cap)
+    setting = cluster_config(x3, g3) if cluster_head_ok(inv_temp, cap) else None
     if setting is not None:
         return fused_cluster(x3, labels, g3, inv_temp, ignore_index, with_entropy, setting,
                              grad_logp=grad_logp, grad_entropy=grad_entropy, grpo=grpo, cap=cap)
