@@ -407,3 +407,92 @@ def test_transformers_heads(backend, kind):
     for a, r in ((h, hidden), (w, model.lm_head.weight)):
         scale = r.grad.abs().max().item()
         torch.testing.assert_close(a.grad.cpu().double(), r.grad, rtol=1e-4, atol=1e-5 * scale)
+
+
+# ---- the cluster kernel (sm_90; skipped elsewhere: its host math is checked by
+# tests/csrc/fused_logits_math_test.cu, its plumbing by test_fused_logits_cluster.py's emulation) --
+
+ON_SM90 = (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+           and r1kernels._custom_ops.has_kernel("fused_logits_cluster", "CUDA"))
+SM90 = pytest.mark.skipif(not ON_SM90, reason="needs a GPU of compute capability 9+ and the CUDA "
+                                              "build of the extension")
+
+
+def test_cluster_takes_positive_heads_only():
+    assert tlp.cluster_head_ok(*tlp.head_constants("op", 0.7, 30.0, 0.5))
+    assert tlp.cluster_head_ok(*tlp.head_constants("op", 1.0, None, 0.0625))
+    assert not tlp.cluster_head_ok(*tlp.head_constants("op", 1.0, None, -0.3))
+    assert not tlp.cluster_head_ok(*tlp.head_constants("op", 1.0, 30.0, -0.3))
+
+
+@SM90
+@pytest.mark.parametrize("setting", [(8, 256, 0), (1, 256, 0), (16, 512, 0), (8, 256, 1),
+                                     (8, 256, 2)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
+def test_cluster_kernel_softcap(monkeypatch, setting, dtype, inplace):
+    """token_logprobs_fwd_bwd on the cluster kernel's soft-capped instances against float64:
+    saturating logits (+-1e3 in bf16, +-6e4 in fp16), -inf (-> -softcap), an ignored row, a
+    dead row, labels on the first and last columns."""
+    monkeypatch.setenv("R1K_FUSED_CLUSTER", ",".join(map(str, setting)))
+    big = 1e3 if dtype == torch.bfloat16 else 6e4
+    g = torch.Generator().manual_seed(setting[0])
+    N, V = 12, 4096
+    x = torch.randn(N, V, generator=g, dtype=torch.float64) * 20
+    x[0, ::7] = big
+    x[1, 1::3] = -big
+    x[2, 100:300] = float("-inf")
+    y = torch.randint(0, V, (N,), generator=g)
+    y[0], y[1], y[4] = 0, V - 1, -100
+    x = x.to(dtype)
+    glp, gent = torch.randn(N, generator=g), torch.randn(N, generator=g)
+    glp[5] = gent[5] = 0.0
+    kw = dict(softcap=30.0, logit_scale=0.8, temperature=0.7)
+    xd = x.cuda()
+    assert tlp.cluster_config(xd.view(1, N, V), xd.view(1, N, V)) == setting
+    lp, ent, gx = r1kernels.token_logprobs_fwd_bwd(
+        xd, y.cuda(), glp.cuda(), grad_entropy=gent.cuda(), with_entropy=True, inplace=inplace,
+        **kw)
+    xr = x.double().requires_grad_(True)
+    lr, er = token_logprobs_ref(xr, y, with_entropy=True, **kw)
+    ((lr * glp.double()).sum() + (er * gent.double()).sum()).backward()
+    torch.testing.assert_close(lp.cpu().double(), lr.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent.cpu().double(), er.detach(), rtol=1e-5, atol=1e-5)
+    rtol = {torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}[dtype]
+    torch.testing.assert_close(gx.cpu().double(), xr.grad, rtol=rtol, atol=1e-7)
+    assert (gx[4] == 0).all() and (gx[5] == 0).all()
+
+
+@SM90
+@pytest.mark.parametrize("level_from_logits", [False, True], ids=["hidden", "from_logits"])
+def test_cluster_grpo_softcap(monkeypatch, level_from_logits):
+    """GRPOLoss (bf16 hidden states: the single sweep's chunk hook) and GRPOLoss.from_logits
+    (bf16 logits) with a soft-capped head: the cluster kernel's result equals the Triton
+    kernels' (R1K_FUSED_CLUSTER=0)."""
+    g = torch.Generator().manual_seed(3)
+    B, T, H, V = 4, 33, 64, 4096
+    h = torch.randn(B, T, H, generator=g).to(torch.bfloat16).cuda()
+    w = (torch.randn(V, H, generator=g) * 0.5).to(torch.bfloat16).cuda()
+    y = torch.randint(0, V, (B, T), generator=g).cuda()
+    mask = (torch.rand(B, T, generator=g) < 0.8).cuda()
+    adv = torch.randn(B, generator=g).cuda()
+    old = (-torch.rand(B, T, generator=g) * 3).cuda()
+    fn = GRPOLoss(loss_type="dapo", epsilon_high=0.28, softcap=30.0, temperature=0.9)
+    res = []
+    for cluster in ("8,256", "0"):
+        monkeypatch.setenv("R1K_FUSED_CLUSTER", cluster)
+        if level_from_logits:
+            x = (h.float() @ w.float().T).to(torch.bfloat16).requires_grad_(True)
+            out = fn.from_logits(x, y, mask, adv, old_logps=old)
+            out.loss.backward()
+            grads = (x.grad.float(),)
+        else:
+            hh, ww = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+            out = fn(hh, ww, y, mask, adv, old_logps=old)
+            out.loss.backward()
+            grads = (hh.grad.float(), ww.grad.float())
+        res.append((out.loss.item(), out.metrics["entropy"].item(), grads))
+    (la, ea, ga), (lb, eb, gb) = res
+    assert la == pytest.approx(lb, rel=1e-5, abs=1e-6) and ea == pytest.approx(eb, rel=1e-5)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, rtol=2 ** -6, atol=1e-3 * b.abs().max().item())
