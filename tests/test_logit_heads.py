@@ -496,3 +496,40 @@ def test_cluster_grpo_softcap(monkeypatch, level_from_logits):
     assert la == pytest.approx(lb, rel=1e-5, abs=1e-6) and ea == pytest.approx(eb, rel=1e-5)
     for a, b in zip(ga, gb):
         torch.testing.assert_close(a, b, rtol=2 ** -6, atol=1e-3 * b.abs().max().item())
+
+
+@pytest.mark.skipif("triton" not in [p.values[0] for p in BACKENDS], reason="Triton cannot run here")
+def test_opcheck_triton_ops_softcap():
+    """The Triton launchers' custom ops (torch.compile's view of them) with a soft-cap."""
+    x = torch.randn(5, 33, device=DEVICE) * 10
+    y = torch.tensor([0, 32, -100, 7, 1], device=DEVICE)
+    out = tlp._fwd_triton_op(x, y, 15.0, -100, True, 0.05)
+    lse, ent = out[2].contiguous(), out[1].contiguous()
+    d = torch.randn(5, device=DEVICE)
+    torch.library.opcheck(tlp._fwd_triton_op, (x, y, 15.0, -100, True, 0.05))
+    torch.library.opcheck(tlp._bwd_triton_op, (x, y, lse, ent, d, d, 15.0, -100, 0.05))
+    b = torch.randn(33, device=DEVICE)
+    state, outs = torch.zeros(4, 5, device=DEVICE), torch.zeros(3, 5, device=DEVICE)
+    y2 = torch.tensor([40, 99, -100, 3, 50], device=DEVICE)
+    torch.library.opcheck(tlp._tile_stats_op,
+                          (x, y2, b, state, outs, 30, 100, 15.0, -100, False, False, True, 0.05))
+    torch.library.opcheck(tlp._tile_grad_op,
+                          (x, torch.empty_like(x), y2, b, lse, ent, d, d, 30, 15.0, -100, 0.05))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_fullgraph(backend):
+    """token_logprobs with a soft-capped head under torch.compile(fullgraph=True)."""
+    logits, labels = logits_for(4, 40, seed=6)
+    kw = dict(softcap=30.0, logit_scale=0.5, temperature=0.9)
+    with dispatch.use_backend(backend):
+        f = torch.compile(lambda x, y: r1kernels.token_logprobs(x, y, with_entropy=True, **kw),
+                          fullgraph=True)
+        x = logits.to(DEVICE).clone().requires_grad_(True)
+        lp, ent = f(x, labels.to(DEVICE))
+        (lp.sum() + ent.sum()).backward()
+    xr = logits.double().requires_grad_(True)
+    lr, er = token_logprobs_ref(xr, labels, with_entropy=True, **kw)
+    (lr.sum() + er.sum()).backward()
+    torch.testing.assert_close(lp.detach().cpu().double(), lr.detach(), rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(x.grad.cpu().double(), xr.grad, rtol=1e-5, atol=1e-5)

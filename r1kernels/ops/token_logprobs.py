@@ -670,8 +670,7 @@ def fused_triton(x3: torch.Tensor, labels: torch.Tensor, g3: torch.Tensor, inv_t
     for phase, w, blk in launches:
         _token_logprobs_fused_kernel[grid](
             *head, glp, gent, *tail, n, T, V, float(inv_temp), float(cap), int(ignore_index),
-            *floats,
-            **consts, BLOCK_V=max(16, min(blk, next_power_of_2(V))), LANES=bool(lanes),
+            *floats, **consts, BLOCK_V=max(16, min(blk, next_power_of_2(V))), LANES=bool(lanes),
             PHASE=phase, num_warps=w)
     return out
 
@@ -781,34 +780,34 @@ if HAS_TRITON:
 
     @torch.library.custom_op("r1kernels_triton::token_logprobs_fwd", mutates_args=())
     def _fwd_triton_op(logits: torch.Tensor, labels: torch.Tensor, inv_temp: float,
-                       ignore_index: int, with_entropy: bool, cap: float) -> torch.Tensor:
+                       ignore_index: int, with_entropy: bool, cap: float = 0.0) -> torch.Tensor:
         return fwd_rows("triton", logits, labels, inv_temp, ignore_index, with_entropy, cap)
 
     @_fwd_triton_op.register_fake
-    def _(logits, labels, inv_temp, ignore_index, with_entropy, cap):
+    def _(logits, labels, inv_temp, ignore_index, with_entropy, cap=0.0):
         return logits.new_empty(3, logits.shape[0], dtype=torch.float32)
 
     @torch.library.custom_op("r1kernels_triton::token_logprobs_bwd", mutates_args=())
     def _bwd_triton_op(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
                        ent: torch.Tensor | None, dlogp: torch.Tensor, dent: torch.Tensor | None,
-                       inv_temp: float, ignore_index: int, cap: float) -> torch.Tensor:
+                       inv_temp: float, ignore_index: int, cap: float = 0.0) -> torch.Tensor:
         return bwd_rows("triton", logits, labels, lse, ent, dlogp, dent, inv_temp, ignore_index,
                         False, cap=cap)
 
     @_bwd_triton_op.register_fake
-    def _(logits, labels, lse, ent, dlogp, dent, inv_temp, ignore_index, cap):
+    def _(logits, labels, lse, ent, dlogp, dent, inv_temp, ignore_index, cap=0.0):
         return torch.empty_like(logits)
 
     @torch.library.custom_op("r1kernels_triton::token_logprobs_bwd_", mutates_args=("logits",))
     def _bwd_inplace_triton_op(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
                                ent: torch.Tensor | None, dlogp: torch.Tensor,
                                dent: torch.Tensor | None, inv_temp: float,
-                               ignore_index: int, cap: float) -> None:
+                               ignore_index: int, cap: float = 0.0) -> None:
         grad_triton(logits, logits, labels, None, lse, ent, dlogp, dent, col0=0,
                     inv_temp=inv_temp, ignore_index=ignore_index, cap=cap)
 
     @_bwd_inplace_triton_op.register_fake
-    def _(logits, labels, lse, ent, dlogp, dent, inv_temp, ignore_index, cap):
+    def _(logits, labels, lse, ent, dlogp, dent, inv_temp, ignore_index, cap=0.0):
         return None
 
     # tile-level launchers used by the hidden-state op (linear_token_logprobs)
@@ -816,26 +815,26 @@ if HAS_TRITON:
     def _tile_stats_op(x: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None,
                        state: torch.Tensor, out: torch.Tensor, col0: int, vocab: int,
                        inv_temp: float, ignore_index: int, accum: bool, final: bool,
-                       entropy: bool, cap: float) -> None:
+                       entropy: bool, cap: float = 0.0) -> None:
         stats_triton(x, labels, bias, state, out, col0=col0, vocab=vocab, inv_temp=inv_temp,
                      ignore_index=ignore_index, accum=accum, final=final, entropy=entropy,
                      cap=cap)
 
     @_tile_stats_op.register_fake
     def _(x, labels, bias, state, out, col0, vocab, inv_temp, ignore_index, accum, final, entropy,
-          cap):
+          cap=0.0):
         return None
 
     @torch.library.custom_op("r1kernels_triton::logprob_tile_grad", mutates_args=("g",))
     def _tile_grad_op(x: torch.Tensor, g: torch.Tensor, labels: torch.Tensor,
                       bias: torch.Tensor | None, lse: torch.Tensor, ent: torch.Tensor | None,
                       dlogp: torch.Tensor, dent: torch.Tensor | None, col0: int, inv_temp: float,
-                      ignore_index: int, cap: float) -> None:
+                      ignore_index: int, cap: float = 0.0) -> None:
         grad_triton(x, g, labels, bias, lse, ent, dlogp, dent, col0=col0, inv_temp=inv_temp,
                     ignore_index=ignore_index, cap=cap)
 
     @_tile_grad_op.register_fake
-    def _(x, g, labels, bias, lse, ent, dlogp, dent, col0, inv_temp, ignore_index, cap):
+    def _(x, g, labels, bias, lse, ent, dlogp, dent, col0, inv_temp, ignore_index, cap=0.0):
         return None
 
 
