@@ -233,6 +233,31 @@ def test_linear_token_logprobs(backend, head, tiles, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", LIN_BACKENDS)
+def test_linear_token_logprobs_bf16(backend):
+    """bf16 hidden and weight: values against the float64 head on the same bf16 inputs (fp32
+    GEMM accumulation and statistics: fp32 accuracy), gradients after their one rounding to bf16
+    (2**-8 relative, doubled for the fp32 sums over V or N terms before it, as the plain head's
+    tests)."""
+    h, w, b, y = linear_inputs(9, 16, 257, seed=3)
+    h, w = h.to(torch.bfloat16), w.to(torch.bfloat16)
+    kw = dict(softcap=30.0, logit_scale=1.0, temperature=0.8)
+    ours = [t.to(DEVICE).clone().requires_grad_(True) for t in (h, w)]
+    refs = [t.double().requires_grad_(True) for t in (h, w)]
+    with dispatch.use_backend(backend):
+        lp, en = r1kernels.linear_token_logprobs(*ours, y.to(DEVICE), with_entropy=True, **kw)
+    lr, er = linear_token_logprobs_ref(*refs, y, with_entropy=True, **kw)
+    torch.testing.assert_close(lp.detach().cpu().double(), lr.detach(), rtol=1e-5, atol=5e-5)
+    torch.testing.assert_close(en.detach().cpu().double(), er.detach(), rtol=1e-5, atol=5e-5)
+    (lp.sum() + en.sum()).backward()
+    (lr.sum() + er.sum()).backward()
+    for a, r in zip(ours, refs):
+        assert a.grad.dtype == torch.bfloat16
+        scale = r.grad.abs().max().item()
+        torch.testing.assert_close(a.grad.cpu().double(), r.grad, rtol=2 ** -7,
+                                   atol=2 ** -7 * scale)
+
+
+@pytest.mark.parametrize("backend", LIN_BACKENDS)
 @pytest.mark.parametrize("sweep", ["one", "two"])
 def test_linear_token_logprobs_fwd_bwd(backend, sweep, monkeypatch):
     """The single sweep (G written over the chunk's logits) and, forced, the two-sweep order."""
