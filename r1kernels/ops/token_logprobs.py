@@ -1114,7 +1114,10 @@ def head_constants(op: str, temperature: float, softcap, logit_scale) -> tuple[f
         inv_temp, cap = scale / temperature, 0.0
     else:
         inv_temp, cap = float(softcap) / temperature, scale / float(softcap)
-    for name, v in (("logit_scale", inv_temp), ("softcap", cap)):
+    # (the argument that sets each constant besides temperature: logit_scale / T without a
+    # soft-cap; softcap / T and logit_scale / softcap with one)
+    names = ("logit_scale", "") if softcap is None else ("softcap", "logit_scale")
+    for name, v in zip(names, (inv_temp, cap)):
         if v and not FP32_TINY <= abs(v) <= FP32_MAX:
             raise ValueError(f"{op}: {name} out of range: logit_scale={logit_scale!r}, "
                              f"softcap={softcap!r}, temperature={temperature!r} give a kernel "
