@@ -44,8 +44,12 @@ def _model_path(family, tmp):
     elif family == "gemma3":  # soft-capped logits
         model = tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(head_dim=16, final_logit_softcapping=2.0,
                                                          **common))
-    else:  # granite: logits divided by logits_scaling
+    elif family == "granite":  # logits divided by logits_scaling
         model = tf.GraniteForCausalLM(tf.GraniteConfig(logits_scaling=0.5, **common))
+    else:  # MoE: the router's balance loss joins the loss
+        model = tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(
+            head_dim=16, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
+            output_router_logits=True, router_aux_loss_coef=0.05, **common))
     with torch.no_grad():  # logits of a few units: clipping, softcap and entropy all matter
         model.get_output_embeddings().weight.normal_(0, 1.0)
     path = os.path.join(tmp, family)
@@ -190,9 +194,10 @@ def test_compute_loss_matches_trl(loss_type, extra, tmp_path):
         assert m["clip_ratio/region_mean"] > 0  # the batch is clipped: the metrics mean something
 
 
-@pytest.mark.parametrize("family", ["gemma3", "granite"])
-def test_compute_loss_matches_trl_transformed_heads(family, tmp_path):
-    """Soft-capped (Gemma-3) and scaled (Granite divides by logits_scaling) logits."""
+@pytest.mark.parametrize("family", ["gemma3", "granite", "qwen3_moe"])
+def test_compute_loss_matches_trl_other_models(family, tmp_path):
+    """Soft-capped (Gemma-3) and scaled (Granite divides by logits_scaling) logits; an MoE
+    model's aux loss (and its aux_loss metric)."""
     path = _model_path(family, str(tmp_path))
     trainer = _trainer(R1KGRPOTrainer, path, str(tmp_path), loss_type="grpo", beta=0.04)
     trainer.model.train()
@@ -203,6 +208,7 @@ def test_compute_loss_matches_trl_transformed_heads(family, tmp_path):
     apply_r1kernels(trainer.model, temperature=trainer.temperature)
     got = _loss_call(trainer, R1KGRPOTrainer._compute_loss, inputs)
     _compare(want, got, rtol=1e-5)
+    assert ("aux_loss" in got[2]) == (family == "qwen3_moe")
 
 
 # ---- whole training runs --------------------------------------------------------------------
@@ -225,7 +231,7 @@ def test_training_matches_trl(loss_type, extra, tmp_path):
     from the same seed: every logged value and the final weights."""
     path = _model_path("qwen2", str(tmp_path))
     cfg = dict(loss_type=loss_type, max_steps=2, gradient_accumulation_steps=2,
-               num_iterations=2, learning_rate=0.05, **extra)
+               num_iterations=2, optim="sgd", learning_rate=1.0, **extra)
     logs0, w0 = _train(GRPOTrainer, path, str(tmp_path), **cfg)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
