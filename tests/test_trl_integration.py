@@ -64,9 +64,10 @@ def _reward(completions, **kw):
 def _trainer(cls, path, tmp, **cfg):
     ds = Dataset.from_dict({"prompt": ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9", "w3 w3"] * 4})
     cfg.setdefault("max_steps", 1)
+    cfg.setdefault("bf16", False)  # (GRPOConfig's default: bf16 autocast, on CPU too)
     args = GRPOConfig(output_dir=os.path.join(tmp, "out"), per_device_train_batch_size=4,
                       num_generations=4, max_completion_length=8, report_to=[], logging_steps=1,
-                      use_cpu=True, save_strategy="no", seed=7, bf16=False, **cfg)
+                      use_cpu=True, save_strategy="no", seed=7, **cfg)
     return cls(model=path, reward_funcs=_reward, args=args, train_dataset=ds,
                processing_class=_tokenizer())
 
@@ -246,3 +247,19 @@ def test_training_matches_trl(loss_type, extra, tmp_path):
                 assert e1[k] == v or (isinstance(v, float) and math.isnan(e1[k])), k
     for n in w0:
         torch.testing.assert_close(w1[n], w0[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_compute_loss_matches_trl_bf16_autocast(tmp_path):
+    """Under bf16 autocast both heads take bf16 GEMM inputs; r1kernels accumulates and normalizes
+    in fp32, so agreement is at bf16 rounding level (2^-8 relative)."""
+    path = _model_path("qwen2", str(tmp_path))
+    trainer = _trainer(R1KGRPOTrainer, path, str(tmp_path), loss_type="grpo", beta=0.04,
+                       bf16=True)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    inputs = _inputs()
+    remove_r1kernels(trainer.model)
+    want = _loss_call(trainer, GRPOTrainer._compute_loss, inputs)
+    apply_r1kernels(trainer.model, temperature=trainer.temperature)
+    got = _loss_call(trainer, R1KGRPOTrainer._compute_loss, inputs)
+    _compare(want, got, rtol=2e-2)
