@@ -2,6 +2,7 @@
 (its own logits, its own loss), fp32, values and every parameter gradient."""
 import copy
 import inspect
+import types
 
 import pytest
 import torch
@@ -220,6 +221,11 @@ def test_head_transform_reads_configs_like_transformers():
     assert head_transform(Gemma3TextConfig(final_logit_softcapping=30.0)) == {"softcap": 30.0}
     assert head_transform(CohereConfig(logit_scale=0.0625)) == {"logit_scale": 0.0625}
     assert head_transform(GraniteConfig(logits_scaling=8.0)) == {"logit_scale": 0.125}
+    # MPT's modeling code ignores its config's logit_scale (which may be a string)
+    from transformers import MptConfig
+    assert head_transform(MptConfig(logit_scale="inv_sqrt_d_model")) == {}
+    with pytest.raises(ValueError, match="logits_scaling"):
+        head_transform(types.SimpleNamespace(model_type="custom", logits_scaling="8"))
 
 
 def test_granite_and_cohere_scaled_heads_match():

@@ -41,10 +41,11 @@ Calls, after `apply_r1kernels(model)`:
   - `lm_head_fn=f` (with `labels`): `head_output = f(hidden, weight, bias, labels)` with the
     head's inputs after the shift (hidden [B, L - 1, H] in the dtype the head runs in), for a
     custom fused loss such as `r1kernels.GRPOLoss`; nothing else is computed from the head.
-Heads that transform their logits (read from the config as TRL 1.16 reads them): Gemma's
-`final_logit_softcapping` (softcap), Cohere's `logit_scale`, Granite's `logits_scaling` (the
-logits are divided by it), Falcon-H1's `lm_head_multiplier`, `output_multiplier`: passed to the
-ops as `softcap=` and `logit_scale=`.
+Heads that transform their logits (`head_transform`: read from the config as TRL 1.16 and
+transformers' modeling code read them): Gemma's `final_logit_softcapping` (softcap), Cohere's
+`logit_scale`, Granite's `logits_scaling` (the logits are divided by it), Falcon-H1's
+`lm_head_multiplier`, Muse's `output_multiplier`: passed to the ops as `softcap=` and
+`logit_scale=`.
 Dtypes: under autocast the head runs in the autocast dtype (as `lm_head(hidden)` would), products
 accumulated in fp32 and never rounded to bf16 logits; without autocast hidden is cast to the
 weight's dtype; `cast_lm_head_to_fp32=True` runs it in fp32.
@@ -89,18 +90,31 @@ class R1KCausalLMOutput(ModelOutput):
 
 def head_transform(config) -> dict:
     """The `softcap` / `logit_scale` keywords of the ops for a model config (only those that
-    differ from the identity), read as TRL 1.16's fused head reads them."""
+    differ from the identity). Read as TRL 1.16's fused head reads them, which is what
+    transformers 5.25's modeling code does with them (Gemma-2/3/3n/4, VaultGemma, nanochat:
+    final_logit_softcapping; Cohere 1/2: times logit_scale; Granite*, MiniCPM3: divided by
+    logits_scaling, HyperCLOVA X: times it; Falcon-H1: times lm_head_multiplier; Muse:
+    times output_multiplier, then the softcap), except MPT, whose config's logit_scale its
+    modeling code does not apply."""
     tc = config.get_text_config() if hasattr(config, "get_text_config") else config
+    model_type = getattr(tc, "model_type", None)
+
+    def number(attr):
+        v = getattr(tc, attr, None)
+        if v is not None and not isinstance(v, (int, float)):
+            raise ValueError(f"apply_r1kernels: config.{attr} = {v!r} is not a number")
+        return v
+
     kw = {}
-    softcap = getattr(tc, "final_logit_softcapping", None)
+    softcap = number("final_logit_softcapping")
     if softcap is not None:
         kw["softcap"] = float(softcap)
-    scale = getattr(tc, "logit_scale", None)  # Cohere (None on MPT: unscaled)
-    for attr in ("output_multiplier", "lm_head_multiplier"):  # Falcon-H1
-        scale = getattr(tc, attr, None) if scale is None else scale
-    if scale is None and getattr(tc, "logits_scaling", None) is not None:  # Granite divides
+    scale = None if model_type == "mpt" else number("logit_scale")
+    for attr in ("output_multiplier", "lm_head_multiplier"):
+        scale = number(attr) if scale is None else scale
+    if scale is None and number("logits_scaling") is not None:
         s = tc.logits_scaling
-        scale = s if getattr(tc, "model_type", None) == "hyperclovax" else 1.0 / s
+        scale = s if model_type == "hyperclovax" else 1.0 / s
     if scale is not None and float(scale) != 1.0:
         kw["logit_scale"] = float(scale)
     return kw
