@@ -194,7 +194,9 @@ def _finish(fin, parts, nitems, cfg, B, device, ent_acc, n_tot):
         torch.zeros(G.NUM_PARTIALS, B, device=device)
     out, _ = fin(part, nitems, cfg)
     ent = torch.stack(ent_acc).sum() / n_tot.clamp(min=1.0) if ent_acc else None
-    return out, ent
+    rows = part if part.dim() == 2 else part.sum(1)  # ([6, C, B]: per row chunk)
+    per_seq = rows[3:6] / rows[1].clamp(min=1.0)  # clipped fraction of each sequence's tokens
+    return out, ent, per_seq
 
 
 def _is_one(g: torch.Tensor) -> bool:
@@ -291,15 +293,16 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
             gh = torch.zeros_like(hidden) if need[0] else None
             gw = torch.zeros_like(weight) if need[1] else None
             gb = torch.zeros_like(bias) if need[2] else None
-        out, ent = _finish(fin, parts, nitems, cfg, B, hidden.device, ent_acc, n_rows.sum())
+        out, ent, per_seq = _finish(fin, parts, nitems, cfg, B, hidden.device, ent_acc,
+                                    n_rows.sum())
         ctx.grads = (None if gh is None else gh.view(hidden.shape), gw, gb)
         ent = torch.zeros((), device=hidden.device) if ent is None else ent
-        ctx.mark_non_differentiable(out, ent)
+        ctx.mark_non_differentiable(out, ent, per_seq)
         ctx.set_materialize_grads(False)  # no zero tensors for the metrics' gradients
-        return out[0].clone(), out, ent
+        return out[0].clone(), out, ent, per_seq
 
     @staticmethod
-    def backward(ctx, gloss, _gout, _gent):
+    def backward(ctx, gloss, _gout, _gent, _gseq):
         if ctx.grads is None:
             raise RuntimeError("GRPOLoss: backward through the same graph twice is not supported "
                                "(the gradients were computed in the forward pass and are scaled "
@@ -380,21 +383,22 @@ class _FusedLogitsGRPOLoss(torch.autograd.Function):
                     gl = logits if in_place else torch.stack(grads)
         else:
             gl = torch.zeros_like(logits)
-        out, ent = _finish(fin, parts, nitems, cfg, B, logits.device, ent_acc, n_rows.sum())
+        out, ent, per_seq = _finish(fin, parts, nitems, cfg, B, logits.device, ent_acc,
+                                    n_rows.sum())
         ctx.grads = gl if ctx.needs_input_grad[0] else None
         ctx.used = False
         ent = torch.zeros((), device=logits.device) if ent is None else ent
-        ctx.mark_non_differentiable(out, ent)
+        ctx.mark_non_differentiable(out, ent, per_seq)
         ctx.set_materialize_grads(False)  # no zero tensors for the metrics' gradients
         loss = out[0].clone()
         if label_check is not None:
             # the labels' one host sync, once the whole loss is enqueued (on CUDA it waits for
             # the check's kernels only, not for the logits kernel behind them)
             label_check()
-        return loss, out, ent
+        return loss, out, ent, per_seq
 
     @staticmethod
-    def backward(ctx, gloss, _gout, _gent):
+    def backward(ctx, gloss, _gout, _gent, _gseq):
         if ctx.used:
             raise RuntimeError("GRPOLoss.from_logits: backward through the same graph twice is not "
                                "supported; run the forward again")
@@ -419,6 +423,12 @@ class GRPOLoss(torch.nn.Module):
     (shared/API.md): the model's head transform of the logits (Gemma's
     final_logit_softcapping, Cohere's logit_scale, Granite's 1 / logits_scaling), applied by
     forward and from_logits alike.
+    `per_sequence_metrics` (default False): `metrics` also holds `clip_ratio_low_per_sequence`,
+    `clip_ratio_high_per_sequence` and `clip_ratio_per_sequence`, tensors [B]: the fraction of
+    each sequence's masked tokens counted by the scalar of the same name (at
+    importance_sampling_level="sequence" 0 or 1, the sequence's flag; 0 for a sequence without
+    masked tokens), e.g. for TRL's clip_ratio/low_min and /high_max. They come from the same
+    per-sequence sums as the scalars (no extra pass).
     """
 
     def __init__(self, loss_type: str = "dapo", epsilon_low: float = 0.2,
@@ -427,7 +437,8 @@ class GRPOLoss(torch.nn.Module):
                  use_bias_correction_kl: bool = False, max_completion_length: int | None = None,
                  sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05, *,
                  with_entropy: bool = True, ignore_index: int = -100, sweep: str = "auto",
-                 softcap: float | None = None, logit_scale: float = 1.0):
+                 softcap: float | None = None, logit_scale: float = 1.0,
+                 per_sequence_metrics: bool = False):
         super().__init__()
         self.options = dict(loss_type=loss_type, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
                             delta=delta, beta=beta, importance_sampling_level=importance_sampling_level,
@@ -446,6 +457,7 @@ class GRPOLoss(torch.nn.Module):
         if sweep not in ("auto", "one", "two"):
             raise ValueError(f"GRPOLoss: sweep expected 'auto', 'one' or 'two', got {sweep!r}")
         self.sweep = sweep
+        self.per_sequence_metrics = bool(per_sequence_metrics)
 
     def extra_repr(self) -> str:
         head = "" if self.softcap is None else f", softcap={self.softcap}"
@@ -472,10 +484,13 @@ class GRPOLoss(torch.nn.Module):
         ref = ref_logps if cfg.beta != 0.0 else None
         return B, T, adv, mask, nitems, cfg, backend, ref
 
-    def _output(self, loss, out, ent):
+    def _output(self, loss, out, ent, per_seq):
         metrics = G.metrics_dict(out)
         if self.with_entropy:
             metrics["entropy"] = ent
+        if self.per_sequence_metrics:
+            for i, name in enumerate(G.METRIC_NAMES[1:]):
+                metrics[name + "_per_sequence"] = per_seq[i]
         return GRPOLossOutput(loss, metrics)
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -499,10 +514,10 @@ class GRPOLoss(torch.nn.Module):
                              f"{tuple(getattr(bias, 'shape', ()))}")
         opts = (B, T, self.temperature, self.ignore_index, self.with_entropy, backend, self.sweep,
                 self.softcap, self.logit_scale)
-        loss, out, ent = _FusedLinearGRPOLoss.apply(hidden, weight, bias, labels, adv, mask,
-                                                    old_logps, ref, rollout_is_weights, nitems,
-                                                    cfg, opts)
-        return self._output(loss, out, ent)
+        loss, out, ent, per_seq = _FusedLinearGRPOLoss.apply(
+            hidden, weight, bias, labels, adv, mask, old_logps, ref, rollout_is_weights, nitems,
+            cfg, opts)
+        return self._output(loss, out, ent, per_seq)
 
     def from_logits(self, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
                     advantages: torch.Tensor, *, old_logps: torch.Tensor | None = None,
@@ -517,6 +532,6 @@ class GRPOLoss(torch.nn.Module):
         labels = labels.to(torch.int64)  # (see TLP.flat_labels)
         opts = (B, T, self.temperature, self.ignore_index, self.with_entropy, backend,
                 bool(inplace), self.softcap, self.logit_scale)
-        loss, out, ent = _FusedLogitsGRPOLoss.apply(logits, labels, adv, mask, old_logps, ref,
-                                                    rollout_is_weights, nitems, cfg, opts)
-        return self._output(loss, out, ent)
+        loss, out, ent, per_seq = _FusedLogitsGRPOLoss.apply(
+            logits, labels, adv, mask, old_logps, ref, rollout_is_weights, nitems, cfg, opts)
+        return self._output(loss, out, ent, per_seq)
