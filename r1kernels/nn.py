@@ -32,8 +32,6 @@ afterwards (autograd refuses, via the version counter, if some other node saved 
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from r1kernels import dispatch
@@ -127,12 +125,16 @@ class _TokenRows:
         self.flat = tuple(flat(t) for t in (adv, G._mask_view(mask), old, ref, rw))
         self._flat_rows = flat
         self.scale = scale.float().contiguous()  # per sequence [B]
+        self._scale_tok = None
 
-    @functools.cached_property
+    @property
     def scale_tok(self) -> torch.Tensor:
         """The token rows' loss scales (only the chunked paths need them; the logits kernel
-        takes the per-sequence scale)."""
-        return self._flat_rows(self.scale.repeat_interleave(self.T))
+        takes the per-sequence scale). Cached by hand: functools.cached_property takes a lock,
+        which torch.compile cannot trace."""
+        if self._scale_tok is None:
+            self._scale_tok = self._flat_rows(self.scale.repeat_interleave(self.T))
+        return self._scale_tok
 
     def grad_fn(self, start, end, logp, ent):
         """dL/dlogp of token rows [start, end) (the grad_fn of the log-prob ops)."""
@@ -230,6 +232,8 @@ def _scale_by_(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
                   and t.numel() > 0 and t.stride(-1) == 1 and s.numel() == 1
                   and s.device == t.device and not torch.compiler.is_compiling())
     if not use_kernel:
+        if torch.compiler.is_compiling():  # no host check inside a graph
+            return t.mul_(s.to(t.dtype))
         return t if _is_one(s) else t.mul_(s.to(t.dtype))
     t3 = t.view((1,) * (3 - t.dim()) + tuple(t.shape))
     B, T, C = t3.shape
@@ -349,7 +353,8 @@ class _FusedLogitsGRPOLoss(torch.autograd.Function):
         scale = G.row_scale(n_rows, nitems, cfg)
         parts, ent_acc = [], []
         label_check = None  # the labels' value check, finished at the end
-        if B * T > 0 and backend == "triton" and not cfg.seq:
+        if B * T > 0 and backend == "triton" and not cfg.seq and not torch.compiler.is_compiling():
+            # (the fused logits kernel is eager only; torch.compile traces the chunked path)
             gl, label_check = _from_logits_fused_triton(
                 logits, labels, adv, mask, old, ref, rw, cfg, scale, fwd, parts, ent_acc,
                 temperature, ignore_index, with_entropy, inplace, softcap, logit_scale)
@@ -525,13 +530,15 @@ class GRPOLoss(torch.nn.Module):
                     rollout_is_weights: torch.Tensor | None = None, num_items_in_batch=None,
                     inplace: bool = False) -> GRPOLossOutput:
         """The same loss from logits [B, T, V]. `inplace=True`: the logits gradient is written
-        into `logits` (the caller must not use the logits afterwards)."""
+        into `logits` (the caller must not use the logits afterwards); under torch.compile the
+        gradient gets a buffer of its own (a traced function cannot compare data pointers)."""
         B, T, adv, mask, nitems, cfg, backend, ref = self._prepare(
             "GRPOLoss.from_logits", logits, labels, mask, advantages, old_logps, ref_logps,
             rollout_is_weights, num_items_in_batch)
         labels = labels.to(torch.int64)  # (see TLP.flat_labels)
+        inplace = bool(inplace) and not torch.compiler.is_compiling()
         opts = (B, T, self.temperature, self.ignore_index, self.with_entropy, backend,
-                bool(inplace), self.softcap, self.logit_scale)
+                inplace, self.softcap, self.logit_scale)
         loss, out, ent, per_seq = _FusedLogitsGRPOLoss.apply(
             logits, labels, adv, mask, old_logps, ref, rollout_is_weights, nitems, cfg, opts)
         return self._output(loss, out, ent, per_seq)
