@@ -18,11 +18,14 @@ TORCH_LIBRARY(r1kernels, m) {
   // col0 .. col0 + c), csrc/token_logprobs/; the CPU twins of the Triton kernels of
   // r1kernels/ops/token_logprobs.py. state [4, n] = (max, sum-exp, label logit, entropy sum),
   // read when accum, written unless final; out [3, n] = (logp, entropy, lse) written when final.
+  // The head: z = inv_temp * x, or with cap != 0 (a soft-cap) inv_temp * tanh(cap * x)
+  // (r1kernels/ops/token_logprobs.py head_constants).
   m.def("logprob_tile_stats(Tensor x, Tensor labels, Tensor? bias, Tensor(a!) state, Tensor(b!) out, "
-        "int col0, int vocab, float inv_temp, int ignore_index, bool accum, bool final, bool entropy) -> ()");
+        "int col0, int vocab, float inv_temp, int ignore_index, bool accum, bool final, bool entropy, "
+        "float cap=0.) -> ()");
   // g = dL/dx for upstream gradients dlogp (and dent, with the entropy ent); g may be x itself.
   m.def("logprob_tile_grad(Tensor x, Tensor(a!) g, Tensor labels, Tensor? bias, Tensor lse, Tensor? ent, "
-        "Tensor dlogp, Tensor? dent, int col0, float inv_temp, int ignore_index) -> ()");
+        "Tensor dlogp, Tensor? dent, int col0, float inv_temp, int ignore_index, float cap=0.) -> ()");
 
   // Fused statistics + dL/dlogits over logits x [B, T, V] (bf16/fp16, or fp32 with a bf16/fp16
   // gradient; sm_90 thread-block clusters; CUDA only: csrc/token_logprobs/fused_logits_cluster.cu).
@@ -32,12 +35,13 @@ TORCH_LIBRARY(r1kernels, m) {
   // caller (rows outside the mask, and the entropy row without `entropy`, are not written).
   // variant: 0 rows in registers (a cluster per row), 1 persistent clusters staging rows in shared
   // memory, 2 persistent clusters with rows in registers and the next row prefetched into L2.
+  // cap > 0: a soft-capped head (z = inv_temp * tanh(cap * x); inv_temp > 0, cap >= 0).
   // Eager only (r1kernels/ops/token_logprobs.py does not take it under torch.compile).
   m.def("fused_logits_cluster(Tensor x, Tensor(a!) g, Tensor labels, Tensor(b!) out, Tensor? glp, "
         "Tensor? gent, Tensor? adv, Tensor? mask, Tensor? old, Tensor? ref, Tensor? rw, Tensor? scale, "
         "float inv_temp, int ignore_index, bool entropy, int loss, float eps_lo, float eps_hi, "
         "float? delta, float beta, bool bias_kl, float tau_pos, float tau_neg, int cluster, "
-        "int threads, int variant) -> ()");
+        "int threads, int variant, float cap=0.) -> ()");
 
   // GRPO loss on per-token log-probs [B, T] (csrc/grpo_loss/; the CPU twin of the Triton kernels
   // of r1kernels/ops/grpo_loss.py): (grad [B, T] fp32 unscaled dl/dlogp * mask, or [0] without

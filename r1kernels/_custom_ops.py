@@ -52,20 +52,20 @@ def _group_advantages_fake(rewards, group_size, scale, eps):
 
 @register_fake("logprob_tile_stats")
 def _logprob_tile_stats_fake(x, labels, bias, state, out, col0, vocab, inv_temp, ignore_index,
-                             accum, final, entropy):
+                             accum, final, entropy, cap=0.0):
     return None
 
 
 @register_fake("logprob_tile_grad")
 def _logprob_tile_grad_fake(x, g, labels, bias, lse, ent, dlogp, dent, col0, inv_temp,
-                            ignore_index):
+                            ignore_index, cap=0.0):
     return None
 
 
 @register_fake("fused_logits_cluster")
 def _fused_logits_cluster_fake(x, g, labels, out, glp, gent, adv, mask, old, ref, rw, scale,
                                inv_temp, ignore_index, entropy, loss, eps_lo, eps_hi, delta, beta,
-                               bias_kl, tau_pos, tau_neg, cluster, threads, variant):
+                               bias_kl, tau_pos, tau_neg, cluster, threads, variant, cap=0.0):
     return None
 
 

@@ -29,10 +29,14 @@ payload per rank). Gradients (p_i = m_r q_i, q the local softmax, g = dL/dlogp, 
     dL/dz_i = g (1[i = label] - m_r q_i) - e m_r q_i (log q_i + log m_r + H)
 which is the local op's own backward with upstream a on logp_r and b on H_r,
     b = e m_r,   a = g m_r + e m_r (log m_r + H - H_r),
-plus c = (owned ? g : 0) - a at the local label's logit (a rank-1 fix-up through dz/dx there:
-1 / temperature). So every rank keeps its slice's grad_weight / grad_logits, and grad_hidden, a
-partial sum on each rank, is all-reduced once per call: H elements per token in hidden's dtype
-(2 H bytes of payload per token in bf16). The fused single sweep makes the conversion inside
+plus c = (owned ? g : 0) - a at the local label's logit (a rank-1 fix-up through dz/dx there).
+All of this is in the head's logits z = softcap * tanh(logit_scale * x / softcap) / T
+(logit_scale * x / T without a soft-cap; x the raw logit), which the local ops see: z at the
+local label is computed here from x the same way, and the fix-up reaches x through
+dz/dx = logit_scale * (1 - tanh^2) / T (logit_scale / T without a soft-cap). So every rank keeps
+its slice's grad_weight / grad_logits, and grad_hidden, a partial sum on each rank, is
+all-reduced once per call: H elements per token in hidden's dtype (2 H bytes of payload per
+token in bf16). The fused single sweep makes the conversion inside
 its per-chunk grad_fn (the chunk's two all-reduces), so its gradients still come out of the
 forward. Labels are global ids: one outside [0, sum_r V_r) is an IndexError on every rank
 (every rank sees the same labels). The slice sizes are exchanged once per call (an all-gather of
@@ -198,16 +202,41 @@ class _SumGradOverRanks(torch.autograd.Function):
         return g, None
 
 
-def _label_logits(h, w, b, safe, inv_temp: float, rows: int = 4096):
-    """z at the local label per row, fp32 [N]: (h . w[label] + b[label]) / T, differentiable
-    (N * H multiply-adds, in row chunks of `rows` to bound the [rows, H] temporaries)."""
+def _head(op: str, temperature, softcap, logit_scale) -> tuple[float, float]:
+    """The local ops' head constants (inv_temp, cap), arguments checked (tlp.head_constants)."""
+    from r1kernels.ops import token_logprobs as tlp
+
+    return tlp.head_constants(op, tlp.check_temperature(op, temperature), softcap, logit_scale)
+
+
+def _head_logits(x, inv_temp: float, cap: float):
+    """The head's logits z of raw fp32 logits x, as the local ops compute them: inv_temp *
+    tanh(cap * x) with a soft-cap (cap != 0), else inv_temp * x; differentiable."""
+    return (torch.tanh(x * cap) if cap else x) * inv_temp
+
+
+def _head_slope(x, inv_temp: float, cap: float):
+    """dz/dx of _head_logits at raw fp32 logits x [N]: inv_temp * cap * sech^2(cap x)
+    (= logit_scale (1 - tanh^2) / T), or inv_temp (= logit_scale / T) without a soft-cap.
+    sech^2 y as 4e / (1 + e)^2 with e = exp(-2|y|), as the kernels (no cancellation where tanh
+    saturates)."""
+    if not cap:
+        return torch.full_like(x, inv_temp)
+    e = torch.exp(-2.0 * (x * cap).abs())
+    return 4.0 * e / ((1.0 + e) * (1.0 + e)) * (inv_temp * cap)
+
+
+def _label_logits(h, w, b, safe, rows: int = 4096):
+    """The raw logit at the local label per row, fp32 [N]: h . w[label] + b[label],
+    differentiable (N * H multiply-adds, in row chunks of `rows` to bound the [rows, H]
+    temporaries)."""
     out = []
     for r0 in range(0, h.shape[0], rows):
         s = safe[r0:r0 + rows]
-        z = (h[r0:r0 + rows].float() * w.index_select(0, s).float()).sum(-1)
+        x = (h[r0:r0 + rows].float() * w.index_select(0, s).float()).sum(-1)
         if b is not None:
-            z = z + b.index_select(0, s).float()
-        out.append(z * inv_temp)
+            x = x + b.index_select(0, s).float()
+        out.append(x)
     return torch.cat(out) if out else h.new_zeros(0, dtype=torch.float32)
 
 
@@ -224,7 +253,7 @@ def _check_labels(op, labels, batch_shape, ignore_index, device, vs: VocabSlice)
 
 
 def token_logprobs(logits, labels, *, temperature, ignore_index, with_entropy, inplace_backward,
-                   group):
+                   softcap, logit_scale, group):
     """token_logprobs of a vocabulary split over `group` (logits [..., V_r])."""
     from r1kernels.ops import token_logprobs as tlp
 
@@ -233,15 +262,16 @@ def token_logprobs(logits, labels, *, temperature, ignore_index, with_entropy, i
     tlp.check_float(op, "logits", logits)
     vs = VocabSlice(group, logits.shape[-1], logits.device)
     y = _check_labels(op, labels, logits.shape[:-1], ignore_index, logits.device, vs)
-    inv_temp = 1.0 / tlp.check_temperature(op, temperature)
+    inv_temp, cap = _head(op, temperature, softcap, logit_scale)
     local, safe, owned, valid = vs.localize(y, ignore_index)
     out = tlp.token_logprobs(logits, local.view(labels.shape), temperature=temperature,
                              ignore_index=LOCAL_IGNORE, with_entropy=with_entropy,
-                             inplace_backward=inplace_backward)
+                             inplace_backward=inplace_backward, softcap=softcap,
+                             logit_scale=logit_scale)
     logp_r, ent_r = (out[0].reshape(-1), out[1].reshape(-1)) if with_entropy else \
         (out.reshape(-1), None)
     x = logits.reshape(-1, logits.shape[-1])
-    z = x.gather(1, safe.unsqueeze(1)).squeeze(1).float() * inv_temp
+    z = _head_logits(x.gather(1, safe.unsqueeze(1)).squeeze(1).float(), inv_temp, cap)
     res = _Combine.apply(z - logp_r, logp_r, ent_r, owned, valid, group)
     if with_entropy:
         return res[0].view(labels.shape), res[1].view(labels.shape)
@@ -249,7 +279,7 @@ def token_logprobs(logits, labels, *, temperature, ignore_index, with_entropy, i
 
 
 def token_logprobs_fwd_bwd(logits, labels, grad_logp, *, grad_entropy, temperature, ignore_index,
-                           with_entropy, inplace, group):
+                           with_entropy, inplace, softcap, logit_scale, group):
     """token_logprobs_fwd_bwd of a vocabulary split over `group`: (logp, entropy, grad_logits
     of this rank's columns)."""
     from r1kernels.ops import token_logprobs as tlp
@@ -261,30 +291,33 @@ def token_logprobs_fwd_bwd(logits, labels, grad_logp, *, grad_entropy, temperatu
     y = _check_labels(op, labels, logits.shape[:-1], ignore_index, logits.device, vs)
     glp, gent = tlp.check_upstream_grads(op, labels, grad_logp, grad_entropy, with_entropy,
                                          logits.device)
-    inv_temp = 1.0 / tlp.check_temperature(op, temperature)
+    inv_temp, cap = _head(op, temperature, softcap, logit_scale)
+    head = dict(softcap=softcap, logit_scale=logit_scale)
     local, safe, owned, valid = vs.localize(y, ignore_index)
     x = logits.reshape(-1, logits.shape[-1])
     with torch.no_grad():
-        z = x.gather(1, safe.unsqueeze(1)).squeeze(1).float() * inv_temp
+        raw = x.gather(1, safe.unsqueeze(1)).squeeze(1).float()
+        z = _head_logits(raw, inv_temp, cap)
         # the local statistics, then the local op's backward with the converted upstream
         out = tlp.token_logprobs(x.detach(), local, temperature=temperature,
-                                 ignore_index=LOCAL_IGNORE, with_entropy=with_entropy)
+                                 ignore_index=LOCAL_IGNORE, with_entropy=with_entropy, **head)
         logp_r, ent_r = out if with_entropy else (out, None)
         logp, ent, m_r, lse = combine(z - logp_r, logp_r, ent_r, owned, valid, group)
         a, b, c = local_upstream(glp, gent, m_r, torch.where(valid, z - logp_r - lse, 0.0), ent,
                                  ent_r, owned, valid)
         _, _, g = tlp.token_logprobs_fwd_bwd(x, local, a, grad_entropy=b, temperature=temperature,
                                              ignore_index=LOCAL_IGNORE, with_entropy=b is not None,
-                                             inplace=inplace)
+                                             inplace=inplace, **head)
         g = g.view(x.shape)
-        g.scatter_add_(1, safe.unsqueeze(1), (c * inv_temp).to(g.dtype).unsqueeze(1))
+        fix = c * _head_slope(raw, inv_temp, cap)
+        g.scatter_add_(1, safe.unsqueeze(1), fix.to(g.dtype).unsqueeze(1))
     shape = labels.shape
     grad = logits if g.data_ptr() == logits.data_ptr() else g.view(logits.shape)
     return logp.view(shape), (ent.view(shape) if with_entropy else None), grad
 
 
 def linear_token_logprobs(hidden, weight, labels, *, bias, temperature, ignore_index, with_entropy,
-                          group):
+                          softcap, logit_scale, group):
     """linear_token_logprobs of an lm_head whose rows are split over `group` (weight [V_r, H])."""
     from r1kernels.ops import linear_token_logprobs as ltl
     from r1kernels.ops import token_logprobs as tlp
@@ -295,15 +328,16 @@ def linear_token_logprobs(hidden, weight, labels, *, bias, temperature, ignore_i
     tlp.check_float(op, "hidden", hidden)
     vs = VocabSlice(group, weight.shape[0], hidden.device)
     y = _check_labels(op, labels, hidden.shape[:-1], ignore_index, hidden.device, vs)
-    inv_temp = 1.0 / tlp.check_temperature(op, temperature)
+    inv_temp, cap = _head(op, temperature, softcap, logit_scale)
     local, safe, owned, valid = vs.localize(y, ignore_index)
     h = _SumGradOverRanks.apply(hidden, group)
     out = ltl.linear_token_logprobs(h, weight, local.view(labels.shape), bias=bias,
                                     temperature=temperature, ignore_index=LOCAL_IGNORE,
-                                    with_entropy=with_entropy)
+                                    with_entropy=with_entropy, softcap=softcap,
+                                    logit_scale=logit_scale)
     logp_r, ent_r = (out[0].reshape(-1), out[1].reshape(-1)) if with_entropy else \
         (out.reshape(-1), None)
-    z = _label_logits(h.reshape(-1, h.shape[-1]), weight, bias, safe, inv_temp)
+    z = _head_logits(_label_logits(h.reshape(-1, h.shape[-1]), weight, bias, safe), inv_temp, cap)
     res = _Combine.apply(z - logp_r, logp_r, ent_r, owned, valid, group)
     if with_entropy:
         return res[0].view(labels.shape), res[1].view(labels.shape)
@@ -312,7 +346,7 @@ def linear_token_logprobs(hidden, weight, labels, *, bias, temperature, ignore_i
 
 def linear_with_grad(hidden, weight, labels, bias, *, temperature, ignore_index, with_entropy,
                      grad_fn: Callable, group, need_grads=(True, True, True),
-                     vocab_slice: VocabSlice | None = None, **kw):
+                     vocab_slice: VocabSlice | None = None, softcap=None, logit_scale=1.0, **kw):
     """linear_token_logprobs_with_grad (same arguments and returns: hidden [N, H], global
     labels [N], already checked against the whole vocabulary) for a vocabulary split over
     `group`: grad_fn sees the whole vocabulary's log-probs and entropies of each chunk, the
@@ -326,11 +360,12 @@ def linear_with_grad(hidden, weight, labels, bias, *, temperature, ignore_index,
     kw.pop("labels_checked", None)
     vs = vocab_slice or VocabSlice(group, weight.shape[0], hidden.device)
     y = labels.reshape(-1).to(torch.int64)
-    inv_temp = 1.0 / float(temperature)
+    inv_temp, cap = _head("linear_token_logprobs_with_grad", temperature, softcap, logit_scale)
     local, safe, owned, valid = vs.localize(y, ignore_index)
     n = y.numel()
     with torch.no_grad():
-        z = _label_logits(hidden, weight, bias, safe, inv_temp)
+        raw = _label_logits(hidden, weight, bias, safe)
+        z, slope = _head_logits(raw, inv_temp, cap), _head_slope(raw, inv_temp, cap)
     f32 = dict(dtype=torch.float32, device=hidden.device)
     logp_all, ent_all = torch.zeros(n, **f32), torch.zeros(n, **f32) if with_entropy else None
     fix = torch.zeros(n, **f32)
@@ -345,13 +380,13 @@ def linear_with_grad(hidden, weight, labels, bias, *, temperature, ignore_index,
         g_l, g_h = out if isinstance(out, tuple) else (out, None)
         log_m = torch.where(valid[sl], z[sl] - logp_r - lse, 0.0)
         a, b, c = local_upstream(g_l, g_h, m_r, log_m, ent, ent_r, owned[sl], valid[sl])
-        fix[sl] = c * inv_temp
+        fix[sl] = c * slope[sl]
         return a if b is None else (a, b)
 
     _, _, gh, gw, gb = ltl.linear_token_logprobs_with_grad(
         hidden, weight, local, bias, temperature=temperature, ignore_index=LOCAL_IGNORE,
         with_entropy=with_entropy, grad_fn=local_grad_fn, need_grads=need_grads,
-        labels_checked=True, **kw)
+        labels_checked=True, softcap=softcap, logit_scale=logit_scale, **kw)
     with torch.no_grad():  # the rank-1 fix-up at each row's local label
         if gh is not None:
             gh = (gh.float() + fix.unsqueeze(1) * weight.index_select(0, safe).float()).to(gh.dtype)
@@ -365,7 +400,8 @@ def linear_with_grad(hidden, weight, labels, bias, *, temperature, ignore_index,
 
 
 def linear_token_logprobs_fwd_bwd(hidden, weight, labels, grad_logp, *, grad_entropy, bias,
-                                  temperature, ignore_index, with_entropy, group):
+                                  temperature, ignore_index, with_entropy, softcap, logit_scale,
+                                  group):
     """linear_token_logprobs_fwd_bwd of an lm_head whose rows are split over `group`."""
     from r1kernels.ops import linear_token_logprobs as ltl
     from r1kernels.ops import token_logprobs as tlp
@@ -377,7 +413,8 @@ def linear_token_logprobs_fwd_bwd(hidden, weight, labels, grad_logp, *, grad_ent
     tlp.check_float(op, "weight", weight, min_dim=2)
     glp, gent = tlp.check_upstream_grads(op, labels, grad_logp, grad_entropy, with_entropy,
                                          hidden.device)
-    ltl._prepare(op, hidden, weight, labels, bias, temperature, LOCAL_IGNORE, label_data=False)
+    ltl._prepare(op, hidden, weight, labels, bias, temperature, LOCAL_IGNORE, label_data=False,
+                 softcap=softcap, logit_scale=logit_scale)
     vs = VocabSlice(group, weight.shape[0], hidden.device)
     _check_labels(op, labels, hidden.shape[:-1], ignore_index, hidden.device, vs)
     h2 = hidden.reshape(math.prod(hidden.shape[:-1]), hidden.shape[-1])
@@ -388,14 +425,14 @@ def linear_token_logprobs_fwd_bwd(hidden, weight, labels, grad_logp, *, grad_ent
     logp, ent, gh, gw, gb = linear_with_grad(
         h2, weight, labels, bias, temperature=temperature, ignore_index=ignore_index,
         with_entropy=with_entropy, grad_fn=grad_fn, group=group,
-        need_grads=(True, True, bias is not None))
+        need_grads=(True, True, bias is not None), softcap=softcap, logit_scale=logit_scale)
     shape = labels.shape
     return (logp.view(shape), None if ent is None else ent.view(shape), gh.view(hidden.shape), gw,
             gb)
 
 
 def logits_with_grad(logits, labels, *, temperature, ignore_index, with_entropy, grad_fn,
-                     inplace, group):
+                     inplace, softcap, logit_scale, group):
     """token_logprobs_with_grad (logits [N, V_r], global labels [N]) for a vocabulary split over
     `group`: (logp, entropy or None of the whole vocabulary, grad_logits of this rank's
     columns); grad_fn is called once with (0, N) and the whole vocabulary's statistics."""
@@ -403,9 +440,10 @@ def logits_with_grad(logits, labels, *, temperature, ignore_index, with_entropy,
 
     vs = VocabSlice(group, logits.shape[-1], logits.device)
     y = _check_labels("GRPOLoss.from_logits", labels, labels.shape, ignore_index, logits.device, vs)
-    inv_temp = 1.0 / float(temperature)
+    inv_temp, cap = _head("GRPOLoss.from_logits", temperature, softcap, logit_scale)
     local, safe, owned, valid = vs.localize(y, ignore_index)
-    z = logits.detach().gather(1, safe.unsqueeze(1)).squeeze(1).float() * inv_temp
+    raw = logits.detach().gather(1, safe.unsqueeze(1)).squeeze(1).float()
+    z = _head_logits(raw, inv_temp, cap)
     keep = {}
 
     def local_grad_fn(start, end, logp_r, ent_r):
@@ -413,12 +451,13 @@ def logits_with_grad(logits, labels, *, temperature, ignore_index, with_entropy,
         keep.update(logp=logp, ent=ent)
         g_l = grad_fn(start, end, logp, ent)
         a, _, c = local_upstream(g_l, None, m_r, None, ent, ent_r, owned, valid)
-        keep["fix"] = c * inv_temp
+        keep["fix"] = c * _head_slope(raw, inv_temp, cap)
         return a
 
     _, _, g = tlp.token_logprobs_with_grad(logits, local, temperature=temperature,
                                            ignore_index=LOCAL_IGNORE, with_entropy=with_entropy,
-                                           grad_fn=local_grad_fn, inplace=inplace)
+                                           grad_fn=local_grad_fn, inplace=inplace,
+                                           softcap=softcap, logit_scale=logit_scale)
     with torch.no_grad():
         g.view(-1, logits.shape[-1]).scatter_add_(1, safe.unsqueeze(1),
                                                   keep["fix"].to(g.dtype).unsqueeze(1))

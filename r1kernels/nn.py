@@ -127,12 +127,16 @@ class _TokenRows:
         self.flat = tuple(flat(t) for t in (adv, G._mask_view(mask), old, ref, rw))
         self._flat_rows = flat
         self.scale = scale.float().contiguous()  # per sequence [B]
+        self._scale_tok = None
 
-    @functools.cached_property
+    @property
     def scale_tok(self) -> torch.Tensor:
         """The token rows' loss scales (only the chunked paths need them; the logits kernel
-        takes the per-sequence scale)."""
-        return self._flat_rows(self.scale.repeat_interleave(self.T))
+        takes the per-sequence scale). Cached by hand: functools.cached_property takes a lock,
+        which torch.compile cannot trace."""
+        if self._scale_tok is None:
+            self._scale_tok = self._flat_rows(self.scale.repeat_interleave(self.T))
+        return self._scale_tok
 
     def grad_fn(self, start, end, logp, ent):
         """dL/dlogp of token rows [start, end) (the grad_fn of the log-prob ops)."""
@@ -141,7 +145,7 @@ class _TokenRows:
         g, _ = self.fwd(logp.view(1, -1), adv, mask, old, ref, rw, self.cfg, write_grad=True)
         return g.view(-1) * self.scale_tok[start:end]
 
-    def chunk_kernel(self, z, yr, g, r0, inv_temp, ignore_index, entropy):
+    def chunk_kernel(self, z, yr, g, r0, inv_temp, ignore_index, entropy, cap=0.0):
         """The hidden-state sweep's chunk of token rows [r0, r0 + n) on the cluster kernel
         (token_logprobs.cluster_chunk: statistics, dL/dlogp and G in one read of the fp32
         logits), or None where it does not apply. Each row is passed as its own sequence, with
@@ -149,14 +153,16 @@ class _TokenRows:
         sl = slice(r0, r0 + z.shape[0])
         adv, mask, old, ref, rw = (None if t is None else t[sl] for t in self.flat)
         return TLP.cluster_chunk(z, yr, g, inv_temp, ignore_index, entropy,
-                                 grpo=(self.cfg, adv, mask, old, ref, rw, self.scale_tok[sl]))
+                                 grpo=(self.cfg, adv, mask, old, ref, rw, self.scale_tok[sl]),
+                                 cap=cap)
 
-    def kernel(self, x3, labels, g3, inv_temp, ignore_index, with_entropy):
+    def kernel(self, x3, labels, g3, inv_temp, ignore_index, with_entropy, cap=0.0):
         """Every token row (built with rows=None; logits x3 [B, T, V], labels [B * T]
         contiguous): the statistics, dL/dlogp and dL/dlogits (into g3) in the fused logits
-        kernel; returns its out [3, B * T] (logp, entropy, ...)."""
+        kernel (inv_temp, cap: the head's constants, TLP.head_constants); returns its
+        out [3, B * T] (logp, entropy, ...)."""
         return TLP.fused_logits(x3, labels, g3, inv_temp, int(ignore_index), bool(with_entropy),
-                                grpo=(self.cfg, *self.flat, self.scale))
+                                grpo=(self.cfg, *self.flat, self.scale), cap=cap)
 
     def finish(self, logp, ent, parts, ent_acc):
         """The loss partials (and the entropy sum) of the whole batch from its log-probs (and
@@ -192,7 +198,9 @@ def _finish(fin, parts, nitems, cfg, B, device, ent_acc, n_tot):
         torch.zeros(G.NUM_PARTIALS, B, device=device)
     out, _ = fin(part, nitems, cfg)
     ent = torch.stack(ent_acc).sum() / n_tot.clamp(min=1.0) if ent_acc else None
-    return out, ent
+    rows = part if part.dim() == 2 else part.sum(1)  # ([6, C, B]: per row chunk)
+    per_seq = rows[3:6] / rows[1].clamp(min=1.0)  # clipped fraction of each sequence's tokens
+    return out, ent, per_seq
 
 
 def _is_one(g: torch.Tensor) -> bool:
@@ -226,6 +234,8 @@ def _scale_by_(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
                   and t.numel() > 0 and t.stride(-1) == 1 and s.numel() == 1
                   and s.device == t.device and not torch.compiler.is_compiling())
     if not use_kernel:
+        if torch.compiler.is_compiling():  # no host check inside a graph
+            return t.mul_(s.to(t.dtype))
         return t if _is_one(s) else t.mul_(s.to(t.dtype))
     t3 = t.view((1,) * (3 - t.dim()) + tuple(t.shape))
     B, T, C = t3.shape
@@ -242,7 +252,8 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, adv, mask, old, ref, rw, nitems, cfg, opts):
         from r1kernels.ops.linear_token_logprobs import linear_token_logprobs_with_grad
 
-        B, T, temperature, ignore_index, with_entropy, backend, sweep, group = opts
+        (B, T, temperature, ignore_index, with_entropy, backend, sweep, softcap, logit_scale,
+         group) = opts
         H = hidden.shape[-1]
         lwg, vocab = linear_token_logprobs_with_grad, weight.shape[0]
         if group is not None:  # a vocabulary split over the group (r1kernels/distributed.py)
@@ -262,7 +273,8 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
             h2, y2 = hidden.reshape(B * T, H), labels.reshape(B * T)
             kw = dict(temperature=temperature, ignore_index=ignore_index,
                       with_entropy=with_entropy, need_grads=need, sweep=sweep,
-                      labels_checked=True)  # by _live_rows, in its one host sync
+                      labels_checked=True,  # by _live_rows, in its one host sync
+                      softcap=softcap, logit_scale=logit_scale)
             live = _live_rows(labels, mask, vocab, ignore_index, hidden.device)
             if cfg.seq and live is None:  # every token live: chunks of whole sequences
                 grad_fn = _fused_loss_step(fwd, cfg, B, T, adv, mask, old, ref, rw, scale, parts,
@@ -295,15 +307,16 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
             gh = torch.zeros_like(hidden) if need[0] else None
             gw = torch.zeros_like(weight) if need[1] else None
             gb = torch.zeros_like(bias) if need[2] else None
-        out, ent = _finish(fin, parts, nitems, cfg, B, hidden.device, ent_acc, n_rows.sum())
+        out, ent, per_seq = _finish(fin, parts, nitems, cfg, B, hidden.device, ent_acc,
+                                    n_rows.sum())
         ctx.grads = (None if gh is None else gh.view(hidden.shape), gw, gb)
         ent = torch.zeros((), device=hidden.device) if ent is None else ent
-        ctx.mark_non_differentiable(out, ent)
+        ctx.mark_non_differentiable(out, ent, per_seq)
         ctx.set_materialize_grads(False)  # no zero tensors for the metrics' gradients
-        return out[0].clone(), out, ent
+        return out[0].clone(), out, ent, per_seq
 
     @staticmethod
-    def backward(ctx, gloss, _gout, _gent):
+    def backward(ctx, gloss, _gout, _gent, _gseq):
         if ctx.grads is None:
             raise RuntimeError("GRPOLoss: backward through the same graph twice is not supported "
                                "(the gradients were computed in the forward pass and are scaled "
@@ -316,7 +329,8 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
 
 
 def _from_logits_fused_triton(logits, labels, adv, mask, old, ref, rw, cfg, scale, fwd, parts,
-                              ent_acc, temperature, ignore_index, with_entropy, inplace):
+                              ent_acc, temperature, ignore_index, with_entropy, inplace,
+                              softcap=None, logit_scale=1.0):
     """Token-level GRPO loss from logits [B, T, V] with one fused kernel: per row, the
     statistics, the loss's dL/dlogp and dL/dlogits (see ops/token_logprobs.py). Returns the
     logits gradient (the logits buffer itself when `inplace`) and the second half of the
@@ -330,7 +344,8 @@ def _from_logits_fused_triton(logits, labels, adv, mask, old, ref, rw, cfg, scal
     rows = _TokenRows(cfg, T, adv, mask, old, ref, rw, scale, fwd)
     y = labels.reshape(-1).contiguous()
     label_check = TLP.start_label_check(op, y, V, ignore_index)
-    out = rows.kernel(x, y, g, 1.0 / temperature, ignore_index, with_entropy)
+    inv_temp, cap = TLP.head_constants(op, temperature, softcap, logit_scale)
+    out = rows.kernel(x, y, g, inv_temp, ignore_index, with_entropy, cap)
     rows.finish(out[0], out[1] if with_entropy else None, parts, ent_acc)
     gl = logits.view(logits.shape) if g.data_ptr() == logits.data_ptr() else g  # an alias autograd can hand on
     return gl, label_check
@@ -341,7 +356,8 @@ class _FusedLogitsGRPOLoss(torch.autograd.Function):
     def forward(ctx, logits, labels, adv, mask, old, ref, rw, nitems, cfg, opts):
         from r1kernels.ops.token_logprobs import token_logprobs_with_grad
 
-        B, T, temperature, ignore_index, with_entropy, backend, inplace, group = opts
+        (B, T, temperature, ignore_index, with_entropy, backend, inplace, softcap, logit_scale,
+         group) = opts
         V = logits.shape[-1]
         fwd, fin = G.forward_impl(backend)
         n_rows = mask.sum(-1, dtype=torch.float32) if B * T else torch.zeros(B, device=logits.device)
@@ -357,16 +373,20 @@ class _FusedLogitsGRPOLoss(torch.autograd.Function):
             _, _, gl = distributed.logits_with_grad(
                 flat, labels.reshape(B * T), temperature=temperature, ignore_index=ignore_index,
                 with_entropy=with_entropy, grad_fn=grad_fn,
-                inplace=inplace and flat.data_ptr() == logits.data_ptr(), group=group)
+                inplace=inplace and flat.data_ptr() == logits.data_ptr(), softcap=softcap,
+                logit_scale=logit_scale, group=group)
             gl = gl.view(logits.shape)
-        elif B * T > 0 and backend == "triton" and not cfg.seq:
+        elif B * T > 0 and backend == "triton" and not cfg.seq \
+                and not torch.compiler.is_compiling():
+            # (the fused logits kernel is eager only; torch.compile traces the chunked path)
             gl, label_check = _from_logits_fused_triton(
                 logits, labels, adv, mask, old, ref, rw, cfg, scale, fwd, parts, ent_acc,
-                temperature, ignore_index, with_entropy, inplace)
+                temperature, ignore_index, with_entropy, inplace, softcap, logit_scale)
         elif B * T > 0:
             grad_fn = _fused_loss_step(fwd, cfg, B, T, adv, mask, old, ref, rw, scale, parts, ent_acc)
             kw = dict(temperature=temperature, ignore_index=ignore_index,
-                      with_entropy=with_entropy, chunk_multiple=T, inplace=inplace)
+                      with_entropy=with_entropy, chunk_multiple=T, inplace=inplace,
+                      softcap=softcap, logit_scale=logit_scale)
             try:
                 flat = logits.view(B * T, V)
             except RuntimeError:  # e.g. logits[:, :-1] of [B, T + 1, V]: one call per sequence
@@ -392,21 +412,22 @@ class _FusedLogitsGRPOLoss(torch.autograd.Function):
                     gl = logits if in_place else torch.stack(grads)
         else:
             gl = torch.zeros_like(logits)
-        out, ent = _finish(fin, parts, nitems, cfg, B, logits.device, ent_acc, n_rows.sum())
+        out, ent, per_seq = _finish(fin, parts, nitems, cfg, B, logits.device, ent_acc,
+                                    n_rows.sum())
         ctx.grads = gl if ctx.needs_input_grad[0] else None
         ctx.used = False
         ent = torch.zeros((), device=logits.device) if ent is None else ent
-        ctx.mark_non_differentiable(out, ent)
+        ctx.mark_non_differentiable(out, ent, per_seq)
         ctx.set_materialize_grads(False)  # no zero tensors for the metrics' gradients
         loss = out[0].clone()
         if label_check is not None:
             # the labels' one host sync, once the whole loss is enqueued (on CUDA it waits for
             # the check's kernels only, not for the logits kernel behind them)
             label_check()
-        return loss, out, ent
+        return loss, out, ent, per_seq
 
     @staticmethod
-    def backward(ctx, gloss, _gout, _gent):
+    def backward(ctx, gloss, _gout, _gent, _gseq):
         if ctx.used:
             raise RuntimeError("GRPOLoss.from_logits: backward through the same graph twice is not "
                                "supported; run the forward again")
@@ -427,7 +448,16 @@ class GRPOLoss(torch.nn.Module):
     `sweep` ("auto" | "one" | "two", see ops/linear_token_logprobs.py: "auto" computes the
     logits once, chunk of rows by chunk, for token-level importance sampling at any sequence
     length; for sequence-level importance sampling whenever one sequence's fp32 logits fit the
-    single-sweep chunk limit, and two sweeps for longer sequences).
+    single-sweep chunk limit, and two sweeps for longer sequences). `softcap` and `logit_scale`
+    (shared/API.md): the model's head transform of the logits (Gemma's
+    final_logit_softcapping, Cohere's logit_scale, Granite's 1 / logits_scaling), applied by
+    forward and from_logits alike.
+    `per_sequence_metrics` (default False): `metrics` also holds `clip_ratio_low_per_sequence`,
+    `clip_ratio_high_per_sequence` and `clip_ratio_per_sequence`, tensors [B]: the fraction of
+    each sequence's masked tokens counted by the scalar of the same name (at
+    importance_sampling_level="sequence" 0 or 1, the sequence's flag; 0 for a sequence without
+    masked tokens), e.g. for TRL's clip_ratio/low_min and /high_max. They come from the same
+    per-sequence sums as the scalars (no extra pass).
     `process_group`: the lm_head (`weight [V_r, H]`, `bias [V_r]`, or the logits of
     `from_logits`) is this rank's contiguous slice of a vocabulary split over the group, in rank
     order; every other input is the same on every rank and every rank returns the whole
@@ -442,7 +472,8 @@ class GRPOLoss(torch.nn.Module):
                  use_bias_correction_kl: bool = False, max_completion_length: int | None = None,
                  sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05, *,
                  with_entropy: bool = True, ignore_index: int = -100, sweep: str = "auto",
-                 process_group=None):
+                 softcap: float | None = None, logit_scale: float = 1.0,
+                 per_sequence_metrics: bool = False, process_group=None):
         super().__init__()
         self.options = dict(loss_type=loss_type, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
                             delta=delta, beta=beta, importance_sampling_level=importance_sampling_level,
@@ -452,12 +483,16 @@ class GRPOLoss(torch.nn.Module):
                             sapo_temperature_neg=sapo_temperature_neg)
         G.make_config(**self.options, T=1, where="GRPOLoss")  # validate now
         self.temperature = TLP.check_temperature("GRPOLoss", temperature)
+        TLP.head_constants("GRPOLoss", self.temperature, softcap, logit_scale)  # validate now
+        self.softcap = None if softcap is None else float(softcap)
+        self.logit_scale = float(logit_scale)
         self.with_entropy = bool(with_entropy)
         TLP.check_ignore_index("GRPOLoss", ignore_index)
         self.ignore_index = int(ignore_index)
         if sweep not in ("auto", "one", "two"):
             raise ValueError(f"GRPOLoss: sweep expected 'auto', 'one' or 'two', got {sweep!r}")
         self.sweep = sweep
+        self.per_sequence_metrics = bool(per_sequence_metrics)
         if process_group is not None:
             from r1kernels import distributed
 
@@ -465,8 +500,10 @@ class GRPOLoss(torch.nn.Module):
         self.process_group = process_group
 
     def extra_repr(self) -> str:
+        head = "" if self.softcap is None else f", softcap={self.softcap}"
+        head += "" if self.logit_scale == 1.0 else f", logit_scale={self.logit_scale}"
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items()) + \
-            f", temperature={self.temperature}"
+            f", temperature={self.temperature}" + head
 
     def _prepare(self, where, x, labels, mask, advantages, old_logps, ref_logps, rollout_is_weights,
                  num_items_in_batch):
@@ -487,10 +524,13 @@ class GRPOLoss(torch.nn.Module):
         ref = ref_logps if cfg.beta != 0.0 else None
         return B, T, adv, mask, nitems, cfg, backend, ref
 
-    def _output(self, loss, out, ent):
+    def _output(self, loss, out, ent, per_seq):
         metrics = G.metrics_dict(out)
         if self.with_entropy:
             metrics["entropy"] = ent
+        if self.per_sequence_metrics:
+            for i, name in enumerate(G.METRIC_NAMES[1:]):
+                metrics[name + "_per_sequence"] = per_seq[i]
         return GRPOLossOutput(loss, metrics)
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -513,14 +553,14 @@ class GRPOLoss(torch.nn.Module):
             raise ValueError(f"{where}: bias must be [{weight.shape[0]}], got "
                              f"{tuple(getattr(bias, 'shape', ()))}")
         opts = (B, T, self.temperature, self.ignore_index, self.with_entropy, backend, self.sweep,
-                self.process_group)
+                self.softcap, self.logit_scale, self.process_group)
         from r1kernels import distributed
 
         weight, bias = distributed.gather_weight(weight), distributed.gather_weight(bias)
-        loss, out, ent = _FusedLinearGRPOLoss.apply(hidden, weight, bias, labels, adv, mask,
-                                                    old_logps, ref, rollout_is_weights, nitems,
-                                                    cfg, opts)
-        return self._output(loss, out, ent)
+        loss, out, ent, per_seq = _FusedLinearGRPOLoss.apply(
+            hidden, weight, bias, labels, adv, mask, old_logps, ref, rollout_is_weights, nitems,
+            cfg, opts)
+        return self._output(loss, out, ent, per_seq)
 
     def from_logits(self, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
                     advantages: torch.Tensor, *, old_logps: torch.Tensor | None = None,
@@ -528,9 +568,10 @@ class GRPOLoss(torch.nn.Module):
                     rollout_is_weights: torch.Tensor | None = None, num_items_in_batch=None,
                     inplace: bool = False, process_group=None) -> GRPOLossOutput:
         """The same loss from logits [B, T, V]. `inplace=True`: the logits gradient is written
-        into `logits` (the caller must not use the logits afterwards). `process_group`: the
-        logits [B, T, V_r] are this rank's slice of the vocabulary (default: the constructor's
-        process_group)."""
+        into `logits` (the caller must not use the logits afterwards); under torch.compile the
+        gradient gets a buffer of its own (a traced function cannot compare data pointers).
+        `process_group`: the logits [B, T, V_r] are this rank's slice of the vocabulary
+        (default: the constructor's process_group)."""
         group = self.process_group if process_group is None else process_group
         if group is not None:
             from r1kernels import distributed
@@ -540,8 +581,9 @@ class GRPOLoss(torch.nn.Module):
             "GRPOLoss.from_logits", logits, labels, mask, advantages, old_logps, ref_logps,
             rollout_is_weights, num_items_in_batch)
         labels = labels.to(torch.int64)  # (see TLP.flat_labels)
+        inplace = bool(inplace) and not torch.compiler.is_compiling()
         opts = (B, T, self.temperature, self.ignore_index, self.with_entropy, backend,
-                bool(inplace), group)
-        loss, out, ent = _FusedLogitsGRPOLoss.apply(logits, labels, adv, mask, old_logps, ref,
-                                                    rollout_is_weights, nitems, cfg, opts)
-        return self._output(loss, out, ent)
+                inplace, self.softcap, self.logit_scale, group)
+        loss, out, ent, per_seq = _FusedLogitsGRPOLoss.apply(
+            logits, labels, adv, mask, old_logps, ref, rollout_is_weights, nitems, cfg, opts)
+        return self._output(loss, out, ent, per_seq)

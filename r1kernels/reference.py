@@ -54,9 +54,15 @@ def group_advantages_ref(rewards: torch.Tensor, group_size: int, *, scale: str =
 
 
 def token_logprobs_ref(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0,
-                       ignore_index: int = -100, with_entropy: bool = False):
-    """logp = log_softmax(logits / T)[label] (0 where label == ignore_index); optional entropy."""
-    x = _upcast(logits) / temperature
+                       ignore_index: int = -100, with_entropy: bool = False,
+                       softcap: float | None = None, logit_scale: float = 1.0):
+    """logp = log_softmax(z)[label] (0 where label == ignore_index); optional entropy. z is the
+    head's: logits * logit_scale, then softcap * tanh(. / softcap) when softcap is given, then
+    / temperature."""
+    x = _upcast(logits) * logit_scale
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    x = x / temperature
     logp_all = torch.log_softmax(x, dim=-1)
     labels = labels.long()  # (compared with ignore_index in int64, whatever the labels' dtype)
     ignored = labels == ignore_index
@@ -72,13 +78,14 @@ def token_logprobs_ref(logits: torch.Tensor, labels: torch.Tensor, *, temperatur
 
 def linear_token_logprobs_ref(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                               bias: torch.Tensor | None = None, temperature: float = 1.0,
-                              ignore_index: int = -100, with_entropy: bool = False):
+                              ignore_index: int = -100, with_entropy: bool = False,
+                              softcap: float | None = None, logit_scale: float = 1.0):
     """token_logprobs_ref(hidden @ weight.T + bias, labels, ...), with materialized logits."""
     logits = _upcast(hidden) @ _upcast(weight).T
     if bias is not None:
         logits = logits + _upcast(bias)
     return token_logprobs_ref(logits, labels, temperature=temperature, ignore_index=ignore_index,
-                              with_entropy=with_entropy)
+                              with_entropy=with_entropy, softcap=softcap, logit_scale=logit_scale)
 
 
 # ---- GRPO loss --------------------------------------------------------------------------------

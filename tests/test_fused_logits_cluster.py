@@ -101,8 +101,8 @@ def test_kernel_resources_sm90(tmp_path):
     """Compiled for sm_90 (no GPU needed), no instance of the cluster kernel spills or uses a
     stack frame (a row's vectors in local memory would be a third pass over the logits), and the
     instances the default setting runs at V=151936 (256 threads x 10 vectors: bf16 logits, and
-    fp32 chunks with the doubled cluster; and their persistent twins) fit 80 registers, so 3
-    CTAs share an SM."""
+    fp32 chunks with the doubled cluster; and their persistent twins; plain and soft-capped
+    heads) fit 80 registers, so 3 CTAs share an SM."""
     src = os.path.join(ROOT, "csrc", "token_logprobs", "fused_logits_cluster.cu")
     r = subprocess.run([NVCC, "-c", "-std=c++17", "-O3", "--use_fast_math", "-arch=sm_90",
                         "-I" + os.path.join(ROOT, "csrc"), src, "-o", str(tmp_path / "k.o"),
@@ -123,13 +123,14 @@ def test_kernel_resources_sm90(tmp_path):
         if m and name:
             kernels[name]["regs"] = int(m.group(1))
     inst = {n: k for n, k in kernels.items() if "fused_logits_cluster_kernel" in n}
-    assert len(inst) == 4 * 2 * 7 * 2 * 2  # dtype pairs x threads x vectors x modes x persistent
+    # dtype pairs x threads x vectors x modes x persistent x head (plain, soft-capped)
+    assert len(inst) == 4 * 2 * 7 * 2 * 2 * 2
     assert all(k["stack"] == 0 and k["spills"] == 0 for k in inst.values()), \
         {n: k for n, k in inst.items() if k["stack"] or k["spills"]}
     default = {n: k for n, k in inst.items() if re.search(r"Li256ELi10ELi[01]ELb[01]E", n)}
-    assert len(default) == 16 and all(k["regs"] <= 80 for k in default.values()), default
+    assert len(default) == 32 and all(k["regs"] <= 80 for k in default.values()), default
     pipe = {n: k for n, k in kernels.items() if "fused_logits_pipe_kernel" in n}
-    assert len(pipe) == 4 * 2 * 2  # dtype pairs x threads x modes
+    assert len(pipe) == 4 * 2 * 2 * 2  # dtype pairs x threads x modes x head
     assert all(k["stack"] == 0 and k["spills"] == 0 for k in pipe.values()), pipe
 
 
@@ -557,10 +558,11 @@ def emulated(monkeypatch):
 
 
 @pytest.mark.parametrize("with_entropy", [False, True])
-def test_hidden_fwd_bwd_chunks(emulated, monkeypatch, with_entropy):
+@pytest.mark.parametrize("head", [{}, dict(softcap=2.0, logit_scale=0.5)], ids=["plain", "softcap"])
+def test_hidden_fwd_bwd_chunks(emulated, monkeypatch, with_entropy, head):
     """linear_token_logprobs_fwd_bwd (bf16) through the chunk hook equals the path without it
     (tile kernels, grad_fn), chunk by chunk: ignored rows left out before the sweep, upstream
-    gradients cut at each chunk's first row."""
+    gradients cut at each chunk's first row; a soft-capped head's constants handed on."""
     from r1kernels import dispatch
 
     gen = torch.Generator().manual_seed(1)
@@ -571,7 +573,7 @@ def test_hidden_fwd_bwd_chunks(emulated, monkeypatch, with_entropy):
     y[[3, 17]] = -100
     glp, gent = torch.randn(N, generator=gen), torch.randn(N, generator=gen)
     kw = dict(grad_entropy=gent if with_entropy else None, with_entropy=with_entropy,
-              temperature=0.8)
+              temperature=0.8, **head)
     with dispatch.use_backend("triton"):
         got = r1kernels.linear_token_logprobs_fwd_bwd(h, w, y, glp, **kw)
         n_calls = len(emulated)

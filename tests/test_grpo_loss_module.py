@@ -660,3 +660,46 @@ def test_scale_by_grad_output(dtype, scale):
             assert torch.equal(t, want)
         if before is not None:
             assert torch.equal(full[:, -1], before[:, -1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", ["dapo", "cispo"])
+def test_per_sequence_metrics(backend, level, loss_type):
+    """per_sequence_metrics=True: each sequence's clipped fraction of its masked tokens (the
+    sequence's flag at sequence level, 0 for an empty sequence), from float64 log-probs; the
+    scalars are their token-weighted means. Fused and from_logits."""
+    d = make(5, 6, 16, 37, seed=4)
+    d["mask"][2] = False  # an empty sequence
+    d["adv"] = torch.tensor([1.0, -0.5, 0.7, 0.9, -1.2], dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    d["old"] = d["old"] + torch.randn(5, 6, dtype=torch.float64, generator=g) * 0.6
+    eps_lo, eps_hi = 0.2, (0.28 if loss_type == "dapo" else 1.02)
+    m = d["mask"].double()
+    lr = linear_token_logprobs_ref(d["hidden"], d["weight"], d["labels"], bias=d["bias"]) - d["old"]
+    if level == "sequence":
+        lr = ((lr * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)).expand(5, 6)
+    c1, A = lr.exp(), d["adv"].unsqueeze(1)
+    high = (c1 > (eps_hi if loss_type == "cispo" else 1 + eps_hi)) & (A > 0)
+    low = (c1 < 1 - eps_lo) & (A < 0) if loss_type == "dapo" else torch.zeros_like(high)
+    n = m.sum(-1)
+    want = [(f.double() * m).sum(-1) / n.clamp(min=1) for f in (low, high, low | high)]
+    assert want[2].max() > 0 and want[2][2] == 0
+    fn = GRPOLoss(loss_type=loss_type, epsilon_low=eps_lo, epsilon_high=eps_hi,
+                  importance_sampling_level=level, per_sequence_metrics=True)
+    f = lambda t: None if t is None else t.float().to(DEVICE)  # noqa: E731
+    args = (d["labels"].to(DEVICE), d["mask"].to(DEVICE), f(d["adv"]))
+    with dispatch.use_backend(backend):
+        outs = [fn(f(d["hidden"]).requires_grad_(True), f(d["weight"]), *args, bias=f(d["bias"]),
+                   old_logps=f(d["old"])),
+                fn.from_logits(f(d["hidden"] @ d["weight"].T + d["bias"]).requires_grad_(True),
+                               *args, old_logps=f(d["old"]))]
+        plain = GRPOLoss(loss_type=loss_type, importance_sampling_level=level)(
+            f(d["hidden"]), f(d["weight"]), *args, old_logps=f(d["old"]))
+    for out in outs:
+        for name, w in zip(("clip_ratio_low", "clip_ratio_high", "clip_ratio"), want):
+            got = out.metrics[name + "_per_sequence"].double().cpu()
+            torch.testing.assert_close(got, w, rtol=0, atol=1e-6, msg=name)
+            torch.testing.assert_close(out.metrics[name].double().cpu(),
+                                       (got * n).sum() / n.sum(), rtol=1e-6, atol=1e-7)
+    assert not any(k.endswith("_per_sequence") for k in plain.metrics)  # off by default

@@ -33,6 +33,10 @@
 // (g == x) is safe: every element is read into registers by the thread that later overwrites
 // it, the label's logit is read before the first cluster barrier and written after it.
 //
+// A soft-capped head (p.cap > 0: z = inv_temp * tanh(cap * x), r1kernels/ops/token_logprobs.py
+// head_constants) runs the kCap instances: tanh before the statistics, cap * sech^2 in the
+// gradient (fused_logits_math.cuh); the plain head's instances are unchanged.
+//
 // This file includes CUDA headers only; the torch binding is token_logprobs_cuda.cpp.
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
@@ -237,17 +241,18 @@ __device__ __forceinline__ void finish_row(const FusedLogitsParams& p, Cluster& 
 // dL/dlogits of a thread's first nvec vectors (columns g + k * kStep), from the row's constants
 // (finish_row) and its raw logits in registers; label_off: the label's column less the thread's
 // first column (the label's vector gets its extra term dl).
-template <typename TIn, typename TOut, int VPT, int kStep, bool kDent, bool kClamp>
+template <typename TIn, typename TOut, int VPT, int kStep, bool kDent, bool kClamp, bool kCap>
 __device__ __forceinline__ void grad_pass(const uint4 (&data)[VPT], int nvec, TOut* g, float c2,
-                                          float lse2, float A, float B, float dl, int label_off) {
+                                          float lse2, float A, float B, float dl, int label_off,
+                                          float cap) {
   constexpr int kE = kPerVec<TIn>;
 #pragma unroll
   for (int k = 0; k < VPT; ++k) {
     if (k < nvec) {
       float f[kE];
       unpack<TIn>(data[k], f);
-      grad_vec<kE, kDent, kClamp>(f, c2, lse2, A, B, dl,
-                                  static_cast<unsigned>(label_off - k * kStep));
+      grad_vec<kE, kDent, kClamp, kCap>(f, c2, lse2, A, B, dl,
+                                        static_cast<unsigned>(label_off - k * kStep), cap);
       store_out<TOut, kE>(g + k * kStep, f);
     }
   }
@@ -286,7 +291,7 @@ __device__ __forceinline__ void prefetch_l2(const void* src, uint32_t bytes) {
 // One row on one cluster (the body of the kernel below): row r0 + blockIdx.x / CL, or with
 // kPersist row r0 itself, and then first the L2 prefetch of the CTA's segment of row next_row
 // (the row this cluster takes next; none when < 0).
-template <typename TIn, typename TOut, int THREADS, int VPT, int MODE, bool kPersist>
+template <typename TIn, typename TOut, int THREADS, int VPT, int MODE, bool kPersist, bool kCap>
 __device__ __forceinline__ void cluster_row(const FusedLogitsParams& p, int64_t r0,
                                             int64_t next_row, int seg) {
   constexpr int kWarps = THREADS / 32;
@@ -343,7 +348,10 @@ __device__ __forceinline__ void cluster_row(const FusedLogitsParams& p, int64_t 
   float zt = 0.f;
   RowInputs in;
   if (tid == 0) {
-    if (valid) zt = to_float(x_row[label]) * p.inv_temp;
+    if (valid) {
+      zt = to_float(x_row[label]);
+      zt = (kCap ? head_tanh(zt * p.cap) : zt) * p.inv_temp;
+    }
     in = load_row_inputs<MODE>(p, row, b, mask);
   }
 
@@ -356,18 +364,19 @@ __device__ __forceinline__ void cluster_row(const FusedLogitsParams& p, int64_t 
   const bool has_dent = has_dent_of<MODE>(p);
   const bool need_w = p.entropy != 0 || has_dent;
   // (the smallest logit only feeds the clamp tests, which need_w guards)
-  const float2 range = need_w ? logit_range<TIn, VPT, true>(data, nvec)
-                              : logit_range<TIn, VPT, false>(data, nvec);
+  const float2 range = head_range<kCap>(need_w ? logit_range<TIn, VPT, true>(data, nvec)
+                                                : logit_range<TIn, VPT, false>(data, nvec),
+                                         nvec > 0, p.cap);
   const float m2 = range.y * c2;
   opaque(data);
   const float ref = m2 == -INFINITY ? 0.f : m2;
   float s = 0.f, w = 0.f;
   if (!need_w)
-    thread_sums<TIn, VPT, false, false>(data, nvec, c2, ref, s, w);
+    thread_sums<TIn, VPT, false, false, kCap>(data, nvec, c2, ref, s, w, p.cap);
   else if (!needs_clamp(range.x, c2, ref))
-    thread_sums<TIn, VPT, true, false>(data, nvec, c2, ref, s, w);
+    thread_sums<TIn, VPT, true, false, kCap>(data, nvec, c2, ref, s, w, p.cap);
   else
-    thread_sums<TIn, VPT, true, true>(data, nvec, c2, ref, s, w);
+    thread_sums<TIn, VPT, true, true, kCap>(data, nvec, c2, ref, s, w, p.cap);
   opaque(data);
   // ---- the CTA's statistics, published for the cluster
   Stats v = warp_merge(Stats{m2, s, w});
@@ -397,19 +406,19 @@ __device__ __forceinline__ void cluster_row(const FusedLogitsParams& p, int64_t 
     for (int k = 0; k < VPT; ++k)
       if (k < nvec) store_out<TOut, kE>(g_mine + k * kStep, zero);
   } else if (!has_dent) {
-    grad_pass<TIn, TOut, VPT, kStep, false, false>(data, nvec, g_mine, c2, lse2, A, B, dl,
-                                                   label_off);
+    grad_pass<TIn, TOut, VPT, kStep, false, false, kCap>(data, nvec, g_mine, c2, lse2, A, B, dl,
+                                                         label_off, p.cap);
   } else if (!needs_clamp(range.x, c2, lse2)) {
-    grad_pass<TIn, TOut, VPT, kStep, true, false>(data, nvec, g_mine, c2, lse2, A, B, dl,
-                                                  label_off);
+    grad_pass<TIn, TOut, VPT, kStep, true, false, kCap>(data, nvec, g_mine, c2, lse2, A, B, dl,
+                                                        label_off, p.cap);
   } else {
-    grad_pass<TIn, TOut, VPT, kStep, true, true>(data, nvec, g_mine, c2, lse2, A, B, dl,
-                                                 label_off);
+    grad_pass<TIn, TOut, VPT, kStep, true, true, kCap>(data, nvec, g_mine, c2, lse2, A, B, dl,
+                                                       label_off, p.cap);
   }
   cluster_wait();  // keep cta_part alive until every CTA of the cluster has read it
 }
 
-template <typename TIn, typename TOut, int THREADS, int VPT, int MODE, bool kPersist>
+template <typename TIn, typename TOut, int THREADS, int VPT, int MODE, bool kPersist, bool kCap>
 __global__ void __launch_bounds__(THREADS, (min_ctas_per_sm<THREADS, VPT>()))
     fused_logits_cluster_kernel(const FusedLogitsParams p, int64_t row0, int seg) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -417,10 +426,10 @@ __global__ void __launch_bounds__(THREADS, (min_ctas_per_sm<THREADS, VPT>()))
     const int CL = static_cast<int>(cg::this_cluster().num_blocks());
     const int64_t n = p.B * p.T, clusters = gridDim.x / CL;
     for (int64_t r = row0 + blockIdx.x / CL; r < n; r += clusters)
-      cluster_row<TIn, TOut, THREADS, VPT, MODE, true>(p, r, r + clusters < n ? r + clusters : -1,
-                                                      seg);
+      cluster_row<TIn, TOut, THREADS, VPT, MODE, true, kCap>(
+          p, r, r + clusters < n ? r + clusters : -1, seg);
   } else {
-    cluster_row<TIn, TOut, THREADS, VPT, MODE, false>(p, row0, -1, seg);
+    cluster_row<TIn, TOut, THREADS, VPT, MODE, false, kCap>(p, row0, -1, seg);
   }
 #else
   __trap();  // launched only on sm_90+ (the launcher checks)
@@ -492,7 +501,7 @@ __device__ __forceinline__ bool row_live(const FusedLogitsParams& p, int64_t row
   return MODE == 0 || p.mask[row] != 0.f;
 }
 
-template <typename TIn, typename TOut, int THREADS, int MODE>
+template <typename TIn, typename TOut, int THREADS, int MODE, bool kCap>
 __global__ void __launch_bounds__(THREADS)
     fused_logits_pipe_kernel(const FusedLogitsParams p, int seg) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -562,7 +571,10 @@ __global__ void __launch_bounds__(THREADS)
     RowInputs in;
     if (tid == 0) {
       const TIn* x_row = static_cast<const TIn*>(p.x) + b * p.s_xb + t * p.s_xt;
-      if (valid) zt = to_float(x_row[label]) * p.inv_temp;
+      if (valid) {
+        zt = to_float(x_row[label]);
+        zt = (kCap ? head_tanh(zt * p.cap) : zt) * p.inv_temp;
+      }
       in = load_row_inputs<MODE>(p, row, b, mask);
     }
     mbar_wait(&full[s], (uses >> s) & 1u);
@@ -582,6 +594,11 @@ __global__ void __launch_bounds__(THREADS)
       xmin = fminf(xmin, r.x);
       mraw = fmaxf(mraw, r.y);
     }
+    {  // (kCap: the range of tanh(cap * x))
+      const float2 hr = head_range<kCap>(make_float2(xmin, mraw), c_thread < c_hi, p.cap);
+      xmin = hr.x;
+      mraw = hr.y;
+    }
     const float m2 = mraw * c2;
     const float ref = m2 == -INFINITY ? 0.f : m2;
     const bool clamp = needs_clamp(xmin, c2, ref);
@@ -589,11 +606,11 @@ __global__ void __launch_bounds__(THREADS)
     for (int c = c_thread; c < c_hi; c += kStep) {
       const uint4 u = *reinterpret_cast<const uint4*>(st + (c - c_lo));
       if (!need_w)
-        vec_sums<TIn, false, false>(u, c2, ref, sum, w);
+        vec_sums<TIn, false, false, kCap>(u, c2, ref, sum, w, p.cap);
       else if (!clamp)
-        vec_sums<TIn, true, false>(u, c2, ref, sum, w);
+        vec_sums<TIn, true, false, kCap>(u, c2, ref, sum, w, p.cap);
       else
-        vec_sums<TIn, true, true>(u, c2, ref, sum, w);
+        vec_sums<TIn, true, true, kCap>(u, c2, ref, sum, w, p.cap);
     }
     Stats v = warp_merge(Stats{m2, sum, w});
     if (lane == 0) warp_part[warp] = v;
@@ -628,11 +645,11 @@ __global__ void __launch_bounds__(THREADS)
         unpack<TIn>(*reinterpret_cast<const uint4*>(st + (c - c_lo)), f);
         const unsigned at = static_cast<unsigned>(lab - c);
         if (!has_dent)
-          grad_vec<kE, false, false>(f, c2, lse2, A, B, dl, at);
+          grad_vec<kE, false, false, kCap>(f, c2, lse2, A, B, dl, at, p.cap);
         else if (!clamp_g)
-          grad_vec<kE, true, false>(f, c2, lse2, A, B, dl, at);
+          grad_vec<kE, true, false, kCap>(f, c2, lse2, A, B, dl, at, p.cap);
         else
-          grad_vec<kE, true, true>(f, c2, lse2, A, B, dl, at);
+          grad_vec<kE, true, true, kCap>(f, c2, lse2, A, B, dl, at, p.cap);
       }
       store_out<TOut, kE>(g_row + c, f);
     }
@@ -646,16 +663,16 @@ __global__ void __launch_bounds__(THREADS)
 #endif
 }
 
-template <typename TIn, typename TOut, int THREADS, int MODE, bool kPersist>
+template <typename TIn, typename TOut, int THREADS, int MODE, bool kPersist, bool kCap>
 void (*pick_kernel(int vpt))(const FusedLogitsParams, int64_t, int) {
   switch (vpt) {
-    case 2: return fused_logits_cluster_kernel<TIn, TOut, THREADS, 2, MODE, kPersist>;
-    case 4: return fused_logits_cluster_kernel<TIn, TOut, THREADS, 4, MODE, kPersist>;
-    case 6: return fused_logits_cluster_kernel<TIn, TOut, THREADS, 6, MODE, kPersist>;
-    case 8: return fused_logits_cluster_kernel<TIn, TOut, THREADS, 8, MODE, kPersist>;
-    case 10: return fused_logits_cluster_kernel<TIn, TOut, THREADS, 10, MODE, kPersist>;
-    case 12: return fused_logits_cluster_kernel<TIn, TOut, THREADS, 12, MODE, kPersist>;
-    case 16: return fused_logits_cluster_kernel<TIn, TOut, THREADS, 16, MODE, kPersist>;
+    case 2: return fused_logits_cluster_kernel<TIn, TOut, THREADS, 2, MODE, kPersist, kCap>;
+    case 4: return fused_logits_cluster_kernel<TIn, TOut, THREADS, 4, MODE, kPersist, kCap>;
+    case 6: return fused_logits_cluster_kernel<TIn, TOut, THREADS, 6, MODE, kPersist, kCap>;
+    case 8: return fused_logits_cluster_kernel<TIn, TOut, THREADS, 8, MODE, kPersist, kCap>;
+    case 10: return fused_logits_cluster_kernel<TIn, TOut, THREADS, 10, MODE, kPersist, kCap>;
+    case 12: return fused_logits_cluster_kernel<TIn, TOut, THREADS, 12, MODE, kPersist, kCap>;
+    case 16: return fused_logits_cluster_kernel<TIn, TOut, THREADS, 16, MODE, kPersist, kCap>;
     default: return nullptr;
   }
 }
@@ -680,14 +697,14 @@ cudaLaunchConfig_t cluster_launch(int64_t ctas, int threads, int cluster, cudaSt
 
 // The register kernel: one cluster per row (a grid of every row's clusters, in launches of at
 // most INT_MAX / 2 CTAs), or with `persist` only the clusters that fit at once, each walking rows.
-template <typename TIn, typename TOut, int MODE>
+template <typename TIn, typename TOut, int MODE, bool kCap>
 cudaError_t launch_vpt(int vpt, const FusedLogitsParams& p, int cluster, int threads, bool persist,
                        cudaStream_t stream, int seg) {
   void (*kern)(const FusedLogitsParams, int64_t, int) =
-      persist ? (threads == 256 ? pick_kernel<TIn, TOut, 256, MODE, true>(vpt)
-                                : pick_kernel<TIn, TOut, 512, MODE, true>(vpt))
-              : (threads == 256 ? pick_kernel<TIn, TOut, 256, MODE, false>(vpt)
-                                : pick_kernel<TIn, TOut, 512, MODE, false>(vpt));
+      persist ? (threads == 256 ? pick_kernel<TIn, TOut, 256, MODE, true, kCap>(vpt)
+                                : pick_kernel<TIn, TOut, 512, MODE, true, kCap>(vpt))
+              : (threads == 256 ? pick_kernel<TIn, TOut, 256, MODE, false, kCap>(vpt)
+                                : pick_kernel<TIn, TOut, 512, MODE, false, kCap>(vpt));
   if (kern == nullptr) return cudaErrorInvalidValue;
   if (cluster > 8) {
     const cudaError_t e =
@@ -723,12 +740,12 @@ cudaError_t launch_vpt(int vpt, const FusedLogitsParams& p, int cluster, int thr
 
 // The pipelined kernel: as many clusters as fit at once (each walks rows with that stride), two
 // shared-memory stages of `seg` logits per CTA.
-template <typename TIn, typename TOut, int MODE>
+template <typename TIn, typename TOut, int MODE, bool kCap>
 cudaError_t launch_pipe(const FusedLogitsParams& p, int cluster, int threads, cudaStream_t stream,
                         int seg) {
   void (*kern)(const FusedLogitsParams, int) =
-      threads == 256 ? fused_logits_pipe_kernel<TIn, TOut, 256, MODE>
-                     : fused_logits_pipe_kernel<TIn, TOut, 512, MODE>;
+      threads == 256 ? fused_logits_pipe_kernel<TIn, TOut, 256, MODE, kCap>
+                     : fused_logits_pipe_kernel<TIn, TOut, 512, MODE, kCap>;
   const size_t smem = 2 * static_cast<size_t>(seg) * sizeof(TIn);
   if (smem > static_cast<size_t>(kPipeMaxSmem)) return cudaErrorInvalidValue;
   cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -751,15 +768,22 @@ cudaError_t launch_pipe(const FusedLogitsParams& p, int cluster, int threads, cu
   return cudaLaunchKernelEx(&cfg, kern, p, seg);
 }
 
+template <typename TIn, typename TOut, bool kCap>
+cudaError_t launch_head(int vpt, const FusedLogitsParams& p, int mode, int cluster, int threads,
+                        int variant, cudaStream_t stream, int seg) {
+  if (variant == kVariantStaged)
+    return mode == 0 ? launch_pipe<TIn, TOut, 0, kCap>(p, cluster, threads, stream, seg)
+                     : launch_pipe<TIn, TOut, 1, kCap>(p, cluster, threads, stream, seg);
+  const bool persist = variant == kVariantPersistent;
+  return mode == 0 ? launch_vpt<TIn, TOut, 0, kCap>(vpt, p, cluster, threads, persist, stream, seg)
+                   : launch_vpt<TIn, TOut, 1, kCap>(vpt, p, cluster, threads, persist, stream, seg);
+}
+
 template <typename TIn, typename TOut>
 cudaError_t launch_types(int vpt, const FusedLogitsParams& p, int mode, int cluster, int threads,
                          int variant, cudaStream_t stream, int seg) {
-  if (variant == kVariantStaged)
-    return mode == 0 ? launch_pipe<TIn, TOut, 0>(p, cluster, threads, stream, seg)
-                     : launch_pipe<TIn, TOut, 1>(p, cluster, threads, stream, seg);
-  const bool persist = variant == kVariantPersistent;
-  return mode == 0 ? launch_vpt<TIn, TOut, 0>(vpt, p, cluster, threads, persist, stream, seg)
-                   : launch_vpt<TIn, TOut, 1>(vpt, p, cluster, threads, persist, stream, seg);
+  return p.cap != 0.f ? launch_head<TIn, TOut, true>(vpt, p, mode, cluster, threads, variant, stream, seg)
+                      : launch_head<TIn, TOut, false>(vpt, p, mode, cluster, threads, variant, stream, seg);
 }
 
 }  // namespace
@@ -785,8 +809,8 @@ cudaError_t fused_logits_cluster_launch(const FusedLogitsParams& p, int in_dtype
   using D = LogitsDType;
   if (cluster < 1 || cluster > kMaxCluster || (cluster & (cluster - 1)) != 0 ||
       (threads != 256 && threads != 512) || p.V % 8 != 0 || p.V < 1 || variant < 0 ||
-      variant > kVariantPersistent)
-    return cudaErrorInvalidValue;
+      variant > kVariantPersistent || !(p.inv_temp > 0.f) || !(p.cap >= 0.f))
+    return cudaErrorInvalidValue;  // (the max of the scaled logits comes from the raw max)
   if (p.B * p.T == 0) return cudaSuccess;
   int dev = 0, major = 0;
   cudaError_t e = cudaGetDevice(&dev);

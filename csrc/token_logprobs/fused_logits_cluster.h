@@ -14,7 +14,8 @@ struct FusedLogitsParams {
   int64_t B = 0, T = 0, V = 0;
   const int64_t* labels = nullptr;  // [B * T]
   float* out = nullptr;             // [3, B * T]: logp, entropy, lse
-  float inv_temp = 1.f;
+  float inv_temp = 1.f;             // > 0
+  float cap = 0.f;                  // > 0: a soft-capped head, z = inv_temp * tanh(cap * x)
   int64_t ignore_index = -100;
   int entropy = 0;                  // write the entropy row of out
   // mode 0: the upstream gradients dL/dlogp [B * T] (and dL/dentropy, or null)

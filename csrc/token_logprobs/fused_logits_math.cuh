@@ -8,6 +8,10 @@
 // Base 2: z = x * c2 with c2 = inv_temp * log2(e), so exp(x * inv_temp - m) = 2^(z - m2): one FFMA
 // and one ex2 per logit. Natural units come back once per row (fused_logits_cluster.cu,
 // finish_row).
+//
+// A soft-capped head (kCap; r1kernels/ops/token_logprobs.py head_constants, cap > 0): each raw
+// logit x first becomes tanh(cap * x) (head_tanh), then the same arithmetic; the gradient of x is
+// that of z times cap * sech^2(cap * x). The plain head's instances (kCap = false) are unchanged.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -46,6 +50,21 @@ __host__ __device__ __forceinline__ float fast_exp2(float x) {
 #else
   return std::exp2(x);
 #endif
+}
+
+// tanh y of a soft-capped head, and with `sech2` also sech^2 y = 1 - tanh^2 y, from one
+// e = exp(-2|y|): tanh = (1 - e) / (1 + e), sech^2 = 4e / (1 + e)^2 (no cancellation in sech^2 where
+// tanh saturates); |y| < 0.25, where 1 - e cancels: tanh's series to y^9 (next term < 1e-8
+// relative). +-inf give (+-1, 0), NaN gives NaN. The same arithmetic as the Triton kernels'
+// _tanh_sech2.
+__host__ __device__ __forceinline__ float head_tanh(float y, float* sech2 = nullptr) {
+  const float a = fabsf(y);
+  const float e = fast_exp2(-2.f * kLog2e * a);
+  const float y2 = y * y;
+  const float series =
+      y * (1.f + y2 * (-1.f / 3.f + y2 * (2.f / 15.f + y2 * (-17.f / 315.f + y2 * (62.f / 2835.f)))));
+  if (sech2 != nullptr) *sech2 = 4.f * e / ((1.f + e) * (1.f + e));
+  return a < 0.25f ? series : copysignf((1.f - e) / (1.f + e), y);
 }
 
 // v's statistics moved to the reference max m >= v.m (m: the max over a set v belongs to): s and
@@ -157,15 +176,17 @@ __host__ __device__ __forceinline__ bool needs_clamp(float x_min, float c2, floa
 __host__ __device__ __forceinline__ float clamp_low(float d) { return d < -1e20f ? -1e20f : d; }
 
 // One vector's contribution to the thread's sums: s += 2^(z - ref), and with kW
-// w += 2^(z - ref) (z - ref), z = x * c2. kClamp: needs_clamp said so.
-template <typename TIn, bool kW, bool kClamp>
+// w += 2^(z - ref) (z - ref), z = x * c2 (kCap: z = tanh(cap * x) * c2). kClamp: needs_clamp said
+// so.
+template <typename TIn, bool kW, bool kClamp, bool kCap = false>
 __host__ __device__ __forceinline__ void vec_sums(const uint4& u, float c2, float ref, float& s,
-                                                  float& w) {
+                                                  float& w, float cap = 0.f) {
   constexpr int kE = kPerVec<TIn>;
   float f[kE];
   unpack<TIn>(u, f);
 #pragma unroll
   for (int i = 0; i < kE; ++i) {
+    if (kCap) f[i] = head_tanh(f[i] * cap);
     float d = fmaf(f[i], c2, -ref);
     if (kClamp) d = clamp_low(d);
     const float e = fast_exp2(d);
@@ -174,23 +195,41 @@ __host__ __device__ __forceinline__ void vec_sums(const uint4& u, float c2, floa
   }
 }
 
-template <typename TIn, int VPT, bool kW, bool kClamp>
+template <typename TIn, int VPT, bool kW, bool kClamp, bool kCap = false>
 __host__ __device__ __forceinline__ void thread_sums(const uint4 (&data)[VPT], int nvec, float c2,
-                                                     float ref, float& s, float& w) {
+                                                     float ref, float& s, float& w,
+                                                     float cap = 0.f) {
 #pragma unroll
   for (int k = 0; k < VPT; ++k)
-    if (k < nvec) vec_sums<TIn, kW, kClamp>(data[k], c2, ref, s, w);
+    if (k < nvec) vec_sums<TIn, kW, kClamp, kCap>(data[k], c2, ref, s, w, cap);
+}
+
+// A thread's max scaled logit m2 from its raw logits' range (logit_range): the raw max times c2
+// (c2 > 0), or with kCap tanh(cap * max) * c2 (cap > 0: tanh increases; -inf for a thread without
+// vectors, whose raw max -inf would give -c2 instead). The clamp tests take the smallest scaled
+// logit the same way (head_range).
+template <bool kCap>
+__host__ __device__ __forceinline__ float2 head_range(float2 range, bool any, float cap) {
+  if (!kCap) return range;
+  return any ? make_float2(head_tanh(range.x * cap), head_tanh(range.y * cap))
+             : make_float2(INFINITY, -INFINITY);
 }
 
 // dL/dlogits of kE raw logits f, in place: with l2 = z - lse2 = log2 p, the gradient is
 // 2^l2 (A + B l2) (kDent: a dL/dentropy; else B = 0 and 2^l2 A), plus dl at index `at` (the
 // label; at >= kE: not in this vector). kClamp: needs_clamp(x_min, c2, lse2) (kDent only: without
-// it, 2^l2 A is 0 for any l2 of -inf).
-template <int kE, bool kDent, bool kClamp>
+// it, 2^l2 A is 0 for any l2 of -inf). kCap: z = tanh(cap * x) * c2, and the whole times
+// cap * sech^2(cap * x).
+template <int kE, bool kDent, bool kClamp, bool kCap = false>
 __host__ __device__ __forceinline__ void grad_vec(float* f, float c2, float lse2, float A, float B,
-                                                  float dl, unsigned at) {
+                                                  float dl, unsigned at, float cap = 0.f) {
+  float dh[kE];
 #pragma unroll
   for (int i = 0; i < kE; ++i) {
+    if (kCap) {
+      f[i] = head_tanh(f[i] * cap, &dh[i]);
+      dh[i] *= cap;
+    }
     if (kDent) {
       float l2 = fmaf(f[i], c2, -lse2);
       if (kClamp) l2 = clamp_low(l2);
@@ -203,6 +242,10 @@ __host__ __device__ __forceinline__ void grad_vec(float* f, float c2, float lse2
 #pragma unroll
     for (int i = 0; i < kE; ++i)
       if (i == static_cast<int>(at)) f[i] += dl;
+  }
+  if (kCap) {
+#pragma unroll
+    for (int i = 0; i < kE; ++i) f[i] *= dh[i];
   }
 }
 

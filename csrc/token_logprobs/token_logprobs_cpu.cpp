@@ -4,10 +4,11 @@
 // _token_logprobs_bwd_kernel; the Python launchers stats_cpp / grad_cpp there).
 //
 // Rows run in parallel (at::parallel_for). A row is processed in blocks of kBlock columns copied
-// to an fp32 buffer ((x + bias) / T); the loops over a block are SIMD loops (common/cpu_simd.h:
-// AVX-512, AVX2 or baseline clones, a polynomial exp). One exp per element in each kernel, like
-// the GPU kernels. The gradient may be written over
-// the logits (g aliasing x, also a 16-bit g over fp32 x): a block is read whole before any of it
+// to an fp32 buffer ((x + bias) * inv_temp, or with a soft-cap inv_temp * tanh(cap * (x + bias)):
+// the head's constants, r1kernels/ops/token_logprobs.py head_constants); the loops over a block
+// are SIMD loops (common/cpu_simd.h: AVX-512, AVX2 or baseline clones, a polynomial exp). One
+// exp per element in each kernel, like the GPU kernels (the soft-capped head adds a tanh, and in
+// the gradient an exp, per element, in scalar loops). The gradient may be written over the logits (g aliasing x, also a 16-bit g over fp32 x): a block is read whole before any of it
 // is written, and a block's writes only touch bytes of columns already read.
 #include <torch/library.h>
 #include <ATen/ATen.h>
@@ -84,10 +85,30 @@ R1K_INLINE void load_block(const T* x, const float* bias, int64_t n, float inv_t
   }
 }
 
+// The soft-capped head of one logit y = cap * (x + bias): tanh y and sech^2 y = 1 - tanh^2 y, the
+// latter as 4e / (1 + e)^2 with e = exp(-2|y|) (no cancellation where tanh saturates).
+R1K_INLINE float softcap_tanh(float y) { return std::tanh(y); }
+R1K_INLINE float softcap_sech2(float y) {
+  const float e = std::exp(-2.f * std::fabs(y));
+  return 4.f * e / ((1.f + e) * (1.f + e));
+}
+
+// With a soft-cap (cap != 0): buf[i] = inv_temp * tanh(cap * (x[i] + bias[i])), and when d is
+// given d[i] = cap * sech^2(cap * (x[i] + bias[i])) (the factor dz/dx / inv_temp)
+template <typename T>
+void load_block_capped(const T* x, const float* bias, int64_t n, float inv_temp, float cap,
+                       float* buf, float* d) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float y = cap * (static_cast<float>(x[i]) + (bias != nullptr ? bias[i] : 0.f));
+    buf[i] = inv_temp * softcap_tanh(y);
+    if (d != nullptr) d[i] = cap * softcap_sech2(y);
+  }
+}
+
 template <typename T>
 void stats_rows(const T* x, int64_t sx, const int64_t* labels, const float* bias, float* state,
                 float* out, int64_t n, int64_t c, int64_t col0, int64_t vocab, float inv_temp,
-                int64_t ignore_index, bool accum, bool final_, bool entropy) {
+                float cap, int64_t ignore_index, bool accum, bool final_, bool entropy) {
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
     float buf[kBlock];
     for (int64_t row = begin; row < end; ++row) {
@@ -106,11 +127,15 @@ void stats_rows(const T* x, int64_t sx, const int64_t* labels, const float* bias
       const T* xr = x + row * sx;
       if (loc >= 0 && loc < n_read) {
         const float zt = static_cast<float>(xr[loc]) + (bias != nullptr ? bias[loc] : 0.f);
-        t += zt * inv_temp;
+        t += cap != 0.f ? inv_temp * softcap_tanh(cap * zt) : zt * inv_temp;
       }
       for (int64_t b0 = 0; b0 < n_read; b0 += kBlock) {
         const int64_t len = std::min(kBlock, n_read - b0);
-        load_block(xr + b0, bias != nullptr ? bias + b0 : nullptr, len, inv_temp, buf);
+        if (cap != 0.f)
+          load_block_capped(xr + b0, bias != nullptr ? bias + b0 : nullptr, len, inv_temp, cap, buf,
+                            nullptr);
+        else
+          load_block(xr + b0, bias != nullptr ? bias + b0 : nullptr, len, inv_temp, buf);
         const float m_new = std::max(m, block_max(buf, len));
         const float ref = m_new == kNegInf ? 0.f : m_new;  // all -inf so far: any finite ref
         const float alpha = std::exp(m - ref);
@@ -140,9 +165,10 @@ void stats_rows(const T* x, int64_t sx, const int64_t* labels, const float* bias
 template <typename T, typename G>
 void grad_rows(const T* x, int64_t sx, G* g, int64_t sg, const int64_t* labels, const float* bias,
                const float* lse, const float* ent, const float* dlogp, const float* dent, int64_t n,
-               int64_t c, int64_t col0, float inv_temp, int64_t ignore_index) {
+               int64_t c, int64_t col0, float inv_temp, float cap, int64_t ignore_index) {
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
     float buf[kBlock];
+    float dhead[kBlock];  // with a soft-cap: cap * sech^2 of each logit (load_block_capped)
     for (int64_t row = begin; row < end; ++row) {
       const int64_t label = labels[row];
       const bool ignored = label == ignore_index;
@@ -161,7 +187,11 @@ void grad_rows(const T* x, int64_t sx, G* g, int64_t sg, const int64_t* labels, 
       }
       for (int64_t b0 = 0; b0 < c; b0 += kBlock) {
         const int64_t len = std::min(kBlock, c - b0);
-        load_block(xr + b0, bias != nullptr ? bias + b0 : nullptr, len, inv_temp, buf);
+        if (cap != 0.f)
+          load_block_capped(xr + b0, bias != nullptr ? bias + b0 : nullptr, len, inv_temp, cap, buf,
+                            dhead);
+        else
+          load_block(xr + b0, bias != nullptr ? bias + b0 : nullptr, len, inv_temp, buf);
         const int64_t j = loc - b0;
         const float zl = (j >= 0 && j < len) ? buf[j] : 0.f;
         block_grad(buf, len, l, h, gl, ge, inv_temp, dent != nullptr);
@@ -172,7 +202,11 @@ void grad_rows(const T* x, int64_t sx, G* g, int64_t sg, const int64_t* labels, 
           if (dent != nullptr) v -= ge * p * (p > 0.f ? lv + h : 0.f);
           buf[j] = v * inv_temp;
         }
-        for (int64_t i = 0; i < len; ++i) gr[b0 + i] = static_cast<G>(buf[i]);
+        if (cap != 0.f) {
+          for (int64_t i = 0; i < len; ++i) gr[b0 + i] = static_cast<G>(buf[i] * dhead[i]);
+        } else {
+          for (int64_t i = 0; i < len; ++i) gr[b0 + i] = static_cast<G>(buf[i]);
+        }
       }
     }
   });
@@ -208,7 +242,8 @@ void check_f32(const char* op, const char* name, const at::Tensor& t, int64_t nu
 void logprob_tile_stats_cpu(const at::Tensor& x, const at::Tensor& labels,
                             const std::optional<at::Tensor>& bias, const at::Tensor& state,
                             const at::Tensor& out, int64_t col0, int64_t vocab, double inv_temp,
-                            int64_t ignore_index, bool accum, bool final_, bool entropy) {
+                            int64_t ignore_index, bool accum, bool final_, bool entropy,
+                            double cap) {
   const char* op = "logprob_tile_stats";
   check_tile(op, x, labels, bias);
   const int64_t n = x.size(0), c = x.size(1);
@@ -221,7 +256,8 @@ void logprob_tile_stats_cpu(const at::Tensor& x, const at::Tensor& labels,
     stats_rows<scalar_t>(x.const_data_ptr<scalar_t>(), x.stride(0), y.const_data_ptr<int64_t>(),
                          b.has_value() ? b->const_data_ptr<float>() : nullptr,
                          state.data_ptr<float>(), out.data_ptr<float>(), n, c, col0, vocab,
-                         static_cast<float>(inv_temp), ignore_index, accum, final_, entropy);
+                         static_cast<float>(inv_temp), static_cast<float>(cap), ignore_index,
+                         accum, final_, entropy);
   });
 }
 
@@ -230,7 +266,7 @@ void logprob_tile_grad_cpu(const at::Tensor& x, const at::Tensor& g, const at::T
                            const std::optional<at::Tensor>& bias, const at::Tensor& lse,
                            const std::optional<at::Tensor>& ent, const at::Tensor& dlogp,
                            const std::optional<at::Tensor>& dent, int64_t col0, double inv_temp,
-                           int64_t ignore_index) {
+                           int64_t ignore_index, double cap) {
   const char* op = "logprob_tile_grad";
   check_tile(op, x, labels, bias);
   const int64_t n = x.size(0), c = x.size(1);
@@ -257,7 +293,8 @@ void logprob_tile_grad_cpu(const at::Tensor& x, const at::Tensor& g, const at::T
                               ent_f.has_value() ? ent_f->const_data_ptr<float>() : nullptr,
                               dlogp_f.const_data_ptr<float>(),
                               dent_f.has_value() ? dent_f->const_data_ptr<float>() : nullptr, n, c,
-                              col0, static_cast<float>(inv_temp), ignore_index);
+                              col0, static_cast<float>(inv_temp), static_cast<float>(cap),
+                              ignore_index);
     });
   });
 }

@@ -66,7 +66,7 @@ void fused_logits_cluster_cuda(const at::Tensor& x, const at::Tensor& g, const a
                                int64_t ignore_index, bool entropy, int64_t loss, double eps_lo,
                                double eps_hi, std::optional<double> delta, double beta,
                                bool bias_kl, double tau_pos, double tau_neg, int64_t cluster,
-                               int64_t threads, int64_t variant) {
+                               int64_t threads, int64_t variant, double cap) {
   check_rows(x, "x");
   check_rows(g, "g");
   const bool x16 = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
@@ -108,6 +108,9 @@ void fused_logits_cluster_cuda(const at::Tensor& x, const at::Tensor& g, const a
                                                                           elem)),
                       ")");
   }
+  TORCH_CHECK_VALUE(inv_temp > 0 && cap >= 0, kOp, ": the kernel takes inv_temp > 0 and cap >= 0 "
+                    "(the row's max from the raw logits' max), got inv_temp=", r1k::msg(inv_temp),
+                    ", cap=", r1k::msg(cap));
   const int mode = glp.has_value() ? 0 : 1;
   FusedLogitsParams p;
   p.x = x.data_ptr();
@@ -122,6 +125,7 @@ void fused_logits_cluster_cuda(const at::Tensor& x, const at::Tensor& g, const a
   p.labels = labels.data_ptr<int64_t>();
   p.out = out.data_ptr<float>();
   p.inv_temp = static_cast<float>(inv_temp);
+  p.cap = static_cast<float>(cap);
   p.ignore_index = ignore_index;
   p.entropy = entropy ? 1 : 0;
   if (mode == 0) {

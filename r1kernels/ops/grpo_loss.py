@@ -622,7 +622,10 @@ _IMPLS = {
 
 
 def forward_impl(backend: str):
-    """(fwd, finalize) of a backend; used by GRPOLoss (r1kernels.nn) chunk by chunk."""
+    """(fwd, finalize) of a backend; used by GRPOLoss (r1kernels.nn) chunk by chunk. Triton's
+    through its custom ops when torch.compile traces them (a raw launch does not trace)."""
+    if backend == "triton" and torch.compiler.is_compiling():
+        return _grpo_loss_fwd_compiled, _grpo_loss_finalize_compiled
     return _IMPLS[backend if backend in _IMPLS else "torch"]
 
 
@@ -647,6 +650,43 @@ if HAS_TRITON:
         B, T = logps.shape
         grad = logps.new_empty((B, T) if write_grad else (0,), dtype=torch.float32)
         return grad, logps.new_empty(5, dtype=torch.float32), logps.new_empty(B, dtype=torch.float32)
+
+    # GRPOLoss's steps (forward_impl): the partials of a chunk of rows (C = 1: whole rows), and
+    # their reduction
+    @torch.library.custom_op("r1kernels_triton::grpo_loss_partials", mutates_args=())
+    def _grpo_loss_partials_op(logps: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
+                               old: torch.Tensor | None, ref: torch.Tensor | None,
+                               rw: torch.Tensor | None, loss: int, seq: bool, eps_lo: float,
+                               eps_hi: float, delta: float | None, beta: float, bias_kl: bool,
+                               tau_pos: float, tau_neg: float, max_len: float,
+                               write_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = _Config(loss, seq, eps_lo, eps_hi, delta, beta, bias_kl, tau_pos, tau_neg, max_len)
+        return grpo_loss_fwd_triton(logps, adv, mask, old, ref, rw, cfg, write_grad)
+
+    @_grpo_loss_partials_op.register_fake
+    def _(logps, adv, mask, old, ref, rw, loss, seq, eps_lo, eps_hi, delta, beta, bias_kl,
+          tau_pos, tau_neg, max_len, write_grad):
+        B, T = logps.shape
+        grad = logps.new_empty((B, T) if write_grad else (0,), dtype=torch.float32)
+        return grad, logps.new_empty((NUM_PARTIALS, 1, B), dtype=torch.float32)
+
+    @torch.library.custom_op("r1kernels_triton::grpo_loss_finalize", mutates_args=())
+    def _grpo_loss_finalize_op(part: torch.Tensor, nitems: torch.Tensor | None, loss: int,
+                               max_len: float) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = _Config(loss, False, 0.0, 0.0, None, 0.0, False, 1.0, 1.0, max_len)
+        return grpo_loss_finalize_triton(part, nitems, cfg)
+
+    @_grpo_loss_finalize_op.register_fake
+    def _(part, nitems, loss, max_len):
+        return part.new_empty(5), part.new_empty(part.shape[-1])
+
+
+def _grpo_loss_fwd_compiled(logps, adv, mask, old, ref, rw, cfg: _Config, write_grad: bool = True):
+    return _grpo_loss_partials_op(logps, adv, mask, old, ref, rw, *cfg, write_grad)
+
+
+def _grpo_loss_finalize_compiled(part, nitems, cfg: _Config):
+    return _grpo_loss_finalize_op(part, nitems, cfg.loss, cfg.max_len)
 
 
 def _fwd_finalize(backend, logps, adv, mask, old, ref, rw, nitems, cfg: _Config, write_grad: bool):

@@ -2,6 +2,9 @@
 ever holding the [N, V] logits.
 
     logits = hidden @ weight.T + bias,   logp / entropy as in ops/token_logprobs.py
+(heads that transform their logits, softcap= and logit_scale=, too: each logits tile goes
+through the same kernels, with the head's constants inv_temp and cap of
+token_logprobs.head_constants)
 
 Design: two sweeps over [rows x vocabulary] tiles of at most `TILE_ELEMS` fp32 logits.
   Pass 1 (forward): per row tile, per vocabulary tile: Z = h_tile @ W_tile.T accumulated and
@@ -93,6 +96,7 @@ from torch.autograd.function import once_differentiable
 from r1kernels import dispatch
 from r1kernels.ops import token_logprobs as tlp
 from r1kernels.ops._triton import tl, triton
+from r1kernels.ops.token_logprobs import _head, _tanh_sech2
 
 OP = "linear_token_logprobs"
 dispatch.register(OP, cuda=("triton", "torch"), cpu=("cpp", "torch"), ext_ops=tlp.CPP_OPS)
@@ -189,9 +193,10 @@ FUSED_BLOCKS = dict(BM=128, BN=64, BK=64, num_warps=8, num_stages=3)  # no spill
 
 @triton.jit
 def _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, stride_hn, stride_hk,
-                 stride_wv, stride_wk, inv_temp, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                 stride_wv, stride_wk, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """z = (h[rows] @ w[cols].T + b[cols]) / T as an fp32 [BM, BN] tile (-inf outside cols).
+    """The raw logits h[rows] @ w[cols].T + b[cols] as an fp32 [BM, BN] tile (callers apply the
+    head and mask the columns outside cols).
 
     IEEE: exact fp32 products (fp32 inputs without TF32; also set under the interpreter, where
     16-bit operands are upcast first: Triton 3.6's interpreter multiplies bf16 bit patterns as
@@ -211,7 +216,7 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, stride_hn, 
             acc = tl.dot(a, b, acc)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    return tl.where(col_ok[None, :], acc * inv_temp, float("-inf"))
+    return acc
 
 
 # Pass 1: program (row block, vocabulary split) -> partial (m, s, t, w) of its rows over its
@@ -219,10 +224,10 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, stride_hn, 
 # operands (mostly from L2) and 16 bytes per row and split.
 @triton.jit
 def _linear_logprobs_fwd_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, part_ptr, N, V, H, stride_hn,
-                                stride_hk, stride_wv, stride_wk, v_per_split, inv_temp,
+                                stride_hk, stride_wv, stride_wk, v_per_split, inv_temp, cap,
                                 HAS_BIAS: tl.constexpr, ENTROPY: tl.constexpr,
-                                IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                                BK: tl.constexpr):
+                                HEAD: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr,
+                                BN: tl.constexpr, BK: tl.constexpr):
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
     rows = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
@@ -238,7 +243,9 @@ def _linear_logprobs_fwd_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, part_ptr, N, V,
         cols = v0 + tl.arange(0, BN)
         col_ok = cols < v_end
         z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, stride_hn,
-                         stride_hk, stride_wv, stride_wk, inv_temp, HAS_BIAS, IEEE, BM, BN, BK)
+                         stride_hk, stride_wv, stride_wk, HAS_BIAS, IEEE, BM, BN, BK)
+        z = tl.where(col_ok[None, :], _head(z, col_ok[None, :], inv_temp, cap, HEAD),
+                     float("-inf"))
         t += tl.sum(tl.where(cols[None, :] == label[:, None], z, 0.0), axis=1)
         m_new = tl.maximum(m, tl.max(z, axis=1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -262,17 +269,22 @@ def _linear_logprobs_fwd_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, part_ptr, N, V,
 @triton.jit
 def _linear_logprobs_grad_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, ent_ptr, dlogp_ptr,
                                  dent_ptr, g_ptr, stride_g, N, c, col0, H, stride_hn, stride_hk,
-                                 stride_wv, stride_wk, inv_temp, ignore_index,
+                                 stride_wv, stride_wk, inv_temp, cap, ignore_index,
                                  HAS_BIAS: tl.constexpr, HAS_DENT: tl.constexpr,
-                                 IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                                 BK: tl.constexpr):
+                                 HEAD: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr,
+                                 BN: tl.constexpr, BK: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     row_ok = rows < N
     local = tl.program_id(1) * BN + tl.arange(0, BN)
     col_ok = local < c
     cols = col0 + local
     z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, stride_hn, stride_hk,
-                     stride_wv, stride_wk, inv_temp, HAS_BIAS, IEEE, BM, BN, BK)
+                     stride_wv, stride_wk, HAS_BIAS, IEEE, BM, BN, BK)
+    if HEAD == 2:
+        th, dhead = _tanh_sech2(z * cap)
+        z = tl.where(col_ok[None, :], th * inv_temp, float("-inf"))
+    else:
+        z = tl.where(col_ok[None, :], z * inv_temp, float("-inf"))
     label = tl.load(labels_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
     ignored = label == ignore_index
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
@@ -284,7 +296,10 @@ def _linear_logprobs_grad_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, ent_p
         dent = tl.where(ignored, 0.0, tl.load(dent_ptr + rows, mask=row_ok, other=0.0))
         ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
         g -= dent[:, None] * p * tl.where(p > 0.0, logp_v + ent[:, None], 0.0)
-    g = tl.where(ignored[:, None], 0.0, g * inv_temp)
+    g = g * inv_temp
+    if HEAD == 2:
+        g = g * (cap * dhead)
+    g = tl.where(ignored[:, None], 0.0, g)
     tl.store(g_ptr + rows[:, None] * stride_g + local[None, :], g.to(g_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
@@ -297,7 +312,7 @@ def _ieee(x: torch.Tensor) -> bool:
     return x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
 
 
-def fused_forward_stats(h, w, b, y, inv_temp: float, entropy: bool):
+def fused_forward_stats(h, w, b, y, inv_temp: float, entropy: bool, cap: float = 0.0):
     """Partial statistics of pass 1 in one launch: [splits, 4, N] fp32 (m, s, t, w)."""
     n, hid = h.shape
     vocab = w.shape[0]
@@ -311,8 +326,9 @@ def fused_forward_stats(h, w, b, y, inv_temp: float, entropy: bool):
     if n:
         _linear_logprobs_fwd_kernel[(row_blocks, splits)](
             h, w, b if b is not None else h, y, part, n, vocab, hid, h.stride(0), h.stride(1),
-            w.stride(0), w.stride(1), v_per_split, float(inv_temp), HAS_BIAS=b is not None,
-            ENTROPY=entropy, IEEE=_ieee(h), BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"],
+            w.stride(0), w.stride(1), v_per_split, float(inv_temp), float(cap),
+            HAS_BIAS=b is not None, ENTROPY=entropy, HEAD=tlp.head_kind(inv_temp, cap),
+            IEEE=_ieee(h), BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return part
 
@@ -330,7 +346,7 @@ def merge_partials(part: torch.Tensor) -> tuple:
 
 
 def fused_grad_tile(h, w, b, y, lse, ent, dlogp, dent, g, col0: int, inv_temp: float,
-                    ignore_index: int) -> None:
+                    ignore_index: int, cap: float = 0.0) -> None:
     """G [n, c] = dL/dlogits[:, col0:col0 + c] from h and w, in one launch."""
     n, hid = h.shape
     c = g.shape[1]
@@ -341,8 +357,9 @@ def fused_grad_tile(h, w, b, y, lse, ent, dlogp, dent, g, col0: int, inv_temp: f
     _linear_logprobs_grad_kernel[(triton.cdiv(n, cfg["BM"]), triton.cdiv(c, cfg["BN"]))](
         h, w, b if b is not None else h, y, lse, ent if has_dent else lse, dlogp,
         dent if has_dent else dlogp, g, g.stride(0), n, c, col0, hid, h.stride(0), h.stride(1),
-        w.stride(0), w.stride(1), float(inv_temp), int(ignore_index), HAS_BIAS=b is not None,
-        HAS_DENT=has_dent, IEEE=_ieee(h), BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"],
+        w.stride(0), w.stride(1), float(inv_temp), float(cap), int(ignore_index),
+        HAS_BIAS=b is not None, HAS_DENT=has_dent, HEAD=tlp.head_kind(inv_temp, cap),
+        IEEE=_ieee(h), BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
@@ -350,11 +367,12 @@ def fused_grad_tile(h, w, b, y, lse, ent, dlogp, dent, g, col0: int, inv_temp: f
 
 
 def forward_stats(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor,
-                  inv_temp: float, ignore_index: int, entropy: bool, backend: str):
+                  inv_temp: float, ignore_index: int, entropy: bool, backend: str,
+                  cap: float = 0.0):
     """(logp [N], entropy [N] or None, lse [N]) fp32; h [N, H], w [V, H], y [N]."""
     n_all, vocab = h.shape[0], w.shape[0]
     if backend == "triton" and FUSED_GEMM and not torch.compiler.is_compiling():
-        state = merge_partials(fused_forward_stats(h, w, b, y, inv_temp, entropy))
+        state = merge_partials(fused_forward_stats(h, w, b, y, inv_temp, entropy, cap))
         return tlp.finalize(state, y.long(), vocab, ignore_index, entropy)
     rows, cols = tile_shape(n_all, vocab, h.shape[1], h.device)
     f32 = dict(dtype=torch.float32, device=h.device)
@@ -377,11 +395,14 @@ def forward_stats(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: t
             if backend in tlp.TILE_BACKENDS:
                 tlp.stats_tile(backend, z, yr, bv, state, out, col0=v0, vocab=vocab,
                                inv_temp=inv_temp, ignore_index=ignore_index, accum=v0 > 0,
-                               final=last, entropy=entropy)
+                               final=last, entropy=entropy, cap=cap)
             else:
                 if bv is not None:
                     z += bv.float()
-                z *= inv_temp
+                if cap:
+                    z = tlp.head_torch(z, inv_temp, cap)[0]
+                else:
+                    z *= inv_temp
                 st = tlp.stats_torch(z, yl - v0, st, entropy)
             del z
         if backend in tlp.TILE_BACKENDS:
@@ -399,7 +420,7 @@ def forward_stats(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: t
 
 
 def backward_grads(h, w, b, y, lse, ent, dlogp, dent, inv_temp: float, ignore_index: int,
-                   backend: str, need: tuple[bool, bool, bool]):
+                   backend: str, need: tuple[bool, bool, bool], cap: float = 0.0):
     """(grad_hidden, grad_weight, grad_bias) or None for each one not needed."""
     n_all, hid = h.shape
     vocab = w.shape[0]
@@ -433,7 +454,7 @@ def backward_grads(h, w, b, y, lse, ent, dlogp, dent, inv_temp: float, ignore_in
                 g = torch.empty(hr.shape[0], c, dtype=gdt, device=h.device)
                 fused_grad_tile(hr, w, b, y[sl], lse[sl], None if dent is None else ent[sl],
                                 dlogp[sl], None if dent is None else dent[sl], g, v0, inv_temp,
-                                ignore_index)
+                                ignore_index, cap)
             elif backend in tlp.TILE_BACKENDS:
                 z = _mm_f32(hr, wv.t())
                 # The gradient overwrites the logits tile: row r of G (c values of gdt) goes to
@@ -450,16 +471,20 @@ def backward_grads(h, w, b, y, lse, ent, dlogp, dent, inv_temp: float, ignore_in
                 tlp.grad_tile(backend, z, g, y[sl], bv, lse[sl],
                               None if dent is None else ent[sl], dlogp[sl],
                               None if dent is None else dent[sl], col0=v0, inv_temp=inv_temp,
-                              ignore_index=ignore_index)
+                              ignore_index=ignore_index, cap=cap)
                 del z
             else:
                 z = _mm_f32(hr, wv.t())
                 if bv is not None:
                     z += bv.float()
-                z *= inv_temp
+                dhead = None
+                if cap:
+                    z, dhead = tlp.head_torch(z, inv_temp, cap, grad=True)
+                else:
+                    z *= inv_temp
                 g = tlp.grad_torch(z, yl[sl] - v0, ignored[sl], lse[sl],
                                    None if dent is None else ent[sl], dlogp[sl],
-                                   None if dent is None else dent[sl], inv_temp).to(gdt)
+                                   None if dent is None else dent[sl], inv_temp, dhead).to(gdt)
                 del z
             if need_h:
                 _addmm_f32_(gh[sl], g, wv)
@@ -528,18 +553,20 @@ def _upstream_grads(out, start: int, end: int, entropy: bool, op: str):
 
 def _chunk_grad(z, yr, b, *, lp_out, ent_out, r0: int, inv_temp: float, ignore_index: int,
                 entropy: bool, backend: str, grad_fn: Callable, cols: int, gdt, op: str,
-                need_any: bool, chunk_kernel: Callable | None = None, g_out=None):
+                need_any: bool, chunk_kernel: Callable | None = None, g_out=None,
+                cap: float = 0.0):
     """One single-sweep chunk's statistics (into lp_out / ent_out), grad_fn, and G = dL/dZ
     written over the chunk's fp32 logits z (None when no gradient is needed). chunk_kernel
-    (z, yr, g, r0, inv_temp, ignore_index, entropy) -> out [3, n] | None: a kernel that makes
-    the statistics and G in one read of z, with dL/dlogp computed in-kernel (instead of grad_fn;
+    (z, yr, g, r0, inv_temp, ignore_index, entropy, cap) -> out [3, n] | None: a kernel that
+    makes the statistics and G in one read of z, with dL/dlogp computed in-kernel (instead of grad_fn;
     token_logprobs.cluster_chunk), tried first where it may apply. g_out: where G goes (a
-    slice of the sweep's G group buffer; tile backends only), instead of over z."""
+    slice of the sweep's G group buffer; tile backends only), instead of over z. cap: the
+    head's (token_logprobs.head_constants), also passed to chunk_kernel as its last argument."""
     n, vocab = z.shape
     if (chunk_kernel is not None and need_any and b is None and backend == "triton"
             and gdt != torch.float32 and not torch.compiler.is_compiling()):
         g = z.view(gdt)[:, :vocab] if g_out is None else g_out
-        out = chunk_kernel(z, yr, g, r0, inv_temp, ignore_index, entropy)
+        out = chunk_kernel(z, yr, g, r0, inv_temp, ignore_index, entropy, cap)
         if out is not None:
             lp_out.copy_(out[0])
             if entropy:
@@ -550,7 +577,8 @@ def _chunk_grad(z, yr, b, *, lp_out, ent_out, r0: int, inv_temp: float, ignore_i
         state = torch.empty(4, n, **f32)
         out = torch.empty(3, n, **f32)
         tlp.stats_tile(backend, z, yr, b, state, out, col0=0, vocab=vocab, inv_temp=inv_temp,
-                       ignore_index=ignore_index, accum=False, final=True, entropy=entropy)
+                       ignore_index=ignore_index, accum=False, final=True, entropy=entropy,
+                       cap=cap)
         lp, en, lse = out[0], out[1] if entropy else None, out[2]
     else:  # per vocabulary tile (temporaries stay within the tile budget)
         yl = yr.long()
@@ -559,6 +587,9 @@ def _chunk_grad(z, yr, b, *, lp_out, ent_out, r0: int, inv_temp: float, ignore_i
             zt = z[:, v0:v0 + cols]
             if b is not None:
                 zt += b[v0:v0 + cols].float()
+            if cap:  # z keeps the raw logits (+ bias): the gradient needs sech^2 of them
+                st = tlp.stats_torch(tlp.head_torch(zt, inv_temp, cap)[0], yl - v0, st, entropy)
+                continue
             zt *= inv_temp  # z keeps the scaled logits for the gradient
             st = tlp.stats_torch(zt.clone(), yl - v0, st, entropy)
         del zt
@@ -581,19 +612,23 @@ def _chunk_grad(z, yr, b, *, lp_out, ent_out, r0: int, inv_temp: float, ignore_i
         else:
             g = z.view(gdt)[:, :vocab]
         tlp.grad_tile(backend, z, g, yr, b, lse, en_g, dlogp, dent, col0=0, inv_temp=inv_temp,
-                      ignore_index=ignore_index)
+                      ignore_index=ignore_index, cap=cap)
     else:  # G written over Z tile by tile (a 16-bit G: the aliasing of the Triton path)
         g = z if gdt == torch.float32 else z.view(gdt)[:, :vocab]
         ignored = yl == ignore_index
         for v0 in range(0, vocab, cols):
-            g[:, v0:v0 + cols] = tlp.grad_torch(z[:, v0:v0 + cols], yl - v0, ignored, lse,
-                                                en_g, dlogp, dent, inv_temp)
+            zt, dhead = z[:, v0:v0 + cols], None
+            if cap:
+                zt, dhead = tlp.head_torch(zt, inv_temp, cap, grad=True)
+            g[:, v0:v0 + cols] = tlp.grad_torch(zt, yl - v0, ignored, lse, en_g, dlogp, dent,
+                                                inv_temp, dhead)
     return g
 
 
 def single_sweep(h, w, b, y, inv_temp: float, ignore_index: int, entropy: bool, backend: str,
                  grad_fn: Callable, chunk_multiple: int, need: tuple[bool, bool, bool], op: str,
-                 chunk_bounds: list[int] | None = None, chunk_kernel: Callable | None = None):
+                 chunk_bounds: list[int] | None = None, chunk_kernel: Callable | None = None,
+                 cap: float = 0.0):
     """(logp, entropy or None, grad_hidden, grad_weight, grad_bias) in one sweep (module
     docstring); grad_fn is called once per chunk of rows (chunk_bounds: the chunks' row
     boundaries [0, ..., N], instead of groups of chunk_multiple rows)."""
@@ -634,7 +669,7 @@ def single_sweep(h, w, b, y, inv_temp: float, ignore_index: int, entropy: bool, 
     if group is not None:  # G of consecutive chunks collected, then the gradient GEMMs on all
         return _grouped_sweep(h, w, b, y, inv_temp, ignore_index, entropy, backend, grad_fn,
                               need, op, chunk_bounds, chunk_kernel, group, gdt, cols, logp, ent,
-                              gh, gw, gw_acc, gb)
+                              gh, gw, gw_acc, gb, cap)
     for r0, r1 in zip(chunk_bounds, chunk_bounds[1:]):
         sl = slice(r0, r1)
         hr, yr = h[sl], y[sl]
@@ -649,7 +684,7 @@ def single_sweep(h, w, b, y, inv_temp: float, ignore_index: int, entropy: bool, 
         g = _chunk_grad(z, yr, b, lp_out=logp[sl], ent_out=None if ent is None else ent[sl],
                         r0=r0, inv_temp=inv_temp, ignore_index=ignore_index, entropy=entropy,
                         backend=backend, grad_fn=grad_fn, cols=cols, gdt=gdt, op=op,
-                        need_any=need_h or need_w or need_b, chunk_kernel=chunk_kernel)
+                        need_any=need_h or need_w or need_b, chunk_kernel=chunk_kernel, cap=cap)
         del z
         if g is None:
             continue
@@ -703,7 +738,8 @@ def _group_rows(chunk_rows: int, n_all: int) -> int | None:
 
 
 def _grouped_sweep(h, w, b, y, inv_temp, ignore_index, entropy, backend, grad_fn, need, op,
-                   chunk_bounds, chunk_kernel, group, gdt, cols, logp, ent, gh, gw, gw_acc, gb):
+                   chunk_bounds, chunk_kernel, group, gdt, cols, logp, ent, gh, gw, gw_acc, gb,
+                   cap=0.0):
     """single_sweep with a G group buffer (SWEEP_GROUP_ROWS): each chunk's statistics and G
     (into the buffer), and the gradient GEMMs once per group of consecutive whole chunks."""
     vocab, hid = w.shape
@@ -737,7 +773,7 @@ def _grouped_sweep(h, w, b, y, inv_temp, ignore_index, entropy, backend, grad_fn
         _chunk_grad(z, y[sl], b, lp_out=logp[sl], ent_out=None if ent is None else ent[sl],
                     r0=r0, inv_temp=inv_temp, ignore_index=ignore_index, entropy=entropy,
                     backend=backend, grad_fn=grad_fn, cols=cols, gdt=gdt, op=op, need_any=True,
-                    chunk_kernel=chunk_kernel, g_out=gbuf[r0 - g0:r1 - g0])
+                    chunk_kernel=chunk_kernel, g_out=gbuf[r0 - g0:r1 - g0], cap=cap)
         del z
     flush(g0, chunk_bounds[-1])
     del gbuf
@@ -755,11 +791,12 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
     """hidden [N, H], weight [V, H], labels [N], bias [V] | None -> logp [N] (, entropy [N])."""
 
     @staticmethod
-    def forward(ctx, h, w, y, b, inv_temp, ignore_index, with_entropy, backend):
-        logp, ent, lse = forward_stats(h, w, b, y, inv_temp, ignore_index, with_entropy, backend)
+    def forward(ctx, h, w, y, b, inv_temp, ignore_index, with_entropy, backend, cap):
+        logp, ent, lse = forward_stats(h, w, b, y, inv_temp, ignore_index, with_entropy, backend,
+                                       cap)
         # saves the inputs themselves and 8 bytes per row: pass 2 recomputes the logits
         ctx.save_for_backward(h, w, y, b, lse, ent)
-        ctx.args = (inv_temp, ignore_index, with_entropy, backend)
+        ctx.args = (inv_temp, ignore_index, with_entropy, backend, cap)
         if with_entropy:
             return logp, ent
         return logp
@@ -768,20 +805,21 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dlogp, dent=None):
         h, w, y, b, lse, ent = ctx.saved_tensors
-        inv_temp, ignore_index, with_entropy, backend = ctx.args
+        inv_temp, ignore_index, with_entropy, backend, cap = ctx.args
         if dlogp is None:
             dlogp = torch.zeros_like(lse)
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3])
         gh, gw, gb = backward_grads(h, w, b, y, lse, ent if with_entropy else None, dlogp,
                                     dent if with_entropy else None, inv_temp, ignore_index,
-                                    backend, need)
-        return gh, gw, None, gb, None, None, None, None
+                                    backend, need, cap)
+        return gh, gw, None, gb, None, None, None, None, None
 
 
 # ---- validation -------------------------------------------------------------------------------
 
 
-def _prepare(op, hidden, weight, labels, bias, temperature, ignore_index, label_data=True):
+def _prepare(op, hidden, weight, labels, bias, temperature, ignore_index, label_data=True,
+             softcap=None, logit_scale=1.0):
     tlp.check_float(op, "hidden", hidden)
     tlp.check_float(op, "weight", weight, min_dim=2)
     if weight.dim() != 2:
@@ -806,13 +844,14 @@ def _prepare(op, hidden, weight, labels, bias, temperature, ignore_index, label_
             raise ValueError(f"{op}: bias expected on device {hidden.device}, got {bias.device}")
     tlp.check_labels(op, labels, hidden.shape[:-1], ignore_index, hidden.device)
     temperature = tlp.check_temperature(op, temperature)
+    inv_temp, cap = tlp.head_constants(op, temperature, softcap, logit_scale)
     h = hidden.reshape(math.prod(hidden.shape[:-1]), hid)  # (-1 is ambiguous when H = 0)
     if bias is not None:
         bias = bias.contiguous()  # the kernels read bias with unit stride ([V]: a small copy)
     y = tlp.flat_labels(labels)
     if label_data:
         tlp.check_label_values(op, y, vocab, ignore_index)
-    return h, bias, y, 1.0 / temperature
+    return h, bias, y, inv_temp, cap
 
 
 # ---- public function and internal entry point -------------------------------------------------
@@ -821,12 +860,14 @@ def _prepare(op, hidden, weight, labels, bias, temperature, ignore_index, label_
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                           bias: torch.Tensor | None = None, temperature: float = 1.0,
                           ignore_index: int = -100, with_entropy: bool = False,
+                          softcap: float | None = None, logit_scale: float = 1.0,
                           process_group=None):
     """token_logprobs(hidden @ weight.T + bias, labels, ...) without the [N, V] logits.
 
     `hidden [..., H]`, `weight [V, H]`, optional `bias [V]`, `labels [...]`. Returns fp32
     `logp [...]` (and `entropy [...]` when `with_entropy`), differentiable with respect to
-    hidden, weight and bias. Matmul products accumulate in fp32. See shared/API.md.
+    hidden, weight and bias. Matmul products accumulate in fp32. `logit_scale` and `softcap`:
+    the head's transform of the logits, as in token_logprobs. See shared/API.md.
     `weight` / `bias` may be DTensors (FSDP2): gathered, their gradient the sum over ranks in
     their own placement. `process_group`: weight [V_r, H] is this rank's contiguous slice of a
     vocabulary split over the group, labels global ids, grad_hidden summed over ranks
@@ -838,15 +879,17 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     if process_group is not None:
         return distributed.linear_token_logprobs(
             hidden, weight, labels, bias=bias, temperature=temperature, ignore_index=ignore_index,
-            with_entropy=with_entropy, group=process_group)
-    h, bias, y, inv_temp = _prepare(OP, hidden, weight, labels, bias, temperature, ignore_index,
-                                    label_data=False)
+            with_entropy=with_entropy, softcap=softcap, logit_scale=logit_scale,
+            group=process_group)
+    h, bias, y, inv_temp, cap = _prepare(OP, hidden, weight, labels, bias, temperature,
+                                         ignore_index, label_data=False, softcap=softcap,
+                                         logit_scale=logit_scale)
     backend = dispatch.select(OP, h.device)
     rows = labelled_rows(y, ignore_index, OP, weight.shape[0])
     if rows is not None:  # (differentiable gather and scatter around the op)
         h, y = h.index_select(0, rows), y.index_select(0, rows)
     out = LinearTokenLogprobsFunction.apply(h, weight, y, bias, inv_temp, int(ignore_index),
-                                            bool(with_entropy), backend)
+                                            bool(with_entropy), backend, cap)
     outs = out if with_entropy else (out,)
     if rows is not None:
         outs = tuple(o.new_zeros(labels.numel()).index_copy(0, rows, o) for o in outs)
@@ -870,7 +913,8 @@ def linear_token_logprobs_with_grad(hidden: torch.Tensor, weight: torch.Tensor,
                                     need_grads: tuple[bool, bool, bool] = (True, True, True),
                                     sweep: str = "auto", chunk_bounds: list[int] | None = None,
                                     chunk_kernel: Callable | None = None,
-                                    labels_checked: bool = False):
+                                    labels_checked: bool = False, softcap: float | None = None,
+                                    logit_scale: float = 1.0):
     """Log-probs and the gradients of a loss whose dL/dlogp `grad_fn` gives, in one call.
 
     Returns (logp [N] fp32, entropy [N] fp32 or None, grad_hidden [N, H] in hidden's dtype or
@@ -884,7 +928,8 @@ def linear_token_logprobs_with_grad(hidden: torch.Tensor, weight: torch.Tensor,
     docstring; with chunk_bounds: "one" when the largest chunk fits the limit). chunk_kernel:
     see _chunk_grad (single sweep only; it must give what grad_fn would, for a grad_fn without
     side effects). labels_checked: the caller has checked the labels' values already
-    (tlp.checked_rows), so no second host sync here.
+    (tlp.checked_rows), so no second host sync here. softcap, logit_scale: the head, as in
+    linear_token_logprobs.
     """
     op = "linear_token_logprobs_with_grad"
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
@@ -897,8 +942,9 @@ def linear_token_logprobs_with_grad(hidden: torch.Tensor, weight: torch.Tensor,
                          f"{need_grads!r}")
     if sweep not in ("auto", "one", "two"):
         raise ValueError(f"{op}: sweep expected 'auto', 'one' or 'two', got {sweep!r}")
-    h, bias, y, inv_temp = _prepare(op, hidden, weight, labels, bias, temperature, ignore_index,
-                                    label_data=not labels_checked)
+    h, bias, y, inv_temp, cap = _prepare(op, hidden, weight, labels, bias, temperature,
+                                         ignore_index, label_data=not labels_checked,
+                                         softcap=softcap, logit_scale=logit_scale)
     backend = dispatch.select(OP, h.device)
     need = tuple(bool(x) for x in need_grads)
     if chunk_bounds is not None:
@@ -915,15 +961,15 @@ def linear_token_logprobs_with_grad(hidden: torch.Tensor, weight: torch.Tensor,
         with torch.no_grad():
             return single_sweep(h, weight, bias, y, inv_temp, int(ignore_index),
                                 bool(with_entropy), backend, grad_fn, chunk_multiple, need, op,
-                                chunk_bounds, chunk_kernel)
+                                chunk_bounds, chunk_kernel, cap)
     with torch.no_grad():
         logp, ent, lse = forward_stats(h, weight, bias, y, inv_temp, int(ignore_index),
-                                       bool(with_entropy), backend)
+                                       bool(with_entropy), backend, cap)
         n = h.shape[0]
         dlogp = grad_fn(0, n, logp, ent)
         dlogp, dent = _upstream_grads(dlogp, 0, n, with_entropy, op)
         gh, gw, gb = backward_grads(h, weight, bias, y, lse, ent if dent is not None else None,
-                                    dlogp, dent, inv_temp, int(ignore_index), backend, need)
+                                    dlogp, dent, inv_temp, int(ignore_index), backend, need, cap)
     return logp, ent, gh, gw, gb
 
 
@@ -931,6 +977,7 @@ def linear_token_logprobs_fwd_bwd(hidden: torch.Tensor, weight: torch.Tensor, la
                                   grad_logp: torch.Tensor, *, grad_entropy: torch.Tensor | None = None,
                                   bias: torch.Tensor | None = None, temperature: float = 1.0,
                                   ignore_index: int = -100, with_entropy: bool = False,
+                                  softcap: float | None = None, logit_scale: float = 1.0,
                                   process_group=None):
     """Forward and backward of `linear_token_logprobs` in one sweep of the vocabulary, for a loss
     whose upstream gradient is known up front: L = sum(grad_logp * logp) + sum(grad_entropy *
@@ -940,10 +987,11 @@ def linear_token_logprobs_fwd_bwd(hidden: torch.Tensor, weight: torch.Tensor, la
     grad_bias [V] or None), gradients in the inputs' dtypes. The logits are computed once
     (6 N H V FLOPs instead of the 8 N H V of forward + backward through autograd); grad_weight's
     running sum follows the single-sweep precision rule of the module docstring. Not
-    differentiable itself. A DTensor `weight` / `bias` (FSDP2) gets its gradient as a DTensor of
-    its own placement, the sum over ranks of every rank's gradient. `process_group`: a
-    vocabulary split over the group (see linear_token_logprobs); grad_hidden is summed over
-    ranks, grad_weight / grad_bias are this rank's slice.
+    differentiable itself. softcap, logit_scale: the head, as in linear_token_logprobs. A
+    DTensor `weight` / `bias` (FSDP2) gets its gradient as a DTensor of its own placement, the
+    sum over ranks of every rank's gradient. `process_group`: a vocabulary split over the group
+    (see linear_token_logprobs); grad_hidden is summed over ranks, grad_weight / grad_bias are
+    this rank's slice.
     """
     from r1kernels import distributed
 
@@ -953,19 +1001,20 @@ def linear_token_logprobs_fwd_bwd(hidden: torch.Tensor, weight: torch.Tensor, la
         logp, ent, gh, gw, gb = linear_token_logprobs_fwd_bwd(
             hidden, w_full, labels, grad_logp, grad_entropy=grad_entropy, bias=b_full,
             temperature=temperature, ignore_index=ignore_index, with_entropy=with_entropy,
-            process_group=process_group)
+            softcap=softcap, logit_scale=logit_scale, process_group=process_group)
         return logp, ent, gh, distributed.shard_grad(gw, weight), distributed.shard_grad(gb, bias)
     if process_group is not None:
         return distributed.linear_token_logprobs_fwd_bwd(
             hidden, weight, labels, grad_logp, grad_entropy=grad_entropy, bias=bias,
             temperature=temperature, ignore_index=ignore_index, with_entropy=with_entropy,
-            group=process_group)
+            softcap=softcap, logit_scale=logit_scale, group=process_group)
     op = "linear_token_logprobs_fwd_bwd"
     if not isinstance(hidden, torch.Tensor) or hidden.dim() < 1:
         raise ValueError(f"{op}: hidden must be a tensor [..., H], got {type(hidden).__name__}")
     glp, gent = tlp.check_upstream_grads(op, labels, grad_logp, grad_entropy, with_entropy,
                                          hidden.device)
-    _prepare(op, hidden, weight, labels, bias, temperature, ignore_index, label_data=False)
+    _prepare(op, hidden, weight, labels, bias, temperature, ignore_index, label_data=False,
+             softcap=softcap, logit_scale=logit_scale)
     h2, y2 = hidden.reshape(math.prod(hidden.shape[:-1]), hidden.shape[-1]), tlp.flat_labels(labels)
     rows = labelled_rows(y2, ignore_index, op, weight.shape[0])  # (and the labels' values)
     h_in, y_in = h2, y2
@@ -977,16 +1026,16 @@ def linear_token_logprobs_fwd_bwd(hidden: torch.Tensor, weight: torch.Tensor, la
     def grad_fn(start, end, logp, ent):
         return glp[start:end], (None if gent is None else gent[start:end])
 
-    def chunk_kernel(z, yr, g, r0, inv_temp, ignore_index, entropy):
+    def chunk_kernel(z, yr, g, r0, inv_temp, ignore_index, entropy, cap):
         sl = slice(r0, r0 + z.shape[0])
         return tlp.cluster_chunk(z, yr, g, inv_temp, ignore_index, entropy, grad_logp=glp[sl],
-                                 grad_entropy=None if gent is None else gent[sl])
+                                 grad_entropy=None if gent is None else gent[sl], cap=cap)
 
     need = (True, True, bias is not None)
     logp, ent, gh, gw, gb = linear_token_logprobs_with_grad(
         h_in, weight, y_in, bias, temperature=temperature, ignore_index=ignore_index,
         with_entropy=with_entropy, grad_fn=grad_fn, need_grads=need, chunk_kernel=chunk_kernel,
-        labels_checked=True)
+        labels_checked=True, softcap=softcap, logit_scale=logit_scale)
     if rows is not None:
         n = y2.numel()
         logp = logp.new_zeros(n).index_copy_(0, rows, logp)

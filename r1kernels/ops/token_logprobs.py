@@ -1,6 +1,7 @@
 """Per-token log-probabilities (and entropy) from logits, reading each row once per pass.
 
-With z = logits / T (fp32), for each row:
+With z = logits / T (fp32), for each row (heads that transform their logits: z =
+head(logits) / T, below):
     lse     = log sum_v exp(z_v)
     logp    = z[label] - lse                     (0 where label == ignore_index)
     entropy = lse - sum_v p_v z_v = log s - w / s (0 where ignored)
@@ -10,7 +11,17 @@ vocabulary), so no [N, V] fp32 copy of the logits ever exists.
 
 VJP (p = softmax(z), H = entropy, g = dL/dlogp, e = dL/dentropy):
     dL/dlogits_v = (g * (1[v == label] - p_v) - e * p_v * (log p_v + H)) / T
-(0 on ignored rows). The backward can write it in place into the logits buffer
+(0 on ignored rows).
+Heads that transform their logits (shared/API.md): x' = logit_scale * x (Cohere, Granite), then
+x'' = softcap * tanh(x' / softcap) (Gemma's final_logit_softcapping), then z = x'' / T. The
+kernels take two constants (head_constants): without a soft-cap z = inv_temp * x with
+inv_temp = logit_scale / T (the plain head's code, any logit_scale for free); with one,
+z = inv_temp * tanh(cap * x) with inv_temp = softcap / T and cap = logit_scale / softcap (a
+HEAD constexpr, head_kind: the plain head's kernels are unchanged), and
+dz/dx = inv_temp * cap * sech^2(cap * x), so dL/dlogits above gains the factor
+cap * sech^2(cap * x). tanh and sech^2 come from one exp(-2|y|) (tanh = (1 - e) / (1 + e), sech^2 = 4e / (1 + e)^2: no cancellation in
+sech^2 where tanh saturates; a short series for |y| < 0.25, where 1 - e would cancel).
+The backward can write it in place into the logits buffer
 (`inplace_backward=True` / `inplace=True`) when the caller no longer needs the logits. A row
 whose g and e are both zero (a masked token) gets exact zeros without its logits being read by
 the Triton kernels: no traffic, and no NaN from whatever a masked position holds.
@@ -60,6 +71,33 @@ TORCH_CHUNK_ELEMS = 1 << 22
 
 
 @triton.jit
+def _tanh_sech2(y):
+    """(tanh y, sech^2 y = 1 - tanh^2 y) in fp32 from one exp (module docstring); +-inf give
+    (+-1, 0), NaN gives NaN."""
+    a = tl.abs(y)
+    e = tl.exp(-2.0 * a)
+    y2 = y * y
+    # |y| < 0.25: y - y^3/3 + 2y^5/15 - 17y^7/315 + 62y^9/2835 (next term < 1e-8 relative)
+    series = y * (1.0 + y2 * (-1.0 / 3.0 + y2 * (2.0 / 15.0 + y2 * (-17.0 / 315.0
+                                                                    + y2 * (62.0 / 2835.0)))))
+    t = tl.where(a < 0.25, series, tl.where(y < 0.0, -1.0, 1.0) * ((1.0 - e) / (1.0 + e)))
+    return t, 4.0 * e / ((1.0 + e) * (1.0 + e))
+
+
+@triton.jit
+def _head(x, ok, inv_temp, cap, HEAD: tl.constexpr):
+    """Scaled logits z of raw logits x (fp32; -inf where not `ok`), HEAD = head_kind(inv_temp,
+    cap): 0 inv_temp * x (inv_temp > 0), 1 the same with inv_temp < 0, 2 (a soft-cap)
+    inv_temp * tanh(cap * x); -inf where not `ok` (1 and 2 would map -inf to +inf or -1)."""
+    if HEAD == 2:
+        t, _ = _tanh_sech2(x * cap)
+        return tl.where(ok, t * inv_temp, float("-inf"))
+    if HEAD == 1:
+        return tl.where(ok, x * inv_temp, float("-inf"))
+    return x * inv_temp
+
+
+@triton.jit
 def _online_stats_update(m, s, w, z, ENTROPY: tl.constexpr):
     """Merge one block of scaled logits z into the row state (max m, sum-exp s, entropy sum w;
     s and w relative to m): one exp per element, the state rescaled once per block."""
@@ -90,21 +128,29 @@ def _merge_partials(mv, sv, wv, ENTROPY: tl.constexpr):
 
 
 @triton.jit
-def _logits_grad(z, is_label, lse, ent, dlogp, dent, inv_temp, HAS_DENT: tl.constexpr):
+def _logits_grad(z, is_label, lse, ent, dlogp, dent, inv_temp, cap, HAS_DENT: tl.constexpr,
+                 HEAD: tl.constexpr):
     """dL/dlogits of a block of raw logits z (formula in the module docstring)."""
-    logp_v = z * inv_temp - lse
+    if HEAD == 2:
+        t, d = _tanh_sech2(z * cap)
+        logp_v = t * inv_temp - lse
+    else:
+        logp_v = z * inv_temp - lse
     p = tl.exp(logp_v)
     g = tl.where(is_label, dlogp, 0.0) - dlogp * p
     if HAS_DENT:
         g -= dent * p * tl.where(p > 0.0, logp_v + ent, 0.0)
+    if HEAD == 2:
+        return g * inv_temp * (cap * d)
     return g * inv_temp
 
 
 @triton.jit
 def _token_logprobs_fwd_kernel(x_ptr, stride_x, labels_ptr, bias_ptr, state_ptr, out_ptr,
-                               n_rows, n_cols, col0, vocab, inv_temp, ignore_index,
+                               n_rows, n_cols, col0, vocab, inv_temp, cap, ignore_index,
                                HAS_BIAS: tl.constexpr, ACCUM: tl.constexpr, FINAL: tl.constexpr,
-                               ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+                               ENTROPY: tl.constexpr, HEAD: tl.constexpr,
+                               BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row).to(tl.int64)
     loc = label - col0  # the label's column inside this tile (may be outside it)
@@ -130,14 +176,14 @@ def _token_logprobs_fwd_kernel(x_ptr, stride_x, labels_ptr, bias_ptr, state_ptr,
     zt = tl.load(x_row + loc, mask=in_tile, other=0.0).to(tl.float32)
     if HAS_BIAS:
         zt += tl.load(bias_ptr + loc, mask=in_tile, other=0.0).to(tl.float32)
-    t += tl.where(in_tile, zt * inv_temp, 0.0)
+    t += tl.where(in_tile, _head(zt, in_tile, inv_temp, cap, HEAD), 0.0)
     for start in range(0, n_read, BLOCK_V):
         c = start + cols
         ok = c < n_cols
         z = tl.load(x_row + c, mask=ok, other=float("-inf")).to(tl.float32)
         if HAS_BIAS:
             z += tl.load(bias_ptr + c, mask=ok, other=0.0).to(tl.float32)
-        m, s, w = _online_stats_update(m, s, w, z * inv_temp, ENTROPY)
+        m, s, w = _online_stats_update(m, s, w, _head(z, ok, inv_temp, cap, HEAD), ENTROPY)
     if FINAL:
         lse = m + tl.log(s)
         valid = (label >= 0) & (label < vocab)
@@ -162,9 +208,9 @@ def _token_logprobs_fwd_kernel(x_ptr, stride_x, labels_ptr, bias_ptr, state_ptr,
 
 @triton.jit
 def _token_logprobs_bwd_kernel(x_ptr, stride_x, g_ptr, stride_g, labels_ptr, bias_ptr, lse_ptr,
-                               ent_ptr, dlogp_ptr, dent_ptr, n_cols, col0, inv_temp, ignore_index,
-                               HAS_BIAS: tl.constexpr, HAS_DENT: tl.constexpr,
-                               BLOCK_V: tl.constexpr):
+                               ent_ptr, dlogp_ptr, dent_ptr, n_cols, col0, inv_temp, cap,
+                               ignore_index, HAS_BIAS: tl.constexpr, HAS_DENT: tl.constexpr,
+                               HEAD: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row).to(tl.int64)
     ignored = label == ignore_index
@@ -190,7 +236,7 @@ def _token_logprobs_bwd_kernel(x_ptr, stride_x, g_ptr, stride_g, labels_ptr, bia
         z = tl.load(x_row + c, mask=rd, other=float("-inf")).to(tl.float32)
         if HAS_BIAS:
             z += tl.load(bias_ptr + c, mask=rd, other=0.0).to(tl.float32)
-        g = _logits_grad(z, c == loc, lse, ent, dlogp, dent, inv_temp, HAS_DENT)
+        g = _logits_grad(z, c == loc, lse, ent, dlogp, dent, inv_temp, cap, HAS_DENT, HEAD)
         g = tl.where(ignored | dead, 0.0, g)
         tl.store(g_row + c, g.to(g_ptr.dtype.element_ty), mask=ok)
 
@@ -266,9 +312,9 @@ def _token_logprobs_fused_kernel(
         x_ptr, s_xb, s_xt, g_ptr, s_gb, s_gt, labels_ptr, out_ptr,
         glp_ptr, gent_ptr,
         old_ptr, ref_ptr, adv_ptr, mask_ptr, rw_ptr, scale_ptr,
-        N, T, V, inv_temp, ignore_index,
+        N, T, V, inv_temp, cap, ignore_index,
         eps_lo, eps_hi, delta, beta, tau_pos, tau_neg,
-        MODE: tl.constexpr, ENTROPY: tl.constexpr, HAS_DENT: tl.constexpr,
+        MODE: tl.constexpr, ENTROPY: tl.constexpr, HAS_DENT: tl.constexpr, HEAD: tl.constexpr,
         LOSS: tl.constexpr, HAS_OLD: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_RW: tl.constexpr,
         BETA_NZ: tl.constexpr, BIAS_KL: tl.constexpr, BLOCK_V: tl.constexpr,
         LANES: tl.constexpr, PHASE: tl.constexpr):
@@ -302,8 +348,9 @@ def _token_logprobs_fused_kernel(
                 for start in range(0, v_read, BLOCK_V):
                     c = start + cols
                     ok = c < V
-                    z = tl.load(x_row + c, mask=ok, other=float("-inf"),
-                                eviction_policy="evict_last").to(tl.float32) * inv_temp
+                    z = _head(tl.load(x_row + c, mask=ok, other=float("-inf"),
+                                      eviction_policy="evict_last").to(tl.float32),
+                              ok, inv_temp, cap, HEAD)
                     m_new = tl.maximum(mv, z)
                     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
                     alpha = tl.exp(mv - m_ref)
@@ -321,11 +368,13 @@ def _token_logprobs_fused_kernel(
                 for start in range(0, v_read, BLOCK_V):
                     c = start + cols
                     ok = c < V
-                    z = tl.load(x_row + c, mask=ok, other=float("-inf"),
-                                eviction_policy="evict_last").to(tl.float32) * inv_temp
+                    z = _head(tl.load(x_row + c, mask=ok, other=float("-inf"),
+                                      eviction_policy="evict_last").to(tl.float32),
+                              ok, inv_temp, cap, HEAD)
                     m, s, w = _online_stats_update(m, s, w, z, ENTROPY)
             valid = (label >= 0) & (label < V)
-            zt = tl.load(x_row + label, mask=valid & live, other=0.0).to(tl.float32) * inv_temp
+            zt = _head(tl.load(x_row + label, mask=valid & live, other=0.0).to(tl.float32),
+                       valid, inv_temp, cap, HEAD)
             lse, logp, ent = _row_result(m, s, w, zt, valid, ignored)
             lse = tl.where(live, lse, 0.0)
             logp = tl.where(live, logp, 0.0)
@@ -363,7 +412,8 @@ def _token_logprobs_fused_kernel(
                 # not read: exact zeros written (whatever the row's statistics were)
                 z = tl.load(x_row + c, mask=ok & nz, other=float("-inf"),
                             eviction_policy="evict_first").to(tl.float32)
-                g = _logits_grad(z, c == label, lse, ent, dlp, dent, inv_temp, HAS_DENT)
+                g = _logits_grad(z, c == label, lse, ent, dlp, dent, inv_temp, cap, HAS_DENT,
+                                 HEAD)
                 g = tl.where(nz, g, 0.0)
                 tl.store(g_row + c, g.to(g_ptr.dtype.element_ty), mask=ok,
                          eviction_policy="evict_first")
@@ -481,7 +531,7 @@ def _cluster_dtypes_ok(x: torch.Tensor, g: torch.Tensor) -> bool:
 
 def cluster_config(x3: torch.Tensor, g3: torch.Tensor) -> tuple[int, int, int] | None:
     """(cluster, threads, variant) when the cluster kernel is on and takes these logits
-    [B, T, V] and this gradient buffer, else None."""
+    [B, T, V] and this gradient buffer, else None. (Its head: cluster_head_ok.)"""
     setting = _cluster_setting()
     if setting is None or x3.device.type != "cuda" or torch.compiler.is_compiling():
         return None  # (eager only: its schema does not model g aliasing x)
@@ -502,24 +552,31 @@ def cluster_config(x3: torch.Tensor, g3: torch.Tensor) -> tuple[int, int, int] |
     return (cl, threads, variant) if ok else None
 
 
+def cluster_head_ok(inv_temp: float, cap: float) -> bool:
+    """Whether the cluster kernel takes this head (head_constants): z = inv_temp * x, or with a
+    soft-cap inv_temp * tanh(cap * x), for inv_temp > 0 and cap >= 0 (it finds a row's max from
+    its raw logits' max); a negative logit_scale runs the Triton kernel."""
+    return inv_temp > 0 and cap >= 0
+
+
 def cluster_chunk(z: torch.Tensor, labels: torch.Tensor, g: torch.Tensor, inv_temp: float,
                   ignore_index: int, with_entropy: bool, *, grad_logp=None, grad_entropy=None,
-                  grpo=None) -> torch.Tensor | None:
+                  grpo=None, cap: float = 0.0) -> torch.Tensor | None:
     """The cluster kernel on one chunk of the hidden-state single sweep: fp32 logits z [n, V],
     dL/dlogits into g [n, V] (16-bit; may share z's storage), the upstream gradients or the GRPO
     inputs already cut to the chunk's rows (grpo's scale per row: each row is its own
     "sequence" here). Returns out [3, n] (logp, entropy, lse), or None where the kernel does not
     apply (the caller's tile kernels run instead)."""
     x3, g3 = z.unsqueeze(1), g.unsqueeze(1)
-    setting = cluster_config(x3, g3)
+    setting = cluster_config(x3, g3) if cluster_head_ok(inv_temp, cap) else None
     if setting is None:
         return None
     return fused_cluster(x3, labels, g3, inv_temp, ignore_index, with_entropy, setting,
-                         grad_logp=grad_logp, grad_entropy=grad_entropy, grpo=grpo)
+                         grad_logp=grad_logp, grad_entropy=grad_entropy, grpo=grpo, cap=cap)
 
 
 def fused_cluster(x3, labels, g3, inv_temp, ignore_index, with_entropy, setting, *,
-                  grad_logp=None, grad_entropy=None, grpo=None) -> torch.Tensor:
+                  grad_logp=None, grad_entropy=None, grpo=None, cap: float = 0.0) -> torch.Tensor:
     """fused_triton's contract, by the cluster kernel (setting = cluster_config(x3, g3))."""
     B, T, V = x3.shape
     n = B * T
@@ -549,26 +606,26 @@ def fused_cluster(x3, labels, g3, inv_temp, ignore_index, with_entropy, setting,
         x3, g3, y, out, glp, gent, adv, mask, old, ref, rw, scale, float(inv_temp),
         int(ignore_index), bool(with_entropy), loss, eps_lo, eps_hi,
         None if delta is None else float(delta), beta, bias_kl, tau_pos, tau_neg,
-        int(setting[0]), int(setting[1]), int(setting[2]))
+        int(setting[0]), int(setting[1]), int(setting[2]), float(cap))
     return out
 
 
 def fused_logits(x3: torch.Tensor, labels: torch.Tensor, g3: torch.Tensor, inv_temp: float,
                  ignore_index: int, with_entropy: bool, *, grad_logp=None, grad_entropy=None,
-                 grpo=None) -> torch.Tensor:
+                 grpo=None, cap: float = 0.0) -> torch.Tensor:
     """The fused logits kernels' entry point: the cluster kernel where it is on and applies
     (cluster_config), else the Triton kernel (fused_triton, whose contract both follow)."""
-    setting = cluster_config(x3, g3)
+    setting = cluster_config(x3, g3) if cluster_head_ok(inv_temp, cap) else None
     if setting is not None:
         return fused_cluster(x3, labels, g3, inv_temp, ignore_index, with_entropy, setting,
-                             grad_logp=grad_logp, grad_entropy=grad_entropy, grpo=grpo)
+                             grad_logp=grad_logp, grad_entropy=grad_entropy, grpo=grpo, cap=cap)
     return fused_triton(x3, labels, g3, inv_temp, ignore_index, with_entropy,
-                        grad_logp=grad_logp, grad_entropy=grad_entropy, grpo=grpo)
+                        grad_logp=grad_logp, grad_entropy=grad_entropy, grpo=grpo, cap=cap)
 
 
 def fused_triton(x3: torch.Tensor, labels: torch.Tensor, g3: torch.Tensor, inv_temp: float,
                  ignore_index: int, with_entropy: bool, *, grad_logp=None, grad_entropy=None,
-                 grpo=None) -> torch.Tensor:
+                 grpo=None, cap: float = 0.0) -> torch.Tensor:
     """Launch the fused kernel on logits x3 [B, T, V] (last dim contiguous; any row strides),
     writing dL/dlogits into g3 (same shape; may be x3 itself). labels [B * T] contiguous.
     Either grad_logp [B * T] (and optionally grad_entropy [B * T]) or grpo = (cfg, adv, mask,
@@ -599,6 +656,7 @@ def fused_triton(x3: torch.Tensor, labels: torch.Tensor, g3: torch.Tensor, inv_t
                float(cfg.tau_pos), float(cfg.tau_neg)) if cfg is not None else (0.0,) * 6)
     consts = dict(MODE=mode, ENTROPY=bool(with_entropy),
                   HAS_DENT=mode == 0 and grad_entropy is not None,
+                  HEAD=head_kind(inv_temp, cap),
                   LOSS=cfg.loss if cfg is not None else 0,
                   HAS_OLD=cfg is not None and grpo[3] is not None,
                   HAS_DELTA=cfg is not None and cfg.delta is not None,
@@ -611,8 +669,8 @@ def fused_triton(x3: torch.Tensor, labels: torch.Tensor, g3: torch.Tensor, inv_t
     grid = (_num_programs(x3.device, n, per_sm) if per_sm > 0 else n,)
     for phase, w, blk in launches:
         _token_logprobs_fused_kernel[grid](
-            *head, glp, gent, *tail, n, T, V, float(inv_temp), int(ignore_index), *floats,
-            **consts, BLOCK_V=max(16, min(blk, next_power_of_2(V))), LANES=bool(lanes),
+            *head, glp, gent, *tail, n, T, V, float(inv_temp), float(cap), int(ignore_index),
+            *floats, **consts, BLOCK_V=max(16, min(blk, next_power_of_2(V))), LANES=bool(lanes),
             PHASE=phase, num_warps=w)
     return out
 
@@ -637,8 +695,10 @@ def _block_v(n_cols: int, stats: bool = False) -> tuple[int, int]:
 
 def stats_triton(x: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None,
                  state: torch.Tensor, out: torch.Tensor, *, col0: int, vocab: int, inv_temp: float,
-                 ignore_index: int, accum: bool, final: bool, entropy: bool) -> None:
-    """Launch the statistics kernel on rows of `x [n, c]` (last dim contiguous).
+                 ignore_index: int, accum: bool, final: bool, entropy: bool,
+                 cap: float = 0.0) -> None:
+    """Launch the statistics kernel on rows of `x [n, c]` (last dim contiguous); the head's
+    constants inv_temp, cap as in head_constants.
 
     state [4, n] fp32 (m, s, t, w) is read when `accum` and written unless `final`; out [3, n]
     fp32 (logp, entropy, lse) is written when `final`.
@@ -649,14 +709,15 @@ def stats_triton(x: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | Non
     block, warps = _block_v(c, stats=True)
     _token_logprobs_fwd_kernel[(n,)](
         x, x.stride(0), labels, bias if bias is not None else x, state, out, n, c, col0, vocab,
-        float(inv_temp), int(ignore_index), HAS_BIAS=bias is not None, ACCUM=accum, FINAL=final,
-        ENTROPY=entropy, BLOCK_V=block, num_warps=warps)
+        float(inv_temp), float(cap), int(ignore_index), HAS_BIAS=bias is not None, ACCUM=accum,
+        FINAL=final, ENTROPY=entropy, HEAD=head_kind(inv_temp, cap), BLOCK_V=block,
+        num_warps=warps)
 
 
 def grad_triton(x: torch.Tensor, g: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None,
                 lse: torch.Tensor, ent: torch.Tensor | None, dlogp: torch.Tensor,
                 dent: torch.Tensor | None, *, col0: int, inv_temp: float,
-                ignore_index: int) -> None:
+                ignore_index: int, cap: float = 0.0) -> None:
     """Write dL/dx into g (g may be x itself) for rows of `x [n, c]` (last dim contiguous)."""
     n, c = x.shape
     if n == 0:
@@ -666,46 +727,50 @@ def grad_triton(x: torch.Tensor, g: torch.Tensor, labels: torch.Tensor, bias: to
     _token_logprobs_bwd_kernel[(n,)](
         x, x.stride(0), g, g.stride(0), labels, bias if bias is not None else x, lse,
         ent if has_dent else lse, dlogp, dent if has_dent else dlogp, c, col0, float(inv_temp),
-        int(ignore_index), HAS_BIAS=bias is not None, HAS_DENT=has_dent, BLOCK_V=block,
-        num_warps=warps)
+        float(cap), int(ignore_index), HAS_BIAS=bias is not None, HAS_DENT=has_dent,
+        HEAD=head_kind(inv_temp, cap), BLOCK_V=block, num_warps=warps)
 
 
 def stats_cpp(x: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None,
               state: torch.Tensor, out: torch.Tensor, *, col0: int, vocab: int, inv_temp: float,
-              ignore_index: int, accum: bool, final: bool, entropy: bool) -> None:
+              ignore_index: int, accum: bool, final: bool, entropy: bool,
+              cap: float = 0.0) -> None:
     """stats_triton's contract on CPU tensors, by the C++ kernel."""
     torch.ops.r1kernels.logprob_tile_stats(x, labels, bias, state, out, int(col0), int(vocab),
                                            float(inv_temp), int(ignore_index), bool(accum),
-                                           bool(final), bool(entropy))
+                                           bool(final), bool(entropy), float(cap))
 
 
 def grad_cpp(x: torch.Tensor, g: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None,
              lse: torch.Tensor, ent: torch.Tensor | None, dlogp: torch.Tensor,
-             dent: torch.Tensor | None, *, col0: int, inv_temp: float, ignore_index: int) -> None:
+             dent: torch.Tensor | None, *, col0: int, inv_temp: float, ignore_index: int,
+             cap: float = 0.0) -> None:
     """grad_triton's contract on CPU tensors, by the C++ kernel (g may be x itself, or a 16-bit
     view over fp32 x's rows)."""
     has_dent = dent is not None
     torch.ops.r1kernels.logprob_tile_grad(x, g, labels, bias, lse, ent if has_dent else None, dlogp,
-                                          dent, int(col0), float(inv_temp), int(ignore_index))
+                                          dent, int(col0), float(inv_temp), int(ignore_index),
+                                          float(cap))
 
 
 def fwd_rows(backend: str, logits, labels, inv_temp: float, ignore_index: int,
-             with_entropy: bool):
+             with_entropy: bool, cap: float = 0.0):
     """[3, N] fp32 (logp, entropy (zeros unless with_entropy), lse) of logits [N, V] by the
     Triton or C++ statistics kernel."""
     out = torch.zeros(3, logits.shape[0], dtype=torch.float32, device=logits.device)
     stats = stats_cpp if backend == "cpp" else stats_triton
     stats(logits, labels, None, out, out, col0=0, vocab=logits.shape[1], inv_temp=inv_temp,
-          ignore_index=ignore_index, accum=False, final=True, entropy=with_entropy)
+          ignore_index=ignore_index, accum=False, final=True, entropy=with_entropy, cap=cap)
     return out
 
 
 def bwd_rows(backend: str, logits, labels, lse, ent, dlogp, dent, inv_temp: float,
-             ignore_index: int, inplace: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+             ignore_index: int, inplace: bool, out: torch.Tensor | None = None,
+             cap: float = 0.0) -> torch.Tensor:
     g = logits if inplace else (torch.empty_like(logits) if out is None else out)
     grad = grad_cpp if backend == "cpp" else grad_triton
     grad(logits, g, labels, None, lse, ent, dlogp, dent, col0=0, inv_temp=inv_temp,
-         ignore_index=ignore_index)
+         ignore_index=ignore_index, cap=cap)
     return g
 
 
@@ -715,34 +780,34 @@ if HAS_TRITON:
 
     @torch.library.custom_op("r1kernels_triton::token_logprobs_fwd", mutates_args=())
     def _fwd_triton_op(logits: torch.Tensor, labels: torch.Tensor, inv_temp: float,
-                       ignore_index: int, with_entropy: bool) -> torch.Tensor:
-        return fwd_rows("triton", logits, labels, inv_temp, ignore_index, with_entropy)
+                       ignore_index: int, with_entropy: bool, cap: float = 0.0) -> torch.Tensor:
+        return fwd_rows("triton", logits, labels, inv_temp, ignore_index, with_entropy, cap)
 
     @_fwd_triton_op.register_fake
-    def _(logits, labels, inv_temp, ignore_index, with_entropy):
+    def _(logits, labels, inv_temp, ignore_index, with_entropy, cap=0.0):
         return logits.new_empty(3, logits.shape[0], dtype=torch.float32)
 
     @torch.library.custom_op("r1kernels_triton::token_logprobs_bwd", mutates_args=())
     def _bwd_triton_op(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
                        ent: torch.Tensor | None, dlogp: torch.Tensor, dent: torch.Tensor | None,
-                       inv_temp: float, ignore_index: int) -> torch.Tensor:
+                       inv_temp: float, ignore_index: int, cap: float = 0.0) -> torch.Tensor:
         return bwd_rows("triton", logits, labels, lse, ent, dlogp, dent, inv_temp, ignore_index,
-                        False)
+                        False, cap=cap)
 
     @_bwd_triton_op.register_fake
-    def _(logits, labels, lse, ent, dlogp, dent, inv_temp, ignore_index):
+    def _(logits, labels, lse, ent, dlogp, dent, inv_temp, ignore_index, cap=0.0):
         return torch.empty_like(logits)
 
     @torch.library.custom_op("r1kernels_triton::token_logprobs_bwd_", mutates_args=("logits",))
     def _bwd_inplace_triton_op(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
                                ent: torch.Tensor | None, dlogp: torch.Tensor,
                                dent: torch.Tensor | None, inv_temp: float,
-                               ignore_index: int) -> None:
+                               ignore_index: int, cap: float = 0.0) -> None:
         grad_triton(logits, logits, labels, None, lse, ent, dlogp, dent, col0=0,
-                    inv_temp=inv_temp, ignore_index=ignore_index)
+                    inv_temp=inv_temp, ignore_index=ignore_index, cap=cap)
 
     @_bwd_inplace_triton_op.register_fake
-    def _(logits, labels, lse, ent, dlogp, dent, inv_temp, ignore_index):
+    def _(logits, labels, lse, ent, dlogp, dent, inv_temp, ignore_index, cap=0.0):
         return None
 
     # tile-level launchers used by the hidden-state op (linear_token_logprobs)
@@ -750,57 +815,77 @@ if HAS_TRITON:
     def _tile_stats_op(x: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None,
                        state: torch.Tensor, out: torch.Tensor, col0: int, vocab: int,
                        inv_temp: float, ignore_index: int, accum: bool, final: bool,
-                       entropy: bool) -> None:
+                       entropy: bool, cap: float = 0.0) -> None:
         stats_triton(x, labels, bias, state, out, col0=col0, vocab=vocab, inv_temp=inv_temp,
-                     ignore_index=ignore_index, accum=accum, final=final, entropy=entropy)
+                     ignore_index=ignore_index, accum=accum, final=final, entropy=entropy,
+                     cap=cap)
 
     @_tile_stats_op.register_fake
-    def _(x, labels, bias, state, out, col0, vocab, inv_temp, ignore_index, accum, final, entropy):
+    def _(x, labels, bias, state, out, col0, vocab, inv_temp, ignore_index, accum, final, entropy,
+          cap=0.0):
         return None
 
     @torch.library.custom_op("r1kernels_triton::logprob_tile_grad", mutates_args=("g",))
     def _tile_grad_op(x: torch.Tensor, g: torch.Tensor, labels: torch.Tensor,
                       bias: torch.Tensor | None, lse: torch.Tensor, ent: torch.Tensor | None,
                       dlogp: torch.Tensor, dent: torch.Tensor | None, col0: int, inv_temp: float,
-                      ignore_index: int) -> None:
+                      ignore_index: int, cap: float = 0.0) -> None:
         grad_triton(x, g, labels, bias, lse, ent, dlogp, dent, col0=col0, inv_temp=inv_temp,
-                    ignore_index=ignore_index)
+                    ignore_index=ignore_index, cap=cap)
 
     @_tile_grad_op.register_fake
-    def _(x, g, labels, bias, lse, ent, dlogp, dent, col0, inv_temp, ignore_index):
+    def _(x, g, labels, bias, lse, ent, dlogp, dent, col0, inv_temp, ignore_index, cap=0.0):
         return None
 
 
 def stats_tile(backend, x, labels, bias, state, out, *, col0, vocab, inv_temp, ignore_index, accum,
-               final, entropy) -> None:
+               final, entropy, cap=0.0) -> None:
     """stats_cpp or stats_triton (backend "cpp" / "triton"), the latter through its custom op
     when torch.compile traces it."""
     if backend == "cpp":
         stats_cpp(x, labels, bias, state, out, col0=col0, vocab=vocab, inv_temp=inv_temp,
-                  ignore_index=ignore_index, accum=accum, final=final, entropy=entropy)
+                  ignore_index=ignore_index, accum=accum, final=final, entropy=entropy, cap=cap)
     elif torch.compiler.is_compiling():
         _tile_stats_op(x, labels, bias, state, out, col0, vocab, inv_temp, ignore_index, accum,
-                       final, entropy)
+                       final, entropy, cap)
     else:
         stats_triton(x, labels, bias, state, out, col0=col0, vocab=vocab, inv_temp=inv_temp,
-                     ignore_index=ignore_index, accum=accum, final=final, entropy=entropy)
+                     ignore_index=ignore_index, accum=accum, final=final, entropy=entropy,
+                     cap=cap)
 
 
 def grad_tile(backend, x, g, labels, bias, lse, ent, dlogp, dent, *, col0, inv_temp,
-              ignore_index) -> None:
+              ignore_index, cap=0.0) -> None:
     """grad_cpp or grad_triton (backend "cpp" / "triton"), the latter through its custom op when
     torch.compile traces it (g must not alias x then)."""
     if backend == "cpp":
         grad_cpp(x, g, labels, bias, lse, ent, dlogp, dent, col0=col0, inv_temp=inv_temp,
-                 ignore_index=ignore_index)
+                 ignore_index=ignore_index, cap=cap)
     elif torch.compiler.is_compiling():
-        _tile_grad_op(x, g, labels, bias, lse, ent, dlogp, dent, col0, inv_temp, ignore_index)
+        _tile_grad_op(x, g, labels, bias, lse, ent, dlogp, dent, col0, inv_temp, ignore_index,
+                      cap)
     else:
         grad_triton(x, g, labels, bias, lse, ent, dlogp, dent, col0=col0, inv_temp=inv_temp,
-                    ignore_index=ignore_index)
+                    ignore_index=ignore_index, cap=cap)
 
 
 # ---- PyTorch path (chunked over rows; the same math on fp32 tiles) ----------------------------
+
+
+def head_torch(x: torch.Tensor, inv_temp: float, cap: float, grad: bool = False):
+    """(z, dhead) of raw fp32 logits x (not modified): z = inv_temp * x, or with a soft-cap
+    (cap != 0) inv_temp * tanh(cap * x) and, when `grad`, dhead = cap * sech^2(cap * x) (from
+    exp(-2|cap x|): no cancellation where tanh saturates; grad_torch's factor besides
+    inv_temp). dhead is None without a soft-cap or without `grad`."""
+    if not cap:
+        return x * inv_temp, None
+    y = x * cap
+    dhead = None
+    if grad:
+        e = torch.exp(y.abs().mul(-2.0))
+        dhead = e.mul(4.0 * cap).div_((e + 1.0).square_())
+    return y.tanh_().mul_(inv_temp), dhead
+
 
 
 def stats_torch(z: torch.Tensor, loc: torch.Tensor, state: tuple | None, entropy: bool):
@@ -851,10 +936,11 @@ def finalize(state: tuple, labels: torch.Tensor, vocab: int, ignore_index: int, 
 
 def grad_torch(z: torch.Tensor, loc: torch.Tensor, ignored: torch.Tensor, lse: torch.Tensor,
                ent: torch.Tensor | None, dlogp: torch.Tensor, dent: torch.Tensor | None,
-               inv_temp: float) -> torch.Tensor:
+               inv_temp: float, dhead: torch.Tensor | None = None) -> torch.Tensor:
     """dL/dlogits of the fp32 tile z [n, c] (already / T), computed in place in z:
-    g = p * (-(dlogp + dent * H) - dent * log p) + dlogp * onehot, times 1/T, with log p floored
-    at -1e4 (p is 0 there either way: no 0 * -inf)."""
+    g = p * (-(dlogp + dent * H) - dent * log p) + dlogp * onehot, times 1/T (and times dhead,
+    head_torch's, with a soft-cap), with log p floored at -1e4 (p is 0 there either way: no
+    0 * -inf)."""
     n, c = z.shape
     zero = torch.zeros_like(lse)
     g_row = torch.where(ignored, zero, dlogp.float())
@@ -870,6 +956,8 @@ def grad_torch(z: torch.Tensor, loc: torch.Tensor, ignored: torch.Tensor, lse: t
     onehot = torch.where(in_tile, g_row, zero).unsqueeze(1)
     g = g.scatter_add_(1, loc.clamp(0, max(c - 1, 0)).unsqueeze(1), onehot)
     g = g.masked_fill_(ignored.unsqueeze(1), 0.0)
+    if dhead is not None:
+        g.mul_(dhead)
     return g.mul_(inv_temp)
 
 
@@ -878,13 +966,13 @@ def _chunk_rows(n_cols: int) -> int:
 
 
 def fwd_torch(x: torch.Tensor, labels: torch.Tensor, inv_temp: float, ignore_index: int,
-              with_entropy: bool):
+              with_entropy: bool, cap: float = 0.0):
     """(logp, entropy or None, lse) with at most TORCH_CHUNK_ELEMS fp32 logits alive at once."""
     n, v = x.shape
     outs = []
     step = _chunk_rows(v)
     for r0 in range(0, n, step):
-        z = x[r0:r0 + step].float() * inv_temp
+        z = head_torch(x[r0:r0 + step].float(), inv_temp, cap)[0]
         y = labels[r0:r0 + step].long()
         st = stats_torch(z, y, None, with_entropy)
         outs.append(finalize(st, y, v, ignore_index, with_entropy))
@@ -898,17 +986,18 @@ def fwd_torch(x: torch.Tensor, labels: torch.Tensor, inv_temp: float, ignore_ind
 
 
 def bwd_torch(x: torch.Tensor, labels: torch.Tensor, lse, ent, dlogp, dent, inv_temp: float,
-              ignore_index: int, out: torch.Tensor | None = None) -> torch.Tensor:
+              ignore_index: int, out: torch.Tensor | None = None,
+              cap: float = 0.0) -> torch.Tensor:
     """dL/dx in x's dtype, written chunk by chunk into `out` (may be x itself, or None: new)."""
     n, v = x.shape
     g_all = torch.empty_like(x) if out is None else out
     step = _chunk_rows(v)
     for r0 in range(0, n, step):
         sl = slice(r0, r0 + step)
-        z = x[sl].float() * inv_temp
+        z, dhead = head_torch(x[sl].float(), inv_temp, cap, grad=True)
         y = labels[sl].long()
         g = grad_torch(z, y, y == ignore_index, lse[sl], None if ent is None else ent[sl],
-                       dlogp[sl], None if dent is None else dent[sl], inv_temp)
+                       dlogp[sl], None if dent is None else dent[sl], inv_temp, dhead)
         g_all[sl].copy_(g)
     return g_all
 
@@ -916,44 +1005,45 @@ def bwd_torch(x: torch.Tensor, labels: torch.Tensor, lse, ent, dlogp, dent, inv_
 # ---- dispatch to one backend ------------------------------------------------------------------
 
 
-def _fwd(backend: str, x, labels, inv_temp: float, ignore_index: int, with_entropy: bool):
+def _fwd(backend: str, x, labels, inv_temp: float, ignore_index: int, with_entropy: bool,
+         cap: float = 0.0):
     if backend not in TILE_BACKENDS:
-        return fwd_torch(x, labels, inv_temp, ignore_index, with_entropy)
+        return fwd_torch(x, labels, inv_temp, ignore_index, with_entropy, cap)
     if backend == "triton" and torch.compiler.is_compiling():
-        out = _fwd_triton_op(x, labels, inv_temp, ignore_index, with_entropy)
+        out = _fwd_triton_op(x, labels, inv_temp, ignore_index, with_entropy, cap)
     else:
-        out = fwd_rows(backend, x, labels, inv_temp, ignore_index, with_entropy)
+        out = fwd_rows(backend, x, labels, inv_temp, ignore_index, with_entropy, cap)
     return out[0], (out[1] if with_entropy else None), out[2]
 
 
 def _bwd(backend: str, x, labels, lse, ent, dlogp, dent, inv_temp: float, ignore_index: int,
-         inplace: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+         inplace: bool, out: torch.Tensor | None = None, cap: float = 0.0) -> torch.Tensor:
     """dL/dx in x's dtype: into x itself (inplace), into `out` (x's shape, rows contiguous), or
     a new tensor."""
     dlogp = dlogp.float().contiguous()
     dent = None if dent is None else dent.float().contiguous()
     if backend == "triton" and torch.compiler.is_compiling():
         if inplace:
-            _bwd_inplace_triton_op(x, labels, lse, ent, dlogp, dent, inv_temp, ignore_index)
+            _bwd_inplace_triton_op(x, labels, lse, ent, dlogp, dent, inv_temp, ignore_index, cap)
             return x
-        g = _bwd_triton_op(x, labels, lse, ent, dlogp, dent, inv_temp, ignore_index)
+        g = _bwd_triton_op(x, labels, lse, ent, dlogp, dent, inv_temp, ignore_index, cap)
         return g if out is None else out.copy_(g)
     if backend in TILE_BACKENDS:
         return bwd_rows(backend, x, labels, lse, ent, dlogp, dent, inv_temp, ignore_index, inplace,
-                        out)
+                        out, cap)
     return bwd_torch(x, labels, lse, ent, dlogp, dent, inv_temp, ignore_index,
-                     out=x if inplace else out)
+                     out=x if inplace else out, cap=cap)
 
 
 class TokenLogprobsFunction(torch.autograd.Function):
     """logits [N, V] (last dim contiguous), labels [N] -> logp [N] (, entropy [N])."""
 
     @staticmethod
-    def forward(ctx, x, labels, inv_temp, ignore_index, with_entropy, backend, inplace):
-        logp, ent, lse = _fwd(backend, x, labels, inv_temp, ignore_index, with_entropy)
+    def forward(ctx, x, labels, inv_temp, ignore_index, with_entropy, backend, inplace, cap):
+        logp, ent, lse = _fwd(backend, x, labels, inv_temp, ignore_index, with_entropy, cap)
         # saves the logits themselves (no copy) and 4-8 bytes per row
         ctx.save_for_backward(x, labels, lse, ent)
-        ctx.args = (inv_temp, ignore_index, backend, inplace)
+        ctx.args = (inv_temp, ignore_index, backend, inplace, cap)
         ctx.with_entropy = with_entropy
         if with_entropy:
             return logp, ent
@@ -963,12 +1053,12 @@ class TokenLogprobsFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dlogp, dent=None):
         x, labels, lse, ent = ctx.saved_tensors
-        inv_temp, ignore_index, backend, inplace = ctx.args
+        inv_temp, ignore_index, backend, inplace, cap = ctx.args
         if dlogp is None:
             dlogp = torch.zeros_like(lse)
         g = _bwd(backend, x, labels, lse, ent if ctx.with_entropy else None, dlogp,
-                 dent if ctx.with_entropy else None, inv_temp, ignore_index, inplace)
-        return g, None, None, None, None, None, None
+                 dent if ctx.with_entropy else None, inv_temp, ignore_index, inplace, cap=cap)
+        return g, None, None, None, None, None, None, None
 
 
 # ---- validation -------------------------------------------------------------------------------
@@ -988,6 +1078,51 @@ def check_temperature(op: str, temperature) -> float:
         raise ValueError(f"{op}: temperature must be a number in (0, {MAX_TEMPERATURE:g}], got "
                          f"{temperature!r}")
     return float(temperature)
+
+
+FP32_TINY, FP32_MAX = 2.0 ** -126, 3.4028234663852886e38  # normal fp32 range (kernel constants)
+
+
+def head_kind(inv_temp: float, cap: float) -> int:
+    """The Triton kernels' HEAD constexpr (_head): 0 the plain head (inv_temp > 0), 1 a negative
+    logit_scale without soft-cap (the kernels' -inf padding must be masked again after the
+    scaling), 2 a soft-cap."""
+    return 2 if cap else (1 if inv_temp < 0 else 0)
+
+
+def head_constants(op: str, temperature: float, softcap, logit_scale) -> tuple[float, float]:
+    """The kernels' constants (inv_temp, cap) of the head z = softcap * tanh(logit_scale * x /
+    softcap) / temperature (no tanh when softcap is None): (logit_scale / temperature, 0.0)
+    without a soft-cap, (softcap / temperature, logit_scale / softcap) with one (module
+    docstring). temperature already checked (check_temperature). softcap: None or a positive
+    finite real; logit_scale: a finite nonzero real (Python or NumPy numbers, not tensors); both
+    constants must be normal fp32 numbers (ValueError naming the argument otherwise)."""
+    for name, v in (("softcap", softcap), ("logit_scale", logit_scale)):
+        if v is None and name == "softcap":
+            continue
+        if isinstance(v, torch.Tensor):
+            raise ValueError(f"{op}: {name} must be a number, not a tensor (use float(t)), got a "
+                             f"tensor of shape {tuple(v.shape)}")
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise ValueError(f"{op}: {name} must be a real number, got {v!r}")
+    if softcap is not None and not 0 < float(softcap) < math.inf:
+        raise ValueError(f"{op}: softcap must be None or a positive finite number, got {softcap!r}")
+    if not 0 < abs(float(logit_scale)) < math.inf:
+        raise ValueError(f"{op}: logit_scale must be a finite nonzero number, got {logit_scale!r}")
+    scale = float(logit_scale)
+    if softcap is None:
+        inv_temp, cap = scale / temperature, 0.0
+    else:
+        inv_temp, cap = float(softcap) / temperature, scale / float(softcap)
+    # (the argument that sets each constant besides temperature: logit_scale / T without a
+    # soft-cap; softcap / T and logit_scale / softcap with one)
+    names = ("logit_scale", "") if softcap is None else ("softcap", "logit_scale")
+    for name, v in zip(names, (inv_temp, cap)):
+        if v and not FP32_TINY <= abs(v) <= FP32_MAX:
+            raise ValueError(f"{op}: {name} out of range: logit_scale={logit_scale!r}, "
+                             f"softcap={softcap!r}, temperature={temperature!r} give a kernel "
+                             f"constant {v!r} outside the normal fp32 range")
+    return inv_temp, cap
 
 
 def flat_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -1113,7 +1248,9 @@ def check_float(op: str, name: str, t, min_dim: int = 1) -> None:
                          f"{tuple(t.shape)}")
 
 
-def _prepare(op: str, logits, labels, temperature, ignore_index, label_data: bool = True):
+def _prepare(op: str, logits, labels, temperature, ignore_index, label_data: bool = True,
+             softcap=None, logit_scale=1.0):
+    """(logits [N, V] with contiguous rows, labels [N] int64, inv_temp, cap): head_constants."""
     check_float(op, "logits", logits)
     vocab = logits.shape[-1]
     if vocab < 1:
@@ -1121,13 +1258,14 @@ def _prepare(op: str, logits, labels, temperature, ignore_index, label_data: boo
                          f"{tuple(logits.shape)}")
     check_labels(op, labels, logits.shape[:-1], ignore_index, logits.device)
     temperature = check_temperature(op, temperature)
+    inv_temp, cap = head_constants(op, temperature, softcap, logit_scale)
     x = logits.reshape(-1, vocab)
     if x.stride(-1) != 1:
         x = x.contiguous()  # kernels read rows with unit stride; copy stays in the logits' dtype
     y = flat_labels(labels)
     if label_data:
         check_label_values(op, y, vocab, ignore_index)
-    return x, y, 1.0 / temperature
+    return x, y, inv_temp, cap
 
 
 # ---- public function and internal entry point -------------------------------------------------
@@ -1135,12 +1273,16 @@ def _prepare(op: str, logits, labels, temperature, ignore_index, label_data: boo
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0,
                    ignore_index: int = -100, with_entropy: bool = False,
-                   inplace_backward: bool = False, process_group=None):
+                   inplace_backward: bool = False, softcap: float | None = None,
+                   logit_scale: float = 1.0, process_group=None):
     """logp = log_softmax(logits.float() / temperature)[label], 0 where label == ignore_index.
 
     `logits [..., V]`, `labels [...]` integer; returns fp32 `logp [...]`, and `entropy [...]` too
     when `with_entropy`. Differentiable. `inplace_backward=True` writes dL/dlogits into the logits
     buffer during backward (saves one [N, V] allocation; the logits are garbage afterwards).
+    Heads that transform their logits: `logit_scale` multiplies them first (Cohere's
+    logit_scale; Granite's 1 / logits_scaling), then `softcap` applies softcap * tanh(z /
+    softcap) (Gemma's final_logit_softcapping), then the division by temperature.
     `process_group`: the logits are this rank's contiguous slice of a vocabulary split over the
     group, labels global ids (r1kernels/distributed.py: 12-16 bytes per token on the wire).
     See shared/API.md.
@@ -1150,8 +1292,10 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
 
         return distributed.token_logprobs(logits, labels, temperature=temperature,
                                           ignore_index=ignore_index, with_entropy=with_entropy,
-                                          inplace_backward=inplace_backward, group=process_group)
-    x, y, inv_temp = _prepare(OP, logits, labels, temperature, ignore_index, label_data=False)
+                                          inplace_backward=inplace_backward, softcap=softcap,
+                                          logit_scale=logit_scale, group=process_group)
+    x, y, inv_temp, cap = _prepare(OP, logits, labels, temperature, ignore_index, label_data=False,
+                                   softcap=softcap, logit_scale=logit_scale)
     backend = dispatch.select(OP, x.device)
     if backend == "triton":  # its kernels never read at an out-of-range label: check around them
         label_check = start_label_check(OP, y, x.shape[1], ignore_index)
@@ -1160,7 +1304,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
         label_check = None
     inplace = bool(inplace_backward) and x.data_ptr() == logits.data_ptr() and x.is_contiguous()
     out = TokenLogprobsFunction.apply(x, y, inv_temp, int(ignore_index), bool(with_entropy),
-                                      backend, inplace)
+                                      backend, inplace, cap)
     if label_check is not None:
         label_check()
     shape = labels.shape
@@ -1172,7 +1316,8 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
 def token_logprobs_with_grad(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float,
                              ignore_index: int, with_entropy: bool,
                              grad_fn: Callable, chunk_multiple: int = 1,
-                             inplace: bool = False, out: torch.Tensor | None = None):
+                             inplace: bool = False, out: torch.Tensor | None = None,
+                             softcap: float | None = None, logit_scale: float = 1.0):
     """(logp [N] fp32, entropy [N] fp32 or None, grad_logits [N, V] in logits' dtype).
 
     grad_fn(start, end, logp_chunk, entropy_chunk) -> dL/dlogp for rows start:end; called once
@@ -1186,7 +1331,8 @@ def token_logprobs_with_grad(logits: torch.Tensor, labels: torch.Tensor, *, temp
         raise ValueError(f"{op}: logits expected 2-D [N, V], got shape {tuple(logits.shape)}")
     if isinstance(chunk_multiple, bool) or not isinstance(chunk_multiple, int) or chunk_multiple < 1:
         raise ValueError(f"{op}: chunk_multiple must be a positive int, got {chunk_multiple!r}")
-    x, y, inv_temp = _prepare(op, logits, labels, temperature, ignore_index)
+    x, y, inv_temp, cap = _prepare(op, logits, labels, temperature, ignore_index,
+                                   softcap=softcap, logit_scale=logit_scale)
     if out is not None and (tuple(out.shape) != tuple(x.shape) or out.dtype != x.dtype
                             or out.device != x.device or (x.shape[1] > 1 and out.stride(1) != 1)):
         raise ValueError(f"{op}: out must be a {x.dtype} tensor of shape {tuple(x.shape)} on "
@@ -1194,7 +1340,7 @@ def token_logprobs_with_grad(logits: torch.Tensor, labels: torch.Tensor, *, temp
                          f"{tuple(out.shape)} on {out.device} strides {out.stride()}")
     backend = dispatch.select(OP, x.device)
     with torch.no_grad():
-        logp, ent, lse = _fwd(backend, x, y, inv_temp, int(ignore_index), bool(with_entropy))
+        logp, ent, lse = _fwd(backend, x, y, inv_temp, int(ignore_index), bool(with_entropy), cap)
         n = x.shape[0]
         dlogp = grad_fn(0, n, logp, ent)
         if not isinstance(dlogp, torch.Tensor) or tuple(dlogp.shape) != (n,):
@@ -1202,19 +1348,21 @@ def token_logprobs_with_grad(logits: torch.Tensor, labels: torch.Tensor, *, temp
                              f"{getattr(dlogp, 'shape', type(dlogp).__name__)}")
         inplace = bool(inplace) and x.data_ptr() == logits.data_ptr() and x.is_contiguous()
         grad = _bwd(backend, x, y, lse, None, dlogp, None, inv_temp, int(ignore_index), inplace,
-                    None if inplace else out)
+                    None if inplace else out, cap)
     return logp, ent, grad
 
 
 def token_logprobs_fwd_bwd(logits: torch.Tensor, labels: torch.Tensor, grad_logp: torch.Tensor, *,
                            grad_entropy: torch.Tensor | None = None, temperature: float = 1.0,
                            ignore_index: int = -100, with_entropy: bool = False,
-                           inplace: bool = False, process_group=None):
+                           inplace: bool = False, softcap: float | None = None,
+                           logit_scale: float = 1.0, process_group=None):
     """Forward and backward of `token_logprobs` in one call, for a loss whose upstream gradient
     is known before the log-probs are (SFT's mean NLL: -1/N per token; any loss linear in logp).
 
     Returns (logp [...] fp32, entropy [...] fp32 or None, grad_logits) where grad_logits =
-    dL/dlogits for L = sum(grad_logp * logp) + sum(grad_entropy * entropy), in the logits' dtype;
+    dL/dlogits for L = sum(grad_logp * logp) + sum(grad_entropy * entropy), in the logits' dtype
+    (softcap, logit_scale: the head, as in token_logprobs);
     written into `logits` itself when `inplace=True` (the logits are then overwritten). On CUDA
     the fused kernel of this module (statistics, then dL/dlogits; launch modes in FUSED_CONFIG).
     Not differentiable itself. A label out of range is an IndexError; on the fused path it is
@@ -1228,9 +1376,10 @@ def token_logprobs_fwd_bwd(logits: torch.Tensor, labels: torch.Tensor, grad_logp
         return distributed.token_logprobs_fwd_bwd(
             logits, labels, grad_logp, grad_entropy=grad_entropy, temperature=temperature,
             ignore_index=ignore_index, with_entropy=with_entropy, inplace=inplace,
-            group=process_group)
+            softcap=softcap, logit_scale=logit_scale, group=process_group)
     op = "token_logprobs_fwd_bwd"
-    x, y, inv_temp = _prepare(op, logits, labels, temperature, ignore_index, label_data=False)
+    x, y, inv_temp, cap = _prepare(op, logits, labels, temperature, ignore_index, label_data=False,
+                                   softcap=softcap, logit_scale=logit_scale)
     n = x.shape[0]
     glp, gent = check_upstream_grads(op, labels, grad_logp, grad_entropy, with_entropy, x.device)
     inplace = bool(inplace) and x.data_ptr() == logits.data_ptr() and x.is_contiguous()
@@ -1241,14 +1390,15 @@ def token_logprobs_fwd_bwd(logits: torch.Tensor, labels: torch.Tensor, grad_logp
             label_check = start_label_check(op, y, x.shape[1], ignore_index)
             out = fused_logits(x.view(1, n, x.shape[1]), y, g.view(1, n, x.shape[1]), inv_temp,
                                int(ignore_index), bool(with_entropy), grad_logp=glp,
-                               grad_entropy=gent)
+                               grad_entropy=gent, cap=cap)
             label_check()  # (waits for the check, not for the kernel)
             logp, ent = out[0], (out[1] if with_entropy else None)
         else:
             check_label_values(op, y, x.shape[1], ignore_index)
-            logp, ent, lse = _fwd(backend, x, y, inv_temp, int(ignore_index), bool(with_entropy))
+            logp, ent, lse = _fwd(backend, x, y, inv_temp, int(ignore_index), bool(with_entropy),
+                                  cap)
             g = _bwd(backend, x, y, lse, ent if gent is not None else None, glp, gent, inv_temp,
-                     int(ignore_index), inplace)
+                     int(ignore_index), inplace, cap=cap)
     shape = labels.shape
     grad = logits if inplace else g.view(logits.shape)
     return logp.reshape(shape), (ent.reshape(shape) if with_entropy else None), grad

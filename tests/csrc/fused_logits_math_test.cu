@@ -6,8 +6,9 @@
 // Checked against float64 and against each other: unpacking (every bf16 bit pattern), the logits'
 // range with partial vectors, -inf and NaN, the statistics' sums with and without the -inf clamp
 // (bit-identical wherever needs_clamp says the clamp is not needed, and finite where it is), the
-// gradient (the same for its two forms, and against float64), and the merge of statistics by
-// rescaling (parts merged = the whole).
+// gradient (the same for its two forms, and against float64), the merge of statistics by
+// rescaling (parts merged = the whole), and the soft-capped head (kCap: head_tanh's tanh and
+// sech^2 against float64 over the whole fp32 range, the sums and the gradient of tanh(cap * x)).
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -214,6 +215,93 @@ static void test_merge(std::mt19937& gen) {
   }
 }
 
+// head_tanh against float64: tanh within a few fp32 ulps of |tanh| (the series below 0.25, the
+// exp form above), sech^2 at relative accuracy ~|y| 2^-24 down to its underflow, +-inf and NaN
+static void test_head_tanh() {
+  std::vector<float> ys = {0.f, -0.f, 1e-30f, -1e-8f, 0.1f, 0.2499f, 0.25f, -0.2501f, 0.5f, 1.f,
+                           -3.f, 9.f, 20.f, -44.f, 87.f, 1e3f, -3e38f, INFINITY, -INFINITY, NAN};
+  for (int i = -4000; i <= 4000; ++i) ys.push_back(i * 0.01f);
+  for (float y : ys) {
+    float d;
+    const float t = head_tanh(y, &d);
+    if (y != y) {
+      CHECK(t != t && d != d, "head_tanh(NaN) must be NaN");
+      continue;
+    }
+    const double tr = std::tanh(static_cast<double>(y));
+    const double dr = std::isinf(y) ? 0.0 : 1.0 / (std::cosh(static_cast<double>(y)) *
+                                                    std::cosh(static_cast<double>(y)));
+    CHECK(std::abs(t - tr) <= 4e-7 * std::abs(tr) + 1e-45, "tanh(%g) = %.9g vs %.9g", y, t, tr);
+    // (relative: the fp32 rounding of -2 log2(e) |y|, amplified by the exponential, ~|y| 2^-24)
+    CHECK(std::isinf(y) ? d == 0.f : std::abs(d - dr) <= 1e-6 * (1.0 + std::abs(y)) * dr + 1e-44,
+          "sech^2(%g) = %.9g vs %.9g", y, d, dr);
+    CHECK(head_tanh(y) == t, "head_tanh without sech2 differs at %g", y);
+  }
+}
+
+// the sums and the gradient of a soft-capped head: z = tanh(cap * x) * c2, against float64 (with
+// -inf logits: tanh gives -1, a finite z; and saturating ones)
+template <typename TIn, int VPT>
+static void test_cap_sums_and_grad(std::mt19937& gen, int nvec, float scale, float inv_temp,
+                                   float cap, int n_neg_inf) {
+  constexpr int kE = kPerVec<TIn>;
+  std::normal_distribution<float> nd(0.f, scale);
+  std::vector<float> xs(nvec * kE);
+  for (float& x : xs) x = nd(gen);
+  for (int i = 0; i < n_neg_inf && i < static_cast<int>(xs.size()); ++i)
+    xs[(i * 7) % xs.size()] = -INFINITY;
+  uint4 data[VPT];
+  pack<TIn, VPT>(xs, data);
+  const float c2 = inv_temp * kLog2e;
+  const float2 r = head_range<true>(logit_range<TIn, VPT, true>(data, nvec), nvec > 0, cap);
+  const float m2 = r.y * c2;
+  const float ref = m2 == -INFINITY ? 0.f : m2;
+  float s = 0, w = 0, s1 = 0, w1 = 0;
+  thread_sums<TIn, VPT, true, false, true>(data, nvec, c2, ref, s, w, cap);
+  thread_sums<TIn, VPT, false, false, true>(data, nvec, c2, ref, s1, w1, cap);
+  CHECK(!needs_clamp(r.x, c2, ref), "a soft-capped head needs no clamp");
+  CHECK(same_bits(s, s1) && w1 == 0.f, "capped s without w");
+  if (nvec == 0) {
+    CHECK(s == 0.f && w == 0.f && m2 == -INFINITY, "empty capped thread");
+    return;
+  }
+  double dm = -INFINITY, ds = 0, dw = 0;
+  for (float x : xs) dm = std::max(dm, std::tanh(static_cast<double>(cap) * x) * c2);
+  for (float x : xs) {
+    const double d = std::tanh(static_cast<double>(cap) * x) * c2 - dm;
+    ds += std::exp2(d);
+    dw += std::exp2(d) * d;
+  }
+  CHECK(std::abs(m2 - dm) <= 1e-6 * std::abs(dm) + 1e-30, "capped max %g vs %g", m2, dm);
+  CHECK(std::abs(s - ds) <= 1e-5 * ds && std::abs(w - dw) <= 1e-5 * (std::abs(dw) + ds),
+        "capped sums (%g, %g) vs float64 (%g, %g)", s, w, ds, dw);
+  const float lse2 = static_cast<float>(dm + std::log2(ds));
+  const float A = -inv_temp * 0.7f, B = -inv_temp * -1.3f * kLn2, dl = 0.7f * inv_temp;
+  for (int k = 0; k < nvec; ++k) {
+    float f0[kE], f1[kE];
+    unpack<TIn>(data[k], f0);
+    std::memcpy(f1, f0, sizeof(f0));
+    const unsigned at = k == 1 ? 3u : 1000u;
+    grad_vec<kE, true, false, true>(f0, c2, lse2, A, B, dl, at, cap);
+    grad_vec<kE, false, false, true>(f1, c2, lse2, A, 0.f, dl, at, cap);
+    for (int i = 0; i < kE; ++i) {
+      const double x = xs[k * kE + i];
+      const double y = static_cast<double>(cap) * x;
+      const double dh = std::isinf(y) ? 0.0 : cap / (std::cosh(y) * std::cosh(y));
+      const double l2 = std::tanh(y) * c2 - lse2;
+      const double p = std::exp2(l2);
+      const double lab = k == 1 && i == 3 ? dl : 0.0;
+      const double g = (p * (A + B * l2) + lab) * dh;
+      const double g_nodent = (p * A + lab) * dh;
+      const double tol = 1e-5 * (std::abs(p * (A + B * l2)) + std::abs(lab)) * dh + 1e-30;
+      CHECK(std::isfinite(f0[i]) && std::abs(f0[i] - g) <= tol,
+            "capped gradient %g vs float64 %g (x %g, cap %g)", f0[i], g, x, cap);
+      CHECK(std::abs(f1[i] - g_nodent) <= tol + 1e-5 * std::abs(g_nodent),
+            "capped gradient without dL/dentropy %g vs %g", f1[i], g_nodent);
+    }
+  }
+}
+
 template <typename TIn>
 static void test_type(std::mt19937& gen) {
   for (int nvec : {0, 1, 3, 9, 10}) {
@@ -222,6 +310,11 @@ static void test_type(std::mt19937& gen) {
         test_sums_and_grad<TIn, 10>(gen, nvec, scale, inv_temp, 0, false);
         test_sums_and_grad<TIn, 10>(gen, nvec, scale, inv_temp, 3, false);
         test_sums_and_grad<TIn, 10>(gen, nvec, scale, inv_temp, 0, true);
+        // soft-caps: Gemma's 30 (cap = 1 / 30), and one the logits saturate (cap = 2)
+        for (float cap : {1.f / 30.f, 2.f}) {
+          test_cap_sums_and_grad<TIn, 10>(gen, nvec, scale, inv_temp * 30.f, cap, 0);
+          test_cap_sums_and_grad<TIn, 10>(gen, nvec, scale, inv_temp, cap, 3);
+        }
       }
     }
   }
@@ -230,6 +323,7 @@ static void test_type(std::mt19937& gen) {
 int main() {
   std::mt19937 gen(1234);
   test_unpack_bf16_every_pattern();
+  test_head_tanh();
   test_type<__nv_bfloat16>(gen);
   test_type<__half>(gen);
   test_type<float>(gen);
