@@ -1,6 +1,7 @@
 """The log-prob ops and GRPOLoss on a distributed lm_head, in real gloo processes on CPU: a
 vocabulary split over the ranks (process_group=) and an FSDP2 DTensor weight, each against the
-single-process float64 reference (values and every gradient).
+single-process float64 reference (values and every gradient), with plain and transformed heads
+(softcap / logit_scale).
 
 pytest spawns this file under torchrun (2 and 4 processes, bounded in time); each process runs
 every case and fails with the case's name."""
@@ -75,49 +76,9 @@ def _run_cases():
     hidden, weight, bias, labels, up, ue = _inputs(V)
     temp = 0.7
 
-    # -- token_logprobs (autograd) and token_logprobs_fwd_bwd
+    for head in ({}, dict(softcap=2.0, logit_scale=1.7), dict(logit_scale=0.6)):
+        _op_cases(grp, lo, hi, hidden, weight, bias, labels, up, ue, temp, head)
     logits = (hidden @ weight.T + bias).detach()
-    ref_x = logits.double().requires_grad_()
-    rl, re = R.token_logprobs_ref(ref_x, labels, temperature=temp, with_entropy=True)
-    (rl * up + re * ue).sum().backward()
-    x = logits[..., lo:hi].clone().requires_grad_()
-    lp, en = r1kernels.token_logprobs(x, labels, temperature=temp, with_entropy=True,
-                                      process_group=grp)
-    (lp * up + en * ue).sum().backward()
-    _close("token_logprobs logp", lp, rl)
-    _close("token_logprobs entropy", en, re)
-    _close("token_logprobs grad", x.grad, ref_x.grad[..., lo:hi])
-    lp2 = r1kernels.token_logprobs(logits[..., lo:hi], labels, temperature=temp, process_group=grp)
-    _close("token_logprobs logp (no entropy)", lp2, rl)
-    lp, en, g = r1kernels.token_logprobs_fwd_bwd(logits[..., lo:hi].clone(), labels, up,
-                                                 grad_entropy=ue, temperature=temp,
-                                                 with_entropy=True, process_group=grp)
-    _close("token_logprobs_fwd_bwd logp", lp, rl)
-    _close("token_logprobs_fwd_bwd entropy", en, re)
-    _close("token_logprobs_fwd_bwd grad", g, ref_x.grad[..., lo:hi])
-
-    # -- linear_token_logprobs (autograd) and linear_token_logprobs_fwd_bwd
-    rh, rw, rb = (t.double().requires_grad_() for t in (hidden, weight, bias))
-    rl, re = R.linear_token_logprobs_ref(rh, rw, labels, bias=rb, temperature=temp,
-                                         with_entropy=True)
-    (rl * up + re * ue).sum().backward()
-    h = hidden.clone().requires_grad_()
-    w = weight[lo:hi].clone().requires_grad_()
-    b = bias[lo:hi].clone().requires_grad_()
-    lp, en = r1kernels.linear_token_logprobs(h, w, labels, bias=b, temperature=temp,
-                                             with_entropy=True, process_group=grp)
-    (lp * up + en * ue).sum().backward()
-    for name, got, want in (("logp", lp, rl), ("entropy", en, re), ("grad_hidden", h.grad, rh.grad),
-                            ("grad_weight", w.grad, rw.grad[lo:hi]),
-                            ("grad_bias", b.grad, rb.grad[lo:hi])):
-        _close(f"linear_token_logprobs {name}", got, want)
-    out = r1kernels.linear_token_logprobs_fwd_bwd(hidden, weight[lo:hi], labels, up,
-                                                  grad_entropy=ue, bias=bias[lo:hi],
-                                                  temperature=temp, with_entropy=True,
-                                                  process_group=grp)
-    for name, got, want in zip(("logp", "entropy", "grad_hidden", "grad_weight", "grad_bias"), out,
-                               (rl, re, rh.grad, rw.grad[lo:hi], rb.grad[lo:hi])):
-        _close(f"linear_token_logprobs_fwd_bwd {name}", got, want)
 
     # -- GRPOLoss (token and sequence level) and GRPOLoss.from_logits
     B, T = labels.shape
@@ -129,26 +90,30 @@ def _run_cases():
         old = R.linear_token_logprobs_ref(hidden, weight, labels, bias=bias, temperature=temp)
         old = old.float() + 0.3 * torch.randn(B, T, generator=g)
     all_live = torch.ones_like(mask)
-    for level, sweep, lab, msk in (("token", "auto", labels, mask),
-                                   ("sequence", "auto", labels, mask),
-                                   ("token", "two", labels, mask),
-                                   ("sequence", "auto", labels.clamp(min=0), all_live)):
+    cap = dict(softcap=2.0, logit_scale=1.7)
+    for level, sweep, lab, msk, head in (("token", "auto", labels, mask, {}),
+                                         ("sequence", "auto", labels, mask, {}),
+                                         ("token", "two", labels, mask, {}),
+                                         ("sequence", "auto", labels.clamp(min=0), all_live, {}),
+                                         ("token", "auto", labels, mask, cap),
+                                         ("sequence", "auto", labels, mask, cap),
+                                         ("token", "two", labels, mask, dict(logit_scale=0.6))):
         opts = dict(loss_type="dapo", epsilon_low=0.2, epsilon_high=0.28,
                     importance_sampling_level=level)
         rh, rw, rb = (t.double().requires_grad_() for t in (hidden, weight, bias))
-        rlp = R.linear_token_logprobs_ref(rh, rw, lab, bias=rb, temperature=temp)
+        rlp = R.linear_token_logprobs_ref(rh, rw, lab, bias=rb, temperature=temp, **head)
         rloss, rmet = R.grpo_loss_ref(rlp, adv, msk, old_logps=old, **opts)
         rloss.backward()
         rent = R.linear_token_logprobs_ref(hidden, weight, lab, bias=bias, temperature=temp,
-                                           with_entropy=True)[1]
+                                           with_entropy=True, **head)[1]
         rent = (rent * msk).sum() / msk.sum()
-        mod = r1kernels.GRPOLoss(temperature=temp, process_group=grp, sweep=sweep, **opts)
+        mod = r1kernels.GRPOLoss(temperature=temp, process_group=grp, sweep=sweep, **opts, **head)
         h = hidden.clone().requires_grad_()
         w = weight[lo:hi].clone().requires_grad_()
         b = bias[lo:hi].clone().requires_grad_()
         loss, met = mod(h, w, lab, msk, adv, bias=b, old_logps=old)
         loss.backward()
-        tag = f"GRPOLoss[{level}, {sweep}, {int(msk.all())}]"
+        tag = f"GRPOLoss[{level}, {sweep}, {int(msk.all())}, {head}]"
         _close(f"{tag} loss", loss, rloss)
         _close(f"{tag} entropy", met["entropy"], rent)
         for k in ("clip_ratio_low", "clip_ratio_high", "clip_ratio"):
@@ -158,8 +123,8 @@ def _run_cases():
         _close(f"{tag} grad_bias", b.grad, rb.grad[lo:hi])
         # from logits
         rx = logits.double().requires_grad_()
-        rloss, _ = R.grpo_loss_ref(R.token_logprobs_ref(rx, lab, temperature=temp), adv, msk,
-                                   old_logps=old, **opts)
+        rloss, _ = R.grpo_loss_ref(R.token_logprobs_ref(rx, lab, temperature=temp, **head), adv,
+                                   msk, old_logps=old, **opts)
         rloss.backward()
         x = logits[..., lo:hi].clone().requires_grad_()
         loss, met = mod.from_logits(x, lab, msk, adv, old_logps=old)
@@ -201,6 +166,59 @@ def _run_cases():
     _fsdp_tied_case(rank, world)
 
 
+def _op_cases(grp, lo, hi, hidden, weight, bias, labels, up, ue, temp, head):
+    """The four log-prob ops on this rank's slice [lo, hi) of the vocabulary, against float64,
+    with the head transform `head` (softcap / logit_scale keywords, the same in the reference)."""
+    import r1kernels
+    from r1kernels import reference as R
+
+    tag = "".join(f"{k}={v} " for k, v in head.items())
+    # -- token_logprobs (autograd) and token_logprobs_fwd_bwd
+    logits = (hidden @ weight.T + bias).detach()
+    ref_x = logits.double().requires_grad_()
+    rl, re = R.token_logprobs_ref(ref_x, labels, temperature=temp, **head, with_entropy=True)
+    (rl * up + re * ue).sum().backward()
+    x = logits[..., lo:hi].clone().requires_grad_()
+    lp, en = r1kernels.token_logprobs(x, labels, temperature=temp, **head, with_entropy=True,
+                                      process_group=grp)
+    (lp * up + en * ue).sum().backward()
+    _close(f"{tag}token_logprobs logp", lp, rl)
+    _close(f"{tag}token_logprobs entropy", en, re)
+    _close(f"{tag}token_logprobs grad", x.grad, ref_x.grad[..., lo:hi])
+    lp2 = r1kernels.token_logprobs(logits[..., lo:hi], labels, temperature=temp, **head,
+                                   process_group=grp)
+    _close(f"{tag}token_logprobs logp (no entropy)", lp2, rl)
+    lp, en, g = r1kernels.token_logprobs_fwd_bwd(logits[..., lo:hi].clone(), labels, up,
+                                                 grad_entropy=ue, temperature=temp, **head,
+                                                 with_entropy=True, process_group=grp)
+    _close(f"{tag}token_logprobs_fwd_bwd logp", lp, rl)
+    _close(f"{tag}token_logprobs_fwd_bwd entropy", en, re)
+    _close(f"{tag}token_logprobs_fwd_bwd grad", g, ref_x.grad[..., lo:hi])
+
+    # -- linear_token_logprobs (autograd) and linear_token_logprobs_fwd_bwd
+    rh, rw, rb = (t.double().requires_grad_() for t in (hidden, weight, bias))
+    rl, re = R.linear_token_logprobs_ref(rh, rw, labels, bias=rb, temperature=temp, **head,
+                                         with_entropy=True)
+    (rl * up + re * ue).sum().backward()
+    h = hidden.clone().requires_grad_()
+    w = weight[lo:hi].clone().requires_grad_()
+    b = bias[lo:hi].clone().requires_grad_()
+    lp, en = r1kernels.linear_token_logprobs(h, w, labels, bias=b, temperature=temp, **head,
+                                             with_entropy=True, process_group=grp)
+    (lp * up + en * ue).sum().backward()
+    for name, got, want in (("logp", lp, rl), ("entropy", en, re), ("grad_hidden", h.grad, rh.grad),
+                            ("grad_weight", w.grad, rw.grad[lo:hi]),
+                            ("grad_bias", b.grad, rb.grad[lo:hi])):
+        _close(f"{tag}linear_token_logprobs {name}", got, want)
+    out = r1kernels.linear_token_logprobs_fwd_bwd(hidden, weight[lo:hi], labels, up,
+                                                  grad_entropy=ue, bias=bias[lo:hi],
+                                                  temperature=temp, **head, with_entropy=True,
+                                                  process_group=grp)
+    for name, got, want in zip(("logp", "entropy", "grad_hidden", "grad_weight", "grad_bias"), out,
+                               (rl, re, rh.grad, rw.grad[lo:hi], rb.grad[lo:hi])):
+        _close(f"{tag}linear_token_logprobs_fwd_bwd {name}", got, want)
+
+
 def _dtensor_cases(rank, world, temp):
     """Every rank its own hidden states and labels (data parallel), the lm_head a DTensor: the
     gradient on the DTensor is the sum over ranks of the float64 reference gradients."""
@@ -216,25 +234,26 @@ def _dtensor_cases(rank, world, temp):
     per_rank = [_inputs(V, seed=10 + r, H=12) for r in range(world)]
     hidden, _, _, labels, up, ue = per_rank[rank]
     weight, bias = per_rank[0][1], per_rank[0][2]  # the same parameter everywhere
-    ref_w = weight.double().requires_grad_()
-    ref_b = bias.double().requires_grad_()
-    ref_h = []
-    for h_r, _, _, y_r, u_r, e_r in per_rank:
-        h_r = h_r.double().requires_grad_()
-        lp, en = R.linear_token_logprobs_ref(h_r, ref_w, y_r, bias=ref_b, temperature=temp,
-                                             with_entropy=True)
-        (lp * u_r + en * e_r).sum().backward()
-        ref_h.append(h_r)
-    mine = R.linear_token_logprobs_ref(hidden, weight, labels, bias=bias, temperature=temp,
-                                       with_entropy=True)
-    for placement in (Shard(0), Replicate()):
+    cap = dict(softcap=2.0, logit_scale=1.7)
+    for placement, head in ((Shard(0), {}), (Replicate(), {}), (Shard(0), cap)):
+        ref_w = weight.double().requires_grad_()
+        ref_b = bias.double().requires_grad_()
+        ref_h = []
+        for h_r, _, _, y_r, u_r, e_r in per_rank:
+            h_r = h_r.double().requires_grad_()
+            lp, en = R.linear_token_logprobs_ref(h_r, ref_w, y_r, bias=ref_b, temperature=temp,
+                                                 with_entropy=True, **head)
+            (lp * u_r + en * e_r).sum().backward()
+            ref_h.append(h_r)
+        mine = R.linear_token_logprobs_ref(hidden, weight, labels, bias=bias, temperature=temp,
+                                           with_entropy=True, **head)
         wd = distribute_tensor(weight, mesh, [placement]).requires_grad_()
         bd = distribute_tensor(bias, mesh, [placement]).requires_grad_()
         h = hidden.clone().requires_grad_()
         lp, en = r1kernels.linear_token_logprobs(h, wd, labels, bias=bd, temperature=temp,
-                                                 with_entropy=True)
+                                                 with_entropy=True, **head)
         (lp * up + en * ue).sum().backward()
-        tag = f"DTensor[{placement}] linear_token_logprobs"
+        tag = f"DTensor[{placement}, {head}] linear_token_logprobs"
         _close(f"{tag} logp", lp, mine[0])
         _close(f"{tag} entropy", en, mine[1])
         _close(f"{tag} grad_hidden", h.grad, ref_h[rank].grad)
@@ -243,28 +262,30 @@ def _dtensor_cases(rank, world, temp):
         _close(f"{tag} grad_bias", bd.grad.full_tensor(), ref_b.grad, atol=1e-4)
         out = r1kernels.linear_token_logprobs_fwd_bwd(hidden, wd.detach(), labels, up,
                                                       grad_entropy=ue, bias=bd.detach(),
-                                                      temperature=temp, with_entropy=True)
-        tag = f"DTensor[{placement}] linear_token_logprobs_fwd_bwd"
+                                                      temperature=temp, with_entropy=True,
+                                                      **head)
+        tag = f"DTensor[{placement}, {head}] linear_token_logprobs_fwd_bwd"
         _close(f"{tag} grad_hidden", out[2], ref_h[rank].grad)
         assert out[3].placements == (placement,), out[3].placements
         _close(f"{tag} grad_weight", out[3].full_tensor(), ref_w.grad, atol=1e-4)
         _close(f"{tag} grad_bias", out[4].full_tensor(), ref_b.grad, atol=1e-4)
 
-    # GRPOLoss: every rank's loss on its own batch; the weight gradient sums them
+    # GRPOLoss (with the soft-capped head): every rank's loss on its own batch; the weight
+    # gradient sums them
     mask = torch.ones(*labels.shape, dtype=torch.bool)
     mask[0, -2:] = False
     ref_w.grad = None
     for r, (h_r, _, _, y_r, _, _) in enumerate(per_rank):
         adv_r = torch.linspace(-1, 1, y_r.shape[0]) * (r + 1)
         lp = R.linear_token_logprobs_ref(h_r.double(), ref_w, y_r, bias=ref_b.detach(),
-                                         temperature=temp)
+                                         temperature=temp, **cap)
         R.grpo_loss_ref(lp, adv_r, mask)[0].backward()
     wd = distribute_tensor(weight, mesh, [Shard(0)]).requires_grad_()
     adv = torch.linspace(-1, 1, labels.shape[0]) * (rank + 1)
-    loss, _ = r1kernels.GRPOLoss(temperature=temp)(hidden, wd, labels, mask, adv,
-                                                   bias=distribute_tensor(bias, mesh, [Shard(0)]))
+    loss, _ = r1kernels.GRPOLoss(temperature=temp, **cap)(
+        hidden, wd, labels, mask, adv, bias=distribute_tensor(bias, mesh, [Shard(0)]))
     loss.backward()
-    _close("DTensor GRPOLoss grad_weight", wd.grad.full_tensor(), ref_w.grad, atol=1e-4)
+    _close("DTensor GRPOLoss (softcap) grad_weight", wd.grad.full_tensor(), ref_w.grad, atol=1e-4)
     dist.barrier()
 
 
