@@ -133,6 +133,31 @@ def test_token_logprobs_fwd_bwd(backend, head, inplace):
     torch.testing.assert_close(g.cpu().double(), xr.grad, rtol=1e-5, atol=1e-5 * scale)
 
 
+@pytest.mark.skipif("triton" not in [p.values[0] for p in BACKENDS], reason="Triton cannot run here")
+@pytest.mark.parametrize("config", ["2,4,64,1", "1,4,128,0", "0,4,64,0,1,32"],
+                         ids=["lanes", "block-stats", "two-launches-1-warp-stats"])
+@pytest.mark.parametrize("head", [HEADS[1], HEADS[4]], ids=[HEAD_IDS[1], HEAD_IDS[4]])
+def test_fused_kernel_launch_configs(monkeypatch, config, head):
+    """The fused Triton kernel's pass-1 variants (per-lane or block statistics, persistent or
+    two launches) with a soft-capped and a negatively scaled head: the padding of the last block
+    stays -inf after the head (tanh would make it -1, a negative scale +inf)."""
+    monkeypatch.setenv("R1K_FUSED_LOGITS", config)
+    logits, labels = logits_for(7, 150, seed=7, neg_inf=head[0] is not None)
+    glp, gent = torch.randn(7), torch.randn(7)
+    with dispatch.use_backend("triton"):
+        lp, ent, g = r1kernels.token_logprobs_fwd_bwd(
+            logits.to(DEVICE), labels.to(DEVICE), glp.to(DEVICE), grad_entropy=gent.to(DEVICE),
+            with_entropy=True, **head_kw(head))
+    xr = logits.double().requires_grad_(True)
+    lr, er = token_logprobs_ref(xr, labels, with_entropy=True, **head_kw(head))
+    ((lr * glp.double()).sum() + (er * gent.double()).sum()).backward()
+    zmax = (head[0] if head[0] else 1e3 * abs(head[1])) / head[2]
+    torch.testing.assert_close(lp.cpu().double(), lr.detach(), rtol=1e-5, atol=max(2e-5, 4e-7 * zmax))
+    torch.testing.assert_close(ent.cpu().double(), er.detach(), rtol=1e-5, atol=2e-5)
+    scale = max(xr.grad.abs().max().item(), 1.0)
+    torch.testing.assert_close(g.cpu().double(), xr.grad, rtol=1e-5, atol=1e-5 * scale)
+
+
 def test_softcap_changes_the_result():
     """The head reaches the kernels: without it the numbers differ (a test that could fail)."""
     logits, labels = logits_for(4, 50, seed=3)
