@@ -40,7 +40,7 @@ import r1kernels
 from r1train import tasks as tasks_mod
 from r1train.config import Config
 from r1train.generate import generate
-from r1train.loss import policy_loss, sft_loss, token_logprobs_from_hidden
+from r1train.loss import policy_loss, rollout_mismatch, sft_loss, token_logprobs_from_hidden
 from r1train.model import build_tiny_model, decoder_of, lm_head_of, load_model
 from r1train.rewards import RewardFn, verify
 
@@ -300,16 +300,18 @@ class Trainer:
         prompts = [self.encode_prompt(e.prompt) for e in examples]
         roll = generate(self.model, prompts, group_size=group_size,
                         max_new_tokens=cfg.max_new_tokens, eos_id=self.eos_id, pad_id=self.pad_id,
-                        temperature=temperature, top_p=cfg.top_p, generator=generator)
+                        temperature=temperature, top_p=cfg.top_p, generator=generator,
+                        compile=cfg.rollout_compile)
         lengths = roll.lengths.tolist()
         tokens = roll.tokens.cpu()  # one device-to-host copy for the whole rollout
         texts = [self.decode(tokens[i], lengths[i]) for i in range(len(lengths))]
         scores = [self.reward_fn(t, examples[i // group_size]) for i, t in enumerate(texts)]
         return roll, prompts, texts, lengths, scores
 
-    def update(self, opt, prompts, tokens, lengths, rewards, G):
+    def update(self, opt, prompts, tokens, lengths, rewards, G, rollout_logps=None):
         """One GRPO optimizer step on a rollout: group advantages, bucketed micro-batches,
-        policy_loss on hidden states (r1kernels), gradients averaged over processes."""
+        policy_loss on hidden states (r1kernels), gradients averaged over processes. With the
+        rollout's sampling log-probs: the rollout-vs-train mismatch (and cfg.rollout_is weights)."""
         cfg = self.cfg
         adv = r1kernels.group_advantages(rewards, G)
         tokens = tokens.cpu()
@@ -322,6 +324,7 @@ class Trainer:
         micro = list(self.micro_batches(rows))
         w, b = lm_head_of(self.model)
         extra = {"kl": 0.0, "clip_ratio": 0.0}
+        mismatch = {"mismatch_logp_abs": 0.0, "mismatch_ratio_out": 0.0, "rollout_is_weight": 0.0}
 
         def loss_of(mb):
             ids, attn, labels, mask, index = mb
@@ -334,8 +337,20 @@ class Trainer:
                     # only the completion tokens' log-probs are used: the others are labelled
                     # -100, so they skip the lm_head (r1kernels.linear_token_logprobs)
                     ref = token_logprobs_from_hidden(h_ref, rw, rb, labels.masked_fill(~mask, -100))
+            hidden = self.hidden(ids, attn)
+            is_w = None
+            if rollout_logps is not None:  # the sampler's log-probs at the completion positions
+                with torch.no_grad():
+                    train_lp = token_logprobs_from_hidden(hidden.detach(), w, b,
+                                                          labels.masked_fill(~mask, -100))
+                roll_lp = torch.zeros(mask.shape, dtype=torch.float32, device=self.device)
+                roll_lp[mask] = torch.cat([rollout_logps[i, :lengths[i]] for i in index.tolist()])
+                is_w, sums = rollout_mismatch(train_lp, roll_lp, mask, mode=cfg.rollout_is,
+                                              cap=cfg.rollout_is_cap)
+                for k, v in zip(mismatch, sums):
+                    mismatch[k] += float(v) / max(n_tok, 1)
             loss, metrics = policy_loss(
-                self.hidden(ids, attn), w, b, labels, mask, adv[index], ref_logps=ref,
+                hidden, w, b, labels, mask, adv[index], ref_logps=ref, rollout_is_weights=is_w,
                 num_items_in_batch=n_all, loss_type=cfg.loss_type, epsilon_low=cfg.epsilon_low,
                 epsilon_high=cfg.epsilon_high, beta=cfg.beta,
                 max_completion_length=cfg.max_new_tokens)
@@ -347,6 +362,8 @@ class Trainer:
             return loss
 
         loss, gnorm = self.backward_and_step(opt, micro, loss_of)
+        if rollout_logps is not None:
+            extra.update(mismatch)
         return loss, gnorm, extra
 
     def grpo_step(self, opt) -> dict:
@@ -361,7 +378,8 @@ class Trainer:
             examples, group_size=G, temperature=cfg.temperature, generator=gen)
         t_gen = time.perf_counter() - t0
         rewards = torch.tensor([s[0] for s in scores], dtype=torch.float32, device=self.device)
-        loss, gnorm, extra = self.update(opt, prompts, roll.tokens, lengths, rewards, G)
+        loss, gnorm, extra = self.update(opt, prompts, roll.tokens, lengths, rewards, G,
+                                         rollout_logps=roll.logps)
         acc = [s[1].get("accuracy", 0.0) for s in scores]
         fmt = [s[1].get("format", 0.0) for s in scores]
         n_tok = sum(lengths)
@@ -373,7 +391,15 @@ class Trainer:
                 "kl": sums[6] / self.world, "clip_ratio": sums[7] / self.world, "grad_norm": gnorm,
                 "gen_tokens_per_s": n_tok / max(t_gen, 1e-9),
                 "step_seconds": time.perf_counter() - t0, **({"entropy": extra["entropy"]}
-                                                             if "entropy" in extra else {})}
+                                                             if "entropy" in extra else {}),
+                **self.rollout_metrics(extra)}
+
+    def rollout_metrics(self, extra: dict) -> dict:
+        """Mean |logp_train - logp_rollout| per completion token, the fraction of tokens whose
+        ratio leaves [0.5, 2], the mean importance weight (with --rollout_is), over processes."""
+        keys = ["mismatch_logp_abs", "mismatch_ratio_out"] + (["rollout_is_weight"]
+                                                              if self.cfg.rollout_is else [])
+        return dict(zip(keys, (v / self.world for v in self.all_sum([extra[k] for k in keys]))))
 
     def run_grpo(self, opt, pbar_factory):
         cfg = self.cfg
