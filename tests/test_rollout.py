@@ -151,3 +151,36 @@ def test_rollout_logps_match_the_trainers(tiny):
             lp = token_logprobs_from_hidden(h, model.lm_head.weight, None, ids[:, len(p):])
         _, sums = rollout_mismatch(lp, roll.logps[i:i + 1, :n], torch.ones(1, n, dtype=torch.bool))
         assert float(sums[0]) / n < 1e-4 and float(sums[1]) == 0.0
+
+
+@pytest.mark.parametrize("mode", ["", "tis", "mis"])
+def test_trainer_logs_mismatch_and_applies_weights(tmp_path, mode, monkeypatch):
+    """metrics.jsonl has the mismatch per GRPO step; with --rollout_is the loss gets the weights
+    (policy_loss called with rollout_is_weights of the completion mask's shape)."""
+    import json
+
+    from r1train import train as train_mod
+    from r1train.config import Config
+
+    seen = []
+    real = train_mod.policy_loss
+
+    def spy(*a, rollout_is_weights=None, **kw):
+        seen.append(rollout_is_weights)
+        return real(*a, rollout_is_weights=rollout_is_weights, **kw)
+
+    monkeypatch.setattr(train_mod, "policy_loss", spy)
+    cfg = Config(out_dir=str(tmp_path / "run"), tiny_hidden=32, tiny_layers=1, tiny_heads=2,
+                 tiny_intermediate=64, mode="r1-zero", grpo_steps=2, prompts_per_step=2,
+                 group_size=2, max_new_tokens=8, eval_examples=4, checkpoint_every=0,
+                 rollout_compile=False, rollout_is=mode, rollout_is_cap=1.5)
+    train_mod.train(cfg)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    grpo = [r for r in rows if r["stage"] == "grpo"]
+    assert len(grpo) == 2
+    for r in grpo:
+        assert 0 <= r["mismatch_logp_abs"] < 1e-3 and r["mismatch_ratio_out"] == 0.0
+        assert ("rollout_is_weight" in r) == bool(mode)
+        if mode:
+            assert abs(r["rollout_is_weight"] - 1.0) < 1e-3
+    assert seen and all((w is None) == (not mode) for w in seen)
