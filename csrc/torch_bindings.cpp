@@ -66,6 +66,11 @@ TORCH_LIBRARY(r1kernels, m) {
   m.def("moe_unpermute(Tensor src, Tensor row_ids, Tensor? weights) -> Tensor");
   // dw[t, j] = <gy[t], src[row_ids[t, j]]>, fp32.
   m.def("moe_rows_dot(Tensor gy, Tensor src, Tensor row_ids) -> Tensor");
+
+  // One token per row of logits [B, V] from uniforms [B] (temperature, top_k, top_p, min_p) and
+  // its log-prob under the unfiltered softmax(logits / temperature); csrc/sample_tokens/.
+  m.def("sample_tokens(Tensor logits, Tensor uniforms, float temperature, int top_k, float top_p, "
+        "float min_p) -> (Tensor, Tensor)");
 }
 
 // `import r1kernels._C` loads this shared library; the static initializers above register the

@@ -24,9 +24,36 @@ def token_logprobs_from_hidden(hidden, weight, bias, labels) -> torch.Tensor:
 _LOSS_MODULES: dict = {}
 
 
+def rollout_mismatch(train_logps, rollout_logps, mask, *, mode: str = "", cap: float = 2.0):
+    """Rollout-vs-train mismatch of the completion tokens and, with `mode`, the importance weights
+    that correct it (`grpo_loss`'s `rollout_is_weights`, detached):
+
+        r = exp(train_logps - rollout_logps)     per token, the update's log-probs over the
+                                                 sampler's (same weights: only numerics differ)
+        tis: w = min(r, cap)                     truncated importance sampling
+        mis: w = r where r <= cap, else 0        masked importance sampling
+
+    Returns (weights or None, sums) with sums = (sum |train - rollout|, count of tokens whose r
+    leaves [0.5, 2], sum of w) over the mask, for token-weighted averages across micro-batches.
+    """
+    if mode not in ("", "tis", "mis"):
+        raise ValueError(f"rollout_is: expected '', 'tis' or 'mis', got {mode!r}")
+    if not cap > 0:
+        raise ValueError(f"rollout_is_cap: expected a number > 0, got {cap!r}")
+    m = mask.bool()
+    delta = (train_logps.detach().float() - rollout_logps.float()).masked_fill(~m, 0.0)
+    r = torch.exp(delta)
+    out = (delta.abs().sum(), (m & ((r < 0.5) | (r > 2.0))).sum().float())
+    if not mode:
+        return None, out + (m.sum().float(),)
+    w = r.clamp(max=cap) if mode == "tis" else torch.where(r <= cap, r, torch.zeros_like(r))
+    w = w.masked_fill(~m, 0.0)
+    return w, out + (w.sum(),)
+
+
 def policy_loss(hidden, weight, bias, labels, mask, advantages, *, ref_logps=None,
-                num_items_in_batch=None, loss_type="dapo", epsilon_low=0.2, epsilon_high=None,
-                beta=0.0, max_completion_length=None):
+                rollout_is_weights=None, num_items_in_batch=None, loss_type="dapo",
+                epsilon_low=0.2, epsilon_high=None, beta=0.0, max_completion_length=None):
     """GRPO loss on hidden states: `r1kernels.GRPOLoss` (fused) when available, else reference.
 
     Returns (loss, metrics) with metrics kl, clip_ratio (and entropy when the fused op has it).
@@ -39,10 +66,12 @@ def policy_loss(hidden, weight, bias, labels, mask, advantages, *, ref_logps=Non
         if key not in _LOSS_MODULES:
             _LOSS_MODULES[key] = r1kernels.GRPOLoss(**kwargs)
         out = _LOSS_MODULES[key](hidden, weight, labels, mask, advantages, bias=bias,
-                                 ref_logps=ref_logps, num_items_in_batch=num_items_in_batch)
+                                 ref_logps=ref_logps, rollout_is_weights=rollout_is_weights,
+                                 num_items_in_batch=num_items_in_batch)
         return out.loss, out.metrics
     logps = reference.linear_token_logprobs_ref(hidden, weight, labels, bias=bias)
     return reference.grpo_loss_ref(logps, advantages, mask, ref_logps=ref_logps,
+                                   rollout_is_weights=rollout_is_weights,
                                    num_items_in_batch=num_items_in_batch, **kwargs)
 
 

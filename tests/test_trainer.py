@@ -10,16 +10,18 @@ import signal
 import pytest
 import torch
 
+import r1kernels
 from r1kernels import reference
 from r1train import rewards as R
 from r1train import tasks as T
 from r1train.config import Config, parse_args
-from r1train.generate import generate, generate_nocache_greedy, sample_next
+from r1train.generate import generate, generate_nocache_greedy
 from r1train.loss import policy_loss, sft_loss, token_logprobs_from_hidden
 
 TINY = dict(tiny_hidden=32, tiny_layers=1, tiny_heads=2, tiny_intermediate=64, sft_examples=32,
             sft_epochs=1, sft_batch_size=16, grpo_steps=4, prompts_per_step=4, group_size=4,
-            max_new_tokens=24, eval_examples=8, checkpoint_every=0, threads=1)
+            max_new_tokens=24, eval_examples=8, checkpoint_every=0, threads=1,
+            rollout_compile=False)  # compiling is tested in test_rollout.py
 
 
 # ---- verifier and rewards ---------------------------------------------------------------------
@@ -217,11 +219,11 @@ def test_sampling_seeded_and_eos(tiny_model):
 def test_top_p():
     logits = torch.tensor([[0.0, 5.0, 1.0, 4.9]])
     g = torch.Generator().manual_seed(0)
-    draws = {int(sample_next(logits, 1.0, 0.01, g)) for _ in range(50)}
+    draws = {int(r1kernels.sample_tokens(logits, top_p=0.01, generator=g)[0]) for _ in range(50)}
     assert draws == {1}
-    draws = {int(sample_next(logits, 1.0, 0.9, g)) for _ in range(200)}
+    draws = {int(r1kernels.sample_tokens(logits, top_p=0.9, generator=g)[0]) for _ in range(200)}
     assert draws == {1, 3}
-    assert int(sample_next(logits, 0.0, 1.0, None)) == 1
+    assert int(r1kernels.sample_tokens(logits, temperature=0.0)[0]) == 1
 
 
 # ---- losses -----------------------------------------------------------------------------------
