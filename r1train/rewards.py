@@ -27,6 +27,11 @@ from fractions import Fraction
 
 from r1train.tasks import Example
 
+try:  # optional (`pip install "r1kernels[math]"`); imported here, not while grading
+    import math_verify as _mv
+except ImportError:
+    _mv = None
+
 MAX_EXPR_CHARS = 200
 MAX_ABS = 10 ** 12
 
@@ -107,23 +112,20 @@ def gold_answer(answer: str) -> str:
 def _math_verify(gold: str, ans: str) -> bool | None:
     """math-verify's verdict with its LaTeX parser only; None when it is not installed or cannot
     parse either side."""
-    try:
-        from math_verify import LatexExtractionConfig, parse
-        from math_verify import verify as mv_verify
-    except ImportError:
+    if _mv is None:
         return None
     main = threading.current_thread() is threading.main_thread()  # its timeouts use SIGALRM
     t = 5 if main else None
-    cfg = [LatexExtractionConfig(boxed_match_priority=0)]
+    cfg = [_mv.LatexExtractionConfig(boxed_match_priority=0)]
 
     def parsed(text):
         text = text if "$" in text or "\\boxed" in text else f"${text}$"
-        return parse(text, extraction_config=cfg, parsing_timeout=t)
+        return _mv.parse(text, extraction_config=cfg, parsing_timeout=t)
 
     g, a = parsed(gold), parsed(ans)
     if not g or not a:
         return None
-    return bool(mv_verify(g, a, timeout_seconds=t))
+    return bool(_mv.verify(g, a, timeout_seconds=t))
 
 
 def verify(completion: str, ex: Example) -> bool:

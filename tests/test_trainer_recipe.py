@@ -71,7 +71,7 @@ def test_trl_signature_reward_and_none(tmp_path):
         bad(["a", "b"], ["x", "y"], exs)
 
 
-def test_gsm8k_answers_and_math_verify():
+def test_gsm8k_answers_and_math_verify(monkeypatch):
     ex = T.Example("q", "She pays 3 * 4 = 12 dollars.\n#### 12")
     assert R.verify("<think>t</think><answer>12</answer>", ex)
     assert R.verify("<think>t</think><answer>24/2</answer>", ex)
@@ -79,6 +79,13 @@ def test_gsm8k_answers_and_math_verify():
     half = T.Example("q", "1/2")
     assert R.verify("<answer>0.5</answer>", half)  # our verifier: exact fractions
     pytest.importorskip("math_verify")
+    import builtins
+
+    def boom(*a, **k):
+        raise AssertionError("eval/exec called")
+
+    monkeypatch.setattr(builtins, "eval", boom)  # math-verify's LaTeX path grades without them
+    monkeypatch.setattr(builtins, "exec", boom)
     assert R.verify("<answer>\\frac{1}{2}</answer>", half)
     assert R.verify("<answer>\\frac{2}{4}</answer>", T.Example("q", "\\frac{1}{2}"))
     assert R.verify("<answer>\\{3, 1, 2\\}</answer>", T.Example("q", "\\{1,2,3\\}"))
