@@ -3,8 +3,10 @@
 Model output is never given to `eval`: `safe_eval` parses it with `ast` and walks a whitelist
 (numbers, + - * /, unary minus, parentheses) with limits on length, depth and magnitude, so a
 completion can at worst be rejected. When `math-verify` is installed, answers are also compared
-with its LaTeX parser (ANTLR, then sympy: fractions, sets, intervals, `\\boxed{}`); its
-plain-expression parser (sympy's `parse_expr`, which calls `eval`) is never used.
+with its LaTeX parser (fractions, sets, intervals, `\\boxed{}`): an ANTLR grammar tokenizes the
+text, and sympy builds the numbers and symbols from the grammar's tokens (`Integer (12 )`,
+`Symbol ('x' )`: sympy's parser, which ends in `eval`, sees only such digits and letters; tested).
+Its plain-expression parser (sympy's `parse_expr` on the raw text) is never used.
 
 A reward function is either `fn(completion: str, example: Example) -> float` or has TRL's
 signature `fn(prompts, completions, **columns) -> list[float | None]` (recognised by a
