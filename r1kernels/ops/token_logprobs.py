@@ -975,17 +975,21 @@ class TokenLogprobsFunction(torch.autograd.Function):
 
 
 MAX_TEMPERATURE = 1e30  # 1 / temperature stays a normal fp32 number (the kernels' constant)
+# logits / temperature stays finite in fp32 for logits within +-1e8 (below ~3e-39, 1 / temperature
+# itself overflows fp32 and every log-prob is NaN, where float64 is finite)
+MIN_TEMPERATURE = 1e-30
 
 
 def check_temperature(op: str, temperature) -> float:
-    """temperature as a float in (0, MAX_TEMPERATURE]: a Python or NumPy real number, not a
-    tensor (reading a CUDA tensor's value would wait for the GPU)."""
+    """temperature as a float in [MIN_TEMPERATURE, MAX_TEMPERATURE]: a Python or NumPy real
+    number, not a tensor (reading a CUDA tensor's value would wait for the GPU)."""
     if isinstance(temperature, torch.Tensor):
         raise ValueError(f"{op}: temperature must be a number, not a tensor (use float(t)), got "
                          f"a tensor of shape {tuple(temperature.shape)}")
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or \
-            not 0 < float(temperature) <= MAX_TEMPERATURE:
-        raise ValueError(f"{op}: temperature must be a number in (0, {MAX_TEMPERATURE:g}], got "
+            not MIN_TEMPERATURE <= float(temperature) <= MAX_TEMPERATURE:
+        raise ValueError(f"{op}: temperature must be a number in [{MIN_TEMPERATURE:g}, "
+                         f"{MAX_TEMPERATURE:g}] (logits / temperature must fit fp32), got "
                          f"{temperature!r}")
     return float(temperature)
 
