@@ -6,10 +6,13 @@ import sys
 
 
 def main(argv=None) -> int:
+    from transformers.utils import logging as hf_logging
+
     from r1train.config import parse_args
     from r1train.train import train
 
     cfg = parse_args(argv)
+    hf_logging.disable_progress_bar()  # the console shows our bars only (not save/load bars)
     summary = train(cfg)
     if summary is None:
         return 130

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -81,11 +82,14 @@ def generate(model, prompt_ids: list[list[int]], *, group_size: int, max_new_tok
 
     was_training = model.training
     model.eval()
-    cache = StaticCache(config=model.config, max_cache_len=L)
+    cache = StaticCache(config=model.config, max_cache_len=L)  # filled in place by the model
+    # the forward's name for it: `cache` in recent transformers, where `past_key_values` (and the
+    # output's attribute of that name) print a deprecation message
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters \
+        else "past_key_values"
     out = model(input_ids=ids, attention_mask=prefill_mask[:, None], position_ids=pos,
-                past_key_values=cache, cache_position=cache_pos[:Lp], use_cache=True,
-                logits_to_keep=1)
-    cache = out.past_key_values
+                cache_position=cache_pos[:Lp], use_cache=True, logits_to_keep=1,
+                **{cache_kw: cache})
     _repeat_cache(cache, G)
     logits = out.logits[:, -1].repeat_interleave(G, 0)
     key_ok = key_ok.repeat_interleave(G, 0)
@@ -107,8 +111,9 @@ def generate(model, prompt_ids: list[list[int]], *, group_size: int, max_new_tok
         allowed = key_ok & (cache_pos <= Lp + t)            # [P*G, L]: prompt + new tokens so far
         step_mask.zero_().masked_fill_(~allowed[:, None, None, :], neg)
         out = model(input_ids=nxt[:, None], attention_mask=step_mask,
-                    position_ids=(next_pos + t)[:, None], past_key_values=cache,
-                    cache_position=cache_pos[Lp + t: Lp + t + 1], use_cache=True)
+                    position_ids=(next_pos + t)[:, None],
+                    cache_position=cache_pos[Lp + t: Lp + t + 1], use_cache=True,
+                    **{cache_kw: cache})
         logits = out.logits[:, -1]
     model.train(was_training)
     return Rollout(list(prompt_ids), tokens, lengths, G)

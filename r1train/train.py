@@ -101,6 +101,7 @@ class Trainer:
         # progress of the run; everything needed to continue it exactly lives here + weights + optim
         self.state = {"stage": 0, "step": 0, "evals": {}, "history": [], "elapsed": 0.0}
         self.ref_model = None
+        self.bars = _progress(self.is_main)
 
     # ---- setup ---------------------------------------------------------------------------------
     def stages(self) -> list[str]:
@@ -245,17 +246,22 @@ class Trainer:
         return ids, torch.ones_like(ids)
 
     # ---- stages --------------------------------------------------------------------------------
-    def sft_rows(self) -> list[tuple[list[int], int]]:
+    def sft_pairs(self) -> list[tuple[str, str]]:
+        """(prompt, completion) of the SFT set: sft_data's lines, else generated examples."""
         cfg = self.cfg
         if cfg.sft_data:
             with open(cfg.sft_data, encoding="utf-8") as f:
                 data = [json.loads(line) for line in f if line.strip()]
-            pairs = [(d["prompt"], tasks_mod.sft_target(d)) for d in data]
-        else:
-            exs = self.task.examples(range(cfg.sft_examples))
-            pairs = [(e.prompt, tasks_mod.completion_text(e)) for e in exs]
+            if not data:
+                raise ValueError(f"sft_data {cfg.sft_data!r} has no examples (an empty file, or "
+                                 "one of blank lines): SFT would train on nothing")
+            return [(d["prompt"], tasks_mod.sft_target(d)) for d in data]
+        exs = self.task.examples(range(cfg.sft_examples))
+        return [(e.prompt, tasks_mod.completion_text(e)) for e in exs]
+
+    def sft_rows(self) -> list[tuple[list[int], int]]:
         rows = []
-        for prompt, completion in pairs:
+        for prompt, completion in self.sft_pairs():
             p = self.encode_prompt(prompt)
             c = self.tok(completion, add_special_tokens=False)["input_ids"] + [self.eos_id]
             rows.append((p + c, len(p)))
@@ -361,17 +367,19 @@ class Trainer:
             examples, group_size=G, temperature=cfg.temperature, generator=gen)
         t_gen = time.perf_counter() - t0
         rewards = torch.tensor([s[0] for s in scores], dtype=torch.float32, device=self.device)
+        # groups whose rewards differ: the others have advantage 0 and teach nothing
+        signal = float((rewards.view(-1, G).amax(1) > rewards.view(-1, G).amin(1)).sum())
         loss, gnorm, extra = self.update(opt, prompts, roll.tokens, lengths, rewards, G)
         acc = [s[1].get("accuracy", 0.0) for s in scores]
         fmt = [s[1].get("format", 0.0) for s in scores]
         n_tok = sum(lengths)
         sums = self.all_sum([float(rewards.sum()), sum(acc), sum(fmt), float(n_tok), len(acc),
-                             loss, extra["kl"], extra["clip_ratio"]])
+                             loss, extra["kl"], extra["clip_ratio"], signal])
         n = sums[4]
         return {"stage": "grpo", "step": step + 1, "reward": sums[0] / n, "accuracy": sums[1] / n,
                 "format": sums[2] / n, "completion_len": sums[3] / n, "loss": sums[5] / self.world,
                 "kl": sums[6] / self.world, "clip_ratio": sums[7] / self.world, "grad_norm": gnorm,
-                "gen_tokens_per_s": n_tok / max(t_gen, 1e-9),
+                "groups_with_signal": int(sums[8]), "gen_tokens_per_s": n_tok / max(t_gen, 1e-9),
                 "step_seconds": time.perf_counter() - t0, **({"entropy": extra["entropy"]}
                                                              if "entropy" in extra else {})}
 
@@ -393,20 +401,31 @@ class Trainer:
                 bar.close()
                 return False
         bar.close()
+        grpo = [r for r in self.state["history"] if r.get("stage") == "grpo"]
+        if self.is_main and grpo and not any(r["groups_with_signal"] for r in grpo):
+            print(f"[r1-train] warning: in all {len(grpo)} GRPO steps every group's "
+                  f"{cfg.group_size} completions had the same reward (mean "
+                  f"{sum(r['reward'] for r in grpo) / len(grpo):.3f}): the advantages were 0 and "
+                  "the policy did not learn (R1-Zero on a model that never gets a reward? try "
+                  "mode r1, more steps, a larger group_size or an easier task)",
+                  file=sys.stderr, flush=True)
         return True
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self, desc: str = "eval") -> float:
         """Greedy accuracy on the held-out split (this rank's share, summed over ranks)."""
         cfg = self.cfg
         seeds = list(range(tasks_mod.EVAL_SEED_BASE, tasks_mod.EVAL_SEED_BASE + cfg.eval_examples))
         mine = seeds[self.rank::self.world]
         correct = 0.0
+        bar = self.bars(len(mine), desc, 0, leave=False)
         for i in range(0, len(mine), 100):
             exs = self.task.examples(mine[i:i + 100])
             _, _, texts, _, _ = self.rollout_and_score(exs, group_size=1, temperature=0.0,
                                                        generator=None)
             correct += sum(verify(t, e) for t, e in zip(texts, exs))
+            bar.update(len(exs))
+        bar.close()
         c, n = self.all_sum([correct, float(len(mine))])
         return c / max(n, 1.0)
 
@@ -460,6 +479,10 @@ class Trainer:
                     os.remove(f"{out}.rank{r}")
             os.replace(out + ".tmp", out)
         self.barrier()
+        if self.is_main and n == 0:
+            print(f"[r1-train] warning: rejection sampling kept 0 of {cfg.rs_prompts} prompts x "
+                  f"{cfg.rs_samples} samples (none verified correct): {out} is empty",
+                  file=sys.stderr, flush=True)
         return out, n
 
     # ---- bookkeeping ---------------------------------------------------------------------------
@@ -561,7 +584,9 @@ class Trainer:
         elif self.is_main:
             open(os.path.join(cfg.out_dir, "metrics.jsonl"), "w").close()
         stages = self.stages()
-        pbar = _progress(self.is_main)
+        if "sft" in stages[self.state["stage"]:] and cfg.sft_data:
+            self.sft_pairs()  # a file with no examples fails now, not after the first evaluation
+        pbar = self.bars
         prev = signal.signal(signal.SIGINT, self._on_sigint) if _main_thread() else None
         try:
             while self.state["stage"] < len(stages):
@@ -569,7 +594,7 @@ class Trainer:
                 done = True
                 if name.startswith("eval:"):
                     key = name.split(":", 1)[1]
-                    self.state["evals"][key] = self.evaluate()
+                    self.state["evals"][key] = self.evaluate(f"eval {key}")
                     if cfg.pass_k > 0:
                         self.state["evals"][f"{key}_pass@{cfg.pass_k}"] = self.pass_at_k(cfg.pass_k)
                     if self.is_main:
@@ -630,9 +655,9 @@ def _main_thread() -> bool:
 def _progress(enabled: bool):
     from tqdm.auto import tqdm
 
-    def factory(total: int, desc: str, initial: int):
+    def factory(total: int, desc: str, initial: int, leave: bool = True):
         return tqdm(total=total, desc=desc, initial=initial, disable=not enabled,
-                    dynamic_ncols=True, leave=True)
+                    dynamic_ncols=True, leave=leave)
 
     return factory
 
