@@ -548,6 +548,7 @@ class Trainer:
             "world_size": self.world, "device": str(self.device),
             "model_parameters": sum(p.numel() for p in self.model.parameters()),
             "eval_examples": cfg.eval_examples, "grpo_steps": cfg.grpo_steps,
+            "kernels": kernel_report(self.device),
         }
         for k, v in ev.items():
             if k not in summary["eval"]:
@@ -644,6 +645,21 @@ class Trainer:
         if self.is_main:
             print("\n[r1-train] Ctrl-C: finishing this step, then saving a checkpoint "
                   "(press again to abort)", file=sys.stderr, flush=True)
+
+
+def kernel_report(device: torch.device) -> dict:
+    """What moves a run's numbers besides the seed: the backend each r1kernels op ran on for
+    this device, the SIMD copy of the C++ CPU kernels this CPU runs, torch's thread count."""
+    from r1kernels import _custom_ops, dispatch
+
+    simd = None
+    if _custom_ops.EXT_ERROR is None:
+        from r1kernels import _C
+
+        simd = _C.cpu_simd_level()
+    return {"backends": {op: dispatch.select(op, device) for op in sorted(dispatch.registered_ops())},
+            "cpu_simd": simd, "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "r1kernels": r1kernels.__version__}
 
 
 def _main_thread() -> bool:

@@ -349,6 +349,16 @@ def test_pipeline_summary_schema(tmp_path):
         assert 0.0 <= on_disk["eval"][key] <= 1.0
     assert 0.0 <= on_disk["eval"]["after_grpo_pass@2"] <= 1.0
     assert on_disk["wall_seconds"] > 0
+    # what moves the figures besides the seed: each op's backend and the C++ kernels' SIMD copy
+    from r1kernels import _custom_ops, dispatch
+
+    k = on_disk["kernels"]
+    assert k["backends"]["linear_token_logprobs"] == dispatch.select("linear_token_logprobs", "cpu")
+    assert set(k["backends"]) == set(dispatch.registered_ops()) and k["threads"] == 1
+    if _custom_ops.EXT_ERROR is None:
+        from r1kernels import _C
+
+        assert k["cpu_simd"] == _C.cpu_simd_level()
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     grpo = [r for r in rows if r["stage"] == "grpo"]
     assert [r["step"] for r in grpo] == [1, 2, 3, 4]
