@@ -94,6 +94,7 @@ def test_capacity_matches_kernel():
 NVCC = shutil.which("nvcc")
 
 
+@pytest.mark.nvcc
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed here")
 def test_kernel_resources_sm90(tmp_path):
     """Compiled for sm_90 (no GPU needed), no instance of the cluster kernel spills or uses a
@@ -128,6 +129,7 @@ def test_kernel_resources_sm90(tmp_path):
     assert len(default) == 16 and all(k["regs"] <= 80 for k in default.values()), default
 
 
+@pytest.mark.nvcc
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed here")
 def test_thread_math_on_host(tmp_path):
     """The kernel's per-thread arithmetic (csrc/token_logprobs/fused_logits_math.cuh: unpacking,
