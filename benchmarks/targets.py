@@ -13,6 +13,7 @@ import glob
 import json
 import os
 import sys
+import textwrap
 
 # (name, op, shape contains, our provider, time bound in s, memory bound in GiB or None, graph?)
 # graph: the bound is on the CUDA-graph replay time (the kernels' own time) of a host-bound op
@@ -48,7 +49,7 @@ def _time(row: dict, graph: bool) -> float:
 
 def table(rows: list[dict]) -> list[str]:
     """Lines of the table (at most 100 columns each)."""
-    out = [f"{'target':46} {'bound':>9} {'ours':>16} {'met?':>5}  baselines (same run)"]
+    out = [f"{'target':46} {'bound':>9} {'ours':>16} {'met?':>5}  baselines (same run)"[:100]]
     used = set()
     for name, op, part, ours, bound, mem, graph in TARGETS:
         same = [r for r in rows if r["op"] == op and part in r["shape"]]
@@ -63,7 +64,8 @@ def table(rows: list[dict]) -> list[str]:
         met = t <= bound and (mem is None or (peak is not None and peak <= mem))
         ours_s = _t(t) + (f" {peak:.2f}G" if mem and peak is not None else "")
         base = ", ".join(f"{r['provider']} {_t(_time(r, graph))}" for r in same if r is not mine)
-        out.append(f"{name[:46]:46} {bound_s:>9} {ours_s:>16} {'yes' if met else 'NO':>5}  {base}")
+        out.append(f"{name[:46]:46} {bound_s:>9} {ours_s:>16} {'yes' if met else 'NO':>5}")
+        out += textwrap.wrap(base, 96, initial_indent="    ", subsequent_indent="    ")
     extra = [r for r in rows if id(r) not in used]
     for r in extra:
         out.append(f"{(r['op'] + ' ' + r['shape'])[:46]:46} {'report':>9} "
