@@ -6,7 +6,7 @@
 #                                          (benchmarks/LAST_GPU_RUN); the opt-in variants not yet
 #                                          measured (the persistent cluster kernel) beside the
 #                                          default; every target with its baselines; one table
-#                                          (benchmarks/targets.py). About 9 minutes on an H100.
+#                                          (benchmarks/targets.py). Timeouts sum to 8 minutes after the build.
 #   bash benchmarks/run_gpu.sh [steps]     steps: any of build tests bench step tune profile
 #                                          (default: build tests bench step)
 #   tune: benchmarks/tune_fused_logits.py, the launch configurations of the fused logits kernels
@@ -69,7 +69,7 @@ if has changed-tests; then
   files=$(echo $files | tr ' ' '\n' | sort -u | tr '\n' ' ')
   echo "changed since $since: ${files:-no kernel}"
   if [ -n "$files" ]; then
-    timeout "${TEST_TIMEOUT:-150}" $PY -m pytest $files -q -p no:cacheprovider -m "not nvcc" \
+    timeout "${TEST_TIMEOUT:-120}" $PY -m pytest $files -q -p no:cacheprovider -m "not nvcc" \
       -n "${TEST_WORKERS:-8}" >"$OUT/tests.log" 2>&1
     echo "tests: exit $?"; grep -E "passed|failed|FAILED|Error" "$OUT/tests.log" | tail -20
   fi
@@ -77,16 +77,16 @@ fi
 if has variants; then
   # opt-in variants not yet measured on a GPU, first, beside the default on the same rows:
   # the persistent cluster kernel (R1K_FUSED_CLUSTER=8,256,1) on logits and in the hidden sweep
-  TUNE_N=2 timeout "${TUNE_TIMEOUT:-90}" \
+  TUNE_N=2 timeout "${TUNE_TIMEOUT:-60}" \
     $PY benchmarks/tune_fused_logits.py 2>&1 | tee "$OUT/variants.log" | tail -8
-  PROFILE_CLUSTER="8,256;8,256,1" PROFILE_ROWS=1024 timeout "${PROFILE_TIMEOUT:-90}" \
+  PROFILE_CLUSTER="8,256;8,256,1" PROFILE_ROWS=1024 timeout "${PROFILE_TIMEOUT:-60}" \
     $PY benchmarks/profile_hidden.py 2>&1 | tee -a "$OUT/variants.log" | tail -5
 fi
 if has targets; then
   # every target's row and its baselines; the slowest baseline (Liger's fused linear GRPO, ~1.2 s
   # a call) and the non-default providers are skipped
   R1K_BENCH_SKIP=${R1K_BENCH_SKIP:-liger-grpo-hidden,r1k-two,r1k-no-cluster,r1k-torch,r1k-cuda-no-graph} \
-    timeout "${BENCH_TIMEOUT:-300}" $PY -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider \
+    timeout "${BENCH_TIMEOUT:-240}" $PY -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider \
     -k "${BENCH_K:-not fwd-}" >"$OUT/bench.log" 2>&1
   echo "benchmarks: exit $?"
   cp .benchmarks/r1k-cuda-*.json "$OUT/" 2>/dev/null
