@@ -165,8 +165,8 @@ def pytest_terminal_summary(terminalreporter):
     w(f"r1kernels benchmarks on {dev}, {datetime.date.today()}, commit {_commit()}, "
       f"torch {torch.__version__}")
     w(f"measured ceilings: copy {ceil['copy_GBps']:.0f} GB/s, {ceil['matmul_dtype']} matmul "
-      f"{ceil['matmul_TFLOPs'] * 1e12 / per:.1f} {unit}; %copy, %mm: fractions of them; "
-      f"vs base: baseline time / this time")
+      f"{ceil['matmul_TFLOPs'] * 1e12 / per:.1f} {unit} (%copy, %mm: fractions of them)")
+    w("vs base: the baseline's time / this time; graph: CUDA-graph replay (the kernels' own time)")
     w(f"{'provider':24} {'median':>12} {'GB/s':>7} {'%copy':>5} {unit:>8} {'%mm':>4} "
       f"{'peak GiB':>8} {'vs base':>8} {'graph':>12}")
     base = {}
