@@ -828,7 +828,7 @@ def moe_route(router_logits: torch.Tensor, top_k: int, *, score_func: str = "sof
               replay_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k expert routing of `router_logits [T, E]` -> (weights [T, k] fp32, ids [T, k] int32).
 
-    See shared/API.md and the module docstring. Differentiable w.r.t. router_logits through the
+    See docs/api.md and the module docstring. Differentiable w.r.t. router_logits through the
     weights. `replay_ids [T, k]` skips selection (routing replay). `norm_topk_prob` divides by
     the selected scores' sum + 1e-20, as DeepSeek-V3's reference code (and transformers') does:
     the same as the plain sum unless the selected scores add up to less than about 1e-13 (then

@@ -1140,7 +1140,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
     `logits [..., V]`, `labels [...]` integer; returns fp32 `logp [...]`, and `entropy [...]` too
     when `with_entropy`. Differentiable. `inplace_backward=True` writes dL/dlogits into the logits
     buffer during backward (saves one [N, V] allocation; the logits are garbage afterwards).
-    See shared/API.md.
+    See docs/api.md.
     """
     x, y, inv_temp = _prepare(OP, logits, labels, temperature, ignore_index, label_data=False)
     backend = dispatch.select(OP, x.device)
