@@ -103,7 +103,12 @@ dispatch.register(OP, cuda=("triton", "torch"), cpu=("cpp", "torch"), ext_ops=tl
 # larger chunks do both fewer times) and 10240 columns per two-sweep tile at N = 16384 (each
 # vocabulary tile reads and writes the fp32 grad_hidden accumulator once)
 TILE_ELEMS_CUDA = 5 << 25
-TILE_ELEMS_CPU = 1 << 21
+# CPU: 64 MiB, i.e. 110 rows of V = 151936 per single-sweep chunk. Each chunk streams the whole
+# weight through three GEMMs, so the chunk must be tall enough for the GEMMs' arithmetic to hide
+# that read: with 8 MiB (13 rows at V = 151936) GRPOLoss on hidden states took 1.9x the CPU time
+# of eager logits at N = 512, H = 512, one thread (6.93 s against 3.66 s); with 64 MiB, 3.66 s at
+# a 363 MiB peak against eager's 890 MiB (benchmarks/cpu_hidden.py, BENCHMARKS.md).
+TILE_ELEMS_CPU = 1 << 24
 MAX_TILE_ROWS = 16384
 # single sweep (linear_token_logprobs_with_grad): fp32 grad_weight accumulator limit, and the
 # largest chunk of whole sequences (fp32 logits elements) for which sweep="auto" picks it
@@ -825,7 +830,7 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
 
     `hidden [..., H]`, `weight [V, H]`, optional `bias [V]`, `labels [...]`. Returns fp32
     `logp [...]` (and `entropy [...]` when `with_entropy`), differentiable with respect to
-    hidden, weight and bias. Matmul products accumulate in fp32. See shared/API.md.
+    hidden, weight and bias. Matmul products accumulate in fp32. See docs/api.md.
     """
     h, bias, y, inv_temp = _prepare(OP, hidden, weight, labels, bias, temperature, ignore_index,
                                     label_data=False)
