@@ -103,12 +103,12 @@ dispatch.register(OP, cuda=("triton", "torch"), cpu=("cpp", "torch"), ext_ops=tl
 # larger chunks do both fewer times) and 10240 columns per two-sweep tile at N = 16384 (each
 # vocabulary tile reads and writes the fp32 grad_hidden accumulator once)
 TILE_ELEMS_CUDA = 5 << 25
-# CPU: 64 MiB, i.e. 110 rows of V = 151936 per single-sweep chunk. Each chunk streams the whole
+# CPU: 128 MiB, i.e. 220 rows of V = 151936 per single-sweep chunk. Each chunk streams the whole
 # weight through three GEMMs, so the chunk must be tall enough for the GEMMs' arithmetic to hide
-# that read: with 8 MiB (13 rows at V = 151936) GRPOLoss on hidden states took 1.9x the CPU time
-# of eager logits at N = 512, H = 512, one thread (6.93 s against 3.66 s); with 64 MiB, 3.66 s at
-# a 363 MiB peak against eager's 890 MiB (benchmarks/cpu_hidden.py, BENCHMARKS.md).
-TILE_ELEMS_CPU = 1 << 24
+# that read. GRPOLoss on hidden states at N = 512, H = 512, V = 151936, one thread, in CPU
+# seconds: 8 MiB chunks (13 rows) 6.93, 1.9x eager's 3.66; 64 MiB 3.66; 128 MiB 3.18 at a
+# 427 MiB peak (eager: 890 MiB); 256 MiB 3.18 at 522 MiB (CPU time, as benchmarks/cpu_hidden.py).
+TILE_ELEMS_CPU = 1 << 25
 MAX_TILE_ROWS = 16384
 # single sweep (linear_token_logprobs_with_grad): fp32 grad_weight accumulator limit, and the
 # largest chunk of whole sequences (fp32 logits elements) for which sweep="auto" picks it
