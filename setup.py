@@ -139,12 +139,13 @@ class _BuildExt(BuildExtension.with_options(use_ninja=True)):
         what = f"{len(sources) - n_cu} C++ files" + (f" and {n_cu} CUDA files" if n_cu else "")
         log_path = os.path.join(ROOT, "build", "r1kernels-build.log")
         os.makedirs(os.path.dirname(log_path), exist_ok=True)
-        jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
+        jobs = (f"{os.environ['MAX_JOBS']} parallel jobs (MAX_JOBS)" if os.environ.get("MAX_JOBS")
+                else "ninja's number of parallel jobs (MAX_JOBS=N sets it)")
         sys.stdout.flush()
         sys.stderr.flush()
         out, err = os.dup(1), os.dup(2)  # what pip reads; the compilers' output goes to the log
-        _say(err, f"building the extension r1kernels._C: {what}, {jobs} parallel jobs (MAX_JOBS); "
-                  f"compiler output in {log_path}")
+        _say(err, f"building the extension r1kernels._C: {what}, {jobs}; compiler output in "
+                  f"{log_path}")
         t0 = time.monotonic()
         done = threading.Event()
         watcher = threading.Thread(target=_follow, args=(log_path, err, done), daemon=True)
