@@ -30,8 +30,8 @@ TORCH_LIBRARY(r1kernels, m) {
   // Upstream gradients glp (and gent) given (mode 0), or the GRPO loss's own dL/dlogp from
   // adv, mask, old, ref, rw, scale (mode 1). out [3, B * T] = logp, entropy, lse, zeroed by the
   // caller (rows outside the mask, and the entropy row without `entropy`, are not written).
-  // variant: 0 rows in registers (a cluster per row), 1 persistent clusters staging rows in shared
-  // memory, 2 persistent clusters with rows in registers and the next row prefetched into L2.
+  // variant: 0 rows in registers (a cluster per row), 1 persistent clusters with rows in
+  // registers and the next row prefetched into L2.
   // Eager only (r1kernels/ops/token_logprobs.py does not take it under torch.compile).
   m.def("fused_logits_cluster(Tensor x, Tensor(a!) g, Tensor labels, Tensor(b!) out, Tensor? glp, "
         "Tensor? gent, Tensor? adv, Tensor? mask, Tensor? old, Tensor? ref, Tensor? rw, Tensor? scale, "

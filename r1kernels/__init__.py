@@ -1,4 +1,4 @@
-"""r1kernels: fused kernels for GRPO training. The public API is that of shared/API.md."""
+"""r1kernels: fused kernels for GRPO training. The public API: docs/api.md."""
 from r1kernels import _custom_ops  # noqa: F401  (loads the extension, registers fake kernels)
 from r1kernels.ops.group_advantages import group_advantages
 from r1kernels.ops.grpo_loss import GRPOLossOutput, grpo_loss

@@ -420,7 +420,7 @@ class _FusedLogitsGRPOLoss(torch.autograd.Function):
 
 
 class GRPOLoss(torch.nn.Module):
-    """GRPO loss fused with the lm_head log-probs (see the module docstring and shared/API.md).
+    """GRPO loss fused with the lm_head log-probs (see the module docstring and docs/api.md).
 
     Extra keyword arguments beyond the API: `with_entropy` (default True: the `entropy` metric,
     computed in the same vocabulary sweep), `ignore_index` (label value whose log-prob is 0) and

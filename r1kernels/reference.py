@@ -2,7 +2,7 @@
 
 Each `<op>_ref` is dtype-generic: give it float64 inputs and it computes in float64, which is what
 the tests compare every backend against. Low-precision inputs are upcast to at least float32,
-matching what the kernels promise. Semantics are those of shared/API.md.
+matching what the kernels promise. Semantics are those of docs/api.md.
 """
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ def grpo_loss_ref(logps, advantages, mask, *, old_logps=None, ref_logps=None, lo
     gradient agree for every loss type. Metrics: like TRL, the clip flags use coef_1 after the
     delta clamp; cispo's clip_ratio_high is TRL's `cispo_clip_ratio`. Where TRL differs: with
     importance_sampling_level="sequence" (and [B] advantages) TRL averages the clip flags per
-    sequence over all rows; here they are fractions of masked tokens (shared/API.md). TRL's
+    sequence over all rows; here they are fractions of masked tokens (docs/api.md). TRL's
     use_bias_correction_kl defaults to True; the API's default is False.
     """
     eps_lo = epsilon_low
@@ -196,7 +196,7 @@ def moe_route_ref(router_logits: torch.Tensor, top_k: int, *, score_func: str = 
                   n_group: int = 1, topk_group: int = 1, correction_bias=None,
                   norm_topk_prob: bool = True, routed_scaling_factor: float = 1.0,
                   replay_ids=None, expert_scale=None):
-    """(weights [T, k], ids [T, k] int32) of shared/API.md `moe_route`, via sorts and gathers."""
+    """(weights [T, k], ids [T, k] int32) of docs/api.md `moe_route`, via sorts and gathers."""
     x = _upcast(router_logits)
     T, E = x.shape
     if score_func == "softmax":
@@ -237,7 +237,7 @@ def moe_route_ref(router_logits: torch.Tensor, top_k: int, *, score_func: str = 
 
 
 def moe_permute_ref(hidden: torch.Tensor, ids: torch.Tensor, num_experts: int, *, align: int = 1):
-    """(permuted [T*k + E*(align-1), H], MoEPermutation) of shared/API.md `moe_permute`.
+    """(permuted [T*k + E*(align-1), H], MoEPermutation) of docs/api.md `moe_permute`.
 
     Rows are ordered by expert, then token, then slot j; each expert segment starts at
     offsets[e] (a multiple of align); rows past the last segment are zero padding too.

@@ -19,6 +19,7 @@
 """
 from __future__ import annotations
 
+import inspect
 import warnings
 from dataclasses import dataclass
 
@@ -28,6 +29,12 @@ from r1kernels.ops.sample_tokens import sample_tokens_with_uniforms
 
 PAD_MULTIPLE = 16
 
+
+
+def cache_kw(model) -> str:
+    """The forward's name for the KV cache: `cache` in recent transformers, where
+    `past_key_values` (and the output's attribute of that name) print a deprecation message."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 @dataclass
 class Rollout:
@@ -50,6 +57,7 @@ class _Decoder:
         dev = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.cache = StaticCache(config=model.config, max_cache_len=L)
+        self.cache_kw = cache_kw(model)  # (looked up once: the compiled step reads the name)
         self.tokens = torch.empty((B, T), dtype=torch.long, device=dev)
         self.logps = torch.empty((B, T), dtype=torch.float32, device=dev)
         self.lengths = torch.empty(B, dtype=torch.long, device=dev)
@@ -105,7 +113,8 @@ class _Decoder:
         prev = self.tokens.index_select(1, (self.t - 1).view(1))
         out = self.model(input_ids=prev, attention_mask=mask,
                          position_ids=(self.next_pos + self.t - 1)[:, None],
-                         past_key_values=self.cache, cache_position=slot.view(1), use_cache=True)
+                         cache_position=slot.view(1), use_cache=True,
+                         **{self.cache_kw: self.cache})
         self._commit(out.logits[:, -1])
 
     def step(self, same_as_last: bool = False) -> None:
@@ -192,10 +201,10 @@ def generate(model, prompt_ids: list[list[int]], *, group_size: int, max_new_tok
     try:
         prefill = StaticCache(config=model.config, max_cache_len=L)
         out = model(input_ids=ids, attention_mask=prefill_mask[:, None], position_ids=pos,
-                    past_key_values=prefill, cache_position=cache_pos[:Lp], use_cache=True,
-                    logits_to_keep=1)
+                    cache_position=cache_pos[:Lp], use_cache=True, logits_to_keep=1,
+                    **{cache_kw(model): prefill})
         dec = _decoder(model, P * G, L, T, sampling, compile)
-        dec.load_prefill(out.past_key_values, G, Lp)
+        dec.load_prefill(prefill, G, Lp)  # (filled in place by the model)
         del prefill
         dec.pad_id = pad_id
         dec.scalars.copy_(torch.tensor([Lp, eos_id]))

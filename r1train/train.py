@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
+import sys
 import time
 
 import torch
@@ -151,6 +152,10 @@ class Trainer(Runtime, Checkpointing, Evaluation, Stages):
         t_gen = time.perf_counter() - t0
         rewards = torch.tensor([math.nan if r is None else r for r in totals],
                                dtype=torch.float32, device=self.device)
+        # groups whose (scored) rewards differ: the others have advantage 0 and teach nothing
+        r, nan = rewards.view(-1, G), torch.isnan(rewards.view(-1, G))
+        signal = float((r.masked_fill(nan, -math.inf).amax(1)
+                        > r.masked_fill(nan, math.inf).amin(1)).sum())
         loss, gnorm, extra = self.update(opt, prompts, roll.tokens, lengths, rewards, G,
                                          rollout_logps=roll.logps)
         exs = [examples[i // G] for i in range(len(texts))]
@@ -159,13 +164,14 @@ class Trainer(Runtime, Checkpointing, Evaluation, Stages):
         scored = [r for r in totals if r is not None]
         n_tok = sum(lengths)
         sums = self.all_sum([sum(scored), len(scored), sum(acc), sum(fmt), float(n_tok), len(acc),
-                             loss, extra["kl"], extra["clip_ratio"]])
+                             loss, extra["kl"], extra["clip_ratio"], signal])
         n = sums[5]
         return {"stage": LOG_NAME.get(stage, stage), "step": step + 1,
                 "reward": sums[0] / max(sums[1], 1.0), "accuracy": sums[2] / n,
                 "format": sums[3] / n, "completion_len": sums[4] / n, "skipped": n - sums[1],
                 "loss": sums[6] / self.grad_divide, "kl": sums[7] / self.world,
                 "clip_ratio": sums[8] / self.world, "grad_norm": gnorm,
+                "groups_with_signal": int(sums[9]),
                 "gen_tokens_per_s": n_tok / max(t_gen, 1e-9),
                 "step_seconds": time.perf_counter() - t0, **({"entropy": extra["entropy"]}
                                                              if "entropy" in extra else {}),
@@ -199,6 +205,14 @@ class Trainer(Runtime, Checkpointing, Evaluation, Stages):
                 bar.close()
                 return False
         bar.close()
+        name = LOG_NAME.get(stage, stage)
+        rl = [r for r in self.state["history"] if r.get("stage") == name and "reward" in r]
+        if self.is_main and rl and not any(r.get("groups_with_signal") for r in rl):
+            print(f"[r1-train] warning: in all {len(rl)} {name} steps every group's "
+                  f"{cfg.group_size} completions had the same reward (mean "
+                  f"{sum(r['reward'] for r in rl) / len(rl):.3f}): the advantages were 0 and the "
+                  "policy did not learn (R1-Zero on a model that never gets a reward? try mode r1, "
+                  "more steps, a larger group_size or an easier task)", file=sys.stderr, flush=True)
         return True
 
 

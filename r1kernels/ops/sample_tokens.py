@@ -314,7 +314,7 @@ def sample_tokens(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int 
                   top_p: float = 1.0, min_p: float = 0.0,
                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row of `logits [B, V]` and its log-prob under the unfiltered
-    `softmax(logits / temperature)`; returns (tokens int64 [B], logp fp32 [B]). See shared/API.md.
+    `softmax(logits / temperature)`; returns (tokens int64 [B], logp fp32 [B]). See docs/api.md.
 
     Filters in order top_k (0 = off), top_p (1 = off), min_p (0 = off); temperature 0 is greedy
     (the first maximum; logp under softmax(logits)). NaN and infinite logits are never sampled
