@@ -11,10 +11,18 @@ What gets built (flags are read here, at the top):
 The C++ CPU kernels are always built. The CUDA kernels are built when torch was built with
 CUDA and nvcc is found (CUDA_HOME). Without torch installed first the build stops with the fix.
 Kernels in csrc/**/*.cu include CUDA headers only; their torch bindings live in *_cuda.cpp.
+
+pip shows a build's output only with -v (or when it fails): with -v the build prints what it
+compiles, with how many jobs, one line per file as each finishes and the time it took; the
+compilers' own output goes to build/r1kernels-build.log, whose last lines are printed if the build
+fails.
 """
 import glob
 import os
+import re
 import sys
+import threading
+import time
 
 from setuptools import setup
 
@@ -117,7 +125,77 @@ def _extensions():
     ]
 
 
+def _say(fd, text):
+    os.write(fd, f"r1kernels: {text}\n".encode())
+
+
+class _BuildExt(BuildExtension.with_options(use_ninja=True)):
+    """torch's ninja build, saying what it does: a first line with the files and the log's path,
+    a line per compiled file (from ninja's [k/n] lines in the log), the time at the end."""
+
+    def build_extensions(self):
+        sources = [s for ext in self.extensions for s in ext.sources]
+        n_cu = sum(s.endswith(".cu") for s in sources)
+        what = f"{len(sources) - n_cu} C++ files" + (f" and {n_cu} CUDA files" if n_cu else "")
+        log_path = os.path.join(ROOT, "build", "r1kernels-build.log")
+        os.makedirs(os.path.dirname(log_path), exist_ok=True)
+        jobs = (f"{os.environ['MAX_JOBS']} parallel jobs (MAX_JOBS)" if os.environ.get("MAX_JOBS")
+                else "ninja's number of parallel jobs (MAX_JOBS=N sets it)")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        out, err = os.dup(1), os.dup(2)  # what pip reads; the compilers' output goes to the log
+        _say(err, f"building the extension r1kernels._C: {what}, {jobs}; compiler output in "
+                  f"{log_path}")
+        t0 = time.monotonic()
+        done = threading.Event()
+        watcher = threading.Thread(target=_follow, args=(log_path, err, done), daemon=True)
+        failed = True
+        try:
+            with open(log_path, "w") as log:
+                os.dup2(log.fileno(), 1)
+                os.dup2(log.fileno(), 2)
+                watcher.start()
+                super().build_extensions()
+            failed = False
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(out, 1)
+            os.dup2(err, 2)
+            done.set()
+            if watcher.is_alive():
+                watcher.join()
+            if failed:
+                with open(log_path, errors="replace") as f:
+                    tail = f.readlines()[-60:]
+                _say(err, f"the build failed; the last lines of {log_path}:")
+                os.write(err, "".join(tail).encode())
+            else:
+                _say(err, f"r1kernels._C built in {time.monotonic() - t0:.0f} s")
+            os.close(out)
+            os.close(err)
+
+
+def _follow(path, fd, done):
+    """Print "[k/n] file" for each of ninja's progress lines ("[k/n] <compiler> ... -c <file>")
+    in the log at `path`, as they are written, until `done` is set."""
+    seen = 0
+    while True:
+        finished = done.is_set()
+        with open(path, errors="replace") as f:
+            lines = f.read().split("\n")
+        complete = lines if finished else lines[:-1]  # the last one may be half written
+        for line in complete[seen:]:
+            m = re.match(r"\[(\d+)/(\d+)\] .* -c (\S+\.(?:cpp|cu))\b", line)
+            if m:
+                _say(fd, f"[{m.group(1)}/{m.group(2)}] compiled {os.path.relpath(m.group(3), ROOT)}")
+        seen = len(complete)
+        if finished:
+            return
+        done.wait(0.5)
+
+
 setup(
     ext_modules=_extensions(),
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": _BuildExt},
 )

@@ -10,7 +10,8 @@
    the logits read once and their gradient written once (the floor). Target: <= 4.0 ms at
    [16, 1025, 151936] (Liger ~4.9 ms, eager 36 ms).
 3. `GRPOLoss` on hidden states (op "grpo_loss_hidden"): ours vs eager (full logits), its
-   torch.compile, and Liger's `LigerFusedLinearGRPOLoss`. "r1k" is the default (sweep="auto":
+   torch.compile, TRL 1.16's chunked lm_head + its loss, and Liger's `LigerFusedLinearGRPOLoss`
+   (both also on CPU tensors). "r1k" is the default (sweep="auto":
    one sweep of the vocabulary at these shapes), "r1k-two" forces the two-sweep order (8 N H V
    FLOPs of work, grad_weight reduced in fp32). FLOPs counted for every provider: the useful
    6 N' H V (logits GEMM and the two gradient GEMMs), N' the tokens inside the mask (90% of the
@@ -152,7 +153,7 @@ def test_grpo_loss_logits(benchmark, bench, monkeypatch, provider, shape):
 
 @pytest.mark.parametrize("shape", shapes_for("grpo_loss_hidden", DEVICE), ids=shape_id)
 @pytest.mark.parametrize("provider", ["r1k", "r1k-no-cluster", "r1k-two", "eager", "compiled-eager",
-                                      "liger"])
+                                      "trl", "liger"])
 def test_grpo_loss_hidden(benchmark, bench, monkeypatch, provider, shape):
     B, T, H, V = shape["B"], shape["T"], shape["H"], shape["V"]
     _, old, ref, adv, mask = _data(B, T)
@@ -177,9 +178,20 @@ def test_grpo_loss_hidden(benchmark, bench, monkeypatch, provider, shape):
 
         def fn():
             return torch.autograd.grad(f(hidden, weight), (hidden, weight))
+    elif provider == "trl":
+        # TRL 1.16's GRPOTrainer: its chunked lm_head log-probs (Triton on CUDA, torch ops on
+        # CPU), then its loss
+        from bench_linear_token_logprobs import _trl_chunked
+
+        chunked_logp = _trl_chunked()
+
+        def fn():
+            logps = chunked_logp.apply(hidden.view(B * T, H), weight, None, ids.view(-1), 1.0,
+                                       32768, None, 1.0, ("entropy",))[0].view(B, T)
+            return torch.autograd.grad(trl_style_loss(logps, old, ref, adv, mask),
+                                       (hidden, weight))
     else:
-        if DEVICE != "cuda":
-            pytest.skip("Liger's fused linear GRPO is benchmarked on CUDA")
+        # Liger's chunked loss is torch.compile'd torch: it runs on CPU tensors too
         chunked = pytest.importorskip("liger_kernel.chunked_loss")
         # Liger compiles its chunk function; its recompilation for a second shape in the same
         # process failed on an H100 (dynamo: "sources must not be empty for symbol"): start clean

@@ -80,6 +80,11 @@ def make_fn(provider, labels, mode):
     if provider == "compiled-ref":
         compiled = torch.compile(linear_token_logprobs_ref)
         return lambda h, w: compiled(h, w, labels, with_entropy=True)
+    if provider == "trl":  # Triton on CUDA, torch ops on CPU
+        fn = _trl_chunked()
+        # (hidden, weight, bias, labels, temperature, chunk_size, ..., outputs), as in shared/anchors
+        return lambda h, w: tuple(fn.apply(h, w, None, labels, 1.0, 32768, None, 1.0,
+                                           ("entropy",)))[:2]
     if DEVICE != "cuda":
         pytest.skip(f"{provider}'s kernels need CUDA")
     if provider == "liger":
@@ -90,11 +95,6 @@ def make_fn(provider, labels, mode):
         reduction = "none" if mode == "fwd" else "sum"
         return lambda h, w: (-liger_fused_linear_cross_entropy(h, w, labels, reduction=reduction),
                              None)
-    if provider == "trl":
-        fn = _trl_chunked()
-        # (hidden, weight, bias, labels, temperature, chunk_size, ..., outputs), as in shared/anchors
-        return lambda h, w: tuple(fn.apply(h, w, None, labels, 1.0, 32768, None, 1.0,
-                                           ("entropy",)))[:2]
     if provider == "cce":
         pytest.importorskip("cut_cross_entropy")
         from cut_cross_entropy import linear_cross_entropy

@@ -152,31 +152,41 @@ def _commit() -> str:
         return "unknown"
 
 
+@pytest.hookimpl(trylast=True)  # after pytest-benchmark's own (wide) table: ours is the last
 def pytest_terminal_summary(terminalreporter):
     if not _ROWS:
         return
     ceil = ceilings()
     dev = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU"
+    # FLOP rates in TFLOP/s on a GPU, GFLOP/s on CPU (where TFLOP/s rounds to 0.0)
+    unit, per = ("TFLOP/s", 1e12) if DEVICE == "cuda" else ("GFLOP/s", 1e9)
     w = terminalreporter.write_line
     w("")
-    w(f"r1kernels benchmarks on {dev}, {datetime.date.today()}, commit {_commit()}, torch {torch.__version__}")
+    w(f"r1kernels benchmarks on {dev}, {datetime.date.today()}, commit {_commit()}, "
+      f"torch {torch.__version__}")
     w(f"measured ceilings: copy {ceil['copy_GBps']:.0f} GB/s, {ceil['matmul_dtype']} matmul "
-      f"{ceil['matmul_TFLOPs']:.1f} TFLOP/s")
-    w(f"{'op':30} {'shape':44} {'provider':22} {'median':>12} {'GB/s':>8} {'%copy':>6} "
-      f"{'TFLOP/s':>8} {'%mm':>5} {'peak GiB':>8} {'vs base':>8} {'graph':>10}")
+      f"{ceil['matmul_TFLOPs'] * 1e12 / per:.1f} {unit} (%copy, %mm: fractions of them)")
+    w("vs base: the baseline's time / this time; graph: CUDA-graph replay (the kernels' own time)")
+    w(f"{'provider':24} {'median':>12} {'GB/s':>7} {'%copy':>5} {unit:>8} {'%mm':>4} "
+      f"{'peak GiB':>8} {'vs base':>8} {'graph':>12}")
     base = {}
     for r in _ROWS:
         if r["baseline"] is not None and r["provider"] == r["baseline"]:
             base[(r["op"], r["shape"])] = r["median_s"]
+    group = None
     for r in _ROWS:
-        b = base.get((r["op"], r["shape"]))
-        ratio = f"{b / r['median_s']:7.2f}x" if b and r["baseline"] else "       -"
+        if (r["op"], r["shape"]) != group:
+            group = (r["op"], r["shape"])
+            w(f"{r['op']} {r['shape']}"[:99])
+        b = base.get(group)
+        ratio = f"{b / r['median_s']:7.2f}x" if b and r["baseline"] else "-"
         fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
-        w(f"{r['op']:30} {r['shape'][:44]:44} {r['provider'][:22]:22} {_fmt_time(r['median_s']):>12} "
-          f"{fmt(r['GBps'], '8.0f'):>8} {fmt(r['frac_copy'] and 100 * r['frac_copy'], '5.0f'):>6} "
-          f"{fmt(r['TFLOPs'], '8.1f'):>8} {fmt(r['frac_matmul'] and 100 * r['frac_matmul'], '4.0f'):>5} "
+        rate = r["TFLOPs"] and r["TFLOPs"] * 1e12 / per
+        w(f"  {r['provider'][:22]:22} {_fmt_time(r['median_s']):>12} "
+          f"{fmt(r['GBps'], '7.0f'):>7} {fmt(r['frac_copy'] and 100 * r['frac_copy'], '5.0f'):>5} "
+          f"{fmt(rate, '8.1f'):>8} {fmt(r['frac_matmul'] and 100 * r['frac_matmul'], '4.0f'):>4} "
           f"{fmt(r['peak_GiB'], '8.2f'):>8} {ratio:>8} "
-          f"{_fmt_time(r['graph_s']) if r.get('graph_s') else '-':>10}")
+          f"{_fmt_time(r['graph_s']) if r.get('graph_s') else '-':>12}")
     out_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".benchmarks")
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"r1k-{DEVICE}-{datetime.date.today()}.json")

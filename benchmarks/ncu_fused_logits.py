@@ -1,7 +1,7 @@
 """One launch of the fused logits kernel at a target shape, for Nsight Compute:
 token_logprobs_fwd_bwd on [16384, 151936] bf16 in place (default), or with NCU_OP=from_logits
 GRPOLoss.from_logits on [16, 1025, 151936] bf16 in place (the GRPO mode of the kernel, as
-timed by tune_fused_logits.py). The kernel setting is R1K_FUSED_CLUSTER's (e.g. "8,256,2" for
+timed by tune_fused_logits.py). The kernel setting is R1K_FUSED_CLUSTER's (e.g. "8,256,1" for
 the persistent variant; "0" for the Triton kernels).
 
     ncu --kernel-name regex:fused_logits --launch-skip 2 --launch-count 1 \\

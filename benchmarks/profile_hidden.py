@@ -2,7 +2,7 @@
 linear_token_logprobs_fwd_bwd at the issues' target shape (N=16384, H=4096, V=151936, bf16),
 for several chunk sizes (rows of fp32 logits per chunk) and settings of the cluster kernel on
 the chunks (PROFILE_CLUSTER, R1K_FUSED_CLUSTER values separated by ";", default
-"0;8,256;8,256,2": off, the default, the persistent variant) and of the G group buffer (PROFILE_GROUP, R1K_SWEEP_GROUP_ROWS values separated by
+"0;8,256;8,256,1": off, the default, the persistent variant) and of the G group buffer (PROFILE_GROUP, R1K_SWEEP_GROUP_ROWS values separated by
 ";", default "0": off). Prints, per variant, the median time
 of a call, its peak extra memory, the device time per kernel (torch.profiler) of one call, so
 the gap to the three GEMMs (6 N H V FLOPs at the bf16 matmul rate) can be attributed, and where
@@ -157,7 +157,7 @@ def main():
               f"{6 * live * H * V / rate / 1e9:.1f} ms, fwd_bwd {6 * N * H * V / rate / 1e9:.1f} ms")
     default_elems = ltl.TILE_ELEMS_CUDA
     rows_list = [64] if DRY else [int(r) for r in os.environ.get("PROFILE_ROWS", "1024,1536,2048").split(",")]
-    clusters = os.environ.get("PROFILE_CLUSTER", "0;8,256;8,256,2").split(";")
+    clusters = os.environ.get("PROFILE_CLUSTER", "0;8,256;8,256,1").split(";")
     groups = os.environ.get("PROFILE_GROUP", "0").split(";")
     variants = [(name, r, c, gr) for c in clusters for gr in groups
                 for name in ("GRPOLoss", "fwd_bwd") for r in rows_list]

@@ -69,6 +69,17 @@ SHAPES = {
                  dict(T=16384, H=2880, E=32, top_k=4)],
         "cpu": [dict(T=512, H=1024, E=64, top_k=8)],
     },
+    # rollout: model (bench_rollout.MODELS), P prompts x G completions x T new tokens
+    "rollout": {
+        "cuda": [dict(model="qwen2.5-0.5b", P=16, G=8, T=512, prompt=64, dtype="bfloat16")],
+        "cpu": [dict(model="tiny", P=8, G=4, T=32, prompt=16, dtype="float32"),
+                dict(model="qwen2-12m", P=8, G=4, T=32, prompt=16, dtype="float32")],
+    },
+    "sample_tokens": {
+        "cuda": [dict(B=128, V=151936, top_k=0, top_p=1.0), dict(B=128, V=151936, top_k=0, top_p=0.9),
+                 dict(B=128, V=151936, top_k=50, top_p=0.9)],
+        "cpu": [dict(B=32, V=32000, top_k=0, top_p=1.0), dict(B=32, V=32000, top_k=50, top_p=0.9)],
+    },
 }
 
 

@@ -21,15 +21,14 @@ from r1kernels import dispatch
 
 # Configurations: ("cluster", CTAs per cluster, threads per CTA[, variant]) for the cluster kernel
 # (csrc/token_logprobs/fused_logits_cluster.cu, R1K_FUSED_CLUSTER; variant 0 the default: rows in
-# registers, one cluster per row; 1 rows staged in shared memory by persistent clusters; 2 rows in
-# registers on persistent clusters, the next row prefetched into L2, new and not yet measured, so
-# first), then the Triton kernel's defaults FUSED_CONFIG_GRPO and FUSED_CONFIG: (programs per SM
+# registers, one cluster per row; 1 rows in registers on persistent clusters, the next row
+# prefetched into L2, new and not yet measured, so first), then the Triton kernel's defaults FUSED_CONFIG_GRPO and FUSED_CONFIG: (programs per SM
 # (0: two launches, one program per row), warps, block, per-lane statistics [, warps and block of
 # the two-launch mode's statistics launch]). The settings left out were measured slower on
 # 2026-11-23 (BENCHMARKS.md).
-CONFIGS = [("cluster", 8, 256, 2), ("cluster", 4, 512, 2), ("cluster", 16, 256, 2),
-           ("cluster", 8, 256), ("cluster", 8, 256, 1), ("cluster", 4, 512, 1),
-           ("cluster", 8, 512), (0, 8, 4096, 0, 1, 2048), (0, 8, 4096, 0)]
+# TUNE_N=k times the first k only (run_gpu.sh quick: 2, the persistent variant and the default).
+CONFIGS = [("cluster", 8, 256, 1), ("cluster", 8, 256), ("cluster", 4, 512, 1),
+           ("cluster", 16, 256, 1), ("cluster", 8, 512), (0, 8, 4096, 0, 1, 2048), (0, 8, 4096, 0)]
 
 
 def _select(cfg):
@@ -164,7 +163,8 @@ def main():
     print(f"{'config':>25} {'fwd_bwd ms':>11} {'inplace ms':>11} {'%floor':>7} {'from_logits ms':>15}"
           f" {'its kernel ms':>14}  path  errors (logp, entropy, grad, from_logits loss, grad)")
     failures = 0
-    for cfg in CONFIGS[int(os.environ.get("TUNE_FROM", "0")):]:  # TUNE_FROM=k: from the k-th on
+    first = int(os.environ.get("TUNE_FROM", "0"))  # TUNE_FROM=k: from the k-th on
+    for cfg in CONFIGS[first:first + int(os.environ.get("TUNE_N", len(CONFIGS)))]:
         _select(cfg)
         path = _path(x.view(1, N, V))
         try:

@@ -33,8 +33,8 @@ TORCH_LIBRARY(r1kernels, m) {
   // Upstream gradients glp (and gent) given (mode 0), or the GRPO loss's own dL/dlogp from
   // adv, mask, old, ref, rw, scale (mode 1). out [3, B * T] = logp, entropy, lse, zeroed by the
   // caller (rows outside the mask, and the entropy row without `entropy`, are not written).
-  // variant: 0 rows in registers (a cluster per row), 1 persistent clusters staging rows in shared
-  // memory, 2 persistent clusters with rows in registers and the next row prefetched into L2.
+  // variant: 0 rows in registers (a cluster per row), 1 persistent clusters with rows in
+  // registers and the next row prefetched into L2.
   // cap > 0: a soft-capped head (z = inv_temp * tanh(cap * x); inv_temp > 0, cap >= 0).
   // Eager only (r1kernels/ops/token_logprobs.py does not take it under torch.compile).
   m.def("fused_logits_cluster(Tensor x, Tensor(a!) g, Tensor labels, Tensor(b!) out, Tensor? glp, "
@@ -70,6 +70,11 @@ TORCH_LIBRARY(r1kernels, m) {
   m.def("moe_unpermute(Tensor src, Tensor row_ids, Tensor? weights) -> Tensor");
   // dw[t, j] = <gy[t], src[row_ids[t, j]]>, fp32.
   m.def("moe_rows_dot(Tensor gy, Tensor src, Tensor row_ids) -> Tensor");
+
+  // One token per row of logits [B, V] from uniforms [B] (temperature, top_k, top_p, min_p) and
+  // its log-prob under the unfiltered softmax(logits / temperature); csrc/sample_tokens/.
+  m.def("sample_tokens(Tensor logits, Tensor uniforms, float temperature, int top_k, float top_p, "
+        "float min_p) -> (Tensor, Tensor)");
 }
 
 // `import r1kernels._C` loads this shared library; the static initializers above register the

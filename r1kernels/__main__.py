@@ -58,8 +58,7 @@ def report() -> str:
 
         setting = tlp._cluster_setting()
         kind = lambda s: "%d CTAs x %d threads%s" % (  # noqa: E731
-            s[0], s[1], ("", ", pipelined (rows staged in shared memory)",
-                         ", persistent (L2 prefetch)")[s[2]])
+            s[0], s[1], ("", ", persistent (L2 prefetch)")[s[2]])
         lines.append(f"cluster kernel: {kind(setting) if setting else 'off'} "
                      f"(R1K_FUSED_CLUSTER; runs on sm_90+ with the CUDA build); hidden-state "
                      f"sweep G groups: {ltl._group_rows(1, 1 << 62) or 'off'} "

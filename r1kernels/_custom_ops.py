@@ -119,3 +119,9 @@ def _moe_unpermute_fake(src, row_ids, weights):
 @register_fake("moe_rows_dot")
 def _moe_rows_dot_fake(gy, src, row_ids):
     return gy.new_empty(row_ids.shape, dtype=torch.float32)
+
+
+@register_fake("sample_tokens")
+def _sample_tokens_fake(logits, uniforms, temperature, top_k, top_p, min_p):
+    B = logits.shape[0]
+    return logits.new_empty(B, dtype=torch.int64), logits.new_empty(B, dtype=torch.float32)

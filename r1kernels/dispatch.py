@@ -8,14 +8,17 @@ Backends:
 
 Each op module registers the backends it implements, in order of preference per device type
 (`register`). The choice is made once per (op, device type) and cached. `R1K_BACKEND` (read at
-import) or `use_backend(...)` forces one backend for every op that implements it; forcing a
-backend that is implemented but unavailable here raises, naming what is missing.
+import) or `set_backend(...)` forces one backend for every op that implements it, in the whole
+process; `use_backend(...)` does so in the calling thread only, for the `with` block, over the
+process-wide setting. Forcing a backend that is implemented but unavailable here raises, naming
+what is missing.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib.util
 import os
+import threading
 import warnings
 
 import torch
@@ -38,6 +41,9 @@ def _env_backend() -> str | None:
 
 
 _FORCED: str | None = _env_backend()
+# use_backend's per-thread override: `_THREAD.forced` is a 1-tuple (backend or None) inside a
+# `with use_backend(...)` block, absent outside (a threading.local, which torch.compile guards on)
+_THREAD = threading.local()
 
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -122,7 +128,8 @@ def available_backends(op: str, device_type: str) -> list[str]:
 
 def select(op: str, device: torch.device | str) -> str:
     """The backend that runs `op` for tensors on `device`."""
-    return _select(op, torch.device(device).type, _FORCED)
+    local = getattr(_THREAD, "forced", None)
+    return _select(op, torch.device(device).type, _FORCED if local is None else local[0])
 
 
 @torch.compiler.assume_constant_result
@@ -151,21 +158,31 @@ def _select(op: str, device_type: str, forced: str | None) -> str:
     return choice
 
 
-def set_backend(backend: str | None) -> None:
-    """Force `backend` for every op that implements it (None: automatic choice)."""
-    global _FORCED
+def _check(backend: str | None) -> None:
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+
+
+def set_backend(backend: str | None) -> None:
+    """Force `backend` for every op that implements it, in every thread (None: automatic choice).
+    A `use_backend` block in progress in a thread still wins there."""
+    global _FORCED
+    _check(backend)
     _FORCED = backend
 
 
 @contextlib.contextmanager
 def use_backend(backend: str | None):
-    """Context manager form of `set_backend`."""
-    global _FORCED
-    previous = _FORCED
-    set_backend(backend)
+    """Force `backend` (None: the automatic choice) for the ops this thread runs inside the
+    block; other threads keep theirs. Blocks nest; leaving one restores the thread's previous
+    setting."""
+    _check(backend)
+    previous = getattr(_THREAD, "forced", None)
+    _THREAD.forced = (backend,)
     try:
         yield
     finally:
-        _FORCED = previous
+        if previous is None:
+            del _THREAD.forced
+        else:
+            _THREAD.forced = previous

@@ -9,7 +9,7 @@ placement, i.e. a reduce-scatter (Shard) or an all-reduce (Replicate) of the sum
 what FSDP2's own reduce-scatter computes before its divide factor. The fused single sweep of
 `linear_token_logprobs_fwd_bwd` (gradients made in the forward) returns its grad_weight the same
 way (`shard_grad`). A tied embedding's two gradients (FSDP2's, through the embedding, and this
-one) are summed on the parameter's `.grad`. A DTensor means data parallelism (shared/API.md):
+one) are summed on the parameter's `.grad`. A DTensor means data parallelism (docs/api.md):
 each rank's hidden states and labels are its own, so the ranks' gradients are summed. For a
 vocabulary split over ranks with the same batch on each (tensor parallelism), pass the local
 slice (`dtensor.to_local()`) and `process_group=` instead.

@@ -441,7 +441,7 @@ class _FusedLogitsGRPOLoss(torch.autograd.Function):
 
 
 class GRPOLoss(torch.nn.Module):
-    """GRPO loss fused with the lm_head log-probs (see the module docstring and shared/API.md).
+    """GRPO loss fused with the lm_head log-probs (see the module docstring and docs/api.md).
 
     Extra keyword arguments beyond the API: `with_entropy` (default True: the `entropy` metric,
     computed in the same vocabulary sweep), `ignore_index` (label value whose log-prob is 0) and
@@ -449,7 +449,7 @@ class GRPOLoss(torch.nn.Module):
     logits once, chunk of rows by chunk, for token-level importance sampling at any sequence
     length; for sequence-level importance sampling whenever one sequence's fp32 logits fit the
     single-sweep chunk limit, and two sweeps for longer sequences). `softcap` and `logit_scale`
-    (shared/API.md): the model's head transform of the logits (Gemma's
+    (docs/api.md): the model's head transform of the logits (Gemma's
     final_logit_softcapping, Cohere's logit_scale, Granite's 1 / logits_scaling), applied by
     forward and from_logits alike.
     `per_sequence_metrics` (default False): `metrics` also holds `clip_ratio_low_per_sequence`,

@@ -2,7 +2,7 @@
 
 Each `<op>_ref` is dtype-generic: give it float64 inputs and it computes in float64, which is what
 the tests compare every backend against. Low-precision inputs are upcast to at least float32,
-matching what the kernels promise. Semantics are those of shared/API.md.
+matching what the kernels promise. Semantics are those of docs/api.md.
 """
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ def grpo_loss_ref(logps, advantages, mask, *, old_logps=None, ref_logps=None, lo
     gradient agree for every loss type. Metrics: like TRL, the clip flags use coef_1 after the
     delta clamp; cispo's clip_ratio_high is TRL's `cispo_clip_ratio`. Where TRL differs: with
     importance_sampling_level="sequence" (and [B] advantages) TRL averages the clip flags per
-    sequence over all rows; here they are fractions of masked tokens (shared/API.md). TRL's
+    sequence over all rows; here they are fractions of masked tokens (docs/api.md). TRL's
     use_bias_correction_kl defaults to True; the API's default is False.
     """
     eps_lo = epsilon_low
@@ -203,7 +203,7 @@ def moe_route_ref(router_logits: torch.Tensor, top_k: int, *, score_func: str = 
                   n_group: int = 1, topk_group: int = 1, correction_bias=None,
                   norm_topk_prob: bool = True, routed_scaling_factor: float = 1.0,
                   replay_ids=None, expert_scale=None):
-    """(weights [T, k], ids [T, k] int32) of shared/API.md `moe_route`, via sorts and gathers."""
+    """(weights [T, k], ids [T, k] int32) of docs/api.md `moe_route`, via sorts and gathers."""
     x = _upcast(router_logits)
     T, E = x.shape
     if score_func == "softmax":
@@ -244,7 +244,7 @@ def moe_route_ref(router_logits: torch.Tensor, top_k: int, *, score_func: str = 
 
 
 def moe_permute_ref(hidden: torch.Tensor, ids: torch.Tensor, num_experts: int, *, align: int = 1):
-    """(permuted [T*k + E*(align-1), H], MoEPermutation) of shared/API.md `moe_permute`.
+    """(permuted [T*k + E*(align-1), H], MoEPermutation) of docs/api.md `moe_permute`.
 
     Rows are ordered by expert, then token, then slot j; each expert segment starts at
     offsets[e] (a multiple of align); rows past the last segment are zero padding too.
@@ -307,3 +307,55 @@ def moe_sequence_aux_loss_ref(scores: torch.Tensor, ids: torch.Tensor, seq_len, 
         losses.append(alpha * (f * p).sum())
         start += n
     return torch.stack(losses).mean() if losses else s.sum() * 0
+
+
+# ---- sampling -----------------------------------------------------------------------------------
+
+
+def sample_tokens_ref(logits: torch.Tensor, uniforms: torch.Tensor, *, temperature: float = 1.0,
+                      top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0):
+    """Sort-based sampler; returns (tokens [B], logp [B], probs [B, V]).
+
+    `z = logits / temperature` (logits at temperature 0); non-finite logits (NaN, +-inf) have
+    probability 0. The tokens are ordered by (z descending, id ascending); top_k, top_p and min_p
+    each keep a prefix of that order (top_p of the mass left by top_k, min_p against the largest
+    probability), so the kept set is the shortest of the three prefixes. `probs` is that set's
+    renormalized distribution; the token is its inverse CDF in id order at `uniforms [B]`
+    (the first id whose cumulative kept mass exceeds `u * total`). Greedy at temperature 0.
+    `logp = log softmax(z)[token]`, unfiltered. A row without a finite logit: token 0, logp NaN.
+    """
+    x = _upcast(logits)
+    B, V = x.shape
+    z = x if temperature == 0 else x / temperature
+    finite = torch.isfinite(z)
+    zf = torch.where(finite, z, torch.full_like(z, float("-inf")))
+    m = zf.amax(-1, keepdim=True) if V else zf.new_full((B, 1), float("-inf"))
+    logp_all = zf - m - torch.log(torch.exp(zf - m).sum(-1, keepdim=True))
+    p = torch.exp(zf - m)
+    order = torch.sort(zf, dim=-1, descending=True, stable=True).indices  # ties: lower id first
+    sp = p.gather(-1, order)
+    keep = finite.gather(-1, order)
+    if temperature == 0:
+        keep &= torch.arange(V, device=x.device) < 1
+    if top_k > 0:
+        keep &= torch.arange(V, device=x.device) < top_k
+    if top_p < 1.0:
+        kept = torch.where(keep, sp, torch.zeros_like(sp))
+        cum = kept.cumsum(-1)
+        keep &= (cum - kept) < top_p * cum[:, -1:]  # the shortest prefix reaching top_p
+    if min_p > 0.0:
+        keep &= sp >= min_p  # the largest probability is exp(0) = 1 here
+    kept = torch.zeros_like(p).scatter(-1, order, torch.where(keep, sp, torch.zeros_like(sp)))
+    total = kept.sum(-1, keepdim=True)
+    probs = kept / total
+    cdf = kept.cumsum(-1)
+    target = uniforms.to(cdf.dtype).reshape(B, 1) * total
+    last = torch.where(kept > 0, torch.arange(V, device=x.device), -1).amax(-1) if V else \
+        torch.zeros(B, dtype=torch.long, device=x.device)
+    tokens = torch.searchsorted(cdf.contiguous(), target.contiguous(), right=True).squeeze(-1)
+    tokens = torch.minimum(tokens, last.clamp(min=0))
+    has = finite.any(-1)
+    tokens = torch.where(has, tokens, torch.zeros_like(tokens))
+    logp = logp_all.gather(-1, tokens[:, None]).squeeze(-1) if V else x.new_full((B,), float("nan"))
+    logp = torch.where(has, logp, torch.full_like(logp, float("nan")))
+    return tokens, logp, probs

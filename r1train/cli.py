@@ -28,6 +28,8 @@ def sample(argv) -> int:
 
 
 def main(argv=None) -> int:
+    from transformers.utils import logging as hf_logging
+
     from r1train.config import parse_args
     from r1train.train import train
 
@@ -35,6 +37,7 @@ def main(argv=None) -> int:
     if argv[:1] == ["sample"]:
         return sample(argv[1:])
     cfg = parse_args(argv)
+    hf_logging.disable_progress_bar()  # the console shows our bars only (not save/load bars)
     summary = train(cfg)
     if summary is None:
         return 130

@@ -70,6 +70,9 @@ class Config:
     max_new_tokens: int = 40        # completion budget per sample
     temperature: float = 1.0        # rollout sampling temperature
     top_p: float = 1.0              # rollout nucleus sampling
+    rollout_compile: bool = False   # decode step compiled once per shape (CUDA graphs on CUDA)
+    rollout_is: str = ""            # rollout-vs-train importance weights: "" (off) | tis | mis
+    rollout_is_cap: float = 2.0     # tis: weights truncated at the cap; mis: tokens above it masked
     lr: float = 3e-4                # AdamW learning rate for GRPO (rl, rl2)
     weight_decay: float = 0.0       # AdamW weight decay (every training stage)
     max_grad_norm: float = 1.0      # gradient clipping (every training stage)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections import Counter
 
 import torch
@@ -45,6 +46,7 @@ class Evaluation:
         """Greedy accuracy, format rate and completion length on the held-out split (all ranks)."""
         mine = self.held_out()
         correct = fmt = length = 0.0
+        bar = self.bars(len(mine), "eval", 0, leave=False)
         for i in range(0, len(mine), 100):
             exs = self.task.examples(mine[i:i + 100])
             _, _, texts, lengths, _, _ = self.rollout_and_score(exs, group_size=1,
@@ -52,6 +54,8 @@ class Evaluation:
             correct += sum(verify(t, e) for t, e in zip(texts, exs))
             fmt += sum(format_reward(t, e) for t, e in zip(texts, exs))
             length += sum(lengths)
+            bar.update(len(exs))
+        bar.close()
         c, f, n_len, n = self.all_sum([correct, fmt, length, float(len(mine))])
         n = max(n, 1.0)
         return {"accuracy": c / n, "format": f / n, "completion_len": n_len / n}
@@ -123,4 +127,8 @@ class Evaluation:
                     os.remove(f"{out}.rank{r}")
             os.replace(out + ".tmp", out)
         self.barrier()
+        if self.is_main and n == 0:
+            print(f"[r1-train] warning: rejection sampling kept 0 of {self.rs_prompts()} prompts x "
+                  f"{cfg.rs_samples} samples (none verified correct): {out} is empty",
+                  file=sys.stderr, flush=True)
         return out, n

@@ -1,19 +1,40 @@
 """Rollout: G completions per prompt, sampled in one batch from the policy's own weights.
 
-- Prompts are left-padded and prefilled once (batch P); the KV cache is then repeated G times
-  (`batch_repeat_interleave`), so a group's prompt is processed once, not G times.
+- Prompts are left-padded (to a multiple of 16 tokens, so that the decode step's shapes repeat
+  from one batch to the next) and prefilled once (batch P); the prefilled keys/values are copied
+  G times into the decode cache, so a group's prompt is processed once, not G times.
 - The KV cache is a transformers `StaticCache`: preallocated to prompt + max_new_tokens and written
   by index, so no tensor grows during decoding.
-- Sampling (temperature, top-p) runs on the device from a seeded `torch.Generator`. The loop never
-  reads a device value per token: it checks "all finished?" once every `sync_every` tokens.
-- No second copy of the weights: the rollout calls the same module the optimizer updates.
+- One decode step (model forward on the cache, `r1kernels.sample_tokens`, stop bookkeeping) reads
+  and writes only preallocated tensors, so it can be compiled once per shape
+  (`compile=True`: `torch.compile`, replayed as a CUDA graph on CUDA). It reads the parameters in
+  place: an optimizer step changes what the next rollout computes, with no re-capture and no copy.
+  The compiled step and its buffers are kept per (model, shape, sampling settings).
+- Sampling (temperature, top-k, top-p, min-p) runs on the device; the uniforms of the whole rollout
+  are drawn from the seeded `torch.Generator` up front. The loop never reads a device value per
+  token: it checks "all finished?" once every `sync_every` tokens.
+- Each sampled token's log-prob under the unfiltered `softmax(logits / temperature)` is kept
+  (`Rollout.logps`): the trainer compares it with the update's own log-probs (mismatch metrics,
+  optional importance-sampling correction, `rollout_is_weights`).
 """
 from __future__ import annotations
 
+import inspect
+import warnings
 from dataclasses import dataclass
 
 import torch
 
+from r1kernels.ops.sample_tokens import sample_tokens_with_uniforms
+
+PAD_MULTIPLE = 16
+
+
+
+def cache_kw(model) -> str:
+    """The forward's name for the KV cache: `cache` in recent transformers, where
+    `past_key_values` (and the output's attribute of that name) print a deprecation message."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 @dataclass
 class Rollout:
@@ -21,43 +42,137 @@ class Rollout:
     tokens: torch.Tensor          # [P*G, T] completion tokens, pad after the end
     lengths: torch.Tensor         # [P*G] completion lengths, eos included when produced
     group_size: int
+    logps: torch.Tensor           # [P*G, T] fp32 sampling log-probs of `tokens`, 0 after the end
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row from `logits [B, V]`; temperature 0 is greedy."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix reaching top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+class _Decoder:
+    """The decode state of one shape: the KV cache of B rows x L positions, the token / log-prob /
+    length buffers, the step counter, all preallocated; `step()` decodes one token for every row.
+    """
+
+    def __init__(self, model, B: int, L: int, T: int, sampling: dict, compile: bool):
+        from transformers import StaticCache
+
+        self.model, self.B, self.L, self.T, self.sampling = model, B, L, T, sampling
+        dev = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.cache = StaticCache(config=model.config, max_cache_len=L)
+        self.cache_kw = cache_kw(model)  # (looked up once: the compiled step reads the name)
+        self.tokens = torch.empty((B, T), dtype=torch.long, device=dev)
+        self.logps = torch.empty((B, T), dtype=torch.float32, device=dev)
+        self.lengths = torch.empty(B, dtype=torch.long, device=dev)
+        self.done = torch.empty(B, dtype=torch.bool, device=dev)
+        self.key_ok = torch.empty((B, L), dtype=torch.bool, device=dev)
+        self.next_pos = torch.empty(B, dtype=torch.long, device=dev)
+        self.uniforms = torch.empty((T, B), dtype=torch.float32, device=dev)
+        self.t = torch.zeros((), dtype=torch.long, device=dev)   # index of the token to sample
+        self.scalars = torch.empty(2, dtype=torch.long, device=dev)  # Lp, eos
+        self.pad_id = 0
+        for buf in (self.tokens, self.logps, self.lengths, self.done, self.key_ok, self.next_pos,
+                    self.uniforms, self.t, self.scalars):
+            torch._dynamo.mark_static_address(buf)
+        self.compiled = None
+        if compile:
+            mode = "reduce-overhead" if dev.type == "cuda" else None
+            self.compiled = torch.compile(self._step, mode=mode, dynamic=False)
+
+    def load_prefill(self, prefill_cache, G: int, Lp: int) -> None:
+        """Copy each prompt's prefilled keys/values into the rows of its G completions."""
+        for src, dst in zip(prefill_cache.layers, self.cache.layers):
+            k = src.keys.repeat_interleave(G, 0)
+            v = src.values.repeat_interleave(G, 0)
+            if not dst.is_initialized:
+                dst.lazy_initialization(k, v)
+            dst.keys.copy_(k)
+            dst.values.copy_(v)
+            dst.cumulative_length.fill_(Lp)
+
+    def _commit(self, logits: torch.Tensor) -> None:
+        """Sample token t for every row from `logits [B, V]` and do the stop bookkeeping."""
+        t = self.t
+        u = self.uniforms.index_select(0, t.view(1)).view(-1)
+        tok, logp = sample_tokens_with_uniforms(logits, u, **self.sampling)
+        eos = self.scalars[1]
+        tok = torch.where(self.done, torch.full_like(tok, self.pad_id), tok)
+        logp = torch.where(self.done, torch.zeros_like(logp), logp)
+        self.tokens.index_copy_(1, t.view(1), tok[:, None])
+        self.logps.index_copy_(1, t.view(1), logp[:, None])
+        finished_now = (tok == eos) & ~self.done
+        self.lengths.copy_(torch.where(finished_now, t + 1, self.lengths))
+        self.done.logical_or_(finished_now)
+        self.t.add_(1)
+
+    def _step(self) -> None:
+        """Feed token t-1 (at cache slot Lp + t - 1), sample token t."""
+        slot = self.scalars[0] + self.t - 1
+        cache_pos = torch.arange(self.L, device=self.t.device)
+        allowed = self.key_ok & (cache_pos <= slot)
+        neg = torch.finfo(self.dtype).min
+        mask = torch.zeros((self.B, 1, 1, self.L), dtype=self.dtype, device=self.t.device)
+        mask = mask.masked_fill(~allowed[:, None, None, :], neg)
+        prev = self.tokens.index_select(1, (self.t - 1).view(1))
+        out = self.model(input_ids=prev, attention_mask=mask,
+                         position_ids=(self.next_pos + self.t - 1)[:, None],
+                         cache_position=slot.view(1), use_cache=True,
+                         **{self.cache_kw: self.cache})
+        self._commit(out.logits[:, -1])
+
+    def step(self, same_as_last: bool = False) -> None:
+        """One decode step. `same_as_last`: the previous step of this decoder ran in the same
+        rollout (same shapes and objects), so the compiled step's guards need no re-checking
+        beyond picking the graph (dynamo's skip_guard_eval_unsafe: ~15% of a tiny model's step)."""
+        if self.compiled is not None:
+            try:
+                if same_as_last:
+                    with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                        self.compiled()
+                else:
+                    self.compiled()
+                return
+            except Exception as e:  # noqa: BLE001 - any compiler failure: decode eagerly
+                self.compiled = None
+                _warn_once(f"r1train: compiling the decode step failed ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}); decoding eagerly")
+        self._step()
 
 
-def _repeat_cache(cache, repeats: int) -> None:
-    """Repeat each prompt's prefilled keys/values for its G completions (one allocation)."""
-    for layer in cache.layers:
-        if hasattr(layer, "batch_repeat_interleave"):
-            layer.batch_repeat_interleave(repeats)
-            continue
-        layer.keys = layer.keys.repeat_interleave(repeats, dim=0)
-        layer.values = layer.values.repeat_interleave(repeats, dim=0)
-        if hasattr(layer, "batch_size"):
-            layer.batch_size *= repeats
+_WARNED: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    if "compile" not in _WARNED:
+        _WARNED.add("compile")
+        warnings.warn(msg, stacklevel=3)
+
+
+def _decoder(model, B, L, T, sampling, compile: bool) -> _Decoder:
+    """A fresh decoder (eager), or the cached one of this model and shape (compiled)."""
+    if not compile:
+        return _Decoder(model, B, L, T, sampling, False)
+    key = (B, L, T, tuple(sorted(sampling.items())))
+    per_model = model.__dict__.setdefault("_r1k_decoders", {})  # lives as long as the model
+    if key not in per_model:
+        per_model[key] = _Decoder(model, B, L, T, sampling, True)
+    return per_model[key]
 
 
 @torch.no_grad()
 def generate(model, prompt_ids: list[list[int]], *, group_size: int, max_new_tokens: int,
              eos_id: int, pad_id: int, temperature: float = 1.0, top_p: float = 1.0,
-             generator: torch.Generator | None = None, sync_every: int = 8) -> Rollout:
+             top_k: int = 0, min_p: float = 0.0, generator: torch.Generator | None = None,
+             sync_every: int = 8, compile: bool = False) -> Rollout:
+    """Sample `group_size` completions of up to `max_new_tokens` tokens for each prompt.
+
+    `compile=True` compiles the decode step once per shape (see the module docstring); a model
+    or device where that fails decodes eagerly after one warning. Same inputs, same generator
+    state: same tokens, compiled or not (greedy exactly; sampled up to the rounding of the
+    compiled logits).
+    """
     from transformers import StaticCache
 
     dev = next(model.parameters()).device
     P, G, T = len(prompt_ids), group_size, max_new_tokens
-    Lp = max(len(p) for p in prompt_ids)
+    Lp = -(-max(len(p) for p in prompt_ids) // PAD_MULTIPLE) * PAD_MULTIPLE
     L = Lp + T
     ids = torch.full((P, Lp), pad_id, dtype=torch.long)
     attn = torch.zeros((P, L), dtype=torch.long)
@@ -69,8 +184,8 @@ def generate(model, prompt_ids: list[list[int]], *, group_size: int, max_new_tok
     pos = (attn[:, :Lp].cumsum(-1) - 1).clamp(min=0)
     cache_pos = torch.arange(L, device=dev)
 
-    # Attention masks are built here as 4-D additive masks over the whole static cache (which
-    # transformers uses as given): no per-step mask construction or host checks inside the model.
+    # Attention masks are 4-D additive masks over the whole static cache (which transformers uses
+    # as given): no mask construction or host checks inside the model.
     dtype = next(model.parameters()).dtype
     neg = torch.finfo(dtype).min
     key_ok = attn.bool()                                    # [P, L] real prompt tokens + new slots
@@ -79,39 +194,39 @@ def generate(model, prompt_ids: list[list[int]], *, group_size: int, max_new_tok
     allowed |= (cache_pos[None, :] == cache_pos[:Lp, None])[None]  # pads attend to themselves
     prefill_mask = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill_(~allowed, neg)
 
+    sampling = dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                    min_p=float(min_p))
     was_training = model.training
     model.eval()
-    cache = StaticCache(config=model.config, max_cache_len=L)
-    out = model(input_ids=ids, attention_mask=prefill_mask[:, None], position_ids=pos,
-                past_key_values=cache, cache_position=cache_pos[:Lp], use_cache=True,
-                logits_to_keep=1)
-    cache = out.past_key_values
-    _repeat_cache(cache, G)
-    logits = out.logits[:, -1].repeat_interleave(G, 0)
-    key_ok = key_ok.repeat_interleave(G, 0)
-    step_mask = torch.zeros((P * G, 1, 1, L), dtype=dtype, device=dev)
-    next_pos = prompt_len.repeat_interleave(G, 0)           # position id of the first new token
-
-    tokens = torch.full((P * G, T), pad_id, dtype=torch.long, device=dev)
-    done = torch.zeros(P * G, dtype=torch.bool, device=dev)
-    lengths = torch.full((P * G,), T, dtype=torch.long, device=dev)
-    for t in range(T):
-        nxt = sample_next(logits, temperature, top_p, generator)
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        tokens[:, t] = nxt
-        finished_now = (nxt == eos_id) & ~done
-        lengths = torch.where(finished_now, torch.full_like(lengths, t + 1), lengths)
-        done = done | finished_now
-        if t == T - 1 or ((t + 1) % sync_every == 0 and bool(done.all())):
-            break
-        allowed = key_ok & (cache_pos <= Lp + t)            # [P*G, L]: prompt + new tokens so far
-        step_mask.zero_().masked_fill_(~allowed[:, None, None, :], neg)
-        out = model(input_ids=nxt[:, None], attention_mask=step_mask,
-                    position_ids=(next_pos + t)[:, None], past_key_values=cache,
-                    cache_position=cache_pos[Lp + t: Lp + t + 1], use_cache=True)
-        logits = out.logits[:, -1]
-    model.train(was_training)
-    return Rollout(list(prompt_ids), tokens, lengths, G)
+    try:
+        prefill = StaticCache(config=model.config, max_cache_len=L)
+        out = model(input_ids=ids, attention_mask=prefill_mask[:, None], position_ids=pos,
+                    cache_position=cache_pos[:Lp], use_cache=True, logits_to_keep=1,
+                    **{cache_kw(model): prefill})
+        dec = _decoder(model, P * G, L, T, sampling, compile)
+        dec.load_prefill(prefill, G, Lp)  # (filled in place by the model)
+        del prefill
+        dec.pad_id = pad_id
+        dec.scalars.copy_(torch.tensor([Lp, eos_id]))
+        dec.key_ok.copy_(key_ok.repeat_interleave(G, 0))
+        dec.next_pos.copy_(prompt_len.repeat_interleave(G, 0))  # position id of the first new token
+        if temperature > 0:
+            dec.uniforms.copy_(torch.rand((T, P * G), generator=generator, device=dev))
+        else:
+            dec.uniforms.zero_()
+        dec.tokens.fill_(pad_id)
+        dec.logps.zero_()
+        dec.lengths.fill_(T)
+        dec.done.zero_()
+        dec.t.zero_()
+        dec._commit(out.logits[:, -1].repeat_interleave(G, 0))  # token 0, from the prefill
+        for t in range(1, T):
+            if t % sync_every == 0 and bool(dec.done.all()):
+                break
+            dec.step(same_as_last=t > 1)
+    finally:
+        model.train(was_training)
+    return Rollout(list(prompt_ids), dec.tokens.clone(), dec.lengths.clone(), G, dec.logps.clone())
 
 
 @torch.no_grad()

@@ -1,49 +1,68 @@
 """The two losses of the trainer, computed from last hidden states and the lm_head weight.
 
 `policy_loss` is the GRPO objective on completion tokens; `sft_loss` is masked next-token NLL.
-Both go through r1kernels so the full `[tokens, vocab]` logits are never materialized when the
-fused ops are available (`r1kernels.GRPOLoss`, `r1kernels.linear_token_logprobs`). When this
-checkout of r1kernels does not have them yet, the same math runs on the plain-torch references of
-`r1kernels.reference` (materialized logits) - identical results, more memory.
+Both run on r1kernels' public ops (`GRPOLoss`, `linear_token_logprobs[_fwd_bwd]`), so the full
+`[tokens, vocab]` logits are never materialized.
 """
 from __future__ import annotations
 
 import torch
 
 import r1kernels
-from r1kernels import reference
 
 
 def token_logprobs_from_hidden(hidden, weight, bias, labels) -> torch.Tensor:
     """Per-token log p(label) [B, T] fp32 from hidden [B, T, H] and lm_head weight [V, H]."""
-    if hasattr(r1kernels, "linear_token_logprobs"):
-        return r1kernels.linear_token_logprobs(hidden, weight, labels, bias=bias)
-    return reference.linear_token_logprobs_ref(hidden, weight, labels, bias=bias)
+    return r1kernels.linear_token_logprobs(hidden, weight, labels, bias=bias)
 
 
 _LOSS_MODULES: dict = {}
 
 
-def policy_loss(hidden, weight, bias, labels, mask, advantages, *, ref_logps=None,
-                num_items_in_batch=None, loss_type="dapo", epsilon_low=0.2, epsilon_high=None,
-                beta=0.0, max_completion_length=None):
-    """GRPO loss on hidden states: `r1kernels.GRPOLoss` (fused) when available, else reference.
+def rollout_mismatch(train_logps, rollout_logps, mask, *, mode: str = "", cap: float = 2.0):
+    """Rollout-vs-train mismatch of the completion tokens and, with `mode`, the importance weights
+    that correct it (`grpo_loss`'s `rollout_is_weights`, detached):
 
-    Returns (loss, metrics) with metrics kl, clip_ratio (and entropy when the fused op has it).
+        r = exp(train_logps - rollout_logps)     per token, the update's log-probs over the
+                                                 sampler's (same weights: only numerics differ)
+        tis: w = min(r, cap)                     truncated importance sampling
+        mis: w = r where r <= cap, else 0        masked importance sampling
+
+    Returns (weights or None, sums) with sums = (sum |train - rollout|, count of tokens whose r
+    leaves [0.5, 2], sum of w) over the mask, for token-weighted averages across micro-batches.
+    """
+    if mode not in ("", "tis", "mis"):
+        raise ValueError(f"rollout_is: expected '', 'tis' or 'mis', got {mode!r}")
+    if not cap > 0:
+        raise ValueError(f"rollout_is_cap: expected a number > 0, got {cap!r}")
+    m = mask.bool()
+    delta = (train_logps.detach().float() - rollout_logps.float()).masked_fill(~m, 0.0)
+    r = torch.exp(delta)
+    out = (delta.abs().sum(), (m & ((r < 0.5) | (r > 2.0))).sum().float())
+    if not mode:
+        return None, out + (m.sum().float(),)
+    w = r.clamp(max=cap) if mode == "tis" else torch.where(r <= cap, r, torch.zeros_like(r))
+    w = w.masked_fill(~m, 0.0)
+    return w, out + (w.sum(),)
+
+
+def policy_loss(hidden, weight, bias, labels, mask, advantages, *, ref_logps=None,
+                rollout_is_weights=None, num_items_in_batch=None, loss_type="dapo",
+                epsilon_low=0.2, epsilon_high=None, beta=0.0, max_completion_length=None):
+    """GRPO loss on hidden states through `r1kernels.GRPOLoss` (one module per configuration).
+
+    Returns (loss, metrics) with metrics kl, clip_ratio and entropy.
     Old log-probs are not passed: one update per rollout is on-policy (old = logps.detach()).
     """
     kwargs = dict(loss_type=loss_type, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
                   beta=beta, max_completion_length=max_completion_length)
-    if hasattr(r1kernels, "GRPOLoss"):
-        key = tuple(sorted(kwargs.items()))
-        if key not in _LOSS_MODULES:
-            _LOSS_MODULES[key] = r1kernels.GRPOLoss(**kwargs)
-        out = _LOSS_MODULES[key](hidden, weight, labels, mask, advantages, bias=bias,
-                                 ref_logps=ref_logps, num_items_in_batch=num_items_in_batch)
-        return out.loss, out.metrics
-    logps = reference.linear_token_logprobs_ref(hidden, weight, labels, bias=bias)
-    return reference.grpo_loss_ref(logps, advantages, mask, ref_logps=ref_logps,
-                                   num_items_in_batch=num_items_in_batch, **kwargs)
+    key = tuple(sorted(kwargs.items()))
+    if key not in _LOSS_MODULES:
+        _LOSS_MODULES[key] = r1kernels.GRPOLoss(**kwargs)
+    out = _LOSS_MODULES[key](hidden, weight, labels, mask, advantages, bias=bias,
+                             ref_logps=ref_logps, rollout_is_weights=rollout_is_weights,
+                             num_items_in_batch=num_items_in_batch)
+    return out.loss, out.metrics
 
 
 class _FusedNLL(torch.autograd.Function):
@@ -80,14 +99,14 @@ class _FusedNLL(torch.autograd.Function):
 
 def sft_loss(hidden, weight, bias, labels, mask, num_items: float) -> torch.Tensor:
     """Sum of masked token NLL divided by `num_items` (the token count of the whole batch); with
-    gradients, one fused vocabulary sweep (`_FusedNLL`) when this r1kernels has it. A DTensor
-    lm_head (FSDP2) is gathered; its gradient comes back summed over ranks in its placement."""
+    gradients, one fused vocabulary sweep (`_FusedNLL`). A DTensor lm_head (FSDP2) is gathered;
+    its gradient comes back summed over ranks in its placement."""
     from r1kernels.distributed import gather_weight
 
     weight, bias = gather_weight(weight), gather_weight(bias)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
-    if needs_grad and hasattr(r1kernels, "linear_token_logprobs_fwd_bwd"):
+    if needs_grad:
         return _FusedNLL.apply(hidden, weight, bias, labels, mask, num_items)
     # tokens outside the mask labelled -100: log-prob 0, and they skip the lm_head
     logps = token_logprobs_from_hidden(hidden, weight, bias, labels.masked_fill(~mask.bool(), -100))

@@ -71,10 +71,7 @@ def plot_metrics(history: list[dict], path: str, summary: dict | None = None) ->
 
 
 def _smooth(ys: list[float], k: int = 10) -> list[float]:
-    out, acc = [], 0.0
-    for i, y in enumerate(ys):
-        acc += y
-        if i >= k:
-            acc -= ys[i - k]
-        out.append(acc / min(i + 1, k))
-    return out
+    """Mean of the last k values at each step, each window summed afresh: a running sum's
+    rounding left 1e-17 where the values return to 0, and matplotlib then drew an axis of that
+    width with a 1e-17 offset."""
+    return [sum(ys[max(0, i - k + 1):i + 1]) / min(i + 1, k) for i in range(len(ys))]

@@ -3,8 +3,10 @@
 Model output is never given to `eval`: `safe_eval` parses it with `ast` and walks a whitelist
 (numbers, + - * /, unary minus, parentheses) with limits on length, depth and magnitude, so a
 completion can at worst be rejected. When `math-verify` is installed, answers are also compared
-with its LaTeX parser (ANTLR, then sympy: fractions, sets, intervals, `\\boxed{}`); its
-plain-expression parser (sympy's `parse_expr`, which calls `eval`) is never used.
+with its LaTeX parser (fractions, sets, intervals, `\\boxed{}`): an ANTLR grammar tokenizes the
+text, and sympy builds the numbers and symbols from the grammar's tokens (`Integer (12 )`,
+`Symbol ('x' )`: sympy's parser, which ends in `eval`, sees only such digits and letters; tested).
+Its plain-expression parser (sympy's `parse_expr` on the raw text) is never used.
 
 A reward function is either `fn(completion: str, example: Example) -> float` or has TRL's
 signature `fn(prompts, completions, **columns) -> list[float | None]` (recognised by a
@@ -26,6 +28,11 @@ import unicodedata
 from fractions import Fraction
 
 from r1train.tasks import Example
+
+try:  # optional (`pip install "r1kernels[math]"`); imported here, not while grading
+    import math_verify as _mv
+except ImportError:
+    _mv = None
 
 MAX_EXPR_CHARS = 200
 MAX_ABS = 10 ** 12
@@ -107,23 +114,20 @@ def gold_answer(answer: str) -> str:
 def _math_verify(gold: str, ans: str) -> bool | None:
     """math-verify's verdict with its LaTeX parser only; None when it is not installed or cannot
     parse either side."""
-    try:
-        from math_verify import LatexExtractionConfig, parse
-        from math_verify import verify as mv_verify
-    except ImportError:
+    if _mv is None:
         return None
     main = threading.current_thread() is threading.main_thread()  # its timeouts use SIGALRM
     t = 5 if main else None
-    cfg = [LatexExtractionConfig(boxed_match_priority=0)]
+    cfg = [_mv.LatexExtractionConfig(boxed_match_priority=0)]
 
     def parsed(text):
         text = text if "$" in text or "\\boxed" in text else f"${text}$"
-        return parse(text, extraction_config=cfg, parsing_timeout=t)
+        return _mv.parse(text, extraction_config=cfg, parsing_timeout=t)
 
     g, a = parsed(gold), parsed(ans)
     if not g or not a:
         return None
-    return bool(mv_verify(g, a, timeout_seconds=t))
+    return bool(_mv.verify(g, a, timeout_seconds=t))
 
 
 def verify(completion: str, ex: Example) -> bool:

@@ -87,9 +87,7 @@ class Stages:
             with open(self.state["rejection_sampling"]["path"], encoding="utf-8") as f:
                 pairs = [(d["prompt"], d["completion"]) for d in map(json.loads, f)]
         if cfg.sft_data:
-            with open(cfg.sft_data, encoding="utf-8") as f:
-                data = [json.loads(line) for line in f if line.strip()]
-            pairs += [(d["prompt"], tasks_mod.sft_target(d)) for d in data]
+            pairs += self.sft_data_pairs()
         elif isinstance(self.task, tasks_mod.DatasetTask):
             pairs += self.task.sft_pairs(cfg.sft_examples)
         else:
@@ -101,6 +99,16 @@ class Stages:
             c = self.encode_text(completion) + [self.eos_id]
             rows.append((p + c, len(p)))
         return rows
+
+    def sft_data_pairs(self) -> list[tuple[str, str]]:
+        """(prompt, completion) of the sft_data file; a file with no examples is a ValueError."""
+        cfg = self.cfg
+        with open(cfg.sft_data, encoding="utf-8") as f:
+            data = [json.loads(line) for line in f if line.strip()]
+        if not data:
+            raise ValueError(f"sft_data {cfg.sft_data!r} has no examples (an empty file, or one "
+                             "of blank lines): SFT would train on nothing")
+        return [(d["prompt"], tasks_mod.sft_target(d)) for d in data]
 
     def run_lm(self, opt, pbar_factory, name: str) -> bool:
         """Masked next-token SFT over the stage's rows for `epochs` passes (False if stopped)."""
@@ -188,6 +196,7 @@ class Stages:
             "model_parameters": sum(p.numel() for p in self.model.parameters()),
             "eval_examples": cfg.eval_examples, "grpo_steps": cfg.grpo_steps,
             "stage_seconds": self.state["stage_seconds"],
+            "kernels": kernel_report(self.device),
         }
         if "rejection_sampling" in self.state:
             summary["rejection_sampling"] = self.state["rejection_sampling"]
@@ -223,7 +232,9 @@ class Stages:
             opt_state = self.load_checkpoint()
         elif self.is_main:
             open(os.path.join(cfg.out_dir, "metrics.jsonl"), "w").close()
-        pbar = _progress(self.is_main)
+        if cfg.sft_data and any(s in ("sft", "rs_sft") for s in stages[self.state["stage"]:]):
+            self.sft_data_pairs()  # a file with no examples fails now, not after an evaluation
+        pbar = self.bars = _progress(self.is_main)
         prev = signal.signal(signal.SIGINT, self._on_sigint) if _main_thread() else None
         try:
             while self.state["stage"] < len(stages):
@@ -297,8 +308,24 @@ def _main_thread() -> bool:
 def _progress(enabled: bool):
     from tqdm.auto import tqdm
 
-    def factory(total: int, desc: str, initial: int):
+    def factory(total: int, desc: str, initial: int, leave: bool = True):
         return tqdm(total=total, desc=desc, initial=initial, disable=not enabled,
-                    dynamic_ncols=True, leave=True)
+                    dynamic_ncols=True, leave=leave)
 
     return factory
+
+
+def kernel_report(device: torch.device) -> dict:
+    """What moves a run's numbers besides the seed: the backend each r1kernels op ran on for
+    this device, the SIMD copy of the C++ CPU kernels this CPU runs, torch's thread count."""
+    import r1kernels
+    from r1kernels import _custom_ops, dispatch
+
+    simd = None
+    if _custom_ops.EXT_ERROR is None:
+        from r1kernels import _C
+
+        simd = _C.cpu_simd_level()
+    return {"backends": {op: dispatch.select(op, device) for op in sorted(dispatch.registered_ops())},
+            "cpu_simd": simd, "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "r1kernels": r1kernels.__version__}

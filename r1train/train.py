@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
+import sys
 import time
 
 import torch
@@ -39,7 +40,7 @@ from r1train.checkpoint import Checkpointing
 from r1train.config import Config
 from r1train.evaluate import Evaluation
 from r1train.generate import generate
-from r1train.loss import policy_loss, token_logprobs_from_hidden
+from r1train.loss import policy_loss, rollout_mismatch, token_logprobs_from_hidden
 from r1train.model import lm_head_of
 from r1train.rewards import format_reward, verify
 from r1train.runtime import Body, Runtime, derived_seed
@@ -62,7 +63,8 @@ class Trainer(Runtime, Checkpointing, Evaluation, Stages):
             roll = generate(self.model, prompts, group_size=group_size,
                             max_new_tokens=cfg.max_new_tokens, eos_id=self.eos_id,
                             pad_id=self.pad_id, temperature=temperature,
-                            top_p=cfg.top_p if top_p is None else top_p, generator=generator)
+                            top_p=cfg.top_p if top_p is None else top_p, generator=generator,
+                            compile=cfg.rollout_compile)
         lengths = roll.lengths.tolist()
         tokens = roll.tokens.cpu()  # one device-to-host copy for the whole rollout
         texts = [self.decode(tokens[i], lengths[i]) for i in range(len(lengths))]
@@ -71,14 +73,17 @@ class Trainer(Runtime, Checkpointing, Evaluation, Stages):
                                         texts, exs)
         return roll, prompts, texts, lengths, totals, values
 
-    def update(self, opt, prompts, tokens, lengths, rewards, G):
+    def update(self, opt, prompts, tokens, lengths, rewards, G, rollout_logps=None):
         """One GRPO optimizer step on a rollout: group advantages, bucketed micro-batches,
         policy_loss on hidden states (r1kernels); the loss is normalized by the global batch's
-        token count (DDP averages gradients over processes, FSDP2 sums them: `grad_divide`)."""
+        token count (DDP averages gradients over processes, FSDP2 sums them: `grad_divide`).
+        With the rollout's sampling log-probs: the rollout-vs-train mismatch (and cfg.rollout_is
+        importance weights)."""
         cfg = self.cfg
         adv = r1kernels.group_advantages(rewards, G)  # a NaN (skipped) reward: advantage 0
         tokens = tokens.cpu()
         rows, keep = [], (~torch.isnan(rewards)).tolist()
+        kept = [i for i in range(len(lengths)) if keep[i]]  # row j of the loss is sample kept[j]
         for i in range(len(lengths)):
             if keep[i]:  # a skipped sample is left out of the loss and its normalization
                 p = prompts[i // G]
@@ -90,6 +95,7 @@ class Trainer(Runtime, Checkpointing, Evaluation, Stages):
         micro = list(self.micro_batches(rows))
         w, b = lm_head_of(self.model)
         extra = {"kl": 0.0, "clip_ratio": 0.0}
+        mismatch = {"mismatch_logp_abs": 0.0, "mismatch_ratio_out": 0.0, "rollout_is_weight": 0.0}
 
         def loss_of(mb):
             ids, attn, labels, mask, index = mb
@@ -101,8 +107,21 @@ class Trainer(Runtime, Checkpointing, Evaluation, Stages):
                     # only the completion tokens' log-probs are used: the others are labelled
                     # -100, so they skip the lm_head (r1kernels.linear_token_logprobs)
                     ref = token_logprobs_from_hidden(h_ref, rw, rb, labels.masked_fill(~mask, -100))
+            hidden = self.hidden(ids, attn)
+            is_w = None
+            if rollout_logps is not None and bool(mask.any()):  # the sampler's log-probs
+                with torch.no_grad():
+                    train_lp = token_logprobs_from_hidden(hidden.detach(), w, b,
+                                                          labels.masked_fill(~mask, -100))
+                roll_lp = torch.zeros(mask.shape, dtype=torch.float32, device=self.device)
+                roll_lp[mask] = torch.cat([rollout_logps[kept[j], :lengths[kept[j]]]
+                                           for j in index.tolist()])
+                is_w, sums = rollout_mismatch(train_lp, roll_lp, mask, mode=cfg.rollout_is,
+                                              cap=cfg.rollout_is_cap)
+                for k, v in zip(mismatch, sums):
+                    mismatch[k] += float(v) / max(n_tok, 1)
             loss, metrics = policy_loss(
-                self.hidden(ids, attn), w, b, labels, mask, adv[index], ref_logps=ref,
+                hidden, w, b, labels, mask, adv[index], ref_logps=ref, rollout_is_weights=is_w,
                 num_items_in_batch=n_all, loss_type=cfg.loss_type, epsilon_low=cfg.epsilon_low,
                 epsilon_high=cfg.epsilon_high, beta=cfg.beta,
                 max_completion_length=cfg.max_new_tokens)
@@ -114,6 +133,8 @@ class Trainer(Runtime, Checkpointing, Evaluation, Stages):
             return loss
 
         loss, gnorm = self.backward_and_step(opt, micro, loss_of)
+        if rollout_logps is not None:
+            extra.update(mismatch)
         return loss, gnorm, extra
 
     def grpo_step(self, opt) -> dict:
@@ -131,23 +152,37 @@ class Trainer(Runtime, Checkpointing, Evaluation, Stages):
         t_gen = time.perf_counter() - t0
         rewards = torch.tensor([math.nan if r is None else r for r in totals],
                                dtype=torch.float32, device=self.device)
-        loss, gnorm, extra = self.update(opt, prompts, roll.tokens, lengths, rewards, G)
+        # groups whose (scored) rewards differ: the others have advantage 0 and teach nothing
+        r, nan = rewards.view(-1, G), torch.isnan(rewards.view(-1, G))
+        signal = float((r.masked_fill(nan, -math.inf).amax(1)
+                        > r.masked_fill(nan, math.inf).amin(1)).sum())
+        loss, gnorm, extra = self.update(opt, prompts, roll.tokens, lengths, rewards, G,
+                                         rollout_logps=roll.logps)
         exs = [examples[i // G] for i in range(len(texts))]
         acc = values.get("accuracy") or [float(verify(t, e)) for t, e in zip(texts, exs)]
         fmt = values.get("format") or [format_reward(t, e) for t, e in zip(texts, exs)]
         scored = [r for r in totals if r is not None]
         n_tok = sum(lengths)
         sums = self.all_sum([sum(scored), len(scored), sum(acc), sum(fmt), float(n_tok), len(acc),
-                             loss, extra["kl"], extra["clip_ratio"]])
+                             loss, extra["kl"], extra["clip_ratio"], signal])
         n = sums[5]
         return {"stage": LOG_NAME.get(stage, stage), "step": step + 1,
                 "reward": sums[0] / max(sums[1], 1.0), "accuracy": sums[2] / n,
                 "format": sums[3] / n, "completion_len": sums[4] / n, "skipped": n - sums[1],
                 "loss": sums[6] / self.grad_divide, "kl": sums[7] / self.world,
                 "clip_ratio": sums[8] / self.world, "grad_norm": gnorm,
+                "groups_with_signal": int(sums[9]),
                 "gen_tokens_per_s": n_tok / max(t_gen, 1e-9),
                 "step_seconds": time.perf_counter() - t0, **({"entropy": extra["entropy"]}
-                                                             if "entropy" in extra else {})}
+                                                             if "entropy" in extra else {}),
+                **self.rollout_metrics(extra)}
+
+    def rollout_metrics(self, extra: dict) -> dict:
+        """Mean |logp_train - logp_rollout| per completion token, the fraction of tokens whose
+        ratio leaves [0.5, 2], the mean importance weight (with --rollout_is), over processes."""
+        keys = ["mismatch_logp_abs", "mismatch_ratio_out"] + (["rollout_is_weight"]
+                                                              if self.cfg.rollout_is else [])
+        return dict(zip(keys, (v / self.world for v in self.all_sum([extra[k] for k in keys]))))
 
     def run_grpo(self, opt, pbar_factory):
         cfg = self.cfg
@@ -170,6 +205,14 @@ class Trainer(Runtime, Checkpointing, Evaluation, Stages):
                 bar.close()
                 return False
         bar.close()
+        name = LOG_NAME.get(stage, stage)
+        rl = [r for r in self.state["history"] if r.get("stage") == name and "reward" in r]
+        if self.is_main and rl and not any(r.get("groups_with_signal") for r in rl):
+            print(f"[r1-train] warning: in all {len(rl)} {name} steps every group's "
+                  f"{cfg.group_size} completions had the same reward (mean "
+                  f"{sum(r['reward'] for r in rl) / len(rl):.3f}): the advantages were 0 and the "
+                  "policy did not learn (R1-Zero on a model that never gets a reward? try mode r1, "
+                  "more steps, a larger group_size or an easier task)", file=sys.stderr, flush=True)
         return True
 
 

@@ -70,12 +70,66 @@ def test_works_without_extension():
 
 
 def test_use_backend_restores():
-    before = dispatch._FORCED
+    default = dispatch.select("group_advantages", "cpu")
+    assert default != "torch"
     with dispatch.use_backend("torch"):
         assert dispatch.select("group_advantages", "cpu") == "torch"
-    assert dispatch._FORCED == before
+        with dispatch.use_backend(None):  # nested: the automatic choice again
+            assert dispatch.select("group_advantages", "cpu") == default
+        assert dispatch.select("group_advantages", "cpu") == "torch"
+    assert dispatch.select("group_advantages", "cpu") == default
     with pytest.raises(ValueError):
         dispatch.set_backend("fpga")
+    with pytest.raises(ValueError), dispatch.use_backend("fpga"):
+        pass
+
+
+def test_use_backend_is_per_thread():
+    """Two threads entering and leaving use_backend interleaved: each sees only its own setting,
+    and none is left forced afterwards (a process-wide global left "torch" forced)."""
+    import threading
+
+    default = dispatch.select("group_advantages", "cpu")
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def a():
+        with dispatch.use_backend("torch"):
+            a_in.set()
+            b_in.wait(10)
+            seen["a"] = dispatch.select("group_advantages", "cpu")
+        a_out.set()
+
+    def b():
+        a_in.wait(10)
+        seen["b_before"] = dispatch.select("group_advantages", "cpu")
+        with dispatch.use_backend(None):
+            b_in.set()
+            a_out.wait(10)
+        seen["b_after"] = dispatch.select("group_advantages", "cpu")
+
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert seen == {"a": "torch", "b_before": default, "b_after": default}
+    assert dispatch.select("group_advantages", "cpu") == default
+
+
+def test_use_backend_under_compile():
+    """torch.compile re-selects the backend when a use_backend block changes it."""
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def which(x):
+        return x + (1.0 if dispatch.select("group_advantages", x.device) == "torch" else 0.0)
+
+    x = torch.zeros(1)
+    plain = which(x).item()
+    with dispatch.use_backend("torch"):
+        assert which(x).item() == 1.0
+    assert which(x).item() == plain
 
 
 def test_available_backends_cpu():

@@ -28,12 +28,11 @@ ON_GPU = (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >=
           and _custom_ops.has_kernel("fused_logits_cluster", "CUDA"))
 GPU = pytest.mark.skipif(not ON_GPU, reason="needs a GPU of compute capability 9+ and the CUDA "
                                             "build of the extension")
-# (CTAs per cluster, threads, variant): rows in registers, rows staged in shared memory by
-# persistent clusters ("p"), rows in registers on persistent clusters with the L2 prefetch ("k")
+# (CTAs per cluster, threads, variant): rows in registers, one cluster per row, or on persistent
+# clusters with the L2 prefetch ("k")
 SETTINGS = [(1, 256, 0), (2, 256, 0), (8, 256, 0), (16, 256, 0), (4, 512, 0), (16, 512, 0),
-            (1, 256, 1), (2, 512, 1), (8, 256, 1), (16, 256, 1), (4, 512, 1),
-            (1, 256, 2), (8, 256, 2), (16, 256, 2), (4, 512, 2)]
-SID = dict(ids=lambda s: "%dx%d%s" % (s[0], s[1], ("", "p", "k")[s[2]]))
+            (1, 256, 1), (8, 256, 1), (16, 256, 1), (4, 512, 1)]
+SID = dict(ids=lambda s: "%dx%d%s" % (s[0], s[1], ("", "k")[s[2]]))
 GRAD_RTOL = {torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}
 
 
@@ -46,7 +45,6 @@ def _use(monkeypatch, setting):
 
 @pytest.mark.parametrize("value,expect", [("8,256", (8, 256, 0)), ("16,512", (16, 512, 0)),
                                           ("1,256", (1, 256, 0)), ("8,256,1", (8, 256, 1)),
-                                          ("8,256,2", (8, 256, 2)),
                                           ("4,512,0", (4, 512, 0)), ("0", None), ("", None),
                                           ("off", None)])
 def test_setting_parsed(monkeypatch, value, expect):
@@ -54,7 +52,7 @@ def test_setting_parsed(monkeypatch, value, expect):
     assert tlp._cluster_setting() == expect
 
 
-@pytest.mark.parametrize("value", ["3,256", "8,128", "32,256", "8", "8,256,3", "8,256,1,1", "a,b"])
+@pytest.mark.parametrize("value", ["3,256", "8,128", "32,256", "8", "8,256,2", "8,256,1,1", "a,b"])
 def test_bad_setting_rejected(monkeypatch, value):
     """A cluster size the kernel does not take, a thread count it was not compiled for, or a
     malformed value: a ValueError naming the variable, before anything is launched."""
@@ -96,13 +94,14 @@ def test_capacity_matches_kernel():
 NVCC = shutil.which("nvcc")
 
 
+@pytest.mark.nvcc
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed here")
 def test_kernel_resources_sm90(tmp_path):
     """Compiled for sm_90 (no GPU needed), no instance of the cluster kernel spills or uses a
     stack frame (a row's vectors in local memory would be a third pass over the logits), and the
     instances the default setting runs at V=151936 (256 threads x 10 vectors: bf16 logits, and
-    fp32 chunks with the doubled cluster; and their persistent twins; plain and soft-capped
-    heads) fit 80 registers, so 3 CTAs share an SM."""
+    fp32 chunks with the doubled cluster; their persistent twins; the soft-capped head's
+    instances) fit 80 registers, so 3 CTAs share an SM."""
     src = os.path.join(ROOT, "csrc", "token_logprobs", "fused_logits_cluster.cu")
     r = subprocess.run([NVCC, "-c", "-std=c++17", "-O3", "--use_fast_math", "-arch=sm_90",
                         "-I" + os.path.join(ROOT, "csrc"), src, "-o", str(tmp_path / "k.o"),
@@ -123,17 +122,17 @@ def test_kernel_resources_sm90(tmp_path):
         if m and name:
             kernels[name]["regs"] = int(m.group(1))
     inst = {n: k for n, k in kernels.items() if "fused_logits_cluster_kernel" in n}
-    # dtype pairs x threads x vectors x modes x persistent x head (plain, soft-capped)
-    assert len(inst) == 4 * 2 * 7 * 2 * 2 * 2
+    # plain: dtype pairs x threads x vectors x modes x persistent; soft-capped: 256 threads,
+    # not persistent
+    assert len(inst) == 4 * 2 * 7 * 2 * 2 + 4 * 7 * 2
     assert all(k["stack"] == 0 and k["spills"] == 0 for k in inst.values()), \
         {n: k for n, k in inst.items() if k["stack"] or k["spills"]}
     default = {n: k for n, k in inst.items() if re.search(r"Li256ELi10ELi[01]ELb[01]E", n)}
-    assert len(default) == 32 and all(k["regs"] <= 80 for k in default.values()), default
-    pipe = {n: k for n, k in kernels.items() if "fused_logits_pipe_kernel" in n}
-    assert len(pipe) == 4 * 2 * 2 * 2  # dtype pairs x threads x modes x head
-    assert all(k["stack"] == 0 and k["spills"] == 0 for k in pipe.values()), pipe
+    # soft-capped: the default setting's 256-thread, non-persistent instances only
+    assert len(default) == 16 + 8 and all(k["regs"] <= 80 for k in default.values()), default
 
 
+@pytest.mark.nvcc
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed here")
 def test_thread_math_on_host(tmp_path):
     """The kernel's per-thread arithmetic (csrc/token_logprobs/fused_logits_math.cuh: unpacking,
@@ -194,8 +193,7 @@ def test_fwd_bwd_matches_reference(monkeypatch, setting, V, dtype, inplace):
     xd = x.cuda()
     xd[len(labels)] = float("nan")  # the ignored row is not read (the reference has it clean)
     # a row longer than the cluster holds (1 x 256 threads: 32768 columns) takes the Triton kernel
-    fits = (4 * tlp._cluster_seg(V, cl) <= tlp.PIPE_MAX_SMEM if setting[2] == 1
-            else V <= setting[0] * setting[1] * 8 * tlp.CLUSTER_MAX_VECS)
+    fits = V <= setting[0] * setting[1] * 8 * tlp.CLUSTER_MAX_VECS
     assert tlp.cluster_config(xd.view(1, N, V), xd.view(1, N, V)) == (setting if fits else None)
     lp, ent, g = r1kernels.token_logprobs_fwd_bwd(xd, y.cuda(), glp.cuda(), grad_entropy=gent.cuda(),
                                                   with_entropy=True, temperature=0.7,
@@ -209,7 +207,7 @@ def test_fwd_bwd_matches_reference(monkeypatch, setting, V, dtype, inplace):
 
 
 @GPU
-@pytest.mark.parametrize("setting", [(8, 256, 0), (1, 256, 0), (8, 256, 1), (8, 256, 2)], **SID)
+@pytest.mark.parametrize("setting", [(8, 256, 0), (1, 256, 0), (8, 256, 1)], **SID)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_masked_vocabulary_and_nan(monkeypatch, setting, dtype):
     """-inf logits (a masked vocabulary: probability 0, no entropy, zero gradient) on part of a
@@ -253,7 +251,7 @@ def test_masked_vocabulary_and_nan(monkeypatch, setting, dtype):
 
 @GPU
 @pytest.mark.parametrize("setting", [(8, 256, 0), (4, 512, 0), (16, 256, 0), (8, 256, 1),
-                                     (4, 256, 1), (16, 256, 1), (8, 256, 2), (4, 512, 2)], **SID)
+                                     (4, 512, 1)], **SID)
 def test_qwen_vocab(monkeypatch, setting):
     """V = 151936 (Qwen2.5), the target shape's rows, without the entropy's upstream gradient."""
     _use(monkeypatch, setting)
@@ -280,12 +278,12 @@ def test_matches_triton_kernel(monkeypatch):
     y = y.cuda()
     glp, gent = torch.randn(N, device="cuda"), torch.randn(N, device="cuda")
     res = {}
-    for setting in (None, (8, 256, 0), (8, 256, 1), (8, 256, 2)):
+    for setting in (None, (8, 256, 0), (8, 256, 1)):
         _use(monkeypatch, setting)
         res[setting] = r1kernels.token_logprobs_fwd_bwd(x, y, glp, grad_entropy=gent,
                                                         with_entropy=True)
     a_lp, a_e, a_g = res[None]
-    for setting in ((8, 256, 0), (8, 256, 1), (8, 256, 2)):
+    for setting in ((8, 256, 0), (8, 256, 1)):
         b_lp, b_e, b_g = res[setting]
         torch.testing.assert_close(b_lp, a_lp, rtol=1e-6, atol=1e-5)
         torch.testing.assert_close(b_e, a_e, rtol=1e-6, atol=1e-5)
@@ -293,7 +291,7 @@ def test_matches_triton_kernel(monkeypatch):
 
 
 @GPU
-@pytest.mark.parametrize("setting", [(1, 256, 2), (8, 256, 2), (2, 512, 2), (8, 256, 1)], **SID)
+@pytest.mark.parametrize("setting", [(1, 256, 1), (8, 256, 1), (2, 512, 1)], **SID)
 @pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
 def test_persistent_clusters_walk_many_rows(monkeypatch, setting, inplace):
     """More rows than clusters fit at once, so that each persistent cluster walks many rows
@@ -335,15 +333,15 @@ def test_persistent_grpo_from_logits_many_rows(monkeypatch):
     adv = torch.randn(B, generator=gen).cuda()
     loss_fn = r1kernels.GRPOLoss(loss_type="dapo", beta=0.04, epsilon_high=0.28)
     res = {}
-    for setting in (None, (8, 256, 2)):
+    for setting in (None, (8, 256, 1)):
         _use(monkeypatch, setting)
         x = full.cuda()[:, :-1].requires_grad_(True)
         out = loss_fn.from_logits(x, ids.cuda(), mask.cuda(), adv, inplace=True, **kw)
         out.loss.backward()
         res[setting] = (out.loss.item(), x.grad.float())
-    assert res[(8, 256, 2)][0] == pytest.approx(res[None][0], rel=1e-5, abs=1e-7)
-    assert (res[(8, 256, 2)][1][~mask.cuda()] == 0).all()
-    torch.testing.assert_close(res[(8, 256, 2)][1], res[None][1], rtol=2 ** -7, atol=1e-7)
+    assert res[(8, 256, 1)][0] == pytest.approx(res[None][0], rel=1e-5, abs=1e-7)
+    assert (res[(8, 256, 1)][1][~mask.cuda()] == 0).all()
+    torch.testing.assert_close(res[(8, 256, 1)][1], res[None][1], rtol=2 ** -7, atol=1e-7)
 
 
 @GPU
@@ -381,7 +379,7 @@ def test_bad_direct_call_is_value_error():
            cluster=8, threads=256, variant=0)
     with pytest.raises(ValueError, match="variant"):
         op(x, x, y, out, glp, None, None, None, None, None, None, None, **args, cluster=8,
-           threads=256, variant=3)
+           threads=256, variant=2)
     with pytest.raises(ValueError, match="cluster"):
         op(x, x, y, out, glp, None, None, None, None, None, None, None, **args, cluster=3,
            threads=256, variant=0)
@@ -394,8 +392,8 @@ def test_bad_direct_call_is_value_error():
 
 
 @GPU
-@pytest.mark.parametrize("setting", [(8, 256, 0), (4, 512, 0), (16, 256, 0), (8, 256, 1),
-                                     (8, 256, 2)], **SID)
+@pytest.mark.parametrize("setting", [(8, 256, 0), (4, 512, 0), (16, 256, 0),
+                                     (8, 256, 1)], **SID)
 @pytest.mark.parametrize("V", [1000, 151936])
 @pytest.mark.parametrize("group", ["0", "192"], ids=["G-over-chunk", "G-groups"])
 def test_hidden_state_chunks(monkeypatch, setting, V, group):
@@ -444,7 +442,7 @@ def test_grpo_hidden_state_chunks(monkeypatch):
     kw = dict(old_logps=lp0 + 0.1, ref_logps=lp0 - 0.1)
     loss_fn = r1kernels.GRPOLoss(loss_type="dapo", beta=0.04, epsilon_high=0.28)
     res = {}
-    for s in (None, (8, 256, 0), (8, 256, 1), (8, 256, 2)):
+    for s in (None, (8, 256, 0), (8, 256, 1)):
         _use(monkeypatch, s)
         hh, ww = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
         out = loss_fn(hh, ww, y, mask, adv, **kw)
@@ -460,7 +458,7 @@ def test_grpo_hidden_state_chunks(monkeypatch):
     out.loss.backward()
     ref = (out.loss.item(), hr.grad, wr.grad)
     base = res[None]
-    for s in ((8, 256, 0), (8, 256, 1), (8, 256, 2)):
+    for s in ((8, 256, 0), (8, 256, 1)):
         assert res[s][0] == pytest.approx(base[0], rel=1e-5, abs=1e-6)
         for k in (1, 2):
             err, err0 = (res[s][k] - ref[k]).abs(), (base[k] - ref[k]).abs()
@@ -505,7 +503,7 @@ def test_grpo_from_logits_matches_triton(monkeypatch, case, with_old, inplace):
               ref_logps=ref.cuda() if case.get("beta", 0.0) else None,
               rollout_is_weights=rw.cuda())
     res = {}
-    for setting in (None, (8, 256, 0), (8, 256, 1), (8, 256, 2)):
+    for setting in (None, (8, 256, 0), (8, 256, 1)):
         _use(monkeypatch, setting)
         x = full.cuda()[:, :-1].requires_grad_(True)
         if setting is not None:
@@ -515,7 +513,7 @@ def test_grpo_from_logits_matches_triton(monkeypatch, case, with_old, inplace):
         res[setting] = (out.loss.item(), {k: v.item() for k, v in out.metrics.items()},
                         x.grad.float())
     la, ma, ga = res[None]
-    for setting in ((8, 256, 0), (8, 256, 1), (8, 256, 2)):
+    for setting in ((8, 256, 0), (8, 256, 1)):
         lb, mb, gb = res[setting]
         assert lb == pytest.approx(la, rel=1e-5, abs=1e-7)
         for k, v in ma.items():

@@ -1,4 +1,4 @@
-"""Heads that transform their logits (shared/API.md): `logit_scale` (Cohere, Granite) and
+"""Heads that transform their logits (docs/api.md): `logit_scale` (Cohere, Granite) and
 `softcap` (Gemma's final_logit_softcapping) in every log-prob op, GRPOLoss and
 GRPOLoss.from_logits, every backend, against the float64 references and against the models of
 transformers themselves.
@@ -477,8 +477,8 @@ def test_cluster_takes_positive_heads_only():
 
 
 @SM90
-@pytest.mark.parametrize("setting", [(8, 256, 0), (1, 256, 0), (16, 512, 0), (8, 256, 1),
-                                     (8, 256, 2)], ids=str)
+@pytest.mark.parametrize("setting", [(8, 256, 0), (1, 256, 0), (16, 512, 0), (8, 256, 1)],
+                         ids=str)  # (the last two: soft-capped heads fall back to Triton)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
 def test_cluster_kernel_softcap(monkeypatch, setting, dtype, inplace):

@@ -177,7 +177,8 @@ def test_bad_scalar_arguments(backend):
 
     x = torch.randn(3, 10, device=DEVICE)
     y = torch.randint(0, 10, (3,), device=DEVICE)
-    for t in (float("nan"), float("inf"), -1.0, 1e31, True, torch.tensor(0.7), "1"):
+    for t in (float("nan"), float("inf"), -1.0, 1e31, 1e-44, 1e-38, 0.0, True, torch.tensor(0.7),
+              "1"):
         with pytest.raises(ValueError, match="temperature"):
             run(backend, x, y, temperature=t)
     for ii in (2 ** 63, -2 ** 63 - 1, 1.0, None, True):
@@ -188,6 +189,11 @@ def test_bad_scalar_arguments(backend):
                                run(backend, x, y, temperature=0.5))
     torch.testing.assert_close(run(backend, x, y, temperature=1e30).cpu(),
                                torch.full((3,), -torch.log(torch.tensor(10.0)).item()))
+    # the smallest allowed: logits / temperature near 1e30, finite, as in float64 (1e-38 and
+    # 1e-44 gave -inf and NaN: 1 / temperature overflows fp32)
+    torch.testing.assert_close(run(backend, x, y, temperature=1e-30).cpu().double(),
+                               token_logprobs_ref(x.double(), y, temperature=1e-30).cpu(),
+                               rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -10,16 +10,18 @@ import signal
 import pytest
 import torch
 
+import r1kernels
 from r1kernels import reference
 from r1train import rewards as R
 from r1train import tasks as T
 from r1train.config import Config, parse_args
-from r1train.generate import generate, generate_nocache_greedy, sample_next
+from r1train.generate import generate, generate_nocache_greedy
 from r1train.loss import policy_loss, sft_loss, token_logprobs_from_hidden
 
 TINY = dict(tiny_hidden=32, tiny_layers=1, tiny_heads=2, tiny_intermediate=64, sft_examples=32,
             sft_epochs=1, sft_batch_size=16, grpo_steps=4, prompts_per_step=4, group_size=4,
-            max_new_tokens=24, eval_examples=8, checkpoint_every=0, threads=1)
+            max_new_tokens=24, eval_examples=8, checkpoint_every=0, threads=1,
+            rollout_compile=False)  # compiling is tested in test_rollout.py
 
 
 # ---- verifier and rewards ---------------------------------------------------------------------
@@ -217,11 +219,11 @@ def test_sampling_seeded_and_eos(tiny_model):
 def test_top_p():
     logits = torch.tensor([[0.0, 5.0, 1.0, 4.9]])
     g = torch.Generator().manual_seed(0)
-    draws = {int(sample_next(logits, 1.0, 0.01, g)) for _ in range(50)}
+    draws = {int(r1kernels.sample_tokens(logits, top_p=0.01, generator=g)[0]) for _ in range(50)}
     assert draws == {1}
-    draws = {int(sample_next(logits, 1.0, 0.9, g)) for _ in range(200)}
+    draws = {int(r1kernels.sample_tokens(logits, top_p=0.9, generator=g)[0]) for _ in range(200)}
     assert draws == {1, 3}
-    assert int(sample_next(logits, 0.0, 1.0, None)) == 1
+    assert int(r1kernels.sample_tokens(logits, temperature=0.0)[0]) == 1
 
 
 # ---- losses -----------------------------------------------------------------------------------
@@ -354,6 +356,16 @@ def test_pipeline_summary_schema(tmp_path):
         assert row["accuracy"] == on_disk["eval"][key] and 0 < row["completion_len"] <= 24
         assert 0.0 <= row["pass@1"] <= row["pass@2"] <= 1.0
     assert on_disk["wall_seconds"] > 0
+    # what moves the figures besides the seed: each op's backend and the C++ kernels' SIMD copy
+    from r1kernels import _custom_ops, dispatch
+
+    k = on_disk["kernels"]
+    assert k["backends"]["linear_token_logprobs"] == dispatch.select("linear_token_logprobs", "cpu")
+    assert set(k["backends"]) == set(dispatch.registered_ops()) and k["threads"] == 1
+    if _custom_ops.EXT_ERROR is None:
+        from r1kernels import _C
+
+        assert k["cpu_simd"] == _C.cpu_simd_level()
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     grpo = [r for r in rows if r["stage"] == "grpo"]
     assert [r["step"] for r in grpo] == [1, 2, 3, 4]
@@ -450,11 +462,19 @@ def test_micro_batching_and_checkpointing_do_not_change_the_update(tmp_path, mon
     assert changed
 
 
-def test_r1_zero_rejection_sampling_and_distillation(tmp_path):
+def test_r1_zero_rejection_sampling_and_distillation(tmp_path, capfd):
     cfg, s = _run(tmp_path, "zero", mode="r1-zero", grpo_steps=2, rs_prompts=6, rs_samples=4,
                   task="countdown", difficulty=2, pretrain_docs=16, pretrain_epochs=1)
     assert s["eval"]["after_sft"] is None and s["eval"]["after_grpo"] is not None
     rs = s["rejection_sampling"]
+    # outcomes that teach nothing are said, once, on the console (and only then)
+    err = capfd.readouterr().err
+    grpo = [json.loads(x) for x in (tmp_path / "zero" / "metrics.jsonl").read_text().splitlines()
+            if '"grpo"' in x]
+    no_signal = all(r["groups_with_signal"] == 0 for r in grpo)
+    assert ("had the same reward" in err) == no_signal
+    assert err.count("had the same reward") <= 1
+    assert ("rejection sampling kept 0" in err) == (rs["kept"] == 0)
     lines = open(rs["path"]).read().splitlines()
     assert len(lines) == rs["kept"]
     task = T.Countdown(2)
@@ -473,6 +493,37 @@ def test_r1_zero_rejection_sampling_and_distillation(tmp_path):
     hist = [json.loads(x) for x in (tmp_path / "distill" / "metrics.jsonl").read_text().split("\n")
             if x]
     assert sum(r["stage"] == "sft" for r in hist) == 1  # 16 rows, batch 16, 1 epoch
+    # an SFT file with no examples is an error before any work, not a run that trains on nothing
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(ValueError, match="sft_data .* has no examples"):
+        _run(tmp_path, "empty", sft_data=str(tmp_path / "empty.jsonl"))
+    assert not (tmp_path / "empty" / "metrics.jsonl").read_text()
+
+
+def test_console_shows_our_bars_only(tmp_path):
+    """r1-train's stderr: our stage and eval bars, no transformers save/load bars and no
+    deprecation messages from the generation loop."""
+    import subprocess
+    import sys
+    flags = [f"--{k}={v}" for k, v in {**TINY, "grpo_steps": 1, "eval_examples": 4}.items()]
+    out = subprocess.run([sys.executable, "-m", "r1train", "--out_dir", str(tmp_path / "o"),
+                          *flags], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONWARNINGS": "default"})
+    assert out.returncode == 0, out.stderr
+    for theirs in ("Loading weights", "Writing model shards", "deprecated", "Warning"):
+        assert theirs not in out.stderr, out.stderr
+    for ours in ("eval base", "sft", "grpo", "eval after_grpo", "held-out accuracy"):
+        assert ours in out.stderr, out.stderr
+
+
+def test_plot_smoothing_is_exact():
+    """Values returning to 0 smooth to exactly 0 (a running sum left 1e-17, which matplotlib
+    drew as an axis offset)."""
+    from r1train.plot import _smooth
+
+    ys = [0.1, 0.7, 0.3] + [0.0] * 12
+    assert _smooth(ys, 3)[-1] == 0.0 and _smooth([0.1] * 30)[-1] == pytest.approx(0.1, abs=1e-16)
+    assert _smooth(ys, 3)[:3] == pytest.approx([0.1, 0.4, 1.1 / 3])
 
 
 def test_bench_step_smoke():

@@ -71,7 +71,7 @@ def test_trl_signature_reward_and_none(tmp_path):
         bad(["a", "b"], ["x", "y"], exs)
 
 
-def test_gsm8k_answers_and_math_verify():
+def test_gsm8k_answers_and_math_verify(monkeypatch):
     ex = T.Example("q", "She pays 3 * 4 = 12 dollars.\n#### 12")
     assert R.verify("<think>t</think><answer>12</answer>", ex)
     assert R.verify("<think>t</think><answer>24/2</answer>", ex)
@@ -79,13 +79,30 @@ def test_gsm8k_answers_and_math_verify():
     half = T.Example("q", "1/2")
     assert R.verify("<answer>0.5</answer>", half)  # our verifier: exact fractions
     pytest.importorskip("math_verify")
+    import builtins
+    import re
+
+    # sympy builds numbers and symbols from the LaTeX grammar's tokens with parse_expr (eval):
+    # model text reaches eval only as such constructors of digits and letters
+    evaluated = []
+    real_eval = builtins.eval
+
+    def spy(src, *a, **k):
+        evaluated.append(src if isinstance(src, str) else "<code>")
+        return real_eval(src, *a, **k)
+
+    monkeypatch.setattr(builtins, "eval", spy)
     assert R.verify("<answer>\\frac{1}{2}</answer>", half)
     assert R.verify("<answer>\\frac{2}{4}</answer>", T.Example("q", "\\frac{1}{2}"))
     assert R.verify("<answer>\\{3, 1, 2\\}</answer>", T.Example("q", "\\{1,2,3\\}"))
     assert R.verify("<answer>\\boxed{(0, 1]}</answer>", T.Example("q", "(0,1]"))
+    assert R.verify("<answer>x^{2}+1.5</answer>", T.Example("q", "x^2+3/2"))
     assert not R.verify("<answer>\\frac{1}{3}</answer>", half)
-    # the plain-expression parser (sympy's parse_expr, which calls eval) is never reached
-    assert not R.verify("<answer>__import__('os').system('echo x')</answer>", half)
+    for hostile in ("\\frac{__import__('os')}{2}", "\\text{__import__('os').system('x')}",
+                    "__import__('os').system('echo x')", "\\mathrm{exec}('1')"):
+        assert not R.verify(f"<answer>{hostile}</answer>", half)
+    allowed = re.compile(r"^(Integer \(\d+ \)|Float \('[\d.]+' \)|Symbol \('[A-Za-z]+' \)|E )$")
+    assert evaluated and all(allowed.match(e) for e in evaluated), set(evaluated)
 
 
 # ---- data -------------------------------------------------------------------------------------

@@ -263,7 +263,7 @@ __device__ __forceinline__ void grad_pass(const uint4 (&data)[VPT], int nvec, TO
 // Registers bound how much of the rows an SM holds: the launch bounds ask for 3 CTAs of 256
 // threads per SM (<= 80 registers) while a thread's vectors fit in 40 of them.
 //
-// kPersist (R1K_FUSED_CLUSTER="8,256,2"): the same work, but the grid is only the clusters that
+// kPersist (R1K_FUSED_CLUSTER="8,256,1"): the same work, but the grid is only the clusters that
 // fit at once, and each walks rows row0 + c, row0 + c + clusters, ... (no CTA launched per row).
 // At the start of each row, one thread per CTA asks the bulk-copy engine to prefetch the CTA's
 // segment of its next row into L2 (cp.async.bulk.prefetch.L2: one instruction, no registers, no
@@ -436,233 +436,6 @@ __global__ void __launch_bounds__(THREADS, (min_ctas_per_sm<THREADS, VPT>()))
 #endif
 }
 
-// ---- the pipelined variant: persistent clusters, rows staged in shared memory by the bulk-copy
-// (TMA) engine -----------------------------------------------------------------------------------
-//
-// The kernel above keeps a row in registers: a CTA loads its segment, reduces, waits at the
-// cluster barrier, writes the gradient and exits, and the SM's loads stop while it waits and
-// writes (measured at 69% of the two-pass floor on an H100). Here each cluster is persistent
-// (grid = the clusters that fit at once) and walks rows row0, row0 + clusters, ...; each CTA has
-// two shared-memory stages of its segment. While it reduces row i from one stage, waits at the
-// cluster barrier and writes row i's gradient, the bulk-copy engine fills the other stage with
-// row i + clusters (one thread issues it; an mbarrier counts the bytes). So the SM reads
-// without pause, and no register file bounds the bytes in flight.
-//
-// Same semantics and the same base-2 arithmetic as fused_logits_cluster_kernel (measured on the
-// H100 before that arithmetic, in natural base: 4.74-4.95 ms, no faster than the register kernel). Cluster barriers: one per live row (all CTAs of
-// a cluster see the same rows, labels and mask, so they agree on which rows are live); the CTA
-// partials are double-buffered by that barrier's count, so a CTA writes a buffer only after every
-// peer has passed the barrier that follows its reads of it; one last barrier before exit keeps
-// the shared memory alive for the peers' last reads. In place (g == x) is safe: row i's gradient
-// is written after row i was staged, and the staging of row i + clusters reads another row.
-
-__device__ __forceinline__ uint32_t smem_addr(const void* ptr) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
-}
-
-__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count)
-               : "memory");
-}
-
-__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)),
-               "r"(bytes)
-               : "memory");
-}
-
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
-  const uint32_t addr = smem_addr(bar);
-  uint32_t done = 0;
-  while (!done) {
-    asm volatile(
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-        " selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(addr), "r"(parity)
-        : "memory");
-  }
-}
-
-// global -> this CTA's shared memory, `bytes` (a multiple of 16, both ends 16-byte aligned),
-// completion counted on `bar`; first-touch data, so it may leave L2 first
-__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes,
-                                          uint64_t* bar) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::
-          "r"(smem_addr(dst)),
-      "l"(src), "r"(bytes), "r"(smem_addr(bar))
-      : "memory");
-}
-
-template <int MODE>
-__device__ __forceinline__ bool row_live(const FusedLogitsParams& p, int64_t row) {
-  if (p.labels[row] == p.ignore_index) return false;
-  return MODE == 0 || p.mask[row] != 0.f;
-}
-
-template <typename TIn, typename TOut, int THREADS, int MODE, bool kCap>
-__global__ void __launch_bounds__(THREADS)
-    fused_logits_pipe_kernel(const FusedLogitsParams p, int seg) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  constexpr int kWarps = THREADS / 32;
-  constexpr int kE = kPerVec<TIn>;
-  constexpr int kStep = kE * THREADS;
-  extern __shared__ __align__(128) unsigned char stage_mem[];  // 2 stages of seg logits
-  __shared__ __align__(8) uint64_t full[2];
-  __shared__ Stats warp_part[kWarps];
-  __shared__ Stats cta_part[2];
-  __shared__ float row_vals[4];
-  __shared__ int row_dead;
-
-  cg::cluster_group cluster = cg::this_cluster();
-  const int CL = static_cast<int>(cluster.num_blocks());
-  const int rank = static_cast<int>(cluster.block_rank());
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int64_t n = p.B * p.T;
-  const int64_t clusters = gridDim.x / CL;
-  const int V = static_cast<int>(p.V);
-  const int c_lo = rank * seg < V ? rank * seg : V;
-  const int c_hi = c_lo + seg < V ? c_lo + seg : V;
-  const uint32_t seg_bytes = static_cast<uint32_t>(c_hi - c_lo) * sizeof(TIn);
-  const int c_thread = c_lo + kE * tid;  // this thread's vectors: c_thread + k * kStep, < c_hi
-
-  if (tid == 0) {
-    mbar_init(&full[0], 1);
-    mbar_init(&full[1], 1);
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
-  __syncthreads();
-
-  // thread 0 stages `row` into stage s when it is live (the consumers test the same)
-  auto issue = [&](int64_t row, int s) {
-    if (!row_live<MODE>(p, row)) return;
-    const int64_t b = row / p.T, t = row - b * p.T;
-    const TIn* src = static_cast<const TIn*>(p.x) + b * p.s_xb + t * p.s_xt + c_lo;
-    unsigned char* dst = stage_mem + static_cast<size_t>(s) * seg * sizeof(TIn);
-    // generic-proxy reads of this stage (the last row's) are ordered before the async write
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-    mbar_arrive_expect_tx(&full[s], seg_bytes);
-    constexpr uint32_t kPiece = 16384;
-    for (uint32_t off = 0; off < seg_bytes; off += kPiece) {
-      const uint32_t bytes = seg_bytes - off < kPiece ? seg_bytes - off : kPiece;
-      bulk_load(dst + off, reinterpret_cast<const unsigned char*>(src) + off, bytes, &full[s]);
-    }
-  };
-
-  int64_t row = blockIdx.x / CL;
-  if (tid == 0 && row < n) issue(row, 0);
-  uint32_t uses = 0;  // bit s: parity of stage s's next completion
-  int nb = 0;         // cluster barriers so far (selects cta_part's buffer)
-  for (int it = 0; row < n; ++it, row += clusters) {
-    const int s = it & 1;
-    if (tid == 0 && row + clusters < n) issue(row + clusters, s ^ 1);
-    const int64_t b = row / p.T, t = row - b * p.T;
-    TOut* g_row = static_cast<TOut*>(p.g) + b * p.s_gb + t * p.s_gt;
-    const int64_t label = p.labels[row];
-    const float mask = MODE == 1 ? p.mask[row] : 1.f;
-    if (label == p.ignore_index || mask == 0.f) {  // not staged, not read: zeros written
-      const float zero[kE] = {};
-      for (int c = c_thread; c < c_hi; c += kStep) store_out<TOut, kE>(g_row + c, zero);
-      continue;
-    }
-    const bool valid = label >= 0 && label < V;
-    float zt = 0.f;
-    RowInputs in;
-    if (tid == 0) {
-      const TIn* x_row = static_cast<const TIn*>(p.x) + b * p.s_xb + t * p.s_xt;
-      if (valid) {
-        zt = to_float(x_row[label]);
-        zt = (kCap ? head_tanh(zt * p.cap) : zt) * p.inv_temp;
-      }
-      in = load_row_inputs<MODE>(p, row, b, mask);
-    }
-    mbar_wait(&full[s], (uses >> s) & 1u);
-    uses ^= 1u << s;
-    const TIn* st = reinterpret_cast<const TIn*>(stage_mem) + s * seg;  // [c - c_lo]: column c
-
-    // ---- the CTA's statistics from the staged segment, in base 2 as in the register kernel:
-    // the max of the raw logits (16-bit pairs compared packed), then s2 = sum 2^(z - m2) and
-    // w2 = sum 2^(z - m2) (z - m2) with z = x * inv_temp * log2(e) (one FFMA and one ex2 each)
-    const float c2 = p.inv_temp * kLog2e;
-    const bool has_dent = has_dent_of<MODE>(p);
-    const bool need_w = p.entropy != 0 || has_dent;
-    float mraw = -INFINITY, xmin = INFINITY;
-    for (int c = c_thread; c < c_hi; c += kStep) {
-      const uint4 vec[1] = {*reinterpret_cast<const uint4*>(st + (c - c_lo))};
-      const float2 r = logit_range<TIn, 1, true>(vec, 1);
-      xmin = fminf(xmin, r.x);
-      mraw = fmaxf(mraw, r.y);
-    }
-    {  // (kCap: the range of tanh(cap * x))
-      const float2 hr = head_range<kCap>(make_float2(xmin, mraw), c_thread < c_hi, p.cap);
-      xmin = hr.x;
-      mraw = hr.y;
-    }
-    const float m2 = mraw * c2;
-    const float ref = m2 == -INFINITY ? 0.f : m2;
-    const bool clamp = needs_clamp(xmin, c2, ref);
-    float sum = 0.f, w = 0.f;
-    for (int c = c_thread; c < c_hi; c += kStep) {
-      const uint4 u = *reinterpret_cast<const uint4*>(st + (c - c_lo));
-      if (!need_w)
-        vec_sums<TIn, false, false, kCap>(u, c2, ref, sum, w, p.cap);
-      else if (!clamp)
-        vec_sums<TIn, true, false, kCap>(u, c2, ref, sum, w, p.cap);
-      else
-        vec_sums<TIn, true, true, kCap>(u, c2, ref, sum, w, p.cap);
-    }
-    Stats v = warp_merge(Stats{m2, sum, w});
-    if (lane == 0) warp_part[warp] = v;
-    __syncthreads();
-    Stats* part = &cta_part[nb & 1];
-    if (warp == 0) {
-      v = lane < kWarps ? warp_part[lane] : empty_stats();
-      v = warp_merge(v);
-      if (lane == 0) *part = v;
-    }
-    cluster_arrive();
-    cluster_wait();
-    ++nb;
-
-    // ---- the row's statistics from the CL partials, and its gradient's constants
-    if (warp == 0)
-      finish_row<MODE>(p, cluster, part, CL, rank, lane, valid, zt, in, row, n, row_vals,
-                       row_dead);
-    __syncthreads();
-
-    // ---- dL/dlogits of the CTA's columns, from the staged segment
-    const float lse2 = row_vals[0], A = row_vals[1], B = row_vals[2], dl = row_vals[3];
-    const bool dead = row_dead != 0;
-    const bool clamp_g = has_dent && needs_clamp(xmin, c2, lse2);
-    const int lab = valid ? static_cast<int>(label) : -1;
-    for (int c = c_thread; c < c_hi; c += kStep) {
-      float f[kE];
-      if (dead) {
-#pragma unroll
-        for (int i = 0; i < kE; ++i) f[i] = 0.f;
-      } else {
-        unpack<TIn>(*reinterpret_cast<const uint4*>(st + (c - c_lo)), f);
-        const unsigned at = static_cast<unsigned>(lab - c);
-        if (!has_dent)
-          grad_vec<kE, false, false, kCap>(f, c2, lse2, A, B, dl, at, p.cap);
-        else if (!clamp_g)
-          grad_vec<kE, true, false, kCap>(f, c2, lse2, A, B, dl, at, p.cap);
-        else
-          grad_vec<kE, true, true, kCap>(f, c2, lse2, A, B, dl, at, p.cap);
-      }
-      store_out<TOut, kE>(g_row + c, f);
-    }
-    __syncthreads();  // the stage and row_vals are free for the next rows
-  }
-  // keep cta_part alive until every peer has read it
-  cluster_arrive_relaxed();
-  cluster_wait();
-#else
-  __trap();
-#endif
-}
-
 template <typename TIn, typename TOut, int THREADS, int MODE, bool kPersist, bool kCap>
 void (*pick_kernel(int vpt))(const FusedLogitsParams, int64_t, int) {
   switch (vpt) {
@@ -700,11 +473,17 @@ cudaLaunchConfig_t cluster_launch(int64_t ctas, int threads, int cluster, cudaSt
 template <typename TIn, typename TOut, int MODE, bool kCap>
 cudaError_t launch_vpt(int vpt, const FusedLogitsParams& p, int cluster, int threads, bool persist,
                        cudaStream_t stream, int seg) {
-  void (*kern)(const FusedLogitsParams, int64_t, int) =
-      persist ? (threads == 256 ? pick_kernel<TIn, TOut, 256, MODE, true, kCap>(vpt)
-                                : pick_kernel<TIn, TOut, 512, MODE, true, kCap>(vpt))
-              : (threads == 256 ? pick_kernel<TIn, TOut, 256, MODE, false, kCap>(vpt)
-                                : pick_kernel<TIn, TOut, 512, MODE, false, kCap>(vpt));
+  void (*kern)(const FusedLogitsParams, int64_t, int) = nullptr;
+  if constexpr (kCap) {  // soft-capped heads: the default setting's instances only (256 threads,
+    // rows in registers; token_logprobs.cluster_setting sends the others to Triton): a quarter
+    // of the plain head's instances, so the file compiles in about 1.25x the plain-only time
+    if (threads == 256 && !persist) kern = pick_kernel<TIn, TOut, 256, MODE, false, true>(vpt);
+  } else {
+    kern = persist ? (threads == 256 ? pick_kernel<TIn, TOut, 256, MODE, true, false>(vpt)
+                                     : pick_kernel<TIn, TOut, 512, MODE, true, false>(vpt))
+                   : (threads == 256 ? pick_kernel<TIn, TOut, 256, MODE, false, false>(vpt)
+                                     : pick_kernel<TIn, TOut, 512, MODE, false, false>(vpt));
+  }
   if (kern == nullptr) return cudaErrorInvalidValue;
   if (cluster > 8) {
     const cudaError_t e =
@@ -738,42 +517,9 @@ cudaError_t launch_vpt(int vpt, const FusedLogitsParams& p, int cluster, int thr
   return cudaSuccess;
 }
 
-// The pipelined kernel: as many clusters as fit at once (each walks rows with that stride), two
-// shared-memory stages of `seg` logits per CTA.
-template <typename TIn, typename TOut, int MODE, bool kCap>
-cudaError_t launch_pipe(const FusedLogitsParams& p, int cluster, int threads, cudaStream_t stream,
-                        int seg) {
-  void (*kern)(const FusedLogitsParams, int) =
-      threads == 256 ? fused_logits_pipe_kernel<TIn, TOut, 256, MODE, kCap>
-                     : fused_logits_pipe_kernel<TIn, TOut, 512, MODE, kCap>;
-  const size_t smem = 2 * static_cast<size_t>(seg) * sizeof(TIn);
-  if (smem > static_cast<size_t>(kPipeMaxSmem)) return cudaErrorInvalidValue;
-  cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       static_cast<int>(smem));
-  if (e != cudaSuccess) return e;
-  if (cluster > 8) {
-    e = cudaFuncSetAttribute(kern, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
-    if (e != cudaSuccess) return e;
-  }
-  cudaLaunchAttribute attr;
-  cudaLaunchConfig_t cfg = cluster_launch(cluster, threads, cluster, stream, &attr);
-  cfg.dynamicSmemBytes = smem;
-  int active = 0;
-  e = cudaOccupancyMaxActiveClusters(&active, kern, &cfg);
-  if (e != cudaSuccess) return e;
-  if (active < 1) return cudaErrorInvalidConfiguration;
-  const int64_t n = p.B * p.T;
-  const int64_t clusters = n < active ? n : active;
-  cfg.gridDim = dim3(static_cast<unsigned>(clusters * cluster), 1, 1);
-  return cudaLaunchKernelEx(&cfg, kern, p, seg);
-}
-
 template <typename TIn, typename TOut, bool kCap>
 cudaError_t launch_head(int vpt, const FusedLogitsParams& p, int mode, int cluster, int threads,
                         int variant, cudaStream_t stream, int seg) {
-  if (variant == kVariantStaged)
-    return mode == 0 ? launch_pipe<TIn, TOut, 0, kCap>(p, cluster, threads, stream, seg)
-                     : launch_pipe<TIn, TOut, 1, kCap>(p, cluster, threads, stream, seg);
   const bool persist = variant == kVariantPersistent;
   return mode == 0 ? launch_vpt<TIn, TOut, 0, kCap>(vpt, p, cluster, threads, persist, stream, seg)
                    : launch_vpt<TIn, TOut, 1, kCap>(vpt, p, cluster, threads, persist, stream, seg);
@@ -822,8 +568,7 @@ cudaError_t fused_logits_cluster_launch(const FusedLogitsParams& p, int in_dtype
   const int elem = f32 ? 4 : 2;
   int64_t seg = 0;
   const int vpt = fused_logits_cluster_vpt(p.V, elem, cluster, threads, &seg);
-  const bool staged = variant == kVariantStaged;
-  if (staged ? !fused_logits_pipe_fits(p.V, elem, cluster) : vpt == 0) return cudaErrorInvalidValue;
+  if (vpt == 0) return cudaErrorInvalidValue;
   if (seg > INT_MAX / 2) return cudaErrorInvalidValue;
   const int sg = static_cast<int>(seg);
   const bool out_bf16 = out_dtype == static_cast<int>(D::kBFloat16);

@@ -34,9 +34,8 @@ struct FusedLogitsParams {
 };
 
 // The kernel variants (the third field of R1K_FUSED_CLUSTER): rows in registers, one cluster
-// launched per row; rows staged in shared memory by persistent clusters; rows in registers,
-// persistent clusters prefetching their next row into L2.
-constexpr int kVariantRegisters = 0, kVariantStaged = 1, kVariantPersistent = 2;
+// launched per row; rows in registers, persistent clusters prefetching their next row into L2.
+constexpr int kVariantRegisters = 0, kVariantPersistent = 1;
 
 // Logits: bf16 or fp16 (gradient in the same dtype), or fp32 (the hidden-state op's chunks;
 // gradient in bf16 or fp16).
@@ -49,15 +48,9 @@ inline int64_t fused_logits_cluster_max_vocab(int cluster, int threads, int elem
   return static_cast<int64_t>(cluster) * threads * (16 / elem_bytes) * kMaxVecsPerThread;
 }
 
-// The pipelined variant stages two copies of a CTA's segment (seg = V / cluster rounded up to 8
-// columns) in shared memory: 2 * seg * elem_bytes <= kPipeMaxSmem (the 227 KiB an sm_90 CTA may
-// have, less room for the kernel's static shared memory).
-constexpr int kPipeMaxSmem = 224 * 1024;
+// A CTA's segment of a row: V / cluster rounded up to 8 columns (whole 16-byte vectors).
 inline int64_t fused_logits_seg(int64_t V, int cluster) {
   return ((V + cluster - 1) / cluster + 7) / 8 * 8;
-}
-inline bool fused_logits_pipe_fits(int64_t V, int elem_bytes, int cluster) {
-  return 2 * fused_logits_seg(V, cluster) * elem_bytes <= kPipeMaxSmem;
 }
 
 }  // namespace r1k

@@ -91,26 +91,22 @@ void fused_logits_cluster_cuda(const at::Tensor& x, const at::Tensor& g, const a
                     ": cluster must be 1, 2, 4, 8 or 16, got ", r1k::msg(cluster));
   TORCH_CHECK_VALUE(threads == 256 || threads == 512, kOp, ": threads must be 256 or 512, got ",
                     r1k::msg(threads));
-  TORCH_CHECK_VALUE(variant >= kVariantRegisters && variant <= kVariantPersistent, kOp,
-                    ": variant must be 0 (rows in registers), 1 (staged in shared memory) or 2 "
-                    "(persistent, L2 prefetch), got ", r1k::msg(variant));
-  if (variant == kVariantStaged) {
-    TORCH_CHECK_VALUE(fused_logits_pipe_fits(V, elem, static_cast<int>(cluster)), kOp, ": V=", r1k::msg(V),
-                      " is over what ", r1k::msg(cluster), " CTAs stage in shared memory (2 * ",
-                      r1k::msg(fused_logits_seg(V, static_cast<int>(cluster)) * elem), " bytes > ",
-                      r1k::msg(kPipeMaxSmem), ")");
-  } else {
-    TORCH_CHECK_VALUE(fused_logits_cluster_vpt(V, elem, static_cast<int>(cluster),
-                                               static_cast<int>(threads), nullptr) > 0,
-                      kOp, ": V=", r1k::msg(V), " is over what ", r1k::msg(cluster), " CTAs of ", r1k::msg(threads),
-                      " threads hold (", r1k::msg(fused_logits_cluster_max_vocab(static_cast<int>(cluster),
-                                                                          static_cast<int>(threads),
-                                                                          elem)),
-                      ")");
-  }
+  TORCH_CHECK_VALUE(variant == kVariantRegisters || variant == kVariantPersistent, kOp,
+                    ": variant must be 0 (rows in registers) or 1 (persistent, L2 prefetch), got ",
+                    r1k::msg(variant));
+  TORCH_CHECK_VALUE(fused_logits_cluster_vpt(V, elem, static_cast<int>(cluster),
+                                             static_cast<int>(threads), nullptr) > 0,
+                    kOp, ": V=", r1k::msg(V), " is over what ", r1k::msg(cluster), " CTAs of ", r1k::msg(threads),
+                    " threads hold (", r1k::msg(fused_logits_cluster_max_vocab(static_cast<int>(cluster),
+                                                                        static_cast<int>(threads),
+                                                                        elem)),
+                    ")");
   TORCH_CHECK_VALUE(inv_temp > 0 && cap >= 0, kOp, ": the kernel takes inv_temp > 0 and cap >= 0 "
                     "(the row's max from the raw logits' max), got inv_temp=", r1k::msg(inv_temp),
                     ", cap=", r1k::msg(cap));
+  TORCH_CHECK_VALUE(cap == 0 || (threads == 256 && variant == kVariantRegisters), kOp,
+                    ": a soft-capped head (cap > 0) is compiled for 256 threads and variant 0 only, "
+                    "got threads=", r1k::msg(threads), ", variant=", r1k::msg(variant));
   const int mode = glp.has_value() ? 0 : 1;
   FusedLogitsParams p;
   p.x = x.data_ptr();

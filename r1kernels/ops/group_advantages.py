@@ -176,7 +176,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "gr
                      eps: float = 1e-4) -> torch.Tensor:
     """Group-normalized advantages of `rewards [P * G]` (consecutive blocks of `group_size`).
 
-    Returns fp32 advantages of the same shape. See shared/API.md.
+    Returns fp32 advantages of the same shape. See docs/api.md.
     """
     if not isinstance(rewards, torch.Tensor):
         raise ValueError(f"group_advantages: rewards must be a torch.Tensor, got {type(rewards).__name__}")

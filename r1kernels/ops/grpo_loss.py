@@ -1,6 +1,6 @@
 """GRPO policy loss on given per-token log-probabilities (TRL 1.16 `GRPOTrainer._compute_loss`).
 
-Per token, with lp = logps, A = advantage, m = mask (see shared/API.md for the full contract):
+Per token, with lp = logps, A = advantage, m = mask (see docs/api.md for the full contract):
 
     w      = lp - old                        (token level)
            = sum_t((lp - old) m) / max(n_b, 1)  broadcast over the row (sequence level, GSPO)
@@ -851,7 +851,7 @@ def grpo_loss(logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
               use_bias_correction_kl: bool = False, rollout_is_weights: torch.Tensor | None = None,
               max_completion_length: int | None = None, num_items_in_batch=None,
               sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05) -> GRPOLossOutput:
-    """The GRPO loss of TRL 1.16 on per-token log-probs `logps [B, T]`; see shared/API.md.
+    """The GRPO loss of TRL 1.16 on per-token log-probs `logps [B, T]`; see docs/api.md.
 
     Returns GRPOLossOutput(loss, metrics) with metrics kl, clip_ratio_low, clip_ratio_high,
     clip_ratio (detached scalars). Gradients flow to `logps` only (old/ref log-probs, advantages

@@ -107,7 +107,12 @@ dispatch.register(OP, cuda=("triton", "torch"), cpu=("cpp", "torch"), ext_ops=tl
 # larger chunks do both fewer times) and 10240 columns per two-sweep tile at N = 16384 (each
 # vocabulary tile reads and writes the fp32 grad_hidden accumulator once)
 TILE_ELEMS_CUDA = 5 << 25
-TILE_ELEMS_CPU = 1 << 21
+# CPU: 128 MiB, i.e. 220 rows of V = 151936 per single-sweep chunk. Each chunk streams the whole
+# weight through three GEMMs, so the chunk must be tall enough for the GEMMs' arithmetic to hide
+# that read. GRPOLoss on hidden states at N = 512, H = 512, V = 151936, one thread, in CPU
+# seconds: 8 MiB chunks (13 rows) 6.93, 1.9x eager's 3.66; 64 MiB 3.66; 128 MiB 3.18 at a
+# 427 MiB peak (eager: 890 MiB); 256 MiB 3.18 at 522 MiB (CPU time, as benchmarks/cpu_hidden.py).
+TILE_ELEMS_CPU = 1 << 25
 MAX_TILE_ROWS = 16384
 # single sweep (linear_token_logprobs_with_grad): fp32 grad_weight accumulator limit, and the
 # largest chunk of whole sequences (fp32 logits elements) for which sweep="auto" picks it
@@ -867,7 +872,7 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     `hidden [..., H]`, `weight [V, H]`, optional `bias [V]`, `labels [...]`. Returns fp32
     `logp [...]` (and `entropy [...]` when `with_entropy`), differentiable with respect to
     hidden, weight and bias. Matmul products accumulate in fp32. `logit_scale` and `softcap`:
-    the head's transform of the logits, as in token_logprobs. See shared/API.md.
+    the head's transform of the logits, as in token_logprobs. See docs/api.md.
     `weight` / `bias` may be DTensors (FSDP2): gathered, their gradient the sum over ranks in
     their own placement. `process_group`: weight [V_r, H] is this rank's contiguous slice of a
     vocabulary split over the group, labels global ids, grad_hidden summed over ranks

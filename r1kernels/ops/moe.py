@@ -881,7 +881,7 @@ def moe_route(router_logits: torch.Tensor, top_k: int, *, score_func: str = "sof
               expert_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k expert routing of `router_logits [T, E]` -> (weights [T, k] fp32, ids [T, k] int32).
 
-    See shared/API.md and the module docstring. Differentiable w.r.t. router_logits through the
+    See docs/api.md and the module docstring. Differentiable w.r.t. router_logits through the
     weights, and w.r.t. `expert_scale [E]` (which multiplies each chosen expert's weight after the
     normalization, before routed_scaling_factor). `replay_ids [T, k]` skips selection (routing
     replay; also hash routing, whose ids the caller computes). `norm_topk_prob` divides by

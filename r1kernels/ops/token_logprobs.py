@@ -12,7 +12,7 @@ vocabulary), so no [N, V] fp32 copy of the logits ever exists.
 VJP (p = softmax(z), H = entropy, g = dL/dlogp, e = dL/dentropy):
     dL/dlogits_v = (g * (1[v == label] - p_v) - e * p_v * (log p_v + H)) / T
 (0 on ignored rows).
-Heads that transform their logits (shared/API.md): x' = logit_scale * x (Cohere, Granite), then
+Heads that transform their logits (docs/api.md): x' = logit_scale * x (Cohere, Granite), then
 x'' = softcap * tanh(x' / softcap) (Gemma's final_logit_softcapping), then z = x'' / T. The
 kernels take two constants (head_constants): without a soft-cap z = inv_temp * x with
 inv_temp = logit_scale / T (the plain head's code, any logit_scale for free); with one,
@@ -478,24 +478,20 @@ def _num_programs(device: torch.device, n_rows: int, per_sm: int) -> int:
 # settings tried: token_logprobs_fwd_bwd 4.49 against 5.77 ms (base-2 arithmetic; 4.83 against
 # 5.41 ms before), from_logits in place 5.37 against 6.23 ms, a hidden-state GRPOLoss call's
 # logits kernels 6.5 against 7.9 ms.
-# R1K_FUSED_CLUSTER="cluster,threads[,variant]" (1-16 / 256 or 512 / 0, 1 or 2) chooses another
+# R1K_FUSED_CLUSTER="cluster,threads[,variant]" (1-16 / 256 or 512 / 0 or 1) chooses another
 # setting, "0" turns it off.
 #
 # The third field picks a variant of the kernel (0, the default: rows in registers, one cluster
 # launched per row):
-#   1 the pipelined variant (R1K_FUSED_CLUSTER="8,256,1"): persistent clusters whose CTAs stage
-#     their segment of the next row in shared memory (bulk copies) while they finish the current
-#     one; a CTA's two stages must fit in shared memory (2 * V / cluster * element size
-#     <= 224 KiB) instead of its registers. Correct on the H100 but no faster (4.95 ms at 8 x 256,
-#     with natural-base arithmetic; it has the register kernel's base-2 arithmetic since
-#     2026-11-23, not yet measured).
-#   2 the persistent register kernel (R1K_FUSED_CLUSTER="8,256,2"): the default's code in a loop
+#   1 the persistent register kernel (R1K_FUSED_CLUSTER="8,256,1"): the default's code in a loop
 #     over rows, on only the clusters that fit at once, each CTA prefetching its segment of its
 #     next row into L2 (one bulk-prefetch instruction) before it reads the current one. Not yet
-#     measured on a GPU (written 2026-11-23 without one): opt-in until it is.
+#     measured on a GPU (written 2026-11-23 without one): opt-in until it is, and measured first
+#     by `bash benchmarks/run_gpu.sh quick`.
+# (A variant staging rows in shared memory with bulk copies was measured no faster on the H100,
+# 4.74-4.95 ms against the register kernel's 4.7, and removed.)
 FUSED_CLUSTER: tuple[int, int, int] | None = (8, 256, 0)
 CLUSTER_MAX_VECS = 16  # 16-byte vectors per thread (csrc/token_logprobs/fused_logits_cluster.h)
-PIPE_MAX_SMEM = 224 * 1024  # kPipeMaxSmem (csrc/token_logprobs/fused_logits_cluster.h)
 
 
 def _cluster_setting() -> tuple[int, int, int] | None:
@@ -506,9 +502,9 @@ def _cluster_setting() -> tuple[int, int, int] | None:
     if env.strip() in ("", "0", "off"):
         return None
     v = _env_ints("R1K_FUSED_CLUSTER", env, 2, 3)
-    if v[0] not in (1, 2, 4, 8, 16) or v[1] not in (256, 512) or v[2:] not in ([], [0], [1], [2]):
+    if v[0] not in (1, 2, 4, 8, 16) or v[1] not in (256, 512) or v[2:] not in ([], [0], [1]):
         raise ValueError(f"R1K_FUSED_CLUSTER must be 'cluster,threads[,variant]' with cluster in "
-                         f"1, 2, 4, 8, 16, threads 256 or 512 and variant 0, 1 or 2 (or 0: off), "
+                         f"1, 2, 4, 8, 16, threads 256 or 512 and variant 0 or 1 (or 0: off), "
                          f"got {env!r}")
     return v[0], v[1], (v[2] if len(v) == 3 else 0)
 
@@ -542,8 +538,7 @@ def cluster_config(x3: torch.Tensor, g3: torch.Tensor) -> tuple[int, int, int] |
         cl, threads = (cl * 2, threads) if cl < 16 else (cl, min(512, threads * 2))
     per_vec = 16 // x3.element_size()
     V = x3.shape[-1]
-    fits = (2 * _cluster_seg(V, cl) * x3.element_size() <= PIPE_MAX_SMEM if variant == 1
-            else V <= cl * threads * per_vec * CLUSTER_MAX_VECS)
+    fits = V <= cl * threads * per_vec * CLUSTER_MAX_VECS
     ok = (_custom_ops.has_kernel("fused_logits_cluster", "CUDA")
           and torch.cuda.get_device_capability(x3.device)[0] >= 9
           and _cluster_dtypes_ok(x3, g3)
@@ -559,6 +554,18 @@ def cluster_head_ok(inv_temp: float, cap: float) -> bool:
     return inv_temp > 0 and cap >= 0
 
 
+def cluster_setting(x3: torch.Tensor, g3: torch.Tensor, inv_temp: float,
+                    cap: float) -> tuple[int, int, int] | None:
+    """cluster_config for this head: soft-capped heads are compiled for the default setting's
+    shape only (256 threads, variant 0); any other setting runs them on the Triton kernel."""
+    if not cluster_head_ok(inv_temp, cap):
+        return None
+    setting = cluster_config(x3, g3)
+    if setting is not None and cap != 0 and (setting[1] != 256 or setting[2] != 0):
+        return None
+    return setting
+
+
 def cluster_chunk(z: torch.Tensor, labels: torch.Tensor, g: torch.Tensor, inv_temp: float,
                   ignore_index: int, with_entropy: bool, *, grad_logp=None, grad_entropy=None,
                   grpo=None, cap: float = 0.0) -> torch.Tensor | None:
@@ -568,7 +575,7 @@ def cluster_chunk(z: torch.Tensor, labels: torch.Tensor, g: torch.Tensor, inv_te
     "sequence" here). Returns out [3, n] (logp, entropy, lse), or None where the kernel does not
     apply (the caller's tile kernels run instead)."""
     x3, g3 = z.unsqueeze(1), g.unsqueeze(1)
-    setting = cluster_config(x3, g3) if cluster_head_ok(inv_temp, cap) else None
+    setting = cluster_setting(x3, g3, inv_temp, cap)
     if setting is None:
         return None
     return fused_cluster(x3, labels, g3, inv_temp, ignore_index, with_entropy, setting,
@@ -615,7 +622,7 @@ def fused_logits(x3: torch.Tensor, labels: torch.Tensor, g3: torch.Tensor, inv_t
                  grpo=None, cap: float = 0.0) -> torch.Tensor:
     """The fused logits kernels' entry point: the cluster kernel where it is on and applies
     (cluster_config), else the Triton kernel (fused_triton, whose contract both follow)."""
-    setting = cluster_config(x3, g3) if cluster_head_ok(inv_temp, cap) else None
+    setting = cluster_setting(x3, g3, inv_temp, cap)
     if setting is not None:
         return fused_cluster(x3, labels, g3, inv_temp, ignore_index, with_entropy, setting,
                              grad_logp=grad_logp, grad_entropy=grad_entropy, grpo=grpo, cap=cap)
@@ -1065,17 +1072,21 @@ class TokenLogprobsFunction(torch.autograd.Function):
 
 
 MAX_TEMPERATURE = 1e30  # 1 / temperature stays a normal fp32 number (the kernels' constant)
+# logits / temperature stays finite in fp32 for logits within +-1e8 (below ~3e-39, 1 / temperature
+# itself overflows fp32 and every log-prob is NaN, where float64 is finite)
+MIN_TEMPERATURE = 1e-30
 
 
 def check_temperature(op: str, temperature) -> float:
-    """temperature as a float in (0, MAX_TEMPERATURE]: a Python or NumPy real number, not a
-    tensor (reading a CUDA tensor's value would wait for the GPU)."""
+    """temperature as a float in [MIN_TEMPERATURE, MAX_TEMPERATURE]: a Python or NumPy real
+    number, not a tensor (reading a CUDA tensor's value would wait for the GPU)."""
     if isinstance(temperature, torch.Tensor):
         raise ValueError(f"{op}: temperature must be a number, not a tensor (use float(t)), got "
                          f"a tensor of shape {tuple(temperature.shape)}")
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or \
-            not 0 < float(temperature) <= MAX_TEMPERATURE:
-        raise ValueError(f"{op}: temperature must be a number in (0, {MAX_TEMPERATURE:g}], got "
+            not MIN_TEMPERATURE <= float(temperature) <= MAX_TEMPERATURE:
+        raise ValueError(f"{op}: temperature must be a number in [{MIN_TEMPERATURE:g}, "
+                         f"{MAX_TEMPERATURE:g}] (logits / temperature must fit fp32), got "
                          f"{temperature!r}")
     return float(temperature)
 
@@ -1285,7 +1296,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
     softcap) (Gemma's final_logit_softcapping), then the division by temperature.
     `process_group`: the logits are this rank's contiguous slice of a vocabulary split over the
     group, labels global ids (r1kernels/distributed.py: 12-16 bytes per token on the wire).
-    See shared/API.md.
+    See docs/api.md.
     """
     if process_group is not None:
         from r1kernels import distributed

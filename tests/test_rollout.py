@@ -1,0 +1,186 @@
+"""The rollout's compiled decode step, its sampling log-probs, and the mismatch / IS weights."""
+import warnings
+
+import pytest
+import torch
+
+from r1train import generate as gen_mod
+from r1train.generate import generate, generate_nocache_greedy
+from r1train.loss import rollout_mismatch, token_logprobs_from_hidden
+from r1train.model import build_tiny_model, load_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = build_tiny_model(str(tmp_path_factory.mktemp("m")), hidden_size=32, num_layers=2,
+                            num_heads=2, intermediate_size=64, max_positions=128, seed=0)
+    model, tok = load_model(path, device=torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # random init predicts one token everywhere: spread it out
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.5, generator=g)
+    prompts = [[tok.bos_token_id] + tok(t, add_special_tokens=False)["input_ids"]
+               for t in ["1+2=", "123+45=", "9="]]
+    return model, tok, prompts
+
+
+def _kw(tok, **over):
+    return dict(dict(group_size=2, max_new_tokens=10, eos_id=tok.eos_token_id,
+                     pad_id=tok.pad_token_id, temperature=0.0), **over)
+
+
+def teacher_forced_logps(model, prompt, completion, temperature=1.0):
+    """log softmax(logits / T) of each completion token, one full forward, float64."""
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits[0, len(prompt) - 1:-1].double()
+    lp = torch.log_softmax(logits / temperature, -1)
+    return lp.gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
+
+
+def test_compiled_greedy_matches_eager_and_nocache(tiny):
+    model, tok, prompts = tiny
+    eager = generate(model, prompts, **_kw(tok))
+    compiled = generate(model, prompts, compile=True, **_kw(tok))
+    assert torch.equal(eager.tokens, compiled.tokens)
+    assert torch.equal(eager.lengths, compiled.lengths)
+    torch.testing.assert_close(eager.logps, compiled.logps, rtol=1e-5, atol=1e-5)
+    outs = set()
+    for i, p in enumerate(prompts):
+        ref = generate_nocache_greedy(model, p, 10, tok.eos_token_id)
+        n = int(compiled.lengths[2 * i])
+        assert compiled.tokens[2 * i, :n].tolist() == ref
+        torch.testing.assert_close(compiled.logps[2 * i, :n].double(),
+                                   teacher_forced_logps(model, p, ref), rtol=1e-4, atol=1e-4)
+        outs.add(tuple(ref))
+    assert len(outs) > 1
+
+
+def test_compiled_sampling_reproducible_and_logps(tiny):
+    model, tok, prompts = tiny
+    kw = _kw(tok, group_size=4, temperature=0.8, top_p=0.9)
+    a = generate(model, prompts, generator=torch.Generator().manual_seed(3), compile=True, **kw)
+    b = generate(model, prompts, generator=torch.Generator().manual_seed(3), compile=True, **kw)
+    c = generate(model, prompts, generator=torch.Generator().manual_seed(3), **kw)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.tokens, c.tokens)
+    assert len({tuple(r) for r in a.tokens.tolist()}) > 1
+    for i in range(a.tokens.shape[0]):
+        n = int(a.lengths[i])
+        comp = a.tokens[i, :n].tolist()
+        ref = teacher_forced_logps(model, prompts[i // 4], comp, temperature=0.8)
+        torch.testing.assert_close(a.logps[i, :n].double(), ref, rtol=1e-4, atol=1e-4)
+        assert (a.logps[i, n:] == 0).all()
+
+
+def test_compiled_step_reads_updated_weights(tiny):
+    """An optimizer step changes the parameters in place: the cached compiled step decodes with
+    the new weights (no re-capture, no copy), exactly as a fresh eager decode does."""
+    model, tok, prompts = tiny
+    work = type(model)(model.config)
+    work.load_state_dict(model.state_dict())
+    before = generate(work, prompts, compile=True, **_kw(tok))
+    opt = torch.optim.SGD(work.parameters(), lr=0.5)
+    ids = torch.tensor([prompts[1] + before.tokens[2, :4].tolist()])
+    work(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    after = generate(work, prompts, compile=True, **_kw(tok))
+    fresh = generate(work, prompts, **_kw(tok))
+    assert torch.equal(after.tokens, fresh.tokens)
+    torch.testing.assert_close(after.logps, fresh.logps, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(after.tokens, before.tokens)  # the step changed the decode
+    (dec,) = work.__dict__["_r1k_decoders"].values()       # one compiled decoder, reused
+    assert dec.compiled is not None
+
+
+def test_compile_failure_falls_back_with_one_warning(tiny, monkeypatch):
+    model, tok, prompts = tiny
+    work = type(model)(model.config)
+    work.load_state_dict(model.state_dict())
+
+    def broken(fn, **kw):
+        def run():
+            raise RuntimeError("no compiler here")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(gen_mod, "_WARNED", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        a = generate(work, prompts, compile=True, **_kw(tok))
+        b = generate(work, prompts, compile=True, **_kw(tok, group_size=3))
+    msgs = [w for w in caught if "decoding eagerly" in str(w.message)]
+    assert len(msgs) == 1
+    ref = generate(work, prompts, **_kw(tok))
+    assert torch.equal(a.tokens, ref.tokens)
+    assert b.tokens.shape[0] == 9
+
+
+def test_rollout_mismatch_and_weights():
+    train = torch.tensor([[-1.0, -2.0, -0.5, 0.0], [-3.0, -1.0, 0.0, 0.0]])
+    roll = torch.tensor([[-1.0, -2.0 - 1.0, -0.5 + 1.0, 9.0], [-3.2, -1.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    w, sums = rollout_mismatch(train, roll, mask)
+    assert w is None
+    torch.testing.assert_close(sums[0], torch.tensor(2.2))        # |0| + 1 + 1 + 0.2 + 0
+    assert float(sums[1]) == 2.0                                  # ratios e and 1/e leave [0.5, 2]
+    r = torch.exp(train - roll) * mask
+    w, _ = rollout_mismatch(train, roll, mask, mode="tis", cap=2.0)
+    torch.testing.assert_close(w, r.clamp(max=2.0))
+    w, _ = rollout_mismatch(train, roll, mask, mode="mis", cap=2.0)
+    torch.testing.assert_close(w, torch.where(r <= 2.0, r, torch.zeros_like(r)))
+    assert w[0, 1] == 0 and w[0, 0] == 1
+    with pytest.raises(ValueError, match="rollout_is"):
+        rollout_mismatch(train, roll, mask, mode="x")
+    with pytest.raises(ValueError, match="rollout_is_cap"):
+        rollout_mismatch(train, roll, mask, mode="tis", cap=0.0)
+
+
+def test_rollout_logps_match_the_trainers(tiny):
+    """The sampler's log-probs against the trainer's own (the same weights): the mismatch of an
+    fp32 rollout is float rounding, far below what --rollout_is corrects."""
+    model, tok, prompts = tiny
+    roll = generate(model, prompts, generator=torch.Generator().manual_seed(0),
+                    **_kw(tok, temperature=1.0, group_size=3))
+    for i in range(roll.tokens.shape[0]):
+        n = int(roll.lengths[i])
+        p = prompts[i // 3]
+        ids = torch.tensor([p + roll.tokens[i, :n].tolist()])
+        with torch.no_grad():
+            h = model.base_model(input_ids=ids).last_hidden_state[:, len(p) - 1:-1]
+            lp = token_logprobs_from_hidden(h, model.lm_head.weight, None, ids[:, len(p):])
+        _, sums = rollout_mismatch(lp, roll.logps[i:i + 1, :n], torch.ones(1, n, dtype=torch.bool))
+        assert float(sums[0]) / n < 1e-4 and float(sums[1]) == 0.0
+
+
+@pytest.mark.parametrize("mode", ["", "tis", "mis"])
+def test_trainer_logs_mismatch_and_applies_weights(tmp_path, mode, monkeypatch):
+    """metrics.jsonl has the mismatch per GRPO step; with --rollout_is the loss gets the weights
+    (policy_loss called with rollout_is_weights of the completion mask's shape)."""
+    import json
+
+    from r1train import train as train_mod
+    from r1train.config import Config
+
+    seen = []
+    real = train_mod.policy_loss
+
+    def spy(*a, rollout_is_weights=None, **kw):
+        seen.append(rollout_is_weights)
+        return real(*a, rollout_is_weights=rollout_is_weights, **kw)
+
+    monkeypatch.setattr(train_mod, "policy_loss", spy)
+    cfg = Config(out_dir=str(tmp_path / "run"), tiny_hidden=32, tiny_layers=1, tiny_heads=2,
+                 tiny_intermediate=64, mode="r1-zero", grpo_steps=2, prompts_per_step=2,
+                 group_size=2, max_new_tokens=8, eval_examples=4, checkpoint_every=0,
+                 rollout_compile=False, rollout_is=mode, rollout_is_cap=1.5)
+    train_mod.train(cfg)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    grpo = [r for r in rows if r["stage"] == "grpo"]
+    assert len(grpo) == 2
+    for r in grpo:
+        assert 0 <= r["mismatch_logp_abs"] < 1e-3 and r["mismatch_ratio_out"] == 0.0
+        assert ("rollout_is_weight" in r) == bool(mode)
+        if mode:
+            assert abs(r["rollout_is_weight"] - 1.0) < 1e-3
+    assert seen and all((w is None) == (not mode) for w in seen)
