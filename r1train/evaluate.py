@@ -41,6 +41,12 @@ class Evaluation:
         seeds = range(tasks_mod.EVAL_SEED_BASE, tasks_mod.EVAL_SEED_BASE + self.cfg.eval_examples)
         return list(seeds)[self.rank::self.world]
 
+    def prompt_generators(self, tag: str, prompt_seeds) -> list[torch.Generator]:
+        """One sampling stream per prompt, named by (run seed, tag, the prompt's seed): what a
+        prompt's completions draw does not depend on the process count or the batching."""
+        return [torch.Generator(device=self.device).manual_seed(derived_seed(self.cfg.seed, tag, s))
+                for s in prompt_seeds]
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Greedy accuracy, format rate and completion length on the held-out split (all ranks)."""
@@ -64,13 +70,12 @@ class Evaluation:
     def sampled_metrics(self, k: int) -> dict[str, float]:
         """pass@1 (mean over k samples), cons@k and pass@k at temperature 0.6, top-p 0.95."""
         mine = self.held_out()
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(derived_seed(self.cfg.seed, "pass@k", self.rank))
         p1 = cons = any_ = 0.0
         for i in range(0, len(mine), 32):
             exs = self.task.examples(mine[i:i + 32])
             _, _, texts, _, _, _ = self.rollout_and_score(
-                exs, group_size=k, temperature=EVAL_TEMPERATURE, top_p=EVAL_TOP_P, generator=gen)
+                exs, group_size=k, temperature=EVAL_TEMPERATURE, top_p=EVAL_TOP_P,
+                generator=self.prompt_generators("pass@k", mine[i:i + 32]))
             for j, e in enumerate(exs):
                 group = texts[j * k:(j + 1) * k]
                 ok = [verify(t, e) for t in group]
@@ -100,13 +105,12 @@ class Evaluation:
         cfg = self.cfg
         out = out or cfg.rs_out or os.path.join(cfg.out_dir, "rejection_sampled.jsonl")
         seeds = list(range(RS_SEED_BASE, RS_SEED_BASE + self.rs_prompts()))[self.rank::self.world]
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(derived_seed(cfg.seed, "rs", self.rank))
         kept = []
         for i in range(0, len(seeds), 16):
             exs = self.task.examples(seeds[i:i + 16])
             _, _, texts, _, _, _ = self.rollout_and_score(
-                exs, group_size=cfg.rs_samples, temperature=cfg.temperature, generator=gen)
+                exs, group_size=cfg.rs_samples, temperature=cfg.temperature,
+                generator=self.prompt_generators("rs", seeds[i:i + 16]))
             for j, t in enumerate(texts):
                 e = exs[j // cfg.rs_samples]
                 row = {"prompt": e.prompt, "completion": t, "answer": e.answer}

@@ -159,14 +159,17 @@ def _decoder(model, B, L, T, sampling, compile: bool) -> _Decoder:
 @torch.no_grad()
 def generate(model, prompt_ids: list[list[int]], *, group_size: int, max_new_tokens: int,
              eos_id: int, pad_id: int, temperature: float = 1.0, top_p: float = 1.0,
-             top_k: int = 0, min_p: float = 0.0, generator: torch.Generator | None = None,
+             top_k: int = 0, min_p: float = 0.0,
+             generator: torch.Generator | list[torch.Generator] | None = None,
              sync_every: int = 8, compile: bool = False) -> Rollout:
     """Sample `group_size` completions of up to `max_new_tokens` tokens for each prompt.
 
     `compile=True` compiles the decode step once per shape (see the module docstring); a model
     or device where that fails decodes eagerly after one warning. Same inputs, same generator
     state: same tokens, compiled or not (greedy exactly; sampled up to the rounding of the
-    compiled logits).
+    compiled logits). `generator` may be a list of one generator per prompt: each prompt's
+    completions then depend on its own generator only, not on which other prompts share the
+    batch (how the trainer keeps a run's samples independent of its process count).
     """
     from transformers import StaticCache
 
@@ -211,7 +214,14 @@ def generate(model, prompt_ids: list[list[int]], *, group_size: int, max_new_tok
         dec.key_ok.copy_(key_ok.repeat_interleave(G, 0))
         dec.next_pos.copy_(prompt_len.repeat_interleave(G, 0))  # position id of the first new token
         if temperature > 0:
-            dec.uniforms.copy_(torch.rand((T, P * G), generator=generator, device=dev))
+            if isinstance(generator, (list, tuple)):  # prompt p's rows p*G .. p*G+G-1
+                if len(generator) != P:
+                    raise ValueError(f"generate: generator must be one torch.Generator or one "
+                                     f"per prompt ({P}), got a list of {len(generator)}")
+                u = torch.cat([torch.rand((T, G), generator=g, device=dev) for g in generator], 1)
+            else:
+                u = torch.rand((T, P * G), generator=generator, device=dev)
+            dec.uniforms.copy_(u)
         else:
             dec.uniforms.zero_()
         dec.tokens.fill_(pad_id)

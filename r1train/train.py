@@ -43,7 +43,7 @@ from r1train.generate import generate
 from r1train.loss import policy_loss, rollout_mismatch, token_logprobs_from_hidden
 from r1train.model import lm_head_of
 from r1train.rewards import format_reward, verify
-from r1train.runtime import Body, Runtime, derived_seed
+from r1train.runtime import Body, Runtime
 from r1train.stages import LOG_NAME, Stages
 
 GRPO_SEED_BASE = 1 << 30   # GRPO prompt seeds; SFT uses [0, sft_examples), eval >= 2**40
@@ -144,9 +144,10 @@ class Trainer(Runtime, Checkpointing, Evaluation, Stages):
         t0 = time.perf_counter()
         first = SEED_BASE[stage] + (step * self.world + self.rank) * P
         examples = self.task.examples(range(first, first + P))
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(derived_seed(cfg.seed, "grpo-sample" if stage == "rl" else
-                                     f"{stage}-sample", step, self.rank))
+        # one sampling stream per prompt, named by its global index: the samples do not depend
+        # on how the step's prompts are split over processes (a run resumes on another count)
+        tag = "grpo-sample" if stage == "rl" else f"{stage}-sample"
+        gen = self.prompt_generators(tag, range(first, first + P))
         roll, prompts, texts, lengths, totals, values = self.rollout_and_score(
             examples, group_size=G, temperature=cfg.temperature, generator=gen)
         t_gen = time.perf_counter() - t0

@@ -159,26 +159,27 @@ _ROUTE_SIG = {"x_ptr": "*fp32", "bias_ptr": "*fp32", "replay_ptr": "*i64", "w_pt
               "n_group": "i32", "topk_group": "i32", "group_size": "i32", "scale": "fp32"}
 SPECS += [
     pytest.param(f"{_MOE}:_moe_route_fwd_kernel", dict(_ROUTE_SIG, x_ptr=xt),
-                 dict(SIGMOID=sig, HAS_BIAS=bias, REPLAY=rep, GROUPED=grp, GROUP_TAKE=take, NORM=True,
+                 dict(SCORE=sig, HAS_BIAS=bias, REPLAY=rep, GROUPED=grp, GROUP_TAKE=take, NORM=True,
                       BLOCK_E=be, BLOCK_K=bk, BLOCK_G=bg, ROWS=rows), 4, False, id=f"moe_route_fwd-{name}")
     for name, xt, sig, bias, rep, grp, take, be, bk, bg, rows in [
-        ("deepseek-v3", "*fp32", True, True, False, True, 2, 256, 8, 8, 4),
-        ("qwen3", "*bf16", False, False, False, False, 1, 128, 8, 2, 8),
-        ("E512-k32", "*fp32", False, False, False, False, 1, 512, 32, 2, 2),
-        ("E8-k2", "*fp16", False, False, False, False, 1, 16, 2, 2, 16),
-        ("replay", "*fp32", True, False, True, False, 1, 256, 8, 2, 4),
+        ("deepseek-v3", "*fp32", 1, True, False, True, 2, 256, 8, 8, 4),
+        ("deepseek-v4", "*fp32", 2, True, False, False, 1, 256, 8, 2, 4),
+        ("qwen3", "*bf16", 0, False, False, False, 1, 128, 8, 2, 8),
+        ("E512-k32", "*fp32", 0, False, False, False, 1, 512, 32, 2, 2),
+        ("E8-k2", "*fp16", 0, False, False, False, 1, 16, 2, 2, 16),
+        ("replay", "*fp32", 1, False, True, False, 1, 256, 8, 2, 4),
     ]
 ] + [
     pytest.param(f"{_MOE}:_moe_route_bwd_kernel",
                  {"gs_ptr": "*fp32", "ids_ptr": "*i32", "sel_ptr": "*fp32", "x_ptr": "*fp32", "lse_ptr": "*fp32",
                   "dx_ptr": "*fp32", "T": "i32", "E": "i32", "stride_x": "i32", "top_k": "i32"},
-                 dict(SIGMOID=sig, BLOCK_E=be, ROWS=rows), 4, False, id=f"moe_route_bwd-sig{int(sig)}-E{be}")
-    for sig, be, rows in [(False, 256, 4), (True, 256, 4), (False, 512, 2)]
+                 dict(SCORE=sc, BLOCK_E=be, ROWS=rows), 4, False, id=f"moe_route_bwd-score{sc}-E{be}")
+    for sc, be, rows in [(0, 256, 4), (1, 256, 4), (2, 256, 4), (0, 512, 2)]
 ] + [
     pytest.param(f"{_MOE}:_moe_route_bwd_kernel",
                  {"gs_ptr": "*fp32", "ids_ptr": "*i32", "sel_ptr": "*fp32", "x_ptr": "*bf16", "lse_ptr": "*fp32",
                   "dx_ptr": "*bf16", "T": "i32", "E": "i32", "stride_x": "i32", "top_k": "i32"},
-                 dict(SIGMOID=False, BLOCK_E=128, ROWS=8), 4, False, id="moe_route_bwd-bf16-E128"),
+                 dict(SCORE=0, BLOCK_E=128, ROWS=8), 4, False, id="moe_route_bwd-bf16-E128"),
 ] + [
     pytest.param(f"{_MOE}:_moe_chunk_count_kernel", {"ids_ptr": "*i32", "chunk_counts_ptr": "*i32", "N": "i32",
                                                       "n_chunks": "i32"}, dict(BLOCK=4096), 8, False,
@@ -196,17 +197,17 @@ SPECS += [
                  id="moe_zero_pad"),
 ] + [
     pytest.param(f"{_MOE}:_moe_scatter_rows_kernel", {"x_ptr": "*bf16", "row_ptr": "*i32", "w_ptr": "*fp32",
-                                                       "out_ptr": "*bf16", "H": "i32", "K": "i32", "stride_x": "i32"},
+                                                       "out_ptr": "*bf16", "H": "i32", "K": "i32", "R": "i32", "stride_x": "i32"},
                  dict(HAS_W=hw, BLOCK_K=8, BLOCK_H=512), 4, False, id=f"moe_scatter_rows-w{int(hw)}")
     for hw in (False, True)
 ] + [
     pytest.param(f"{_MOE}:_moe_unpermute_kernel", {"src_ptr": "*bf16", "row_ptr": "*i32", "w_ptr": "*fp32",
-                                                    "out_ptr": "*bf16", "H": "i32", "K": "i32"},
+                                                    "out_ptr": "*bf16", "H": "i32", "K": "i32", "R": "i32"},
                  dict(HAS_W=hw, BLOCK_K=8, BLOCK_H=512), 4, False, id=f"moe_unpermute-w{int(hw)}")
     for hw in (False, True)
 ] + [
     pytest.param(f"{_MOE}:_moe_rows_dot_kernel", {"gy_ptr": "*bf16", "src_ptr": "*bf16", "row_ptr": "*i32",
-                                                   "out_ptr": "*fp32", "H": "i32", "K": "i32"},
+                                                   "out_ptr": "*fp32", "H": "i32", "K": "i32", "R": "i32"},
                  dict(BLOCK_K=8, BLOCK_H=512), 4, False, id="moe_rows_dot"),
 ]
 

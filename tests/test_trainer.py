@@ -512,7 +512,7 @@ def test_console_shows_our_bars_only(tmp_path):
     assert out.returncode == 0, out.stderr
     for theirs in ("Loading weights", "Writing model shards", "deprecated", "Warning"):
         assert theirs not in out.stderr, out.stderr
-    for ours in ("eval base", "sft", "grpo", "eval after_grpo", "held-out accuracy"):
+    for ours in ("eval:", "sft:", "grpo:", "held-out base", "held-out after_grpo"):
         assert ours in out.stderr, out.stderr
 
 
