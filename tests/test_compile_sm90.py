@@ -221,6 +221,19 @@ SPECS += [
     for ty in ("bf16", "fp32")
 ]
 
+# sample_tokens (r1kernels/ops/sample_tokens.py): greedy, plain sampling, and every filter
+_ST = "r1kernels.ops.sample_tokens"
+SPECS += [
+    pytest.param(f"{_ST}:_sample_tokens_kernel",
+                 {"logits_ptr": f"*{xt}", "stride": "i64", "u_ptr": "*fp32", "tok_ptr": "*i64",
+                  "logp_ptr": "*fp32", "V": "i32", "temp": "fp32", "top_k": "i32", "top_p": "fp32",
+                  "min_p": "fp32"},
+                 dict(GREEDY=g, TOPK=k, TOPP=p, MINP=m, BLOCK=1024, NPIV=16), 8, False,
+                 id=f"sample_tokens-{xt}-g{int(g)}-k{int(k)}-p{int(p)}-m{int(m)}")
+    for xt, g, k, p, m in [("bf16", True, False, False, False), ("bf16", False, False, False, False),
+                           ("fp32", False, True, True, True), ("bf16", False, False, True, False)]
+]
+
 
 def _spec_id(param) -> str:
     return param.id
