@@ -2,7 +2,7 @@
 
 A GRPO step, as a reader should hold it in their head:
 
-    prompts  = task examples for (seed, step, rank)                 # pure function: exact resume
+    prompts  = task examples for (seed, step, global index)         # pure function: exact resume
     rollout  = generate(policy, prompts, G per prompt)              # same weights, static KV cache
     rewards  = accuracy (safe verifier) + 0.1 * format              # or the configured ones
     A        = r1kernels.group_advantages(rewards, G)               # (r - mean) / (std + eps)
