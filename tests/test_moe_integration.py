@@ -510,3 +510,18 @@ def test_routing_replay_generate(monkeypatch):
         with replay.replay():
             with replay.record():
                 pass
+
+
+def test_v4_unknown_score_fn_is_a_value_error():
+    """A DeepSeek-V4 router whose activation moe_route has no score_func for: a ValueError naming
+    it, not a silently different routing."""
+    import types
+
+    from r1kernels.integrations.hf_moe import _v4_score
+
+    class GeluActivation(torch.nn.Module):
+        pass
+
+    with pytest.raises(ValueError, match="score_fn GeluActivation"):
+        _v4_score(types.SimpleNamespace(score_fn=GeluActivation()))
+    assert _v4_score(types.SimpleNamespace(score_fn=torch.nn.Sigmoid())) == "sigmoid"

@@ -273,8 +273,8 @@ _SCORE_OF_ACT = {"SqrtSoftplusActivation": "sqrtsoftplus", "Sigmoid": "sigmoid",
 def _v4_score(self) -> str:
     name = type(self.score_fn).__name__
     if name not in _SCORE_OF_ACT:
-        raise NotImplementedError(f"r1kernels: DeepSeek-V4 router with score_fn {name} (moe_route takes "
-                                  "sqrtsoftplus, sigmoid and softmax)")
+        raise ValueError(f"r1kernels: DeepSeek-V4 router's score_fn {name} has no moe_route "
+                         "score_func (it takes sqrtsoftplus, sigmoid and softmax)")
     return _SCORE_OF_ACT[name]
 
 
