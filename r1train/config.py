@@ -54,7 +54,7 @@ class Config:
     mode: str = "r1"                # r1: stages sft,rl; r1-zero: pretrain,rl (pure RL, R1-Zero)
     stages: str = ""                # in order from pretrain,sft,rl,rs,rs_sft,rl2; "" = by mode
     # pretrain: the tiny default's base model, plain text of the task domain (r1-zero's start)
-    pretrain_docs: int = 3000       # generated documents
+    pretrain_docs: int = 8000       # generated documents
     pretrain_epochs: int = 8        # passes over them
     pretrain_format_share: float = 0.05  # share of answers written in the R1 format
     # cold-start SFT (also distillation: point sft_data at a JSONL from a stronger model)

@@ -212,8 +212,8 @@ def pretrain_text(task: Task, seed: int, template: str, format_share: float) -> 
     if kind < 0.5:
         return f"{ex.prompt} {ex.think}, so {ex.answer}"
     question = template.replace("{prompt}", ex.prompt)
-    if rng.random() < format_share:
-        return f"{question} {completion_text(ex)}"
+    if rng.random() < format_share:  # a thought that ends in its result, then the answer
+        return f"{question} <think>{ex.think}, so {ex.answer}</think><answer>{ex.answer}</answer>"
     if rng.random() < 0.25:
         return f"{question} {ex.answer}"
     return f"{question} {ex.think}, so {ex.answer}"

@@ -221,6 +221,26 @@ def test_real_vocabulary(backend):
         torch.testing.assert_close(logp.cpu().double(), rlogp, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "triton"])
+def test_many_ties_wide_range(backend):
+    """Logits on a coarse grid (hundreds of ties at every value) spanning -3e4 .. 40, so that the
+    filters' boundaries fall inside runs of equal logits and the boundary search crosses zero
+    and large magnitudes: the reference's tokens, every filter, 2000 uniforms."""
+    g = torch.Generator().manual_seed(7)
+    logits = (torch.randn(1, 3001, generator=g) * 3).round() / 2
+    logits[0, :40] = -3e4
+    logits[0, 2999:] = 40.0        # two tied maxima
+    logits = logits.expand(2000, -1)
+    u = (torch.arange(2000, dtype=torch.float32) + 0.5) / 2000
+    for kw in [dict(), dict(top_k=3), dict(top_k=700), dict(top_p=0.9999), dict(top_p=0.55),
+               dict(top_k=900, top_p=0.99999), dict(min_p=1e-6), dict(temperature=9.0, top_p=0.3),
+               dict(temperature=30.0, top_k=1000, top_p=0.7, min_p=0.3)]:
+        tok, logp = run(backend, logits, u, **kw)
+        rtok, rlogp, probs = sample_tokens_ref(logits.double(), u.double(), **kw)
+        assert torch.equal(tok.cpu(), rtok), kw
+        torch.testing.assert_close(logp.cpu().double(), rlogp, rtol=1e-5, atol=1e-4)
+
+
 def test_triton_many_blocks():
     """The Triton kernel's block loops over a row of several blocks and a ragged tail
     (interpreted: one row of 5003; on a GPU the real vocabulary)."""
