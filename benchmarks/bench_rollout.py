@@ -2,11 +2,19 @@
 transformers' `model.generate(num_return_sequences=G)` (what TRL uses without vLLM), same model,
 same prompts, same sampling (temperature 1), every completion exactly T tokens (no end token).
 
-The "vs base" column is the tokens/s ratio over `hf-generate`. Bytes: a decode step reads every
+`pre-issue-loop` is r1train's rollout before the compiled decode step and `sample_tokens` (the
+eager loop with a sort-based top-p sampler, `r1train/generate.py` at commit 8fd5bfa, read from
+this clone's git history; skipped without it). The "vs base" column is the tokens/s ratio over
+`hf-generate`. Bytes: a decode step reads every
 weight once and the KV cache written so far, so the rollout reads T * weight bytes + the cache's
 sum over steps; %copy is that over the measured copy bandwidth, the decode roofline fraction
 (the GPU target: >= 50% at 16 x 8 x 512, bf16, Qwen2.5-0.5B shape). Random weights.
 """
+import importlib.util
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -46,6 +54,23 @@ def setup(shape):
     return _CACHE[key]
 
 
+PRE_ISSUE = "8fd5bfa"  # the last commit whose rollout was the eager loop (issue 21's baseline)
+
+
+def pre_issue_generate():
+    """`generate` of r1train/generate.py at PRE_ISSUE, loaded from git (None without the history)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src = subprocess.run(["git", "show", f"{PRE_ISSUE}:r1train/generate.py"], cwd=root,
+                         capture_output=True, text=True)
+    if src.returncode != 0:
+        return None
+    spec = importlib.util.spec_from_loader("r1k_pre_issue_generate", loader=None)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # (its dataclass looks its module up)
+    exec(compile(src.stdout, f"{PRE_ISSUE}:r1train/generate.py", "exec"), mod.__dict__)
+    return mod.generate
+
+
 def rollout_bytes(model, shape) -> float:
     c = model.config
     w = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -56,12 +81,20 @@ def rollout_bytes(model, shape) -> float:
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
-@pytest.mark.parametrize("provider", ["r1k-compiled", "r1k-eager", "hf-generate"])
+@pytest.mark.parametrize("provider", ["r1k-compiled", "r1k-eager", "pre-issue-loop", "hf-generate"])
 def test_rollout(benchmark, bench, provider, shape):
     model, prompts = setup(shape)
     P, G, T = shape["P"], shape["G"], shape["T"]
     gen = torch.Generator(device=DEVICE).manual_seed(0)
-    if provider.startswith("r1k-"):
+    if provider == "pre-issue-loop":
+        old = pre_issue_generate()
+        if old is None:
+            pytest.skip(f"no git history with commit {PRE_ISSUE} in this clone")
+
+        def fn():
+            return old(model, prompts, group_size=G, max_new_tokens=T, eos_id=-1, pad_id=0,
+                       temperature=1.0, generator=gen)
+    elif provider.startswith("r1k-"):
         compile = provider == "r1k-compiled"
 
         def fn():

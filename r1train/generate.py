@@ -13,6 +13,12 @@
 - Sampling (temperature, top-k, top-p, min-p) runs on the device; the uniforms of the whole rollout
   are drawn from the seeded `torch.Generator` up front. The loop never reads a device value per
   token: it checks "all finished?" once every `sync_every` tokens.
+- Grouped-query attention without copying the cache: transformers' `sdpa` attention repeats each
+  key/value head for its query heads (`repeat_kv`, a copy of the whole KV cache per layer and
+  step) whenever it is traced by torch.compile or given a mask. During rollout the model runs
+  `r1k_sdpa` instead, which for a single query token folds the query heads that share a
+  key/value head into that head's query rows (SDPA broadcasts the mask over them) and otherwise
+  is transformers' `sdpa`. Same math, no copy, compiled or not.
 - Each sampled token's log-prob under the unfiltered `softmax(logits / temperature)` is kept
   (`Rollout.logps`): the trainer compares it with the update's own log-probs (mismatch metrics,
   optional importance-sampling correction, `rollout_is_weights`).
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +36,48 @@ from r1kernels.ops.sample_tokens import sample_tokens_with_uniforms
 
 PAD_MULTIPLE = 16
 
+
+
+def _r1k_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers' `sdpa` attention, with a single query token's grouped-query heads folded onto
+    their key/value head instead of the keys and values repeated for every query head."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    B, Hq, Lq, D = query.shape
+    Hkv = key.shape[1]
+    if (Lq != 1 or Hq == Hkv or kwargs.get("softcap") is not None
+            or kwargs.get("position_bias") is not None or kwargs.get("output_attentions")
+            or (attention_mask is not None and attention_mask.shape[1] != 1)):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    # query head h uses key/value head h // (Hq / Hkv), as repeat_kv would give it
+    q = query.reshape(B, Hkv, Hq // Hkv, D)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
+    return out.reshape(B, Hq, 1, D).transpose(1, 2).contiguous(), None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register("r1k_sdpa", _r1k_sdpa)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("r1k_sdpa", sdpa_mask)
+
+
+@contextmanager
+def _decode_attention(model):
+    """The model's `sdpa` attention as `r1k_sdpa` for the duration (other implementations kept)."""
+    cfg = model.config
+    if getattr(cfg, "_attn_implementation", None) != "sdpa":
+        yield
+        return
+    _register_attention()
+    cfg._attn_implementation = "r1k_sdpa"
+    try:
+        yield
+    finally:
+        cfg._attn_implementation = "sdpa"
 
 
 def cache_kw(model) -> str:
@@ -202,38 +251,41 @@ def generate(model, prompt_ids: list[list[int]], *, group_size: int, max_new_tok
     was_training = model.training
     model.eval()
     try:
-        prefill = StaticCache(config=model.config, max_cache_len=L)
-        out = model(input_ids=ids, attention_mask=prefill_mask[:, None], position_ids=pos,
-                    cache_position=cache_pos[:Lp], use_cache=True, logits_to_keep=1,
-                    **{cache_kw(model): prefill})
-        dec = _decoder(model, P * G, L, T, sampling, compile)
-        dec.load_prefill(prefill, G, Lp)  # (filled in place by the model)
-        del prefill
-        dec.pad_id = pad_id
-        dec.scalars.copy_(torch.tensor([Lp, eos_id]))
-        dec.key_ok.copy_(key_ok.repeat_interleave(G, 0))
-        dec.next_pos.copy_(prompt_len.repeat_interleave(G, 0))  # position id of the first new token
-        if temperature > 0:
-            if isinstance(generator, (list, tuple)):  # prompt p's rows p*G .. p*G+G-1
-                if len(generator) != P:
-                    raise ValueError(f"generate: generator must be one torch.Generator or one "
-                                     f"per prompt ({P}), got a list of {len(generator)}")
-                u = torch.cat([torch.rand((T, G), generator=g, device=dev) for g in generator], 1)
+        with _decode_attention(model):  # (the prefill runs transformers' sdpa through it)
+            prefill = StaticCache(config=model.config, max_cache_len=L)
+            out = model(input_ids=ids, attention_mask=prefill_mask[:, None], position_ids=pos,
+                        cache_position=cache_pos[:Lp], use_cache=True, logits_to_keep=1,
+                        **{cache_kw(model): prefill})
+            dec = _decoder(model, P * G, L, T, sampling, compile)
+            dec.load_prefill(prefill, G, Lp)  # (filled in place by the model)
+            del prefill
+            dec.pad_id = pad_id
+            dec.scalars.copy_(torch.tensor([Lp, eos_id]))
+            dec.key_ok.copy_(key_ok.repeat_interleave(G, 0))
+            # the position id of the first new token
+            dec.next_pos.copy_(prompt_len.repeat_interleave(G, 0))
+            if temperature > 0:
+                if isinstance(generator, (list, tuple)):  # prompt p's rows p*G .. p*G+G-1
+                    if len(generator) != P:
+                        raise ValueError(f"generate: generator must be one torch.Generator or one "
+                                         f"per prompt ({P}), got a list of {len(generator)}")
+                    u = torch.cat([torch.rand((T, G), generator=g, device=dev)
+                                   for g in generator], 1)
+                else:
+                    u = torch.rand((T, P * G), generator=generator, device=dev)
+                dec.uniforms.copy_(u)
             else:
-                u = torch.rand((T, P * G), generator=generator, device=dev)
-            dec.uniforms.copy_(u)
-        else:
-            dec.uniforms.zero_()
-        dec.tokens.fill_(pad_id)
-        dec.logps.zero_()
-        dec.lengths.fill_(T)
-        dec.done.zero_()
-        dec.t.zero_()
-        dec._commit(out.logits[:, -1].repeat_interleave(G, 0))  # token 0, from the prefill
-        for t in range(1, T):
-            if t % sync_every == 0 and bool(dec.done.all()):
-                break
-            dec.step(same_as_last=t > 1)
+                dec.uniforms.zero_()
+            dec.tokens.fill_(pad_id)
+            dec.logps.zero_()
+            dec.lengths.fill_(T)
+            dec.done.zero_()
+            dec.t.zero_()
+            dec._commit(out.logits[:, -1].repeat_interleave(G, 0))  # token 0, from the prefill
+            for t in range(1, T):
+                if t % sync_every == 0 and bool(dec.done.all()):
+                    break
+                dec.step(same_as_last=t > 1)
     finally:
         model.train(was_training)
     return Rollout(list(prompt_ids), dec.tokens.clone(), dec.lengths.clone(), G, dec.logps.clone())

@@ -184,3 +184,49 @@ def test_trainer_logs_mismatch_and_applies_weights(tmp_path, mode, monkeypatch):
         if mode:
             assert abs(r["rollout_is_weight"] - 1.0) < 1e-3
     assert seen and all((w is None) == (not mode) for w in seen)
+
+
+@pytest.mark.parametrize("Hq,Hkv,Lq", [(14, 2, 1), (4, 2, 1), (4, 4, 1), (14, 2, 5)])
+def test_decode_attention_equals_sdpa(Hq, Hkv, Lq):
+    """`r1k_sdpa` (grouped query heads folded onto their key/value head for one query token)
+    against transformers' own `sdpa` attention, which repeats the keys and values: same output,
+    with a per-row mask over a partly filled cache, eager and compiled."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    g = torch.Generator().manual_seed(0)
+    B, L, D = 3, 11, 16
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = Hq // Hkv, True
+    q = torch.randn(B, Lq, Hq, D, generator=g).transpose(1, 2)  # the models' strided layout
+    k, v = (torch.randn(B, Hkv, L, D, generator=g) for _ in range(2))
+    allowed = torch.rand(B, 1, Lq, L, generator=g) < 0.6
+    allowed[..., 0] = True
+    mask = torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+    want, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=D ** -0.5)
+    got, _ = gen_mod._r1k_sdpa(module, q, k, v, mask, scaling=D ** -0.5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    compiled = torch.compile(gen_mod._r1k_sdpa, fullgraph=True)
+    torch.testing.assert_close(compiled(module, q, k, v, mask, scaling=D ** -0.5)[0], want,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_decode_attention_is_restored(tiny):
+    """generate runs the model with `r1k_sdpa` and gives it back its own attention after, also
+    when decoding fails."""
+    model, _, _ = tiny
+    assert model.config._attn_implementation == "sdpa"
+    seen = []
+    real = gen_mod._Decoder.step
+
+    def spy(self, same_as_last=False):
+        seen.append(self.model.config._attn_implementation)
+        raise RuntimeError("stop")
+
+    gen_mod._Decoder.step = spy
+    try:
+        with pytest.raises(RuntimeError, match="stop"):
+            generate(model, [[1, 5, 6]], group_size=2, max_new_tokens=4, eos_id=2, pad_id=0,
+                     temperature=0.0)
+    finally:
+        gen_mod._Decoder.step = real
+    assert seen == ["r1k_sdpa"] and model.config._attn_implementation == "sdpa"
