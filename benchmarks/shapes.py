@@ -78,7 +78,8 @@ SHAPES = {
     "sample_tokens": {
         "cuda": [dict(B=128, V=151936, top_k=0, top_p=1.0), dict(B=128, V=151936, top_k=0, top_p=0.9),
                  dict(B=128, V=151936, top_k=50, top_p=0.9)],
-        "cpu": [dict(B=32, V=32000, top_k=0, top_p=1.0), dict(B=32, V=32000, top_k=50, top_p=0.9)],
+        "cpu": [dict(B=32, V=32000, top_k=0, top_p=1.0), dict(B=32, V=32000, top_k=0, top_p=0.9),
+                dict(B=32, V=32000, top_k=50, top_p=0.9)],
     },
 }
 
