@@ -12,7 +12,8 @@ to the kernel, so every backend draws the same token from the same generator sta
 rounding of cumulative sums at a boundary). Nothing is read back to the host.
 
 Backends: a Triton kernel for CUDA that never sorts the vocabulary (below), a C++ CPU kernel
-(csrc/sample_tokens/), and a torch path (sort-based, any device).
+(csrc/sample_tokens/: one SIMD exp per logit; the top-k and top-p boundaries found by bisection
+over the logits' float bits, no sort), and a torch path (sort-based, any device).
 """
 from __future__ import annotations
 
