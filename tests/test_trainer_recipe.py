@@ -310,8 +310,8 @@ def test_r1_zero_pretrain_stage(tmp_path):
     assert 0.03 < fmt < 0.08  # 10% of the question-answer half
     assert all(d.count("</think><answer>") <= 1 for d in docs)
     for d in (d for d in docs if "</think><answer>" in d):  # the thought ends in its result
-        answer = d.split("<answer>")[1].split("</answer>")[0]
-        assert d.split("</think>")[0].endswith(f", so {answer}"), d
+        answer = d.rsplit("<answer>", 1)[1].split("</answer>")[0]
+        assert d.rsplit("</think>", 1)[0].endswith(f", so {answer}"), d
     assert sum(d.startswith(tpl.split("{")[0]) for d in docs) > 800
     _, s = _run(tmp_path, "zero", mode="r1-zero", pretrain_docs=32, pretrain_epochs=1)
     assert s["eval"]["after_sft"] is None and s["eval_format"]["base"] is not None
