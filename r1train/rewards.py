@@ -34,6 +34,17 @@ try:  # optional (`pip install "r1kernels[math]"`); imported here, not while gra
 except ImportError:
     _mv = None
 
+
+def verifier_report() -> str:
+    """What grades answers in this environment (summary.json's `verifier`): math-verify, when
+    installed, accepts some answers the arithmetic verifier rejects, which changes a run."""
+    if _mv is None:
+        return "arithmetic (math-verify not installed)"
+    from importlib.metadata import version
+
+    return f"arithmetic, then math-verify {version('math-verify')} (LaTeX)"
+
+
 MAX_EXPR_CHARS = 200
 MAX_ABS = 10 ** 12
 

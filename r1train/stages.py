@@ -26,6 +26,7 @@ import time
 import torch
 
 from r1train import checkpoint as ckpt
+from r1train import rewards as rewards_mod
 from r1train import tasks as tasks_mod
 from r1train.loss import sft_loss
 from r1train.model import lm_head_of, load_model
@@ -197,6 +198,7 @@ class Stages:
             "eval_examples": cfg.eval_examples, "grpo_steps": cfg.grpo_steps,
             "stage_seconds": self.state["stage_seconds"],
             "kernels": kernel_report(self.device),
+            "verifier": rewards_mod.verifier_report(),
         }
         if "rejection_sampling" in self.state:
             summary["rejection_sampling"] = self.state["rejection_sampling"]

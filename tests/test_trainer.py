@@ -366,6 +366,10 @@ def test_pipeline_summary_schema(tmp_path):
         from r1kernels import _C
 
         assert k["cpu_simd"] == _C.cpu_simd_level()
+    from r1train import rewards  # the grader: math-verify, when installed, changes a run
+
+    assert on_disk["verifier"] == rewards.verifier_report()
+    assert ("math-verify 0." in on_disk["verifier"]) == (rewards._mv is not None)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     grpo = [r for r in rows if r["stage"] == "grpo"]
     assert [r["step"] for r in grpo] == [1, 2, 3, 4]
