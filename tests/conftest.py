@@ -37,3 +37,20 @@ def device():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A 2-layer tiny Qwen2 of r1train's, saved and loaded back, weights spread so that greedy
+    decoding varies (one per test module: some tests change the weights)."""
+    from r1train.model import build_tiny_model, load_model
+
+    path = build_tiny_model(str(tmp_path_factory.mktemp("m")), hidden_size=32, num_layers=2,
+                            num_heads=2, intermediate_size=64, max_positions=128, seed=0)
+    model, tok = load_model(path, device=torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # random init predicts one token everywhere: spread it out
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.5, generator=g)
+    return model, tok

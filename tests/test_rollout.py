@@ -7,19 +7,11 @@ import torch
 from r1train import generate as gen_mod
 from r1train.generate import generate, generate_nocache_greedy
 from r1train.loss import rollout_mismatch, token_logprobs_from_hidden
-from r1train.model import build_tiny_model, load_model
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = build_tiny_model(str(tmp_path_factory.mktemp("m")), hidden_size=32, num_layers=2,
-                            num_heads=2, intermediate_size=64, max_positions=128, seed=0)
-    model, tok = load_model(path, device=torch.device("cpu"))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # random init predicts one token everywhere: spread it out
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.5, generator=g)
+def tiny(tiny_model):
+    model, tok = tiny_model
     prompts = [[tok.bos_token_id] + tok(t, add_special_tokens=False)["input_ids"]
                for t in ["1+2=", "123+45=", "9="]]
     return model, tok, prompts
