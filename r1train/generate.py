@@ -130,14 +130,16 @@ class _Decoder:
                                               options={"cpp_wrapper": True})
 
     def load_prefill(self, prefill_cache, G: int, Lp: int) -> None:
-        """Copy each prompt's prefilled keys/values into the rows of its G completions."""
+        """Copy each prompt's prefilled keys/values (its first Lp slots) into the rows of its G
+        completions: one broadcasting copy per tensor. The slots after Lp keep whatever the last
+        rollout left there: the mask hides a slot until the step that writes it."""
         for src, dst in zip(prefill_cache.layers, self.cache.layers):
-            k = src.keys.repeat_interleave(G, 0)
-            v = src.values.repeat_interleave(G, 0)
-            if not dst.is_initialized:
-                dst.lazy_initialization(k, v)
-            dst.keys.copy_(k)
-            dst.values.copy_(v)
+            P, H = src.keys.shape[:2]
+            if not dst.is_initialized:  # (reads only the shapes, dtype and device)
+                dst.lazy_initialization(src.keys.new_empty((P * G, H, 0, src.keys.shape[-1])),
+                                        src.values.new_empty((P * G, H, 0, src.values.shape[-1])))
+            for s, d in ((src.keys, dst.keys), (src.values, dst.values)):
+                d.view(P, G, H, self.L, -1)[:, :, :, :Lp].copy_(s[:, None, :, :Lp])
             dst.cumulative_length.fill_(Lp)
 
     def _commit(self, logits: torch.Tensor) -> None:
@@ -241,13 +243,14 @@ def generate(model, prompt_ids: list[list[int]], *, group_size: int, max_new_tok
     cache_pos = torch.arange(L, device=dev)
 
     # Attention masks are 4-D additive masks over the whole static cache (which transformers uses
-    # as given): no mask construction or host checks inside the model.
+    # as given): no mask construction or host checks inside the model. The prefill's cache holds
+    # the Lp prompt slots only; the decode cache all L.
     dtype = next(model.parameters()).dtype
     neg = torch.finfo(dtype).min
     key_ok = attn.bool()                                    # [P, L] real prompt tokens + new slots
-    causal = cache_pos[None, :] <= cache_pos[:Lp, None]     # [Lp, L]
-    allowed = key_ok[:, None, :] & causal[None] & (cache_pos < Lp)[None, None, :]
-    allowed |= (cache_pos[None, :] == cache_pos[:Lp, None])[None]  # pads attend to themselves
+    q_pos = cache_pos[:Lp]
+    allowed = key_ok[:, None, :Lp] & (q_pos[None, :] <= q_pos[:, None])[None]  # [P, Lp, Lp]
+    allowed |= torch.eye(Lp, dtype=torch.bool, device=dev)[None]  # pads attend to themselves
     prefill_mask = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill_(~allowed, neg)
 
     sampling = dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
@@ -256,7 +259,7 @@ def generate(model, prompt_ids: list[list[int]], *, group_size: int, max_new_tok
     model.eval()
     try:
         with _decode_attention(model):  # (the prefill runs transformers' sdpa through it)
-            prefill = StaticCache(config=model.config, max_cache_len=L)
+            prefill = StaticCache(config=model.config, max_cache_len=Lp)
             out = model(input_ids=ids, attention_mask=prefill_mask[:, None], position_ids=pos,
                         cache_position=cache_pos[:Lp], use_cache=True, logits_to_keep=1,
                         **{cache_kw(model): prefill})
