@@ -75,6 +75,12 @@ SHAPES = {
         "cpu": [dict(model="tiny", P=8, G=4, T=32, prompt=16, dtype="float32"),
                 dict(model="qwen2-12m", P=8, G=4, T=32, prompt=16, dtype="float32")],
     },
+    # one decode step's attention: the tiny default model's rollout (16 prompts x 8), and
+    # Qwen2.5-0.5B's heads (14 query, 2 key/value, 64 wide) over a 64 + 512 slot cache
+    "decode_attention": {
+        "cuda": [dict(B=128, Hq=14, Hkv=2, L=576, D=64)],
+        "cpu": [dict(B=128, Hq=4, Hkv=2, L=56, D=32), dict(B=32, Hq=14, Hkv=2, L=576, D=64)],
+    },
     "sample_tokens": {
         "cuda": [dict(B=128, V=151936, top_k=0, top_p=1.0), dict(B=128, V=151936, top_k=0, top_p=0.9),
                  dict(B=128, V=151936, top_k=50, top_p=0.9)],

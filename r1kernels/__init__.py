@@ -1,5 +1,6 @@
 """r1kernels: fused kernels for GRPO training. The public API: docs/api.md."""
 from r1kernels import _custom_ops  # noqa: F401  (loads the extension, registers fake kernels)
+from r1kernels.ops.decode_attention import decode_attention
 from r1kernels.ops.group_advantages import group_advantages
 from r1kernels.ops.grpo_loss import GRPOLossOutput, grpo_loss
 from r1kernels.ops.linear_token_logprobs import linear_token_logprobs, linear_token_logprobs_fwd_bwd
@@ -18,5 +19,5 @@ __all__ = [
     "grpo_loss", "GRPOLoss", "GRPOLossOutput",
     "MoEPermutation", "moe_route", "moe_permute", "moe_unpermute", "moe_expert_counts", "moe_update_bias",
     "moe_sequence_aux_loss",
-    "sample_tokens",
+    "sample_tokens", "decode_attention",
 ]

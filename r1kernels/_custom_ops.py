@@ -125,3 +125,8 @@ def _moe_rows_dot_fake(gy, src, row_ids):
 def _sample_tokens_fake(logits, uniforms, temperature, top_k, top_p, min_p):
     B = logits.shape[0]
     return logits.new_empty(B, dtype=torch.int64), logits.new_empty(B, dtype=torch.float32)
+
+
+@register_fake("decode_attention")
+def _decode_attention_fake(q, k, v, kv_len, mask, scale):
+    return q.new_empty(q.shape)

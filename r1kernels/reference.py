@@ -359,3 +359,29 @@ def sample_tokens_ref(logits: torch.Tensor, uniforms: torch.Tensor, *, temperatu
     logp = logp_all.gather(-1, tokens[:, None]).squeeze(-1) if V else x.new_full((B,), float("nan"))
     logp = torch.where(has, logp, torch.full_like(logp, float("nan")))
     return tokens, logp, probs
+
+
+# ---- decode attention ---------------------------------------------------------------------------
+
+
+def decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: torch.Tensor,
+                         mask: torch.Tensor | None = None, scale: float | None = None
+                         ) -> torch.Tensor:
+    """One query token per row over the first kv_len[b] slots, row by row and head by head:
+    softmax(scale q k^T + mask) v; zeros for a row with no slot or all of them at -inf."""
+    B, Hq, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    scale = D ** -0.5 if scale is None else scale
+    x, kk, vv = _upcast(q), _upcast(k), _upcast(v)
+    out = torch.zeros_like(x)
+    for b in range(B):
+        n = int(kv_len[b])
+        for h in range(Hq):
+            s = (kk[b, h // G, :n] @ x[b, h]) * scale
+            if mask is not None:
+                s = s + mask[b, :n].to(s.dtype)
+            if n == 0 or not bool((s > float("-inf")).any()):
+                continue
+            out[b, h] = torch.softmax(s, 0) @ vv[b, h // G, :n]
+    return out

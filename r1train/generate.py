@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
+from r1kernels import dispatch
+from r1kernels.ops.decode_attention import decode_attention
 from r1kernels.ops.sample_tokens import sample_tokens_with_uniforms
 
 PAD_MULTIPLE = 16
@@ -40,21 +42,30 @@ PAD_MULTIPLE = 16
 
 
 def _r1k_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """transformers' `sdpa` attention, with a single query token's grouped-query heads folded onto
-    their key/value head instead of the keys and values repeated for every query head."""
+    """transformers' `sdpa` attention, except for a single query token: given `r1k_kv_len` (the
+    CPU decode step passes it through the model's forward), `r1kernels.decode_attention`, which
+    reads each row's first kv_len slots only (none of a finished row's); otherwise SDPA with the
+    query heads that share a key/value head folded onto it, instead of the keys and values
+    repeated for every query head."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     B, Hq, Lq, D = query.shape
     Hkv = key.shape[1]
-    if (Lq != 1 or Hq == Hkv or kwargs.get("softcap") is not None
+    kv_len = kwargs.pop("r1k_kv_len", None)
+    if (Lq != 1 or (kv_len is None and Hq == Hkv) or kwargs.get("softcap") is not None
             or kwargs.get("position_bias") is not None or kwargs.get("output_attentions")
-            or (attention_mask is not None and attention_mask.shape[1] != 1)):
+            or (attention_mask is not None and attention_mask.shape[1:3] != (1, 1))
+            or dropout):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
+    if kv_len is not None:
+        mask = None if attention_mask is None else attention_mask[:, 0, 0, :]
+        out = decode_attention(query[:, :, 0], key, value, kv_len, mask=mask, scale=scaling)
+        return out[:, None], None
     # query head h uses key/value head h // (Hq / Hkv), as repeat_kv would give it
     q = query.reshape(B, Hkv, Hq // Hkv, D)
     out = torch.nn.functional.scaled_dot_product_attention(
-        q, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
+        q, key, value, attn_mask=attention_mask, scale=scaling)
     return out.reshape(B, Hq, 1, D).transpose(1, 2).contiguous(), None
 
 
@@ -121,6 +132,10 @@ class _Decoder:
         for buf in (self.tokens, self.logps, self.lengths, self.done, self.key_ok, self.next_pos,
                     self.uniforms, self.t, self.scalars):
             torch._dynamo.mark_static_address(buf)
+        # on CPU, attention by r1kernels.decode_attention's C++ kernel, which skips finished rows
+        # and unwritten slots (CUDA keeps SDPA: the torch path of decode_attention is not faster)
+        self.kv_len_kernel = (getattr(model.config, "_attn_implementation", None) == "r1k_sdpa"
+                              and dispatch.select("decode_attention", dev) == "cpp")
         self.compiled = None
         if compile:
             if dev.type == "cuda":  # replayed as a CUDA graph
@@ -166,10 +181,15 @@ class _Decoder:
         mask = torch.zeros((self.B, 1, 1, self.L), dtype=self.dtype, device=self.t.device)
         mask = mask.masked_fill(~allowed[:, None, None, :], neg)
         prev = self.tokens.index_select(1, (self.t - 1).view(1))
+        extra = {}
+        if self.kv_len_kernel:
+            # decode_attention reads slots 0 .. slot of the rows still decoding, none of a
+            # finished row's
+            extra["r1k_kv_len"] = torch.where(self.done, 0, slot + 1)
         out = self.model(input_ids=prev, attention_mask=mask,
                          position_ids=(self.next_pos + self.t - 1)[:, None],
                          cache_position=slot.view(1), use_cache=True,
-                         **{self.cache_kw: self.cache})
+                         **{self.cache_kw: self.cache}, **extra)
         self._commit(out.logits[:, -1])
 
     def step(self, same_as_last: bool = False) -> None:

@@ -178,11 +178,14 @@ def test_trainer_logs_mismatch_and_applies_weights(tmp_path, mode, monkeypatch):
     assert seen and all((w is None) == (not mode) for w in seen)
 
 
+@pytest.mark.parametrize("with_kv_len", [True, False], ids=["kv_len", "folded"])
 @pytest.mark.parametrize("Hq,Hkv,Lq", [(14, 2, 1), (4, 2, 1), (4, 4, 1), (14, 2, 5)])
-def test_decode_attention_equals_sdpa(Hq, Hkv, Lq):
-    """`r1k_sdpa` (grouped query heads folded onto their key/value head for one query token)
-    against transformers' own `sdpa` attention, which repeats the keys and values: same output,
-    with a per-row mask over a partly filled cache, eager and compiled."""
+def test_decode_attention_equals_sdpa(Hq, Hkv, Lq, with_kv_len):
+    """`r1k_sdpa` for one query token (given `r1k_kv_len`: r1kernels.decode_attention over the
+    first kv_len slots; without: SDPA with the grouped query heads folded onto their key/value
+    head) against transformers' own `sdpa` attention, which repeats the keys and values: same
+    output, with a per-row mask over a partly filled cache, eager and compiled. With kv_len the
+    slots past it are masked for transformers' and hold garbage for ours."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     g = torch.Generator().manual_seed(0)
@@ -191,15 +194,22 @@ def test_decode_attention_equals_sdpa(Hq, Hkv, Lq):
     module.num_key_value_groups, module.is_causal = Hq // Hkv, True
     q = torch.randn(B, Lq, Hq, D, generator=g).transpose(1, 2)  # the models' strided layout
     k, v = (torch.randn(B, Hkv, L, D, generator=g) for _ in range(2))
+    kv_len = torch.tensor([L, 7, 1])
     allowed = torch.rand(B, 1, Lq, L, generator=g) < 0.6
     allowed[..., 0] = True
+    allowed &= torch.arange(L) < kv_len[:, None, None, None]
     mask = torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)
     want, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=D ** -0.5)
-    got, _ = gen_mod._r1k_sdpa(module, q, k, v, mask, scaling=D ** -0.5)
+    kw = dict(scaling=D ** -0.5)
+    if with_kv_len:
+        for b, n in enumerate(kv_len.tolist()):
+            k[b, :, n:], v[b, :, n:] = 1e3, -1e3
+        kw["r1k_kv_len"] = kv_len
+    got, _ = gen_mod._r1k_sdpa(module, q, k, v, mask, **kw)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     compiled = torch.compile(gen_mod._r1k_sdpa, fullgraph=True)
-    torch.testing.assert_close(compiled(module, q, k, v, mask, scaling=D ** -0.5)[0], want,
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(compiled(module, q, k, v, mask, **kw)[0], want, rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_decode_attention_is_restored(tiny):
@@ -222,3 +232,44 @@ def test_decode_attention_is_restored(tiny):
     finally:
         gen_mod._Decoder.step = real
     assert seen == ["r1k_sdpa"] and model.config._attn_implementation == "sdpa"
+
+
+def test_cpu_decode_reads_live_slots_only(tiny, monkeypatch):
+    """On CPU each decode step's attention is r1kernels.decode_attention (one call per layer and
+    step, so transformers passed `r1k_kv_len` through), given slot + 1 for the rows still
+    decoding and 0 for the finished ones; the tokens are transformers' sdpa's (the eager loop
+    with r1k_sdpa's fold, decode_attention forced off)."""
+    from r1kernels import dispatch
+
+    model, tok, prompts = tiny
+    seen = []
+    real = gen_mod.decode_attention
+
+    def spy(q, k, v, kv_len, **kw):
+        seen.append(kv_len.clone())
+        return real(q, k, v, kv_len, **kw)
+
+    monkeypatch.setattr(gen_mod, "decode_attention", spy)
+    kw = _kw(tok, max_new_tokens=12, temperature=1.0)
+    # the stop token: the one this random model samples most, so that rows finish at different
+    # steps
+    first = generate(model, prompts, **dict(kw, eos_id=-1, generator=torch.Generator().manual_seed(3)))
+    eos = int(torch.mode(first.tokens.flatten()).values)
+    seen.clear()
+    kw["eos_id"] = eos
+    roll = generate(model, prompts, **kw, generator=torch.Generator().manual_seed(3))
+    layers = model.config.num_hidden_layers
+    steps = len(seen) // layers
+    assert steps >= 1 and len(seen) == steps * layers
+    Lp = gen_mod.PAD_MULTIPLE
+    finished_seen = False
+    for s in range(steps):  # step s feeds token s (slot Lp + s) and samples token s + 1
+        done = torch.tensor([bool((roll.tokens[r, :s + 1] == eos).any())
+                             for r in range(roll.tokens.shape[0])])
+        want = torch.where(done, 0, Lp + s + 1)
+        assert torch.equal(seen[s * layers], want), s
+        finished_seen = finished_seen or bool(done.any())
+    assert finished_seen, "no row finished before the last step: the test needs another seed"
+    with dispatch.use_backend("torch"):
+        ref = generate(model, prompts, **kw, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(ref.tokens, roll.tokens)

@@ -1,0 +1,198 @@
+// CPU kernel for decode_attention (r1kernels/ops/decode_attention.py has the rule): one query
+// token per row against the first kv_len[b] slots of a [B, Hkv, L, D] key/value cache. One task
+// per (row, key/value head): the Hq / Hkv query heads that share the head are computed together,
+// so every key and value is read once per task and nothing is repeated or copied. Scores, softmax
+// and the weighted sum of values in fp32 (fp64 for fp64 inputs); slots at or past kv_len[b] are
+// not read at all, so a finished row (kv_len 0) costs nothing and gets zeros, and so does a row
+// whose slots are all masked (-inf).
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/OpMathType.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "common/check_msg.h"
+#include "common/cpu_simd.h"
+
+namespace r1k {
+namespace {
+
+// acc[d] += w * v[d]
+template <typename acc_t, typename scalar_t>
+R1K_INLINE void axpy(acc_t* acc, acc_t w, const scalar_t* v, int64_t D) {
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) acc[d] += w * static_cast<acc_t>(v[d]);
+}
+
+// s[i] = <q, k + i * stride> for four slots at once: four independent reductions, which the
+// compiler interleaves (one dot at a time leaves each horizontal sum waiting on the last).
+template <typename acc_t, typename scalar_t>
+R1K_INLINE void dot4(const acc_t* q, const scalar_t* k, int64_t stride, int64_t D, acc_t* s) {
+  acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  const scalar_t *k0 = k, *k1 = k + stride, *k2 = k + 2 * stride, *k3 = k + 3 * stride;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+  for (int64_t d = 0; d < D; ++d) {
+    s0 += q[d] * static_cast<acc_t>(k0[d]);
+    s1 += q[d] * static_cast<acc_t>(k1[d]);
+    s2 += q[d] * static_cast<acc_t>(k2[d]);
+    s3 += q[d] * static_cast<acc_t>(k3[d]);
+  }
+  s[0] = s0; s[1] = s1; s[2] = s2; s[3] = s3;
+}
+
+template <typename acc_t, typename scalar_t>
+R1K_INLINE acc_t dot(const acc_t* q, const scalar_t* k, int64_t D) {
+  acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t d = 0; d < D; ++d) s += q[d] * static_cast<acc_t>(k[d]);
+  return s;
+}
+
+template <typename acc_t>
+R1K_INLINE acc_t exp_acc(acc_t x) {
+  if constexpr (std::is_same_v<acc_t, float>) return exp_simd(x);
+  else return std::exp(x);
+}
+
+// One (row, key/value head): G query heads of D against n slots. DC: D known at compile time
+// (the common head sizes; loops unroll, the weighted sum stays in registers), 0: any D.
+template <int DC, typename scalar_t, typename acc_t>
+R1K_INLINE void attend_impl(const scalar_t* q, int64_t q_head_stride, const scalar_t* k,
+                            const scalar_t* v, int64_t k_slot_stride, int64_t v_slot_stride,
+                            const acc_t* mask, int64_t n, int64_t G, int64_t D_rt, acc_t scale,
+                            scalar_t* out, int64_t out_head_stride, acc_t* buf) {
+  const int64_t D = DC ? DC : D_rt;
+  acc_t* qs = buf;       // [D] one head's scaled query, then its weighted sum
+  acc_t* s = qs + D;     // [n] its scores, then weights
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t g = 0; g < G; ++g) {
+    const scalar_t* qg = q + g * q_head_stride;
+    for (int64_t d = 0; d < D; ++d) qs[d] = static_cast<acc_t>(qg[d]) * scale;
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) dot4(qs, k + j * k_slot_stride, k_slot_stride, D, s + j);
+    for (; j < n; ++j) s[j] = dot(qs, k + j * k_slot_stride, D);
+    acc_t m = kNegInf;
+    for (j = 0; j < n; ++j) {
+      if (mask) s[j] += mask[j];
+      m = s[j] > m ? s[j] : m;
+    }
+    scalar_t* og = out + g * out_head_stride;
+    if (!(m > kNegInf)) {  // no slot, or every slot masked: zeros, never NaN
+      for (int64_t d = 0; d < D; ++d) og[d] = scalar_t(0);
+      continue;
+    }
+    acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (j = 0; j < n; ++j) {
+      const acc_t e = exp_acc(s[j] - m);
+      s[j] = e;
+      sum += e;
+    }
+    const acc_t inv = acc_t(1) / sum;
+    if constexpr (DC > 0) {
+      acc_t a[DC];
+#pragma omp simd
+      for (int64_t d = 0; d < DC; ++d) a[d] = 0;
+      for (j = 0; j < n; ++j) {
+        const scalar_t* vj = v + j * v_slot_stride;
+        const acc_t w = s[j];
+#pragma omp simd
+        for (int64_t d = 0; d < DC; ++d) a[d] += w * static_cast<acc_t>(vj[d]);
+      }
+      for (int64_t d = 0; d < DC; ++d) og[d] = static_cast<scalar_t>(a[d] * inv);
+    } else {
+      for (int64_t d = 0; d < D; ++d) qs[d] = 0;
+      for (j = 0; j < n; ++j) axpy(qs, s[j], v + j * v_slot_stride, D);
+      for (int64_t d = 0; d < D; ++d) og[d] = static_cast<scalar_t>(qs[d] * inv);
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+R1K_SIMD_CLONES void attend(const scalar_t* q, int64_t q_head_stride, const scalar_t* k,
+                            const scalar_t* v, int64_t k_slot_stride, int64_t v_slot_stride,
+                            const acc_t* mask, int64_t n, int64_t G, int64_t D, acc_t scale,
+                            scalar_t* out, int64_t out_head_stride, acc_t* buf) {
+#define R1K_ATTEND(DC) attend_impl<DC>(q, q_head_stride, k, v, k_slot_stride, v_slot_stride, mask, \
+                                       n, G, D, scale, out, out_head_stride, buf)
+  switch (D) {
+    case 32: R1K_ATTEND(32); break;
+    case 64: R1K_ATTEND(64); break;
+    case 128: R1K_ATTEND(128); break;
+    default: R1K_ATTEND(0);
+  }
+#undef R1K_ATTEND
+}
+
+at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& kv_len, const c10::optional<at::Tensor>& mask,
+                                double scale) {
+  TORCH_CHECK_VALUE(q.dim() == 3, "decode_attention: q must be [B, Hq, D], got shape ", r1k::msg(q.sizes()));
+  TORCH_CHECK_VALUE(k.dim() == 4 && v.dim() == 4,
+                    "decode_attention: k and v must be [B, Hkv, L, D], got shapes ", r1k::msg(k.sizes()),
+                    " and ", r1k::msg(v.sizes()));
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t Hkv = k.size(1), L = k.size(2);
+  TORCH_CHECK_VALUE(k.size(0) == B && k.size(3) == D && v.sizes() == k.sizes(),
+                    "decode_attention: k and v must be [B, Hkv, L, D] = [", r1k::msg(B), ", Hkv, L, ",
+                    r1k::msg(D), "], got ", r1k::msg(k.sizes()), " and ", r1k::msg(v.sizes()));
+  TORCH_CHECK_VALUE(Hkv >= 1 && Hq % Hkv == 0,
+                    "decode_attention: q's heads (", r1k::msg(Hq), ") must be a multiple of k's (",
+                    r1k::msg(Hkv), ")");
+  TORCH_CHECK_VALUE(at::isFloatingType(q.scalar_type()) && k.scalar_type() == q.scalar_type() &&
+                        v.scalar_type() == q.scalar_type(),
+                    "decode_attention: q, k, v must share one floating dtype, got ", r1k::msg(q.scalar_type()),
+                    ", ", r1k::msg(k.scalar_type()), ", ", r1k::msg(v.scalar_type()));
+  TORCH_CHECK_VALUE(kv_len.dim() == 1 && kv_len.size(0) == B && kv_len.scalar_type() == at::kLong,
+                    "decode_attention: kv_len must be int64 [", r1k::msg(B), "], got ",
+                    r1k::msg(kv_len.scalar_type()), " ", r1k::msg(kv_len.sizes()));
+  const at::Tensor lens = kv_len.contiguous();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK_INDEX(lp[b] >= 0 && lp[b] <= L, "decode_attention: kv_len[", r1k::msg(b), "] = ",
+                      r1k::msg(lp[b]), " is outside [0, ", r1k::msg(L), "]");
+  at::Tensor m;
+  if (mask.has_value()) {
+    TORCH_CHECK_VALUE(mask->dim() == 2 && mask->size(0) == B && mask->size(1) == L &&
+                          at::isFloatingType(mask->scalar_type()),
+                      "decode_attention: mask must be a floating [B, L] = [", r1k::msg(B), ", ", r1k::msg(L),
+                      "] additive mask, got ", r1k::msg(mask->scalar_type()), " ", r1k::msg(mask->sizes()));
+    m = mask->to(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+  }
+  const at::Tensor qc = q.stride(2) == 1 ? q : q.contiguous();
+  const at::Tensor kc = k.stride(3) == 1 ? k : k.contiguous();
+  const at::Tensor vc = v.stride(3) == 1 ? v : v.contiguous();
+  at::Tensor out = at::empty({B, Hq, D}, q.options());
+  const int64_t G = Hq / Hkv;
+  if (B == 0 || Hq == 0 || D == 0) return out.zero_();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* qp = qc.data_ptr<scalar_t>();
+    const scalar_t* kp = kc.data_ptr<scalar_t>();
+    const scalar_t* vp = vc.data_ptr<scalar_t>();
+    const acc_t* mp = m.defined() ? m.data_ptr<acc_t>() : nullptr;
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> buf(static_cast<size_t>(D + L));
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / Hkv, h = task % Hkv;
+        attend<scalar_t, acc_t>(qp + b * qc.stride(0) + h * G * qc.stride(1), qc.stride(1),
+                                kp + b * kc.stride(0) + h * kc.stride(1),
+                                vp + b * vc.stride(0) + h * vc.stride(1), kc.stride(2), vc.stride(2),
+                                mp ? mp + b * L : nullptr, lp[b], G, D, static_cast<acc_t>(scale),
+                                op + (b * Hq + h * G) * D, D, buf.data());
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(r1kernels, CPU, m) { m.impl("decode_attention", &decode_attention_cpu); }
+
+}  // namespace r1k
