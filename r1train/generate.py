@@ -14,12 +14,13 @@
 - Sampling (temperature, top-k, top-p, min-p) runs on the device; the uniforms of the whole rollout
   are drawn from the seeded `torch.Generator` up front. The loop never reads a device value per
   token: it checks "all finished?" once every `sync_every` tokens.
-- Grouped-query attention without copying the cache: transformers' `sdpa` attention repeats each
-  key/value head for its query heads (`repeat_kv`, a copy of the whole KV cache per layer and
-  step) whenever it is traced by torch.compile or given a mask. During rollout the model runs
-  `r1k_sdpa` instead, which for a single query token folds the query heads that share a
-  key/value head into that head's query rows (SDPA broadcasts the mask over them) and otherwise
-  is transformers' `sdpa`. Same math, no copy, compiled or not.
+- Attention in decode: transformers' `sdpa` attention repeats each key/value head for its query
+  heads (`repeat_kv`, a copy of the whole KV cache per layer and step) whenever it is traced by
+  torch.compile or given a mask. During rollout the model runs `r1k_sdpa` instead: for a single
+  query token on CPU, `r1kernels.decode_attention` (the decode step passes each row's number of
+  written slots, 0 for a finished row: those are all it reads); on CUDA, SDPA with the query
+  heads that share a key/value head folded onto that head's query rows. Otherwise (the prefill)
+  it is transformers' `sdpa`. Same math, no copy, compiled or not.
 - Each sampled token's log-prob under the unfiltered `softmax(logits / temperature)` is kept
   (`Rollout.logps`): the trainer compares it with the update's own log-probs (mismatch metrics,
   optional importance-sampling correction, `rollout_is_weights`).
