@@ -13,7 +13,8 @@
   The compiled step and its buffers are kept per (model, shape, sampling settings).
 - Sampling (temperature, top-k, top-p, min-p) runs on the device; the uniforms of the whole rollout
   are drawn from the seeded `torch.Generator` up front. The loop never reads a device value per
-  token: it checks "all finished?" once every `sync_every` tokens.
+  token: it checks "all finished?" once every `sync_every` tokens (on CPU, where reading a value
+  costs no device sync, after every token).
 - Attention in decode: transformers' `sdpa` attention repeats each key/value head for its query
   heads (`repeat_kv`, a copy of the whole KV cache per layer and step) whenever it is traced by
   torch.compile or given a mask. During rollout the model runs `r1k_sdpa` instead: for a single
@@ -237,7 +238,7 @@ def generate(model, prompt_ids: list[list[int]], *, group_size: int, max_new_tok
              eos_id: int, pad_id: int, temperature: float = 1.0, top_p: float = 1.0,
              top_k: int = 0, min_p: float = 0.0,
              generator: torch.Generator | list[torch.Generator] | None = None,
-             sync_every: int = 8, compile: bool = False) -> Rollout:
+             sync_every: int | None = None, compile: bool = False) -> Rollout:
     """Sample `group_size` completions of up to `max_new_tokens` tokens for each prompt.
 
     `compile=True` compiles the decode step once per shape (see the module docstring); a model
@@ -250,6 +251,8 @@ def generate(model, prompt_ids: list[list[int]], *, group_size: int, max_new_tok
     from transformers import StaticCache
 
     dev = next(model.parameters()).device
+    if sync_every is None:  # a CUDA sync stalls the queued steps; a CPU read costs nothing
+        sync_every = 8 if dev.type == "cuda" else 1
     P, G, T = len(prompt_ids), group_size, max_new_tokens
     Lp = -(-max(len(p) for p in prompt_ids) // PAD_MULTIPLE) * PAD_MULTIPLE
     L = Lp + T
