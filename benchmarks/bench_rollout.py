@@ -1,6 +1,9 @@
 """Rollout: completion tokens/s of r1train's generate (compiled decode step, and eager) beside
 transformers' `model.generate(num_return_sequences=G)` (what TRL uses without vLLM), same model,
 same prompts, same sampling (temperature 1), every completion exactly T tokens (no end token).
+Peak memory: on CUDA the peak extra memory of a call; on CPU the peak extra bytes of a call
+(torch.profiler's allocation events) plus what the compiled rollout keeps between calls (its KV
+cache and buffers), beyond the model's weights.
 
 `pre-issue-loop` is r1train's rollout before the compiled decode step and `sample_tokens` (the
 eager loop with a sort-based top-p sampler, `r1train/generate.py` at commit 8fd5bfa, read from
@@ -80,6 +83,17 @@ def rollout_bytes(model, shape) -> float:
     return T * w + B * kv_per_pos * sum(Lp + t for t in range(T))
 
 
+def held_bytes(model) -> int:
+    """Bytes the compiled rollout keeps between calls: its decoders' KV caches and buffers (the
+    other providers allocate theirs per call, which the call's peak counts)."""
+    total = 0
+    for dec in model.__dict__.get("_r1k_decoders", {}).values():
+        total += sum(t.nbytes for t in vars(dec).values() if isinstance(t, torch.Tensor))
+        total += sum(layer.keys.nbytes + layer.values.nbytes for layer in dec.cache.layers
+                     if layer.is_initialized)
+    return total
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("provider", ["r1k-compiled", "r1k-eager", "pre-issue-loop", "hf-generate"])
 def test_rollout(benchmark, bench, provider, shape):
@@ -111,6 +125,7 @@ def test_rollout(benchmark, bench, provider, shape):
                                       pad_token_id=0)
     row = bench(benchmark, fn, op=OP, shape=shape, provider=provider,
                 bytes=rollout_bytes(model, shape), baseline="hf-generate",
-                rounds=5 if DEVICE == "cuda" else 3)
+                rounds=5 if DEVICE == "cuda" else 3,
+                cpu_peak=(lambda: held_bytes(model)) if provider == "r1k-compiled" else (lambda: 0))
     row["tokens_per_s"] = P * G * T / row["median_s"]
     benchmark.extra_info["tokens_per_s"] = row["tokens_per_s"]

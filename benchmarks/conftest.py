@@ -19,6 +19,7 @@ import datetime
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -75,9 +76,13 @@ def ceilings() -> dict[str, float]:
 
 class Bench:
     def __call__(self, benchmark, fn, *, op: str, shape: dict, provider: str, bytes: float = 0.0,
-                 flops: float = 0.0, baseline: str | None = None, rounds: int | None = None):
+                 flops: float = 0.0, baseline: str | None = None, rounds: int | None = None,
+                 cpu_peak=None):
         """Time `fn` with pytest-benchmark (synchronized), record one row of the report.
-        R1K_BENCH_SKIP="prov1,prov2" skips those providers (for short GPU sessions)."""
+        R1K_BENCH_SKIP="prov1,prov2" skips those providers (for short GPU sessions).
+        The peak column: CUDA's peak extra memory of a call; on CPU only when `cpu_peak` is given,
+        a callable returning the bytes `fn` keeps allocated between calls (0 for most), added to
+        a call's peak extra bytes (tests/cpu_memory.py: torch.profiler's allocation events)."""
         if provider in os.environ.get("R1K_BENCH_SKIP", "").split(","):
             pytest.skip(f"R1K_BENCH_SKIP names {provider}")
         ceil = ceilings()
@@ -90,6 +95,14 @@ class Bench:
             fn()
             sync()
             peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+        elif cpu_peak is not None:
+            tests = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+            if tests not in sys.path:
+                sys.path.append(tests)
+            from cpu_memory import peak_extra_bytes
+
+            extra, _ = peak_extra_bytes(fn)
+            peak = (extra + cpu_peak()) / 2**30
 
         def timed():
             fn()
@@ -168,7 +181,7 @@ def pytest_terminal_summary(terminalreporter):
       f"{ceil['matmul_TFLOPs'] * 1e12 / per:.1f} {unit} (%copy, %mm: fractions of them)")
     w("vs base: the baseline's time / this time; graph: CUDA-graph replay (the kernels' own time)")
     w(f"{'provider':24} {'median':>12} {'GB/s':>7} {'%copy':>5} {unit:>8} {'%mm':>4} "
-      f"{'peak GiB':>8} {'vs base':>8} {'graph':>12}")
+      f"{'peak ' + ('GiB' if DEVICE == 'cuda' else 'MiB'):>8} {'vs base':>8} {'graph':>12}")
     base = {}
     for r in _ROWS:
         if r["baseline"] is not None and r["provider"] == r["baseline"]:
@@ -185,7 +198,7 @@ def pytest_terminal_summary(terminalreporter):
         w(f"  {r['provider'][:22]:22} {_fmt_time(r['median_s']):>12} "
           f"{fmt(r['GBps'], '7.0f'):>7} {fmt(r['frac_copy'] and 100 * r['frac_copy'], '5.0f'):>5} "
           f"{fmt(rate, '8.1f'):>8} {fmt(r['frac_matmul'] and 100 * r['frac_matmul'], '4.0f'):>4} "
-          f"{fmt(r['peak_GiB'], '8.2f'):>8} {ratio:>8} "
+          f"{fmt(r['peak_GiB'] and r['peak_GiB'] * (1 if DEVICE == 'cuda' else 1024), '8.2f'):>8} {ratio:>8} "
           f"{_fmt_time(r['graph_s']) if r.get('graph_s') else '-':>12}")
     out_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".benchmarks")
     os.makedirs(out_dir, exist_ok=True)
