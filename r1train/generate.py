@@ -81,9 +81,13 @@ def _register_attention() -> None:
 
 @contextmanager
 def _decode_attention(model):
-    """The model's `sdpa` attention as `r1k_sdpa` for the duration (other implementations kept)."""
+    """The model's attention as `r1k_sdpa` for the duration, unless it is `eager`. The rollout
+    feeds 4-D additive masks over a static cache, which only `eager` and SDPA read as given:
+    flash-attention's and flex attention's integrations take a 2-D padding mask (or a block
+    mask) instead, so a model loaded with them samples its rollouts with SDPA (the same math)."""
     cfg = model.config
-    if getattr(cfg, "_attn_implementation", None) != "sdpa":
+    impl = getattr(cfg, "_attn_implementation", None)
+    if impl in (None, "eager", "r1k_sdpa"):
         yield
         return
     _register_attention()
@@ -91,7 +95,7 @@ def _decode_attention(model):
     try:
         yield
     finally:
-        cfg._attn_implementation = "sdpa"
+        cfg._attn_implementation = impl
 
 
 def cache_kw(model) -> str:

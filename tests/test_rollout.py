@@ -234,6 +234,24 @@ def test_decode_attention_is_restored(tiny):
     assert seen == ["r1k_sdpa"] and model.config._attn_implementation == "sdpa"
 
 
+@pytest.mark.parametrize("impl", ["flash_attention_2", "flex_attention"])
+def test_rollout_of_a_model_loaded_with_other_attention(tiny, impl):
+    """A model whose attention is flash-attention or flex attention (which read 2-D padding or
+    block masks, not the rollout's 4-D masks) samples its rollout with r1k_sdpa: the same tokens
+    as the sdpa model, never calling its own attention (flash-attn is not even installed here),
+    and gets its implementation back after."""
+    model, tok, prompts = tiny
+    want = generate(model, prompts, **_kw(tok))
+    cfg = model.config
+    cfg._attn_implementation = impl
+    try:
+        got = generate(model, prompts, **_kw(tok))
+        assert cfg._attn_implementation == impl
+    finally:
+        cfg._attn_implementation = "sdpa"
+    assert torch.equal(got.tokens, want.tokens) and torch.equal(got.lengths, want.lengths)
+
+
 def test_cpu_decode_reads_live_slots_only(tiny, monkeypatch):
     """On CPU each decode step's attention is r1kernels.decode_attention (one call per layer and
     step, so transformers passed `r1k_kv_len` through), given slot + 1 for the rows still
