@@ -48,19 +48,20 @@ def _r1k_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=No
     CPU decode step passes it through the model's forward), `r1kernels.decode_attention`, which
     reads each row's first kv_len slots only (none of a finished row's); otherwise SDPA with the
     query heads that share a key/value head folded onto it, instead of the keys and values
-    repeated for every query head."""
+    repeated for every query head (also when the values' head size differs from the keys', as in
+    multi-head latent attention, which decode_attention does not take)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     B, Hq, Lq, D = query.shape
     Hkv = key.shape[1]
     kv_len = kwargs.pop("r1k_kv_len", None)
-    if (Lq != 1 or (kv_len is None and Hq == Hkv) or kwargs.get("softcap") is not None
+    if (Lq != 1 or Hq % Hkv or (kv_len is None and Hq == Hkv) or kwargs.get("softcap") is not None
             or kwargs.get("position_bias") is not None or kwargs.get("output_attentions")
             or (attention_mask is not None and attention_mask.shape[1:3] != (1, 1))
             or dropout):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    if kv_len is not None:
+    if kv_len is not None and value.shape == key.shape and key.shape[-1] == D:
         mask = None if attention_mask is None else attention_mask[:, 0, 0, :]
         out = decode_attention(query[:, :, 0], key, value, kv_len, mask=mask, scale=scaling)
         return out[:, None], None
@@ -68,7 +69,7 @@ def _r1k_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=No
     q = query.reshape(B, Hkv, Hq // Hkv, D)
     out = torch.nn.functional.scaled_dot_product_attention(
         q, key, value, attn_mask=attention_mask, scale=scaling)
-    return out.reshape(B, Hq, 1, D).transpose(1, 2).contiguous(), None
+    return out.reshape(B, Hq, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 
 def _register_attention() -> None:
