@@ -294,3 +294,30 @@ def test_cpu_decode_reads_live_slots_only(tiny, monkeypatch):
     with dispatch.use_backend("torch"):
         ref = generate(model, prompts, **kw, generator=torch.Generator().manual_seed(3))
     assert torch.equal(ref.tokens, roll.tokens)
+
+
+def test_rollout_of_multi_head_latent_attention():
+    """DeepSeek-V3's attention (values 8 wide, keys 12: decode takes the folded SDPA path, not
+    decode_attention): greedy rollout tokens equal the no-cache reference's."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    cfg = DeepseekV3Config(vocab_size=64, hidden_size=32, intermediate_size=48,
+                           moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=4, n_routed_experts=4, n_shared_experts=1,
+                           num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1,
+                           q_lora_rank=16, kv_lora_rank=8, qk_rope_head_dim=4,
+                           qk_nope_head_dim=8, v_head_dim=8, max_position_embeddings=64,
+                           pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                           attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    prompts = [[1, 10, 11, 12], [1, 13], [1, 20, 21, 22, 23, 24]]
+    roll = generate(model, prompts, group_size=1, max_new_tokens=8, eos_id=2, pad_id=0,
+                    temperature=0.0)
+    for i, p in enumerate(prompts):
+        ref = generate_nocache_greedy(model, p, 8, 2)
+        assert roll.tokens[i, :int(roll.lengths[i])].tolist() == ref
