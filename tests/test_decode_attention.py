@@ -148,6 +148,11 @@ def test_bad_input():
         decode_attention(q, k, v, kv_len.int())
     with pytest.raises(ValueError, match="mask"):
         decode_attention(q, k, v, kv_len, mask=torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="inference only"):
+        decode_attention(q.requires_grad_(), k, v, kv_len)
+    with torch.no_grad():
+        decode_attention(q, k, v, kv_len)
+    q.requires_grad_(False)
     for backend in dispatch.available_backends(OP, "cpu"):
         with dispatch.use_backend(backend), pytest.raises(IndexError, match=r"kv_len\[1\]"):
             decode_attention(q, k, v, torch.tensor([5, 6]))

@@ -78,10 +78,14 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: 
 
     q [B, Hq, D]; k, v [B, Hkv, L, D] (transformers' cache layout; Hq a multiple of Hkv);
     kv_len int64 [B] in [0, L]; mask: optional additive [B, L]; scale: default D ** -0.5.
-    Returns [B, Hq, D] in q's dtype. See docs/api.md. On CPU kv_len outside [0, L] raises
+    Returns [B, Hq, D] in q's dtype. Inference only: no backward (a rollout runs under
+    torch.no_grad()). See docs/api.md. On CPU kv_len outside [0, L] raises
     IndexError; on CUDA it is not read back (no host sync): it acts as clamped to [0, L].
     """
     _check(q, k, v, kv_len, mask)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, mask)):
+        raise ValueError("decode_attention: inference only (no backward): call it under "
+                         "torch.no_grad() or with inputs that do not require grad")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     backend = dispatch.select(OP, q.device)
     if backend == "cpp":
