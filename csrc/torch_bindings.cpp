@@ -76,11 +76,12 @@ TORCH_LIBRARY(r1kernels, m) {
   m.def("sample_tokens(Tensor logits, Tensor uniforms, float temperature, int top_k, float top_p, "
         "float min_p) -> (Tensor, Tensor)");
 
-  // Attention of one query token per row, q [B, Hq, D], over the first kv_len[b] slots of a
-  // key/value cache k, v [B, Hkv, L, D] (Hq a multiple of Hkv: grouped-query heads read their
-  // shared head in place), with an optional additive mask [B, L]; out [B, Hq, D].
-  // csrc/decode_attention/.
-  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor kv_len, Tensor? mask, float scale) -> Tensor");
+  // Attention of one query token per row, q [B, Hq, D], over slots kv_start[b] (default 0) ..
+  // kv_len[b] - 1 of a key/value cache k, v [B, Hkv, L, D] (Hq a multiple of Hkv: grouped-query
+  // heads read their shared head in place), with an optional additive mask [B, L];
+  // out [B, Hq, D]. csrc/decode_attention/.
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor kv_len, Tensor? mask, float scale, "
+        "Tensor? kv_start=None) -> Tensor");
 }
 
 // `import r1kernels._C` loads this shared library; the static initializers above register the

@@ -128,5 +128,5 @@ def _sample_tokens_fake(logits, uniforms, temperature, top_k, top_p, min_p):
 
 
 @register_fake("decode_attention")
-def _decode_attention_fake(q, k, v, kv_len, mask, scale):
+def _decode_attention_fake(q, k, v, kv_len, mask, scale, kv_start=None):
     return q.new_empty(q.shape)

@@ -365,10 +365,11 @@ def sample_tokens_ref(logits: torch.Tensor, uniforms: torch.Tensor, *, temperatu
 
 
 def decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: torch.Tensor,
-                         mask: torch.Tensor | None = None, scale: float | None = None
-                         ) -> torch.Tensor:
-    """One query token per row over the first kv_len[b] slots, row by row and head by head:
-    softmax(scale q k^T + mask) v; zeros for a row with no slot or all of them at -inf."""
+                         mask: torch.Tensor | None = None, scale: float | None = None,
+                         kv_start: torch.Tensor | None = None) -> torch.Tensor:
+    """One query token per row over slots kv_start[b] (default 0) .. kv_len[b] - 1, row by row
+    and head by head: softmax(scale q k^T + mask) v; zeros for a row with no slot or all of them
+    at -inf."""
     B, Hq, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
@@ -376,12 +377,12 @@ def decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_l
     x, kk, vv = _upcast(q), _upcast(k), _upcast(v)
     out = torch.zeros_like(x)
     for b in range(B):
-        n = int(kv_len[b])
+        slots = slice(0 if kv_start is None else int(kv_start[b]), int(kv_len[b]))
         for h in range(Hq):
-            s = (kk[b, h // G, :n] @ x[b, h]) * scale
+            s = (kk[b, h // G, slots] @ x[b, h]) * scale
             if mask is not None:
-                s = s + mask[b, :n].to(s.dtype)
-            if n == 0 or not bool((s > float("-inf")).any()):
+                s = s + mask[b, slots].to(s.dtype)
+            if s.numel() == 0 or not bool((s > float("-inf")).any()):
                 continue
-            out[b, h] = torch.softmax(s, 0) @ vv[b, h // G, :n]
+            out[b, h] = torch.softmax(s, 0) @ vv[b, h // G, slots]
     return out

@@ -1,6 +1,7 @@
 """decode_attention against the float64 reference (r1kernels/reference.py) on every backend:
 grouped-query and plain heads, odd sizes, the head sizes the C++ kernel specializes, masks,
-rows with no slot or every slot masked, kv_len 0 / 1 / L, 16-bit inputs, bad input, compile."""
+rows with no slot or every slot masked, kv_len 0 / 1 / L, kv_start (left padding), caches of
+several 16-slot blocks with a partial last one, 16-bit inputs, bad input, compile."""
 import pytest
 import torch
 
@@ -22,11 +23,12 @@ def make(B, Hq, Hkv, L, D, dtype=torch.float32, seed=0):
     return q, k, v, kv_len
 
 
-def run(backend, q, k, v, kv_len, mask=None, scale=None, dtype=torch.float32):
+def run(backend, q, k, v, kv_len, mask=None, scale=None, dtype=torch.float32, kv_start=None):
     with dispatch.use_backend(backend):
         return decode_attention(q.to(DEVICE, dtype), k.to(DEVICE, dtype), v.to(DEVICE, dtype),
                                 kv_len.to(DEVICE), scale=scale,
-                                mask=None if mask is None else mask.to(DEVICE, torch.float32))
+                                mask=None if mask is None else mask.to(DEVICE, torch.float32),
+                                kv_start=None if kv_start is None else kv_start.to(DEVICE))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -51,6 +53,44 @@ def test_matches_float64(backend, B, Hq, Hkv, L, D):
     got = run(backend, q, k, v, kv_len, scale=0.3)
     torch.testing.assert_close(got.cpu().double(), decode_attention_ref(q, k, v, kv_len, scale=0.3),
                                rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("D", [32, 64, 128, 48])
+def test_long_cache_and_kv_start(backend, D):
+    """Caches of several 16-slot blocks (the C++ kernel's fp32 scores are computed 16 slots at
+    a time, the last block partial) and a first slot per row (kv_start, left padding): rows
+    from empty to the whole cache, kv_start past kv_len (no slot: zeros)."""
+    B, L = 9, 83
+    q, k, v, _ = make(B, 6, 2, L, D, seed=D)
+    kv_len = torch.tensor([83, 80, 64, 47, 33, 17, 16, 1, 5])
+    kv_start = torch.tensor([0, 11, 13, 0, 32, 1, 15, 0, 6])
+    mask = torch.zeros(B, L, dtype=torch.float64)
+    mask[:, ::7] = NEG
+    mask[3, 40] = float("-inf")
+    for args in ((mask, None), (mask, kv_start), (None, kv_start)):
+        got = run(backend, q, k, v, kv_len, args[0], kv_start=args[1])
+        want = decode_attention_ref(q, k, v, kv_len, args[0], kv_start=args[1])
+        torch.testing.assert_close(got.cpu().double(), want, rtol=1e-5, atol=2e-6)
+    assert torch.equal(got[-1].cpu(), torch.zeros(6, D))  # kv_start 6 > kv_len 5
+    # kv_start is the same as masking the slots before it
+    before = torch.arange(L)[None, :] < kv_start[:, None]
+    torch.testing.assert_close(
+        got.cpu().double()[:-1], decode_attention_ref(q, k, v, kv_len, torch.where(
+            before, float("-inf"), 0.0).double())[:-1], rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_slots_before_kv_start_change_nothing(backend):
+    q, k, v, _ = make(3, 4, 2, 40, 32)
+    kv_len, kv_start = torch.tensor([40, 30, 20]), torch.tensor([7, 20, 3])
+    want = run(backend, q, k, v, kv_len, kv_start=kv_start)
+    junk = float("nan") if backend == "cpp" else 3e4
+    for b, s0 in enumerate(kv_start.tolist()):
+        k[b, :, :s0] = junk
+        v[b, :, :s0] = -junk
+    got = run(backend, q, k, v, kv_len, kv_start=kv_start)
+    assert torch.equal(got.cpu(), want.cpu()) and torch.isfinite(got).all()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -148,6 +188,10 @@ def test_bad_input():
         decode_attention(q, k, v, kv_len.int())
     with pytest.raises(ValueError, match="mask"):
         decode_attention(q, k, v, kv_len, mask=torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="kv_start"):
+        decode_attention(q, k, v, kv_len, kv_start=kv_len.int())
+    with pytest.raises(ValueError, match="kv_start"):
+        decode_attention(q, k, v, kv_len, kv_start=kv_len[:1])
     with pytest.raises(ValueError, match="inference only"):
         decode_attention(q.requires_grad_(), k, v, kv_len)
     with torch.no_grad():
@@ -158,6 +202,8 @@ def test_bad_input():
             decode_attention(q, k, v, torch.tensor([5, 6]))
         with dispatch.use_backend(backend), pytest.raises(IndexError, match=r"kv_len\[0\]"):
             decode_attention(q, k, v, torch.tensor([-1, 0]))
+        with dispatch.use_backend(backend), pytest.raises(IndexError, match=r"kv_start\[1\]"):
+            decode_attention(q, k, v, torch.tensor([5, 5]), kv_start=torch.tensor([0, 6]))
 
 
 def test_opcheck_and_compile():
@@ -167,9 +213,11 @@ def test_opcheck_and_compile():
     mask = torch.zeros(3, 7)
     torch.library.opcheck(torch.ops.r1kernels.decode_attention.default,
                           (q, k, v, kv_len, mask, 0.25))
+    torch.library.opcheck(torch.ops.r1kernels.decode_attention.default,
+                          (q, k, v, kv_len, mask, 0.25, kv_len // 2))
 
     def step(q, k, v, n):
-        return decode_attention(q * 2, k, v, n + 1, mask=mask)
+        return decode_attention(q * 2, k, v, n + 1, mask=mask, kv_start=n // 2)
 
     with dispatch.use_backend("cpp"):
         got = torch.compile(step, fullgraph=True)(q, k, v, kv_len.clamp(max=6))

@@ -1,10 +1,11 @@
 // CPU kernel for decode_attention (r1kernels/ops/decode_attention.py has the rule): one query
-// token per row against the first kv_len[b] slots of a [B, Hkv, L, D] key/value cache. One task
-// per (row, key/value head): the Hq / Hkv query heads that share the head are computed together,
-// so every key and value is read once per task and nothing is repeated or copied. Scores, softmax
-// and the weighted sum of values in fp32 (fp64 for fp64 inputs); slots at or past kv_len[b] are
-// not read at all, so a finished row (kv_len 0) costs nothing and gets zeros, and so does a row
-// whose slots are all masked (-inf).
+// token per row against slots kv_start[b] .. kv_len[b] - 1 of a [B, Hkv, L, D] key/value cache.
+// One task per (row, key/value head): the Hq / Hkv query heads that share the head are computed
+// in the same task, over the same keys and values (read from memory once, then from L1), nothing
+// repeated or copied. Scores, softmax and the weighted sum of values in fp32 (fp64 for fp64
+// inputs); slots outside [kv_start[b], kv_len[b]) are not read at all, so a finished row (kv_len
+// 0) or a prompt's left padding (kv_start) costs nothing; a row with no slot, or whose slots are
+// all masked (-inf), gets zeros.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -44,6 +45,93 @@ R1K_INLINE void dot4(const acc_t* q, const scalar_t* k, int64_t stride, int64_t 
   s[0] = s0; s[1] = s1; s[2] = s2; s[3] = s3;
 }
 
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 || defined(__clang__)
+// fp32 scores of 16 slots at a time with GCC/Clang vector types (each clone of attend() lowers
+// them to its own instructions): the products of 16 keys with the query, one vector per key,
+// reduced together by a tree of shuffles and adds (sum_lanes16) instead of one horizontal sum
+// per key, which took most of the kernel's time.
+#define R1K_DECODE_VEC16 1
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef float f32x16u __attribute__((vector_size(64), aligned(4)));  // for unaligned loads
+
+R1K_INLINE f32x16 load16(const float* p) { return *reinterpret_cast<const f32x16u*>(p); }
+
+// Lane i of the result: the sum of a[i]'s 16 lanes. Each level adds pairs of half-vectors: after
+// it, each vector holds the partial sums of twice as many inputs, half as many per input; the last
+// level leaves lane l with a[bit-reversed l], which the final shuffle puts back in order.
+R1K_INLINE f32x16 sum_lanes16(const f32x16* a) {
+  f32x16 b[8], c[4], d[2];
+  for (int i = 0; i < 8; ++i)
+    b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19,
+                                   20, 21, 22, 23) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25,
+                                   26, 27, 28, 29, 30, 31);
+  for (int i = 0; i < 4; ++i)
+    c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10,
+                                   11, 24, 25, 26, 27) +
+           __builtin_shufflevector(b[2 * i], b[2 * i + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14,
+                                   15, 28, 29, 30, 31);
+  for (int i = 0; i < 2; ++i)
+    d[i] = __builtin_shufflevector(c[2 * i], c[2 * i + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24,
+                                   25, 12, 13, 28, 29) +
+           __builtin_shufflevector(c[2 * i], c[2 * i + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11,
+                                   26, 27, 14, 15, 30, 31);
+  const f32x16 e = __builtin_shufflevector(d[0], d[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26,
+                                           12, 28, 14, 30) +
+                   __builtin_shufflevector(d[0], d[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27,
+                                           13, 29, 15, 31);
+  return __builtin_shufflevector(e, e, 0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15);
+}
+
+// s[0:16] = <q, key i> + mask[i] for the first `cnt` (1..16) slots from k on, -inf for the rest
+// (which are not read); returns them. q: D / 16 vectors.
+R1K_INLINE f32x16 scores16(const f32x16* q, const float* k, int64_t stride, int64_t D,
+                           const float* mask, int64_t cnt, float* s) {
+  f32x16 acc[16];
+  for (int i = 0; i < 16; ++i) {
+    if (i >= cnt) {
+      acc[i] = f32x16{};
+      continue;
+    }
+    const float* kj = k + i * stride;
+    f32x16 a = q[0] * load16(kj);
+    for (int64_t c = 1; c < D / 16; ++c) a += q[c] * load16(kj + 16 * c);
+    acc[i] = a;
+  }
+  f32x16 r = sum_lanes16(acc);
+  if (cnt == 16) {
+    if (mask) r += load16(mask);
+  } else {
+    for (int i = 0; i < 16; ++i)
+      r[i] = i < cnt ? r[i] + (mask ? mask[i] : 0.0f) : -std::numeric_limits<float>::infinity();
+  }
+  *reinterpret_cast<f32x16u*>(s) = r;
+  return r;
+}
+
+// out[0:DC] = inv * sum_j w[j] v[j, 0:DC], the slots taken U at a time into U partial sums (one
+// chain of dependent adds would wait on each add's latency).
+template <int DC>
+R1K_INLINE void weighted_sum16(const float* w, const float* v, int64_t stride, int64_t n,
+                               float inv, float* out) {
+  constexpr int C = DC / 16, U = C <= 4 ? 4 : 2;
+  f32x16 a[U][C];
+  for (int u = 0; u < U; ++u)
+    for (int c = 0; c < C; ++c) a[u][c] = f32x16{};
+  int64_t j = 0;
+  for (; j + U <= n; j += U)
+    for (int u = 0; u < U; ++u)
+      for (int c = 0; c < C; ++c) a[u][c] += w[j + u] * load16(v + (j + u) * stride + 16 * c);
+  for (; j < n; ++j)
+    for (int c = 0; c < C; ++c) a[0][c] += w[j] * load16(v + j * stride + 16 * c);
+  for (int c = 0; c < C; ++c) {
+    f32x16 r = a[0][c];
+    for (int u = 1; u < U; ++u) r += a[u][c];
+    *reinterpret_cast<f32x16u*>(out + 16 * c) = r * inv;
+  }
+}
+#endif
+
 template <typename acc_t, typename scalar_t>
 R1K_INLINE acc_t dot(const acc_t* q, const scalar_t* k, int64_t D) {
   acc_t s = 0;
@@ -73,10 +161,27 @@ R1K_INLINE void attend_impl(const scalar_t* q, int64_t q_head_stride, const scal
     const scalar_t* qg = q + g * q_head_stride;
     for (int64_t d = 0; d < D; ++d) qs[d] = static_cast<acc_t>(qg[d]) * scale;
     int64_t j = 0;
+    acc_t m = kNegInf;
+#if defined(R1K_DECODE_VEC16)
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (D % 16 == 0 && D <= 256) {
+        f32x16 qv[16];
+        for (int64_t c = 0; c < D / 16; ++c) qv[c] = load16(qs + 16 * c);
+        f32x16 mv = f32x16{} + kNegInf;
+        for (; j < n; j += 16) {
+          const f32x16 r = scores16(qv, k + j * k_slot_stride, k_slot_stride, D,
+                                    mask ? mask + j : nullptr, std::min<int64_t>(n - j, 16), s + j);
+          mv = r > mv ? r : mv;
+        }
+        for (int i = 0; i < 16; ++i) m = mv[i] > m ? mv[i] : m;
+        j = n;
+      }
+    }
+#endif
+    const int64_t j0 = j;  // the slots before j0 have their scores, mask included
     for (; j + 4 <= n; j += 4) dot4(qs, k + j * k_slot_stride, k_slot_stride, D, s + j);
     for (; j < n; ++j) s[j] = dot(qs, k + j * k_slot_stride, D);
-    acc_t m = kNegInf;
-    for (j = 0; j < n; ++j) {
+    for (j = j0; j < n; ++j) {
       if (mask) s[j] += mask[j];
       m = s[j] > m ? s[j] : m;
     }
@@ -85,14 +190,24 @@ R1K_INLINE void attend_impl(const scalar_t* q, int64_t q_head_stride, const scal
       for (int64_t d = 0; d < D; ++d) og[d] = scalar_t(0);
       continue;
     }
+    // exp over a multiple of 16 slots (the ones past n at -inf, so e = 0): the vectorized loop
+    // has no scalar remainder, which took as long as the rest of it
+    const int64_t n16 = (n + 15) / 16 * 16;
+    for (j = n; j < n16; ++j) s[j] = kNegInf;
     acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
-    for (j = 0; j < n; ++j) {
+    for (j = 0; j < n16; ++j) {
       const acc_t e = exp_acc(s[j] - m);
       s[j] = e;
       sum += e;
     }
     const acc_t inv = acc_t(1) / sum;
+#if defined(R1K_DECODE_VEC16)
+    if constexpr (DC > 0 && DC % 16 == 0 && std::is_same_v<scalar_t, float>) {
+      weighted_sum16<DC>(s, v, v_slot_stride, n, inv, og);
+      continue;
+    }
+#endif
     if constexpr (DC > 0) {
       acc_t a[DC];
 #pragma omp simd
@@ -130,7 +245,7 @@ R1K_SIMD_CLONES void attend(const scalar_t* q, int64_t q_head_stride, const scal
 
 at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const at::Tensor& kv_len, const c10::optional<at::Tensor>& mask,
-                                double scale) {
+                                double scale, const c10::optional<at::Tensor>& kv_start) {
   TORCH_CHECK_VALUE(q.dim() == 3, "decode_attention: q must be [B, Hq, D], got shape ", r1k::msg(q.sizes()));
   TORCH_CHECK_VALUE(k.dim() == 4 && v.dim() == 4,
                     "decode_attention: k and v must be [B, Hkv, L, D], got shapes ", r1k::msg(k.sizes()),
@@ -155,6 +270,19 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
   for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK_INDEX(lp[b] >= 0 && lp[b] <= L, "decode_attention: kv_len[", r1k::msg(b), "] = ",
                       r1k::msg(lp[b]), " is outside [0, ", r1k::msg(L), "]");
+  at::Tensor starts;
+  const int64_t* sp = nullptr;
+  if (kv_start.has_value()) {
+    TORCH_CHECK_VALUE(kv_start->dim() == 1 && kv_start->size(0) == B &&
+                          kv_start->scalar_type() == at::kLong,
+                      "decode_attention: kv_start must be int64 [", r1k::msg(B), "], got ",
+                      r1k::msg(kv_start->scalar_type()), " ", r1k::msg(kv_start->sizes()));
+    starts = kv_start->contiguous();
+    sp = starts.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b)
+      TORCH_CHECK_INDEX(sp[b] >= 0 && sp[b] <= L, "decode_attention: kv_start[", r1k::msg(b),
+                        "] = ", r1k::msg(sp[b]), " is outside [0, ", r1k::msg(L), "]");
+  }
   at::Tensor m;
   if (mask.has_value()) {
     TORCH_CHECK_VALUE(mask->dim() == 2 && mask->size(0) == B && mask->size(1) == L &&
@@ -177,14 +305,17 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
     const acc_t* mp = m.defined() ? m.data_ptr<acc_t>() : nullptr;
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> buf(static_cast<size_t>(D + L));
+      std::vector<acc_t> buf(static_cast<size_t>(D + L + 16));  // (scores padded to 16)
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / Hkv, h = task % Hkv;
+        const int64_t s0 = sp ? sp[b] : 0;  // slots s0 .. kv_len[b] - 1 (none if kv_len <= s0)
         attend<scalar_t, acc_t>(qp + b * qc.stride(0) + h * G * qc.stride(1), qc.stride(1),
-                                kp + b * kc.stride(0) + h * kc.stride(1),
-                                vp + b * vc.stride(0) + h * vc.stride(1), kc.stride(2), vc.stride(2),
-                                mp ? mp + b * L : nullptr, lp[b], G, D, static_cast<acc_t>(scale),
-                                op + (b * Hq + h * G) * D, D, buf.data());
+                                kp + b * kc.stride(0) + h * kc.stride(1) + s0 * kc.stride(2),
+                                vp + b * vc.stride(0) + h * vc.stride(1) + s0 * vc.stride(2),
+                                kc.stride(2), vc.stride(2), mp ? mp + b * L + s0 : nullptr,
+                                std::max<int64_t>(lp[b] - s0, 0), G, D,
+                                static_cast<acc_t>(scale), op + (b * Hq + h * G) * D, D,
+                                buf.data());
       }
     });
   });

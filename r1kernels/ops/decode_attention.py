@@ -1,18 +1,21 @@
-"""Decode attention: one query token per row against the first kv_len[b] slots of a KV cache.
+"""Decode attention: one query token per row against slots kv_start[b] .. kv_len[b] - 1 of a
+KV cache (kv_start: 0 unless given; a left-padded prompt's first real slot, as flash-attention's
+`cache_leftpad`).
 
-    n = kv_len[b], G = Hq / Hkv (query head h reads key/value head h // G, as `repeat_kv` maps it)
-    out[b, h] = softmax(scale * q[b, h] . k[b, h // G, :n]^T + mask[b, :n]) @ v[b, h // G, :n]
+    S = kv_start[b] .. kv_len[b] - 1, G = Hq / Hkv (query head h reads key/value head h // G, as
+    `repeat_kv` maps it)
+    out[b, h] = softmax(scale * q[b, h] . k[b, h // G, S]^T + mask[b, S]) @ v[b, h // G, S]
 
-A row with kv_len 0 (a finished completion, in a rollout) or whose first n slots are all masked
-(-inf) gets zeros, never NaN. `mask` is an additive [B, L] mask (0 / a large negative / -inf).
-What the slots at or past kv_len hold changes nothing: the C++ kernel never reads them; the torch
-path masks them out, so there they must be finite (as a cache's slots always are).
+A row with no slot (kv_len <= kv_start: kv_len 0 is a finished completion, in a rollout) or whose
+slots are all masked (-inf) gets zeros, never NaN. `mask` is an additive [B, L] mask (0 / a large
+negative / -inf). What the slots outside S hold changes nothing: the C++ kernel never reads them;
+the torch path masks them out, so there they must be finite (as a cache's slots always are).
 
 Backends: a C++ CPU kernel (csrc/decode_attention/: one task per row and key/value head, the
-query heads that share the head computed together so each key and value is read once, nothing
-repeated or copied, slots past kv_len not read at all, fp32 accumulation), and a torch path
-(any device; what CUDA runs, where SDPA is already a fused decode kernel): SDPA over the whole
-cache with the slots past kv_len masked.
+query heads that share the head computed together so each key and value is read from memory
+once, nothing repeated or copied, slots outside S not read at all, fp32 accumulation, fp32
+scores 16 slots at a time), and a torch path (any device; what CUDA runs, where SDPA is already
+a fused decode kernel): SDPA over the whole cache with the slots outside S masked.
 """
 from __future__ import annotations
 
@@ -25,12 +28,16 @@ dispatch.register(OP, cuda=("torch",), cpu=("cpp", "torch"))
 
 
 def decode_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           kv_len: torch.Tensor, mask: torch.Tensor | None,
-                           scale: float) -> torch.Tensor:
-    """SDPA over the whole cache, the slots past kv_len masked; rows left without a slot: 0."""
+                           kv_len: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                           kv_start: torch.Tensor | None = None) -> torch.Tensor:
+    """SDPA over the whole cache, the slots outside [kv_start, kv_len) masked; rows left
+    without a slot: 0."""
     B, Hq, D = q.shape
     Hkv, L = k.shape[1], k.shape[2]
-    live = torch.arange(L, device=q.device)[None, :] < kv_len[:, None]
+    pos = torch.arange(L, device=q.device)[None, :]
+    live = pos < kv_len[:, None]
+    if kv_start is not None:
+        live &= pos >= kv_start[:, None]
     add = torch.zeros((B, L), dtype=q.dtype, device=q.device)
     if mask is not None:
         add = add + mask.to(q.dtype)
@@ -42,7 +49,7 @@ def decode_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                                                              device=q.device))
 
 
-def _check(q, k, v, kv_len, mask) -> None:
+def _check(q, k, v, kv_len, mask, kv_start) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             raise ValueError(f"decode_attention: {name} must be a floating-point tensor, got "
@@ -64,6 +71,12 @@ def _check(q, k, v, kv_len, mask) -> None:
         raise ValueError(f"decode_attention: kv_len must be int64 [{B}] on {q.device}, got "
                          f"{getattr(kv_len, 'dtype', type(kv_len).__name__)} "
                          f"{tuple(getattr(kv_len, 'shape', ()))}")
+    if kv_start is not None and (not isinstance(kv_start, torch.Tensor)
+                                 or kv_start.dtype != torch.int64
+                                 or tuple(kv_start.shape) != (B,) or kv_start.device != q.device):
+        raise ValueError(f"decode_attention: kv_start must be int64 [{B}] on {q.device}, got "
+                         f"{getattr(kv_start, 'dtype', type(kv_start).__name__)} "
+                         f"{tuple(getattr(kv_start, 'shape', ()))}")
     if mask is not None and (not isinstance(mask, torch.Tensor) or not mask.is_floating_point()
                              or tuple(mask.shape) != (B, k.shape[2]) or mask.device != q.device):
         raise ValueError(f"decode_attention: mask must be a floating [B, L] = [{B}, {k.shape[2]}] "
@@ -73,26 +86,30 @@ def _check(q, k, v, kv_len, mask) -> None:
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: torch.Tensor, *,
-                     mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
-    """Attention of one query token per row over the first `kv_len[b]` slots of a KV cache.
+                     mask: torch.Tensor | None = None, scale: float | None = None,
+                     kv_start: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of one query token per row over slots `kv_start[b] .. kv_len[b] - 1` of a KV
+    cache.
 
     q [B, Hq, D]; k, v [B, Hkv, L, D] (transformers' cache layout; Hq a multiple of Hkv);
-    kv_len int64 [B] in [0, L]; mask: optional additive [B, L]; scale: default D ** -0.5.
+    kv_len int64 [B] in [0, L]; mask: optional additive [B, L]; scale: default D ** -0.5;
+    kv_start: optional int64 [B] in [0, L], the first slot each row reads (default 0).
     Returns [B, Hq, D] in q's dtype. Inference only: no backward (a rollout runs under
-    torch.no_grad()). See docs/api.md. On CPU kv_len outside [0, L] raises
-    IndexError; on CUDA it is not read back (no host sync): it acts as clamped to [0, L].
+    torch.no_grad()). See docs/api.md. On CPU kv_len or kv_start outside [0, L] raises
+    IndexError; on CUDA they are not read back (no host sync): they act as clamped to [0, L].
     """
-    _check(q, k, v, kv_len, mask)
+    _check(q, k, v, kv_len, mask, kv_start)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, mask)):
         raise ValueError("decode_attention: inference only (no backward): call it under "
                          "torch.no_grad() or with inputs that do not require grad")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     backend = dispatch.select(OP, q.device)
     if backend == "cpp":
-        return torch.ops.r1kernels.decode_attention(q, k, v, kv_len, mask, scale)
-    if q.device.type == "cpu" and kv_len.numel() and not torch.compiler.is_compiling() \
-            and not bool(((kv_len >= 0) & (kv_len <= k.shape[2])).all()):
-        bad = int(torch.nonzero((kv_len < 0) | (kv_len > k.shape[2]))[0, 0])
-        raise IndexError(f"decode_attention: kv_len[{bad}] = {int(kv_len[bad])} is outside "
-                         f"[0, {k.shape[2]}]")
-    return decode_attention_torch(q, k, v, kv_len, mask, scale)
+        return torch.ops.r1kernels.decode_attention(q, k, v, kv_len, mask, scale, kv_start)
+    if q.device.type == "cpu" and kv_len.numel() and not torch.compiler.is_compiling():
+        for name, t in (("kv_len", kv_len), ("kv_start", kv_start)):
+            if t is not None and not bool(((t >= 0) & (t <= k.shape[2])).all()):
+                bad = int(torch.nonzero((t < 0) | (t > k.shape[2]))[0, 0])
+                raise IndexError(f"decode_attention: {name}[{bad}] = {int(t[bad])} is outside "
+                                 f"[0, {k.shape[2]}]")
+    return decode_attention_torch(q, k, v, kv_len, mask, scale, kv_start)
