@@ -44,9 +44,10 @@ PAD_MULTIPLE = 16
 
 
 def _r1k_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """transformers' `sdpa` attention, except for a single query token: given `r1k_kv_len` (the
-    CPU decode step passes it through the model's forward), `r1kernels.decode_attention`, which
-    reads each row's first kv_len slots only (none of a finished row's); otherwise SDPA with the
+    """transformers' `sdpa` attention, except for a single query token: given `r1k_kv_len` and
+    `r1k_kv_start` (the CPU decode step passes them through the model's forward),
+    `r1kernels.decode_attention`, which reads each row's slots kv_start .. kv_len - 1 only (not
+    its prompt's left padding, none of a finished row's); otherwise SDPA with the
     query heads that share a key/value head folded onto it, instead of the keys and values
     repeated for every query head (also when the values' head size differs from the keys', as in
     multi-head latent attention, which decode_attention does not take)."""
@@ -55,6 +56,7 @@ def _r1k_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=No
     B, Hq, Lq, D = query.shape
     Hkv = key.shape[1]
     kv_len = kwargs.pop("r1k_kv_len", None)
+    kv_start = kwargs.pop("r1k_kv_start", None)
     if (Lq != 1 or Hq % Hkv or (kv_len is None and Hq == Hkv) or kwargs.get("softcap") is not None
             or kwargs.get("position_bias") is not None or kwargs.get("output_attentions")
             or (attention_mask is not None and attention_mask.shape[1:3] != (1, 1))
@@ -63,7 +65,8 @@ def _r1k_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=No
                                       scaling=scaling, **kwargs)
     if kv_len is not None and value.shape == key.shape and key.shape[-1] == D:
         mask = None if attention_mask is None else attention_mask[:, 0, 0, :]
-        out = decode_attention(query[:, :, 0], key, value, kv_len, mask=mask, scale=scaling)
+        out = decode_attention(query[:, :, 0], key, value, kv_len, mask=mask, scale=scaling,
+                               kv_start=kv_start)
         return out[:, None], None
     # query head h uses key/value head h // (Hq / Hkv), as repeat_kv would give it
     q = query.reshape(B, Hkv, Hq // Hkv, D)
@@ -190,9 +193,10 @@ class _Decoder:
         prev = self.tokens.index_select(1, (self.t - 1).view(1))
         extra = {}
         if self.kv_len_kernel:
-            # decode_attention reads slots 0 .. slot of the rows still decoding, none of a
-            # finished row's
+            # decode_attention reads slots Lp - prompt length .. slot of the rows still decoding
+            # (not the left padding), none of a finished row's
             extra["r1k_kv_len"] = torch.where(self.done, 0, slot + 1)
+            extra["r1k_kv_start"] = self.scalars[0] - self.next_pos
         out = self.model(input_ids=prev, attention_mask=mask,
                          position_ids=(self.next_pos + self.t - 1)[:, None],
                          cache_position=slot.view(1), use_cache=True,

@@ -187,11 +187,17 @@ class Runtime:
         bos = self.tok.bos_token_id
         return ([bos] if bos is not None and ids[:1] != [bos] else []) + ids
 
-    def decode(self, tokens: torch.Tensor, length: int) -> str:
-        ids = tokens[:length].tolist()
-        if ids and ids[-1] == self.eos_id:
-            ids = ids[:-1]
-        return self.tok.decode(ids, skip_special_tokens=False)
+    def decode(self, tokens: torch.Tensor, lengths: list[int]) -> list[str]:
+        """Row i's first lengths[i] tokens as text, a final EOS left out. One call into the
+        `tokenizers` library for the whole batch when the tokenizer has one (transformers'
+        `decode` first walks every id in Python: 3x the time of the decoding itself); else, and
+        when the tokenizer cleans up spaces after decoding, transformers' `decode` row by row."""
+        rows = [r[:n] for r, n in zip(tokens.tolist(), lengths)]
+        rows = [r[:-1] if r and r[-1] == self.eos_id else r for r in rows]
+        backend = getattr(self.tok, "backend_tokenizer", None)
+        if backend is not None and not getattr(self.tok, "clean_up_tokenization_spaces", False):
+            return backend.decode_batch(rows, skip_special_tokens=False)
+        return [self.tok.decode(r, skip_special_tokens=False) for r in rows]
 
     # ---- batches for the update: right-padded, bucketed by length ------------------------------
     def micro_batches(self, rows: list[tuple[list[int], int]]):

@@ -67,7 +67,7 @@ class Trainer(Runtime, Checkpointing, Evaluation, Stages):
                             compile=cfg.rollout_compile)
         lengths = roll.lengths.tolist()
         tokens = roll.tokens.cpu()  # one device-to-host copy for the whole rollout
-        texts = [self.decode(tokens[i], lengths[i]) for i in range(len(lengths))]
+        texts = self.decode(tokens, lengths)
         exs = [examples[i // group_size] for i in range(len(texts))]
         totals, values = self.reward_fn([rendered[i // group_size] for i in range(len(texts))],
                                         texts, exs)

@@ -182,11 +182,12 @@ def test_trainer_logs_mismatch_and_applies_weights(tmp_path, mode, monkeypatch):
 @pytest.mark.parametrize("Hq,Hkv,Lq,Dv", [(14, 2, 1, 16), (4, 2, 1, 16), (4, 4, 1, 16),
                                           (14, 2, 5, 16), (4, 4, 1, 8), (4, 2, 1, 24)])
 def test_decode_attention_equals_sdpa(Hq, Hkv, Lq, Dv, with_kv_len):
-    """`r1k_sdpa` for one query token (given `r1k_kv_len`: r1kernels.decode_attention over the
-    first kv_len slots; without: SDPA with the grouped query heads folded onto their key/value
-    head) against transformers' own `sdpa` attention, which repeats the keys and values: same
-    output, with a per-row mask over a partly filled cache, eager and compiled. With kv_len the
-    slots past it are masked for transformers' and hold garbage for ours."""
+    """`r1k_sdpa` for one query token (given `r1k_kv_len` and `r1k_kv_start`:
+    r1kernels.decode_attention over slots kv_start .. kv_len - 1; without: SDPA with the grouped
+    query heads folded onto their key/value head) against transformers' own `sdpa` attention,
+    which repeats the keys and values: same output, with a per-row mask over a partly filled
+    cache, eager and compiled. With kv_len the slots outside [kv_start, kv_len) are masked for
+    transformers' and hold garbage for ours."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     g = torch.Generator().manual_seed(0)
@@ -196,17 +197,21 @@ def test_decode_attention_equals_sdpa(Hq, Hkv, Lq, Dv, with_kv_len):
     q = torch.randn(B, Lq, Hq, D, generator=g).transpose(1, 2)  # the models' strided layout
     k = torch.randn(B, Hkv, L, D, generator=g)
     v = torch.randn(B, Hkv, L, Dv, generator=g)  # Dv != D: multi-head latent attention's shapes
-    kv_len = torch.tensor([L, 7, 1])
+    kv_len, kv_start = torch.tensor([L, 7, 1]), torch.tensor([0, 3, 0])
     allowed = torch.rand(B, 1, Lq, L, generator=g) < 0.6
     allowed[..., 0] = True
+    allowed[1, ..., 3] = True
     allowed &= torch.arange(L) < kv_len[:, None, None, None]
+    if with_kv_len:
+        allowed &= torch.arange(L) >= kv_start[:, None, None, None]
     mask = torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)
     want, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=D ** -0.5)
     kw = dict(scaling=D ** -0.5)
     if with_kv_len:
-        for b, n in enumerate(kv_len.tolist()):
+        for b, (n, s0) in enumerate(zip(kv_len.tolist(), kv_start.tolist())):
             k[b, :, n:], v[b, :, n:] = 1e3, -1e3
-        kw["r1k_kv_len"] = kv_len
+            k[b, :, :s0], v[b, :, :s0] = -1e3, 1e3
+        kw["r1k_kv_len"], kw["r1k_kv_start"] = kv_len, kv_start
     got, _ = gen_mod._r1k_sdpa(module, q, k, v, mask, **kw)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     compiled = torch.compile(gen_mod._r1k_sdpa, fullgraph=True)
@@ -257,9 +262,10 @@ def test_rollout_of_a_model_loaded_with_other_attention(tiny, impl):
 
 def test_cpu_decode_reads_live_slots_only(tiny, monkeypatch):
     """On CPU each decode step's attention is r1kernels.decode_attention (one call per layer and
-    step, so transformers passed `r1k_kv_len` through), given slot + 1 for the rows still
-    decoding and 0 for the finished ones; the tokens are transformers' sdpa's (the eager loop
-    with r1k_sdpa's fold, decode_attention forced off)."""
+    step, so transformers passed `r1k_kv_len` and `r1k_kv_start` through), given slot + 1 for the
+    rows still decoding and 0 for the finished ones, and the first slot of each row's prompt
+    (its left padding is not read); the tokens are transformers' sdpa's (the eager loop with
+    r1k_sdpa's fold, decode_attention forced off)."""
     from r1kernels import dispatch
 
     model, tok, prompts = tiny
@@ -268,7 +274,10 @@ def test_cpu_decode_reads_live_slots_only(tiny, monkeypatch):
 
     def spy(q, k, v, kv_len, **kw):
         seen.append(kv_len.clone())
+        starts.append(kw["kv_start"].clone())
         return real(q, k, v, kv_len, **kw)
+
+    starts = []
 
     monkeypatch.setattr(gen_mod, "decode_attention", spy)
     kw = _kw(tok, max_new_tokens=12, temperature=1.0)
@@ -277,12 +286,17 @@ def test_cpu_decode_reads_live_slots_only(tiny, monkeypatch):
     first = generate(model, prompts, **dict(kw, eos_id=-1, generator=torch.Generator().manual_seed(3)))
     eos = int(torch.mode(first.tokens.flatten()).values)
     seen.clear()
+    starts.clear()
     kw["eos_id"] = eos
     roll = generate(model, prompts, **kw, generator=torch.Generator().manual_seed(3))
     layers = model.config.num_hidden_layers
     steps = len(seen) // layers
     assert steps >= 1 and len(seen) == steps * layers
     Lp = gen_mod.PAD_MULTIPLE
+    G = kw["group_size"]
+    first_slot = torch.tensor([Lp - len(prompts[r // G]) for r in range(len(prompts) * G)])
+    assert len(set(first_slot.tolist())) > 1  # prompts of different lengths
+    assert all(torch.equal(s, first_slot) for s in starts)
     finished_seen = False
     for s in range(steps):  # step s feeds token s (slot Lp + s) and samples token s + 1
         done = torch.tensor([bool((roll.tokens[r, :s + 1] == eos).any())

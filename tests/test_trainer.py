@@ -163,6 +163,33 @@ def test_tokenizer_roundtrip(tiny_model):
     assert tok.decode(ids) == text
 
 
+@pytest.mark.parametrize("cleanup", [False, True])
+def test_decode_of_a_rollout_is_transformers_decode(tiny_model, cleanup, monkeypatch):
+    """The trainer decodes a rollout in one call into `tokenizers`; the texts are transformers'
+    own `decode` of each row's first `length` tokens without a final EOS (special tokens and an
+    EOS inside a row kept), also through the row-by-row path a tokenizer that cleans up spaces
+    takes."""
+    import types
+
+    from r1train.runtime import Runtime
+
+    _, tok = tiny_model
+    monkeypatch.setattr(tok, "clean_up_tokenization_spaces", cleanup, raising=False)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, len(tok), (7, 9), generator=g)
+    eos = tok.eos_token_id
+    tokens[1, 4] = tokens[2, 8] = tokens[3, 2] = eos  # ends with EOS; EOS inside a row
+    lengths = [9, 5, 9, 9, 0, 1, 3]
+    rt = types.SimpleNamespace(tok=tok, eos_id=eos)
+    got = Runtime.decode(rt, tokens, lengths)
+    want = []
+    for row, n in zip(tokens.tolist(), lengths):
+        ids = row[:n]
+        want.append(tok.decode(ids[:-1] if ids and ids[-1] == eos else ids,
+                               skip_special_tokens=False))
+    assert got == want and eos in tokens[3, :9].tolist() and len(set(want)) == 7
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_kv_cache_generation_matches_no_cache(tiny_model, attn):
     model, tok = tiny_model
