@@ -19,7 +19,8 @@
   heads (`repeat_kv`, a copy of the whole KV cache per layer and step) whenever it is traced by
   torch.compile or given a mask. During rollout the model runs `r1k_sdpa` instead: for a single
   query token on CPU, `r1kernels.decode_attention` (the decode step passes each row's number of
-  written slots, 0 for a finished row: those are all it reads); on CUDA, SDPA with the query
+  written slots, 0 for a finished row, and its prompt's first real slot: it reads the slots
+  between, not the left padding); on CUDA, SDPA with the query
   heads that share a key/value head folded onto that head's query rows. Otherwise (the prefill)
   it is transformers' `sdpa`. Same math, no copy, compiled or not.
 - Each sampled token's log-prob under the unfiltered `softmax(logits / temperature)` is kept
