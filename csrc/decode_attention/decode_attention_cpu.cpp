@@ -45,13 +45,21 @@ R1K_INLINE void dot4(const acc_t* q, const scalar_t* k, int64_t stride, int64_t 
   s[0] = s0; s[1] = s1; s[2] = s2; s[3] = s3;
 }
 
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 || defined(__clang__)
-// fp32 scores of 16 slots at a time with GCC/Clang vector types (each clone of attend() lowers
-// them to its own instructions): the products of 16 keys with the query, one vector per key,
-// reduced together by a tree of shuffles and adds (sum_lanes16) instead of one horizontal sum
-// per key, which took most of the kernel's time.
+#if defined(R1K_HAS_SIMD_CLONES)
+// fp32 scores of 16 slots at a time with GCC's vector types: the products of 16 keys with the
+// query, one vector per key, reduced together by a tree of shuffles and adds (sum_lanes16)
+// instead of one horizontal sum per key, which took most of the kernel's time. Only in the
+// AVX-512 clone of attend() (vec16()): there each vector operation is one instruction, while the
+// AVX2 clone splits the 16-wide shuffles into many (measured 7.5x slower than its per-slot loops,
+// which it keeps).
 #define R1K_DECODE_VEC16 1
 typedef float f32x16 __attribute__((vector_size(64)));
+
+// True where the CPU runs attend()'s x86-64-v4 (AVX-512) clone: the clone dispatcher's own test.
+inline bool vec16() {
+  static const bool v4 = (__builtin_cpu_init(), __builtin_cpu_supports("x86-64-v4"));
+  return v4;
+}
 typedef float f32x16u __attribute__((vector_size(64), aligned(4)));  // for unaligned loads
 
 R1K_INLINE f32x16 load16(const float* p) { return *reinterpret_cast<const f32x16u*>(p); }
@@ -164,7 +172,7 @@ R1K_INLINE void attend_impl(const scalar_t* q, int64_t q_head_stride, const scal
     acc_t m = kNegInf;
 #if defined(R1K_DECODE_VEC16)
     if constexpr (std::is_same_v<scalar_t, float>) {
-      if (D % 16 == 0 && D <= 256) {
+      if (D % 16 == 0 && D <= 256 && vec16()) {
         f32x16 qv[16];
         for (int64_t c = 0; c < D / 16; ++c) qv[c] = load16(qs + 16 * c);
         f32x16 mv = f32x16{} + kNegInf;
@@ -204,8 +212,10 @@ R1K_INLINE void attend_impl(const scalar_t* q, int64_t q_head_stride, const scal
     const acc_t inv = acc_t(1) / sum;
 #if defined(R1K_DECODE_VEC16)
     if constexpr (DC > 0 && DC % 16 == 0 && std::is_same_v<scalar_t, float>) {
-      weighted_sum16<DC>(s, v, v_slot_stride, n, inv, og);
-      continue;
+      if (vec16()) {
+        weighted_sum16<DC>(s, v, v_slot_stride, n, inv, og);
+        continue;
+      }
     }
 #endif
     if constexpr (DC > 0) {
