@@ -54,13 +54,13 @@ R1K_INLINE void dot4(const acc_t* q, const scalar_t* k, int64_t stride, int64_t 
 // which it keeps).
 #define R1K_DECODE_VEC16 1
 typedef float f32x16 __attribute__((vector_size(64)));
+typedef float f32x16u __attribute__((vector_size(64), aligned(4)));  // for unaligned loads
 
 // True where the CPU runs attend()'s x86-64-v4 (AVX-512) clone: the clone dispatcher's own test.
 inline bool vec16() {
   static const bool v4 = (__builtin_cpu_init(), __builtin_cpu_supports("x86-64-v4"));
   return v4;
 }
-typedef float f32x16u __attribute__((vector_size(64), aligned(4)));  // for unaligned loads
 
 R1K_INLINE f32x16 load16(const float* p) { return *reinterpret_cast<const f32x16u*>(p); }
 
