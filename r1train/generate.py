@@ -136,12 +136,13 @@ class _Decoder:
         self.done = torch.empty(B, dtype=torch.bool, device=dev)
         self.key_ok = torch.empty((B, L), dtype=torch.bool, device=dev)
         self.next_pos = torch.empty(B, dtype=torch.long, device=dev)
+        self.kv_start = torch.empty(B, dtype=torch.long, device=dev)  # first real prompt slot
         self.uniforms = torch.empty((T, B), dtype=torch.float32, device=dev)
         self.t = torch.zeros((), dtype=torch.long, device=dev)   # index of the token to sample
         self.scalars = torch.empty(2, dtype=torch.long, device=dev)  # Lp, eos
         self.pad_id = 0
         for buf in (self.tokens, self.logps, self.lengths, self.done, self.key_ok, self.next_pos,
-                    self.uniforms, self.t, self.scalars):
+                    self.kv_start, self.uniforms, self.t, self.scalars):
             torch._dynamo.mark_static_address(buf)
         # on CPU, attention by r1kernels.decode_attention's C++ kernel, which skips finished rows
         # and unwritten slots (CUDA keeps SDPA: the torch path of decode_attention is not faster)
@@ -197,7 +198,7 @@ class _Decoder:
             # decode_attention reads slots Lp - prompt length .. slot of the rows still decoding
             # (not the left padding), none of a finished row's
             extra["r1k_kv_len"] = torch.where(self.done, 0, slot + 1)
-            extra["r1k_kv_start"] = self.scalars[0] - self.next_pos
+            extra["r1k_kv_start"] = self.kv_start
         out = self.model(input_ids=prev, attention_mask=mask,
                          position_ids=(self.next_pos + self.t - 1)[:, None],
                          cache_position=slot.view(1), use_cache=True,
@@ -305,6 +306,7 @@ def generate(model, prompt_ids: list[list[int]], *, group_size: int, max_new_tok
             dec.key_ok.copy_(key_ok.repeat_interleave(G, 0))
             # the position id of the first new token
             dec.next_pos.copy_(prompt_len.repeat_interleave(G, 0))
+            dec.kv_start.copy_((Lp - prompt_len).repeat_interleave(G, 0))  # after the left padding
             if temperature > 0:
                 if isinstance(generator, (list, tuple)):  # prompt p's rows p*G .. p*G+G-1
                     if len(generator) != P:

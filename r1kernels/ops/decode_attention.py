@@ -14,8 +14,8 @@ the torch path masks them out, so there they must be finite (as a cache's slots 
 Backends: a C++ CPU kernel (csrc/decode_attention/: one task per row and key/value head, the
 query heads that share the head computed together so each key and value is read from memory
 once, nothing repeated or copied, slots outside S not read at all, fp32 accumulation; on
-AVX-512 CPUs fp32 scores 16 slots at a time), and a torch path (any device; what CUDA runs, where SDPA is already
-a fused decode kernel): SDPA over the whole cache with the slots outside S masked.
+AVX-512 CPUs fp32 scores 16 slots at a time), and a torch path (any device; what CUDA runs, where
+SDPA is already a fused decode kernel): SDPA over the whole cache with the slots outside S masked.
 """
 from __future__ import annotations
 
