@@ -1,8 +1,9 @@
 """Rollout: G completions per prompt, sampled in one batch from the policy's own weights.
 
 - Prompts are left-padded (to a multiple of 16 tokens, so that the decode step's shapes repeat
-  from one batch to the next) and prefilled once (batch P); the prefilled keys/values are copied
-  G times into the decode cache, so a group's prompt is processed once, not G times.
+  from one batch to the next) and prefilled once (batch P, over the longest prompt's length only:
+  the padding every prompt has is not computed); the prefilled keys/values are copied G times
+  into the decode cache, so a group's prompt is processed once, not G times.
 - The KV cache is a transformers `StaticCache`: preallocated to prompt + max_new_tokens and written
   by index, so no tensor grows during decoding.
 - One decode step (model forward on the cache, `r1kernels.sample_tokens`, stop bookkeeping) reads
@@ -31,7 +32,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -156,17 +157,18 @@ class _Decoder:
                 self.compiled = torch.compile(self._step, dynamic=False,
                                               options={"cpp_wrapper": True})
 
-    def load_prefill(self, prefill_cache, G: int, Lp: int) -> None:
-        """Copy each prompt's prefilled keys/values (its first Lp slots) into the rows of its G
-        completions: one broadcasting copy per tensor. The slots after Lp keep whatever the last
-        rollout left there: the mask hides a slot until the step that writes it."""
+    def load_prefill(self, prefill_cache, G: int, W: int, Lp: int) -> None:
+        """Copy each prompt's prefilled keys/values (the prompt slots W .. Lp - 1) into the rows of
+        its G completions: one broadcasting copy per tensor. The slots before W (left padding of
+        every prompt) and after Lp keep whatever the last rollout left there: the mask hides the
+        first for good and a later one until the step that writes it."""
         for src, dst in zip(prefill_cache.layers, self.cache.layers):
             P, H = src.keys.shape[:2]
             if not dst.is_initialized:  # (reads only the shapes, dtype and device)
                 dst.lazy_initialization(src.keys.new_empty((P * G, H, 0, src.keys.shape[-1])),
                                         src.values.new_empty((P * G, H, 0, src.values.shape[-1])))
             for s, d in ((src.keys, dst.keys), (src.values, dst.values)):
-                d.view(P, G, H, self.L, -1)[:, :, :, :Lp].copy_(s[:, None, :, :Lp])
+                d.view(P, G, H, self.L, -1)[:, :, :, W:Lp].copy_(s[:, None, :, :Lp - W])
             dst.cumulative_length.fill_(Lp)
 
     def _commit(self, logits: torch.Tensor) -> None:
@@ -205,17 +207,11 @@ class _Decoder:
                          **{self.cache_kw: self.cache}, **extra)
         self._commit(out.logits[:, -1])
 
-    def step(self, same_as_last: bool = False) -> None:
-        """One decode step. `same_as_last`: the previous step of this decoder ran in the same
-        rollout (same shapes and objects), so the compiled step's guards need no re-checking
-        beyond picking the graph (dynamo's skip_guard_eval_unsafe: ~15% of a tiny model's step)."""
+    def step(self) -> None:
+        """One decode step: the compiled one if compiling has not failed, else eager."""
         if self.compiled is not None:
             try:
-                if same_as_last:
-                    with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                        self.compiled()
-                else:
-                    self.compiled()
+                self.compiled()
                 return
             except Exception as e:  # noqa: BLE001 - any compiler failure: decode eagerly
                 self.compiled = None
@@ -278,14 +274,16 @@ def generate(model, prompt_ids: list[list[int]], *, group_size: int, max_new_tok
     cache_pos = torch.arange(L, device=dev)
 
     # Attention masks are 4-D additive masks over the whole static cache (which transformers uses
-    # as given): no mask construction or host checks inside the model. The prefill's cache holds
-    # the Lp prompt slots only; the decode cache all L.
+    # as given): no mask construction or host checks inside the model. The prefill runs on the
+    # prompt slots W .. Lp - 1 only (the first W are padding in every prompt) and its cache holds
+    # those; the decode cache all L.
+    W = Lp - max(len(p) for p in prompt_ids)
     dtype = next(model.parameters()).dtype
     neg = torch.finfo(dtype).min
     key_ok = attn.bool()                                    # [P, L] real prompt tokens + new slots
-    q_pos = cache_pos[:Lp]
-    allowed = key_ok[:, None, :Lp] & (q_pos[None, :] <= q_pos[:, None])[None]  # [P, Lp, Lp]
-    allowed |= torch.eye(Lp, dtype=torch.bool, device=dev)[None]  # pads attend to themselves
+    q_pos = cache_pos[:Lp - W]
+    allowed = key_ok[:, None, W:Lp] & (q_pos[None, :] <= q_pos[:, None])[None]  # [P, m, m]
+    allowed |= torch.eye(Lp - W, dtype=torch.bool, device=dev)[None]  # pads attend to themselves
     prefill_mask = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill_(~allowed, neg)
 
     sampling = dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
@@ -294,12 +292,12 @@ def generate(model, prompt_ids: list[list[int]], *, group_size: int, max_new_tok
     model.eval()
     try:
         with _decode_attention(model):  # (the prefill runs transformers' sdpa through it)
-            prefill = StaticCache(config=model.config, max_cache_len=Lp)
-            out = model(input_ids=ids, attention_mask=prefill_mask[:, None], position_ids=pos,
-                        cache_position=cache_pos[:Lp], use_cache=True, logits_to_keep=1,
-                        **{cache_kw(model): prefill})
+            prefill = StaticCache(config=model.config, max_cache_len=Lp - W)
+            out = model(input_ids=ids[:, W:], attention_mask=prefill_mask[:, None],
+                        position_ids=pos[:, W:], cache_position=q_pos, use_cache=True,
+                        logits_to_keep=1, **{cache_kw(model): prefill})
             dec = _decoder(model, P * G, L, T, sampling, compile)
-            dec.load_prefill(prefill, G, Lp)  # (filled in place by the model)
+            dec.load_prefill(prefill, G, W, Lp)  # (filled in place by the model)
             del prefill
             dec.pad_id = pad_id
             dec.scalars.copy_(torch.tensor([Lp, eos_id]))
@@ -325,10 +323,18 @@ def generate(model, prompt_ids: list[list[int]], *, group_size: int, max_new_tok
             dec.done.zero_()
             dec.t.zero_()
             dec._commit(out.logits[:, -1].repeat_interleave(G, 0))  # token 0, from the prefill
-            for t in range(1, T):
-                if t % sync_every == 0 and bool(dec.done.all()):
-                    break
-                dec.step(same_as_last=t > 1)
+            with ExitStack() as unchecked:
+                for t in range(1, T):
+                    if t % sync_every == 0 and bool(dec.done.all()):
+                        break
+                    dec.step()
+                    if t == 1 and dec.compiled is not None:
+                        # the later steps of this rollout run on the same objects and shapes:
+                        # dynamo picks the graph without re-checking every guard
+                        # (skip_guard_eval_unsafe; ~15% of a tiny model's step), and the stance
+                        # is set once per rollout, not per step (~55 us each time)
+                        unchecked.enter_context(torch.compiler.set_stance(
+                            "default", skip_guard_eval_unsafe=True))
     finally:
         model.train(was_training)
     return Rollout(list(prompt_ids), dec.tokens.clone(), dec.lengths.clone(), G, dec.logps.clone())

@@ -49,6 +49,38 @@ def test_compiled_greedy_matches_eager_and_nocache(tiny):
     assert len(outs) > 1
 
 
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_prefill_skips_the_shared_padding(tiny, impl, monkeypatch):
+    """The prefill runs on the longest prompt's width, not the padded one; a cached decoder
+    reused by a rollout whose prompts are shorter (more shared padding, same padded length)
+    never attends to the slots the last rollout wrote there: greedy tokens equal the no-cache
+    reference, through decode_attention's kv_start (sdpa) and through the mask (eager)."""
+    model, tok, prompts = tiny
+    long = prompts + [[tok.bos_token_id] + tok("12345+678=", add_special_tokens=False)["input_ids"]]
+    assert max(map(len, prompts)) < max(map(len, long)) <= gen_mod.PAD_MULTIPLE
+    widths, load = [], gen_mod._Decoder.load_prefill
+
+    def spy(self, prefill, *a):  # the prefill cache's slots: the width it ran on
+        widths.append(prefill.layers[0].keys.shape[2])
+        return load(self, prefill, *a)
+
+    monkeypatch.setattr(gen_mod._Decoder, "load_prefill", spy)
+    cfg = model.config
+    try:
+        cfg._attn_implementation = impl
+        model.__dict__.pop("_r1k_decoders", None)  # (a decoder of this attention, below)
+        for ps in (long, prompts, long):
+            got = generate(model, ps, compile=True, **_kw(tok))
+            for i, p in enumerate(ps):
+                n = int(got.lengths[2 * i])
+                assert got.tokens[2 * i, :n].tolist() == generate_nocache_greedy(
+                    model, p, 10, tok.eos_token_id)
+    finally:
+        cfg._attn_implementation = "sdpa"
+        model.__dict__.pop("_r1k_decoders", None)
+    assert widths == [max(map(len, long)), max(map(len, prompts)), max(map(len, long))]
+
+
 def test_compiled_sampling_reproducible_and_logps(tiny):
     model, tok, prompts = tiny
     kw = _kw(tok, group_size=4, temperature=0.8, top_p=0.9)
@@ -228,7 +260,7 @@ def test_decode_attention_is_restored(tiny):
     seen = []
     real = gen_mod._Decoder.step
 
-    def spy(self, same_as_last=False):
+    def spy(self):
         seen.append(self.model.config._attn_implementation)
         raise RuntimeError("stop")
 

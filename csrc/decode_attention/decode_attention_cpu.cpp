@@ -48,13 +48,15 @@ R1K_INLINE void dot4(const acc_t* q, const scalar_t* k, int64_t stride, int64_t 
 #if defined(R1K_HAS_SIMD_CLONES)
 // fp32 scores of 16 slots at a time with GCC's vector types: the products of 16 keys with the
 // query, one vector per key, reduced together by a tree of shuffles and adds (sum_lanes16)
-// instead of one horizontal sum per key, which took most of the kernel's time. Only in the
+// instead of one horizontal sum per key, which took most of the kernel's time; the softmax's
+// max, exp and sum on the same vectors (its scalar reductions were the next 12%). Only in the
 // AVX-512 clone of attend() (vec16()): there each vector operation is one instruction, while the
 // AVX2 clone splits the 16-wide shuffles into many (measured 7.5x slower than its per-slot loops,
 // which it keeps).
 #define R1K_DECODE_VEC16 1
 typedef float f32x16 __attribute__((vector_size(64)));
 typedef float f32x16u __attribute__((vector_size(64), aligned(4)));  // for unaligned loads
+typedef int32_t i32x16 __attribute__((vector_size(64)));
 
 // True where the CPU runs attend()'s x86-64-v4 (AVX-512) clone: the clone dispatcher's own test.
 inline bool vec16() {
@@ -109,12 +111,57 @@ R1K_INLINE f32x16 scores16(const f32x16* q, const float* k, int64_t stride, int6
   f32x16 r = sum_lanes16(acc);
   if (cnt == 16) {
     if (mask) r += load16(mask);
-  } else {
-    for (int i = 0; i < 16; ++i)
-      r[i] = i < cnt ? r[i] + (mask ? mask[i] : 0.0f) : -std::numeric_limits<float>::infinity();
+  } else {  // (the mask's slots past cnt are not read: they may be past the tensor's end)
+    float mk[16] = {};
+    if (mask)
+      for (int64_t i = 0; i < cnt; ++i) mk[i] = mask[i];
+    const i32x16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    r = lane < static_cast<int32_t>(cnt) ? r + load16(mk)
+                                         : f32x16{} - std::numeric_limits<float>::infinity();
   }
   *reinterpret_cast<f32x16u*>(s) = r;
   return r;
+}
+
+// The largest and the sum of x's 16 lanes: four levels of shuffles, not 15 dependent steps.
+R1K_INLINE float max_lanes(f32x16 x) {
+  f32x16 y = __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  x = x > y ? x : y;
+  y = __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  x = x > y ? x : y;
+  y = __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  x = x > y ? x : y;
+  y = __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  x = x > y ? x : y;
+  return x[0];
+}
+
+R1K_INLINE float sum_lanes(f32x16 x) {
+  x += __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  x += __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  x += __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  x += __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  return x[0];
+}
+
+// exp_simd (cpu_simd.h) of 16 lanes, the same operations on vectors.
+R1K_INLINE f32x16 exp16(f32x16 x) {
+  const f32x16 lo = f32x16{} - 87.3f, hi = f32x16{} + 88.7228f;
+  const f32x16 xc = x < lo ? lo : (x > hi ? hi : x);
+  const f32x16 shift = f32x16{} + 12582912.0f;
+  f32x16 n = (xc * 1.44269504088896341f + shift) - shift;
+  n = n > 127.f ? f32x16{} + 127.f : n;
+  const f32x16 r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
+  f32x16 p = f32x16{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const f32x16 er = p * r * r + r + 1.0f;
+  const i32x16 bits = (__builtin_convertvector(n, i32x16) + 127) << 23;
+  const f32x16 y = x < lo ? f32x16{} : er * reinterpret_cast<const f32x16&>(bits);
+  return x > 88.72283f ? f32x16{} + std::numeric_limits<float>::infinity() : y;
 }
 
 // out[0:DC] = inv * sum_j w[j] v[j, 0:DC], the slots taken U at a time into U partial sums (one
@@ -181,15 +228,34 @@ R1K_INLINE void attend_impl(const scalar_t* q, int64_t q_head_stride, const scal
                                     mask ? mask + j : nullptr, std::min<int64_t>(n - j, 16), s + j);
           mv = r > mv ? r : mv;
         }
-        for (int i = 0; i < 16; ++i) m = mv[i] > m ? mv[i] : m;
-        j = n;
+        m = max_lanes(mv);
+        float* og = out + g * out_head_stride;
+        if (!(m > kNegInf)) {  // no slot, or every slot masked: zeros, never NaN
+          for (int64_t d = 0; d < D; ++d) og[d] = 0.0f;
+          continue;
+        }
+        // (the scores past n are -inf: their weights are 0)
+        f32x16 sv = f32x16{};
+        for (j = 0; j < n; j += 16) {
+          const f32x16 e = exp16(load16(s + j) - m);
+          *reinterpret_cast<f32x16u*>(s + j) = e;
+          sv += e;
+        }
+        const float inv = 1.0f / sum_lanes(sv);
+        if constexpr (DC > 0 && DC % 16 == 0) {
+          weighted_sum16<DC>(s, v, v_slot_stride, n, inv, og);
+          continue;
+        }
+        for (int64_t d = 0; d < D; ++d) qs[d] = 0;
+        for (j = 0; j < n; ++j) axpy(qs, s[j], v + j * v_slot_stride, D);
+        for (int64_t d = 0; d < D; ++d) og[d] = qs[d] * inv;
+        continue;
       }
     }
 #endif
-    const int64_t j0 = j;  // the slots before j0 have their scores, mask included
     for (; j + 4 <= n; j += 4) dot4(qs, k + j * k_slot_stride, k_slot_stride, D, s + j);
     for (; j < n; ++j) s[j] = dot(qs, k + j * k_slot_stride, D);
-    for (j = j0; j < n; ++j) {
+    for (j = 0; j < n; ++j) {
       if (mask) s[j] += mask[j];
       m = s[j] > m ? s[j] : m;
     }
