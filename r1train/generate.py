@@ -331,8 +331,8 @@ def generate(model, prompt_ids: list[list[int]], *, group_size: int, max_new_tok
                     if t == 1 and dec.compiled is not None:
                         # the later steps of this rollout run on the same objects and shapes:
                         # dynamo picks the graph without re-checking every guard
-                        # (skip_guard_eval_unsafe; ~15% of a tiny model's step), and the stance
-                        # is set once per rollout, not per step (~55 us each time)
+                        # (skip_guard_eval_unsafe; ~15% of a tiny model's step); the stance is
+                        # set once per rollout, not around each step
                         unchecked.enter_context(torch.compiler.set_stance(
                             "default", skip_guard_eval_unsafe=True))
     finally:
