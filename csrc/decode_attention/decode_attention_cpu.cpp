@@ -160,7 +160,7 @@ R1K_INLINE f32x16 exp16(f32x16 x) {
   p = p * r + 5.0000001201e-1f;
   const f32x16 er = p * r * r + r + 1.0f;
   const i32x16 bits = (__builtin_convertvector(n, i32x16) + 127) << 23;
-  const f32x16 y = x < lo ? f32x16{} : er * reinterpret_cast<const f32x16&>(bits);
+  const f32x16 y = x < lo ? f32x16{} : er * __builtin_bit_cast(f32x16, bits);
   return x > 88.72283f ? f32x16{} + std::numeric_limits<float>::infinity() : y;
 }
 
