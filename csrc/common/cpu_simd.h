@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 // R1K_NO_SIMD_CLONES (setup.py: R1K_NO_SIMD_CLONES=1) builds the baseline copy only: CI runs the C++
 // tests on it too, since that is what CPUs without AVX2 and other compilers get.
@@ -31,24 +32,35 @@ namespace r1k {
 // exp(x) for SIMD loops: x = n ln2 + r with |r| <= ln2 / 2, e^r from Cephes' degree-6 polynomial
 // (relative error ~1e-7), 2^n from its exponent bits. Exactly 0 below -87.3 (e^-87.3 is at the
 // bottom of the normal floats; -inf included); inf above fp32's overflow point; NaN stays NaN.
-R1K_INLINE float exp_simd(float x) {
-  const float xc = x < -87.3f ? -87.3f : (x > 88.7228f ? 88.7228f : x);
-  const float shift = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
-  float n = (xc * 1.44269504088896341f + shift) - shift;
-  n = n > 127.f ? 127.f : n;  // 2^128 is not a float: the top 0.35 of the range takes r up to ln2
-  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
+// F: float, or a GCC vector of floats with I and U its int32 and uint32 vectors of the same
+// width (the same operations on every lane: decode_attention's 16-lane softmax).
+template <typename F, typename I = int32_t, typename U = uint32_t>
+R1K_INLINE F exp_poly(F x) {
+  const F lo = F{} - 87.3f, hi = F{} + 88.7228f;
+  const F xc = x < lo ? lo : (x > hi ? hi : x);
+  const F shift = F{} + 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+  F n = (xc * 1.44269504088896341f + shift) - shift;
+  // 2^128 is not a float: the top 0.35 of the range takes r up to ln2
+  n = n > 127.f ? F{} + 127.f : n;
+  const F r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
+  F p = F{} + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  const float er = p * r * r + r + 1.0f;
-  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
-  const float scale = __builtin_bit_cast(float, bits);
-  const float y = x < -87.3f ? 0.0f : er * scale;
-  return x > 88.72283f ? std::numeric_limits<float>::infinity() : y;
+  const F er = p * r * r + r + 1.0f;
+  U bits;  // 2^n: n + 127 in the exponent field (shifted unsigned: defined for any n)
+  if constexpr (std::is_same_v<F, float>)
+    bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  else
+    bits = __builtin_convertvector(__builtin_convertvector(n, I) + 127, U) << 23;
+  const F scale = __builtin_bit_cast(F, bits);
+  const F y = x < lo ? F{} : er * scale;
+  return x > 88.72283f ? F{} + std::numeric_limits<float>::infinity() : y;
 }
+
+R1K_INLINE float exp_simd(float x) { return exp_poly(x); }
 
 // Which copy of the R1K_SIMD_CLONES functions this CPU runs (python -m r1kernels prints it).
 inline const char* cpu_simd_level() {

@@ -57,6 +57,7 @@ R1K_INLINE void dot4(const acc_t* q, const scalar_t* k, int64_t stride, int64_t 
 typedef float f32x16 __attribute__((vector_size(64)));
 typedef float f32x16u __attribute__((vector_size(64), aligned(4)));  // for unaligned loads
 typedef int32_t i32x16 __attribute__((vector_size(64)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
 
 // True where the CPU runs attend()'s x86-64-v4 (AVX-512) clone: the clone dispatcher's own test.
 inline bool vec16() {
@@ -144,26 +145,6 @@ R1K_INLINE float sum_lanes(f32x16 x) {
   return x[0];
 }
 
-// exp_simd (cpu_simd.h) of 16 lanes, the same operations on vectors.
-R1K_INLINE f32x16 exp16(f32x16 x) {
-  const f32x16 lo = f32x16{} - 87.3f, hi = f32x16{} + 88.7228f;
-  const f32x16 xc = x < lo ? lo : (x > hi ? hi : x);
-  const f32x16 shift = f32x16{} + 12582912.0f;
-  f32x16 n = (xc * 1.44269504088896341f + shift) - shift;
-  n = n > 127.f ? f32x16{} + 127.f : n;
-  const f32x16 r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
-  f32x16 p = f32x16{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const f32x16 er = p * r * r + r + 1.0f;
-  const i32x16 bits = (__builtin_convertvector(n, i32x16) + 127) << 23;
-  const f32x16 y = x < lo ? f32x16{} : er * __builtin_bit_cast(f32x16, bits);
-  return x > 88.72283f ? f32x16{} + std::numeric_limits<float>::infinity() : y;
-}
-
 // out[0:DC] = inv * sum_j w[j] v[j, 0:DC], the slots taken U at a time into U partial sums (one
 // chain of dependent adds would wait on each add's latency).
 template <int DC>
@@ -217,9 +198,11 @@ R1K_INLINE void attend_impl(const scalar_t* q, int64_t q_head_stride, const scal
     for (int64_t d = 0; d < D; ++d) qs[d] = static_cast<acc_t>(qg[d]) * scale;
     int64_t j = 0;
     acc_t m = kNegInf;
+    bool vec = false;  // scores and weights 16 slots at a time (the AVX-512 clone, fp32)
 #if defined(R1K_DECODE_VEC16)
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (D % 16 == 0 && D <= 256 && vec16()) {
+        vec = true;
         f32x16 qv[16];
         for (int64_t c = 0; c < D / 16; ++c) qv[c] = load16(qs + 16 * c);
         f32x16 mv = f32x16{} + kNegInf;
@@ -229,56 +212,52 @@ R1K_INLINE void attend_impl(const scalar_t* q, int64_t q_head_stride, const scal
           mv = r > mv ? r : mv;
         }
         m = max_lanes(mv);
-        float* og = out + g * out_head_stride;
-        if (!(m > kNegInf)) {  // no slot, or every slot masked: zeros, never NaN
-          for (int64_t d = 0; d < D; ++d) og[d] = 0.0f;
-          continue;
-        }
-        // (the scores past n are -inf: their weights are 0)
-        f32x16 sv = f32x16{};
-        for (j = 0; j < n; j += 16) {
-          const f32x16 e = exp16(load16(s + j) - m);
-          *reinterpret_cast<f32x16u*>(s + j) = e;
-          sv += e;
-        }
-        const float inv = 1.0f / sum_lanes(sv);
-        if constexpr (DC > 0 && DC % 16 == 0) {
-          weighted_sum16<DC>(s, v, v_slot_stride, n, inv, og);
-          continue;
-        }
-        for (int64_t d = 0; d < D; ++d) qs[d] = 0;
-        for (j = 0; j < n; ++j) axpy(qs, s[j], v + j * v_slot_stride, D);
-        for (int64_t d = 0; d < D; ++d) og[d] = qs[d] * inv;
-        continue;
       }
     }
 #endif
-    for (; j + 4 <= n; j += 4) dot4(qs, k + j * k_slot_stride, k_slot_stride, D, s + j);
-    for (; j < n; ++j) s[j] = dot(qs, k + j * k_slot_stride, D);
-    for (j = 0; j < n; ++j) {
-      if (mask) s[j] += mask[j];
-      m = s[j] > m ? s[j] : m;
+    if (!vec) {
+      for (; j + 4 <= n; j += 4) dot4(qs, k + j * k_slot_stride, k_slot_stride, D, s + j);
+      for (; j < n; ++j) s[j] = dot(qs, k + j * k_slot_stride, D);
+      for (j = 0; j < n; ++j) {
+        if (mask) s[j] += mask[j];
+        m = s[j] > m ? s[j] : m;
+      }
     }
     scalar_t* og = out + g * out_head_stride;
     if (!(m > kNegInf)) {  // no slot, or every slot masked: zeros, never NaN
       for (int64_t d = 0; d < D; ++d) og[d] = scalar_t(0);
       continue;
     }
-    // exp over a multiple of 16 slots (the ones past n at -inf, so e = 0): the vectorized loop
-    // has no scalar remainder, which took as long as the rest of it
+    // exp over a multiple of 16 slots (the ones past n at -inf, so e = 0; scores16 wrote them):
+    // the vectorized loop has no scalar remainder, which took as long as the rest of it
     const int64_t n16 = (n + 15) / 16 * 16;
-    for (j = n; j < n16; ++j) s[j] = kNegInf;
     acc_t sum = 0;
+#if defined(R1K_DECODE_VEC16)
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (vec) {  // the sum as a vector, reduced once
+        f32x16 sv = f32x16{};
+        for (j = 0; j < n16; j += 16) {
+          const f32x16 e = exp_poly<f32x16, i32x16, u32x16>(load16(s + j) - m);
+          *reinterpret_cast<f32x16u*>(s + j) = e;
+          sv += e;
+        }
+        sum = sum_lanes(sv);
+      }
+    }
+#endif
+    if (!vec) {
+      for (j = n; j < n16; ++j) s[j] = kNegInf;
 #pragma omp simd reduction(+ : sum)
-    for (j = 0; j < n16; ++j) {
-      const acc_t e = exp_acc(s[j] - m);
-      s[j] = e;
-      sum += e;
+      for (j = 0; j < n16; ++j) {
+        const acc_t e = exp_acc(s[j] - m);
+        s[j] = e;
+        sum += e;
+      }
     }
     const acc_t inv = acc_t(1) / sum;
 #if defined(R1K_DECODE_VEC16)
     if constexpr (DC > 0 && DC % 16 == 0 && std::is_same_v<scalar_t, float>) {
-      if (vec16()) {
+      if (vec) {
         weighted_sum16<DC>(s, v, v_slot_stride, n, inv, og);
         continue;
       }
