@@ -8,7 +8,8 @@
   by index, so no tensor grows during decoding.
 - One decode step (model forward on the cache, `r1kernels.sample_tokens`, stop bookkeeping) reads
   and writes only preallocated tensors, so it can be compiled once per shape
-  (`compile=True`: `torch.compile`, replayed as a CUDA graph on CUDA, with a C++ wrapper on CPU).
+  (`compile=True`: `torch.compile`, replayed as a CUDA graph on CUDA; on CPU inductor with a C++
+  wrapper, and after a rollout's first step the compiled graph is called without dynamo).
   It reads the parameters in place: an optimizer step changes what the next rollout computes,
   with no re-capture and no copy.
   The compiled step and its buffers are kept per (model, shape, sampling settings).
@@ -150,12 +151,28 @@ class _Decoder:
         self.kv_len_kernel = (getattr(model.config, "_attn_implementation", None) == "r1k_sdpa"
                               and dispatch.select("decode_attention", dev) == "cpp")
         self.compiled = None
+        # (CPU) the inductor graph of the step dynamo last ran, and the tensors it passed
+        self.graph, self.graph_args = None, None
         if compile:
             if dev.type == "cuda":  # replayed as a CUDA graph
                 self.compiled = torch.compile(self._step, mode="reduce-overhead", dynamic=False)
-            else:  # the kernels called from generated C++, not Python: 1.3x at the tiny model
-                self.compiled = torch.compile(self._step, dynamic=False,
-                                              options={"cpp_wrapper": True})
+            else:  # one graph (as transformers' own compiled decoding requires): see `step`
+                self.compiled = torch.compile(self._step, backend=self._inductor, dynamic=False,
+                                              fullgraph=True)
+
+    def _inductor(self, gm, example_inputs):
+        """torch.compile's backend on CPU: inductor, the kernels called from generated C++, not
+        Python (1.3x at the tiny model); each call through dynamo records the graph and its
+        arguments (the parameters, the cache and the buffers above, always the same tensors),
+        which the rollout's later steps call directly (`step`)."""
+        from torch._inductor import compile as inductor_compile
+
+        graph = inductor_compile(gm, example_inputs, options={"cpp_wrapper": True})
+
+        def run(*args):
+            self.graph, self.graph_args = graph, args
+            return graph(*args)
+        return run
 
     def load_prefill(self, prefill_cache, G: int, W: int, Lp: int) -> None:
         """Copy each prompt's prefilled keys/values (the prompt slots W .. Lp - 1) into the rows of
@@ -208,10 +225,19 @@ class _Decoder:
         self._commit(out.logits[:, -1])
 
     def step(self) -> None:
-        """One decode step: the compiled one if compiling has not failed, else eager."""
+        """One decode step: the compiled one if compiling has not failed, else eager. After the
+        first step of a rollout, which dynamo runs (checking its guards, compiling the step if
+        it is new), the graph it ran is called with the same arguments without dynamo: the later
+        steps run on the same tensors and shapes, and dynamo's guards, its lookup of the 43
+        arguments and its replay of the model's Python state (context flags it resets to the
+        same values) cost ~9% of a tiny model's step. A model whose step does not trace as one
+        graph decodes eagerly (one warning)."""
         if self.compiled is not None:
             try:
-                self.compiled()
+                if self.graph_args is not None:
+                    self.graph(*self.graph_args)
+                else:
+                    self.compiled()
                 return
             except Exception as e:  # noqa: BLE001 - any compiler failure: decode eagerly
                 self.compiled = None
@@ -290,6 +316,7 @@ def generate(model, prompt_ids: list[list[int]], *, group_size: int, max_new_tok
                     min_p=float(min_p))
     was_training = model.training
     model.eval()
+    dec = None
     try:
         with _decode_attention(model):  # (the prefill runs transformers' sdpa through it)
             prefill = StaticCache(config=model.config, max_cache_len=Lp - W)
@@ -323,19 +350,20 @@ def generate(model, prompt_ids: list[list[int]], *, group_size: int, max_new_tok
             dec.done.zero_()
             dec.t.zero_()
             dec._commit(out.logits[:, -1].repeat_interleave(G, 0))  # token 0, from the prefill
+            dec.graph_args = None  # (CPU) the first step runs through dynamo, the later ones not
             with ExitStack() as unchecked:
                 for t in range(1, T):
                     if t % sync_every == 0 and bool(dec.done.all()):
                         break
                     dec.step()
-                    if t == 1 and dec.compiled is not None:
-                        # the later steps of this rollout run on the same objects and shapes:
-                        # dynamo picks the graph without re-checking every guard
-                        # (skip_guard_eval_unsafe; ~15% of a tiny model's step); the stance is
-                        # set once per rollout, not around each step
+                    if t == 1 and dec.compiled is not None and dec.graph_args is None:
+                        # CUDA: the later steps run on the same objects and shapes, dynamo picks
+                        # the CUDA graph without re-checking every guard
                         unchecked.enter_context(torch.compiler.set_stance(
                             "default", skip_guard_eval_unsafe=True))
     finally:
+        if dec is not None:
+            dec.graph_args = None  # (would hold the parameters until the next rollout)
         model.train(was_training)
     return Rollout(list(prompt_ids), dec.tokens.clone(), dec.lengths.clone(), G, dec.logps.clone())
 

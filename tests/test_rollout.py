@@ -117,6 +117,33 @@ def test_compiled_step_reads_updated_weights(tiny):
     assert dec.compiled is not None
 
 
+def test_compiled_rollout_enters_dynamo_once(tiny):
+    """On CPU a rollout's first step runs through dynamo (its guards checked), the later steps
+    call the graph it ran directly: same tokens as eager, and the graph's arguments (which hold
+    the parameters) are dropped when the rollout ends."""
+    model, tok, prompts = tiny
+    work = type(model)(model.config)
+    work.load_state_dict(model.state_dict())
+    first = generate(work, prompts, compile=True, **_kw(tok))
+    (dec,) = work.__dict__["_r1k_decoders"].values()
+    calls, dynamo, graph = [], dec.compiled, dec.graph
+
+    def counted_dynamo():
+        calls.append(1)
+        return dynamo()
+
+    dec.compiled = counted_dynamo
+    try:
+        again = generate(work, prompts, compile=True, **_kw(tok))
+    finally:
+        dec.compiled = dynamo
+    assert torch.equal(first.tokens, again.tokens)
+    assert torch.equal(again.tokens, generate(work, prompts, **_kw(tok)).tokens)
+    steps = int(again.lengths.max()) - 1  # token 0 comes from the prefill
+    assert len(calls) == 1 and steps > 2
+    assert dec.graph is graph and dec.graph_args is None
+
+
 def test_compile_failure_falls_back_with_one_warning(tiny, monkeypatch):
     model, tok, prompts = tiny
     work = type(model)(model.config)
