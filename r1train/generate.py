@@ -167,7 +167,12 @@ class _Decoder:
         which the rollout's later steps call directly (`step`)."""
         from torch._inductor import compile as inductor_compile
 
-        graph = inductor_compile(gm, example_inputs, options={"cpp_wrapper": True})
+        # vec_isa_ok: inductor's check that the compiler builds its AVX-512 / AVX2 code (a test
+        # program compiled per instruction set, then loaded in a new Python process) is skipped:
+        # it cost 6-9 s of a first compile here and ~0.7 s of every process's; the instruction
+        # set is still chosen from the CPU's flags, and a compiler that fails decodes eagerly
+        graph = inductor_compile(gm, example_inputs,
+                                 options={"cpp_wrapper": True, "cpp.vec_isa_ok": True})
 
         def run(*args):
             self.graph, self.graph_args = graph, args
