@@ -55,7 +55,12 @@ def build_tiny_model(out_dir: str, *, hidden_size: int, num_layers: int, num_hea
 def load_model(path: str, *, device: torch.device, dtype: str = "float32",
                attn_implementation: str | None = None, moe_kernels: bool = True):
     """Load a local causal LM + tokenizer from `path` (safetensors only). MoE models of the
-    families r1kernels supports (Qwen3-MoE, DeepSeek-V3) get the r1kernels router and dispatch."""
+    families r1kernels supports (Qwen3-MoE, DeepSeek-V3) get the r1kernels router and dispatch.
+
+    `use_kernels=False`: transformers 5 swaps layers for kernels fetched from the Hugging Face
+    Hub by default (`kernels`); the trainer runs r1kernels' ops and loads no code from the Hub
+    (on CPU those mappings replace nothing, but re-run at every `train()` / `eval()`: 0.7 ms
+    each, two per rollout)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not os.path.isdir(path):
@@ -64,7 +69,7 @@ def load_model(path: str, *, device: torch.device, dtype: str = "float32",
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    kwargs = {"dtype": getattr(torch, dtype), "use_safetensors": True}
+    kwargs = {"dtype": getattr(torch, dtype), "use_safetensors": True, "use_kernels": False}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device)

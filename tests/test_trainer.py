@@ -393,7 +393,8 @@ def test_pipeline_summary_schema(tmp_path):
 
     files = os.listdir(tmp_path / "run" / "model")
     assert any(f.endswith(".safetensors") for f in files)
-    load_model(str(tmp_path / "run" / "model"), device=torch.device("cpu"))
+    model, _ = load_model(str(tmp_path / "run" / "model"), device=torch.device("cpu"))
+    assert model.use_kernels is False  # no layer swapped for a kernel from the Hub
     try:
         import matplotlib  # noqa: F401
     except ImportError:
