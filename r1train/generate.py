@@ -355,7 +355,6 @@ def generate(model, prompt_ids: list[list[int]], *, group_size: int, max_new_tok
             dec.done.zero_()
             dec.t.zero_()
             dec._commit(out.logits[:, -1].repeat_interleave(G, 0))  # token 0, from the prefill
-            dec.graph_args = None  # (CPU) the first step runs through dynamo, the later ones not
             with ExitStack() as unchecked:
                 for t in range(1, T):
                     if t % sync_every == 0 and bool(dec.done.all()):
@@ -368,7 +367,9 @@ def generate(model, prompt_ids: list[list[int]], *, group_size: int, max_new_tok
                             "default", skip_guard_eval_unsafe=True))
     finally:
         if dec is not None:
-            dec.graph_args = None  # (would hold the parameters until the next rollout)
+            # (CPU) so that the next rollout's first step runs through dynamo (and the recorded
+            # arguments do not hold the parameters until then)
+            dec.graph_args = None
         model.train(was_training)
     return Rollout(list(prompt_ids), dec.tokens.clone(), dec.lengths.clone(), G, dec.logps.clone())
 

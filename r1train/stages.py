@@ -95,8 +95,7 @@ class Stages:
             exs = self.task.examples(range(cfg.sft_examples))
             pairs += [(e.prompt, tasks_mod.completion_text(e)) for e in exs]
         rows = []
-        for prompt, completion in pairs:
-            p = self.encode_prompt(prompt)
+        for (prompt, completion), p in zip(pairs, self.encode_prompts([q for q, _ in pairs])):
             c = self.encode_text(completion) + [self.eos_id]
             rows.append((p + c, len(p)))
         return rows

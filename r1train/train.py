@@ -58,7 +58,7 @@ class Trainer(Runtime, Checkpointing, Evaluation, Stages):
         reward per sample (None: skipped), the values of each reward function)."""
         cfg = self.cfg
         rendered = [self.render_prompt(e.prompt) for e in examples]
-        prompts = [self.encode_prompt(e.prompt) for e in examples]
+        prompts = self.encode_prompts([e.prompt for e in examples])
         with parallel.gathered(self.model) if self.fsdp else contextlib.nullcontext():
             roll = generate(self.model, prompts, group_size=group_size,
                             max_new_tokens=cfg.max_new_tokens, eos_id=self.eos_id,

@@ -32,8 +32,9 @@ TINY = dict(tiny_hidden=32, tiny_layers=1, tiny_heads=2, tiny_intermediate=64, s
     "1" * 300, "10**12 * 10**12", "1/0", "()", "", "True + 1", "1 < 2", "a.b",
 ])
 def test_safe_eval_rejects(expr):
-    with pytest.raises(R.UnsafeExpression):
-        R.safe_eval(expr)
+    for _ in range(2):  # (safe_eval is cached: a rejection is not, it is raised again)
+        with pytest.raises(R.UnsafeExpression):
+            R.safe_eval(expr)
 
 
 def test_safe_eval_values():
@@ -41,6 +42,9 @@ def test_safe_eval_values():
     assert R.safe_eval("(25-5)/4") == 5
     assert R.safe_eval(" -3 + +4 ") == 1
     assert R.safe_eval("7/2") * 2 == 7  # exact fractions, no float rounding
+    R.safe_eval.cache_clear()
+    assert [R.safe_eval(e) for e in ("1+1", "2", "1+1", " 2")] == [2, 2, 2, 2]
+    assert R.safe_eval.cache_info().hits == 1  # the text is the key: "2" and " 2" both parsed
 
 
 def test_verify_never_calls_eval(monkeypatch):
@@ -161,6 +165,24 @@ def test_tokenizer_roundtrip(tiny_model):
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert len(ids) == 6 + 1 + 5 + 1 + 1 + 2 + 1  # chars, tags are one token each
     assert tok.decode(ids) == text
+
+
+def test_prompts_encoded_in_one_call_as_one_by_one(tiny_model):
+    """encode_prompts tokenizes the batch in one call: the ids are the rendered prompts' own
+    tokens, each after one BOS, whatever the other prompts' lengths (no padding)."""
+    import types
+
+    from r1train.runtime import Runtime
+
+    _, tok = tiny_model
+    rt = types.SimpleNamespace(tok=tok, render_prompt=lambda t: f"Q: {t} A:")
+    texts = ["1+2=", "", "123+4567=", "9*9=" * 5]
+    got = Runtime.encode_prompts(rt, texts)
+    bos = tok.bos_token_id
+    assert bos is not None and [len(g) for g in got] != [len(got[0])] * len(got)
+    assert got == [[bos] + tok(f"Q: {t} A:", add_special_tokens=False)["input_ids"]
+                   for t in texts]
+    assert Runtime.encode_prompts(rt, []) == []
 
 
 @pytest.mark.parametrize("cleanup", [False, True])

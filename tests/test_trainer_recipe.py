@@ -187,7 +187,8 @@ def test_real_tokenizer_chat_template_dataset_and_trl_reward(tmp_path, monkeypat
     text = t.render_prompt("3+2=")
     assert text == ("<|im_start|>system\n" + Config().system_prompt + "<|im_end|>\n"
                     "<|im_start|>user\n3+2=<|im_end|>\n<|im_start|>assistant\n")
-    assert t.tok.decode(t.encode_prompt("3+2=")) == text
+    ids = t.encode_prompts(["3+2=", "10+20="])  # the chat template writes no BOS: none added
+    assert [t.tok.decode(i) for i in ids] == [text, t.render_prompt("10+20=")]
     assert t.tok.tokenize("<think>") == ["<think>"]
     _, s = _run(tmp_path, "run", **over)
     import trl_rewards
