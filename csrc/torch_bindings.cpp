@@ -75,6 +75,9 @@ TORCH_LIBRARY(r1kernels, m) {
   // its log-prob under the unfiltered softmax(logits / temperature); csrc/sample_tokens/.
   m.def("sample_tokens(Tensor logits, Tensor uniforms, float temperature, int top_k, float top_p, "
         "float min_p) -> (Tensor, Tensor)");
+  // The same with the settings in a float64 CPU tensor [temperature, top_k, top_p, min_p], read
+  // at run time (CPU only): what the compiled CPU decode step calls.
+  m.def("sample_tokens_params(Tensor logits, Tensor uniforms, Tensor params) -> (Tensor, Tensor)");
 
   // Attention of one query token per row, q [B, Hq, D], over slots kv_start[b] (default 0) ..
   // kv_len[b] - 1 of a key/value cache k, v [B, Hkv, L, D] (Hq a multiple of Hkv: grouped-query

@@ -127,6 +127,12 @@ def _sample_tokens_fake(logits, uniforms, temperature, top_k, top_p, min_p):
     return logits.new_empty(B, dtype=torch.int64), logits.new_empty(B, dtype=torch.float32)
 
 
+@register_fake("sample_tokens_params")
+def _sample_tokens_params_fake(logits, uniforms, params):
+    B = logits.shape[0]
+    return logits.new_empty(B, dtype=torch.int64), logits.new_empty(B, dtype=torch.float32)
+
+
 @register_fake("decode_attention")
 def _decode_attention_fake(q, k, v, kv_len, mask, scale, kv_start=None):
     return q.new_empty(q.shape)

@@ -53,8 +53,10 @@ class Evaluation:
         mine = self.held_out()
         correct = fmt = length = 0.0
         bar = self.bars(len(mine), "eval", 0, leave=False)
-        for i in range(0, len(mine), 100):
-            exs = self.task.examples(mine[i:i + 100])
+        # as many rows at a time as a GRPO rollout: both decode on one compiled step
+        chunk = self.cfg.prompts_per_step * self.cfg.group_size
+        for i in range(0, len(mine), chunk):
+            exs = self.task.examples(mine[i:i + chunk])
             _, _, texts, lengths, _, _ = self.rollout_and_score(exs, group_size=1,
                                                                 temperature=0.0, generator=None)
             correct += sum(verify(t, e) for t, e in zip(texts, exs))

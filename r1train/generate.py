@@ -12,7 +12,12 @@
   wrapper, and after a rollout's first step the compiled graph is called without dynamo).
   It reads the parameters in place: an optimizer step changes what the next rollout computes,
   with no re-capture and no copy.
-  The compiled step and its buffers are kept per (model, shape, sampling settings).
+  The compiled step and its buffers are kept per (model, shape): a compiled rollout's rows are
+  padded to a multiple of 32 (a power of two under 32; the extra rows are finished from the
+  start: no attention, no tokens), and on CPU the sampling settings are an input of the step (a
+  tensor `r1kernels.sample_tokens_params` reads at run time), so greedy evaluation, GRPO rollouts
+  and other settings of nearby batch sizes share one compiled step. On CUDA the settings are
+  constants of the CUDA graph: one per (shape, settings).
 - Sampling (temperature, top-k, top-p, min-p) runs on the device; the uniforms of the whole rollout
   are drawn from the seeded `torch.Generator` up front. The loop never reads a device value per
   token: it checks "all finished?" once every `sync_every` tokens (on CPU, where reading a value
@@ -39,6 +44,7 @@ from dataclasses import dataclass
 import torch
 
 from r1kernels import dispatch
+from r1kernels._custom_ops import has_op
 from r1kernels.ops.decode_attention import decode_attention
 from r1kernels.ops.sample_tokens import sample_tokens_with_uniforms
 
@@ -127,7 +133,7 @@ class _Decoder:
     def __init__(self, model, B: int, L: int, T: int, sampling: dict, compile: bool):
         from transformers import StaticCache
 
-        self.model, self.B, self.L, self.T, self.sampling = model, B, L, T, sampling
+        self.model, self.B, self.L, self.T = model, B, L, T
         dev = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.cache = StaticCache(config=model.config, max_cache_len=L)
@@ -142,10 +148,14 @@ class _Decoder:
         self.uniforms = torch.empty((T, B), dtype=torch.float32, device=dev)
         self.t = torch.zeros((), dtype=torch.long, device=dev)   # index of the token to sample
         self.scalars = torch.empty(2, dtype=torch.long, device=dev)  # Lp, eos
+        # (CPU, C++ sampler) temperature, top_k, top_p, min_p: read by the step at run time
+        self.params = (torch.empty(4, dtype=torch.float64) if runtime_sampling(dev) else None)
         self.pad_id = 0
         for buf in (self.tokens, self.logps, self.lengths, self.done, self.key_ok, self.next_pos,
-                    self.kv_start, self.uniforms, self.t, self.scalars):
-            torch._dynamo.mark_static_address(buf)
+                    self.kv_start, self.uniforms, self.t, self.scalars, self.params):
+            if buf is not None:
+                torch._dynamo.mark_static_address(buf)
+        self.set_sampling(sampling)
         # on CPU, attention by r1kernels.decode_attention's C++ kernel, which skips finished rows
         # and unwritten slots (CUDA keeps SDPA: the torch path of decode_attention is not faster)
         self.kv_len_kernel = (getattr(model.config, "_attn_implementation", None) == "r1k_sdpa"
@@ -179,25 +189,36 @@ class _Decoder:
             return graph(*args)
         return run
 
+    def set_sampling(self, sampling: dict) -> None:
+        self.sampling = sampling
+        if self.params is not None:
+            self.params.copy_(torch.tensor([sampling["temperature"], sampling["top_k"],
+                                            sampling["top_p"], sampling["min_p"]],
+                                           dtype=torch.float64))
+
     def load_prefill(self, prefill_cache, G: int, W: int, Lp: int) -> None:
         """Copy each prompt's prefilled keys/values (the prompt slots W .. Lp - 1) into the rows of
-        its G completions: one broadcasting copy per tensor. The slots before W (left padding of
+        its G completions (rows 0 .. P*G - 1): one broadcasting copy per tensor. The slots before
+        W (left padding of
         every prompt) and after Lp keep whatever the last rollout left there: the mask hides the
         first for good and a later one until the step that writes it."""
         for src, dst in zip(prefill_cache.layers, self.cache.layers):
             P, H = src.keys.shape[:2]
             if not dst.is_initialized:  # (reads only the shapes, dtype and device)
-                dst.lazy_initialization(src.keys.new_empty((P * G, H, 0, src.keys.shape[-1])),
-                                        src.values.new_empty((P * G, H, 0, src.values.shape[-1])))
+                dst.lazy_initialization(src.keys.new_empty((self.B, H, 0, src.keys.shape[-1])),
+                                        src.values.new_empty((self.B, H, 0, src.values.shape[-1])))
             for s, d in ((src.keys, dst.keys), (src.values, dst.values)):
-                d.view(P, G, H, self.L, -1)[:, :, :, W:Lp].copy_(s[:, None, :, :Lp - W])
+                d[:P * G].view(P, G, H, self.L, -1)[:, :, :, W:Lp].copy_(s[:, None, :, :Lp - W])
             dst.cumulative_length.fill_(Lp)
 
     def _commit(self, logits: torch.Tensor) -> None:
         """Sample token t for every row from `logits [B, V]` and do the stop bookkeeping."""
         t = self.t
         u = self.uniforms.index_select(0, t.view(1)).view(-1)
-        tok, logp = sample_tokens_with_uniforms(logits, u, **self.sampling)
+        if self.params is not None:
+            tok, logp = torch.ops.r1kernels.sample_tokens_params(logits, u, self.params)
+        else:
+            tok, logp = sample_tokens_with_uniforms(logits, u, **self.sampling)
         eos = self.scalars[1]
         tok = torch.where(self.done, torch.full_like(tok, self.pad_id), tok)
         logp = torch.where(self.done, torch.zeros_like(logp), logp)
@@ -260,15 +281,31 @@ def _warn_once(msg: str) -> None:
         warnings.warn(msg, stacklevel=3)
 
 
+def runtime_sampling(dev: torch.device) -> bool:
+    """Whether the decode step reads its sampling settings from a tensor (CPU, C++ sampler)."""
+    return (dev.type == "cpu" and dispatch.select("sample_tokens", dev) == "cpp"
+            and has_op("sample_tokens_params"))
+
+
+def padded_rows(B: int) -> int:
+    """The rows of a compiled step for B rows: B rounded up to a multiple of 32 (to a power of
+    two under 32), so that batches of nearby sizes share one compiled step."""
+    return -(-B // 32) * 32 if B > 32 else 1 << max(B - 1, 0).bit_length()
+
+
 def _decoder(model, B, L, T, sampling, compile: bool) -> _Decoder:
-    """A fresh decoder (eager), or the cached one of this model and shape (compiled)."""
+    """A fresh decoder (eager), or the cached one of this model and shape (compiled; with the
+    settings in the key where they are constants of the step)."""
     if not compile:
         return _Decoder(model, B, L, T, sampling, False)
-    key = (B, L, T, tuple(sorted(sampling.items())))
+    dev = next(model.parameters()).device
+    key = (B, L, T) + (("params",) if runtime_sampling(dev) else tuple(sorted(sampling.items())))
     per_model = model.__dict__.setdefault("_r1k_decoders", {})  # lives as long as the model
     if key not in per_model:
         per_model[key] = _Decoder(model, B, L, T, sampling, True)
-    return per_model[key]
+    dec = per_model[key]
+    dec.set_sampling(sampling)
+    return dec
 
 
 @torch.no_grad()
@@ -328,15 +365,19 @@ def generate(model, prompt_ids: list[list[int]], *, group_size: int, max_new_tok
             out = model(input_ids=ids[:, W:], attention_mask=prefill_mask[:, None],
                         position_ids=pos[:, W:], cache_position=q_pos, use_cache=True,
                         logits_to_keep=1, **{cache_kw(model): prefill})
-            dec = _decoder(model, P * G, L, T, sampling, compile)
+            B = P * G  # (rows B .. of a compiled step: finished from the start, never read)
+            dec = _decoder(model, padded_rows(B) if compile else B, L, T, sampling, compile)
             dec.load_prefill(prefill, G, W, Lp)  # (filled in place by the model)
             del prefill
             dec.pad_id = pad_id
             dec.scalars.copy_(torch.tensor([Lp, eos_id]))
-            dec.key_ok.copy_(key_ok.repeat_interleave(G, 0))
+            dec.key_ok.zero_()
+            dec.key_ok[:B].copy_(key_ok.repeat_interleave(G, 0))
             # the position id of the first new token
-            dec.next_pos.copy_(prompt_len.repeat_interleave(G, 0))
-            dec.kv_start.copy_((Lp - prompt_len).repeat_interleave(G, 0))  # after the left padding
+            dec.next_pos.zero_()
+            dec.next_pos[:B].copy_(prompt_len.repeat_interleave(G, 0))
+            dec.kv_start.zero_()
+            dec.kv_start[:B].copy_((Lp - prompt_len).repeat_interleave(G, 0))  # after the left padding
             if temperature > 0:
                 if isinstance(generator, (list, tuple)):  # prompt p's rows p*G .. p*G+G-1
                     if len(generator) != P:
@@ -346,15 +387,18 @@ def generate(model, prompt_ids: list[list[int]], *, group_size: int, max_new_tok
                                    for g in generator], 1)
                 else:
                     u = torch.rand((T, P * G), generator=generator, device=dev)
-                dec.uniforms.copy_(u)
+                dec.uniforms.zero_()
+                dec.uniforms[:, :B].copy_(u)
             else:
                 dec.uniforms.zero_()
             dec.tokens.fill_(pad_id)
             dec.logps.zero_()
             dec.lengths.fill_(T)
             dec.done.zero_()
+            dec.done[B:] = True
             dec.t.zero_()
-            dec._commit(out.logits[:, -1].repeat_interleave(G, 0))  # token 0, from the prefill
+            first = out.logits[:, -1].repeat_interleave(G, 0)  # token 0, from the prefill
+            dec._commit(torch.cat([first, first.new_zeros(dec.B - B, first.shape[1])]))
             with ExitStack() as unchecked:
                 for t in range(1, T):
                     if t % sync_every == 0 and bool(dec.done.all()):
@@ -371,7 +415,8 @@ def generate(model, prompt_ids: list[list[int]], *, group_size: int, max_new_tok
             # arguments do not hold the parameters until then)
             dec.graph_args = None
         model.train(was_training)
-    return Rollout(list(prompt_ids), dec.tokens.clone(), dec.lengths.clone(), G, dec.logps.clone())
+    return Rollout(list(prompt_ids), dec.tokens[:B].clone(), dec.lengths[:B].clone(), G,
+                   dec.logps[:B].clone())
 
 
 @torch.no_grad()

@@ -394,3 +394,35 @@ def test_rollout_of_multi_head_latent_attention():
     for i, p in enumerate(prompts):
         ref = generate_nocache_greedy(model, p, 8, 2)
         assert roll.tokens[i, :int(roll.lengths[i])].tolist() == ref
+
+
+def test_one_compiled_step_for_settings_and_nearby_batch_sizes(tiny, monkeypatch):
+    """On CPU a compiled rollout's rows are padded (6 and 7 -> 8, 14 -> 16) and its sampling
+    settings are read at run time: greedy and sampled rollouts of 6 and 7 rows run on one
+    compiled step, compiled once, each with the tokens and log-probs of the eager loop (which
+    is not padded) on its own rows."""
+    model, tok, prompts = tiny
+    work = type(model)(model.config)
+    work.load_state_dict(model.state_dict())
+    compiles, inductor = [], gen_mod._Decoder._inductor
+
+    def counted(self, gm, example_inputs):
+        compiles.append(1)
+        return inductor(self, gm, example_inputs)
+
+    monkeypatch.setattr(gen_mod._Decoder, "_inductor", counted)
+    seven = (prompts * 3)[:7]
+    runs = [(prompts, _kw(tok)), (prompts, _kw(tok, temperature=0.8, top_p=0.9, top_k=6)),
+            (seven * 2, _kw(tok, group_size=1, temperature=1.3, min_p=0.05)),
+            (seven, _kw(tok, group_size=1)), (prompts, _kw(tok))]
+    assert [gen_mod.padded_rows(len(p) * kw["group_size"]) for p, kw in runs] == [8, 8, 16, 8, 8]
+    for ps, kw in runs:
+        g = dict(generator=torch.Generator().manual_seed(7)) if kw["temperature"] else {}
+        got = generate(work, ps, compile=True, **kw, **g)
+        g = dict(generator=torch.Generator().manual_seed(7)) if kw["temperature"] else {}
+        want = generate(work, ps, **kw, **g)
+        assert got.tokens.shape == want.tokens.shape == (len(ps) * kw["group_size"], 10)
+        assert torch.equal(got.tokens, want.tokens) and torch.equal(got.lengths, want.lengths)
+        torch.testing.assert_close(got.logps, want.logps, rtol=1e-5, atol=1e-5)
+    assert sorted(k[0] for k in work.__dict__["_r1k_decoders"]) == [8, 16]
+    assert len(compiles) == 2  # one per padded size, whatever the settings

@@ -289,3 +289,47 @@ def test_opcheck_and_compile():
         got = torch.compile(step, fullgraph=True)(logits, u)
         want = step(logits, u)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_params_op_reads_the_settings_at_run_time():
+    """sample_tokens_params (the compiled CPU decode step's sampler) takes the settings as a
+    float64 tensor: the same tokens and log-probs as sample_tokens with them as arguments, for
+    every filter and greedy, from one compiled function whose settings change between calls."""
+    assert "cpp" in dispatch.available_backends(OP, "cpu"), dispatch.extension_error()
+    g = torch.Generator().manual_seed(5)
+    logits, u = torch.randn(9, 37, generator=g) * 3, torch.rand(9, generator=g)
+    op = torch.ops.r1kernels.sample_tokens_params
+    params = torch.zeros(4, dtype=torch.float64)
+    torch.library.opcheck(op.default, (logits, u, torch.tensor([0.9, 5.0, 0.8, 0.05],
+                                                              dtype=torch.float64)))
+    compiles = []
+
+    def inductor(gm, example_inputs):
+        compiles.append(1)
+        return torch._inductor.compile(gm, example_inputs)
+
+    step = torch.compile(lambda x, u, p: op(x * 2, u, p), backend=inductor, fullgraph=True,
+                         dynamic=False)
+    for kw in FILTERS + [dict(temperature=0.0), dict(temperature=0.0, top_k=3)]:
+        s = dict(dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0), **kw)
+        params.copy_(torch.tensor([s["temperature"], s["top_k"], s["top_p"], s["min_p"]],
+                                  dtype=torch.float64))
+        want = torch.ops.r1kernels.sample_tokens(logits * 2, u, s["temperature"], s["top_k"],
+                                                 s["top_p"], s["min_p"])
+        for got in (op(logits * 2, u, params), step(logits, u, params)):
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), fid(kw)
+    assert len(compiles) == 1  # one graph for every setting
+
+
+@pytest.mark.parametrize("params,name", [
+    (torch.tensor([1.0, 0.0, 1.0]), "params"), (torch.tensor([1.0, 0.0, 1.0, 0.0]), "params"),
+    (torch.tensor([1.0, 2.5, 1.0, 0.0], dtype=torch.float64), "top_k"),
+    (torch.tensor([1.0, -1.0, 1.0, 0.0], dtype=torch.float64), "top_k"),
+    (torch.tensor([-1.0, 0.0, 1.0, 0.0], dtype=torch.float64), "temperature"),
+    (torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64), "top_p"),
+    (torch.tensor([1.0, 0.0, 1.0, 2.0], dtype=torch.float64), "min_p"),
+])
+def test_params_op_bad_settings(params, name):
+    assert "cpp" in dispatch.available_backends(OP, "cpu"), dispatch.extension_error()
+    with pytest.raises(ValueError, match=name):
+        torch.ops.r1kernels.sample_tokens_params(torch.randn(2, 5), torch.rand(2), params)

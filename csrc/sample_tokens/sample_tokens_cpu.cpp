@@ -207,8 +207,29 @@ std::tuple<at::Tensor, at::Tensor> sample_tokens_cpu(const at::Tensor& logits,
   return {tok, logp};
 }
 
+// The settings read from a tensor at run time (a compiled decode step takes them as an input,
+// not as constants: one graph serves greedy and sampled rollouts of any settings).
+std::tuple<at::Tensor, at::Tensor> sample_tokens_params_cpu(const at::Tensor& logits,
+                                                            const at::Tensor& uniforms,
+                                                            const at::Tensor& params) {
+  TORCH_CHECK_VALUE(params.dim() == 1 && params.size(0) == 4 &&
+                        params.scalar_type() == at::kDouble && params.device().is_cpu(),
+                    "sample_tokens_params: params must be float64 [4] on the CPU (temperature, "
+                    "top_k, top_p, min_p), got ", r1k::msg(params.scalar_type()), " ",
+                    r1k::msg(params.sizes()), " on ", params.device().str());
+  const at::Tensor pc = params.contiguous();
+  const double* p = pc.data_ptr<double>();
+  TORCH_CHECK_VALUE(p[1] >= 0 && p[1] <= 9.0e15 && p[1] == std::floor(p[1]),
+                    "sample_tokens_params: top_k (params[1]) must be a whole number >= 0, got ",
+                    r1k::msg(p[1]));
+  return sample_tokens_cpu(logits, uniforms, p[0], static_cast<int64_t>(p[1]), p[2], p[3]);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(r1kernels, CPU, m) { m.impl("sample_tokens", &sample_tokens_cpu); }
+TORCH_LIBRARY_IMPL(r1kernels, CPU, m) {
+  m.impl("sample_tokens", &sample_tokens_cpu);
+  m.impl("sample_tokens_params", &sample_tokens_params_cpu);
+}
 
 }  // namespace r1k
