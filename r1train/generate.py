@@ -398,7 +398,10 @@ def generate(model, prompt_ids: list[list[int]], *, group_size: int, max_new_tok
             dec.done[B:] = True
             dec.t.zero_()
             first = out.logits[:, -1].repeat_interleave(G, 0)  # token 0, from the prefill
-            dec._commit(torch.cat([first, first.new_zeros(dec.B - B, first.shape[1])]))
+            if dec.B > B:
+                first = torch.cat([first, first.new_zeros(dec.B - B, first.shape[1])])
+            dec._commit(first)
+            del first, out  # (not held through the decode loop: [B, V] logits)
             with ExitStack() as unchecked:
                 for t in range(1, T):
                     if t % sync_every == 0 and bool(dec.done.all()):
