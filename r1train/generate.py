@@ -199,9 +199,8 @@ class _Decoder:
     def load_prefill(self, prefill_cache, G: int, W: int, Lp: int) -> None:
         """Copy each prompt's prefilled keys/values (the prompt slots W .. Lp - 1) into the rows of
         its G completions (rows 0 .. P*G - 1): one broadcasting copy per tensor. The slots before
-        W (left padding of
-        every prompt) and after Lp keep whatever the last rollout left there: the mask hides the
-        first for good and a later one until the step that writes it."""
+        W (left padding of every prompt) and after Lp keep whatever the last rollout left there:
+        the mask hides the first for good and a later one until the step that writes it."""
         for src, dst in zip(prefill_cache.layers, self.cache.layers):
             P, H = src.keys.shape[:2]
             if not dst.is_initialized:  # (reads only the shapes, dtype and device)
