@@ -300,10 +300,11 @@ def _decoder(model, B, L, T, sampling, compile: bool) -> _Decoder:
     dev = next(model.parameters()).device
     key = (B, L, T) + (("params",) if runtime_sampling(dev) else tuple(sorted(sampling.items())))
     per_model = model.__dict__.setdefault("_r1k_decoders", {})  # lives as long as the model
-    if key not in per_model:
-        per_model[key] = _Decoder(model, B, L, T, sampling, True)
-    dec = per_model[key]
-    dec.set_sampling(sampling)
+    dec = per_model.get(key)
+    if dec is None:
+        dec = per_model[key] = _Decoder(model, B, L, T, sampling, True)
+    else:
+        dec.set_sampling(sampling)
     return dec
 
 
@@ -377,6 +378,7 @@ def generate(model, prompt_ids: list[list[int]], *, group_size: int, max_new_tok
             dec.next_pos[:B].copy_(prompt_len.repeat_interleave(G, 0))
             dec.kv_start.zero_()
             dec.kv_start[:B].copy_((Lp - prompt_len).repeat_interleave(G, 0))  # after the left padding
+            dec.uniforms.zero_()  # (greedy, and the padding rows)
             if temperature > 0:
                 if isinstance(generator, (list, tuple)):  # prompt p's rows p*G .. p*G+G-1
                     if len(generator) != P:
@@ -386,10 +388,7 @@ def generate(model, prompt_ids: list[list[int]], *, group_size: int, max_new_tok
                                    for g in generator], 1)
                 else:
                     u = torch.rand((T, P * G), generator=generator, device=dev)
-                dec.uniforms.zero_()
                 dec.uniforms[:, :B].copy_(u)
-            else:
-                dec.uniforms.zero_()
             dec.tokens.fill_(pad_id)
             dec.logps.zero_()
             dec.lengths.fill_(T)
