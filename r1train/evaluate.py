@@ -57,8 +57,8 @@ class Evaluation:
         chunk = self.cfg.prompts_per_step * self.cfg.group_size
         for i in range(0, len(mine), chunk):
             exs = self.task.examples(mine[i:i + chunk])
-            _, _, texts, lengths, _, _ = self.rollout_and_score(exs, group_size=1,
-                                                                temperature=0.0, generator=None)
+            _, _, texts, lengths = self.rollout(exs, group_size=1, temperature=0.0,
+                                                generator=None)
             correct += sum(verify(t, e) for t, e in zip(texts, exs))
             fmt += sum(format_reward(t, e) for t, e in zip(texts, exs))
             length += sum(lengths)
@@ -75,7 +75,7 @@ class Evaluation:
         p1 = cons = any_ = 0.0
         for i in range(0, len(mine), 32):
             exs = self.task.examples(mine[i:i + 32])
-            _, _, texts, _, _, _ = self.rollout_and_score(
+            _, _, texts, _ = self.rollout(
                 exs, group_size=k, temperature=EVAL_TEMPERATURE, top_p=EVAL_TOP_P,
                 generator=self.prompt_generators("pass@k", mine[i:i + 32]))
             for j, e in enumerate(exs):
@@ -110,7 +110,7 @@ class Evaluation:
         kept = []
         for i in range(0, len(seeds), 16):
             exs = self.task.examples(seeds[i:i + 16])
-            _, _, texts, _, _, _ = self.rollout_and_score(
+            _, _, texts, _ = self.rollout(
                 exs, group_size=cfg.rs_samples, temperature=cfg.temperature,
                 generator=self.prompt_generators("rs", seeds[i:i + 16]))
             for j, t in enumerate(texts):

@@ -53,11 +53,9 @@ SEED_BASE = {"rl": GRPO_SEED_BASE, "rl2": 1 << 32}  # each RL stage sees its own
 class Trainer(Runtime, Checkpointing, Evaluation, Stages):
     """The policy, its optimizer state and the run's progress; the GRPO step is below."""
 
-    def rollout_and_score(self, examples, *, group_size, temperature, generator, top_p=None):
-        """G completions per example, decoded and scored: (rollout, prompt ids, texts, lengths,
-        reward per sample (None: skipped), the values of each reward function)."""
+    def rollout(self, examples, *, group_size, temperature, generator, top_p=None):
+        """G completions per example: (rollout, prompt ids, decoded texts, lengths)."""
         cfg = self.cfg
-        rendered = [self.render_prompt(e.prompt) for e in examples]
         prompts = self.encode_prompts([e.prompt for e in examples])
         with parallel.gathered(self.model) if self.fsdp else contextlib.nullcontext():
             roll = generate(self.model, prompts, group_size=group_size,
@@ -67,11 +65,14 @@ class Trainer(Runtime, Checkpointing, Evaluation, Stages):
                             compile=cfg.rollout_compile)
         lengths = roll.lengths.tolist()
         tokens = roll.tokens.cpu()  # one device-to-host copy for the whole rollout
-        texts = self.decode(tokens, lengths)
-        exs = [examples[i // group_size] for i in range(len(texts))]
-        totals, values = self.reward_fn([rendered[i // group_size] for i in range(len(texts))],
-                                        texts, exs)
-        return roll, prompts, texts, lengths, totals, values
+        return roll, prompts, self.decode(tokens, lengths), lengths
+
+    def score(self, examples, texts, group_size):
+        """The reward of each completion (None: skipped) and the values of each reward function;
+        completion i answers examples[i // group_size]."""
+        rendered = [self.render_prompt(e.prompt) for e in examples]
+        return self.reward_fn([rendered[i // group_size] for i in range(len(texts))], texts,
+                              [examples[i // group_size] for i in range(len(texts))])
 
     def update(self, opt, prompts, tokens, lengths, rewards, G, rollout_logps=None):
         """One GRPO optimizer step on a rollout: group advantages, bucketed micro-batches,
@@ -148,9 +149,11 @@ class Trainer(Runtime, Checkpointing, Evaluation, Stages):
         # on how the step's prompts are split over processes (a run resumes on another count)
         tag = "grpo-sample" if stage == "rl" else f"{stage}-sample"
         gen = self.prompt_generators(tag, range(first, first + P))
-        roll, prompts, texts, lengths, totals, values = self.rollout_and_score(
-            examples, group_size=G, temperature=cfg.temperature, generator=gen)
-        t_gen = time.perf_counter() - t0
+        roll, prompts, texts, lengths = self.rollout(examples, group_size=G,
+                                                     temperature=cfg.temperature, generator=gen)
+        t_gen = time.perf_counter()
+        totals, values = self.score(examples, texts, G)
+        t_reward = time.perf_counter()
         rewards = torch.tensor([math.nan if r is None else r for r in totals],
                                dtype=torch.float32, device=self.device)
         # groups whose (scored) rewards differ: the others have advantage 0 and teach nothing
@@ -159,6 +162,7 @@ class Trainer(Runtime, Checkpointing, Evaluation, Stages):
                         > r.masked_fill(nan, math.inf).amin(1)).sum())
         loss, gnorm, extra = self.update(opt, prompts, roll.tokens, lengths, rewards, G,
                                          rollout_logps=roll.logps)
+        t_update = time.perf_counter()
         exs = [examples[i // G] for i in range(len(texts))]
         acc = values.get("accuracy") or [float(verify(t, e)) for t, e in zip(texts, exs)]
         fmt = values.get("format") or [format_reward(t, e) for t, e in zip(texts, exs)]
@@ -173,7 +177,11 @@ class Trainer(Runtime, Checkpointing, Evaluation, Stages):
                 "loss": sums[6] / self.grad_divide, "kl": sums[7] / self.world,
                 "clip_ratio": sums[8] / self.world, "grad_norm": gnorm,
                 "groups_with_signal": int(sums[9]),
-                "gen_tokens_per_s": n_tok / max(t_gen, 1e-9),
+                # this process's phases (as verl's timing_s/gen, /reward, /update_actor): the
+                # rollout (prompts, generation, detokenizing), the reward functions, the update
+                "gen_tokens_per_s": n_tok / max(t_gen - t0, 1e-9),
+                "gen_seconds": t_gen - t0, "reward_seconds": t_reward - t_gen,
+                "update_seconds": t_update - t_reward,
                 "step_seconds": time.perf_counter() - t0, **({"entropy": extra["entropy"]}
                                                              if "entropy" in extra else {}),
                 **self.rollout_metrics(extra)}

@@ -408,6 +408,12 @@ def test_pipeline_summary_schema(tmp_path):
     grpo = [r for r in rows if r["stage"] == "grpo"]
     assert [r["step"] for r in grpo] == [1, 2, 3, 4]
     assert {"reward", "accuracy", "format", "kl", "completion_len", "loss"} <= set(grpo[0])
+    for r in grpo:  # the step's phases, disjoint; tokens/s over the generation only
+        phases = r["gen_seconds"] + r["reward_seconds"] + r["update_seconds"]
+        assert min(r["gen_seconds"], r["reward_seconds"], r["update_seconds"]) > 0
+        assert phases <= r["step_seconds"] < phases + 0.5
+        n_tok = r["completion_len"] * cfg.prompts_per_step * cfg.group_size
+        assert r["gen_tokens_per_s"] * r["gen_seconds"] == pytest.approx(n_tok, rel=1e-6)
     assert any(r["stage"] == "eval" for r in rows)
     assert any(r["stage"] == "sft" for r in rows)
     # the trained model directory loads back with from_pretrained (safetensors)

@@ -129,7 +129,7 @@ RUN = TINY + ["--mode", "r1-zero", "--stages", "rl", "--grpo_steps", "3", "--gro
 
 
 def _grpo_rows(out):
-    strip = ("step_seconds", "gen_tokens_per_s")
+    strip = ("step_seconds", "gen_seconds", "reward_seconds", "update_seconds", "gen_tokens_per_s")
     return [{k: v for k, v in json.loads(r).items() if k not in strip}
             for r in (out / "metrics.jsonl").read_text().splitlines()
             if json.loads(r)["stage"] == "grpo"]

@@ -224,9 +224,9 @@ def test_pass_at_1_and_cons_at_k(tmp_path, monkeypatch):
 
     def canned(self, examples, *, group_size, temperature, generator, top_p=None):
         seen.update(temperature=temperature, top_p=top_p, k=group_size)
-        return None, None, texts, None, None, None
+        return None, None, texts, None
 
-    monkeypatch.setattr(Trainer, "rollout_and_score", canned)
+    monkeypatch.setattr(Trainer, "rollout", canned)
     m = t.sampled_metrics(4)
     assert seen == {"temperature": 0.6, "top_p": 0.95, "k": 4}
     assert m == {"pass@1": pytest.approx((1 / 4 + 2 / 4) / 2), "cons@4": 0.5, "pass@4": 1.0}
@@ -330,9 +330,9 @@ def test_sample_cli_writes_verified_traces(tmp_path, monkeypatch):
         for e in examples:
             texts += [T.completion_text(e), "<think>x</think><answer>-1</answer>"] * \
                 (group_size // 2)
-        return None, None, texts, None, None, None
+        return None, None, texts, None
 
-    monkeypatch.setattr(Trainer, "rollout_and_score", canned)
+    monkeypatch.setattr(Trainer, "rollout", canned)
     out = tmp_path / "traces.jsonl"
     assert cli.main(["sample", "--out_dir", str(tmp_path / "o"), "--tiny_hidden", "32",
                      "--tiny_layers", "1", "--tiny_heads", "2", "--tiny_intermediate", "64",
