@@ -1,5 +1,6 @@
 """Rollout on FSDP2-sharded weights: gathered once around the rollout (r1train.parallel.gathered,
-what the trainer does) against FSDP's own per-layer gathering at every decode step.
+what the trainer does), eager and with the compiled decode step (`--rollout_compile`), against
+FSDP's own per-layer gathering at every decode step.
 
 Run: `torchrun --nproc_per_node 2 benchmarks/bench_fsdp_rollout.py [hidden layers vocab]`
 (CPU: gloo; CUDA: nccl, one GPU per process). Prints, per variant, the rollout time and the
@@ -40,19 +41,21 @@ def main(hidden=256, layers=4, vocab=4096, P=4, G=4, new=32, rounds=3):
     parallel.shard_model(model, activation_checkpointing=False)
     prompts = [[1 + (7 * i + j) % (vocab - 1) for j in range(8)] for i in range(P)]
 
-    def rollout():
+    def rollout(compile=False):
         g = torch.Generator(device=dev).manual_seed(rank)
         return generate(model, prompts, group_size=G, max_new_tokens=new, eos_id=-1, pad_id=0,
-                        generator=g)
+                        generator=g, compile=compile)
 
-    def gathered():
+    def gathered(compile=False):
         with parallel.gathered(model):
-            return rollout()
+            return rollout(compile)
 
     res = {}
     for name, fn, resident in (("gathered once", gathered, full_bytes),
+                               ("gathered once, compiled step", lambda: gathered(True),
+                                full_bytes),
                                ("per-layer (FSDP)", rollout, root_bytes + layer_bytes)):
-        fn()
+        fn()  # (the compiled variant: compiles here)
         times = []
         for _ in range(rounds):
             if cuda:

@@ -73,17 +73,46 @@ def hidden_states(model, input_ids, attention_mask):
 
 @contextlib.contextmanager
 def gathered(model):
-    """The whole model unsharded for the duration (rollout): see the module docstring."""
+    """The whole model unsharded for the duration (rollout): see the module docstring. FSDP's
+    forward hooks are lifted meanwhile: with every parameter unsharded and no gradient they have
+    nothing to do, and they are functions torch.compile does not trace, so the compiled decode
+    step (`--rollout_compile`) runs the model as one graph; an eager step skips their Python."""
     mods = fsdp_modules(model)
     for m in mods:
         m.set_reshard_after_forward(False, recurse=False)
         m.unshard()
+    lifted = [_lift_forward_hooks(m) for m in mods]
     try:
         yield model
     finally:
+        for m, hooks in zip(mods, lifted):
+            _restore_forward_hooks(m, hooks)
         for m in mods:
             m.reshard()
             m.set_reshard_after_forward(True, recurse=False)
+
+
+def _lift_forward_hooks(m) -> list:
+    """Take FSDP's own pre- and post-forward hooks off module m (a user's hooks stay)."""
+    state = m._get_fsdp_state()
+    out = []
+    for handle, table, kw_table, first in (
+            (state._pre_forward_hook_handle, m._forward_pre_hooks,
+             m._forward_pre_hooks_with_kwargs, True),
+            (state._post_forward_hook_handle, m._forward_hooks, m._forward_hooks_with_kwargs,
+             False)):
+        if handle is not None and handle.id in table:
+            out.append((table, kw_table, handle.id, table.pop(handle.id),
+                        kw_table.pop(handle.id, None), first))
+    return out
+
+
+def _restore_forward_hooks(m, lifted: list) -> None:
+    for table, kw_table, hid, hook, kw, first in lifted:
+        table[hid] = hook
+        table.move_to_end(hid, last=not first)  # FSDP's pre-hook runs first, its post-hook last
+        if kw is not None:
+            kw_table[hid] = kw
 
 
 def pad_micro_batches(n_mine: int, device) -> int:
