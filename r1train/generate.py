@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from collections.abc import Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
@@ -130,7 +131,7 @@ class _Decoder:
     length buffers, the step counter, all preallocated; `step()` decodes one token for every row.
     """
 
-    def __init__(self, model, B: int, L: int, T: int, sampling: dict, compile: bool):
+    def __init__(self, model, B: int, L: int, T: int, E: int, sampling: dict, compile: bool):
         from transformers import StaticCache
 
         self.model, self.B, self.L, self.T = model, B, L, T
@@ -147,12 +148,14 @@ class _Decoder:
         self.kv_start = torch.empty(B, dtype=torch.long, device=dev)  # first real prompt slot
         self.uniforms = torch.empty((T, B), dtype=torch.float32, device=dev)
         self.t = torch.zeros((), dtype=torch.long, device=dev)   # index of the token to sample
-        self.scalars = torch.empty(2, dtype=torch.long, device=dev)  # Lp, eos
+        self.scalars = torch.empty(1, dtype=torch.long, device=dev)  # Lp
+        self.eos_ids = torch.empty(E, dtype=torch.long, device=dev)  # the ids that end a row
         # (CPU, C++ sampler) temperature, top_k, top_p, min_p: read by the step at run time
         self.params = (torch.empty(4, dtype=torch.float64) if runtime_sampling(dev) else None)
         self.pad_id = 0
         for buf in (self.tokens, self.logps, self.lengths, self.done, self.key_ok, self.next_pos,
-                    self.kv_start, self.uniforms, self.t, self.scalars, self.params):
+                    self.kv_start, self.uniforms, self.t, self.scalars, self.eos_ids,
+                    self.params):
             if buf is not None:
                 torch._dynamo.mark_static_address(buf)
         self.set_sampling(sampling)
@@ -218,12 +221,11 @@ class _Decoder:
             tok, logp = torch.ops.r1kernels.sample_tokens_params(logits, u, self.params)
         else:
             tok, logp = sample_tokens_with_uniforms(logits, u, **self.sampling)
-        eos = self.scalars[1]
         tok = torch.where(self.done, torch.full_like(tok, self.pad_id), tok)
         logp = torch.where(self.done, torch.zeros_like(logp), logp)
         self.tokens.index_copy_(1, t.view(1), tok[:, None])
         self.logps.index_copy_(1, t.view(1), logp[:, None])
-        finished_now = (tok == eos) & ~self.done
+        finished_now = (tok[:, None] == self.eos_ids).any(1) & ~self.done
         self.lengths.copy_(torch.where(finished_now, t + 1, self.lengths))
         self.done.logical_or_(finished_now)
         self.t.add_(1)
@@ -261,8 +263,9 @@ class _Decoder:
             try:
                 if self.graph_args is not None:
                     self.graph(*self.graph_args)
-                else:
-                    self.compiled()
+                else:  # (every shape is one more compile of _step: see RECOMPILE_LIMIT)
+                    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                        self.compiled()
                 return
             except Exception as e:  # noqa: BLE001 - any compiler failure: decode eagerly
                 self.compiled = None
@@ -270,6 +273,10 @@ class _Decoder:
                            f"{str(e).splitlines()[0] if str(e) else ''}); decoding eagerly")
         self._step()
 
+
+# dynamo compiles a function for at most 8 shapes by default (then it runs the rest eagerly):
+# every compiled decoder (row count, prompt length bucket, completion budget) is one of _step's
+RECOMPILE_LIMIT = 64
 
 _WARNED: set[str] = set()
 
@@ -292,17 +299,18 @@ def padded_rows(B: int) -> int:
     return -(-B // 32) * 32 if B > 32 else 1 << max(B - 1, 0).bit_length()
 
 
-def _decoder(model, B, L, T, sampling, compile: bool) -> _Decoder:
+def _decoder(model, B, L, T, E, sampling, compile: bool) -> _Decoder:
     """A fresh decoder (eager), or the cached one of this model and shape (compiled; with the
     settings in the key where they are constants of the step)."""
     if not compile:
-        return _Decoder(model, B, L, T, sampling, False)
+        return _Decoder(model, B, L, T, E, sampling, False)
     dev = next(model.parameters()).device
-    key = (B, L, T) + (("params",) if runtime_sampling(dev) else tuple(sorted(sampling.items())))
+    key = (B, L, T, E) + (("params",) if runtime_sampling(dev)
+                          else tuple(sorted(sampling.items())))
     per_model = model.__dict__.setdefault("_r1k_decoders", {})  # lives as long as the model
     dec = per_model.get(key)
     if dec is None:
-        dec = per_model[key] = _Decoder(model, B, L, T, sampling, True)
+        dec = per_model[key] = _Decoder(model, B, L, T, E, sampling, True)
     else:
         dec.set_sampling(sampling)
     return dec
@@ -310,11 +318,16 @@ def _decoder(model, B, L, T, sampling, compile: bool) -> _Decoder:
 
 @torch.no_grad()
 def generate(model, prompt_ids: list[list[int]], *, group_size: int, max_new_tokens: int,
-             eos_id: int, pad_id: int, temperature: float = 1.0, top_p: float = 1.0,
+             eos_id: int | Sequence[int], pad_id: int, temperature: float = 1.0,
+             top_p: float = 1.0,
              top_k: int = 0, min_p: float = 0.0,
              generator: torch.Generator | list[torch.Generator] | None = None,
              sync_every: int | None = None, compile: bool = False) -> Rollout:
     """Sample `group_size` completions of up to `max_new_tokens` tokens for each prompt.
+
+    A completion ends at the first token in `eos_id` (one id or several, as transformers'
+    `eos_token_id` and vLLM's stop token ids: an instruct model's end of turn and end of text),
+    which it keeps.
 
     `compile=True` compiles the decode step once per shape (see the module docstring); a model
     or device where that fails decodes eagerly after one warning. Same inputs, same generator
@@ -329,6 +342,12 @@ def generate(model, prompt_ids: list[list[int]], *, group_size: int, max_new_tok
     if sync_every is None:  # a CUDA sync stalls the queued steps; a CPU read costs nothing
         sync_every = 8 if dev.type == "cuda" else 1
     P, G, T = len(prompt_ids), group_size, max_new_tokens
+    eos = [eos_id] if isinstance(eos_id, int) else list(eos_id) \
+        if isinstance(eos_id, (list, tuple)) else []
+    if not eos or not all(isinstance(e, int) and not isinstance(e, bool) for e in eos):
+        raise ValueError(f"generate: eos_id must be a token id or a non-empty list of them, "
+                         f"got {eos_id!r}")
+    E = -(-len(eos) // 4) * 4  # (repeats of the first fill the rest: up to 4 ids, one shape)
     Lp = -(-max(len(p) for p in prompt_ids) // PAD_MULTIPLE) * PAD_MULTIPLE
     L = Lp + T
     ids = torch.full((P, Lp), pad_id, dtype=torch.long)
@@ -366,11 +385,12 @@ def generate(model, prompt_ids: list[list[int]], *, group_size: int, max_new_tok
                         position_ids=pos[:, W:], cache_position=q_pos, use_cache=True,
                         logits_to_keep=1, **{cache_kw(model): prefill})
             B = P * G  # (rows B .. of a compiled step: finished from the start, never read)
-            dec = _decoder(model, padded_rows(B) if compile else B, L, T, sampling, compile)
+            dec = _decoder(model, padded_rows(B) if compile else B, L, T, E, sampling, compile)
             dec.load_prefill(prefill, G, W, Lp)  # (filled in place by the model)
             del prefill
             dec.pad_id = pad_id
-            dec.scalars.copy_(torch.tensor([Lp, eos_id]))
+            dec.scalars.fill_(Lp)
+            dec.eos_ids.copy_(torch.tensor(eos + eos[:1] * (E - len(eos))))
             dec.key_ok.zero_()
             dec.key_ok[:B].copy_(key_ok.repeat_interleave(G, 0))
             # the position id of the first new token

@@ -123,7 +123,12 @@ class Runtime:
                 or self.model.gradient_checkpointing_enable  # renamed in transformers 5.x
             enable()
             self.model.config.use_cache = False
-        self.eos_id = self.tok.eos_token_id
+        self.eos_id = self.tok.eos_token_id  # (what SFT appends)
+        # a completion ends at any of the model's eos ids (generation_config: an instruct model's
+        # end of turn and end of text), the tokenizer's first, as TRL's GRPOTrainer and vLLM stop
+        more = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        more = [] if more is None else [more] if isinstance(more, int) else list(more)
+        self.eos_ids = list(dict.fromkeys(e for e in [self.eos_id, *more] if e is not None))
         self.pad_id = self.tok.pad_token_id
         if cfg.beta > 0:  # frozen reference policy (with LoRA this would be the adapters off)
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
@@ -192,12 +197,13 @@ class Runtime:
         return [([bos] if bos is not None and ids[:1] != [bos] else []) + ids for ids in rows]
 
     def decode(self, tokens: torch.Tensor, lengths: list[int]) -> list[str]:
-        """Row i's first lengths[i] tokens as text, a final EOS left out. One call into the
-        `tokenizers` library for the whole batch when the tokenizer has one (transformers'
-        `decode` first walks every id in Python: 3x the time of the decoding itself); else, and
-        when the tokenizer cleans up spaces after decoding, transformers' `decode` row by row."""
+        """Row i's first lengths[i] tokens as text, a final eos (any of `eos_ids`) left out. One
+        call into the `tokenizers` library for the whole batch when the tokenizer has one
+        (transformers' `decode` first walks every id in Python: 3x the time of the decoding
+        itself); else, and when the tokenizer cleans up spaces after decoding, transformers'
+        `decode` row by row."""
         rows = [r[:n] for r, n in zip(tokens.tolist(), lengths)]
-        rows = [r[:-1] if r and r[-1] == self.eos_id else r for r in rows]
+        rows = [r[:-1] if r and r[-1] in self.eos_ids else r for r in rows]
         backend = getattr(self.tok, "backend_tokenizer", None)
         if backend is not None and not getattr(self.tok, "clean_up_tokenization_spaces", False):
             return backend.decode_batch(rows, skip_special_tokens=False)

@@ -59,7 +59,7 @@ class Trainer(Runtime, Checkpointing, Evaluation, Stages):
         prompts = self.encode_prompts([e.prompt for e in examples])
         with parallel.gathered(self.model) if self.fsdp else contextlib.nullcontext():
             roll = generate(self.model, prompts, group_size=group_size,
-                            max_new_tokens=cfg.max_new_tokens, eos_id=self.eos_id,
+                            max_new_tokens=cfg.max_new_tokens, eos_id=self.eos_ids,
                             pad_id=self.pad_id, temperature=temperature,
                             top_p=cfg.top_p if top_p is None else top_p, generator=generator,
                             compile=cfg.rollout_compile)

@@ -49,6 +49,62 @@ def test_compiled_greedy_matches_eager_and_nocache(tiny):
     assert len(outs) > 1
 
 
+@pytest.mark.parametrize("compile", [False, True])
+def test_several_eos_ids_stop_as_transformers_generate(tiny, compile):
+    """eos_id as a list (an instruct model's end of turn and end of text): each row stops at the
+    first token in it, which it keeps, as transformers' `generate(eos_token_id=[...])` does;
+    eager and compiled, a row stopped by either id."""
+    model, tok, prompts = tiny
+    T = 12
+    free = generate(model, prompts, **_kw(tok, group_size=1, max_new_tokens=T, eos_id=-1))
+    assert int(free.lengths.min()) == T
+    # row 0 stops at its token 4 (id a), row 1 at its token 7 (id b), row 2 wherever either occurs
+    a, b = int(free.tokens[0, 4]), int(free.tokens[1, 7])
+    if a == b or a in free.tokens[0, :4].tolist() or b in free.tokens[1, :7].tolist() \
+            or a in free.tokens[1, :7].tolist() or b in free.tokens[0, :4].tolist():
+        pytest.skip("the tiny model's greedy rows repeat the chosen ids")
+    got = generate(model, prompts, compile=compile,
+                   **_kw(tok, group_size=1, max_new_tokens=T, eos_id=[a, b]))
+    assert got.lengths.tolist()[:2] == [5, 8]
+    for i, p in enumerate(prompts):
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p),
+                                                                              dtype=torch.long),
+                                 do_sample=False, max_new_tokens=T, eos_token_id=[a, b],
+                                 pad_token_id=tok.pad_token_id)[0, len(p):].tolist()
+        while ref and ref[-1] == tok.pad_token_id and ref[-1] not in (a, b):
+            ref.pop()  # (generate pads a finished row to the longest)
+        n = int(got.lengths[i])
+        assert got.tokens[i, :n].tolist() == ref
+        assert (got.tokens[i, n:] == tok.pad_token_id).all() and (got.logps[i, n:] == 0).all()
+
+
+def test_compiled_beyond_dynamos_recompile_limit(tiny):
+    """Every decoder shape (rows, prompt length bucket, completion budget) is one more compile of
+    the same step function; past dynamo's recompile limit (8 by default, 2 here) dynamo would run
+    the step eagerly, silently after the first warning. The decode step raises the limit around
+    its own compiles: a third shape still compiles and decodes as the eager loop."""
+    model, tok, prompts = tiny
+    work = type(model)(model.config)
+    work.load_state_dict(model.state_dict())
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for T in (3, 4, 5):
+            got = generate(work, prompts, compile=True, **_kw(tok, max_new_tokens=T))
+            want = generate(work, prompts, **_kw(tok, max_new_tokens=T))
+            assert torch.equal(got.tokens, want.tokens)
+    decs = work.__dict__["_r1k_decoders"]
+    assert sorted(k[2] for k in decs) == [3, 4, 5]
+    assert all(d.compiled is not None and d.graph is not None for d in decs.values())
+
+
+def test_eos_id_must_be_token_ids(tiny):
+    model, tok, prompts = tiny
+    for bad in ([], [1.5], None, [True]):
+        with pytest.raises(ValueError, match="eos_id"):
+            generate(model, prompts, **_kw(tok, eos_id=bad))
+
+
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_prefill_skips_the_shared_padding(tiny, impl, monkeypatch):
     """The prefill runs on the longest prompt's width, not the padded one; a cached decoder

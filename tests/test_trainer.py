@@ -188,9 +188,9 @@ def test_prompts_encoded_in_one_call_as_one_by_one(tiny_model):
 @pytest.mark.parametrize("cleanup", [False, True])
 def test_decode_of_a_rollout_is_transformers_decode(tiny_model, cleanup, monkeypatch):
     """The trainer decodes a rollout in one call into `tokenizers`; the texts are transformers'
-    own `decode` of each row's first `length` tokens without a final EOS (special tokens and an
-    EOS inside a row kept), also through the row-by-row path a tokenizer that cleans up spaces
-    takes."""
+    own `decode` of each row's first `length` tokens without a final EOS (any of the model's eos
+    ids; special tokens and an EOS inside a row kept), also through the row-by-row path a
+    tokenizer that cleans up spaces takes."""
     import types
 
     from r1train.runtime import Runtime
@@ -200,16 +200,20 @@ def test_decode_of_a_rollout_is_transformers_decode(tiny_model, cleanup, monkeyp
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, len(tok), (7, 9), generator=g)
     eos = tok.eos_token_id
+    other = (eos + 1) % len(tok)  # a second eos id (an instruct model's end of turn)
+    tokens[tokens == other] = (eos + 2) % len(tok)
     tokens[1, 4] = tokens[2, 8] = tokens[3, 2] = eos  # ends with EOS; EOS inside a row
+    tokens[6, 2] = other  # ends with the other
     lengths = [9, 5, 9, 9, 0, 1, 3]
-    rt = types.SimpleNamespace(tok=tok, eos_id=eos)
+    rt = types.SimpleNamespace(tok=tok, eos_id=eos, eos_ids=[eos, other])
     got = Runtime.decode(rt, tokens, lengths)
     want = []
     for row, n in zip(tokens.tolist(), lengths):
         ids = row[:n]
-        want.append(tok.decode(ids[:-1] if ids and ids[-1] == eos else ids,
+        want.append(tok.decode(ids[:-1] if ids and ids[-1] in (eos, other) else ids,
                                skip_special_tokens=False))
     assert got == want and eos in tokens[3, :9].tolist() and len(set(want)) == 7
+    assert got[6] == tok.decode(tokens[6, :2].tolist(), skip_special_tokens=False)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -616,6 +620,40 @@ def test_moe_model_directory(tmp_path):
         assert roll.tokens[i, :int(roll.lengths[i])].tolist() == ref
     _, s = _run(tmp_path, "moe_run", model=str(path), grpo_steps=2)
     assert s["model_parameters"] == sum(p.numel() for p in model.parameters())
+
+
+def test_every_eos_id_of_the_model_ends_a_completion(tmp_path):
+    """A model directory whose generation_config lists two eos ids (an instruct model's end of
+    turn and end of text): the trainer's rollouts stop at either (the tokenizer's first, as TRL's
+    GRPOTrainer), and the texts leave either out at the end."""
+    from r1train.model import build_tiny_model, load_model
+    from r1train.train import SEED_BASE, Trainer
+
+    path = build_tiny_model(str(tmp_path / "m"), hidden_size=32, num_layers=1, num_heads=2,
+                            intermediate_size=64, max_positions=128, seed=0)
+    model, tok = load_model(path, device=torch.device("cpu"))
+    t = Trainer(Config(**{**TINY, "out_dir": str(tmp_path / "o"), "model": path}))
+    t.setup_model()
+    exs = t.task.examples(range(SEED_BASE["rl"], SEED_BASE["rl"] + 4))
+    free = t.rollout(exs, group_size=4, temperature=1.0,
+                     generator=t.prompt_generators("x", range(4)))[0]
+    # the token the model samples most often (not the tokenizer's eos) as the second eos id
+    ids, counts = free.tokens[free.tokens != tok.eos_token_id].unique(return_counts=True)
+    other = int(ids[counts.argmax()])
+    model.generation_config.eos_token_id = [other, tok.eos_token_id]
+    model.save_pretrained(path)
+    t = Trainer(Config(**{**TINY, "out_dir": str(tmp_path / "o2"), "model": path}))
+    t.setup_model()
+    assert t.eos_ids == [tok.eos_token_id, other]
+    roll, _, texts, lengths = t.rollout(exs, group_size=4, temperature=1.0,
+                                        generator=t.prompt_generators("x", range(4)))
+    stopped = 0
+    for row, n, text in zip(roll.tokens.tolist(), lengths, texts):
+        ends = [i for i, x in enumerate(row[:n]) if x in (other, tok.eos_token_id)]
+        assert ends in ([], [n - 1])  # the first eos of either kind ends the row
+        stopped += bool(ends) and row[n - 1] == other
+        assert text == t.decode(torch.tensor([row]), [n - bool(ends)])[0]
+    assert stopped > 0
 
 
 def test_user_trainer_module_does_not_shadow_ours(tmp_path):
