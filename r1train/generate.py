@@ -50,6 +50,9 @@ from r1kernels.ops.decode_attention import decode_attention
 from r1kernels.ops.sample_tokens import sample_tokens_with_uniforms
 
 PAD_MULTIPLE = 16
+# dynamo compiles a function for at most 8 shapes by default (then it runs the rest eagerly):
+# every compiled decoder (row count, prompt length bucket, completion budget) is one of _step's
+RECOMPILE_LIMIT = 64
 
 
 
@@ -274,10 +277,6 @@ class _Decoder:
         self._step()
 
 
-# dynamo compiles a function for at most 8 shapes by default (then it runs the rest eagerly):
-# every compiled decoder (row count, prompt length bucket, completion budget) is one of _step's
-RECOMPILE_LIMIT = 64
-
 _WARNED: set[str] = set()
 
 
@@ -319,8 +318,7 @@ def _decoder(model, B, L, T, E, sampling, compile: bool) -> _Decoder:
 @torch.no_grad()
 def generate(model, prompt_ids: list[list[int]], *, group_size: int, max_new_tokens: int,
              eos_id: int | Sequence[int], pad_id: int, temperature: float = 1.0,
-             top_p: float = 1.0,
-             top_k: int = 0, min_p: float = 0.0,
+             top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
              generator: torch.Generator | list[torch.Generator] | None = None,
              sync_every: int | None = None, compile: bool = False) -> Rollout:
     """Sample `group_size` completions of up to `max_new_tokens` tokens for each prompt.
@@ -342,8 +340,8 @@ def generate(model, prompt_ids: list[list[int]], *, group_size: int, max_new_tok
     if sync_every is None:  # a CUDA sync stalls the queued steps; a CPU read costs nothing
         sync_every = 8 if dev.type == "cuda" else 1
     P, G, T = len(prompt_ids), group_size, max_new_tokens
-    eos = [eos_id] if isinstance(eos_id, int) else list(eos_id) \
-        if isinstance(eos_id, (list, tuple)) else []
+    eos = [eos_id] if isinstance(eos_id, int) else (
+        list(eos_id) if isinstance(eos_id, (list, tuple)) else [])
     if not eos or not all(isinstance(e, int) and not isinstance(e, bool) for e in eos):
         raise ValueError(f"generate: eos_id must be a token id or a non-empty list of them, "
                          f"got {eos_id!r}")
