@@ -1,9 +1,10 @@
 """Rollout: G completions per prompt, sampled in one batch from the policy's own weights.
 
-- Prompts are left-padded (to a multiple of 16 tokens, so that the decode step's shapes repeat
-  from one batch to the next) and prefilled once (batch P, over the longest prompt's length only:
-  the padding every prompt has is not computed); the prefilled keys/values are copied G times
-  into the decode cache, so a group's prompt is processed once, not G times.
+- Prompts are left-padded (to a multiple of 16 tokens, or for a compiled rollout to a power of
+  two, so that the decode step's shapes repeat from one batch to the next) and prefilled once
+  (batch P, over the longest prompt's length only: the padding every prompt has is not
+  computed); the prefilled keys/values are copied G times into the decode cache, so a group's
+  prompt is processed once, not G times.
 - The KV cache is a transformers `StaticCache`: preallocated to prompt + max_new_tokens and written
   by index, so no tensor grows during decoding.
 - One decode step (model forward on the cache, `r1kernels.sample_tokens`, stop bookkeeping) reads
@@ -292,6 +293,18 @@ def runtime_sampling(dev: torch.device) -> bool:
             and has_op("sample_tokens_params"))
 
 
+def prompt_slots(n: int, compile: bool) -> int:
+    """The cache slots before the first new token for prompts of up to n tokens: n rounded up to
+    a multiple of PAD_MULTIPLE, or for a compiled rollout to a power of two (PAD_MULTIPLE at
+    least), so that prompts of every length share a few compiled shapes (a bucket per octave of
+    the longest prompt, not per 16 tokens; each shape is a compile and a KV cache kept). The
+    extra slots are left padding: the prefill skips the padding every prompt has, and
+    decode_attention the slots before each row's prompt."""
+    n = max(n, 1)
+    return (max(PAD_MULTIPLE, 1 << (n - 1).bit_length()) if compile
+            else -(-n // PAD_MULTIPLE) * PAD_MULTIPLE)
+
+
 def padded_rows(B: int) -> int:
     """The rows of a compiled step for B rows: B rounded up to a multiple of 32 (to a power of
     two under 32), so that batches of nearby sizes share one compiled step."""
@@ -346,7 +359,7 @@ def generate(model, prompt_ids: list[list[int]], *, group_size: int, max_new_tok
         raise ValueError(f"generate: eos_id must be a token id or a non-empty list of them, "
                          f"got {eos_id!r}")
     E = -(-len(eos) // 4) * 4  # (repeats of the first fill the rest: up to 4 ids, one shape)
-    Lp = -(-max(len(p) for p in prompt_ids) // PAD_MULTIPLE) * PAD_MULTIPLE
+    Lp = prompt_slots(max(len(p) for p in prompt_ids), compile)
     L = Lp + T
     ids = torch.full((P, Lp), pad_id, dtype=torch.long)
     attn = torch.zeros((P, L), dtype=torch.long)

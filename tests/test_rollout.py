@@ -98,6 +98,35 @@ def test_compiled_beyond_dynamos_recompile_limit(tiny):
     assert all(d.compiled is not None and d.graph is not None for d in decs.values())
 
 
+def test_compiled_prompt_lengths_share_a_power_of_two_bucket(tiny, monkeypatch):
+    """A compiled rollout pads its prompts to a power of two (16 at least), an eager one to a
+    multiple of 16: prompts of 33 to 64 tokens (three buckets of 16) run on one compiled step,
+    compiled once, with the eager loop's tokens and log-probs."""
+    model, tok, _ = tiny
+    work = type(model)(model.config)
+    work.load_state_dict(model.state_dict())
+    compiles, inductor = [], gen_mod._Decoder._inductor
+
+    def counted(self, gm, example_inputs):
+        compiles.append(1)
+        return inductor(self, gm, example_inputs)
+
+    monkeypatch.setattr(gen_mod._Decoder, "_inductor", counted)
+    assert [gen_mod.prompt_slots(n, False) for n in (1, 16, 17, 33, 64)] == [16, 16, 32, 48, 64]
+    assert [gen_mod.prompt_slots(n, True) for n in (1, 16, 17, 33, 64, 65)] == \
+        [16, 16, 32, 64, 64, 128]
+    g = torch.Generator().manual_seed(0)
+    for n in (33, 45, 64):
+        ps = [[tok.bos_token_id] + torch.randint(10, len(tok), (m - 1,), generator=g).tolist()
+              for m in (n, n - 9, 20)]
+        kw = _kw(tok, temperature=1.0, max_new_tokens=6)
+        got = generate(work, ps, compile=True, **kw, generator=torch.Generator().manual_seed(1))
+        want = generate(work, ps, **kw, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(got.tokens, want.tokens) and torch.equal(got.lengths, want.lengths)
+        torch.testing.assert_close(got.logps, want.logps, rtol=1e-5, atol=1e-5)
+    assert [k[1] for k in work.__dict__["_r1k_decoders"]] == [64 + 6] and len(compiles) == 1
+
+
 def test_eos_id_must_be_token_ids(tiny):
     model, tok, prompts = tiny
     for bad in ([], [1.5], None, [True]):
