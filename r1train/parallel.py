@@ -93,17 +93,19 @@ def gathered(model):
 
 
 def _lift_forward_hooks(m) -> list:
-    """Take FSDP's own pre- and post-forward hooks off module m (a user's hooks stay)."""
+    """Take FSDP's own pre- and post-forward hooks off module m (a user's hooks stay). FSDP
+    keeps their handles in its private state: a torch that names them otherwise keeps the hooks
+    (the rollout then runs them, and a compiled step falls back to eager with a warning)."""
     state = m._get_fsdp_state()
     out = []
     for handle, table, kw_table, first in (
-            (state._pre_forward_hook_handle, m._forward_pre_hooks,
+            (getattr(state, "_pre_forward_hook_handle", None), m._forward_pre_hooks,
              m._forward_pre_hooks_with_kwargs, True),
-            (state._post_forward_hook_handle, m._forward_hooks, m._forward_hooks_with_kwargs,
-             False)):
-        if handle is not None and handle.id in table:
-            out.append((table, kw_table, handle.id, table.pop(handle.id),
-                        kw_table.pop(handle.id, None), first))
+            (getattr(state, "_post_forward_hook_handle", None), m._forward_hooks,
+             m._forward_hooks_with_kwargs, False)):
+        hid = getattr(handle, "id", None)
+        if hid is not None and hid in table:
+            out.append((table, kw_table, hid, table.pop(hid), kw_table.pop(hid, None), first))
     return out
 
 
