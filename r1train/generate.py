@@ -298,7 +298,7 @@ def prompt_slots(n: int, compile: bool) -> int:
     a multiple of PAD_MULTIPLE, or for a compiled rollout to a power of two (PAD_MULTIPLE at
     least), so that prompts of every length share a few compiled shapes (a bucket per octave of
     the longest prompt, not per 16 tokens; each shape is a compile and a KV cache kept). The
-    extra slots are left padding: the prefill skips the padding every prompt has, and
+    extra slots are left padding: the prefill skips the padding every prompt has, and on CPU
     decode_attention the slots before each row's prompt."""
     n = max(n, 1)
     return (max(PAD_MULTIPLE, 1 << (n - 1).bit_length()) if compile

@@ -22,6 +22,20 @@ def _kw(tok, **over):
                      pad_id=tok.pad_token_id, temperature=0.0), **over)
 
 
+def _fresh_counting_compiles(model, monkeypatch):
+    """A copy of `model` (its own compiled decoders) and the list each compile appends to."""
+    work = type(model)(model.config)
+    work.load_state_dict(model.state_dict())
+    compiles, inductor = [], gen_mod._Decoder._inductor
+
+    def counted(self, gm, example_inputs):
+        compiles.append(1)
+        return inductor(self, gm, example_inputs)
+
+    monkeypatch.setattr(gen_mod._Decoder, "_inductor", counted)
+    return work, compiles
+
+
 def teacher_forced_logps(model, prompt, completion, temperature=1.0):
     """log softmax(logits / T) of each completion token, one full forward, float64."""
     ids = torch.tensor([prompt + completion])
@@ -58,14 +72,19 @@ def test_several_eos_ids_stop_as_transformers_generate(tiny, compile):
     T = 12
     free = generate(model, prompts, **_kw(tok, group_size=1, max_new_tokens=T, eos_id=-1))
     assert int(free.lengths.min()) == T
-    # row 0 stops at its token 4 (id a), row 1 at its token 7 (id b), row 2 wherever either occurs
-    a, b = int(free.tokens[0, 4]), int(free.tokens[1, 7])
-    if a == b or a in free.tokens[0, :4].tolist() or b in free.tokens[1, :7].tolist() \
-            or a in free.tokens[1, :7].tolist() or b in free.tokens[0, :4].tolist():
-        pytest.skip("the tiny model's greedy rows repeat the chosen ids")
+    # row 0 stops at the first token (after its first) whose id it has not sampled before (id
+    # a), row 1 at a later first occurrence of an id b that neither row has sampled by then;
+    # row 2 wherever either occurs
+    r0, r1 = free.tokens[0].tolist(), free.tokens[1].tolist()
+    i = next(i for i in range(1, T) if r0[i] not in r0[:i])
+    a = r0[i]
+    j = next((j for j in range(1, T) if r1[j] not in r1[:j] + r0[:i + 1] and a not in r1[:j + 1]),
+             None)
+    assert j is not None, "the tiny model's greedy rows share their ids: change the prompts"
+    b = r1[j]
     got = generate(model, prompts, compile=compile,
                    **_kw(tok, group_size=1, max_new_tokens=T, eos_id=[a, b]))
-    assert got.lengths.tolist()[:2] == [5, 8]
+    assert got.lengths.tolist()[:2] == [i + 1, j + 1] and i + 1 < T and j + 1 < T
     for i, p in enumerate(prompts):
         with torch.no_grad():
             ref = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p),
@@ -103,15 +122,7 @@ def test_compiled_prompt_lengths_share_a_power_of_two_bucket(tiny, monkeypatch):
     multiple of 16: prompts of 33 to 64 tokens (three buckets of 16) run on one compiled step,
     compiled once, with the eager loop's tokens and log-probs."""
     model, tok, _ = tiny
-    work = type(model)(model.config)
-    work.load_state_dict(model.state_dict())
-    compiles, inductor = [], gen_mod._Decoder._inductor
-
-    def counted(self, gm, example_inputs):
-        compiles.append(1)
-        return inductor(self, gm, example_inputs)
-
-    monkeypatch.setattr(gen_mod._Decoder, "_inductor", counted)
+    work, compiles = _fresh_counting_compiles(model, monkeypatch)
     assert [gen_mod.prompt_slots(n, False) for n in (1, 16, 17, 33, 64)] == [16, 16, 32, 48, 64]
     assert [gen_mod.prompt_slots(n, True) for n in (1, 16, 17, 33, 64, 65)] == \
         [16, 16, 32, 64, 64, 128]
@@ -487,15 +498,7 @@ def test_one_compiled_step_for_settings_and_nearby_batch_sizes(tiny, monkeypatch
     compiled step, compiled once, each with the tokens and log-probs of the eager loop (which
     is not padded) on its own rows."""
     model, tok, prompts = tiny
-    work = type(model)(model.config)
-    work.load_state_dict(model.state_dict())
-    compiles, inductor = [], gen_mod._Decoder._inductor
-
-    def counted(self, gm, example_inputs):
-        compiles.append(1)
-        return inductor(self, gm, example_inputs)
-
-    monkeypatch.setattr(gen_mod._Decoder, "_inductor", counted)
+    work, compiles = _fresh_counting_compiles(model, monkeypatch)
     seven = (prompts * 3)[:7]
     runs = [(prompts, _kw(tok)), (prompts, _kw(tok, temperature=0.8, top_p=0.9, top_k=6)),
             (seven * 2, _kw(tok, group_size=1, temperature=1.3, min_p=0.05)),
