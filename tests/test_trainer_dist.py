@@ -2,6 +2,7 @@
 `--fsdp true`), a GRPO update on 2 processes against 1, and kill -9 + resume (DCP checkpoints)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -168,6 +169,21 @@ def _grpo_rows(out):
             if json.loads(r)["stage"] == "grpo"]
 
 
+def _pids_with_arg(arg: str) -> list[int]:
+    """The processes with `arg` among their command-line arguments."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    args = f.read().split(b"\0")
+            except OSError:
+                continue
+            if arg.encode() in args and int(d) != os.getpid():
+                pids.append(int(d))
+    return pids
+
+
 def test_fsdp_kill9_and_resume(tmp_path):
     env = _env(tmp_path)
 
@@ -191,11 +207,15 @@ def test_fsdp_kill9_and_resume(tmp_path):
         time.sleep(0.05)
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
-    while time.time() < deadline:  # the workers too: until then one may still be writing files
-        try:
-            os.killpg(p.pid, 0)
-        except ProcessLookupError:
+    # the workers too (found by their --out_dir: one outside the process group would go on
+    # writing the checkpoint while it is copied below); wait until every one is gone
+    while time.time() < deadline:
+        alive = _pids_with_arg(str(cut))
+        if not alive:
             break
+        for pid in alive:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
         time.sleep(0.05)
     assert not (cut / "summary.json").exists()  # it did not finish
     state = json.loads((cut / "checkpoint" / "state.json").read_text())["state"]
